@@ -1,0 +1,70 @@
+"""
+Milli-Chat's one entry point: every stage is started from here.
+
+    python main.py --help
+    python main.py --stage pretrain --config config/pretrain.yaml max_steps=200 lr=3e-4
+    torchrun --nproc_per_node=2 main.py --stage pretrain --config config/pretrain.yaml
+
+Each stage is a module in trainer/ exposing `Config` (a dataclass) and `run(cfg)`. Only the chosen stage's
+module is imported, so `--stage sft` never imports RL code.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+# name -> (module, one-line description). A stage whose module does not exist yet is not offered.
+STAGES = {
+    "all": ("trainer.pipeline", "run every stage in order (the demo: --config config/demo.yaml)"),
+    "tokenizer": ("trainer.train_tokenizer", "train the byte-level BPE tokenizer on text files"),
+    "pretrain": ("trainer.pretrain", "pretrain a model on uint16 token shards (resumable, DDP)"),
+    "sft": ("trainer.sft", "full-parameter supervised fine-tuning on chat data"),
+    "lora": ("trainer.lora", "LoRA fine-tuning on chat data (PEFT-format adapters)"),
+    "dpo": ("trainer.dpo", "direct preference optimisation on chosen/rejected pairs"),
+    "reward": ("trainer.reward", "train a Bradley-Terry reward model on preference pairs"),
+    "ppo": ("trainer.ppo", "PPO with a reward model and a value head"),
+    "grpo": ("trainer.grpo", "GRPO: group-normalised advantages, rule or model rewards"),
+    "distill": ("trainer.distill", "knowledge distillation from a teacher checkpoint"),
+    "eval": ("trainer.eval", "perplexity, bits-per-byte, CMMLU-style multiple choice, generation report"),
+}
+
+
+def available_stages() -> dict:
+    return {name: spec for name, spec in STAGES.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def main(argv=None) -> int:
+    stages = available_stages()
+    epilog = "stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in stages.items())
+    parser = argparse.ArgumentParser(
+        description="Milli-Chat: train a small Chinese chat model from scratch.",
+        epilog=epilog + "\n\noverrides: key=value pairs after the flags set any field of the stage's config",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", required=True, help="which stage to run (see below)")
+    parser.add_argument("--config", default=None, help="YAML file with the stage's settings (default: none)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, applied after the YAML file")
+    args = parser.parse_args(argv)
+
+    if args.stage not in stages:
+        print(f"error: unknown stage '{args.stage}'; choose one of: {', '.join(stages)}", file=sys.stderr)
+        return 2
+    if args.config and not os.path.isfile(args.config):
+        print(f"error: config file '{args.config}' does not exist", file=sys.stderr)
+        return 2
+
+    from trainer.config import ConfigError, load_config
+
+    module = importlib.import_module(stages[args.stage][0])
+    try:
+        cfg = load_config(module.Config, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    module.run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""
+Milli-Chat's decoder: a Llama-style transformer, optionally with a mixture-of-experts MLP.
+
+Read top to bottom: RMSNorm -> RoPE -> Attention -> MLP / MoE -> Block -> SLMModel -> SLMForCausalLM
+-> SLMForSequenceClassification. Module and parameter names are Llama's (model.embed_tokens,
+model.layers.N.self_attn.q_proj, mlp.gate_proj, input_layernorm, model.norm, lm_head), so with MoE off a
+checkpoint is a Llama checkpoint (scripts/export_llama.py only rewrites config.json).
+
+    from model import SLMConfig, SLMForCausalLM
+    model = SLMForCausalLM(SLMConfig.from_json_file("config/model/tiny.json"))
+    out = model(input_ids, labels=input_ids)       # out.loss, out.logits, out.aux_loss
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.utils import logging
+
+from .configuration_slm import SLMConfig
+
+logger = logging.get_logger(__name__)
+
+
+# -----------------------------------------------------------------------------
+# Normalisation and rotary position embeddings
+
+
+class SLMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise.
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+
+class SLMRotaryEmbedding(nn.Module):
+    """Llama's RoPE (rotate-half layout). Returns cos/sin for given positions; no length limit is baked in."""
+
+    def __init__(self, config: SLMConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = "default"  # read by transformers' _init_weights-style code; we re-init ourselves
+        inv_freq = self.compute_inv_freq(config)
+        # Not persistent: derived from the config, so it is recomputed (see _init_weights) rather than saved.
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: SLMConfig) -> torch.Tensor:
+        dim = config.head_dim
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T) -> freqs (B, T, hd/2) -> cos, sin (B, T, hd), computed in fp32
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+class SLMAttention(nn.Module):
+    """Grouped-query attention through F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    def __init__(self, config: SLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x, position_embeddings, attention_mask=None, cache: Cache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T_past + T, hd), or the static cache length
+        if self.num_kv_groups > 1:
+            # Expand kv heads to match q heads: a view plus one copy, which keeps SDPA on its flash kernel.
+            k = k[:, :, None].expand(-1, -1, self.num_kv_groups, -1, -1).flatten(1, 2)
+            v = v[:, :, None].expand(-1, -1, self.num_kv_groups, -1, -1).flatten(1, 2)
+        dropout = self.attention_dropout if self.training else 0.0
+        if attention_mask is None:
+            # Training and plain prefill: the causal kernel needs no mask tensor at all.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
+        return self.o_proj(y)
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: SwiGLU, and the optional mixture of experts
+
+
+class SLMMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SLMMoE(nn.Module):
+    """Top-k routed experts plus always-on shared experts (DeepSeek-MoE layout).
+
+    The load-balancing loss is Switch Transformer's: num_experts * sum_e(f_e * P_e), where f_e is the share of
+    routing slots that went to expert e and P_e the mean router probability of e. It is 1.0 when routing is
+    perfectly uniform and grows as tokens pile onto few experts."""
+
+    def __init__(self, config: SLMConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(
+            SLMMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.shared_experts = None
+        if config.num_shared_experts > 0:
+            width = config.moe_intermediate_size * config.num_shared_experts
+            self.shared_experts = SLMMLP(config.hidden_size, width)
+
+    def forward(self, x):
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)  # (N, H)
+        probs = F.softmax(self.gate(flat).float(), dim=-1)  # (N, E) router probabilities in fp32
+        topk_w, topk_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        # Loop over experts, not tokens: each expert runs once on the rows routed to it.
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(topk_idx == e)
+            if rows.numel() == 0:
+                continue
+            y = expert(flat[rows]) * topk_w[rows, slot, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        routed_share = F.one_hot(topk_idx, self.num_experts).float().sum(dim=1).mean(dim=0) / self.top_k  # f_e
+        aux_loss = self.num_experts * (routed_share * probs.mean(dim=0)).sum()
+        return out.view(B, T, H), aux_loss
+
+
+# -----------------------------------------------------------------------------
+# Decoder block and the stack
+
+
+class SLMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). GradientCheckpointingLayer makes it
+    recompute its activations in backward when gradient checkpointing is on."""
+
+    def __init__(self, config: SLMConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = SLMAttention(config, layer_idx)
+        self.mlp = SLMMoE(config) if config.use_moe else SLMMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = SLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = SLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.use_moe = config.use_moe
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None):
+        x = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                           attention_mask, cache)
+        if self.use_moe:
+            y, aux_loss = self.mlp(self.post_attention_layernorm(x))
+        else:
+            y, aux_loss = self.mlp(self.post_attention_layernorm(x)), x.new_zeros(())
+        return x + y, aux_loss
+
+
+class SLMPreTrainedModel(PreTrainedModel):
+    config_class = SLMConfig
+    config: SLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SLMDecoderLayer"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = False  # the MoE path has data-dependent shapes
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # GPT-2's residual scaling: the projections that write into the residual stream get
+            # std / sqrt(2 * layers), so the stream's variance does not grow with depth.
+            name = getattr(module, "_slm_name", "")
+            scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if name in ("o_proj", "down_proj") else 1.0
+            init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, SLMRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, SLMRotaryEmbedding):
+            # Models built on the meta device (from_pretrained) lose non-persistent buffers: rebuild it here.
+            init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+
+    def post_init(self):
+        # Tag each linear with its attribute name so _init_weights can find the residual projections.
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                module._slm_name = name.rsplit(".", 1)[-1]
+        super().post_init()
+
+
+def build_attention_mask(attention_mask, q_len: int, kv_len: int, past_len, device) -> torch.Tensor | None:
+    """Boolean (B, 1, q_len, kv_len) mask: True where a query may attend.
+
+    Query i sits at cache slot past_len + i and sees slots j <= past_len + i that are not padding. A static
+    cache is longer than what is filled; the causal rule already hides its empty tail. Each query also sees its
+    own slot, so a row made only of left padding never becomes all-False (SDPA would return NaN there)."""
+    q_pos = torch.arange(q_len, device=device)[:, None] + past_len  # (q, 1)
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv)
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, q, kv)
+    if attention_mask is not None:
+        pad = attention_mask.bool()
+        if pad.shape[-1] < kv_len:
+            pad = F.pad(pad, (0, kv_len - pad.shape[-1]), value=False)
+        mask = mask & pad[:, None, None, :kv_len]
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class SLMModel(SLMPreTrainedModel):
+    """The decoder stack without a head: returns the final normalised hidden states."""
+
+    def __init__(self, config: SLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = SLMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, use_cache: bool | None = None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+        B, T, _ = x.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = int(cache.get_seq_length()) if cache is not None else 0  # tokens already in the cache
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=x.device) + past_len).unsqueeze(0).expand(B, -1)
+        # The mask-free causal kernel is right when there is no padding and queries and keys are the same
+        # T positions (training, or prefill into an empty cache); otherwise build an explicit boolean mask.
+        padded = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+        kv_len = int(cache.get_mask_sizes(T, 0)[0]) if cache is not None else T  # static caches are longer
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # Already a full (B, 1, q, kv) mask, as generate() prepares for static caches: True/0.0 = attend.
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        elif padded or past_len != 0 or kv_len != T:
+            mask = build_attention_mask(attention_mask, T, kv_len, past_len, x.device)
+        position_embeddings = self.rotary_emb(x, position_ids)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, layer_aux = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+            aux_loss = aux_loss + layer_aux
+        return self.norm(x), cache, aux_loss
+
+
+# -----------------------------------------------------------------------------
+# Heads
+
+
+@dataclass
+class SLMCausalLMOutput(CausalLMOutputWithPast):
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (already added to `loss`, times its coef)
+
+
+class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SLMConfig):
+        super().__init__(config)
+        self.model = SLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                num_items_in_batch: int | torch.Tensor | None = None, shift_labels=None,
+                **kwargs) -> SLMCausalLMOutput:
+        """labels: token ids aligned with input_ids (the shift happens here), -100 where no loss is wanted.
+        shift_labels: targets already shifted (position t holds the token after t), as the pretraining stream
+        yields them; then every position is predicted and none is lost to the shift.
+        num_items_in_batch: divide the summed loss by this count instead of taking the mean, so that gradient
+        accumulation can weight every valid token of the whole step equally."""
+        hidden, cache, aux_loss = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                             use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]  # generation needs only the last position's logits
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
+            if self.config.use_moe:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return SLMCausalLMOutput(loss=loss, logits=logits, cache=cache,
+                                 aux_loss=aux_loss if self.config.use_moe else None)
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, shift_labels=None):
+    """Next-token cross-entropy: logits at t predict labels at t + 1 (or shift_labels at t); -100 is ignored."""
+    if shift_labels is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    logits = logits.float()  # fp32 softmax: bf16 log-probs are too coarse for a stable loss
+    targets = targets.to(logits.device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum" if num_items_in_batch is not None else "mean")
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class SLMForSequenceClassification(SLMPreTrainedModel):
+    """The decoder plus a linear `score` head read at the last non-pad token (reward and value models).
+
+    Loaded from a causal-LM checkpoint, the decoder weights load and the head is new; we say so in one line
+    instead of transformers' list of missing and unexpected keys."""
+
+    def __init__(self, config: SLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SLMModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # silence the missing/unexpected keys report; we summarise it below
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        finally:
+            logging.set_verbosity(verbosity)
+        if any(k.startswith("score.") for k in info["missing_keys"]):
+            logger.warning(f"score head is new (not in the checkpoint): initialised N(0, "
+                           f"{model.config.initializer_range}); the decoder weights were loaded, lm_head dropped")
+        return (model, info) if kwargs.get("output_loading_info") else model
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        hidden, cache, _ = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        logits = self.score(hidden)  # (B, T, num_labels)
+        B, T = logits.shape[:2]
+        if attention_mask is not None:
+            # Index of the last real token; works for right padding and, via the max, for left padding too.
+            last = (torch.arange(T, device=logits.device) * attention_mask.to(logits.device)).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            not_pad = (input_ids != self.config.pad_token_id).int()
+            last = (torch.arange(T, device=logits.device) * not_pad).argmax(-1)
+        else:
+            last = torch.full((B,), T - 1, device=logits.device)
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.mse_loss(pooled.squeeze(-1).float(), labels.float()) if self.num_labels == 1 else \
+                F.cross_entropy(pooled.float(), labels)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=cache)
+
+
+__all__ = ["SLMModel", "SLMForCausalLM", "SLMForSequenceClassification", "SLMPreTrainedModel"]

@@ -1,0 +1,130 @@
+"""
+Stage configs: flat dataclasses filled from YAML and `key=value` overrides.
+
+Precedence: dataclass defaults < YAML file < command-line `key=value`. Unknown keys and values that do not
+fit the field's type fail at once with a message naming the key (nanoGPT's strictness, without exec).
+
+    cfg = load_config(PretrainConfig, "config/pretrain.yaml", ["lr=3e-4", "max_steps=100"])
+"""
+
+import dataclasses
+import types
+import typing
+
+import yaml
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; main.py prints it without a traceback."""
+
+
+def _coerce(key: str, value, annotation):
+    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):  # e.g. `int | None`
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return int(as_float)  # accepts 1e6 and 1_000_000
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if origin is list or annotation is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation) or (str,)
+        return [_coerce(key, v, item_type) for v in value]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['lr=3e-4', 'name=x'] -> {'lr': '3e-4', 'name': 'x'} (values stay strings; _coerce types them)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' is not of the form key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict | None = None):
+    """Build a `cls` dataclass: defaults, then the YAML file, then overrides. Strict about keys and types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    sources = []
+    if yaml_path:
+        with open(yaml_path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
+        sources.append((f"{yaml_path}", data))
+    if overrides:
+        sources.append(("command line", overrides if isinstance(overrides, dict) else parse_overrides(overrides)))
+    for where, data in sources:
+        for key, value in data.items():
+            if key not in fields:
+                close = [k for k in fields if k.split("_")[0] == key.split("_")[0]][:3]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
+            values[key] = _coerce(key, value, hints[key])
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def format_config(cfg) -> str:
+    """One `key: value` line per field, in declaration order, for the start of a run's log."""
+    return "\n".join(f"  {k}: {v!r}" for k, v in config_to_dict(cfg).items())
+
+
+def save_config(cfg, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
