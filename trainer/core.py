@@ -337,7 +337,7 @@ class Trainer:
         self.tokenizer = self.load_tokenizer()
         self.raw_model = self.build_model().to(self.device)
         if cfg.gradient_checkpointing:
-            self.raw_model.gradient_checkpointing_enable()
+            self.raw_model.activation_checkpointing_enable()
         if cfg.seq_len > self.raw_model.config.max_position_embeddings:
             raise ValueError(f"seq_len={cfg.seq_len} is over the model's max_position_embeddings="
                              f"{self.raw_model.config.max_position_embeddings}")
@@ -663,9 +663,7 @@ class Trainer:
         for path in candidates:
             try:
                 state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-                from safetensors.torch import load_file
-
-                weights = load_file(os.path.join(path, "model.safetensors"))
+                weights = self.read_checkpoint_weights(path)
             except Exception as e:  # a torn or partial checkpoint: never load it, try the one before
                 if cfg.resume != "auto":
                     raise
@@ -674,12 +672,23 @@ class Trainer:
             self._restore(path, state, weights)
             return
 
-    def _restore(self, path: str, state: dict, weights: dict):
+    def read_checkpoint_weights(self, path: str) -> dict:
+        """The weights that save_pretrained_to wrote into a step_* dir (a stage that saves other files, e.g.
+        only a LoRA adapter, overrides this and load_checkpoint_weights). Read before anything is restored, so
+        a torn checkpoint is skipped whole."""
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(path, "model.safetensors"))
+
+    def load_checkpoint_weights(self, path: str, weights: dict) -> None:
         missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if k != "lm_head.weight" or not self.raw_model.config.tie_word_embeddings]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]})")
+
+    def _restore(self, path: str, state: dict, weights: dict):
+        self.load_checkpoint_weights(path, weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]

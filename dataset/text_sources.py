@@ -1,0 +1,398 @@
+"""
+Text sources: streaming readers for every raw-text format we take in, and the Chinese cleaning rules.
+
+Used by scripts/zh_simplify.py (cleaning), trainer/train_tokenizer.py and scripts/prepare_shards.py (reading).
+Nothing here runs on import; a quick look at what a file yields:
+    python -c "from dataset.text_sources import iter_documents as it; print(next(it('a.jsonl'))['text'][:200])"
+
+Formats (a `.gz` suffix on any of them is read through gzip, still streaming):
+    WikiExtractor folders/files     wiki_NN with `<doc id=.. url=.. title=..>` ... `</doc>` blocks
+    WikiExtractor --json            one {"id","url","title","text"} object per line
+    .jsonl                          one object per line; the text is the first field of `text_fields` present
+    .json                           one JSON document: SQuAD (each `context` once) or chinese-poetry style records
+    .txt / .md / anything else      plain text, cut into documents at blank lines once `max_doc_chars` is reached
+                                    (and at `<!-- FILE: ... -->` markers, which separate laws in the LawRefBook dump)
+Every reader yields {"text", "source", "title", "line"} and raises ValueError naming file and line on bad input.
+"""
+
+import gzip
+import hashlib
+import html
+import json
+import os
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TEXT_FIELDS = ("text", "content")  # jsonl fields tried in order; gov_work_reports uses "content"
+
+# -----------------------------------------------------------------------------
+# input discovery and low-level line reading
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files named directly, plus every regular file under a named folder (sorted, so runs are reproducible)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return out
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs. We decode line by line so that a bad byte is reported at its exact line."""
+    with _open_binary(path) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                     f"convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)") from None
+                if lineno == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # a UTF-8 byte-order mark is not text
+                yield lineno, line
+        except (OSError, EOFError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{path}: cannot read ({e}); is it a truncated or mislabelled .gz?") from None
+
+
+def _kind(path: str) -> str:
+    """Pick a reader from the name, and sniff the first line for extension-less or .txt WikiExtractor output."""
+    name = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(name)[1].lower()
+    if ext == ".json":
+        return "json"
+    if ext == ".jsonl":
+        return "jsonl"
+    for _, line in iter_lines(path):
+        s = line.strip()
+        if not s:
+            continue
+        if s.startswith("<doc ") or s == "<doc>":
+            return "wiki"
+        if s.startswith("{") and ext not in (".txt", ".md"):
+            return "jsonl"  # WikiExtractor --json writes wiki_NN files without an extension
+        return "text"
+    return "text"
+
+
+# -----------------------------------------------------------------------------
+# readers, one per format
+
+
+_DOC_OPEN = re.compile(r'<doc\b([^>]*)>')
+_ATTR = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _read_wiki(path: str) -> Iterator[dict]:
+    doc, title, start = None, "", 0
+    for lineno, line in iter_lines(path):
+        m = _DOC_OPEN.match(line.strip()) if line.startswith("<doc") else None
+        if m:
+            if doc is not None:
+                raise ValueError(f"{path}:{lineno}: <doc> opened before the doc of line {start} was closed")
+            doc, title, start = [], dict(_ATTR.findall(m.group(1))).get("title", ""), lineno
+        elif line.strip() == "</doc>":
+            if doc is None:
+                raise ValueError(f"{path}:{lineno}: </doc> without a matching <doc>")
+            yield {"text": "".join(doc), "source": path, "title": title, "line": start}
+            doc = None
+        elif doc is not None:
+            doc.append(line)
+        elif line.strip():
+            raise ValueError(f"{path}:{lineno}: text outside a <doc> block in WikiExtractor output")
+    if doc is not None:
+        raise ValueError(f"{path}:{start}: <doc> never closed (truncated file?)")
+
+
+def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> Iterator[dict]:
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        field = next((k for k in text_fields if k in obj), None)
+        if field is None or not isinstance(obj[field], str):
+            raise ValueError(f"{path}:{lineno}: no string field {' or '.join(repr(k) for k in text_fields)} "
+                             f"(keys: {', '.join(list(obj)[:8])})")
+        doc = {"text": obj[field], "source": path, "title": str(obj.get("title", "")), "line": lineno}
+        if isinstance(obj.get("source"), str):
+            doc["origin"] = obj["source"]  # zh_simplify output keeps the original file name here
+        yield doc
+
+
+# chinese-poetry records: header fields first, then the body; notes, ids, spellings and metadata are left out
+_HEAD_KEYS = ("title", "chapter", "section", "rhythmic", "subchapter", "author")
+_BODY_KEYS = ("abstract", "preface", "prologue", "paragraphs", "para", "content", "context", "text")
+
+
+def _flatten(obj, out: list[str]) -> None:
+    if isinstance(obj, str):
+        out.append(obj)
+    elif isinstance(obj, list):
+        for x in obj:
+            _flatten(x, out)
+    elif isinstance(obj, dict):
+        out.extend(obj[k] for k in _HEAD_KEYS if isinstance(obj.get(k), str) and obj[k])
+        for k in _BODY_KEYS:
+            if k in obj:
+                _flatten(obj[k], out)
+
+
+def _read_json(path: str) -> Iterator[dict]:
+    # A .json file is one document tree, so it is parsed whole: memory is bounded by the largest file, not the corpus.
+    with _open_binary(path) as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list) and "version" in obj:
+        for art in obj["data"]:  # SQuAD (CMRC2018, DRCD): keep each Wikipedia paragraph, ignore the questions
+            for para in art.get("paragraphs", []):
+                yield {"text": para.get("context", ""), "source": path, "title": art.get("title", ""), "line": 0}
+        return
+    for i, rec in enumerate(obj if isinstance(obj, list) else [obj]):
+        parts: list[str] = []
+        _flatten(rec, parts)
+        title = rec.get("title", "") if isinstance(rec, dict) else ""
+        yield {"text": "\n".join(parts), "source": path, "title": str(title), "line": i + 1}
+
+
+_FILE_MARK = re.compile(r"^<!-- FILE: (.*?) -->\s*$")
+
+
+def _read_text(path: str, max_doc_chars: int) -> Iterator[dict]:
+    buf, size, start, title = [], 0, 1, ""
+    for lineno, line in iter_lines(path):
+        mark = _FILE_MARK.match(line)
+        # a document ends at a file marker, or at a blank line once it is long enough (bounded memory per document)
+        if mark or (not line.strip() and size >= max_doc_chars):
+            if size:
+                yield {"text": "".join(buf), "source": path, "title": title, "line": start}
+            buf, size, start = [], 0, lineno + 1
+            title = os.path.splitext(os.path.basename(mark.group(1)))[0] if mark else title
+            continue
+        buf.append(line)
+        size += len(line)
+    if size:
+        yield {"text": "".join(buf), "source": path, "title": title, "line": start}
+
+
+def iter_documents(path: str, text_fields: tuple[str, ...] = TEXT_FIELDS, max_doc_chars: int = 20000,
+                   allow_empty: bool = False) -> Iterator[dict]:
+    """Stream the documents of one file. An empty source is an error unless allow_empty, so a wrong path or an
+    all-blank file never silently contributes nothing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    kind = _kind(path)
+    if kind == "wiki":
+        docs = _read_wiki(path)
+    elif kind == "jsonl":
+        docs = _read_jsonl(path, text_fields)
+    elif kind == "json":
+        docs = _read_json(path)
+    else:
+        docs = _read_text(path, max_doc_chars)
+    n = 0
+    for d in docs:
+        if d["text"].strip():
+            n += 1
+            yield d
+    if n == 0 and not allow_empty:
+        raise ValueError(f"{path}: empty source (no non-blank documents)")
+
+
+def iter_corpus(paths: list[str], **kw) -> Iterator[dict]:
+    """All documents of several files and folders, in a fixed order."""
+    for p in expand_paths(paths):
+        yield from iter_documents(p, **kw)
+
+
+# -----------------------------------------------------------------------------
+# character classes
+
+
+def is_cjk(ch: str) -> bool:
+    """Han ideographs (BMP blocks and the supplementary-plane extensions) and CJK compatibility ideographs."""
+    o = ord(ch)
+    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x20000 <= o <= 0x323AF
+            or 0xF900 <= o <= 0xFAFF or 0x2F800 <= o <= 0x2FA1F)
+
+
+_CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U000323af\U0002f800-\U0002fa1f]")
+
+
+def count_cjk(text: str) -> int:
+    return len(_CJK_RE.findall(text))
+
+
+# -----------------------------------------------------------------------------
+# conversion to simplified Chinese
+
+
+_MW_MARKUP = re.compile(r"-\{(.*?)\}-", re.S)
+_VARIANT_PREF = ("zh-cn", "zh-hans", "zh-sg", "zh-my", "zh", "zh-hant", "zh-tw", "zh-hk", "zh-mo")
+
+
+def resolve_mw_markup(text: str) -> str:
+    """Resolve MediaWiki language-conversion markup for zh-cn, as the wiki itself would render it:
+    -{zh-cn:A;zh-tw:B}- -> A, -{A}- -> A (text protected from conversion), -{H|...}- (a hidden rule) -> nothing."""
+
+    def one(m: re.Match) -> str:
+        body = m.group(1)
+        flag, sep, rest = body.partition("|")
+        if sep and re.fullmatch(r"\s*[A-Za-z;]{1,4}\s*", flag):  # -{H|..}-, -{A|..}-, -{T|..}-, -{R|..}- ...
+            if "H" in flag or "-" in flag or "T" in flag:
+                return ""  # hidden/global rules and title rules do not print anything here
+            body = rest
+        variants = {}
+        for part in body.split(";"):
+            key, colon, val = part.partition(":")
+            key = key.strip().lower()
+            if colon and re.fullmatch(r"zh(-[a-z]+)?", key):
+                variants[key] = val.strip()
+        if not variants:
+            return body
+        return next((variants[k] for k in _VARIANT_PREF if k in variants), next(iter(variants.values())))
+
+    return _MW_MARKUP.sub(one, text)
+
+
+def make_converter(engine: str = "auto"):
+    """Traditional -> simplified (zh-cn) converter. zhconv-rs (Rust, same MediaWiki+OpenCC tables, newer version)
+    is ~15x faster than pure-Python zhconv; see bench/RESULTS.md for how far their outputs agree."""
+    if engine in ("auto", "zhconv-rs"):
+        try:
+            from zhconv_rs import zhconv as _rs
+
+            return "zhconv-rs", lambda s: _rs(s, "zh-cn", False)
+        except ImportError:
+            if engine == "zhconv-rs":
+                raise
+    import zhconv
+
+    return "zhconv", lambda s: zhconv.convert(s, "zh-cn")
+
+
+# -----------------------------------------------------------------------------
+# cleaning rules; each one counts what it removed in `stats` (rule -> characters removed or changed)
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\ufeff\ufffc]")
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>\n]*)?/?>")
+_HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z]{2,8});")
+# brackets that hold nothing but separators: what is left after WikiExtractor drops a template, e.g. 萬民福音部（）是
+_EMPTY_BRACKETS = re.compile(r"[（(【\[]\s*[，,；;、：:/\s]*\s*[）)】\]]")
+_BRACKET_LEAD = re.compile(r"([（(])\s*[，,；;、]+\s*")  # （，意为…） -> （意为…）: the template before the comma is gone
+_SAME_PUNCT = re.compile(r"([，。、；：！？,;!?])\1+")  # 。。 -> 。 ; kept: …… and —— which are single marks in Chinese
+_LONG_ELLIPSIS = re.compile(r"…{3,}|\.{4,}|—{3,}|-{4,}|={4,}|~{3,}|·{3,}")
+_LEADING_PUNCT = re.compile(r"(?m)^[ \t]*[，,；;、]+")  # a line that starts with a separator lost its first half
+_WS_RUN = re.compile(r"[ \t\u00a0\u3000\u2000-\u200a]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+
+def _sub(pattern: re.Pattern, repl, text: str, rule: str, stats: Counter) -> str:
+    new = pattern.sub(repl, text)
+    if len(new) != len(text):
+        stats[rule] += len(text) - len(new)
+    return new
+
+
+def _fullwidth_alnum(text: str) -> str:
+    # Full-width Latin letters and digits (Ａ-Ｚ, ａ-ｚ, ０-９) become ASCII. Full-width punctuation stays: （，。：）
+    # are the correct forms in Chinese text, and mapping them to ASCII would change meaning in mixed text.
+    return text.translate(_FW_TABLE)
+
+
+_FW_RANGES = ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A))  # ０-９ Ａ-Ｚ ａ-ｚ
+_FW_TABLE = {c: c - 0xFEE0 for lo, hi in _FW_RANGES for c in range(lo, hi + 1)}
+
+
+def clean_text(text: str, convert, stats: Counter) -> str:
+    """Apply every cleaning rule in order; `convert` is the callable from make_converter()."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _sub(_CONTROL, "", text, "control_chars", stats)
+    text = _sub(_HTML_COMMENT, "", text, "html", stats)
+    text = _sub(_HTML_TAG, "", text, "html", stats)
+    if "&" in text:
+        new = _HTML_ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+        stats["html"] += len(text) - len(new)
+        text = new
+    if "-{" in text:
+        new = resolve_mw_markup(text)
+        stats["mw_markup"] += len(text) - len(new)
+        text = new
+    new = convert(text)
+    # conversion is almost always 1:1 per character; count changed characters (or the length change when not)
+    same_len = len(new) == len(text)
+    stats["zh_converted"] += sum(a != b for a, b in zip(text, new)) if same_len else abs(len(new) - len(text))
+    text = new
+    new = _fullwidth_alnum(text)
+    stats["fullwidth_alnum"] += sum(a != b for a, b in zip(text, new))
+    text = unicodedata.normalize("NFC", new)  # composed forms, so identical text hashes identically
+    text = _sub(_EMPTY_BRACKETS, "", text, "empty_brackets", stats)
+    text = _sub(_BRACKET_LEAD, r"\1", text, "empty_brackets", stats)
+    text = _sub(_SAME_PUNCT, r"\1", text, "repeated_punct", stats)
+    text = _sub(_LONG_ELLIPSIS, lambda m: m.group(0)[:2] if m.group(0)[0] in "…—" else m.group(0)[:3], text,
+                "repeated_punct", stats)
+    text = _sub(_LEADING_PUNCT, "", text, "repeated_punct", stats)
+    # whitespace: runs of spaces become one, indentation and trailing spaces go, at most one blank line in a row
+    before = len(text)
+    text = _WS_RUN.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    text = _MANY_NEWLINES.sub("\n\n", text).strip()
+    stats["whitespace"] += before - len(text)
+    return text
+
+
+@dataclass
+class FilterConfig:
+    min_chars: int = 16  # drop documents with fewer non-space characters (a 4-line 5-character poem has 20)
+    min_cjk_ratio: float = 0.3  # drop documents where Han characters are less than this share of non-space chars
+    max_doc_chars: int = 20000  # plain-text files are cut into documents about this long (at blank lines)
+
+
+def keep_document(text: str, cfg: FilterConfig) -> str | None:
+    """None if the document is kept, else the name of the filter that drops it."""
+    visible = len(text) - text.count(" ") - text.count("\n")
+    if visible < cfg.min_chars:
+        return "too_short"
+    if cfg.min_cjk_ratio > 0 and count_cjk(text) < cfg.min_cjk_ratio * visible:
+        return "mostly_non_cjk"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# exact deduplication
+
+
+_NORM_DROP = re.compile(r"[\s\W_]+")
+
+
+def dedup_key(text: str) -> bytes:
+    """8-byte hash of the text with case, whitespace and punctuation removed: copies that differ only in spacing or
+    punctuation collide. 8 bytes give a 1e-7 collision chance at 2 million documents."""
+    return hashlib.blake2b(_NORM_DROP.sub("", text.lower()).encode("utf-8"), digest_size=8).digest()

@@ -1,0 +1,80 @@
+"""
+Export an SLM checkpoint as a stock Llama folder: transformers, vLLM, llama.cpp's converter and ollama read it
+with no custom code (no trust_remote_code).
+
+    python scripts/export_llama.py --model out/sft/final --out out/export/llama
+
+With MoE off, an SLM model *is* a Llama model (same modules, names, RoPE layout and norms), so the weights are
+copied unchanged and only config.json is rewritten. MoE models have no Llama equivalent and are refused.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
+
+import torch  # noqa: E402
+
+
+def slm_to_llama_config(cfg):
+    from transformers import LlamaConfig
+
+    if cfg.use_moe:
+        raise ValueError("this checkpoint uses mixture-of-experts layers, which the Llama architecture does not "
+                         "have; export a dense model (use_moe=false), or distill the MoE model into one first")
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias, mlp_bias=False,
+        attention_dropout=cfg.attention_dropout, initializer_range=cfg.initializer_range,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+    )
+
+
+def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
+    import model as _  # noqa: F401  (registers the slm type)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = slm_to_llama_config(src.config)
+    torch_dtype = {"auto": next(src.parameters()).dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
+                   "fp16": torch.float16}[dtype]
+    with torch.device("meta"):
+        dst = LlamaForCausalLM(config)
+    # Same parameter names on both sides: a strict load proves the architectures match key for key.
+    dst.load_state_dict(src.state_dict(), strict=True, assign=True)
+    dst.tie_weights()
+    dst = dst.to(torch_dtype)
+    # Chat models stop at the end of a turn as well as at the end of a document.
+    dst.generation_config.eos_token_id = [i for i in (0, 2) if i < config.vocab_size]
+    dst.generation_config.pad_token_id = config.pad_token_id
+    dst.save_pretrained(out_dir)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    else:
+        print(f"warning: no tokenizer in {model_dir}; copy out/tokenizer/* into {out_dir} yourself")
+    return out_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="SLM checkpoint directory (e.g. out/sft/final)")
+    parser.add_argument("--out", required=True, help="directory for the Llama folder")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weight dtype of the export (auto = as saved)")
+    args = parser.parse_args()
+    try:
+        export_llama(args.model, args.out, args.dtype)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained('{args.out}')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""main.py and the config system: stage listing, unknown stage/key errors, typing and precedence."""
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_help_lists_built_stages_only():
+    out = run_main("--help")
+    assert out.returncode == 0
+    assert "pretrain" in out.stdout and "tokenizer" in out.stdout
+    import main
+
+    for name, (module, _) in main.STAGES.items():
+        built = (ROOT / (module.replace(".", "/") + ".py")).exists()
+        assert (f"  {name} " in out.stdout) == built, name
+
+
+def test_unknown_stage_fails_with_message():
+    out = run_main("--stage", "pretrian")
+    assert out.returncode == 2 and "unknown stage 'pretrian'" in out.stderr
+
+
+def test_unknown_key_and_bad_value_fail_naming_the_key():
+    out = run_main("--stage", "pretrain", "max_stepz=3")
+    assert out.returncode == 2 and "max_stepz" in out.stderr
+    out = run_main("--stage", "pretrain", "max_steps=three")
+    assert out.returncode == 2 and "max_steps" in out.stderr
+
+
+@dataclass
+class Demo:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str = "x"
+    compile: bool = False
+    batch_size: int | str = 4
+    maybe: int | None = None
+
+
+def test_precedence_and_coercion(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lr: 0.5\nsteps: 20\nname: from_yaml\n")
+    cfg = load_config(Demo, str(yaml_file), ["steps=30", "compile=true", "batch_size=auto", "maybe=none"])
+    assert (cfg.lr, cfg.steps, cfg.name, cfg.compile, cfg.batch_size, cfg.maybe) == (0.5, 30, "from_yaml", True,
+                                                                                      "auto", None)
+    assert load_config(Demo, None, ["steps=1e3", "batch_size=8"]).steps == 1000
+    assert load_config(Demo, None, ["batch_size=8"]).batch_size == 8
+    for bad in (["steps=2.5"], ["compile=maybe"], ["lr=fast"], ["nope=1"], ["steps"]):
+        with pytest.raises(ConfigError):
+            load_config(Demo, None, bad)
+    yaml_file.write_text("stepz: 3\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_config(Demo, str(yaml_file))

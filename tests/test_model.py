@@ -1,0 +1,175 @@
+"""The SLM model family: shapes, causality, KV cache, generation, save/load, Auto classes, MoE, config checks."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
+
+from model import SLMConfig, SLMForCausalLM, SLMForSequenceClassification
+
+
+def tiny(**overrides) -> SLMConfig:
+    # initializer_range 0.2 gives random weights with peaked, varied logits, so greedy paths differ per prompt.
+    base = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, initializer_range=0.2)
+    return SLMConfig(**{**base, **overrides})
+
+
+def make(**overrides) -> SLMForCausalLM:
+    torch.manual_seed(0)
+    return SLMForCausalLM(tiny(**overrides)).eval()
+
+
+MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, num_shared_experts=1)
+
+
+def test_shapes_and_loss():
+    model = make()
+    ids = torch.randint(4, 256, (3, 17))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (3, 17, 256)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert model(ids, logits_to_keep=1).logits.shape == (3, 1, 256)
+    # the label shift is inside the model: shift_labels gives the same loss on the shifted targets
+    shifted = model(ids, shift_labels=torch.cat([ids[:, 1:], torch.full((3, 1), -100)], 1)).loss
+    assert torch.allclose(shifted, out.loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE, {"num_key_value_heads": 1}])
+def test_causality(overrides):
+    model = make(**overrides)
+    ids = torch.randint(4, 256, (1, 12))
+    changed = ids.clone()
+    changed[0, 8] = (ids[0, 8] + 1) % 256
+    a, b = model(ids).logits, model(changed).logits
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE, {"num_key_value_heads": 1}, {"num_key_value_heads": 4}])
+def test_kv_cache_matches_full_forward(overrides):
+    model = make(**overrides)
+    ids = torch.randint(4, 256, (2, 20))
+    full = model(ids).logits
+    cache = DynamicCache(config=model.config)
+    pieces = [model(ids[:, :12], cache=cache, use_cache=True).logits]
+    for t in range(12, 20):
+        pieces.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE])
+def test_left_padded_batch_generate_equals_unbatched(overrides):
+    model = make(**overrides)
+    prompts = [[10, 11, 12], [20, 21, 22, 23, 24, 25], [30, 31, 32, 33]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=3)
+    for row, prompt in enumerate(prompts):
+        single = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=3)
+        assert batched[row, width:].tolist() == single[0, len(prompt):].tolist()
+    outputs = {tuple(batched[r, width:].tolist()) for r in range(3)}
+    assert len(outputs) > 1  # the test would be vacuous if every prompt produced the same tokens
+
+
+def test_static_cache_generate_equals_dynamic():
+    model = make()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    a = model.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    b = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert a.tolist() == b.tolist()
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = make()
+    model.train()
+    ids = torch.randint(4, 256, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for g, p in zip(ref, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_save_load_round_trip_and_auto_classes(tmp_path):
+    for overrides in ({}, {"tie_word_embeddings": False}, MOE):
+        model = make(**overrides)
+        model.save_pretrained(tmp_path / "m")
+        assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "slm"
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        assert type(loaded) is SLMForCausalLM
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+        ids = torch.randint(4, 256, (2, 9))
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == model.config.tie_word_embeddings
+
+
+def test_sequence_classification_from_causal_checkpoint(tmp_path, caplog):
+    model = make()
+    model.save_pretrained(tmp_path / "lm")
+    with caplog.at_level(logging.WARNING):
+        reward = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=1)
+    assert type(reward) is SLMForSequenceClassification
+    assert torch.equal(reward.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert "score head is new" in caplog.text
+    # the score is read at the last real token: right padding does not change it
+    ids = torch.tensor([[5, 6, 7, 8, 3, 3], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    scores = reward(ids, attention_mask=mask).logits
+    alone = reward(ids[:1, :4]).logits
+    assert scores.shape == (2, 1) and torch.allclose(scores[0], alone[0], atol=1e-5)
+
+
+def test_moe_routes_to_several_experts_and_aux_loss():
+    model = make(**MOE)
+    ids = torch.randint(4, 256, (4, 32))
+    used = set()
+    for layer in model.model.layers:
+        hook = layer.mlp.gate.register_forward_hook(
+            lambda m, i, o: used.update(o.topk(2, dim=-1).indices.flatten().tolist()))
+        model(ids)
+        hook.remove()
+    assert len(used) > 1
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    dense_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, dense_loss + 0.01 * out.aux_loss, atol=1e-5)  # aux is added to the loss
+
+
+def test_dense_path_has_no_moe_parts():
+    model = make()
+    assert not any("experts" in name or "gate." in name and "gate_proj" not in name
+                   for name, _ in model.named_parameters())
+    assert model(torch.tensor([[4, 5, 6]])).aux_loss is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden_size": 65, "num_attention_heads": 4}, "divisible by num_attention_heads"),
+    ({"num_attention_heads": 8, "num_key_value_heads": 3}, "must divide num_attention_heads"),
+    ({"use_moe": True, "num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
+    ({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 15}, "even"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SLMConfig(**kwargs)
+
+
+def test_presets_load_strictly(tmp_path):
+    counts = {}
+    for name in ("tiny", "small", "base", "moe"):
+        config = SLMConfig.from_preset(name)
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in SLMForCausalLM(config).parameters())
+    assert 0.5e6 < counts["tiny"] < 2e6
+    assert 24e6 < counts["small"] < 28e6
+    assert 115e6 < counts["base"] < 130e6
+    assert SLMConfig.from_preset("moe").use_moe
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hiden_size": 64}')
+    with pytest.raises(ValueError, match="hiden_size"):
+        SLMConfig.from_preset(str(bad))

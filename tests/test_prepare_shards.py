@@ -1,0 +1,147 @@
+"""
+scripts/prepare_shards.py: format, determinism, weights, validation split, dtype and tokenizer checks.
+
+    python -m pytest tests/test_prepare_shards.py
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataset.shards import load_meta, open_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("prepare_shards", ROOT / "scripts" / "prepare_shards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ps = _load_script()
+
+
+def _write_jsonl(path, texts):
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [f"中文文档{i}号，我们学习数学。" * (1 + i % 3) for i in range(200)])
+    b = _write_jsonl(tmp_path / "b.jsonl", [f"english doc {i} hello world" for i in range(100)])
+    return a, b
+
+
+def _docs(tokens):
+    """Split a token stream at EOS (0) into documents (tuples)."""
+    out, cur = [], []
+    for t in tokens.tolist():
+        if t == 0:
+            out.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return out
+
+
+def test_format_and_determinism(tiny_tokenizer_dir, sources, tmp_path):
+    a, b = sources
+    meta = ps.prepare(tiny_tokenizer_dir, [a + ":1", b + ":0.5"], str(tmp_path / "s1"), shard_mb=0.002,
+                      val_tokens=300, seed=7, quiet=True, bucket_mb=0.01)
+    ps.prepare(tiny_tokenizer_dir, [a + ":1", b + ":0.5"], str(tmp_path / "s2"), shard_mb=0.002, val_tokens=300,
+               seed=7, quiet=True, bucket_mb=0.01)
+    m = load_meta(str(tmp_path / "s1"))
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 512 and m["eos_id"] == 0 and len(m["train_shards"]) > 1
+    files = sorted(os.listdir(tmp_path / "s1"))
+    assert files == sorted(os.listdir(tmp_path / "s2")) and "val.bin" in files and "_buckets.tmp" not in files
+    for f in files:
+        if f.endswith(".bin"):
+            assert (tmp_path / "s1" / f).read_bytes() == (tmp_path / "s2" / f).read_bytes(), f
+    # another seed shuffles differently
+    ps.prepare(tiny_tokenizer_dir, [a + ":1", b + ":0.5"], str(tmp_path / "s3"), shard_mb=0.002, val_tokens=300,
+               seed=8, quiet=True, bucket_mb=0.01)
+    assert (tmp_path / "s1" / "train_00000.bin").read_bytes() != (tmp_path / "s3" / "train_00000.bin").read_bytes()
+    # every document ends with EOS, and the stream decodes back to the source texts
+    stream = np.concatenate([open_shard(str(tmp_path / "s1"), e, m["dtype"]) for e in m["train_shards"]])
+    assert stream[-1] == 0
+    assert meta["sources"][0]["documents"] + meta["sources"][1]["documents"] == len(_docs(stream))
+
+
+def test_weights_and_val_held_out_by_documents(tiny_tokenizer_dir, sources, tmp_path):
+    from transformers import AutoTokenizer
+
+    a, b = sources
+    meta = ps.prepare(tiny_tokenizer_dir, [a + ":2.5", b + ":0.3"], str(tmp_path / "s"), val_tokens=400, seed=1,
+                      quiet=True)
+    sa, sb = meta["sources"]
+    assert sa["weight"] == 2.5 and sb["weight"] == 0.3
+    val_docs = meta["val_documents"]
+    assert 0 < val_docs < 60
+    # a: 200 documents minus those in val, each 2 or 3 times, about 2.5 on average
+    assert 2.2 < sa["documents"] / 200 < 2.8
+    assert 15 < sb["documents"] < 50
+    d = str(tmp_path / "s")
+    m = load_meta(d)
+    train = set(_docs(np.concatenate([open_shard(d, e, m["dtype"]) for e in m["train_shards"]])))
+    val = _docs(open_shard(d, m["val_shard"], m["dtype"]))
+    assert len(val) == val_docs and not train & set(val)  # no validation document is ever trained on
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert all(tok.decode(list(v)).startswith(("中文文档", "english doc")) for v in val)
+
+
+def test_uint16_refusal_and_uint32(tmp_path, sources):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"t{i}": i + 1 for i in range(70000)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>").save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match="does not fit uint16"):
+        ps.prepare(str(tmp_path / "big"), [sources[1]], str(tmp_path / "s"), dtype="uint16", quiet=True)
+    meta = ps.prepare(str(tmp_path / "big"), [sources[1]], str(tmp_path / "s32"), val_tokens=0, quiet=True)
+    assert meta["dtype"] == "uint32" and load_meta(str(tmp_path / "s32"))["val_shard"] is None
+
+
+def test_fingerprint_mismatch_and_bad_inputs(tiny_tokenizer_dir, sources, tmp_path):
+    a, _ = sources
+    out = str(tmp_path / "s")
+    ps.prepare(tiny_tokenizer_dir, [a], out, val_tokens=0, quiet=True)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    meta["tokenizer_fingerprint"] = "0000000000000000"
+    json.dump(meta, open(os.path.join(out, "meta.json"), "w"))
+    with pytest.raises(ValueError, match="already holds shards made with tokenizer 0000000000000000"):
+        ps.prepare(tiny_tokenizer_dir, [a], out, quiet=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "好"}\n{"txt": "坏"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: no string field"):
+        ps.prepare(tiny_tokenizer_dir, [str(bad)], str(tmp_path / "s2"), quiet=True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"empty\.txt: empty source"):
+        ps.prepare(tiny_tokenizer_dir, [str(empty)], str(tmp_path / "s3"), quiet=True)
+    with pytest.raises(ValueError, match="weight must be a positive number"):
+        ps.parse_input(a + ":-1")
+    assert ps.parse_input(a + ":0.25") == (a, 0.25) and ps.parse_input(a) == (a, 1.0)
+
+
+def test_cli(tiny_tokenizer_dir, sources, tmp_path):
+    a, b = sources
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir, "--inputs",
+           a + ":0.8", b + ":0.2", "--out_dir", str(tmp_path / "s"), "--val_tokens", "100", "--workers", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout and "MB/s" in r.stdout
+    r = subprocess.run(cmd[:5] + [str(tmp_path / "missing.jsonl")] + cmd[7:], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "missing.jsonl: no such file" in r.stderr

@@ -1,0 +1,172 @@
+"""The training core through the pretraining stage: learning, exact resume, torn checkpoints, accumulation and
+DDP equivalence, metrics and plot, and the error cases."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from tests.helpers import read_metrics, write_shards
+from trainer.core import TrainingStopped, run_trainer
+from trainer.pretrain import Config, PretrainTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def corpus(n: int = 600) -> list[str]:
+    rng = random.Random(0)
+    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
+    return ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_tokenizer_dir, tmp_path_factory):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    return write_shards(tok, corpus(), str(tmp_path_factory.mktemp("shards")), n_shards=3)
+
+
+def make_cfg(tiny_tokenizer_dir, shards, out_dir, **overrides) -> Config:
+    base = dict(model_config="tiny", tokenizer_dir=tiny_tokenizer_dir, data_dir=shards, out_dir=str(out_dir),
+                max_steps=12, batch_size=4, global_batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, log_every=1,
+                eval_every=6, eval_batches=2, save_every=4, keep_last=10, sample_tokens=0, seed=7)
+    return Config(**{**base, **overrides})
+
+
+def losses(out_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(out_dir)]
+
+
+def test_loss_decreases_and_run_dir_is_complete(tiny_tokenizer_dir, shards, tmp_path):
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=30, sample_tokens=4, eval_every=15)
+    run_trainer(PretrainTrainer, cfg)
+    curve = losses(cfg.out_dir)
+    assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.6 * sum(curve[:3]) / 3
+    evals = read_metrics(cfg.out_dir, "eval")
+    assert [e["step"] for e in evals] == [15, 30] and all(0 < e["bpb"] < 10 for e in evals)
+    run = Path(cfg.out_dir)
+    assert (run / "config.yaml").exists() and (run / "latest").read_text().strip() == "step_000030"
+    state = torch.load(run / "step_000030" / "trainer_state.pt", weights_only=False)
+    assert {"optimizer", "step", "tokens_seen", "data", "rng", "scaler"} <= set(state)
+    assert state["tokens_seen"] == 30 * 8 * 32
+    weights = load_file(run / "final" / "model.safetensors")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in weights)
+    assert (run / "final" / "tokenizer.json").exists()
+    # metrics.jsonl -> PNG
+    pytest.importorskip("matplotlib")
+    subprocess.run([sys.executable, "scripts/plot_metrics.py", str(run / "metrics.jsonl"), "--out",
+                    str(tmp_path / "loss.png")], cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+class Interrupted(Exception):
+    pass
+
+
+class DiesAtStep7(PretrainTrainer):
+    def train_step(self):
+        if self.step == 6:  # mid-shard, two steps after the step-4 checkpoint
+            raise Interrupted
+        return super().train_step()
+
+
+def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
+    straight = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
+    run_trainer(PretrainTrainer, straight)
+    crashed = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed")
+    with pytest.raises(Interrupted):
+        run_trainer(DiesAtStep7, crashed)
+    assert sorted(p.name for p in Path(crashed.out_dir).glob("step_*")) == ["step_000004"]
+    resumed = run_trainer(PretrainTrainer, crashed)  # resume=auto
+    assert resumed.tokens_seen == 12 * 8 * 32
+    assert losses(crashed.out_dir) == losses(straight.out_dir)  # exact equality, not a tolerance
+    a = load_file(Path(straight.out_dir) / "final" / "model.safetensors")
+    b = load_file(Path(crashed.out_dir) / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
+    meta = json.loads((Path(shards) / "meta.json").read_text())
+    per_shard = (meta["train_shards"][0]["tokens"] - 1) // (16 * 64)
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=per_shard + 2, save_every=0, eval_every=0,
+                   global_batch_size=16, batch_size=16, seq_len=64)
+    run_trainer(PretrainTrainer, cfg)
+    saved = sorted(p.name for p in Path(cfg.out_dir).glob("step_*"))
+    assert f"step_{per_shard:06d}" in saved  # written when shard 0 ran out, without save_every
+
+
+def test_torn_checkpoint_is_skipped(tiny_tokenizer_dir, shards, tmp_path, capsys):
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
+    run_trainer(PretrainTrainer, cfg)
+    torn = Path(cfg.out_dir) / "step_000010"
+    torn.mkdir()
+    (torn / "trainer_state.pt").write_bytes(b"\x80\x02 torn")
+    trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8))
+    trainer.prepare()
+    assert trainer.step == 8
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+
+
+def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
+    big = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "big", batch_size=8, max_steps=6)
+    small = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "small", batch_size=2, max_steps=6)
+    run_trainer(PretrainTrainer, big)
+    run_trainer(PretrainTrainer, small)
+    assert losses(big.out_dir) == pytest.approx(losses(small.out_dir), abs=2e-5)
+
+
+def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
+    args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
+            "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
+            "eval_every=0", "eval_batches=2", "sample_tokens=0", "save_every=0", "seed=7"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
+                   cwd=ROOT, check=True, capture_output=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'two'}", *args],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    state = torch.load(tmp_path / "two" / "step_000005" / "trainer_state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["data"]["offset"] == 5 * 8 * 32
+
+
+def test_bad_inputs_fail_clearly(tiny_tokenizer_dir, shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, str(tmp_path / "nope"), tmp_path / "a"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, str(empty), tmp_path / "b"))
+    meta = json.loads((Path(shards) / "meta.json").read_text())
+    for change, message in (({"vocab_size": 100000}, "vocab_size"), ({"tokenizer_fingerprint": "0" * 16}, "tokenizer")):
+        other = tmp_path / f"other_{message}"
+        other.mkdir()
+        for f in Path(shards).iterdir():
+            (other / f.name).write_bytes(f.read_bytes())
+        (other / "meta.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=message):
+            run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, str(other), tmp_path / "c"))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, shards, tmp_path / "d", seq_len=4096))
+
+
+class NanAtStep3(PretrainTrainer):
+    def compute_loss(self, batch, num_items):
+        loss, metrics = super().compute_loss(batch, num_items)
+        return (loss * float("nan") if self.step == 2 else loss), metrics
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tiny_tokenizer_dir, shards, tmp_path):
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "nan", save_every=0)
+    with pytest.raises(TrainingStopped, match="not finite at step 3") as err:
+        run_trainer(NanAtStep3, cfg)
+    assert "step_000002" in str(err.value)
+    good = load_file(Path(cfg.out_dir) / "step_000002" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in good.values())

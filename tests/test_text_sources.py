@@ -1,0 +1,159 @@
+"""
+Readers and cleaning rules of dataset/text_sources.py, and scripts/zh_simplify.py end to end.
+
+    python -m pytest tests/test_text_sources.py
+"""
+
+import gzip
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dataset.text_sources import (FilterConfig, clean_text, dedup_key, iter_corpus, iter_documents, keep_document,
+                                  make_converter, resolve_mw_markup)
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = ROOT.parent / "shared" / "data" / "pretrain"
+
+
+def _clean(text: str) -> str:
+    return clean_text(text, make_converter()[1], Counter())
+
+
+# -----------------------------------------------------------------------------
+# readers: every input kind
+
+
+WIKI = '<doc id="1" url="u" title="数学">\n数学\n\n数学是一门学科。\n</doc>\n<doc id="2" url="u" title="物理">\n物理学\n</doc>\n'
+
+
+def test_wikiextractor_plain_and_gz(tmp_path):
+    (tmp_path / "AA").mkdir()
+    (tmp_path / "AA" / "wiki_00").write_text(WIKI, encoding="utf-8")
+    with gzip.open(tmp_path / "AA" / "wiki_01.gz", "wt", encoding="utf-8") as f:
+        f.write(WIKI)
+    docs = list(iter_corpus([str(tmp_path)]))
+    assert [d["title"] for d in docs] == ["数学", "物理", "数学", "物理"]
+    assert docs[0]["text"] == "数学\n\n数学是一门学科。\n"
+
+
+def test_wikiextractor_json_jsonl_txt(tmp_path):
+    (tmp_path / "wiki_00").write_text(json.dumps({"id": "1", "title": "甲", "text": "甲乙丙"}, ensure_ascii=False)
+                                      + "\n", encoding="utf-8")
+    assert [d["text"] for d in iter_documents(str(tmp_path / "wiki_00"))] == ["甲乙丙"]
+    (tmp_path / "a.jsonl").write_text('{"content": "政府工作报告"}\n\n{"text": "第二"}\n', encoding="utf-8")
+    assert [d["text"] for d in iter_documents(str(tmp_path / "a.jsonl"))] == ["政府工作报告", "第二"]
+    (tmp_path / "a.txt").write_text("第一段。\n\n第二段。\n", encoding="utf-8")
+    assert [d["text"] for d in iter_documents(str(tmp_path / "a.txt"), max_doc_chars=1)] == ["第一段。\n", "第二段。\n"]
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "压缩"}\n')
+    assert [d["text"] for d in iter_documents(str(tmp_path / "b.jsonl.gz"))] == ["压缩"]
+
+
+def test_json_squad_and_poetry(tmp_path):
+    squad = {"version": "1", "data": [{"title": "t", "paragraphs": [{"context": "段落一", "qas": []},
+                                                                    {"context": "段落二", "qas": []}]}]}
+    (tmp_path / "s.json").write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
+    assert [d["text"] for d in iter_documents(str(tmp_path / "s.json"))] == ["段落一", "段落二"]
+    poems = [{"title": "静夜思", "author": "李白", "paragraphs": ["床前明月光，", "疑是地上霜。"], "id": "x"}]
+    (tmp_path / "p.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    assert next(iter_documents(str(tmp_path / "p.json")))["text"] == "静夜思\n李白\n床前明月光，\n疑是地上霜。"
+
+
+# -----------------------------------------------------------------------------
+# bad input: clear errors that name the file and line
+
+
+@pytest.mark.parametrize("content,match", [
+    (b'{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: malformed JSON"),
+    (b'{"text": "ok"}\n{"body": "x"}\n', r"bad\.jsonl:2: no string field 'text' or 'content'"),
+    (b'{"text": "ok"}\n{"text": "\xb9\xfa"}\n', r"bad\.jsonl:2: not valid UTF-8"),
+    (b"\n  \n", r"bad\.jsonl: empty source"),
+])
+def test_bad_input_errors(tmp_path, content, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        list(iter_documents(str(p)))
+
+
+def test_bad_encoding_txt_names_line(tmp_path):
+    p = tmp_path / "gbk.txt"
+    p.write_bytes("第一行\n".encode() + "中国\n".encode("gbk"))
+    with pytest.raises(ValueError, match=r"gbk\.txt:2: not valid UTF-8"):
+        list(iter_documents(str(p)))
+
+
+def test_unclosed_wiki_doc(tmp_path):
+    p = tmp_path / "wiki_00"
+    p.write_text('<doc id="1" title="x">\n文本\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wiki_00:1: <doc> never closed"):
+        list(iter_documents(str(p)))
+
+
+# -----------------------------------------------------------------------------
+# cleaning rules
+
+
+def test_traditional_to_simplified():
+    assert _clean("數學是研究數量、結構的學科。") == "数学是研究数量、结构的学科。"
+    assert make_converter("zhconv")[1]("體") == "体"  # the fallback engine converts too
+
+
+def test_mw_conversion_markup():
+    assert resolve_mw_markup("航-{zh-cn:天; zh-tw:太}-飞机") == "航天飞机"
+    assert resolve_mw_markup("-{H|zh-hant:心裡學;zh-hans:心里学;}-心理学-{于}-") == "心理学于"
+    assert _clean("這是-{zh-cn:域;zh-tw:體}-名") == "这是域名"
+
+
+def test_brackets_punct_html_whitespace_fullwidth():
+    assert _clean("萬民福音部（）是（；）教廷（，）的() 機構") == "万民福音部是教廷的 机构"
+    assert _clean("原名传信部（，意为圣部）") == "原名传信部（意为圣部）"
+    assert _clean("好。。。真的？？？……等等——") == "好。真的？……等等——"
+    assert _clean("a<br/>b &amp; c<!-- x -->\x00\u200b") == "ab & c"
+    assert _clean("  第一行  \n\n\n\n\u3000\u3000第二行\t\t结束 ") == "第一行\n\n第二行 结束"
+    assert _clean("ＡＢＣ１２３，全角标点保留。") == "ABC123，全角标点保留。"
+
+
+def test_filters_and_dedup():
+    cfg = FilterConfig(min_chars=8, min_cjk_ratio=0.5)
+    assert keep_document("太短了", cfg) == "too_short"
+    assert keep_document("this is an English sentence only 中", cfg) == "mostly_non_cjk"
+    assert keep_document("这是一个足够长的中文句子。", cfg) is None
+    assert keep_document("English is kept when the ratio is zero", FilterConfig(min_cjk_ratio=0)) is None
+    assert dedup_key("你好，世界！") == dedup_key("你好 世界") != dedup_key("你好世")
+
+
+# -----------------------------------------------------------------------------
+# the script end to end (two workers, summary, dedup across files)
+
+
+def test_zh_simplify_script(tmp_path):
+    (tmp_path / "a.txt").write_text("這是第一篇文章，內容已經足夠長了。\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "这是第一篇文章，内容已经足够长了。"}, ensure_ascii=False)
+                                      + '\n{"text": "短"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "zh_simplify.py"), "--input", str(tmp_path / "a.txt"),
+                        str(tmp_path / "b.jsonl"), "--output", str(out), "--workers", "2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [x["text"] for x in rows] == ["这是第一篇文章，内容已经足够长了。"]
+    assert "3 in -> 1 out" in r.stdout and "duplicate 1" in r.stdout and "too short 1" in r.stdout
+
+
+def test_real_pack_wiki_is_clean():
+    wiki = PACK / "zh" / "zhwiki_wikiextractor_json_wiki_00.jsonl"
+    if not wiki.exists():
+        pytest.skip("shared data pack not present")
+    convert = make_converter()[1]
+    for i, d in enumerate(iter_documents(str(wiki))):
+        text = clean_text(d["text"], convert, Counter())
+        assert "-{" not in text and "（）" not in text and "()" not in text
+        if i == 50:
+            break
+    assert "數" not in text and "學" not in text

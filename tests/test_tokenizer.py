@@ -1,0 +1,98 @@
+"""
+The tokenizer stage (trainer/train_tokenizer.py): round trips, special ids, chat template, report, Han splitting.
+
+    python -m pytest tests/test_tokenizer.py
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from trainer.train_tokenizer import QWEN2_PATTERN, Config, run, split_han_runs
+
+PACK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pretrain"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("text", [
+    "你好，世界！Hello, world.", "emoji 👍🏽👨‍👩‍👧 ok", "𠀀𪚥龘 rare Han, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Здравствуйте, مرحبا, こんにちは, 안녕",
+    "  leading and trailing spaces  \n\n\ttabs\r\n", "e\u0301 (decomposed) vs é", "\x00\u200b\ufeff control", "",
+    "<|endoftext|> is text here", "数学" * 300,
+])
+def test_round_trip(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+
+
+def test_special_token_ids(tok):
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    assert [tok.convert_tokens_to_ids(t) for t in names] == [0, 1, 2, 3]
+    assert tok.eos_token_id == 0 and tok.pad_token_id == 3
+    assert tok.encode("<|im_start|>user", add_special_tokens=False)[0] == 1
+    assert tok.encode("你好", add_special_tokens=True) == tok.encode("你好", add_special_tokens=False)  # no BOS added
+
+
+def test_chat_template_and_assistant_mask(tok):
+    msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == ("<|im_start|>system\n你是助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+                    "<|im_start|>assistant\n你好！<|im_end|>\n")
+    prompt = tok.apply_chat_template(msgs[:2], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    out = tok.apply_chat_template(msgs, return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assert len(ids) == len(mask)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "你好！<|im_end|>"
+
+
+def test_pre_tokenizer_is_qwen2(tiny_tokenizer_dir):
+    tj = json.load(open(os.path.join(tiny_tokenizer_dir, "tokenizer.json"), encoding="utf-8"))
+    pre = tj["pre_tokenizer"]["pretokenizers"]
+    assert pre[0]["type"] == "Split" and pre[0]["pattern"]["Regex"] == QWEN2_PATTERN
+    assert pre[1] == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    assert tj["normalizer"] is None
+
+
+def test_report_written(tiny_tokenizer_dir):
+    rep = json.load(open(os.path.join(tiny_tokenizer_dir, "tokenizer_report.json"), encoding="utf-8"))
+    assert rep["vocab_size"] == 512 and rep["single_cjk_tokens"] > 20
+    (src, r), = rep["heldout"].items()  # one source file; its held-out documents were not trained on
+    assert r["docs"] > 0 and r["chars_per_token"] > 1.0 and r["bytes_per_token"] > 1.5
+
+
+def test_split_han_runs():
+    assert split_han_runs("一二三四五六七八九十abc一二", 4) == "一二三四\n五六七八\n九十abc一二"
+    assert split_han_runs("short 短", 4) == "short 短"
+
+
+def test_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="data_path is empty"):
+        run(Config(data_path="", out_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        run(Config(data_path=str(tmp_path / "nope.jsonl"), out_dir=str(tmp_path)))
+    (tmp_path / "a.txt").write_text("你好" * 100, encoding="utf-8")
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        run(Config(data_path=str(tmp_path / "a.txt"), vocab_size=100, out_dir=str(tmp_path)))
+
+
+def test_real_pack_compression(tmp_path):
+    """A small vocab on a slice of real text: held-out poetry and wiki are measured and compress."""
+    wiki = PACK / "zh" / "zhwiki_wikiextractor_json_wiki_00.jsonl"
+    poetry = PACK / "zh" / "chinese_poetry_songci_ci.song.json.gz"
+    if not wiki.exists():
+        pytest.skip("shared data pack not present")
+    rep = run(Config(data_path=f"{wiki},{poetry}", vocab_size=600, out_dir=str(tmp_path), max_bytes=1_500_000,
+                     heldout_every=20, heldout_max_bytes=100_000))
+    assert rep["fed_bytes"] <= 1_500_000 + 200_000  # the sample stops at max_bytes (plus one document)
+    for name in (wiki.name, poetry.name):
+        assert rep["heldout"][name]["cjk_chars_per_token"] > 0.4
+    assert rep["single_cjk_tokens"] > 50

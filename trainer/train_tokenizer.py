@@ -1,0 +1,228 @@
+"""
+Train the byte-level BPE tokenizer (stage `tokenizer`), save it as a Hugging Face fast tokenizer with the ChatML
+template, and report its compression on held-out text.
+
+    python main.py --stage tokenizer --config config/tokenizer.yaml data_path=dataset/zh/clean.jsonl vocab_size=6400
+    python -c "from trainer.train_tokenizer import Config, run; run(Config(data_path='a.jsonl', out_dir='out/t'))"
+
+Memory: the BPE trainer keeps every distinct pre-token with its pairs, so what it is fed decides its peak RSS. We
+feed it (1) a deterministic sample of at most `max_bytes` of the corpus and (2) Han text cut into pieces of at most
+`han_piece_chars` characters (Chinese has no spaces, so the inference-time regex would make a whole sentence one
+pre-token, and distinct sentences never repeat). The saved tokenizer uses Qwen2's standard pre-tokenizer, which
+llama.cpp knows, so a GGUF export reproduces our ids; a token can never be longer than a training piece, which
+at 6400-32000 entries costs nothing (Chinese words are 1-4 characters).
+Held-out documents (every `heldout_every`-th by content hash) are never fed to the trainer; the report in
+`out_dir/tokenizer_report.json` measures compression on them, per source file.
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+
+from dataset.text_sources import count_cjk, is_cjk, iter_documents
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
+# ChatML; {% generation %} marks assistant tokens so SFT gets them from return_assistant_tokens_mask=True
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+# Qwen2's pre-tokenizer regex, one of the few that llama.cpp re-implements (LLAMA_VOCAB_PRE_TYPE_QWEN2)
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclass
+class Config:
+    data_path: str = ""  # comma-separated files (.txt, .jsonl with a text field, .json, any of them .gz)
+    vocab_size: int = 6400  # total entries, the 4 special tokens included
+    out_dir: str = "out/tokenizer"  # where tokenizer.json, tokenizer_config.json and the report go
+    max_bytes: int = 100_000_000  # at most this many UTF-8 bytes are fed to the trainer (bounds its RAM)
+    han_piece_chars: int = 4  # Han runs are cut into pieces this long in the trainer's input (bounds its RAM)
+    min_frequency: int = 2  # a pair must occur this often to be merged
+    heldout_every: int = 50  # every N-th document (by content hash) is held out for the report, never trained on
+    heldout_max_bytes: int = 2_000_000  # per source file, cap on held-out text kept for the report
+    eval_path: str = ""  # extra comma-separated files to report on (never trained on)
+    seed: int = 1337  # decides the sample and the held-out split
+
+
+# -----------------------------------------------------------------------------
+# sampling what the trainer sees
+
+
+def _unit(text: str, seed: int, salt: str) -> float:
+    """A reproducible number in [0, 1) from the document's content (not its position, so re-ordering inputs or
+    adding a file does not move a document between train and held-out)."""
+    h = hashlib.blake2b(f"{seed}:{salt}:".encode() + text.encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "little") / 2**64
+
+
+def _estimated_bytes(paths: list[str]) -> int:
+    # gzip of Chinese text is ~3x, good enough to set a sampling rate before reading anything
+    return sum(os.path.getsize(p) * (3 if p.endswith(".gz") else 1) for p in paths)
+
+
+_HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U000323af]+")
+
+
+def split_han_runs(text: str, piece: int) -> str:
+    """Put a newline inside Han runs longer than `piece`, so no pre-token the trainer counts is longer than that."""
+
+    def cut(m: re.Match) -> str:
+        s = m.group(0)
+        return s if len(s) <= piece else "\n".join(s[i:i + piece] for i in range(0, len(s), piece))
+
+    return _HAN_RUN.sub(cut, text)
+
+
+def split_documents(cfg: Config, paths: list[str], heldout: dict, stats: dict):
+    """Yield the training text (sampled, Han runs cut) and fill `heldout` {source: [docs]} on the way."""
+    keep = min(1.0, cfg.max_bytes / max(_estimated_bytes(paths), 1))
+    fed = 0
+    for path in paths:
+        held_bytes: dict = {}
+        for d in iter_documents(path):
+            text = d["text"]
+            name = d.get("origin") or os.path.basename(path)  # cleaned JSONL remembers each document's source
+            nbytes = len(text.encode("utf-8"))
+            if _unit(text, cfg.seed, "heldout") < 1 / cfg.heldout_every:
+                if held_bytes.get(name, 0) < cfg.heldout_max_bytes:
+                    heldout.setdefault(name, []).append(text)
+                    held_bytes[name] = held_bytes.get(name, 0) + nbytes
+                continue
+            if fed >= cfg.max_bytes or _unit(text, cfg.seed, "sample") >= keep:
+                stats["skipped_bytes"] += nbytes
+                continue
+            fed += nbytes
+            stats["fed_bytes"] = fed
+            stats["fed_docs"] += 1
+            yield split_han_runs(text, cfg.han_piece_chars)
+
+
+# -----------------------------------------------------------------------------
+# building, training and saving
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())  # no unk: byte-level covers every byte, so any string encodes
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # No normalizer (Qwen2 has NFC): decode(encode(x)) must give back x byte for byte, NFC or not.
+    return tok
+
+
+def wrap(tok):
+    """The transformers view: special tokens named, chat template stored, so AutoTokenizer needs no extra code."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2's byte -> printable character table, which ByteLevel uses; index = byte value
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def single_cjk_entries(vocab: dict) -> int:
+    """Vocabulary entries that decode to exactly one Han character."""
+    dec = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    n = 0
+    for token in vocab:
+        if token in SPECIAL_TOKENS or any(c not in dec for c in token):
+            continue
+        try:
+            s = bytes(dec[c] for c in token).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        n += len(s) == 1 and is_cjk(s)
+    return n
+
+
+def compression(tok, texts: list[str]) -> dict:
+    """Characters, Han characters and bytes per token over a list of documents."""
+    ids = tok.encode_batch(texts, add_special_tokens=False)
+    tokens = sum(len(e.ids) for e in ids)
+    chars = sum(len(t) for t in texts)
+    cjk = sum(count_cjk(t) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"docs": len(texts), "chars": chars, "cjk_chars": cjk, "tokens": tokens,
+            "chars_per_token": round(chars / max(tokens, 1), 3), "cjk_chars_per_token": round(cjk / max(tokens, 1), 3),
+            "bytes_per_token": round(nbytes / max(tokens, 1), 3)}
+
+
+def _split_paths(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def run(cfg: Config) -> dict:
+    from tokenizers import trainers
+
+    paths = _split_paths(cfg.data_path)
+    if not paths:
+        raise ValueError("data_path is empty: give one or more comma-separated text files")
+    for p in paths + _split_paths(cfg.eval_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: no such file (data_path/eval_path)")
+    if cfg.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is too small: the byte alphabet alone needs 260 entries")
+    t0 = time.time()
+    tok = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=_bytes_to_unicode(), show_progress=False)
+    heldout: dict = {}
+    stats = {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}
+    tok.train_from_iterator(split_documents(cfg, paths, heldout, stats), trainer=trainer)
+    train_s = time.time() - t0
+    if stats["fed_docs"] == 0:
+        raise ValueError(f"no training text in {cfg.data_path} (all documents held out or empty)")
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i, f"special token {name} got id {tok.token_to_id(name)}, expected {i}"
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    fast = wrap(tok)
+    fast.save_pretrained(cfg.out_dir)
+
+    for p in _split_paths(cfg.eval_path):  # files never seen in training
+        held, size = [], 0
+        for d in iter_documents(p):
+            held.append(d["text"])
+            size += len(d["text"].encode("utf-8"))
+            if size >= cfg.heldout_max_bytes:
+                break
+        heldout["eval:" + os.path.basename(p)] = held
+    report = {
+        "vocab_size": tok.get_vocab_size(), "single_cjk_tokens": single_cjk_entries(tok.get_vocab()),
+        "train_seconds": round(train_s, 1), "fed_bytes": stats["fed_bytes"], "fed_docs": stats["fed_docs"],
+        "skipped_bytes": stats["skipped_bytes"], "heldout": {k: compression(tok, v) for k, v in heldout.items() if v},
+        "config": asdict(cfg),
+    }
+    with open(os.path.join(cfg.out_dir, "tokenizer_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False, indent=1)
+    print(f"tokenizer: vocab {report['vocab_size']} | {report['single_cjk_tokens']} single-CJK tokens | trained on "
+          f"{stats['fed_bytes'] / 1e6:.1f} MB in {train_s:.1f}s -> {cfg.out_dir}")
+    for name, r in report["heldout"].items():
+        print(f"  held-out {name:48s} {r['chars']:>9,} chars | {r['chars_per_token']:.3f} chars/tok | "
+              f"{r['cjk_chars_per_token']:.3f} CJK/tok | {r['bytes_per_token']:.2f} bytes/tok")
+    return report
