@@ -111,16 +111,15 @@ class SLMAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T_past + T, hd), or the static cache length
-        if self.num_kv_groups > 1:
-            # Expand kv heads to match q heads: a view plus one copy, which keeps SDPA on its flash kernel.
-            k = k[:, :, None].expand(-1, -1, self.num_kv_groups, -1, -1).flatten(1, 2)
-            v = v[:, :, None].expand(-1, -1, self.num_kv_groups, -1, -1).flatten(1, 2)
         dropout = self.attention_dropout if self.training else 0.0
+        # enable_gqa lets each kv head serve its group of query heads inside the kernel, without copying k and v
+        # num_kv_groups times (a copy of the whole cache per decode step otherwise).
+        gqa = self.num_kv_groups > 1
         if attention_mask is None:
             # Training and plain prefill: the causal kernel needs no mask tensor at all.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)
 

@@ -1,0 +1,427 @@
+"""
+Chat data for SFT, LoRA and the later preference/RL stages: read, check, tokenize, truncate, pack, batch.
+
+    from dataset.chat_data import load_conversations, tokenize_conversations, ChatDataset, collate_chat
+    convs, stats = load_conversations(["a.jsonl", "b.json.gz"], placeholders={"name": "Milli-Chat"})
+    samples = tokenize_conversations(convs, tokenizer, seq_len=512, stats=stats)
+    dataset = ChatDataset(samples, seq_len=512, pack=True)      # dataset[i] -> one (packed) sequence
+    batch = collate_chat([dataset[0], dataset[1]], pad_id=tokenizer.pad_token_id)
+
+Formats, detected per file from its first record (a record of another shape in the same file is malformed; a
+first record of no known format stops the run whatever on_bad says, as the whole file would be lost):
+    conversations  {"conversations" | "messages": [{"role": "system|user|assistant", "content": ...}]}  (MiniMind)
+    sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}
+    alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+A file is JSON Lines or one JSON array (whatever its extension says), optionally gzipped (.gz).
+
+Labels: the tokenizer's chat template (trainer/train_tokenizer.py) wraps each assistant reply and its
+<|im_end|> in {% generation %}, so return_assistant_tokens_mask marks exactly the tokens to learn; every
+other label is -100. All assistant turns of a multi-turn conversation are learned.
+
+Truncation (a conversation longer than seq_len tokens):
+    turns   (default) keep the longest prefix that ends right after a whole assistant turn (its <|im_end|>):
+            the sample stays a well-formed conversation and the model never learns to stop mid-reply.
+    tokens  cut at seq_len tokens; the last reply may lose its end and its <|im_end|>.
+Either way a sample left without any trainable token is dropped and counted ("too long"), never kept.
+
+Packing (pack=True): conversations are put into seq_len bins by best-fit decreasing. position_ids restart at
+0 for each conversation and collate_chat builds a block-diagonal causal (B, 1, T, T) boolean mask, so no token
+attends across a conversation boundary: a packed conversation gets the same logits as alone. SDPA runs such
+a mask on its memory-efficient kernel (not flash, which takes no arbitrary mask); the saved padding usually
+more than pays for it. Unpacked batches are right-padded and need no mask at all: under the causal rule a
+real token only sees earlier tokens, which are all real, and padded positions carry label -100.
+
+Bad records (malformed JSON or shape, unknown role, empty conversation, a system turn not first, an empty
+assistant reply, an unfilled {{placeholder}}, and, when required, a last turn that is not the assistant's)
+raise BadRecord naming file:line with on_bad="error", or are skipped and counted with on_bad="skip". The
+data is never changed silently: the only rewrites are the configured placeholders and system prompt.
+"""
+
+import bisect
+import glob
+import gzip
+import json
+import os
+import re
+from collections import Counter
+
+import numpy as np
+import torch
+
+IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
+
+# ShareGPT speaker names -> chat roles. Anything else is an unknown role (a bad record).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+# Identity data writes {{name}}; code in answers writes {{ item.name }} with spaces or dots, which is not matched.
+PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used as it is; the message starts with file:line."""
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+        self.where, self.reason = where, reason
+
+
+# -----------------------------------------------------------------------------
+# Reading files: records with their line numbers
+
+
+def expand_paths(paths: str | list[str]) -> list[str]:
+    """'a.jsonl,dir/*.json' -> sorted existing files; a pattern or file that matches nothing is an error."""
+    items = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else list(paths)
+    files = []
+    for item in [p for p in items if p]:
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise FileNotFoundError(f"data file '{item}' does not exist")
+        files.extend(matches)
+    if not files:
+        raise ValueError("no data files given (data_path is empty)")
+    return files
+
+
+def _open_text(path: str):
+    # utf-8-sig drops a byte-order mark, which editors on Windows like to add.
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def iter_records(path: str):
+    """Yield (line, record) for a JSON Lines or JSON array file; a broken JSON line yields (line, BadRecord)."""
+    with _open_text(path) as f:
+        is_array = f.read(4096).lstrip().startswith("[")
+        f.seek(0)
+        if is_array:
+            yield from _array_records(f.read(), path)
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, BadRecord(f"{path}:{n}", "malformed", f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def _array_records(text: str, path: str):
+    """Walk a JSON array element by element (raw_decode), so each record keeps the line it starts on.
+    A syntax error inside an array cannot be skipped (nothing after it can be trusted), so it always raises."""
+    decoder = json.JSONDecoder()
+    space = re.compile(r"\s*")
+    pos = space.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    while pos < len(text) and text[pos] != "]":
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{path}:{e.lineno}", "malformed", f"invalid JSON: {e.msg}") from None
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line, record
+        pos = space.match(text, end).end()
+        if pos < len(text) and text[pos] == ",":
+            pos = space.match(text, pos + 1).end()
+        elif pos >= len(text) or text[pos] != "]":
+            raise BadRecord(f"{path}:{1 + text.count(chr(10), 0, pos)}", "malformed", "expected ',' or ']'")
+
+
+# -----------------------------------------------------------------------------
+# Formats -> a list of {"role", "content"} messages
+
+
+def detect_format(record, where: str) -> str:
+    if isinstance(record, dict):
+        turns = record.get("conversations", record.get("messages"))
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            if "from" in turns[0]:
+                return "sharegpt"
+            if "role" in turns[0]:
+                return "conversations"
+        if "instruction" in record and "output" in record:
+            return "alpaca"
+    keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+    raise BadRecord(where, "unknown format", f"got {keys}; expected conversations/messages with role/content, "
+                    f"ShareGPT from/value, or Alpaca instruction/input/output")
+
+
+def _text(value, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRecord(where, "malformed", f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def to_messages(record, fmt: str, where: str) -> list[dict]:
+    """One record of format `fmt` -> messages (roles mapped, nothing else changed)."""
+    if not isinstance(record, dict):
+        raise BadRecord(where, "malformed", f"a record is {type(record).__name__}, not an object")
+    if fmt == "alpaca":
+        if "instruction" not in record or "output" not in record:
+            raise BadRecord(where, "malformed", f"Alpaca record without instruction/output (keys {sorted(record)})")
+        messages = [{"role": "system", "content": _text(record["system"], where, "system")}] \
+            if record.get("system") else []
+        for pair in record.get("history") or []:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise BadRecord(where, "malformed", "history must hold [user, assistant] pairs")
+            messages += [{"role": "user", "content": _text(pair[0], where, "history")},
+                         {"role": "assistant", "content": _text(pair[1], where, "history")}]
+        prompt = _text(record["instruction"], where, "instruction")
+        extra = _text(record.get("input") or "", where, "input")
+        messages.append({"role": "user", "content": prompt + ("\n" + extra if extra else "")})
+        messages.append({"role": "assistant", "content": _text(record["output"], where, "output")})
+        return messages
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list):
+        raise BadRecord(where, "malformed", f"no conversations/messages list (keys {sorted(record)})")
+    messages = []
+    if fmt == "sharegpt" and record.get("system"):
+        messages.append({"role": "system", "content": _text(record["system"], where, "system")})
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise BadRecord(where, "malformed", "a turn is not an object")
+        if fmt == "sharegpt":
+            if "from" not in turn or "value" not in turn:
+                raise BadRecord(where, "malformed", f"ShareGPT turn without from/value (keys {sorted(turn)})")
+            role = SHAREGPT_ROLES.get(turn["from"])
+            if role is None:
+                raise BadRecord(where, "unknown role", repr(turn["from"]))
+            messages.append({"role": role, "content": _text(turn["value"], where, "value")})
+        else:
+            if "role" not in turn or "content" not in turn:
+                raise BadRecord(where, "malformed", f"turn without role/content (keys {sorted(turn)})")
+            if turn["role"] not in ROLES:
+                raise BadRecord(where, "unknown role", repr(turn["role"]))
+            messages.append({"role": turn["role"], "content": _text(turn["content"], where, "content")})
+    return messages
+
+
+def check_messages(messages: list[dict], where: str, require_assistant_last: bool = True) -> None:
+    if not messages or all(not m["content"].strip() for m in messages):
+        raise BadRecord(where, "empty conversation")
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise BadRecord(where, "system turn not first")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(where, "no assistant turn")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        raise BadRecord(where, "empty assistant turn")
+    if require_assistant_last and messages[-1]["role"] != "assistant":
+        raise BadRecord(where, "last turn not assistant", f"ends with a {messages[-1]['role']} turn")
+
+
+def fill_placeholders(messages: list[dict], values: dict, where: str) -> list[dict]:
+    """{{key}} -> values[key]; a placeholder with no value is a bad record (we never train on '{{name}}')."""
+    out = []
+    for m in messages:
+        missing = {k for k in PLACEHOLDER.findall(m["content"]) if k not in values}
+        if missing:
+            key = min(missing)
+            raise BadRecord(where, "unfilled placeholder", f"{{{{{key}}}}}; set placeholders={key}=...")
+        out.append({**m, "content": PLACEHOLDER.sub(lambda g: values[g.group(1)], m["content"])})
+    return out
+
+
+def parse_placeholders(spec: str) -> dict:
+    """'name=Milli-Chat,author=Milli team' -> {'name': 'Milli-Chat', 'author': 'Milli team'}."""
+    values = {}
+    for pair in [p for p in spec.split(",") if p.strip()]:
+        if "=" not in pair:
+            raise ValueError(f"placeholders: '{pair}' is not key=value")
+        key, value = pair.split("=", 1)
+        values[key.strip()] = value.strip()
+    return values
+
+
+def load_conversations(paths: str | list[str], placeholders: dict | None = None, system_prompt: str = "",
+                       on_bad: str = "error", require_assistant_last: bool = True, max_samples: int = 0,
+                       stats: Counter | None = None, log=print) -> tuple[list[list[dict]], Counter]:
+    """Read every file, normalise each record to messages and check it.
+
+    Returns (conversations, stats); stats counts read records, kept ones and each skip reason ("skip:<reason>").
+    system_prompt becomes the system turn of conversations that have none. max_samples > 0 keeps the first
+    max_samples usable conversations of each file (quick runs and tests)."""
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be error or skip, got '{on_bad}'")
+    stats = Counter() if stats is None else stats
+    placeholders = placeholders or {}
+    conversations = []
+    for path in expand_paths(paths):
+        fmt, kept, shown = None, 0, 0
+        for line, record in iter_records(path):
+            where = f"{path}:{line}"
+            stats["records"] += 1
+            if fmt is None and not isinstance(record, BadRecord):
+                fmt = detect_format(record, where)  # a file we cannot read at all is an error, never a skip
+            try:
+                if isinstance(record, BadRecord):
+                    raise record
+                messages = to_messages(record, fmt, where)
+                check_messages(messages, where, require_assistant_last)
+                messages = fill_placeholders(messages, placeholders, where)
+            except BadRecord as e:
+                if on_bad == "error":
+                    raise
+                stats[f"skip:{e.reason}"] += 1
+                if shown < 3:  # show a few per file so the cause is findable without flooding the log
+                    log(f"[data] skipped {e}")
+                    shown += 1
+                continue
+            if system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system_prompt}] + messages
+            conversations.append(messages)
+            kept += 1
+            if max_samples and kept >= max_samples:
+                break
+        log(f"[data] {path}: {kept:,} conversations ({fmt or 'no usable record'})")
+    stats["conversations"] = len(conversations)
+    return conversations, stats
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing: ids and labels, then the truncation policy
+
+
+def check_chat_template(tokenizer) -> None:
+    """The assistant mask needs {% generation %} in the template; without it every label would be -100."""
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    try:
+        out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    except Exception as e:
+        raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
+    if not any(out["assistant_masks"]):
+        raise ValueError("the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
+                         "around assistant content (trainer/train_tokenizer.py writes one)")
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (input_ids, labels) as int32 arrays; labels = ids on assistant tokens (+ <|im_end|>), else -100."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = np.asarray(out["input_ids"], dtype=np.int32)
+    labels = np.where(np.asarray(out["assistant_masks"], dtype=bool), ids, IGNORE).astype(np.int32)
+    return ids, labels
+
+
+def truncate(ids: np.ndarray, labels: np.ndarray, seq_len: int, policy: str = "turns"):
+    """Apply the truncation policy (see the module docstring); None when no trainable token would remain."""
+    if len(ids) <= seq_len:
+        return ids, labels
+    trained = labels != IGNORE
+    if policy == "turns":
+        # Ends of assistant spans: a trained token followed by an untrained one (or by the end).
+        ends = np.flatnonzero(trained & ~np.append(trained[1:], False)) + 1
+        fitting = ends[ends <= seq_len]
+        if len(fitting) == 0:
+            return None
+        cut = int(fitting[-1])
+    elif policy == "tokens":
+        cut = seq_len
+        if not trained[1:cut].any():  # position 0 is never a target (nothing comes before it)
+            return None
+    else:
+        raise ValueError(f"truncation must be turns or tokens, got '{policy}'")
+    return ids[:cut], labels[:cut]
+
+
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, seq_len: int, truncation: str = "turns",
+                           stats: Counter | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize and truncate; samples that end up with nothing to learn are dropped and counted."""
+    check_chat_template(tokenizer)
+    stats = Counter() if stats is None else stats
+    samples = []
+    for messages in conversations:
+        ids, labels = tokenize_conversation(tokenizer, messages)
+        kept = truncate(ids, labels, seq_len, truncation)
+        if kept is None:
+            stats["dropped:too long"] += 1
+            continue
+        if len(kept[0]) < len(ids):
+            stats["truncated"] += 1
+        samples.append(kept)
+    stats["samples"] = len(samples)
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# Dataset (optionally packed) and collation
+
+
+def pack_bins(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: each sample (longest first) goes into the open bin it fills most tightly.
+    Deterministic for given lengths; the batch order is shuffled later by IndexBatches. O(n log n) lookups."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, bin index), sorted: the tightest fit is a bisect away
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(room, (n, -1))
+        if k == len(room):
+            bins.append([i])
+            free, b = seq_len - n, len(bins) - 1
+        else:
+            free, b = room.pop(k)
+            bins[b].append(i)
+            free -= n
+        if free > 0:
+            bisect.insort(room, (free, b))
+    return bins
+
+
+class ChatDataset:
+    """dataset[i] -> {"input_ids", "labels", "position_ids", "seq_ids"} as int64 tensors (one sequence).
+
+    seq_ids numbers the conversations inside a packed sequence from 1 (0 is padding, added by collate_chat)."""
+
+    def __init__(self, samples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pack: bool = False):
+        self.samples = samples
+        lengths = [len(ids) for ids, _ in samples]
+        self.groups = pack_bins(lengths, seq_len) if pack else [[i] for i in range(len(samples))]
+        self.packed = pack
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict:
+        parts = [self.samples[j] for j in self.groups[i]]
+        ids = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        positions = np.concatenate([np.arange(len(p[0])) for p in parts])
+        seq_ids = np.concatenate([np.full(len(p[0]), k + 1) for k, p in enumerate(parts)])
+        return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
+                "labels": torch.from_numpy(labels.astype(np.int64)),
+                "position_ids": torch.from_numpy(positions.astype(np.int64)),
+                "seq_ids": torch.from_numpy(seq_ids.astype(np.int64))}
+
+    def fill_ratio(self, seq_len: int) -> float:
+        """Share of the seq_len slots that hold real tokens (1.0 = no padding at all)."""
+        return sum(len(s[0]) for s in self.samples) / max(1, len(self.groups) * seq_len)
+
+
+def collate_chat(items: list[dict], pad_id: int, pad_multiple: int = 8) -> dict:
+    """Right-pad a list of ChatDataset items into one micro-batch.
+
+    Unpacked rows get no attention mask (see the module docstring); rows holding several conversations get a
+    block-diagonal causal (B, 1, T, T) mask and per-conversation position_ids. T is the longest row rounded up to
+    pad_multiple, which keeps the number of distinct shapes small (torch.compile, cuBLAS)."""
+    longest = max(len(it["input_ids"]) for it in items)
+    T = -(-longest // pad_multiple) * pad_multiple
+    B = len(items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    seq_ids = torch.zeros((B, T), dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[b, :n], labels[b, :n] = it["input_ids"], it["labels"]
+        position_ids[b, :n], seq_ids[b, :n] = it["position_ids"], it["seq_ids"]
+    batch = {"input_ids": input_ids, "labels": labels, "num_tokens": int((seq_ids > 0).sum())}
+    if bool((seq_ids.max(dim=1).values > 1).any()):
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = seq_ids[:, :, None] == seq_ids[:, None, :]  # (B, T, T): query and key in one conversation
+        mask = same & causal & (seq_ids[:, None, :] > 0)
+        # A padding row would see nothing, and SDPA turns an all-False row into NaN: let it see itself.
+        mask |= torch.eye(T, dtype=torch.bool)
+        batch["attention_mask"] = mask[:, None]  # (B, 1, T, T), True = may attend
+        batch["position_ids"] = position_ids
+    return batch

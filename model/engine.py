@@ -1,0 +1,432 @@
+"""
+The one generation path of Milli-Chat: prefill, then token-by-token decode on a preallocated KV cache.
+
+Chat (scripts/chat_terminal.py), the API server (scripts/serve_api.py), evaluation samples and the PPO/GRPO
+rollouts all call this Engine, so that a fix or a speed-up here reaches every user.
+
+    from model.engine import Engine
+    engine = Engine.from_pretrained("out/sft/run1/final")               # or adapter="out/lora/run1/final"
+    ids = engine.generate([engine.encode("你好")], max_new_tokens=32)   # new token ids only
+    for piece in engine.chat_stream([{"role": "user", "content": "你好"}], temperature=0.7):
+        print(piece, end="", flush=True)                                # always whole UTF-8 characters
+
+Works with any causal LM whose forward takes (input_ids, attention_mask (4-D bool), position_ids, cache,
+logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and transformers' LlamaForCausalLM
+(an exported Llama folder) both do.
+"""
+
+import json
+import os
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Static KV cache
+
+
+class StaticKVCache:
+    """Preallocated (B, n_kv, max_len, hd) key/value buffers, one pair per layer.
+
+    It speaks the part of transformers' Cache protocol the models call: update(), get_seq_length(),
+    get_mask_sizes(). update() returns a view of the filled slots only, so attention never runs over the empty
+    tail (cheaper than transformers' StaticCache, which attends over max_len and masks the rest) and nothing is
+    ever copied or reallocated as the sequence grows. It is not a transformers Cache subclass on purpose: the
+    mask helpers then treat it as a plain object and use the 4-D mask we pass."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        # torch.empty, not zeros: only slots < seq_len are ever read back.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_layers = num_layers
+        self.max_len = max_len
+        self.seq_len = 0  # slots filled by finished forward passes
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, **kwargs):
+        start, end = self.seq_len, self.seq_len + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        if layer_idx == self.num_layers - 1:
+            self.seq_len = end  # the last layer has written: the step is complete
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, q_len: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seq_len + q_len, 0
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). Same order as transformers: repetition penalty, temperature, top-k, top-p.
+
+    seen (B, V) bool marks the tokens already in each row (prompt and output) for the repetition penalty (CTRL's:
+    divide positive logits, multiply negative ones, so a seen token always gets less likely)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first token is always kept.
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Text: incremental detokenisation that never splits a character
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that are always complete UTF-8.
+
+    Byte-level BPE can split one Chinese character (3 bytes) or emoji (4 bytes) over several tokens; decoding such
+    a prefix gives U+FFFD. We decode a short window (the last emitted chunk plus the new tokens, as TGI does) and
+    emit only once the window no longer ends in U+FFFD, so the cost per token stays constant."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window: the previously emitted chunk, decoded again for context
+        self.read = 0  # everything before this index has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """The held-back tail at the end of generation (an unfinished character stays U+FFFD)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
+
+
+def held_back(text: str, stop_strings: list[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string (not to be shown yet)."""
+    best = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class TextStream:
+    """What Engine.stream() returns: iterate it for text pieces; its fields fill in as generation runs.
+
+    close() stops generation early (a client disconnected, Ctrl-C) and frees the cache."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self.token_ids: list[int] = []  # new ids, the stop token included
+        self.text = ""  # everything yielded so far
+        self.finish_reason: str | None = None  # "stop" (end of turn, EOS or stop string) or "length"
+        self.ttft_s: float | None = None  # time to first token (prefill + first sample)
+        self.elapsed_s = 0.0
+        self._gen = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time after the first (prefill excluded)."""
+        decode_time = self.elapsed_s - (self.ttft_s or 0.0)
+        return (len(self.token_ids) - 1) / decode_time if len(self.token_ids) > 1 and decode_time > 0 else 0.0
+
+    def __iter__(self):
+        return self._gen
+
+    def close(self):
+        self._gen.close()
+
+
+# -----------------------------------------------------------------------------
+# Engine
+
+
+class Engine:
+    """Batched KV-cache generation for one model and its tokenizer.
+
+    generate() works on token ids (rollouts, evaluation); stream()/chat_stream() yield text (chat, server). The
+    model may be in train mode: it is switched to eval for the call and restored, and no autograd graph is built."""
+
+    def __init__(self, model, tokenizer, device=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        cfg = model.config
+        self.max_context = cfg.max_position_embeddings  # prompt + answer must fit in what the model was trained on
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Default stops: EOS and the end-of-turn token, so base models and chat models both end cleanly.
+        stops = {tokenizer.eos_token_id}
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+            stops.add(end_of_turn)
+        eos = cfg.eos_token_id
+        stops.update(eos if isinstance(eos, list) else [eos])
+        self.stop_token_ids = sorted(i for i in stops if i is not None)
+
+    @classmethod
+    def from_pretrained(cls, path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+                        quantize: str = "none"):
+        """Load a checkpoint directory (save_pretrained output, or an exported Llama folder) and its tokenizer.
+
+        adapter: a PEFT-format LoRA directory, merged into the base weights at load (no LoRA cost per token).
+        quantize: "none" | "int8" | "int4" weight-only quantization of the linear layers (model/quantize.py).
+        A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import model as _registers_slm  # noqa: F401  importing the package registers the slm model type
+        from model.lora_utils import merge_lora_weights
+        from model.quantize import quantize_model
+
+        if adapter is None and not os.path.isfile(os.path.join(path, "config.json")) and \
+                os.path.isfile(os.path.join(path, "adapter_config.json")):
+            with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+                path, adapter = json.load(f)["base_model_name_or_path"], path
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            # bf16 halves memory traffic on GPUs; CPUs are fastest (and exact) in fp32.
+            cuda_bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+            dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if adapter is not None:
+            merge_lora_weights(model, adapter)
+        # Weight-only int8/int4 (model/quantize.py), after any LoRA merge so the adapter is quantized with its base.
+        quantize_model(model, quantize)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model.to(device).eval(), tokenizer, device=device)
+
+    # --- ids in, ids out --------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> list[list[int]]:
+        """Generate for a batch of prompts (token id lists of any lengths; left-padded internally).
+
+        Returns the new ids of each prompt. A row ends at its first stop token (included in the output, so RL
+        sees the model choose to stop), at the token that completes a stop string (included), or after
+        max_new_tokens (fewer if the context window is reached). stop_token_ids=None means EOS + end of turn;
+        pass [] to never stop early. temperature 0 is greedy; seed makes sampling reproducible."""
+        out = [[] for _ in prompts]
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                                stop_token_ids, stop_strings):
+            for row, token in step:
+                out[row].append(token)
+        return out
+
+    # --- text out, streamed -----------------------------------------------------------------------------
+
+    def stream(self, prompt: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> TextStream:
+        """Generate for one prompt and return a TextStream of text pieces: complete UTF-8 characters only, and
+        never a part of a stop string (the stop string itself and stop tokens are not shown)."""
+        result = TextStream(len(prompt))
+        steps = self._steps([prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                            stop_token_ids, stop_strings, text_stops=False)
+        result._gen = self._stream_text(steps, result, stop_token_ids, list(stop_strings or []))
+        return result
+
+    def _stream_text(self, steps, result: TextStream, stop_token_ids, stop_strings: list[str]):
+        stop_ids = set(self.stop_token_ids if stop_token_ids is None else stop_token_ids)
+        decoder = IncrementalDecoder(self.tokenizer)
+        t0 = time.perf_counter()
+        text, shown = "", 0  # text decoded so far; how much of it has been yielded
+        result.finish_reason = "length"
+        try:
+            for step in steps:
+                (_, token), = step
+                result.token_ids.append(token)
+                now = time.perf_counter()
+                result.ttft_s = now - t0 if result.ttft_s is None else result.ttft_s
+                result.elapsed_s = now - t0
+                if token in stop_ids:
+                    result.finish_reason = "stop"
+                    break
+                text += decoder.push(token)
+                hit = min((i for i in (text.find(s, max(0, shown - len(s))) for s in stop_strings) if i >= 0),
+                          default=-1)
+                if hit >= 0:
+                    text = text[:hit]
+                    result.finish_reason = "stop"
+                    break
+                end = len(text) - held_back(text, stop_strings)
+                if end > shown:
+                    result.text += text[shown:end]
+                    yield text[shown:end]
+                    shown = end
+            if result.finish_reason == "length":
+                text += decoder.flush()
+            if len(text) > shown:
+                result.text += text[shown:]
+                yield text[shown:]
+        finally:
+            steps.close()  # frees the cache at once, also when the consumer stops early
+            result.elapsed_s = time.perf_counter() - t0
+
+    # --- chat -------------------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int = 256) -> list[int]:
+        """Render messages with the tokenizer's chat template (plus the assistant header) as token ids.
+
+        When prompt + max_new_tokens exceed the context window, the oldest turns are dropped, never the system
+        prompt nor the last message. Raises ValueError when even that does not leave room for one new token."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = list(messages[len(system):])
+        while True:
+            text = self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
+            ids = self.encode(text)
+            if len(ids) + max_new_tokens <= self.max_context or len(turns) <= 1:
+                break
+            turns.pop(0)
+            while len(turns) > 1 and turns[0]["role"] == "assistant":
+                turns.pop(0)  # a conversation restarts on a user turn
+        if len(ids) >= self.max_context:
+            raise ValueError(f"prompt is {len(ids)} tokens, the context window is {self.max_context}")
+        return ids
+
+    def chat_stream(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> TextStream:
+        return self.stream(self.chat_prompt(messages, max_new_tokens), max_new_tokens=max_new_tokens, **sampling)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
+        return "".join(self.chat_stream(messages, max_new_tokens, **sampling))
+
+    # --- the decode loop --------------------------------------------------------------------------------
+
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_token_ids,
+               stop_strings, text_stops=True):
+        """Generator: after each forward, yields [(row, token)] for the rows still running.
+
+        Grad mode is set inside each step, never across a yield, so the caller's autograd state is untouched."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_context:
+            raise ValueError(f"prompt is {longest} tokens, the context window is {self.max_context}")
+        max_new = min(max_new_tokens, self.max_context - longest)
+        if max_new <= 0:
+            return
+        stop_ids = self.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
+        stop_strings = list(stop_strings or []) if text_stops else []
+        decoders = [IncrementalDecoder(self.tokenizer) for _ in prompts] if stop_strings else None
+        texts = ["" for _ in prompts]
+        was_training = self.model.training
+        self.model.eval()  # no dropout in rollouts; restored below
+        try:
+            with torch.inference_mode():
+                state = self._prefill(prompts, longest + max_new, repetition_penalty, seed)
+                tokens = self._sample(state, temperature, top_k, top_p, repetition_penalty)
+            running = list(range(len(prompts)))
+            for n in range(max_new):
+                step = [(row, tokens[row]) for row in running]
+                yield step
+                still = []
+                for row, token in step:
+                    if token in stop_ids:
+                        continue
+                    if decoders is not None:
+                        texts[row] = (texts[row] + decoders[row].push(token))[-4 * max(map(len, stop_strings)):]
+                        if any(s in texts[row] for s in stop_strings):
+                            continue
+                    still.append(row)
+                running = still
+                if not running or n == max_new - 1:
+                    break
+                with torch.inference_mode():
+                    tokens = self._decode_step(state, tokens, temperature, top_k, top_p, repetition_penalty)
+        finally:
+            self.model.train(was_training)
+
+    def _prefill(self, prompts, total_len: int, repetition_penalty: float, seed: int | None) -> dict:
+        B, P = len(prompts), max(len(p) for p in prompts)
+        dev = self.device
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        keep = torch.zeros((B, total_len), dtype=torch.bool)  # True = a real token in that cache slot
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding: every row ends at slot P-1
+            keep[i, P - len(p):] = True
+        keep[:, P:] = True  # generated slots are all real
+        ids, keep = ids.to(dev), keep.to(dev)
+        # Positions count real tokens only, as transformers does, so a padded row sees the same RoPE phases.
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (B, total_len)
+        dtype = next(self.model.parameters()).dtype
+        cache = StaticKVCache(self.num_layers, B, self.num_kv_heads, total_len, self.head_dim, dtype, dev)
+        # (B, 1, P, P) bool mask: causal and not padding; each slot sees itself so no row is all-False (NaN).
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        mask = (causal[None] & keep[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions[:, :P],
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=dev)
+            seen.scatter_(1, ids, keep[:, :P])  # pad slots scatter False, so padding is not penalised
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(seed)
+        return {"cache": cache, "keep": keep, "positions": positions, "logits": logits, "seen": seen,
+                "generator": generator}
+
+    def _sample(self, state, temperature, top_k, top_p, repetition_penalty) -> list[int]:
+        nxt = sample_next(state["logits"], state["seen"], temperature, top_k, top_p, repetition_penalty,
+                          state["generator"])
+        if state["seen"] is not None:
+            state["seen"].scatter_(1, nxt[:, None], True)
+        state["next"] = nxt
+        return nxt.tolist()
+
+    def _decode_step(self, state, tokens, temperature, top_k, top_p, repetition_penalty) -> list[int]:
+        cache = state["cache"]
+        t = cache.seq_len  # the slot this token goes to
+        # Finished rows keep decoding (their output is ignored): cheaper than reshaping the batch and cache.
+        mask = state["keep"][:, None, None, :t + 1]  # (B, 1, 1, t+1): the query sees every real slot so far
+        state["logits"] = self.model(input_ids=state["next"][:, None], attention_mask=mask,
+                                     position_ids=state["positions"][:, t:t + 1], cache=cache, use_cache=True,
+                                     logits_to_keep=1).logits[:, -1]
+        return self._sample(state, temperature, top_k, top_p, repetition_penalty)
+
+
+__all__ = ["Engine", "StaticKVCache", "IncrementalDecoder", "TextStream", "sample_next"]

@@ -1,0 +1,58 @@
+"""
+Merge a PEFT-format LoRA adapter (the lora stage's final/ or step_*/) into its base model: a plain full model.
+
+    python scripts/merge_lora.py --model out/pretrain/final --adapter out/lora/final --out out/lora_merged
+    python scripts/merge_lora.py --adapter out/lora/final --out out/lora_merged   # base from adapter_config.json
+
+W += (lora_alpha / r) * B @ A in fp32 for every adapted layer (model/lora_utils.merge_lora_weights), then the
+weights are saved in the base checkpoint's dtype with its config and the tokenizer. The result is an ordinary
+checkpoint: init_from of the next stage, Engine.from_pretrained, scripts/export_llama.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run directly: repo root importable
+
+import argparse
+import json
+
+
+def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import model as _  # noqa: F401  (registers the slm type with the Auto classes)
+    from model.lora_utils import merge_lora_weights
+
+    hf_logging.disable_progress_bar()
+    if not model_dir:
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+            model_dir = json.load(f)["base_model_name_or_path"]
+    # Merge in fp32 (a bf16 add would round the small update away), then save in the base's own dtype.
+    dtype = AutoConfig.from_pretrained(model_dir).dtype or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    n = merge_lora_weights(merged, adapter_dir)
+    merged.to(dtype).save_pretrained(out_dir)
+    # The adapter dir carries the tokenizer it was trained with; fall back to the base model's.
+    tok_dir = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer.json")) else model_dir
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out_dir)
+    print(f"merged {n} LoRA layers of {adapter_dir} into {model_dir} -> {out_dir} "
+          f"({str(dtype).removeprefix('torch.')})")
+    return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Merge a PEFT-format LoRA adapter into its base model.")
+    parser.add_argument("--model", default="", help="base model dir (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--adapter", required=True, help="dir with adapter_config.json + adapter_model.safetensors")
+    parser.add_argument("--out", required=True, help="where to write the merged model")
+    args = parser.parse_args(argv)
+    merge(args.model, args.adapter, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

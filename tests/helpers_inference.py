@@ -1,0 +1,65 @@
+"""Test helpers for the inference tests: a tiny byte-level BPE chat tokenizer and a tiny random-weight checkpoint.
+
+The tokenizer has the project's special tokens at the project's ids (0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>,
+3 <|pad|>) and its ChatML template, so the engine, server and terminal tests need nothing from the tokenizer stage.
+"""
+
+import os
+import random
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+_ZH = "你好世界今天天气很好我们一起学习语言模型中文对话机器人谢谢再见"
+_EN = ["hello", "world", "model", "chat", "token", "the", "cache", "stream", "server"]
+
+# -----------------------------------------------------------------------------
+
+
+def mixed_lines(n: int = 300, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(_EN) if rng.random() < 0.5 else "".join(rng.sample(_ZH, rng.randint(1, 4)))
+                 for _ in range(rng.randint(3, 10))]
+        lines.append(" ".join(words))
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 450):
+    """A ByteLevel BPE fast tokenizer. Emoji never get merged at this size, so they stay split into byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(mixed_lines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, seed: int = 0, **overrides):
+    """The tiny preset with a wide init (std 0.2), so that random-weight greedy outputs are diverse."""
+    import torch
+
+    from model import SLMConfig, SLMForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = SLMConfig.from_preset("tiny", vocab_size=len(tokenizer), initializer_range=0.2, **overrides)
+    return SLMForCausalLM(cfg).eval()
+
+
+def save_checkpoint(model, tokenizer, out_dir: str) -> str:
+    """What the training stages write: save_pretrained of the model plus the tokenizer files."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,264 @@
+"""
+Chat data (dataset/chat_data.py): every format to messages, labels exactly on assistant spans, bad records,
+the truncation policy, and packing that keeps attention inside each conversation.
+
+    python -m pytest tests/test_chat_data.py
+"""
+
+import gzip
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.chat_data import (
+    IGNORE,
+    BadRecord,
+    ChatDataset,
+    collate_chat,
+    load_conversations,
+    pack_bins,
+    tokenize_conversation,
+    tokenize_conversations,
+    truncate,
+)
+
+SYSTEM = "你是一个乐于助人的助手。"
+SINGLE = [{"role": "user", "content": "中国的首都是哪里？"},
+          {"role": "assistant", "content": "北京是中国的首都。"}]
+MULTI = [{"role": "system", "content": SYSTEM},
+         {"role": "user", "content": "春眠不觉晓的下一句？"},
+         {"role": "assistant", "content": "处处闻啼鸟。"},
+         {"role": "user", "content": "hello world"},
+         {"role": "assistant", "content": "天气很好，我们去公园散步吧。"}]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+# -----------------------------------------------------------------------------
+# writers: the same conversation in each on-disk format
+
+
+def as_conversations(msgs):
+    return {"conversations": msgs}
+
+
+def as_messages(msgs):
+    return {"messages": msgs}
+
+
+def as_sharegpt(msgs):
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]}
+
+
+def as_alpaca(msgs):
+    system = [m["content"] for m in msgs if m["role"] == "system"]
+    turns = [m["content"] for m in msgs if m["role"] != "system"]
+    pairs = [turns[i:i + 2] for i in range(0, len(turns) - 2, 2)]
+    record = {"instruction": turns[-2], "input": "", "output": turns[-1]}
+    if pairs:
+        record["history"] = pairs
+    if system:
+        record["system"] = system[0]
+    return record
+
+
+def write(path, records, array=False):
+    text = json.dumps(records, ensure_ascii=False, indent=2) if array else \
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+FORMATS = {"conversations": (as_conversations, "jsonl", False), "messages": (as_messages, "jsonl", False),
+           "sharegpt": (as_sharegpt, "jsonl", False), "alpaca_json": (as_alpaca, "json", True),
+           "alpaca_jsonl": (as_alpaca, "jsonl", False)}
+
+
+def assert_labels_cover_assistant(tok, messages, ids, labels):
+    """Labels hold exactly the assistant replies and their <|im_end|>, in order; -100 everywhere else."""
+    assert list(ids) == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    trained = labels != IGNORE
+    assert np.array_equal(labels[trained], ids[trained])
+    runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(trained.astype(int))) + 1)
+    runs = [r for r in runs if trained[r[0]]]
+    replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    assert [tok.decode(ids[r]) for r in runs] == replies
+
+
+# -----------------------------------------------------------------------------
+# formats -> messages -> labels
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_format_gives_the_same_messages_and_labels(tok, tmp_path, fmt, gz):
+    convert, ext, array = FORMATS[fmt]
+    path = write(tmp_path / (f"data.{ext}" + (".gz" if gz else "")), [convert(SINGLE), convert(MULTI)], array)
+    convs, stats = load_conversations(path, log=lambda *a: None)
+    assert convs == [SINGLE, MULTI]
+    assert stats["conversations"] == 2 and not [k for k in stats if k.startswith("skip")]
+    for messages in convs:
+        ids, labels = tokenize_conversation(tok, messages)
+        assert_labels_cover_assistant(tok, messages, ids, labels)
+
+
+def test_alpaca_input_joins_the_instruction(tmp_path):
+    path = write(tmp_path / "a.json", [{"instruction": "翻译", "input": "hello world", "output": "你好世界"}], True)
+    convs, _ = load_conversations(path, log=lambda *a: None)
+    assert convs == [[{"role": "user", "content": "翻译\nhello world"}, {"role": "assistant", "content": "你好世界"}]]
+
+
+def test_system_prompt_only_where_none(tmp_path):
+    path = write(tmp_path / "c.jsonl", [as_conversations(SINGLE), as_conversations(MULTI)])
+    convs, _ = load_conversations(path, system_prompt="默认系统", log=lambda *a: None)
+    assert convs[0][0] == {"role": "system", "content": "默认系统"} and convs[0][1:] == SINGLE
+    assert convs[1] == MULTI
+
+
+def test_placeholders_are_filled_or_rejected(tmp_path):
+    path = write(tmp_path / "identity.json", [{"instruction": "你是谁？", "input": "", "output": "我是{{name}}，"
+                                                "由{{author}}开发。代码 {{ item.name }} 不是占位符。"}], True)
+    convs, _ = load_conversations(path, {"name": "Milli", "author": "团队"}, log=lambda *a: None)
+    assert convs[0][1]["content"] == "我是Milli，由团队开发。代码 {{ item.name }} 不是占位符。"
+    with pytest.raises(BadRecord, match=r"identity.json:2: unfilled placeholder .*author"):
+        load_conversations(path, {"name": "Milli"}, log=lambda *a: None)
+
+
+# -----------------------------------------------------------------------------
+# bad input: file and line, error or counted skip
+
+
+BAD_LINES = [
+    ('{"conversations": [{"role": "user", "content": "x"}', "malformed"),
+    ('{"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', "unknown role"),
+    ('{"conversations": []}', "empty conversation"),
+    (('{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+      '{"role": "user", "content": "z"}]}'), "last turn not assistant"),
+    (('{"conversations": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}, '
+      '{"role": "assistant", "content": "z"}]}'), "system turn not first"),
+    ('{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}',
+     "empty assistant turn"),
+    ('{"conversations": [{"from": "human", "value": "x"}]}', "malformed"),  # another format mid-file
+]
+
+
+@pytest.mark.parametrize("line,reason", BAD_LINES, ids=[r for _, r in BAD_LINES])
+def test_bad_record_names_file_and_line(tmp_path, line, reason):
+    good = json.dumps(as_conversations(SINGLE), ensure_ascii=False)
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")  # the bad record is on line 3
+    with pytest.raises(BadRecord, match=rf"bad.jsonl:3: {reason}"):
+        load_conversations(str(path), on_bad="error", log=lambda *a: None)
+    convs, stats = load_conversations(str(path), on_bad="skip", log=lambda *a: None)
+    assert len(convs) == 2 and stats[f"skip:{reason}"] == 1 and stats["records"] == 3
+
+
+def test_sharegpt_unknown_role_and_array_line_numbers(tmp_path):
+    records = [as_alpaca(SINGLE), {"instruction": "x", "input": "", "output": 5}]
+    path = write(tmp_path / "a.json", records, array=True)
+    starts = [n for n, text in enumerate((tmp_path / "a.json").read_text().splitlines(), 1) if text == "  {"]
+    line = starts[1]  # the line where the second record opens
+    with pytest.raises(BadRecord, match=rf"a.json:{line}: malformed .*output is int"):
+        load_conversations(path, log=lambda *a: None)
+    path = write(tmp_path / "s.jsonl", [as_sharegpt(SINGLE), {"conversations": [{"from": "bing", "value": "x"}]}])
+    with pytest.raises(BadRecord, match=r"s.jsonl:2: unknown role \('bing'\)"):
+        load_conversations(path, log=lambda *a: None)
+
+
+def test_unknown_format_stops_even_when_skipping(tmp_path):
+    path = write(tmp_path / "eval.jsonl", [{"question": "q", "std_answer": "a"}])
+    with pytest.raises(BadRecord, match=r"eval.jsonl:1: unknown format"):
+        load_conversations(path, on_bad="skip", log=lambda *a: None)
+
+
+# -----------------------------------------------------------------------------
+# truncation policy
+
+
+def test_truncation_keeps_whole_turns_or_cuts_tokens(tok):
+    ids, labels = tokenize_conversation(tok, MULTI)
+    first = tokenize_conversation(tok, MULTI[:3])[0]  # system + first exchange, ending "<|im_end|>\n"
+    end_first = len(first) - 1  # just after the first reply's <|im_end|>
+    seq_len = len(ids) - 3
+    kept_ids, kept_labels = truncate(ids, labels, seq_len, "turns")
+    assert len(kept_ids) == end_first and kept_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(kept_ids[kept_labels != IGNORE]) == "处处闻啼鸟。<|im_end|>"
+    cut_ids, cut_labels = truncate(ids, labels, seq_len, "tokens")
+    assert len(cut_ids) == seq_len and np.array_equal(cut_labels, labels[:seq_len])
+    # The first reply does not fit: turns drops the sample, tokens keeps what is left of the reply.
+    assert truncate(ids, labels, end_first - 2, "turns") is None
+    assert (truncate(ids, labels, end_first - 2, "tokens")[1] != IGNORE).sum() > 0
+    # Not even one reply token fits: dropped under both policies, and counted.
+    prompt_len = int(np.flatnonzero(labels != IGNORE)[0])
+    assert truncate(ids, labels, prompt_len, "tokens") is None
+    stats = Counter()
+    samples = tokenize_conversations([SINGLE, MULTI], tok, seq_len, "turns", stats)
+    assert len(samples) == 2 and stats["truncated"] == 1
+    samples = tokenize_conversations([SINGLE, MULTI], tok, prompt_len, "turns", stats)
+    assert stats["dropped:too long"] >= 1 and all((s[1] != IGNORE).any() for s in samples)
+
+
+# -----------------------------------------------------------------------------
+# packing
+
+
+def test_pack_bins_fit_and_cover_everything():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=500).tolist()
+    bins = pack_bins(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
+    assert len(bins) <= 1.1 * sum(lengths) / 128 + 1  # best fit wastes little
+
+
+def test_packed_batch_keeps_attention_inside_each_conversation(tok):
+    from model import SLMConfig, SLMForCausalLM
+
+    samples = tokenize_conversations([SINGLE, MULTI, SINGLE[:1] + [{"role": "assistant", "content": "好"}]],
+                                     tok, 512)
+    lengths = [len(s[0]) for s in samples]
+    data = ChatDataset(samples, seq_len=sum(lengths[:2]), pack=True)
+    assert len(data) == 2  # two fill one row exactly, the third gets its own
+    batch = collate_chat([data[0], data[1]], tok.pad_token_id)
+    T = batch["input_ids"].shape[1]
+    assert T % 8 == 0 and batch["num_tokens"] == sum(lengths)
+    mask = batch["attention_mask"][0, 0]
+    a, b = (lengths[1], lengths[0]) if data.groups[0][0] == 1 else (lengths[0], lengths[1])
+    assert torch.equal(batch["position_ids"][0, :a + b], torch.cat([torch.arange(a), torch.arange(b)]))
+    expect = torch.zeros(T, T, dtype=torch.bool)
+    expect[:a, :a] = torch.ones(a, a).tril().bool()
+    expect[a:a + b, a:a + b] = torch.ones(b, b).tril().bool()
+    expect[range(a + b, T), range(a + b, T)] = True  # padding sees itself only (an all-False row gives NaN)
+    assert torch.equal(mask, expect)
+    pad_rows = batch["attention_mask"][1, 0, lengths[2]:]
+    assert torch.equal(pad_rows.sum(-1), torch.ones(T - lengths[2], dtype=torch.long))  # padding sees itself only
+
+    # The packed row gives each conversation exactly the logits it gets alone.
+    torch.manual_seed(0)
+    model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok))).eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        for start, i in zip([0, a], data.groups[0]):
+            alone = model(input_ids=torch.tensor(samples[i][0], dtype=torch.long)[None]).logits[0]
+            torch.testing.assert_close(packed[0, start:start + len(alone)], alone, atol=1e-5, rtol=1e-4)
+        # Unpacked rows are right-padded and need no mask: real positions match too.
+        plain = collate_chat([ChatDataset(samples, 512)[i] for i in (0, 1)], tok.pad_token_id)
+        assert "attention_mask" not in plain
+        logits = model(input_ids=plain["input_ids"]).logits
+        alone = model(input_ids=plain["input_ids"][:1, :lengths[0]]).logits[0]
+        torch.testing.assert_close(logits[0, :lengths[0]], alone, atol=1e-5, rtol=1e-4)
+        assert (plain["labels"][0, lengths[0]:] == IGNORE).all()

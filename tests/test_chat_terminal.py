@@ -1,0 +1,55 @@
+"""Tests for scripts/chat_terminal.py: command handling and the chat loop driven in-process (no subprocess start-up).
+
+    python -m pytest tests/test_chat_terminal.py
+"""
+
+import pytest
+
+from model.engine import Engine
+from scripts.chat_terminal import ChatSession, chat_loop
+from tests.helpers_inference import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tok = build_tokenizer()
+    return Engine(build_model(tok), tok)
+
+
+def run(session, lines):
+    """Feed lines as if typed; returns everything written."""
+    out = []
+    feed = iter(lines)
+
+    def read(prompt):
+        out.append(prompt)
+        return next(feed)  # StopIteration never happens: the last line is /exit
+
+    chat_loop(session, read=read, write=lambda *a, end="\n", flush=False: out.append("".join(map(str, a)) + end))
+    return "".join(out)
+
+
+def test_commands_and_history(engine):
+    session = ChatSession(engine, max_new_tokens=5, temperature=0.0)
+    text = run(session, ["你好", "hello", "/system 你是机器人", "今天", "/oops", "/reset", "/exit"])
+    assert "tokens/s" in text and "unknown command /oops" in text and "history cleared" in text
+    assert session.history == [] and session.system == "你是机器人"
+    session.reply("你好", write=lambda *a, **k: None)
+    assert [m["role"] for m in session.messages()] == ["system", "user", "assistant"]
+    # The answer in the history is what greedy generation gives for the same conversation.
+    assert session.history[-1]["content"] == engine.chat(session.messages()[:-1], max_new_tokens=5)
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(engine):
+    session = ChatSession(engine, max_new_tokens=100, temperature=0.0)
+    shown = []
+
+    def write(*a, end="\n", flush=False):
+        shown.append(a)
+        if len(shown) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the second piece is printed
+
+    session.reply("你好", write)
+    assert session.history[-1]["role"] == "assistant"
+    assert "(stopped)" in str(shown[-1])
+    assert run(session, ["/exit"])  # the loop still works afterwards

@@ -1,0 +1,274 @@
+"""Tests for model/engine.py and model/lora_utils.py on a tiny random-weight model (CPU, a few seconds).
+
+    python -m pytest tests/test_engine.py
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.engine import Engine, IncrementalDecoder, StaticKVCache
+from model.lora_utils import merge_lora_weights
+from tests.helpers_inference import build_model, build_tokenizer, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_model(tok)
+
+
+@pytest.fixture(scope="module")
+def engine(model, tok):
+    return Engine(model, tok)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [tok.encode("hello 你好 the model"), tok.encode("今天"), tok.encode("chat 学习语言 world token")]
+
+
+def hf_greedy(model, prompts, n, pad_id=3, **kwargs):
+    """transformers' generate() on a left-padded batch, new tokens only."""
+    L = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=pad_id, **kwargs)
+    return out[:, L:].tolist()
+
+
+# -----------------------------------------------------------------------------
+# A scripted model: emits a fixed token sequence, to test text handling independently of weights
+
+
+class ScriptedLM(torch.nn.Module):
+    """Whatever the prompt, the i-th generated token is script[i] (then EOS). Calls the cache like a real model."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.script, self.vocab_size = script, vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=256, num_hidden_layers=1, num_key_value_heads=1,
+                                      num_attention_heads=1, hidden_size=2, head_dim=2, eos_token_id=0)
+        self.prompt_len = None
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
+        B, T = input_ids.shape
+        if cache.get_seq_length() == 0:
+            self.prompt_len = T
+        step = cache.get_seq_length() + T - self.prompt_len  # index of the token to emit now
+        cache.update(torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2), 0)
+        logits = torch.zeros(B, 1, self.vocab_size)
+        logits[:, :, self.script[step] if step < len(self.script) else 0] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def scripted_engine(tok, text: str, end: list[int] = ()) -> tuple[Engine, list[int]]:
+    script = tok.encode(text) + list(end)
+    return Engine(ScriptedLM(script, len(tok)), tok, device="cpu"), script
+
+
+# -----------------------------------------------------------------------------
+# Correctness against transformers and against a full re-forward
+
+
+def test_greedy_matches_transformers_batch1(engine, model, prompts):
+    for p in prompts:
+        assert engine.generate([p], max_new_tokens=16, stop_token_ids=[]) == hf_greedy(model, [p], 16)
+
+
+def test_greedy_matches_transformers_left_padded_batch(engine, model, prompts):
+    ours = engine.generate(prompts, max_new_tokens=16, stop_token_ids=[])
+    assert ours == hf_greedy(model, prompts, 16)
+    # Padding must not change a row: the batch equals each prompt alone.
+    assert ours == [engine.generate([p], max_new_tokens=16, stop_token_ids=[])[0] for p in prompts]
+
+
+def test_cache_decode_equals_full_reforward(model, prompts):
+    cfg = model.config
+    seq = list(prompts[0])
+    cache = StaticKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 64, cfg.head_dim, torch.float32, "cpu")
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]), cache=cache, use_cache=True).logits[:, -1]
+        for _ in range(12):
+            full = model(torch.tensor([seq])).logits[:, -1]  # no cache: attention over the whole sequence
+            torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+            seq.append(int(full.argmax()))
+            logits = model(torch.tensor([seq[-1:]]), cache=cache, use_cache=True).logits[:, -1]
+
+
+def test_repetition_penalty_matches_transformers(engine, model, prompts):
+    p = prompts[0]
+    ours = engine.generate([p], max_new_tokens=16, stop_token_ids=[], repetition_penalty=1.5)
+    assert ours == hf_greedy(model, [p], 16, repetition_penalty=1.5)
+    assert ours != engine.generate([p], max_new_tokens=16, stop_token_ids=[])
+
+
+def test_sampling_seed_reproducible(engine, prompts):
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, stop_token_ids=[])
+    a = engine.generate(prompts, seed=123, **kw)
+    assert a == engine.generate(prompts, seed=123, **kw)
+    assert a != engine.generate(prompts, seed=124, **kw)
+    greedy = engine.generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    assert engine.generate(prompts, seed=1, **{**kw, "top_k": 1}) == greedy  # top-k 1 is greedy
+    assert engine.generate(prompts, seed=1, **{**kw, "top_k": 0, "top_p": 1e-6}) == greedy  # so is a tiny top-p
+
+
+def test_train_mode_model_and_grads(model, tok, prompts):
+    """RL rollouts call generate on a model in train mode with autograd on: same tokens, mode restored."""
+    engine = Engine(model, tok)
+    expected = engine.generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    model.train()
+    try:
+        with torch.enable_grad():
+            assert engine.generate(prompts, max_new_tokens=8, stop_token_ids=[]) == expected
+            assert model.training and torch.is_grad_enabled()
+    finally:
+        model.eval()
+
+
+def test_max_new_tokens_and_context_window(engine, prompts):
+    assert len(engine.generate([prompts[0]], max_new_tokens=5, stop_token_ids=[])[0]) == 5
+    ctx = engine.max_context
+    long_prompt = prompts[0] * (ctx // len(prompts[0]) + 1)
+    out = engine.generate([long_prompt[:ctx - 3]], max_new_tokens=50, stop_token_ids=[])
+    assert len(out[0]) == 3  # clipped to the context window
+    with pytest.raises(ValueError):
+        engine.generate([long_prompt[:ctx]], max_new_tokens=1)
+
+
+# -----------------------------------------------------------------------------
+# Stops and streaming text
+
+
+def test_stop_token_ends_row(tok):
+    engine, script = scripted_engine(tok, "hello world", end=[2])  # 2 = <|im_end|>
+    out = engine.generate([tok.encode("hi"), tok.encode("a longer prompt")], max_new_tokens=30)
+    assert out == [script, script]  # the stop token is included, nothing after it
+    stream = engine.stream(tok.encode("hi"), max_new_tokens=30)
+    assert "".join(stream) == "hello world" and stream.finish_reason == "stop"
+
+
+def test_stop_strings(tok):
+    engine, script = scripted_engine(tok, "the model 你好世界 chat token")
+    out = engine.generate([tok.encode("hi")], max_new_tokens=30, stop_strings=["世界"])[0]
+    text = tok.decode(out)
+    assert text.endswith("世界") or "世界" in tok.decode(out[-2:])  # stops at the token completing it
+    assert "世界" not in tok.decode(out[:-1])
+    stream = engine.stream(tok.encode("hi"), max_new_tokens=30, stop_strings=["世界", "xyz"])
+    pieces = list(stream)
+    assert "".join(pieces) == "the model 你好" and stream.finish_reason == "stop"
+    short = engine.stream(tok.encode("hi"), max_new_tokens=3)
+    assert "".join(short) == tok.decode(script[:3]) and short.finish_reason == "length"
+
+
+def test_utf8_holdback_emoji_and_chinese(tok):
+    text = "好😀🎉 模型😀"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # the emoji really are split into byte tokens
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+    engine, _ = scripted_engine(tok, text)
+    pieces = list(engine.stream(tok.encode("hi"), max_new_tokens=len(ids) + 1))
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+
+# -----------------------------------------------------------------------------
+# Chat: template and context trimming
+
+
+def test_chat_prompt_trims_old_turns_keeps_system(tok, model):
+    engine = Engine(model, tok)
+    engine.max_context = 160
+    system = {"role": "system", "content": "你是机器人"}
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"hello world 今天 {i}"},
+                    {"role": "assistant", "content": f"谢谢 the model {i}"}]
+    messages = [system] + history + [{"role": "user", "content": "最后 last"}]
+    ids = engine.chat_prompt(messages, max_new_tokens=16)
+    assert len(ids) + 16 <= 160
+    text = tok.decode(ids)
+    # The system prompt is kept and the kept history restarts on a user turn.
+    assert text.startswith("<|im_start|>system\n你是机器人<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("<|im_start|>user\n最后 last<|im_end|>\n<|im_start|>assistant\n")
+    assert "今天 0" not in text and "今天 5" in text and "the model 5" in text  # oldest dropped, newest kept
+    with pytest.raises(ValueError):
+        engine.chat_prompt([system, {"role": "user", "content": "hello world " * 200}], max_new_tokens=16)
+    assert isinstance(engine.chat(messages, max_new_tokens=4), str)
+
+
+# -----------------------------------------------------------------------------
+# Loading: checkpoint directory, LoRA adapter, exported Llama folder
+
+
+def make_adapter(model, out_dir: str, r: int = 4, alpha: int = 8) -> dict:
+    """A hand-made PEFT-format adapter on q_proj and v_proj of every layer; returns the A/B tensors by module."""
+    torch.manual_seed(1)
+    tensors, by_module = {}, {}
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            A = torch.randn(r, module.in_features) * 0.1
+            B = torch.randn(module.out_features, r) * 0.1
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B
+            by_module[name] = (A, B)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"],
+                   "base_model_name_or_path": None}, f)
+    return by_module
+
+
+def test_lora_merge_equals_manual_merge(tok, model, prompts, tmp_path):
+    ckpt = save_checkpoint(model, tok, str(tmp_path / "base"))
+    adapter = make_adapter(model, str(tmp_path / "adapter"))
+    manual = build_model(tok)
+    manual.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, (A, B) in adapter.items():
+            manual.get_submodule(name).weight += (8 / 4) * B @ A
+    merged = build_model(tok)
+    merged.load_state_dict(model.state_dict())
+    assert merge_lora_weights(merged, str(tmp_path / "adapter")) == len(adapter) == 2 * model.config.num_hidden_layers
+    for (name, a), b in zip(manual.state_dict().items(), merged.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    loaded = Engine.from_pretrained(ckpt, adapter=str(tmp_path / "adapter"), device="cpu")
+    expected = Engine(manual, tok).generate(prompts, max_new_tokens=8, stop_token_ids=[])
+    assert loaded.generate(prompts, max_new_tokens=8, stop_token_ids=[]) == expected
+    assert expected != Engine(model, tok).generate(prompts, max_new_tokens=8, stop_token_ids=[])
+
+
+def test_checkpoint_and_llama_folder_load(tok, model, engine, prompts, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    expected = engine.generate(prompts, max_new_tokens=10, stop_token_ids=[])
+    ckpt = save_checkpoint(model, tok, str(tmp_path / "slm"))
+    assert Engine.from_pretrained(ckpt, device="cpu").generate(prompts, max_new_tokens=10, stop_token_ids=[]) \
+        == expected
+    # An exported Llama folder: the same weights under stock LlamaForCausalLM.
+    c = model.config
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True, eos_token_id=0, pad_token_id=3))
+    llama.load_state_dict(model.state_dict(), strict=False)
+    llama_dir = save_checkpoint(llama, tok, str(tmp_path / "llama"))
+    loaded = Engine.from_pretrained(llama_dir, device="cpu")
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert loaded.generate(prompts, max_new_tokens=10, stop_token_ids=[]) == expected

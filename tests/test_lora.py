@@ -1,0 +1,137 @@
+"""
+LoRA (trainer/lora.py): only adapter weights train, the base stays bit-identical, the adapter merges to the same
+logits (scripts/merge_lora.py), loads in peft with the same logits, resumes exactly, and runs on the real data.
+
+    python -m pytest tests/test_lora.py          # peft is a test-only dependency (pip install peft)
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import read_metrics
+from tests.test_sft import SHARED_SFT, write_chat_file
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    """A random tiny model (2 layers, GQA 4 q / 2 kv heads) + tokenizer, standing in for a pretrained final/."""
+    from transformers import AutoTokenizer
+
+    from model import SLMConfig, SLMForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base") / "final")
+    SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def lora_config(init_from: str, out_dir, data_path: str, **overrides):
+    from trainer.lora import Config
+
+    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
+            "batch_size": 4, "global_batch_size": 8, "lr": 1e-2, "warmup_steps": 0, "lr_schedule": "constant",
+            "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "val_samples": 0, "eval_every": 0,
+            "save_every": 2, "log_every": 20, "device": "cpu", "dtype": "fp32", "placeholders": "name=Milli-Chat",
+            "seed": 0}
+    return Config(**{**base, **overrides})
+
+
+def load_base(path: str):
+    from transformers import AutoModelForCausalLM
+
+    import model as _  # noqa: F401  (registers the slm type)
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    """4 LoRA steps straight, and 2 steps + resume to 4 in another dir (dropout on: the RNG must resume too)."""
+    from trainer.lora import run
+
+    root = tmp_path_factory.mktemp("lora")
+    data = write_chat_file(root / "chat.jsonl")
+    straight = run(lora_config(base_dir, root / "straight", data, max_steps=4))
+    run(lora_config(base_dir, root / "resumed", data, max_steps=2))
+    resumed = run(lora_config(base_dir, root / "resumed", data, max_steps=4))
+    return {"root": root, "straight": straight, "resumed": resumed}
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_only_adapters_train_and_the_base_is_untouched(base_dir, trained):
+    trainer = trained["straight"]
+    model = trainer.raw_model
+    lora = {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert len(lora) == 2 * len(TARGETS) * model.config.num_hidden_layers  # k/v included under GQA
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora)
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in lora.values()}
+    assert all(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)  # B left zero init: it trained
+    # Every base weight equals the checkpoint it came from, bit for bit.
+    base = load_file(str(Path(base_dir) / "model.safetensors"))
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+             if ".lora_" not in k}
+    assert set(base) <= set(state)
+    assert all(torch.equal(base[k], state[k]) for k in base)
+
+
+def test_adapter_is_saved_in_peft_format_and_resumes_exactly(trained):
+    root = trained["root"]
+    final = root / "straight" / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
+    weights = load_file(str(final / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in weights)
+    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight" in weights
+    assert not (final / "model.safetensors").exists() and (final / "tokenizer.json").is_file()
+    assert trained["resumed"].step == 4
+    resumed = load_file(str(root / "resumed" / "final" / "adapter_model.safetensors"))
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+    assert [r["loss"] for r in read_metrics(str(root / "straight"))][-1] == \
+        [r["loss"] for r in read_metrics(str(root / "resumed"))][-1]
+
+
+def test_merge_and_peft_give_our_logits(base_dir, trained, tmp_path):
+    peft = pytest.importorskip("peft")
+    from scripts.merge_lora import main as merge_main
+    from trainer.lora import load_adapter
+
+    adapter = str(trained["root"] / "straight" / "final")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]])
+    with torch.no_grad():
+        plain = load_base(base_dir)(input_ids=ids).logits
+        ours = load_adapter(load_base(base_dir), adapter).eval()(input_ids=ids).logits
+        assert not torch.allclose(plain, ours, atol=1e-3)  # the adapter does change the model
+        assert merge_main(["--model", base_dir, "--adapter", adapter, "--out", str(tmp_path / "merged")]) == 0
+        merged = load_base(str(tmp_path / "merged"))(input_ids=ids).logits
+        torch.testing.assert_close(merged, ours, atol=1e-5, rtol=1e-4)
+        theirs = peft.PeftModel.from_pretrained(load_base(base_dir), adapter).eval()(input_ids=ids).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_on_the_shared_real_data(base_dir, tmp_path):
+    if not SHARED_SFT.is_dir():
+        pytest.skip(f"shared SFT data not found at {SHARED_SFT}")
+    import main
+
+    files = ",".join(str(SHARED_SFT / f) for f in ("llamafactory_alpaca_zh_demo.json",
+                                                  "medicalgpt_sharegpt_zh_1K_format.jsonl",
+                                                  "llamafactory_identity.json"))
+    out = tmp_path / "lora_real"
+    rc = main.main(["--stage", "lora", "--config", "config/lora.yaml", f"init_from={base_dir}", f"data_path={files}",
+                    f"out_dir={out}", "max_samples=30", "seq_len=256", "batch_size=2", "global_batch_size=4",
+                    "max_steps=2", "val_samples=8", "eval_batches=2", "device=cpu", "log_every=1"])
+    assert rc == 0 and (out / "final" / "adapter_model.safetensors").is_file()
+    assert all(0 < r["loss"] < 20 for r in read_metrics(str(out)))

@@ -1,0 +1,93 @@
+"""
+Full-parameter supervised fine-tuning on chat data: the loss is on assistant tokens only.
+
+    python main.py --stage sft --config config/sft.yaml
+    python main.py --stage sft --config config/sft.yaml init_from=out/pretrain/final pack=true max_steps=500
+
+Starts from init_from (a pretraining final/ or step_*/ directory) and takes the architecture and tokenizer from
+it. Data formats, labels, truncation and packing are in dataset/chat_data.py. The loop, checkpoints
+(self-describing step_*/ dirs, final/) and exact resume (`resume=auto`) are the shared core's. Training and
+validation loss are the mean cross-entropy over assistant tokens (the reply and its <|im_end|>).
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from dataset.chat_data import ChatDataset, collate_chat, load_conversations, parse_placeholders, tokenize_conversations
+from trainer.core import IndexBatches, TrainConfig, Trainer, print0, run_trainer
+
+
+@dataclass
+class Config(TrainConfig):
+    init_from: str = "out/pretrain/final"  # the pretrained model (architecture and tokenizer come with it)
+    out_dir: str = "out/sft"
+    data_path: str = "dataset/sft/*.json*"  # chat files or glob patterns, comma-separated
+    max_steps: int = 2000
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    # --- chat data (dataset/chat_data.py) ---
+    system_prompt: str = ""  # system turn added to conversations that have none; "" = none
+    placeholders: str = "name=Milli-Chat,author=Milli-Chat"  # key=value pairs that fill {{key}} (identity data)
+    on_bad_record: str = "skip"  # skip (counted, first few printed) | error (stop at the first, naming file:line)
+    truncation: str = "turns"  # turns = keep whole turns up to seq_len | tokens = cut at seq_len
+    pack: bool = False  # pack several conversations per sequence (block-diagonal attention)
+    val_samples: int = 200  # conversations held out for validation loss; 0 = no validation
+    max_samples: int = 0  # usable conversations read per file; 0 = all (quick runs)
+
+
+class SFTTrainer(Trainer):
+    stage = "sft"
+
+    def build_data(self):
+        cfg = self.cfg
+        if not cfg.init_from:
+            print0(f"[{self.stage}] WARNING: init_from is empty: fine-tuning a randomly initialised model")
+        stats = Counter()
+        log = print0 if self.master else (lambda *a: None)
+        conversations, _ = load_conversations(cfg.data_path, parse_placeholders(cfg.placeholders), cfg.system_prompt,
+                                              cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=log)
+        samples = tokenize_conversations(conversations, self.tokenizer, cfg.seq_len, cfg.truncation, stats)
+        # The held-out split is drawn by seed, the same on every rank and on resume; at most 10% of the data.
+        order = np.random.default_rng(cfg.seed).permutation(len(samples))
+        n_val = min(cfg.val_samples, len(samples) // 10)
+        val = [samples[i] for i in order[:n_val]]
+        train = ChatDataset([samples[i] for i in order[n_val:]], cfg.seq_len, pack=cfg.pack)
+        pad_id = self.tokenizer.pad_token_id
+
+        def collate(items):
+            return collate_chat(items, pad_id)
+
+        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
+                                       cfg.seed, collate)
+        if val:
+            val_set = ChatDataset(val, cfg.seq_len)  # never packed: the loss is the same, the code simpler
+            rows = min(len(val_set), cfg.eval_batches * self.micro_batch)
+            self.val_batches = [collate([val_set[j] for j in range(i, min(i + self.micro_batch, rows))])
+                                for i in range(0, rows, self.micro_batch)]
+        trained = sum(int((lab != -100).sum()) for _, lab in train.samples)
+        tokens = sum(len(ids) for ids, _ in train.samples)
+        skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
+        print0(f"[{self.stage}] {stats['records']:,} records -> {len(train.samples):,} train + {len(val):,} val "
+               f"conversations | {tokens:,} tokens, {100 * trained / max(1, tokens):.0f}% of them trained | "
+               f"{skipped or 'nothing skipped'}")
+        if cfg.pack:
+            print0(f"[{self.stage}] packed into {len(train):,} sequences of <= {cfg.seq_len} tokens "
+                   f"({100 * train.fill_ratio(cfg.seq_len):.0f}% full)")
+        epochs = cfg.max_steps * self.global_batch / len(train)
+        print0(f"[{self.stage}] {cfg.max_steps} steps x {self.global_batch} sequences = {epochs:.2f} epochs")
+
+    def compute_loss(self, batch, num_items):
+        # attention_mask/position_ids are present only for packed rows (see collate_chat).
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         position_ids=batch.get("position_ids"), labels=batch["labels"],
+                         num_items_in_batch=num_items)
+        return out.loss, {}
+
+    def batch_tokens(self, batch) -> int:
+        return batch["num_tokens"]  # real tokens, not padding: packing's gain shows in tok/s
+
+
+def run(cfg: Config):
+    return run_trainer(SFTTrainer, cfg)
