@@ -536,18 +536,24 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         items = torch.zeros((), device=self.device)
+        metric_sums = {}  # the stage's own metrics (e.g. DPO reward accuracy), weighted like the loss
         for batch in self.val_batches[self.rank::self.world_size]:
             batch = self.to_device(batch)
             n = self.batch_weight(batch)
             with self.autocast:
-                loss, _ = self.compute_loss(batch, torch.tensor(float(max(n, 1)), device=self.device))
+                loss, metrics = self.compute_loss(batch, torch.tensor(float(max(n, 1)), device=self.device))
             loss_sum += loss.float() * max(n, 1)
             items += n
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() * n
         if self.ddp:
             dist.all_reduce(loss_sum)
             dist.all_reduce(items)
+            for value in metric_sums.values():
+                dist.all_reduce(value)
         self.model.train()
         result = {"loss": float(loss_sum / items.clamp(min=1))}
+        result.update({key: float(value / items.clamp(min=1)) for key, value in metric_sums.items()})
         result.update(self.extra_eval_metrics(result))
         self.on_eval()
         return result

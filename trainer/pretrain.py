@@ -24,10 +24,18 @@ class Config(TrainConfig):
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval
     sample_tokens: int = 32  # new tokens per sample (0 = no samples)
+    vocab_size: int = 0  # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
 
 
 class PretrainTrainer(Trainer):
     stage = "pretrain"
+
+    def build_model(self):
+        if self.cfg.init_from or not self.cfg.vocab_size:
+            return super().build_model()
+        from model import SLMConfig, SLMForCausalLM
+
+        return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config, vocab_size=self.cfg.vocab_size))
 
     def build_data(self):
         cfg = self.cfg

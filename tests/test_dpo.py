@@ -1,0 +1,144 @@
+"""
+DPO (trainer/dpo.py) and the preference-pair reader (dataset/preference_data.py) on a tiny model: the four
+input formats read to the same pairs, the first logged loss is log 2 (policy = reference), training moves the
+policy towards the chosen replies, resume is exact (precomputed reference included), and a few steps run on
+the shared real preference files through main.py.
+
+    python -m pytest tests/test_dpo.py
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import read_metrics
+from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
+
+SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: avoid thread oversubscription
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    return tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path_factory.mktemp("policy") / "final"))
+
+
+def dpo_config(init_from: str, out_dir, data_path: str, **overrides):
+    from trainer.dpo import Config
+
+    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
+            "batch_size": 8, "global_batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "lr_schedule": "constant",
+            "beta": 0.1, "val_samples": 0, "eval_every": 0, "save_every": 0, "log_every": 1, "device": "cpu",
+            "dtype": "fp32", "seed": 0}
+    return Config(**{**base, **overrides})
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_the_four_formats_read_to_the_same_pairs(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from dataset.preference_data import (
+        PairDataset,
+        collate_pairs,
+        load_pairs,
+        tokenize_pairs,
+    )
+
+    pairs = toy_pairs(6)
+    formats = (("messages", ".jsonl"), ("ranking", ".json"), ("strings", ".jsonl"), ("hh", ".jsonl.gz"))
+    loaded = [load_pairs(write_pairs(str(tmp_path / f"p_{fmt}{ext}"), pairs, fmt), log=lambda *a: None)[0]
+              for fmt, ext in formats]
+    assert all(x == loaded[0] for x in loaded) and len(loaded[0]) == len(set(pairs))
+    assert loaded[0][0] == {"prompt": [{"role": "user", "content": pairs[0][0]}], "chosen": pairs[0][1],
+                            "rejected": pairs[0][2]}
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    samples = tokenize_pairs(loaded[0][:2], tok, seq_len=64)
+    batch = collate_pairs([PairDataset(samples)[i] for i in range(2)], pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4  # [chosen_0, chosen_1, rejected_0, rejected_1]
+    # The loss mask covers exactly the reply and its <|im_end|>, and each row ends there.
+    for row, reply in zip(range(4), [pairs[0][1], pairs[1][1], pairs[0][2], pairs[1][2]]):
+        targets = batch["input_ids"][row, 1:][batch["loss_mask"][row]].tolist()
+        assert tok.decode(targets) == reply + "<|im_end|>"
+        last = batch["input_ids"][row, batch["attention_mask"][row].sum() - 1]
+        assert last == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_bad_records_are_counted_or_raise(tmp_path):
+    from dataset.chat_data import BadRecord
+    from dataset.preference_data import load_pairs
+
+    path = tmp_path / "bad.jsonl"
+    good = '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "a"}\n{"chosen": "x"}\n' + good + good,
+                    encoding="utf-8")
+    pairs, stats = load_pairs(str(path), on_bad="skip", log=lambda *a: None)
+    assert len(pairs) == 1 and stats["skip:identical replies"] == 1 and stats["skip:unknown format"] == 1
+    assert stats["skip:duplicate"] == 1
+    with pytest.raises(BadRecord, match="bad.jsonl:1"):
+        load_pairs(str(path), on_bad="error", log=lambda *a: None)
+
+
+def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path):
+    from trainer.dpo import run
+
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(48), "strings")
+    out = tmp_path / "dpo"
+    trainer = run(dpo_config(policy_dir, out, data, max_steps=12, val_samples=8, eval_every=0))
+    train = read_metrics(str(out))
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1 is computed before any update
+    assert train[-1]["loss"] < 0.5 * math.log(2), [r["loss"] for r in train]
+    assert train[-1]["reward_acc"] == 1.0 and train[-1]["margin"] > 0.5
+    assert train[-1]["chosen_reward"] > train[0]["chosen_reward"]
+    evals = read_metrics(str(out), split="eval")
+    assert evals[-1]["reward_acc"] == 1.0 and evals[-1]["loss"] < 0.5 * math.log(2)
+    # The policy itself now prefers the chosen replies more than the reference does, on held-out pairs too.
+    batch = trainer.val_batches[0]
+    from trainer.rl_common import sequence_logprobs
+    with torch.no_grad():
+        pi = sequence_logprobs(trainer.raw_model, batch["input_ids"], batch["loss_mask"]).chunk(2)
+        ref = sequence_logprobs(trainer.ref, batch["input_ids"], batch["loss_mask"]).chunk(2)
+    assert ((pi[0] - pi[1]) > (ref[0] - ref[1])).all()
+
+
+def test_dpo_resumes_exactly_with_precomputed_reference(policy_dir, tmp_path):
+    from trainer.dpo import run
+
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(24), "messages")
+    common = {"batch_size": 2, "global_batch_size": 4, "save_every": 2, "precompute_ref": True, "loss_type": "ipo"}
+    run(dpo_config(policy_dir, tmp_path / "straight", data, max_steps=4, **common))
+    run(dpo_config(policy_dir, tmp_path / "resumed", data, max_steps=2, **common))
+    trainer = run(dpo_config(policy_dir, tmp_path / "resumed", data, max_steps=4, **common))
+    assert trainer.step == 4 and trainer.ref is None  # the reference was freed after precomputing
+    a = load_file(str(tmp_path / "straight" / "step_000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "step_000004" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_on_the_shared_preference_files(policy_dir, tmp_path):
+    """All four shared files (four formats, one of them hh-rlhf) through main.py with config/dpo.yaml."""
+    if not SHARED_DPO.is_dir():
+        pytest.skip(f"shared preference data not found at {SHARED_DPO}")
+    import main
+
+    files = ",".join(str(p) for p in sorted(SHARED_DPO.iterdir()))
+    out = tmp_path / "dpo_real"
+    rc = main.main(["--stage", "dpo", "--config", "config/dpo.yaml", f"init_from={policy_dir}",
+                    f"data_path={files}", f"out_dir={out}", "max_samples=12", "seq_len=128", "batch_size=4",
+                    "global_batch_size=4", "max_steps=3", "val_samples=4", "eval_batches=1", "device=cpu", "log_every=1"])
+    assert rc == 0 and (out / "final" / "model.safetensors").is_file()
+    train = read_metrics(str(out))
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all(math.isfinite(r["loss"]) for r in train)

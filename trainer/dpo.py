@@ -1,0 +1,156 @@
+"""
+DPO (Rafailov et al. 2023): learn from chosen/rejected pairs against a frozen reference, with no reward model.
+
+    python main.py --stage dpo --config config/dpo.yaml
+    python main.py --stage dpo --config config/dpo.yaml loss_type=ipo beta=0.5 precompute_ref=true
+
+Pairs come in any format of dataset/preference_data.py. Log-probabilities are summed over the reply tokens
+only (the final assistant reply and its <|im_end|>). With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) -
+log ref(y_l)), the per-pair loss is
+    sigmoid  -log sigmoid(beta h)                                      (the paper's; log 2 when pi = ref)
+             with label_smoothing e: -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)   (cDPO: e = the
+             assumed share of flipped labels; e = 0 is plain DPO)
+    ipo      (h - 1/(2 beta))^2                                        (Azar et al. 2023: a squared loss that does
+             not push h to infinity on deterministic preferences; beta is its tau)
+    hinge    max(0, 1 - beta h)                                        (SLiC)
+Logged: the implicit rewards beta (log pi - log ref) of chosen and rejected replies, their margin, and reward
+accuracy (share of pairs with chosen reward > rejected reward).
+
+Reference: ref_from (default init_from), frozen. precompute_ref=true runs it once over the data before training
+and then frees it, so only the policy (and its optimizer) is in memory during training.
+"""
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dataset.preference_data import (
+    PairDataset,
+    collate_pairs,
+    load_pairs,
+    tokenize_pairs,
+)
+from trainer.core import IndexBatches, TrainConfig, Trainer, print0, run_trainer
+from trainer.rl_common import load_frozen, sequence_logprobs
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Config(TrainConfig):
+    init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
+    out_dir: str = "out/dpo"
+    data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
+    max_steps: int = 500
+    lr: float = 1e-6  # DPO wants a small lr: the implicit reward drifts fast
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta: float = 0.1  # strength of the (implicit) KL constraint to the reference
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge (see the module docstring)
+    label_smoothing: float = 0.0  # sigmoid only: assumed share of flipped labels (cDPO)
+    ref_from: str = ""  # frozen reference; "" = init_from
+    ref_device: str = ""  # "" = the training device | cpu = keep the reference off the GPU
+    precompute_ref: bool = False  # reference log-probs once before training, then free the reference
+    on_bad_record: str = "skip"  # skip (counted) | error
+    val_samples: int = 100  # pairs held out for validation loss and reward accuracy; 0 = none
+    max_samples: int = 0  # usable pairs read per file; 0 = all
+
+
+def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (B,) each -> (per-pair losses (B,), chosen rewards (B,), rejected rewards (B,))."""
+    chosen = pi_chosen - ref_chosen  # log-ratio of the chosen reply
+    rejected = pi_rejected - ref_rejected
+    h = chosen - rejected
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"loss_type must be sigmoid, ipo or hinge, got '{loss_type}'")
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+class DPOTrainer(Trainer):
+    stage = "dpo"
+
+    def setup(self):
+        cfg = self.cfg
+        ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
+        dtype = self.dtype if ref_device.type == "cuda" else torch.float32  # frozen: no fp32 master copy needed
+        if cfg.ref_from or cfg.init_from:
+            self.ref = load_frozen(cfg.ref_from or cfg.init_from, ref_device, dtype)
+        else:
+            print0("[dpo] WARNING: no init_from/ref_from: the reference is the random initial policy")
+            self.ref = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+
+    def build_data(self):
+        cfg = self.cfg
+        stats = Counter()
+        log = print0 if self.master else (lambda *a: None)
+        pairs, _ = load_pairs(cfg.data_path, cfg.on_bad_record, cfg.max_samples, stats, log)
+        samples = tokenize_pairs(pairs, self.tokenizer, cfg.seq_len, stats)
+        order = np.random.default_rng(cfg.seed).permutation(len(samples))  # same split on every rank and resume
+        n_val = min(cfg.val_samples, len(samples) // 10)
+        train = PairDataset([samples[i] for i in order[n_val:]])
+        val = PairDataset([samples[i] for i in order[:n_val]])
+        pad_id = self.tokenizer.pad_token_id
+
+        def collate(items):
+            return collate_pairs(items, pad_id)
+
+        if cfg.precompute_ref:
+            for data in (train, val):
+                data.ref_logps = self.reference_logps(data, collate)
+            self.ref = None  # freed: training needs only the policy now
+        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
+                                       cfg.seed, collate)
+        rows = min(len(val), cfg.eval_batches * self.micro_batch)
+        self.val_batches = [collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
+                            for i in range(0, rows, self.micro_batch)]
+        skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
+        print0(f"[dpo] {stats['records']:,} records -> {len(train):,} train + {len(val):,} val pairs | "
+               f"{skipped or 'nothing skipped'}")
+
+    @torch.no_grad()
+    def reference_logps(self, data: PairDataset, collate) -> torch.Tensor:
+        """(N, 2) [chosen, rejected] reference log-probs of every pair, computed once."""
+        out = torch.zeros(len(data), 2)
+        for s in range(0, len(data), self.micro_batch):
+            batch = self.to_device(collate([data[i] for i in range(s, min(s + self.micro_batch, len(data)))]))
+            with self.autocast:
+                logps = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"]).float().cpu()
+            out[batch["index"].cpu()] = torch.stack(logps.chunk(2), dim=1)
+        return out
+
+    def batch_weight(self, batch) -> int:
+        return batch["num_pairs"]
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def compute_loss(self, batch, num_items):
+        cfg = self.cfg
+        pi = sequence_logprobs(self.model, batch["input_ids"], batch["loss_mask"])  # (2B,) [chosen; rejected]
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"])
+        pi_c, pi_r = pi.chunk(2)
+        ref_c, ref_r = ref.chunk(2)
+        losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        metrics = {"reward_acc": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean(),
+                   "chosen_reward": r_c.mean(), "rejected_reward": r_r.mean()}
+        return losses.sum() / num_items, metrics
+
+
+def run(cfg: Config):
+    return run_trainer(DPOTrainer, cfg)

@@ -1,0 +1,204 @@
+"""
+The whole pipeline in one command: corpus cleaning -> tokenizer -> shards -> pretraining -> SFT -> LoRA -> DPO ->
+evaluation -> a short scripted chat, each stage the real one with a small config.
+
+    python main.py --stage all --config config/demo.yaml            # the demo: data made by code, CPU, minutes
+    python main.py --stage all --config config/demo.yaml force=true # redo every stage
+
+A stage whose outputs are complete is skipped on a re-run (its marker file exists), so an interrupted demo
+continues where it stopped. The demo measures one learnable skill (reading unseen three-digit numbers aloud,
+see dataset/demo_data.py) after each training stage and prints the accuracy, so you can see what each stage did.
+"""
+
+import importlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+from trainer.config import load_config
+
+ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/demo"  # every artifact goes under here
+    stages: str = ALL_STAGES  # comma-separated subset, in this order
+    force: bool = False  # redo stages whose outputs already exist
+    seed: int = 0
+    n_docs: int = 3000  # generated pretraining documents
+    device: str = "auto"  # passed to every training stage
+    # Per-stage settings: any field of that stage's Config (paths are filled in by the pipeline).
+    tokenizer: dict = field(default_factory=dict)
+    shards: dict = field(default_factory=dict)  # keyword arguments of scripts/prepare_shards.prepare
+    pretrain: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def banner(text: str):
+    print(f"\n{'=' * 100}\n== {text}\n{'=' * 100}", flush=True)
+
+
+def run_stage(name: str, overrides: dict):
+    """Build stage `name`'s Config exactly as main.py would (strict keys and types) and run it."""
+    from main import STAGES
+
+    module = importlib.import_module(STAGES[name][0])
+    cfg = load_config(module.Config, None, {k: v for k, v in overrides.items()})
+    return module.run(cfg)
+
+
+def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
+    """Greedy answers to the never-seen numbers; exact match with the digit-by-digit reading."""
+    from dataset.demo_data import read_digits, task_prompt
+    from model.engine import Engine
+
+    engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
+    prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16)
+               for n in held_out]
+    outputs = engine.generate(prompts, max_new_tokens=12)
+    answers = [engine.decode(o).replace("<|im_end|>", "").replace("<|endoftext|>", "").strip() for o in outputs]
+    correct = sum(a == read_digits(n) for a, n in zip(answers, held_out))
+    return correct, len(held_out), list(zip(held_out, answers))[:3]
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+
+def run(cfg: Config):
+    root = cfg.out_dir
+    stages = [s for s in cfg.stages.split(",") if s]
+    unknown = set(stages) - set(ALL_STAGES.split(","))
+    if unknown:
+        raise ValueError(f"unknown pipeline stage(s) {sorted(unknown)}; choose from {ALL_STAGES}")
+    os.makedirs(root, exist_ok=True)
+    p = {name: os.path.join(root, name) for name in ("data", "tokenizer", "shards", "pretrain", "sft", "lora", "dpo",
+                                                     "eval")}
+    p["corpus"] = os.path.join(root, "corpus", "clean.jsonl")
+    timings, scores = [], {}
+    data_paths_file = os.path.join(p["data"], "paths.json")
+
+    def done(marker: str) -> bool:
+        return os.path.exists(marker) and not cfg.force
+
+    def stage(name: str, marker: str, fn):
+        if name not in stages:
+            return
+        if done(marker):
+            print(f"[all] {name}: complete ({marker}), skipped; force=true redoes it", flush=True)
+            timings.append((name, 0.0, "skipped"))
+            return
+        banner(f"stage {name}")
+        start = time.time()
+        fn()
+        timings.append((name, time.time() - start, "done"))
+        print(f"[all] {name}: done in {time.time() - start:.1f}s", flush=True)
+
+    # 1. data made by code
+    def make_data():
+        from dataset.demo_data import write_demo_data
+
+        paths = write_demo_data(p["data"], seed=cfg.seed, n_docs=cfg.n_docs)
+        with open(data_paths_file, "w") as f:
+            json.dump(paths, f, ensure_ascii=False)
+
+    stage("data", data_paths_file, make_data)
+    with open(data_paths_file) as f:
+        data = json.load(f)
+
+    # 2. cleaning: traditional -> simplified, markup and debris removed, deduplicated
+    def clean():
+        from dataset.text_sources import FilterConfig
+        from scripts.zh_simplify import print_summary, simplify
+
+        stats = simplify([data["corpus_jsonl"], data["corpus_wiki"]], p["corpus"],
+                         FilterConfig(min_chars=8, min_cjk_ratio=0.1), quiet=True)
+        print_summary(stats, p["corpus"])
+
+    stage("corpus", p["corpus"], clean)
+
+    # 3. tokenizer
+    stage("tokenizer", os.path.join(p["tokenizer"], "tokenizer.json"), lambda: run_stage(
+        "tokenizer", {"vocab_size": 1024, **cfg.tokenizer, "data_path": p["corpus"], "out_dir": p["tokenizer"]}))
+
+    # 4. shards
+    def shards():
+        from scripts.prepare_shards import prepare
+
+        shutil.rmtree(p["shards"], ignore_errors=True)
+        prepare(p["tokenizer"], [p["corpus"]], p["shards"], **{"shard_mb": 0.1, "val_tokens": 10000, **cfg.shards})
+
+    stage("shards", os.path.join(p["shards"], "meta.json"), shards)
+
+    common = {"device": cfg.device, "seed": cfg.seed}
+    # 5-8. training stages, each starting from the previous one's final/
+    stage("pretrain", os.path.join(p["pretrain"], "final", "config.json"), lambda: run_stage("pretrain", {
+        **common, **cfg.pretrain, "tokenizer_dir": p["tokenizer"], "data_dir": p["shards"], "out_dir": p["pretrain"]}))
+    stage("sft", os.path.join(p["sft"], "final", "config.json"), lambda: run_stage("sft", {
+        **common, **cfg.sft, "init_from": os.path.join(p["pretrain"], "final"), "data_path": data["sft"],
+        "out_dir": p["sft"]}))
+    stage("lora", os.path.join(p["lora"], "final", "adapter_config.json"), lambda: run_stage("lora", {
+        **common, **cfg.lora, "init_from": os.path.join(p["pretrain"], "final"), "data_path": data["sft"],
+        "out_dir": p["lora"]}))
+    stage("dpo", os.path.join(p["dpo"], "final", "config.json"), lambda: run_stage("dpo", {
+        **common, **cfg.dpo, "init_from": os.path.join(p["sft"], "final"), "data_path": data["dpo"],
+        "out_dir": p["dpo"]}))
+
+    # 9. evaluation: the eval stage's report, plus the demo's own skill check on every model
+    models = [(name, os.path.join(p[name], "final")) for name in ("pretrain", "sft", "dpo")
+              if os.path.exists(os.path.join(p[name], "final", "config.json"))]
+
+    def evaluate():
+        run_stage("eval", {**cfg.eval, "init_from": ",".join(path for _, path in models),
+                           "ppl_data": os.path.join(p["shards"]), "prompts": data["prompts"], "out_dir": p["eval"]})
+
+    stage("eval", os.path.join(p["eval"], "results.json"), evaluate)
+    if "eval" in stages or "chat" in stages:
+        banner("held-out skill: read a never-seen three-digit number digit by digit")
+        for name, path in models:
+            scores[name] = held_out_accuracy(path, data["held_out"])
+        lora_final = os.path.join(p["lora"], "final")
+        if os.path.exists(os.path.join(lora_final, "adapter_config.json")):
+            scores["lora"] = held_out_accuracy(os.path.join(p["pretrain"], "final"), data["held_out"], lora_final)
+        for name, (correct, total, examples) in scores.items():
+            shown = "; ".join(f"{n} -> {a!r}" for n, a in examples)
+            print(f"[all] {name:<8} {correct:>3}/{total} correct ({100 * correct / total:.0f}%)   e.g. {shown}")
+
+    # 10. a short scripted chat with the final model
+    if "chat" in stages and models:
+        from model.engine import Engine
+
+        banner(f"chat with {models[-1][1]}")
+        engine = Engine.from_pretrained(models[-1][1], device="cpu")
+        history = []
+        for question in ("你好", "把 582 逐位读成中文", "中国的首都是哪里？"):
+            history.append({"role": "user", "content": question})
+            answer = engine.chat(history, max_new_tokens=32)
+            history.append({"role": "assistant", "content": answer})
+            print(f"  user: {question}\n  milli-chat: {answer}")
+
+    # summary
+    banner("summary")
+    for name, seconds, status in timings:
+        print(f"  {name:<10} {status:<8} {seconds:7.1f}s")
+    print(f"\n  artifacts under {root}/: tokenizer/, shards/, pretrain/final, sft/final, lora/final (adapter), "
+          f"dpo/final, eval/")
+    final = models[-1][1] if models else os.path.join(p["sft"], "final")
+    print(f"  chat:   python scripts/chat_terminal.py --model {final}")
+    print(f"          python scripts/chat_terminal.py --model {os.path.join(p['pretrain'], 'final')} "
+          f"--adapter {os.path.join(p['lora'], 'final')}")
+    print(f"  serve:  python scripts/serve_api.py --model {final}")
+    with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"timings": timings, "held_out_accuracy": {k: [c, t] for k, (c, t, _) in scores.items()}}, f,
+                  ensure_ascii=False, indent=1)
+    return scores

@@ -1,0 +1,107 @@
+"""
+Reward model: a Bradley-Terry pairwise loss on SLMForSequenceClassification (the decoder plus a scalar head
+read at the last token), initialised from an SFT checkpoint.
+
+    python main.py --stage reward --config config/reward.yaml
+    python main.py --stage reward --config config/reward.yaml init_from=out/sft/final max_steps=300
+
+Pairs come in any format of dataset/preference_data.py; each side ends at the reply's <|im_end|>, where the
+score is read (PPO/GRPO rollouts end there too). Loss per pair: -log sigmoid(r_chosen - r_rejected), plus
+center_coef * (r_chosen + r_rejected)^2 to keep scores near 0 (the scale is free under Bradley-Terry, and
+a centred reward needs no baseline in PPO). Evaluation reports the pairwise accuracy on a held-out split.
+
+Its final/ loads with AutoModelForSequenceClassification and is what PPO/GRPO take as reward_from.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dataset.preference_data import (
+    PairDataset,
+    collate_pairs,
+    load_pairs,
+    tokenize_pairs,
+)
+from trainer.core import IndexBatches, TrainConfig, Trainer, print0, run_trainer
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Config(TrainConfig):
+    init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
+    out_dir: str = "out/reward"
+    data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
+    max_steps: int = 500
+    lr: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    center_coef: float = 0.01  # weight of the (r_chosen + r_rejected)^2 centring term; 0 = off
+    on_bad_record: str = "skip"
+    val_samples: int = 100  # held-out pairs for pairwise accuracy; 0 = none
+    max_samples: int = 0  # usable pairs read per file; 0 = all
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair -log P(chosen > rejected) under Bradley-Terry, P = sigmoid(r_c - r_r); (B,) -> (B,)."""
+    return -F.logsigmoid(r_chosen - r_rejected) + center_coef * (r_chosen + r_rejected) ** 2
+
+
+class RewardTrainer(Trainer):
+    stage = "reward"
+
+    def build_model(self):
+        from transformers import AutoModelForSequenceClassification
+
+        import model as _  # noqa: F401  (registers the slm type)
+        from model import SLMConfig, SLMForSequenceClassification
+
+        if self.cfg.init_from:
+            return AutoModelForSequenceClassification.from_pretrained(self.cfg.init_from, num_labels=1,
+                                                                      dtype=torch.float32)
+        print0("[reward] WARNING: init_from is empty: training a reward model from a random decoder")
+        return SLMForSequenceClassification(SLMConfig.from_preset(self.cfg.model_config, num_labels=1))
+
+    def build_data(self):
+        cfg = self.cfg
+        stats = Counter()
+        log = print0 if self.master else (lambda *a: None)
+        pairs, _ = load_pairs(cfg.data_path, cfg.on_bad_record, cfg.max_samples, stats, log)
+        samples = tokenize_pairs(pairs, self.tokenizer, cfg.seq_len, stats)
+        order = np.random.default_rng(cfg.seed).permutation(len(samples))
+        n_val = min(cfg.val_samples, len(samples) // 5)
+        train = PairDataset([samples[i] for i in order[n_val:]])
+        val = PairDataset([samples[i] for i in order[:n_val]])
+        pad_id = self.tokenizer.pad_token_id
+
+        def collate(items):
+            return collate_pairs(items, pad_id)
+
+        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
+                                       cfg.seed, collate)
+        rows = min(len(val), cfg.eval_batches * self.micro_batch)
+        self.val_batches = [collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
+                            for i in range(0, rows, self.micro_batch)]
+        print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")
+
+    def batch_weight(self, batch) -> int:
+        return batch["num_pairs"]
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def compute_loss(self, batch, num_items):
+        scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        r_c, r_r = scores.float().chunk(2)  # rows are [chosen; rejected]
+        losses = bradley_terry_loss(r_c, r_r, self.cfg.center_coef)
+        metrics = {"accuracy": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean().detach(),
+                   "chosen_score": r_c.mean().detach(), "rejected_score": r_r.mean().detach()}
+        return losses.sum() / num_items, metrics
+
+
+def run(cfg: Config):
+    return run_trainer(RewardTrainer, cfg)
