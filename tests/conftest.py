@@ -6,6 +6,11 @@ import json
 import random
 
 import pytest
+import torch
+
+# The tests use tiny models, for which one thread is as fast as two and never oversubscribes the CPU when a
+# test starts subprocesses (DDP, CLI) beside it.
+torch.set_num_threads(1)
 
 # -----------------------------------------------------------------------------
 # a tiny tokenizer (vocab 512, special tokens 0-3, ChatML template), trained once per test session

@@ -162,7 +162,7 @@ def run(cfg: Config):
         run_stage("eval", {**cfg.eval, "init_from": ",".join(path for _, path in models),
                            "ppl_data": os.path.join(p["shards"]), "prompts": data["prompts"], "out_dir": p["eval"]})
 
-    stage("eval", os.path.join(p["eval"], "results.json"), evaluate)
+    stage("eval", os.path.join(p["eval"], "eval.json"), evaluate)
     if "eval" in stages or "chat" in stages:
         banner("held-out skill: read a never-seen three-digit number digit by digit")
         for name, path in models:

@@ -1,0 +1,203 @@
+'''
+Export a dense SLM checkpoint as one GGUF file for llama.cpp, ollama, LM Studio and other GGML runtimes.
+
+    pip install gguf                  # the llama.cpp project's pure-Python GGUF writer (only this script needs it)
+    python scripts/export_gguf.py --model out/sft/final --out out/export/milli-chat-f16.gguf [--dtype f16|q8_0]
+    llama-cli -m out/export/milli-chat-f16.gguf -cnv       # chat with the template stored in the file
+    llama-server -m out/export/milli-chat-f16.gguf --port 8080   # OpenAI-compatible server
+
+ollama: write a Modelfile next to the file, then `ollama create milli-chat -f Modelfile && ollama run milli-chat`:
+    FROM ./milli-chat-f16.gguf
+    TEMPLATE """{{ if .System }}<|im_start|>system
+    {{ .System }}<|im_end|>
+    {{ end }}<|im_start|>user
+    {{ .Prompt }}<|im_end|>
+    <|im_start|>assistant
+    """
+    PARAMETER stop "<|im_end|>"
+    PARAMETER stop "<|endoftext|>"
+    PARAMETER temperature 0.7
+
+The file uses llama.cpp's "llama" architecture (a dense SLM is a Llama model, see scripts/export_llama.py) and
+carries the tokenizer: byte-level BPE ("gpt2" model) with the Qwen2 pre-tokenizer regex ("qwen2" pre-type, the
+same regex our tokenizer splits with), the vocabulary, merges, special-token ids and the ChatML chat template.
+Weights follow llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel): tensor names from gguf's
+TENSOR_NAMES, and q_proj/k_proj rows permuted from transformers' half-split RoPE layout to llama.cpp's
+interleaved pairs. f16 keeps every matrix in float16; q8_0 stores matrices as 8-bit blocks of 32 with one fp16
+scale (norms stay float32 in both, as llama.cpp does).
+MoE checkpoints are refused: our MoE (shared experts without a gate) has no llama.cpp architecture that
+computes the same function. Distill it into a dense model first (python main.py --stage distill).
+'''
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Weights
+
+
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """transformers rotates dims (i, i + hd/2) together, llama.cpp rotates (2i, 2i + 1): reorder each head's rows
+    so the same pairs rotate (convert_hf_to_gguf.py LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor) for every weight, in llama.cpp's layout."""
+    cfg = model.config
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    out = [("token_embd.weight", model.model.embed_tokens.weight)]
+    for i, layer in enumerate(model.model.layers):
+        for hf_name, gguf_name in names.items():
+            module = layer.get_submodule(hf_name)
+            w = module.weight
+            if hf_name.endswith("q_proj"):
+                w = permute_rope(w, cfg.num_attention_heads)
+            elif hf_name.endswith("k_proj"):
+                w = permute_rope(w, cfg.num_key_value_heads)
+            out.append((f"blk.{i}.{gguf_name}.weight", w))
+            if getattr(module, "bias", None) is not None:
+                raise ValueError("attention_bias=True has no place in the llama GGUF layout this script writes")
+    out.append(("output_norm.weight", model.model.norm.weight))
+    if not cfg.tie_word_embeddings:  # tied: llama.cpp reuses token_embd as the output matrix
+        out.append(("output.weight", model.lm_head.weight))
+    return [(name, t.detach().float().contiguous()) for name, t in out]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_metadata(model_dir: str):
+    """Tokens, token types and merges from tokenizer.json; special ids and chat template from the HF tokenizer."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with open(os.path.join(model_dir, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"{model_dir}: a {spec['model']['type']} tokenizer; this script writes byte-level BPE only")
+    vocab = dict(spec["model"]["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    size = max(vocab.values()) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [gguf.TokenType.UNUSED] * size
+    for token, idx in vocab.items():
+        tokens[idx] = token
+        if token in added:
+            types[idx] = gguf.TokenType.CONTROL if added[token].get("special") else gguf.TokenType.USER_DEFINED
+        else:
+            types[idx] = gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tok, tokens, types, merges
+
+
+# -----------------------------------------------------------------------------
+# The file
+
+
+def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    import model as _  # noqa: F401  (registers the slm type)
+
+    if dtype not in ("f16", "q8_0"):
+        raise ValueError(f"dtype must be f16 or q8_0, got '{dtype}'")
+    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = src.config
+    if getattr(cfg, "use_moe", False):
+        raise ValueError("this checkpoint uses mixture-of-experts layers; GGUF export supports dense models only "
+                         "(our MoE's ungated shared experts match no llama.cpp architecture). Distill it into a "
+                         "dense model first: python main.py --stage distill teacher_from=" + model_dir)
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        raise ValueError(f"{model_dir} has no tokenizer.json: a GGUF file must carry its tokenizer")
+    tok, tokens, types, merges = tokenizer_metadata(model_dir)
+    if len(tokens) > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokens)} tokens, the model's vocab_size is {cfg.vocab_size}")
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]  # rows the tokenizer never emits
+    types += [gguf.TokenType.UNUSED] * (cfg.vocab_size - len(types))
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    writer = gguf.GGUFWriter(out_path, "llama")
+    writer.add_name(os.path.basename(os.path.normpath(model_dir)))
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    writer.add_file_type(file_type)
+    # --- tokenizer ---
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE
+    writer.add_tokenizer_pre("qwen2")  # our pre-tokenizer regex is Qwen2's
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_bos_token_id(tok.eos_token_id)  # llama.cpp wants one; it is never added (add_bos_token false)
+    writer.add_add_bos_token(False)  # we train without BOS
+    if tok.pad_token_id is not None:
+        writer.add_pad_token_id(tok.pad_token_id)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id:
+        writer.add_eot_token_id(end_of_turn)  # chat front-ends stop at the end of the assistant's turn
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+    # --- weights ---
+    qtype = gguf.GGMLQuantizationType.F16 if dtype == "f16" else gguf.GGMLQuantizationType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    for name, t in gguf_tensors(src):
+        data = t.numpy()
+        if data.ndim == 1:  # norms: float32, as llama.cpp's converter keeps them
+            writer.add_tensor(name, data.astype(np.float32))
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:  # f16, or a row length q8_0 blocks cannot tile
+            writer.add_tensor(name, data.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="SLM checkpoint directory (e.g. out/sft/final)")
+    parser.add_argument("--out", required=True, help="the .gguf file to write")
+    parser.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="weight type of the matrices")
+    args = parser.parse_args()
+    try:
+        export_gguf(args.model, args.out, args.dtype)
+    except ImportError:
+        print("error: the gguf package is missing: pip install gguf", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = os.path.getsize(args.out) / 2**20
+    print(f"wrote {args.out} ({size:.1f} MiB): llama-cli -m {args.out} -cnv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""
+White-box knowledge distillation: a student learns a teacher's next-token distributions (Hinton et al., 2015).
+
+    python main.py --stage distill --config config/distill.yaml teacher_from=out/pretrain_moe/final
+    python main.py --stage distill teacher_from=out/sft/final init_from=out/sft_small/final data_path=dataset/sft/*.json
+
+The teacher must share the student's tokenizer (same vocabulary, checked at start), e.g. the MoE or a bigger
+model distilled into a small dense one, which can then be exported (scripts/export_llama.py, export_gguf.py).
+Loss per target token: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, where _T are
+the softmaxes at temperature T (T^2 keeps the soft term's gradient scale independent of T).
+Data: pretraining shards (data_dir, as --stage pretrain) or chat data (data_path, as --stage sft: only assistant
+tokens count). The student starts from init_from, or from model_config when init_from is empty. Loop,
+checkpoints and resume are the shared core's; only the data choice and the loss live here.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer import pretrain, sft
+from trainer.core import print0, run_trainer
+
+
+@dataclass
+class Config(sft.Config, pretrain.Config):
+    teacher_from: str = ""  # teacher checkpoint dir (same tokenizer); required
+    init_from: str = ""  # student start; "" = random init from model_config
+    model_config: str = "config/model/small.json"  # student architecture when init_from is empty
+    out_dir: str = "out/distill"
+    data_dir: str = ""  # token shards (pretraining data); takes precedence over data_path
+    data_path: str = ""  # chat files (SFT data), used when data_dir is empty
+    temperature: float = 2.0  # softmax temperature of both distributions in the KL term
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha goes to cross-entropy on the data
+
+
+# -----------------------------------------------------------------------------
+# The loss, shared by both data sources
+
+
+class DistillMixin:
+    """Teacher setup and the distillation loss; the data comes from the stage class it is mixed into."""
+
+    stage = "distill"
+
+    def setup(self):
+        from transformers import AutoModelForCausalLM
+
+        import model as _  # noqa: F401  (registers the slm type with the Auto classes)
+        from dataset.shards import tokenizer_fingerprint
+
+        cfg = self.cfg
+        if not cfg.teacher_from:
+            raise ValueError("teacher_from: give the teacher's checkpoint directory")
+        # fp32 weights like the student's; autocast runs its matmuls in the training dtype.
+        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher_from, dtype=torch.float32).to(self.device)
+        self.teacher.eval().requires_grad_(False)
+        # Distilling logits position by position only makes sense when both models mean the same token by an id.
+        if self.teacher.config.vocab_size != self.raw_model.config.vocab_size:
+            raise ValueError(f"teacher vocab_size {self.teacher.config.vocab_size} != student "
+                             f"{self.raw_model.config.vocab_size}: distillation needs a shared tokenizer")
+        try:
+            from transformers import AutoTokenizer
+
+            teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher_from)
+        except (OSError, ValueError):
+            teacher_tok = None  # a teacher folder without tokenizer files: the vocab size check has to do
+        if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(self.tokenizer):
+            raise ValueError(f"{cfg.teacher_from}'s tokenizer differs from the student's: distillation needs the "
+                             f"same token ids on both sides")
+        n = sum(p.numel() for p in self.teacher.parameters())
+        print0(f"[distill] teacher {cfg.teacher_from}: {n:,} parameters | T={cfg.temperature} alpha={cfg.alpha}")
+
+    def compute_loss(self, batch, num_items):
+        ids, attention_mask, position_ids, targets = self.unpack(batch)
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        out = self.model(input_ids=ids, **kwargs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids, **kwargs).logits
+        # (B, T, V) logits predict targets (B, T); -100 marks positions without a target.
+        valid = targets != -100
+        student = out.logits[valid].float()  # (N, V) only the positions that count
+        teacher = teacher_logits[valid].float()
+        t = self.cfg.temperature
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                      reduction="sum") * t * t
+        ce = F.cross_entropy(student, targets[valid], reduction="sum")
+        loss = (self.cfg.alpha * kl + (1 - self.cfg.alpha) * ce) / num_items
+        if out.aux_loss is not None:  # an MoE student still needs its load balancing
+            loss = loss + self.raw_model.config.router_aux_loss_coef * out.aux_loss * valid.sum() / num_items
+        n = valid.sum().clamp(min=1)
+        return loss, {"kl": kl.detach() / n / (t * t), "ce": ce.detach() / n}
+
+
+class ShardDistillTrainer(DistillMixin, pretrain.PretrainTrainer):
+    """Distillation on pretraining shards: every position has a target."""
+
+    def unpack(self, batch):
+        x, y = batch
+        return x, None, None, y
+
+
+class ChatDistillTrainer(DistillMixin, sft.SFTTrainer):
+    """Distillation on chat data: only assistant tokens count, as in SFT."""
+
+    def unpack(self, batch):
+        labels = batch["labels"]
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # shift: t predicts t+1
+        return batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), targets
+
+
+def run(cfg: Config):
+    if not cfg.data_dir and not cfg.data_path:
+        raise ValueError("give data_dir (token shards) or data_path (chat files)")
+    return run_trainer(ShardDistillTrainer if cfg.data_dir else ChatDistillTrainer, cfg)
