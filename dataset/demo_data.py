@@ -4,7 +4,7 @@ The demo's data, made by code: deterministic, small, bilingual, and with a task 
     from dataset.demo_data import write_demo_data
     paths = write_demo_data("out/demo/data", seed=0)
 
-The task: read a three-digit number aloud digit by digit in Chinese ("把 372 逐位读成中文" -> "三 七 二").
+The task: read a three-digit number aloud digit by digit in Chinese ("把 372 逐位读成中文" -> "读作 三 七 二").
 Numbers are split three ways: pretraining text sees some, SFT/DPO see others, and HELD_OUT numbers appear
 nowhere, so the demo's accuracy on them shows that the model learned the rule, not a lookup table. The answer's
 digits are spaced so that each Chinese numeral is its own pre-token (the Qwen2 regex keeps letters together).
@@ -36,6 +36,12 @@ def read_digits(n: int) -> str:
 
 def task_prompt(n: int) -> str:
     return f"把 {n} 逐位读成中文"
+
+
+def task_answer(n: int) -> str:
+    # Starts like the pretraining sentences ("数字 372 逐位读作 三 七 二。"), so even LoRA, whose embeddings stay
+    # frozen, can reuse what pretraining learned about these tokens.
+    return f"读作 {read_digits(n)}"
 
 
 # Traditional-character sentences (the cleaner converts them) with the simplified form they should become.
@@ -82,7 +88,7 @@ def conversations(numbers: list[int], rng: random.Random) -> list[dict]:
     chats = []
     for n in numbers:
         chats.append({"conversations": [{"role": "user", "content": task_prompt(n)},
-                                        {"role": "assistant", "content": read_digits(n)}]})
+                                        {"role": "assistant", "content": task_answer(n)}]})
     small_talk = [("你好", "你好！我是 Milli-Chat，一个很小的中文模型 😀"), ("你是谁？", "我是 Milli-Chat，由你亲手训练。"),
                   ("Hello!", "Hello! 我会把数字逐位读成中文。"), ("中国的首都是哪里？", "北京是中国的首都。")]
     for _ in range(max(20, len(numbers) // 10)):
@@ -98,7 +104,7 @@ def preference_pairs(numbers: list[int], rng: random.Random) -> list[dict]:
     for n in numbers:
         s = str(n)
         wrong = s[::-1] if s != s[::-1] and rng.random() < 0.5 else s[:-1] + str((int(s[-1]) + 1) % 10)
-        pairs.append({"prompt": task_prompt(n), "chosen": read_digits(n), "rejected": read_digits(int(wrong))})
+        pairs.append({"prompt": task_prompt(n), "chosen": task_answer(n), "rejected": task_answer(int(wrong))})
     return pairs
 
 
@@ -123,7 +129,7 @@ def write_demo_data(out_dir: str, seed: int = 0, n_docs: int = 3000) -> dict:
     paths["sft"] = write_jsonl(os.path.join(out_dir, "sft.jsonl"), conversations(split["sft"], rng))
     paths["dpo"] = write_jsonl(os.path.join(out_dir, "dpo.jsonl"), preference_pairs(split["sft"], rng))
     paths["prompts"] = write_jsonl(os.path.join(out_dir, "prompts.jsonl"),
-                                   [{"prompt": task_prompt(n), "reference": read_digits(n)}
+                                   [{"prompt": task_prompt(n), "reference": task_answer(n)}
                                     for n in split["held_out"][:8]] +
                                    [{"prompt": "你好"}, {"prompt": "中国的首都是哪里？"}])
     return paths

@@ -194,6 +194,9 @@ def _read_text(path: str, max_doc_chars: int) -> Iterator[dict]:
             buf, size, start = [], 0, lineno + 1
             title = os.path.splitext(os.path.basename(mark.group(1)))[0] if mark else title
             continue
+        if size >= 5 * max_doc_chars:  # no blank line for that long: end it anyway, or a file could be one document
+            yield {"text": "".join(buf), "source": path, "title": title, "line": start}
+            buf, size, start = [], 0, lineno
         buf.append(line)
         size += len(line)
     if size:

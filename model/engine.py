@@ -122,11 +122,12 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """The held-back tail at the end of generation (an unfinished character stays U+FFFD)."""
+        """The held-back tail at the end of generation. A character cut off by max_new_tokens is dropped rather
+        than shown as U+FFFD: its remaining bytes were never generated."""
         before = self._decode(self.ids[self.prefix:self.read])
         text = self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
-        return text[len(before):]
+        return text[len(before):].rstrip("\ufffd")
 
 
 def held_back(text: str, stop_strings: list[str]) -> int:
@@ -408,6 +409,7 @@ class Engine:
         if seed is not None:
             generator = torch.Generator(device=dev).manual_seed(seed)
         return {"cache": cache, "keep": keep, "positions": positions, "logits": logits, "seen": seen,
+                "unpadded": all(len(p) == P for p in prompts),
                 "generator": generator}
 
     def _sample(self, state, temperature, top_k, top_p, repetition_penalty) -> list[int]:
@@ -422,7 +424,9 @@ class Engine:
         cache = state["cache"]
         t = cache.seq_len  # the slot this token goes to
         # Finished rows keep decoding (their output is ignored): cheaper than reshaping the batch and cache.
-        mask = state["keep"][:, None, None, :t + 1]  # (B, 1, 1, t+1): the query sees every real slot so far
+        # (B, 1, 1, t+1): the query sees every real slot so far; without padding it sees all, and no mask lets
+        # SDPA take its fastest kernel.
+        mask = None if state["unpadded"] else state["keep"][:, None, None, :t + 1]
         state["logits"] = self.model(input_ids=state["next"][:, None], attention_mask=mask,
                                      position_ids=state["positions"][:, t:t + 1], cache=cache, use_cache=True,
                                      logits_to_keep=1).logits[:, -1]

@@ -116,8 +116,9 @@ class SLMAttention(nn.Module):
         # num_kv_groups times (a copy of the whole cache per decode step otherwise).
         gqa = self.num_kv_groups > 1
         if attention_mask is None:
-            # Training and plain prefill: the causal kernel needs no mask tensor at all.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
+            # Training and plain prefill: the causal kernel needs no mask tensor at all. A lone decode query sees
+            # all keys; is_causal would wrongly align it with the first key (SDPA's causal mask is top-left).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
@@ -292,7 +293,8 @@ class SLMModel(SLMPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 4:
             # Already a full (B, 1, q, kv) mask, as generate() prepares for static caches: True/0.0 = attend.
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        elif padded or past_len != 0 or kv_len != T:
+        elif padded or (past_len != 0 and T > 1) or kv_len != past_len + T:
+            # A single new token with nothing padded sees every cached slot: no mask needed (the decode fast path).
             mask = build_attention_mask(attention_mask, T, kv_len, past_len, x.device)
         position_embeddings = self.rotary_emb(x, position_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)

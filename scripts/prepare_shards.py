@@ -9,7 +9,8 @@ share of its documents. Which documents are kept, repeated or held out is decide
 document's text, so the same inputs and seed give byte-identical shards.
 Memory stays flat: documents stream in, are tokenised in batches (the Rust tokenizer uses --workers threads) and
 scattered into on-disk buckets by a seeded hash; each bucket is then shuffled in memory and cut into shards.
-Peak RAM is about one bucket (--bucket_mb), whatever the corpus size.
+Peak RAM is the tokenizer plus one bucket (--bucket_mb) plus one tokenising batch (bounded in documents and bytes),
+whatever the corpus size; shards are written straight to disk.
 """
 
 import os
@@ -80,35 +81,36 @@ def check_out_dir(out_dir: str, fingerprint: str) -> None:
             os.remove(os.path.join(out_dir, f))
 
 
-def write_atomic(path: str, arrays: list[np.ndarray]) -> None:
-    with open(path + ".tmp", "wb") as f:
-        for a in arrays:
-            f.write(a.tobytes())
-    os.replace(path + ".tmp", path)
-
-
 class ShardWriter:
-    """Cuts one token stream into files of `shard_tokens` tokens (the last one shorter)."""
+    """Cuts one token stream into files of `shard_tokens` tokens (the last one shorter). Tokens go straight to the
+    open `.tmp` file (renamed when the shard is full), so no shard is held in memory and the arrays handed to add()
+    can be freed as soon as it returns."""
 
     def __init__(self, out_dir: str, shard_tokens: int):
         self.out_dir, self.shard_tokens = out_dir, shard_tokens
-        self.buf, self.n, self.shards = [], 0, []
+        self.f, self.n, self.shards = None, 0, []
+
+    def _path(self) -> str:
+        return os.path.join(self.out_dir, f"train_{len(self.shards):05d}.bin")
 
     def add(self, a: np.ndarray) -> None:
         while len(a):
+            if self.f is None:
+                self.f = open(self._path() + ".tmp", "wb")
             take = min(len(a), self.shard_tokens - self.n)
-            self.buf.append(a[:take])
+            self.f.write(a[:take].tobytes())
             self.n += take
             a = a[take:]
             if self.n == self.shard_tokens:
                 self.flush()
 
     def flush(self) -> None:
-        if self.n:
-            name = f"train_{len(self.shards):05d}.bin"
-            write_atomic(os.path.join(self.out_dir, name), self.buf)
-            self.shards.append({"file": name, "tokens": self.n})
-            self.buf, self.n = [], 0
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+            os.replace(self._path() + ".tmp", self._path())
+            self.shards.append({"file": os.path.basename(self._path()), "tokens": self.n})
+            self.n = 0
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class ShardWriter:
 
 def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float = 50, val_tokens: int = 1_000_000,
             seed: int = 1337, workers: int = 0, dtype: str = "auto", bucket_mb: float = 64, batch_docs: int = 512,
-            quiet: bool = False) -> dict:
+            batch_mb: float = 1, quiet: bool = False) -> dict:
     os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))  # before tokenizers starts
     from transformers import AutoTokenizer
 
@@ -158,7 +160,8 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
 
     # phase 1: read -> weight -> tokenise in batches -> scatter copies into buckets (val documents go to val.bin)
     def flush(batch: list[tuple[bytes, str, int, bool]], sm: dict) -> None:
-        enc = tok.encode_batch([b[1] for b in batch], add_special_tokens=False)
+        # _fast: ids only, no offsets (an Encoding with offsets costs ~70 bytes per token, ~25x the text)
+        enc = tok.encode_batch_fast([b[1] for b in batch], add_special_tokens=False)
         for (key, _, copies, is_val), e in zip(batch, enc):
             ids = np.empty(len(e.ids) + 1, dtype=np_dtype)
             ids[:-1] = e.ids
@@ -182,10 +185,11 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
         for path, weight in sources:
             sm = {"path": path, "weight": weight, "documents": 0, "tokens": 0}
             whole, frac = int(weight), weight - int(weight)
-            batch = []
+            batch, batch_bytes = [], 0
             for d in iter_documents(path):
                 text = d["text"]
-                stats["bytes"] += len(text.encode("utf-8"))
+                nbytes = len(text.encode("utf-8"))
+                stats["bytes"] += nbytes
                 key = _doc_key(text, seed)
                 # the val decision depends on the text only, so a document repeated by weight (or present in two
                 # sources) never lands on both sides
@@ -193,9 +197,11 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
                 copies = whole + (1 if _unit(key, f"rep{path}") < frac else 0)
                 if is_val or copies:
                     batch.append((key, text, copies, is_val))
-                if len(batch) >= batch_docs:
+                    batch_bytes += nbytes
+                # bounded in bytes too: 512 long articles would make a batch (and its encodings) grow with them
+                if len(batch) >= batch_docs or batch_bytes >= batch_mb * 1e6:
                     flush(batch, sm)
-                    batch = []
+                    batch, batch_bytes = [], 0
                 now = time.time()
                 if not quiet and now - last > 2:
                     last = now
@@ -215,16 +221,17 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
     writer = ShardWriter(out_dir, max(1, int(shard_mb * 1e6) // np_dtype.itemsize))
     for b in range(n_buckets):
         path = os.path.join(tmp_dir, f"{b:04d}")
-        raw = np.fromfile(path, dtype=np.uint8)
-        docs, pos = [], 0
+        raw = np.fromfile(path, dtype=np.uint8)  # the only large allocation of phase 2: one bucket
+        starts, pos = [], 0  # byte offset of each document's header (no per-document array objects)
         while pos < len(raw):
-            n = int(raw[pos:pos + 4].view("<u4")[0])
-            docs.append(raw[pos + 4:pos + 4 + n * np_dtype.itemsize].view(np_dtype))
-            pos += 4 + n * np_dtype.itemsize
-        order = np.random.default_rng([seed, b]).permutation(len(docs))
+            starts.append(pos)
+            pos += 4 + int(raw[pos:pos + 4].view("<u4")[0]) * np_dtype.itemsize
+        order = np.random.default_rng([seed, b]).permutation(len(starts))
         for i in order:
-            writer.add(docs[i])
-        del raw, docs
+            s = starts[i]
+            n = int(raw[s:s + 4].view("<u4")[0])
+            writer.add(raw[s + 4:s + 4 + n * np_dtype.itemsize].view(np_dtype))
+        del raw, starts  # the writer kept no reference, so the bucket is freed here
         os.remove(path)
     writer.flush()
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -265,9 +272,10 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=0, help="tokeniser threads, 0 = all cores")
     ap.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
     ap.add_argument("--bucket_mb", type=float, default=64, help="shuffle buckets; peak RAM is about one bucket")
+    ap.add_argument("--batch_mb", type=float, default=1, help="text tokenised at once (with at most 512 documents)")
     args = ap.parse_args()
     try:
         prepare(args.tokenizer, args.inputs, args.out_dir, args.shard_mb, args.val_tokens, args.seed, args.workers,
-                args.dtype, args.bucket_mb)
+                args.dtype, args.bucket_mb, batch_mb=args.batch_mb)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -10,7 +10,7 @@ Inputs: files or folders of WikiExtractor output (plain and --json), .txt, .json
 markup, traditional -> simplified (zh-cn), full-width letters/digits, empty brackets, repeated punctuation,
 whitespace; then documents that are too short or mostly non-Chinese are dropped, and exact duplicates (after
 normalisation) are dropped. Memory stays flat: documents stream through a bounded window of worker batches, and
-only an 8-byte hash per kept document is remembered (for deduplication).
+only an 8-byte hash per kept document is remembered (for deduplication, in a sorted array: see SeenKeys).
 """
 
 import os
@@ -23,6 +23,8 @@ import json
 import multiprocessing as mp
 import time
 from collections import Counter, deque
+
+import numpy as np
 
 from dataset.text_sources import (FilterConfig, clean_text, dedup_key, expand_paths, iter_documents, keep_document,
                                   make_converter)
@@ -64,6 +66,34 @@ def _batches(paths: list[str], fcfg: FilterConfig, batch_chars: int, stats: Coun
         yield batch
 
 
+class SeenKeys:
+    """Exact set of the 8-byte dedup keys at ~8 bytes per key (a Python set of bytes costs ~75): new keys go to a
+    small set, which is merged into one sorted uint64 array every `spill` keys. Keeps cleaning RSS flat."""
+
+    def __init__(self, spill: int = 1 << 14):
+        self.recent: set[int] = set()
+        self.sorted = np.empty(0, dtype=np.uint64)
+        self.spill = spill
+
+    def add(self, key: bytes) -> bool:
+        """Remember `key`; False if it was already there."""
+        k = int.from_bytes(key, "little")
+        if k in self.recent:
+            return False
+        if self.sorted.size:
+            i = int(np.searchsorted(self.sorted, np.uint64(k)))
+            if i < self.sorted.size and int(self.sorted[i]) == k:
+                return False
+        self.recent.add(k)
+        if len(self.recent) >= self.spill:
+            # no key is in both (checked above), so concatenate + in-place sort: ~2 arrays at once, not union1d's ~4
+            merged = np.concatenate([self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))])
+            merged.sort()
+            self.sorted = merged
+            self.recent.clear()
+        return True
+
+
 # -----------------------------------------------------------------------------
 # main loop: read -> clean in workers (bounded window, in order) -> dedup -> write
 
@@ -72,7 +102,7 @@ def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "a
              batch_chars: int = 200_000, quiet: bool = False) -> Counter:
     workers = workers or os.cpu_count() or 1
     stats: Counter = Counter()
-    seen: set[bytes] = set()
+    seen = SeenKeys()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"
     t0 = time.time()
@@ -92,11 +122,9 @@ def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "a
                 if drop:
                     stats["dropped_" + drop] += 1
                     continue
-                key = dedup_key(text)
-                if key in seen:
+                if not seen.add(dedup_key(text)):
                     stats["dropped_duplicate"] += 1
                     continue
-                seen.add(key)
                 stats["docs_out"] += 1
                 stats["chars_out"] += len(text)
                 fout.write(json.dumps({"text": text, "source": source, "title": title}, ensure_ascii=False) + "\n")

@@ -72,6 +72,12 @@ def test_report_written(tiny_tokenizer_dir):
 def test_split_han_runs():
     assert split_han_runs("一二三四五六七八九十abc一二", 4) == "一二三四\n五六七八\n九十abc一二"
     assert split_han_runs("short 短", 4) == "short 短"
+    # rare pieces (3+ chars, not in `common`) become their overlapping pairs: same adjacent pairs, fewer distinct words
+    common = {"一二三四", "五六", "六七", "七八", "三四", "四五"}
+    assert split_han_runs("一二三四五六七八九十，三四五", 4, common) == "一二三四\n五六\n六七\n七八\n九十，三四\n四五"
+    # pairs seen once are dropped; a character in no kept pair is fed alone
+    assert split_han_runs("甲乙丙丁", 4, {"乙丙"}) == "甲\n乙丙\n丁"
+    assert split_han_runs("甲乙丙丁", 4, set()) == "甲\n乙\n丙\n丁"
 
 
 def test_bad_config(tmp_path):

@@ -59,15 +59,18 @@ def run_stage(name: str, overrides: dict):
 
 def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
     """Greedy answers to the never-seen numbers; exact match with the digit-by-digit reading."""
-    from dataset.demo_data import read_digits, task_prompt
+    from dataset.demo_data import task_answer, task_prompt
     from model.engine import Engine
 
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
     prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16)
                for n in held_out]
     outputs = engine.generate(prompts, max_new_tokens=12)
-    answers = [engine.decode(o).replace("<|im_end|>", "").replace("<|endoftext|>", "").strip() for o in outputs]
-    correct = sum(a == read_digits(n) for a, n in zip(answers, held_out))
+    # The answer is its first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
+    # <|im_end|> embedding much) still gets credit for a right reading followed by more text.
+    answers = [engine.decode(o).replace("<|im_end|>", "\n").replace("<|endoftext|>", "\n").split("\n")[0]
+               .split("。")[0].strip() for o in outputs]
+    correct = sum(a == task_answer(n) for a, n in zip(answers, held_out))
     return correct, len(held_out), list(zip(held_out, answers))[:3]
 
 
@@ -180,11 +183,9 @@ def run(cfg: Config):
 
         banner(f"chat with {models[-1][1]}")
         engine = Engine.from_pretrained(models[-1][1], device="cpu")
-        history = []
+        # One fresh conversation per question: the demo's chat data has single-turn conversations only.
         for question in ("你好", "把 582 逐位读成中文", "中国的首都是哪里？"):
-            history.append({"role": "user", "content": question})
-            answer = engine.chat(history, max_new_tokens=32)
-            history.append({"role": "assistant", "content": answer})
+            answer = engine.chat([{"role": "user", "content": question}], max_new_tokens=48)
             print(f"  user: {question}\n  milli-chat: {answer}")
 
     # summary

@@ -10,7 +10,12 @@ feed it (1) a deterministic sample of at most `max_bytes` of the corpus and (2) 
 `han_piece_chars` characters (Chinese has no spaces, so the inference-time regex would make a whole sentence one
 pre-token, and distinct sentences never repeat). The saved tokenizer uses Qwen2's standard pre-tokenizer, which
 llama.cpp knows, so a GGUF export reproduces our ids; a token can never be longer than a training piece, which
-at 6400-32000 entries costs nothing (Chinese words are 1-4 characters).
+at 6400-32000 entries costs nothing (Chinese words are 1-4 characters). (3) A piece of 3-4 characters that occurs
+only once in the sample is fed as its overlapping pairs that occur at least twice (`rare_pieces_as_pairs`): pieces
+cut at fixed offsets are ~88% unique even in real text, and the trainer spends ~750 bytes of Rust state per distinct
+pre-token (a 32-byte symbol per byte, the word counts, the pair -> words index). On the 43 MB pack this cut the peak
+from 2.6 to 1.4 GB with equal held-out compression (bench/RESULTS.md). (4) Text goes to the trainer <= 64 KB at a
+time: one huge string costs its pre-tokenizer ~100 bytes per byte. (3) costs one extra read of the sample.
 Held-out documents (every `heldout_every`-th by content hash) are never fed to the trainer; the report in
 `out_dir/tokenizer_report.json` measures compression on them, per source file.
 """
@@ -44,6 +49,7 @@ class Config:
     out_dir: str = "out/tokenizer"  # where tokenizer.json, tokenizer_config.json and the report go
     max_bytes: int = 100_000_000  # at most this many UTF-8 bytes are fed to the trainer (bounds its RAM)
     han_piece_chars: int = 4  # Han runs are cut into pieces this long in the trainer's input (bounds its RAM)
+    rare_pieces_as_pairs: bool = True  # a Han piece seen once in the sample is fed as its overlapping 2-char pairs
     min_frequency: int = 2  # a pair must occur this often to be merged
     heldout_every: int = 50  # every N-th document (by content hash) is held out for the report, never trained on
     heldout_max_bytes: int = 2_000_000  # per source file, cap on held-out text kept for the report
@@ -70,18 +76,84 @@ def _estimated_bytes(paths: list[str]) -> int:
 _HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U000323af]+")
 
 
-def split_han_runs(text: str, piece: int) -> str:
-    """Put a newline inside Han runs longer than `piece`, so no pre-token the trainer counts is longer than that."""
+def han_pieces(text: str, piece: int):
+    """The Han pieces split_han_runs makes (runs cut every `piece` characters)."""
+    for m in _HAN_RUN.finditer(text):
+        s = m.group(0)
+        yield from (s[i:i + piece] for i in range(0, len(s), piece))
+
+
+def _as_pairs(p: str, common: set) -> str:
+    """A rare piece as its overlapping 2-char pairs ("abcd" -> "ab bc cd"), keeping only pairs in `common`; a character
+    left in no kept pair is fed alone (its bytes still count). A pair seen once can never reach min_frequency=2."""
+    out, covered = [], -1
+    for j in range(len(p) - 1):
+        if p[j:j + 2] in common:
+            if covered < j:
+                out.extend(p[covered + 1:j])  # characters between kept pairs
+            out.append(p[j:j + 2])
+            covered = j + 1
+    out.extend(p[covered + 1:])
+    return "\n".join(out)
+
+
+def split_han_runs(text: str, piece: int, common: set | None = None) -> str:
+    """Put a newline inside Han runs longer than `piece`, so no pre-token the trainer counts is longer than that.
+    With `common` (pieces and pairs seen at least twice), a piece of 3+ characters not in it is replaced by its
+    overlapping pairs that are (see _as_pairs): the trainer sees the adjacent-character pairs that can be merged,
+    but a piece that occurs once no longer costs it a word entry (~1 KB of Rust bookkeeping per distinct pre-token)."""
+
+    def rare(p: str) -> bool:
+        return common is not None and len(p) >= 3 and p not in common
 
     def cut(m: re.Match) -> str:
         s = m.group(0)
-        return s if len(s) <= piece else "\n".join(s[i:i + piece] for i in range(0, len(s), piece))
+        if len(s) <= piece and not rare(s):
+            return s
+        out = []
+        for i in range(0, len(s), piece):
+            p = s[i:i + piece]
+            out.append(_as_pairs(p, common) if rare(p) else p)
+        return "\n".join(out)
 
     return _HAN_RUN.sub(cut, text)
 
 
-def split_documents(cfg: Config, paths: list[str], heldout: dict, stats: dict):
+def common_pieces(cfg: "Config", paths: list[str], stats: dict) -> set:
+    """First pass over the same sample: the Han pieces of 3+ characters that occur at least twice. Real Chinese
+    cut at fixed offsets gives mostly unique 4-character pieces (89% of distinct pieces occur once in the pack), and
+    the BPE trainer's memory grows with distinct pre-tokens, not with bytes."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    pairs: Counter = Counter()
+    for text in _sample(cfg, paths, {}, {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}):
+        long = [p for p in han_pieces(text, cfg.han_piece_chars) if len(p) >= 3]
+        counts.update(long)
+        pairs.update(p[j:j + 2] for p in long for j in range(len(p) - 1))
+    common = {p for p, c in counts.items() if c >= 2}
+    stats["distinct_long_pieces"], stats["common_long_pieces"] = len(counts), len(common)
+    del counts
+    common.update(p for p, c in pairs.items() if c >= 2)
+    stats["distinct_pairs"], stats["common_pairs"] = len(pairs), len(common) - stats["common_long_pieces"]
+    return common
+
+
+def split_documents(cfg: Config, paths: list[str], heldout: dict, stats: dict, common: set | None = None):
     """Yield the training text (sampled, Han runs cut) and fill `heldout` {source: [docs]} on the way."""
+    for text in _sample(cfg, paths, heldout, stats):
+        text = split_han_runs(text, cfg.han_piece_chars, common)
+        # one huge string costs the Rust pre-tokenizer ~100 bytes per byte (offset tables), so feed <= 64 KB at a time,
+        # cut after a newline (pre-tokens never span one)
+        while len(text) > 65536:
+            cut = text.rfind("\n", 0, 65536) + 1 or 65536
+            yield text[:cut]
+            text = text[cut:]
+        yield text
+
+
+def _sample(cfg: Config, paths: list[str], heldout: dict, stats: dict):
+    """The sampled training documents, as read (deterministic: two passes see the same documents)."""
     keep = min(1.0, cfg.max_bytes / max(_estimated_bytes(paths), 1))
     fed = 0
     for path in paths:
@@ -101,7 +173,7 @@ def split_documents(cfg: Config, paths: list[str], heldout: dict, stats: dict):
             fed += nbytes
             stats["fed_bytes"] = fed
             stats["fed_docs"] += 1
-            yield split_han_runs(text, cfg.han_piece_chars)
+            yield text
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +265,9 @@ def run(cfg: Config) -> dict:
         initial_alphabet=_bytes_to_unicode(), show_progress=False)
     heldout: dict = {}
     stats = {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}
-    tok.train_from_iterator(split_documents(cfg, paths, heldout, stats), trainer=trainer)
+    common = common_pieces(cfg, paths, stats) if cfg.rare_pieces_as_pairs else None
+    tok.train_from_iterator(split_documents(cfg, paths, heldout, stats, common), trainer=trainer)
+    del common
     train_s = time.time() - t0
     if stats["fed_docs"] == 0:
         raise ValueError(f"no training text in {cfg.data_path} (all documents held out or empty)")
@@ -215,7 +289,9 @@ def run(cfg: Config) -> dict:
     report = {
         "vocab_size": tok.get_vocab_size(), "single_cjk_tokens": single_cjk_entries(tok.get_vocab()),
         "train_seconds": round(train_s, 1), "fed_bytes": stats["fed_bytes"], "fed_docs": stats["fed_docs"],
-        "skipped_bytes": stats["skipped_bytes"], "heldout": {k: compression(tok, v) for k, v in heldout.items() if v},
+        "skipped_bytes": stats["skipped_bytes"], "distinct_long_pieces": stats.get("distinct_long_pieces"),
+        "common_long_pieces": stats.get("common_long_pieces"), "distinct_pairs": stats.get("distinct_pairs"),
+        "common_pairs": stats.get("common_pairs"), "heldout": {k: compression(tok, v) for k, v in heldout.items() if v},
         "config": asdict(cfg),
     }
     with open(os.path.join(cfg.out_dir, "tokenizer_report.json"), "w", encoding="utf-8") as f:
