@@ -118,7 +118,7 @@ def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
     small = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "small", batch_size=2, max_steps=6)
     run_trainer(PretrainTrainer, big)
     run_trainer(PretrainTrainer, small)
-    assert losses(big.out_dir) == pytest.approx(losses(small.out_dir), abs=2e-5)
+    assert losses(big.out_dir) == pytest.approx(losses(small.out_dir), rel=2e-5)  # fp32 summation order only
 
 
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
