@@ -124,6 +124,7 @@ def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
             "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
+            "lr_schedule=constant",  # the schedule then does not depend on max_steps (the resume below extends it)
             "eval_every=0", "eval_batches=2", "sample_tokens=0", "save_every=0", "seed=7"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
@@ -135,6 +136,15 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     state = torch.load(tmp_path / "two" / "step_000005" / "trainer_state.pt", weights_only=False)
     assert len(state["rng"]) == 2 and state["data"]["offset"] == 5 * 8 * 32
+    # Resume the 2-process run with 1 process: the token position is global, so steps 6-7 read the same tokens as
+    # a 1-process run that was never interrupted (pretraining has no dropout, so the RNG layout does not matter).
+    longer = [a for a in args if not a.startswith("max_steps=")] + ["max_steps=7"]
+    for name in ("two", "straight"):
+        subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / name}", *longer],
+                       cwd=ROOT, check=True, capture_output=True, env=env)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "straight"), abs=1e-4)
+    state = torch.load(tmp_path / "two" / "step_000007" / "trainer_state.pt", weights_only=False)
+    assert len(state["rng"]) == 1 and state["data"]["offset"] == 7 * 8 * 32
 
 
 def test_bad_inputs_fail_clearly(tiny_tokenizer_dir, shards, tmp_path):
