@@ -391,7 +391,7 @@ class Trainer:
         """Double the micro-batch until a forward+backward runs out of memory; keep the last that fit,
         halved once more for headroom (optimizer state and fragmentation come later). The global batch must
         stay divisible, so only powers of two are tried."""
-        target = self.cfg.global_batch_size or 512
+        target = (self.cfg.global_batch_size // self.world_size) if self.cfg.global_batch_size else 512  # per rank
         best, trial = 1, 1
         vocab = self.raw_model.config.vocab_size
         while trial <= target:
