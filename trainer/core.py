@@ -521,7 +521,8 @@ class Trainer:
         return batch
 
     def _stop_on_nonfinite(self, loss: float, grad_norm: float):
-        # The weights have not been updated by this step, so they are the last good state: save them.
+        # The weights have not been updated by this step, so they are the last good state: save them. The data
+        # position is already past the offending batch, so a resumed run skips it.
         path = self.save_checkpoint()
         raise TrainingStopped(f"[{self.stage}] loss {loss} / grad norm {grad_norm} is not finite at step "
                               f"{self.step + 1}; the last good state (step {self.step}) is saved in {path}. "
