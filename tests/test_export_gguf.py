@@ -162,5 +162,12 @@ def test_llama_cpp_tokenizes_and_decodes_like_our_engine(exported, dtype):
                 break
         if dtype == "f16":
             assert theirs == ours
-        else:  # 8-bit weights may flip a near-tie late in the sequence; the start must agree
-            assert theirs[:4] == ours[:4]
+        else:
+            # 8-bit weights can flip a near-tie of this random-weight model, after which the two paths diverge.
+            # So: the first token agrees, and every token llama.cpp picks is among our model's top 3 when we
+            # follow llama.cpp's own continuation (teacher forcing).
+            assert theirs[0] == ours[0]
+            with torch.no_grad():
+                logits = exported["model"](torch.tensor([ids + theirs])).logits[0, len(ids) - 1:-1]
+            top3 = logits.topk(3, dim=-1).indices.tolist()
+            assert all(t in top for t, top in zip(theirs, top3))
