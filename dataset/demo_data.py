@@ -91,7 +91,7 @@ def conversations(numbers: list[int], rng: random.Random) -> list[dict]:
                                         {"role": "assistant", "content": task_answer(n)}]})
     small_talk = [("你好", "你好！我是 Milli-Chat，一个很小的中文模型 😀"), ("你是谁？", "我是 Milli-Chat，由你亲手训练。"),
                   ("Hello!", "Hello! 我会把数字逐位读成中文。"), ("中国的首都是哪里？", "北京是中国的首都。")]
-    for _ in range(max(20, len(numbers) // 10)):
+    for _ in range(max(20, len(numbers) // 4)):
         q, a = rng.choice(small_talk)
         chats.append({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     rng.shuffle(chats)
