@@ -262,6 +262,20 @@ class Trainer:
     def setup(self) -> None:
         """Extra models or state (reference model, reward model, ...), after the policy is built."""
 
+    # ---- data helpers for stages whose samples sit in memory (chat, preference pairs) ------------------
+    def split_held_out(self, samples: list, n_val: int) -> tuple[list, list]:
+        """(train, val): the held-out split is drawn by seed, the same on every rank and on resume."""
+        order = np.random.default_rng(self.cfg.seed).permutation(len(samples))
+        return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+
+    def use_datasets(self, train, val, collate) -> None:
+        """Train through IndexBatches (exact resume) and evaluate on up to eval_batches micro-batches of val."""
+        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
+                                       self.cfg.seed, collate)
+        rows = min(len(val), self.cfg.eval_batches * self.micro_batch) if val is not None else 0
+        self.val_batches = [collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
+                            for i in range(0, rows, self.micro_batch)] or None
+
     def trainable_parameters(self):
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 

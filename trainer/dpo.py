@@ -24,7 +24,6 @@ import copy
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +33,7 @@ from dataset.preference_data import (
     load_pairs,
     tokenize_pairs,
 )
-from trainer.core import IndexBatches, TrainConfig, Trainer, print0, run_trainer
+from trainer.core import TrainConfig, Trainer, print0, run_trainer
 from trainer.rl_common import load_frozen, sequence_logprobs
 
 # -----------------------------------------------------------------------------
@@ -97,10 +96,8 @@ class DPOTrainer(Trainer):
         log = print0 if self.master else (lambda *a: None)
         pairs, _ = load_pairs(cfg.data_path, cfg.on_bad_record, cfg.max_samples, stats, log)
         samples = tokenize_pairs(pairs, self.tokenizer, cfg.seq_len, stats)
-        order = np.random.default_rng(cfg.seed).permutation(len(samples))  # same split on every rank and resume
-        n_val = min(cfg.val_samples, len(samples) // 10)
-        train = PairDataset([samples[i] for i in order[n_val:]])
-        val = PairDataset([samples[i] for i in order[:n_val]])
+        train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
+        train, val = PairDataset(train), PairDataset(val)
         pad_id = self.tokenizer.pad_token_id
 
         def collate(items):
@@ -110,11 +107,7 @@ class DPOTrainer(Trainer):
             for data in (train, val):
                 data.ref_logps = self.reference_logps(data, collate)
             self.ref = None  # freed: training needs only the policy now
-        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
-                                       cfg.seed, collate)
-        rows = min(len(val), cfg.eval_batches * self.micro_batch)
-        self.val_batches = [collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
-                            for i in range(0, rows, self.micro_batch)]
+        self.use_datasets(train, val, collate)
         skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
         print0(f"[dpo] {stats['records']:,} records -> {len(train):,} train + {len(val):,} val pairs | "
                f"{skipped or 'nothing skipped'}")

@@ -16,7 +16,6 @@ Its final/ loads with AutoModelForSequenceClassification and is what PPO/GRPO ta
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +25,7 @@ from dataset.preference_data import (
     load_pairs,
     tokenize_pairs,
 )
-from trainer.core import IndexBatches, TrainConfig, Trainer, print0, run_trainer
+from trainer.core import TrainConfig, Trainer, print0, run_trainer
 
 # -----------------------------------------------------------------------------
 
@@ -72,20 +71,14 @@ class RewardTrainer(Trainer):
         log = print0 if self.master else (lambda *a: None)
         pairs, _ = load_pairs(cfg.data_path, cfg.on_bad_record, cfg.max_samples, stats, log)
         samples = tokenize_pairs(pairs, self.tokenizer, cfg.seq_len, stats)
-        order = np.random.default_rng(cfg.seed).permutation(len(samples))
-        n_val = min(cfg.val_samples, len(samples) // 5)
-        train = PairDataset([samples[i] for i in order[n_val:]])
-        val = PairDataset([samples[i] for i in order[:n_val]])
+        train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
+        train, val = PairDataset(train), PairDataset(val)
         pad_id = self.tokenizer.pad_token_id
 
         def collate(items):
             return collate_pairs(items, pad_id)
 
-        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
-                                       cfg.seed, collate)
-        rows = min(len(val), cfg.eval_batches * self.micro_batch)
-        self.val_batches = [collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
-                            for i in range(0, rows, self.micro_batch)]
+        self.use_datasets(train, val, collate)
         print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")
 
     def batch_weight(self, batch) -> int:

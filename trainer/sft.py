@@ -13,10 +13,9 @@ validation loss are the mean cross-entropy over assistant tokens (the reply and 
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 
 from dataset.chat_data import ChatDataset, collate_chat, load_conversations, parse_placeholders, tokenize_conversations
-from trainer.core import IndexBatches, TrainConfig, Trainer, print0, run_trainer
+from trainer.core import TrainConfig, Trainer, print0, run_trainer
 
 
 @dataclass
@@ -49,23 +48,15 @@ class SFTTrainer(Trainer):
         conversations, _ = load_conversations(cfg.data_path, parse_placeholders(cfg.placeholders), cfg.system_prompt,
                                               cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=log)
         samples = tokenize_conversations(conversations, self.tokenizer, cfg.seq_len, cfg.truncation, stats)
-        # The held-out split is drawn by seed, the same on every rank and on resume; at most 10% of the data.
-        order = np.random.default_rng(cfg.seed).permutation(len(samples))
-        n_val = min(cfg.val_samples, len(samples) // 10)
-        val = [samples[i] for i in order[:n_val]]
-        train = ChatDataset([samples[i] for i in order[n_val:]], cfg.seq_len, pack=cfg.pack)
+        train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))  # at most 10% held out
+        train = ChatDataset(train, cfg.seq_len, pack=cfg.pack)
         pad_id = self.tokenizer.pad_token_id
 
         def collate(items):
             return collate_chat(items, pad_id)
 
-        self.train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
-                                       cfg.seed, collate)
-        if val:
-            val_set = ChatDataset(val, cfg.seq_len)  # never packed: the loss is the same, the code simpler
-            rows = min(len(val_set), cfg.eval_batches * self.micro_batch)
-            self.val_batches = [collate([val_set[j] for j in range(i, min(i + self.micro_batch, rows))])
-                                for i in range(0, rows, self.micro_batch)]
+        # The validation set is never packed: the loss is the same, the code simpler.
+        self.use_datasets(train, ChatDataset(val, cfg.seq_len) if val else None, collate)
         trained = sum(int((lab != -100).sum()) for _, lab in train.samples)
         tokens = sum(len(ids) for ids, _ in train.samples)
         skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
