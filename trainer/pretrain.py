@@ -76,20 +76,19 @@ class PretrainTrainer(Trainer):
         # nats per token -> bits per byte: comparable across tokenizers (nanochat's evaluate_bpb).
         return {"bpb": result["loss"] * self.val_targets / (math.log(2) * max(1, self.val_bytes))}
 
-    @torch.no_grad()
     def on_eval(self):
+        """Greedy continuations of the fixed prompts, through the one generation path (model/engine.py)."""
         if not self.master or self.cfg.sample_tokens <= 0:
             return
-        model = self.raw_model
-        model.eval()
-        for prompt in [p for p in self.cfg.sample_prompts.split(",") if p]:
-            ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
-            with self.autocast:
-                out = model.generate(ids, max_new_tokens=self.cfg.sample_tokens, do_sample=False,
-                                     pad_token_id=self.tokenizer.pad_token_id)
-            text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
-            print0(f"[pretrain] sample: {prompt}|{text!r}")
-        model.train()
+        from model.engine import Engine
+
+        engine = Engine(self.raw_model, self.tokenizer, device=self.device)  # restores train mode afterwards
+        prompts = [p for p in self.cfg.sample_prompts.split(",") if p]
+        with self.autocast:
+            outputs = engine.generate([self.tokenizer.encode(p) for p in prompts],
+                                      max_new_tokens=self.cfg.sample_tokens, stop_token_ids=[])
+        for prompt, out in zip(prompts, outputs):
+            print0(f"[pretrain] sample: {prompt}|{self.tokenizer.decode(out)!r}")
 
 
 def run(cfg: Config):
