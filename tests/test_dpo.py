@@ -20,14 +20,6 @@ from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
 SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: avoid thread oversubscription
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def policy_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
     return tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path_factory.mktemp("policy") / "final"))

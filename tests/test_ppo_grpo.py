@@ -19,15 +19,6 @@ from tests.helpers_preference import PROMPTS, tiny_checkpoint
 RULE = "token_ids:100-163"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids oversubscription (up to 50x faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def policy_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
     return tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path_factory.mktemp("policy") / "final"))
