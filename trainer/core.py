@@ -60,6 +60,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer
+    #                        state sharded over the GPUs, for a model that does not fit one; pretrain and sft)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     seed: int = 1337
     # --- logging, evaluation, checkpoints ---
@@ -241,6 +243,9 @@ class IndexBatches:
 class Trainer:
     Config = TrainConfig
     stage = "train"  # used in log lines and checkpoint metadata
+    # parallel=fsdp needs every rank to run the same forwards: stages that generate (different lengths per rank)
+    # or train adapters keep it off; the ones that set it True are tested against one process.
+    supports_fsdp = False
 
     # ---- hooks a stage overrides ------------------------------------------------------------------
     def build_data(self) -> None:
@@ -302,7 +307,14 @@ class Trainer:
             self.rank, self.world_size = 0, 1
             self.device = resolve_device(cfg.device)
         self.master = self.rank == 0
+        if cfg.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got '{cfg.parallel}'")
+        self.fsdp = self.ddp and cfg.parallel == "fsdp"
+        if cfg.parallel == "fsdp" and not self.ddp:
+            print0(f"[{self.stage}] parallel=fsdp: one process has nothing to shard over; training unsharded")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.fsdp:  # fail before anything is built
+            self._check_fsdp()
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                          else nullcontext())
         # fp16 overflows without loss scaling; bf16 and fp32 do not need it.
@@ -364,11 +376,14 @@ class Trainer:
         self.accum_steps = self.global_batch // (self.micro_batch * self.world_size)
         self.val_batches = None
         self.build_data()
+        self.model_class_name = type(self.raw_model).__name__
+        if self.fsdp:
+            self._shard_model()  # before the optimizer, which must hold the sharded parameters
         self.optimizer = self._build_optimizer()
         self.model = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
-        if self.ddp:
+        if self.ddp and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
@@ -389,6 +404,30 @@ class Trainer:
         print0(f"[{self.stage}] {n_params:,} parameters ({n_train:,} trainable) | device {self.device} | dtype "
                f"{str(self.dtype).replace('torch.', '')} | processes {self.world_size} | micro-batch "
                f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch}")
+
+    def _check_fsdp(self):
+        if not self.supports_fsdp:
+            raise ValueError(f"parallel=fsdp is built for the pretrain and sft stages; use parallel=ddp for "
+                             f"{self.stage}")
+        if self.dtype == torch.float16:
+            raise ValueError("parallel=fsdp needs bf16 or fp32 (fp16's loss scaling would have to agree across "
+                             "shards); use dtype=bf16 or parallel=ddp")
+        if self.cfg.batch_size == "auto":
+            raise ValueError("parallel=fsdp needs an explicit batch_size (the probe runs on one unsharded GPU)")
+
+    def _shard_model(self):
+        """FSDP2: each decoder layer is one unit (its weights are gathered just before it runs and freed after),
+        the root holds the embeddings, final norm and head. Every rank starts from rank 0's weights, as DDP does."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():
+            for tensor in list(self.raw_model.parameters()) + list(self.raw_model.buffers()):
+                dist.broadcast(tensor, src=0)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in self.raw_model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.raw_model, mesh=mesh)
 
     def _resolve_micro_batch(self) -> int:
         bs = self.cfg.batch_size
@@ -497,12 +536,13 @@ class Trainer:
             batch = self.to_device(batch)
             sync = i == len(micro_batches) - 1
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs.
-            ctx = self.model.no_sync() if self.ddp and not sync else nullcontext()
+            # FSDP reduce-scatters every micro-batch instead, so only a shard of the gradients is ever kept.
+            ctx = self.model.no_sync() if self.ddp and not self.fsdp and not sync else nullcontext()
             with ctx:
                 with self.autocast:
                     loss, metrics = self.compute_loss(batch, num_items)
-                # DDP averages gradients over ranks; our loss is already a share of the global total, so
-                # multiply by the number of ranks to turn that average back into the sum.
+                # DDP and FSDP average gradients over ranks; our loss is already a share of the global total,
+                # so multiply by the number of ranks to turn that average back into the sum.
                 self.scaler.scale(loss * self.world_size).backward()
             loss_sum += loss.detach()
             for key, value in metrics.items():
@@ -511,6 +551,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = self.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else 1e30)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
+            grad_norm = grad_norm.full_tensor()
         if self.ddp:
             dist.all_reduce(loss_sum)
         if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
@@ -552,12 +594,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         items = torch.zeros((), device=self.device)
         metric_sums = {}  # the stage's own metrics (e.g. DPO reward accuracy), weighted like the loss
-        for batch in self.val_batches[self.rank::self.world_size]:
-            batch = self.to_device(batch)
-            n = self.batch_weight(batch)
+        # Every rank runs the same number of forwards (FSDP gathers weights collectively in each one): a rank past
+        # the end repeats the last batch with weight 0.
+        for i in range(math.ceil(len(self.val_batches) / self.world_size)):
+            index = self.rank + i * self.world_size
+            batch = self.to_device(self.val_batches[min(index, len(self.val_batches) - 1)])
+            n = self.batch_weight(batch) if index < len(self.val_batches) else 0
             with self.autocast:
                 loss, metrics = self.compute_loss(batch, torch.tensor(float(max(n, 1)), device=self.device))
-            loss_sum += loss.float() * max(n, 1)
+            loss_sum += loss.float() * n
             items += n
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0) + value.detach().float() * n
@@ -611,14 +656,42 @@ class Trainer:
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
-    def save_pretrained_to(self, path: str, dtype: torch.dtype | None = None):
-        """Weights (+ config) and the tokenizer into `path`, loadable with from_pretrained alone."""
+    def full_model_state(self) -> dict | None:
+        """The whole state dict on rank 0 (None elsewhere). Under FSDP gathering the shards is collective: every
+        rank must call this."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+            return state if self.master else None
+        return self.raw_model.state_dict() if self.master else None
+
+    def full_optimizer_state(self) -> dict | None:
+        """Rank 0's optimizer state. Under FSDP it is gathered and keyed by parameter name (collective)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            state = get_optimizer_state_dict(self.raw_model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.master else None
+        return self.optimizer.state_dict() if self.master else None
+
+    def save_pretrained_to(self, path: str, dtype: torch.dtype | None = None, state: dict | None = None):
+        """Weights (+ config) and the tokenizer into `path`, loadable with from_pretrained alone. `state` is the
+        full state dict (from full_model_state) where the model is sharded."""
         model = self.raw_model  # never the compiled/DDP wrapper, so no `_orig_mod.` / `module.` prefixes
+        if state is None:
+            state = model.state_dict()
+        if model.config.tie_word_embeddings:  # one copy of a tied matrix (a gathered or cast state has two)
+            tied = getattr(model, "_tied_weights_keys", None) or {}
+            state = {k: v for k, v in state.items() if k not in tied}
         if dtype is not None and dtype != torch.float32:
-            state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-            model.save_pretrained(path, state_dict=state)
-        else:
-            model.save_pretrained(path)
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.save_pretrained(path, state_dict=state)
+        if self.fsdp:  # save_pretrained names the class it was called on, here FSDP's wrapper subclass
+            model.config.architectures = [self.model_class_name]
+            model.config.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def save_checkpoint(self) -> str:
@@ -630,13 +703,14 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        weights, optimizer = self.full_model_state(), self.full_optimizer_state()  # collective under FSDP
         path = os.path.join(self.cfg.out_dir, f"step_{self.step:06d}")
         if self.master:
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.save_pretrained_to(tmp)
+            self.save_pretrained_to(tmp, state=weights)
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "stage": self.stage,
-                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "optimizer": optimizer, "optimizer_by_name": self.fsdp, "scaler": self.scaler.state_dict(),
                      "data": self.train_data.state_dict(), "rng": rngs, "world_size": self.world_size,
                      "global_batch": self.global_batch, "extra": self.extra_state()}
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -665,12 +739,14 @@ class Trainer:
 
     def export_final(self):
         """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage."""
+        weights = self.full_model_state()  # collective under FSDP
         if not self.master:
             return
         path = os.path.join(self.cfg.out_dir, "final")
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.save_pretrained_to(tmp, dtype=self.dtype if self.dtype != torch.float16 else torch.bfloat16)
+        self.save_pretrained_to(tmp, dtype=self.dtype if self.dtype != torch.float16 else torch.bfloat16,
+                                state=weights)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         print0(f"[{self.stage}] final weights in {path} (next stage: init_from={path})")
@@ -702,7 +778,13 @@ class Trainer:
         return load_file(os.path.join(path, "model.safetensors"))
 
     def load_checkpoint_weights(self, path: str, weights: dict) -> None:
-        missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
+        if self.fsdp:  # every rank read the whole file; each keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            missing, unexpected = set_model_state_dict(self.raw_model, weights, options=StateDictOptions(
+                full_state_dict=True, strict=False))
+        else:
+            missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if k != "lm_head.weight" or not self.raw_model.config.tie_word_embeddings]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected "
@@ -710,7 +792,7 @@ class Trainer:
 
     def _restore(self, path: str, state: dict, weights: dict):
         self.load_checkpoint_weights(path, weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if state["global_batch"] != self.global_batch:
@@ -730,6 +812,25 @@ class Trainer:
             self._seed(self.cfg.seed + self.step)
         self._truncate_metrics()
         print0(f"[{self.stage}] resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    def _load_optimizer_state(self, state: dict):
+        """Optimizer state from a checkpoint written with or without FSDP, into a run with or without it. FSDP
+        checkpoints key it by parameter name, others by position; convert where the two differ."""
+        saved = state["optimizer"]
+        by_name = state.get("optimizer_by_name", False)
+        if not self.fsdp and not by_name:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not by_name:  # positions follow the optimizer's groups, which list parameters in model order
+            names = {id(p): n for n, p in self.raw_model.named_parameters()}
+            position = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+            saved = {"state": {position[i]: v for i, v in saved["state"].items()},
+                     "param_groups": [{**g, "params": [position[i] for i in g["params"]]}
+                                      for g in saved["param_groups"]]}
+        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state_dict=saved,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def _truncate_metrics(self):
         """Drop metrics logged after the checkpoint we resume from, so the file reads as one clean run."""

@@ -42,6 +42,7 @@ class DistillMixin:
     """Teacher setup and the distillation loss; the data comes from the stage class it is mixed into."""
 
     stage = "distill"
+    supports_fsdp = False  # not tested under FSDP; the full teacher on every GPU would undo the saving anyway
 
     def setup(self):
         from transformers import AutoModelForCausalLM

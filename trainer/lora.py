@@ -144,6 +144,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
 
 class LoRATrainer(SFTTrainer):
     stage = "lora"
+    supports_fsdp = False  # LoRA exists to fit one GPU; adapters over a sharded base are not built
 
     def setup(self):
         cfg = self.cfg

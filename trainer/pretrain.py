@@ -29,6 +29,7 @@ class Config(TrainConfig):
 
 class PretrainTrainer(Trainer):
     stage = "pretrain"
+    supports_fsdp = True
 
     def build_model(self):
         if self.cfg.init_from or not self.cfg.vocab_size:
@@ -78,7 +79,9 @@ class PretrainTrainer(Trainer):
 
     def on_eval(self):
         """Greedy continuations of the fixed prompts, through the one generation path (model/engine.py)."""
-        if not self.master or self.cfg.sample_tokens <= 0:
+        # Under FSDP every rank must run the same forwards (weights are gathered collectively), so all ranks
+        # generate the same greedy samples and rank 0 prints them.
+        if (not self.master and not self.fsdp) or self.cfg.sample_tokens <= 0:
             return
         from model.engine import Engine
 

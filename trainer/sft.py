@@ -38,6 +38,7 @@ class Config(TrainConfig):
 
 class SFTTrainer(Trainer):
     stage = "sft"
+    supports_fsdp = True
 
     def build_data(self):
         cfg = self.cfg
