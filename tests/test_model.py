@@ -95,6 +95,31 @@ def test_gradient_checkpointing_same_gradients():
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [{}, MOE])
+def test_chunked_loss_equals_plain_loss_and_gradients(overrides):
+    """loss_chunk computes the loss without the full logits; it must give the plain loss and gradients, with
+    ignored labels, shifted targets, a per-step item count, chunks that do not divide the rows, and bf16."""
+    model = make(**overrides).train()
+    ids = torch.randint(4, 256, (3, 21))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    for kwargs in (dict(labels=labels), dict(shift_labels=labels, num_items_in_batch=torch.tensor(37.0))):
+        results = []
+        for chunk in (0, 16, 5):
+            model.zero_grad()
+            out = model(ids, loss_chunk=chunk, **kwargs)
+            out.loss.backward()
+            assert (out.logits is None) == (chunk > 0)
+            results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        for loss, grads in results[1:]:
+            assert torch.allclose(loss, results[0][0], atol=1e-6)
+            for got, want in zip(grads, results[0][1]):
+                assert torch.allclose(got, want, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, chunked = (model(ids, labels=labels, loss_chunk=c).loss for c in (0, 8))
+    assert torch.allclose(plain, chunked, rtol=1e-3)
+
+
 def test_save_load_round_trip_and_auto_classes(tmp_path):
     for overrides in ({}, {"tie_word_embeddings": False}, MOE):
         model = make(**overrides)

@@ -121,6 +121,16 @@ def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
     assert losses(big.out_dir) == pytest.approx(losses(small.out_dir), rel=2e-5)  # fp32 summation order only
 
 
+def test_chunked_loss_trains_the_same(tiny_tokenizer_dir, shards, tmp_path):
+    plain = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "plain", max_steps=4, eval_every=2)
+    chunked = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "chunked", max_steps=4, eval_every=2, loss_chunk=48)
+    run_trainer(PretrainTrainer, plain)
+    run_trainer(PretrainTrainer, chunked)
+    assert losses(chunked.out_dir) == pytest.approx(losses(plain.out_dir), rel=1e-5)
+    evals = [[r["loss"] for r in read_metrics(c.out_dir, split="eval")] for c in (plain, chunked)]
+    assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)
+
+
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
             "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",

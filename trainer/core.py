@@ -63,6 +63,8 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer
     #                        state sharded over the GPUs, for a model that does not fit one; pretrain and sft)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    loss_chunk: int = 0  # >0: cross-entropy from hidden states this many tokens at a time, never all logits at once
+    #                      (less memory at big micro-batches, one extra output matmul); 0 = plain loss
     seed: int = 1337
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10  # steps between status lines
@@ -257,7 +259,7 @@ class Trainer:
 
     def compute_loss(self, batch, num_items) -> tuple[torch.Tensor, dict]:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         labels=batch["labels"], num_items_in_batch=num_items)
+                         labels=batch["labels"], num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
         return out.loss, {}
 
     def batch_tokens(self, batch) -> int:

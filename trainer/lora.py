@@ -167,8 +167,8 @@ class LoRATrainer(SFTTrainer):
                f"for weights, grads and AdamW)")
 
     # ---- checkpoints hold the adapter, not the (unchanged) base weights ----------------------------------
-    def save_pretrained_to(self, path: str, dtype: torch.dtype | None = None):
-        cfg = self.cfg
+    def save_pretrained_to(self, path: str, dtype: torch.dtype | None = None, state: dict | None = None):
+        cfg = self.cfg  # only the adapters, read from the live model (LoRA never runs sharded, so `state` is unused)
         save_adapter(self.raw_model, path, cfg.init_from, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.tokenizer.save_pretrained(path)
 

@@ -69,7 +69,7 @@ class PretrainTrainer(Trainer):
 
     def compute_loss(self, batch, num_items):
         x, y = batch
-        out = self.model(input_ids=x, shift_labels=y, num_items_in_batch=num_items)
+        out = self.model(input_ids=x, shift_labels=y, num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
         metrics = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
         return out.loss, metrics
 

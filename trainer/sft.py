@@ -74,7 +74,7 @@ class SFTTrainer(Trainer):
         # attention_mask/position_ids are present only for packed rows (see collate_chat).
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                          position_ids=batch.get("position_ids"), labels=batch["labels"],
-                         num_items_in_batch=num_items)
+                         num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
         return out.loss, {}
 
     def batch_tokens(self, batch) -> int:
