@@ -59,12 +59,14 @@ def main():
     parser.add_argument("--preset", default="small")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompt_lens", type=int, nargs="+", default=[32, 512])
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda rows only where there is a GPU")
     args = parser.parse_args()
 
     from model import SLMConfig, SLMForCausalLM
     from model.engine import Engine
 
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, "
           f"{args.new_tokens} new tokens, best of {args.repeats}")
     print("| device | batch | prompt | ours TTFT ms | HF TTFT ms | ours decode tok/s | HF decode tok/s | speed-up |")
@@ -75,7 +77,7 @@ def main():
         model = SLMForCausalLM(SLMConfig.from_preset(args.preset)).to(device, dtype).eval()
         engine = Engine(model, FakeTokenizer(), device=device)
         for batch in (1, 8):
-            for prompt_len in (32, 512):
+            for prompt_len in args.prompt_lens:
                 prompts = torch.randint(4, model.config.vocab_size, (batch, prompt_len))
                 ids = prompts.to(device)
 

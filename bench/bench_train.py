@@ -6,8 +6,11 @@ Training throughput: our SLM against transformers' LlamaForCausalLM of the same 
 
 For each preset, micro-batch and compile setting it times full training steps (forward, backward, AdamW; bf16
 autocast and fused AdamW on CUDA, fp32 on CPU) on random tokens, after warm-up steps, and prints tokens/s, MFU
-(CUDA: 6N + attention FLOPs per token over the GPU's dense bf16 peak), peak memory, and the ratio to the Llama
+(CUDA: 6N + attention FLOPs per token over the GPU's dense bf16 peak), peak memory (CUDA: the allocator's peak;
+CPU, uncompiled: live tensors counted by bench/tensor_memory.py over one extra step), and the ratio to the Llama
 baseline measured in the same run. Same weights shape, same batch, same dtype for both models.
+--loss_chunk N adds a row for ours with the chunked loss (model/model_slm.py ChunkedLinearCrossEntropy), whose
+point is memory: compare its peak with the plain row's.
 """
 
 import argparse
@@ -19,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from bench.tensor_memory import TensorMemoryTracker  # noqa: E402
 from model import SLMConfig, SLMForCausalLM  # noqa: E402
 from scripts.export_llama import slm_to_llama_config  # noqa: E402
 from trainer.core import flops_per_token, gpu_peak_flops  # noqa: E402
@@ -37,7 +41,8 @@ def build(kind: str, preset: str, device):
     return model.to(device)
 
 
-def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device, dtype, compile_model: bool):
+def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device, dtype, compile_model: bool,
+               loss_chunk: int = 0, profile: bool = False):
     torch.manual_seed(0)
     vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -48,8 +53,11 @@ def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device,
 
     def one_step():
         with autocast:
-            logits = step_model(input_ids=x).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
+            if loss_chunk:  # our chunked loss inside the model: the logits never exist whole
+                loss = step_model(input_ids=x, shift_labels=y, loss_chunk=loss_chunk).loss
+            else:
+                logits = step_model(input_ids=x).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -65,8 +73,33 @@ def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device,
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    elif not compile_model:  # CPU: one more step with live tensors counted (bench/tensor_memory.py), untimed
+        tracker = TensorMemoryTracker()
+        tracker.count_existing([*model.parameters(), *(t for state in optimizer.state.values()
+                                                       for t in state.values() if torch.is_tensor(t))])
+        with tracker:
+            one_step()
+        peak = tracker.peak / 2**30
+    else:  # compiled code allocates outside the dispatcher, where the tracker cannot see it
+        peak = float("nan")
+    if profile:
+        print_profile(one_step, device)
     return batch * seq_len * steps / elapsed, peak
+
+
+def print_profile(one_step, device, rows: int = 15):
+    """Where one training step's time goes: the ops with the most self time (on the GPU when there is one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40), flush=True)
 
 
 def main():
@@ -78,6 +111,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; the best of each is kept")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
+    parser.add_argument("--loss_chunk", type=int, default=0, help="also time ours with this loss_chunk (slm+chunk)")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one step of ours (last round)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -89,27 +124,31 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name} | dtype {str(dtype).replace('torch.', '')} | seq_len {args.seq_len} | "
           f"{args.steps} timed steps after {args.warmup} warm-up | best of {args.rounds} alternating rounds")
-    print(f"{'preset':<7} {'batch':>5} {'compile':>7} {'model':<6} {'tok/s':>12} {'MFU':>7} {'peak GiB':>8} {'vs llama':>8}")
+    print(f"{'preset':<7} {'batch':>5} {'compile':>7} {'model':<9} {'tok/s':>12} {'MFU':>7} {'peak GiB':>8} "
+          f"{'vs llama':>8}")
     for preset in args.presets:
         for batch in args.batch:
             for compile_model in compiles:
                 # Alternate baseline and ours for several rounds and keep each one's best: on a shared machine
                 # a single timing swings by 10%, more than the difference we are measuring.
-                best = {"llama": (0.0, 0.0), "slm": (0.0, 0.0)}
-                for _ in range(args.rounds):
-                    for kind in ("llama", "slm"):
-                        model = build(kind, preset, device)
+                kinds = ["llama", "slm"] + (["slm+chunk"] if args.loss_chunk else [])
+                best = {kind: (0.0, 0.0) for kind in kinds}
+                for round_index in range(args.rounds):
+                    last_round = round_index == args.rounds - 1
+                    for kind in kinds:
+                        model = build(kind.split("+")[0], preset, device)
                         tok_s, peak = time_steps(model, batch, args.seq_len, args.steps, args.warmup, device, dtype,
-                                                 compile_model)
+                                                 compile_model, args.loss_chunk if kind == "slm+chunk" else 0,
+                                                 profile=args.profile and kind == "slm" and last_round)
                         best[kind] = max(best[kind], (tok_s, peak))
                         del model
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                 fpt = flops_per_token(build("slm", preset, "meta"), args.seq_len)  # same dims: same FLOPs for both
-                for kind in ("llama", "slm"):
+                for kind in kinds:
                     tok_s, peak = best[kind]
                     mfu = f"{100 * fpt * tok_s / peak_flops:.1f}%" if peak_flops else "-"
-                    print(f"{preset:<7} {batch:>5} {str(compile_model):>7} {kind:<6} {tok_s:>12,.0f} {mfu:>7} "
+                    print(f"{preset:<7} {batch:>5} {str(compile_model):>7} {kind:<9} {tok_s:>12,.0f} {mfu:>7} "
                           f"{peak:>8.2f} {tok_s / best['llama'][0]:>7.2f}x", flush=True)
 
 

@@ -23,7 +23,11 @@ Memory on a small GPU (four models: actor, critic, reference, reward):
                       too (any checkpoint with the same tokenizer), which is the "smaller critic" option.
     ref_device=cpu    keep the frozen reference in CPU memory; its log-probs are computed there once per rollout.
     frozen models (reference, reward) are held in the training dtype (bf16 on GPU): no fp32 copy, no optimizer.
-Peak memory is logged as peak_mem_gb on CUDA; see bench/RESULTS.md for measured numbers.
+Measured with bench/bench_rl_memory.py (bench/RESULTS.md, "Preference alignment memory"; so far on CPU, fp32, small
+preset, 8 replies of ~211 tokens per step): a separate critic peaks at 1.65x the shared head, a half-depth critic at
+1.30x; ref_device=cpu saves only the reference's weights (0.91x), because the peak is in the update's backward, not in
+the rollout. A smaller micro-batch (batch_size 2 of global_batch_size 8) cuts the peak more (0.61x). During training
+the peak is logged as peak_mem_gb on CUDA.
 Single process only: the value head / critic is outside the DDP wrapper, so its gradients would not be averaged.
 """
 
