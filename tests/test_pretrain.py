@@ -131,6 +131,32 @@ def test_chunked_loss_trains_the_same(tiny_tokenizer_dir, shards, tmp_path):
     assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)
 
 
+def test_batch_size_auto_probes_and_keeps_the_global_batch(tiny_tokenizer_dir, shards, tmp_path, monkeypatch):
+    """The CUDA probe, on CPU: a forward that runs "out of memory" above 16 sequences. The probe must keep the last
+    micro-batch that fit, halved for headroom, and set accumulation so the global batch stays 64."""
+    from model import SLMForCausalLM
+
+    forward = SLMForCausalLM.forward
+
+    def limited(self, input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[0] > 16:
+            raise torch.OutOfMemoryError("fake: over 16 sequences")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(SLMForCausalLM, "forward", limited)
+    monkeypatch.setattr(PretrainTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
+    trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "auto", batch_size="auto",
+                                       global_batch_size=64, max_steps=1))
+    trainer.prepare()
+    assert (trainer.micro_batch, trainer.accum_steps, trainer.global_batch) == (8, 8, 64)
+    assert all(p.grad is None for p in trainer.raw_model.parameters())  # the probe leaves no gradients behind
+    # When everything up to the per-process target fits, there is no need for headroom.
+    trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "fits", batch_size="auto",
+                                       global_batch_size=16, max_steps=1))
+    trainer.prepare()
+    assert (trainer.micro_batch, trainer.accum_steps) == (16, 1)
+
+
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
             "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
