@@ -751,7 +751,11 @@ class Trainer:
                                 state=weights)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        print0(f"[{self.stage}] final weights in {path} (next stage: init_from={path})")
+        print0(f"[{self.stage}] final weights in {path}{self.next_stage_hint(path)}")
+
+    def next_stage_hint(self, path: str) -> str:
+        """How the next stage uses final/ (a LoRA adapter is not a full model: that stage says so itself)."""
+        return f" (next stage: init_from={path})"
 
     def _maybe_resume(self):
         cfg = self.cfg

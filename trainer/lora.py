@@ -180,6 +180,9 @@ class LoRATrainer(SFTTrainer):
     def load_checkpoint_weights(self, path: str, weights: dict) -> None:
         load_adapter_weights(self.raw_model, weights, path)
 
+    def next_stage_hint(self, path: str) -> str:
+        return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
+
 
 def run(cfg: Config):
     trainer = run_trainer(LoRATrainer, cfg)
