@@ -9,8 +9,9 @@ autocast and fused AdamW on CUDA, fp32 on CPU) on random tokens, after warm-up s
 (CUDA: 6N + attention FLOPs per token over the GPU's dense bf16 peak), peak memory (CUDA: the allocator's peak;
 CPU, uncompiled: live tensors counted by bench/tensor_memory.py over one extra step), and the ratio to the Llama
 baseline measured in the same run. Same weights shape, same batch, same dtype for both models.
---loss_chunk N adds a row for ours with the chunked loss (model/model_slm.py ChunkedLinearCrossEntropy), whose
-point is memory: compare its peak with the plain row's.
+--models picks the rows: llama (the baseline), slm (ours), slm+chunk (ours with the chunked loss of
+model/model_slm.py, --loss_chunk tokens at a time; its point is memory: compare its peak with slm's) and slm+sync
+(ours reading a flag back from the device every step, as the Trainer's NaN guard does: what that sync costs).
 """
 
 import argparse
@@ -42,7 +43,7 @@ def build(kind: str, preset: str, device):
 
 
 def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device, dtype, compile_model: bool,
-               loss_chunk: int = 0, profile: bool = False):
+               loss_chunk: int = 0, sync_check: bool = False, profile: bool = False):
     torch.manual_seed(0)
     vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -59,6 +60,8 @@ def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device,
                 logits = step_model(input_ids=x).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
         loss.backward()
+        if sync_check:  # what the Trainer's NaN guard costs: the CPU waits for the GPU before the next step
+            bool(torch.isfinite(loss))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -111,7 +114,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; the best of each is kept")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
-    parser.add_argument("--loss_chunk", type=int, default=0, help="also time ours with this loss_chunk (slm+chunk)")
+    parser.add_argument("--models", nargs="+", default=["llama", "slm"],
+                        choices=["llama", "slm", "slm+chunk", "slm+sync"], help="slm+chunk: ours with --loss_chunk; slm+sync: ours reading a loss flag back every step "
+                             "(the Trainer's NaN guard); ratios are against the first")
+    parser.add_argument("--loss_chunk", type=int, default=8192, help="tokens per chunk for slm+chunk")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step of ours (last round)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -124,14 +130,15 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name} | dtype {str(dtype).replace('torch.', '')} | seq_len {args.seq_len} | "
           f"{args.steps} timed steps after {args.warmup} warm-up | best of {args.rounds} alternating rounds")
+    base = args.models[0]
     print(f"{'preset':<7} {'batch':>5} {'compile':>7} {'model':<9} {'tok/s':>12} {'MFU':>7} {'peak GiB':>8} "
-          f"{'vs llama':>8}")
+          f"{'vs ' + base:>12}")
     for preset in args.presets:
         for batch in args.batch:
             for compile_model in compiles:
                 # Alternate baseline and ours for several rounds and keep each one's best: on a shared machine
                 # a single timing swings by 10%, more than the difference we are measuring.
-                kinds = ["llama", "slm"] + (["slm+chunk"] if args.loss_chunk else [])
+                kinds = args.models
                 best = {kind: (0.0, 0.0) for kind in kinds}
                 for round_index in range(args.rounds):
                     last_round = round_index == args.rounds - 1
@@ -139,6 +146,7 @@ def main():
                         model = build(kind.split("+")[0], preset, device)
                         tok_s, peak = time_steps(model, batch, args.seq_len, args.steps, args.warmup, device, dtype,
                                                  compile_model, args.loss_chunk if kind == "slm+chunk" else 0,
+                                                 sync_check=kind == "slm+sync",
                                                  profile=args.profile and kind == "slm" and last_round)
                         best[kind] = max(best[kind], (tok_s, peak))
                         del model
@@ -149,7 +157,7 @@ def main():
                     tok_s, peak = best[kind]
                     mfu = f"{100 * fpt * tok_s / peak_flops:.1f}%" if peak_flops else "-"
                     print(f"{preset:<7} {batch:>5} {str(compile_model):>7} {kind:<9} {tok_s:>12,.0f} {mfu:>7} "
-                          f"{peak:>8.2f} {tok_s / best['llama'][0]:>7.2f}x", flush=True)
+                          f"{peak:>8.2f} {tok_s / best[base][0]:>11.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
 #
 # The GPU image may carry an older transformers than requirements.txt asks for: put the wheels in .whl/ (see the
 # device README) and carry it; they are installed to /tmp/site first. Parts, most wanted first:
-#   train_small  issue 4: small preset tokens/s + MFU vs transformers' Llama, compiled, micro-batch 128 and 256,
-#                with and without loss_chunk (goal: >= 2.0M tok/s)
+#   train_small  issue 4: small preset tokens/s + MFU vs transformers' Llama, compiled, micro-batch 128 and 256
+#                (goal: >= 2.0M tok/s)
+#   train_variants  issue 4: ours with the chunked loss and with the NaN guard's per-step sync, and a profile
 #   train_base   issue 4: base preset MFU, compiled (goal: >= 45%)
 #   train_eager  issue 4: both presets without torch.compile
 #   rl_memory    issue 7: PPO / GRPO peak GPU memory per memory option (critic shared/separate, reference offload)
@@ -31,14 +32,17 @@ EOF
 
 if [ "${SMOKE:-0}" = 1 ]; then
     small="--presets tiny --seq_len 32 --batch 2 --steps 2 --warmup 1 --rounds 1"
-    train_small="$small --compile no --loss_chunk 16"
+    train_small="$small --compile no"
+    train_variants="$small --compile no --models slm slm+chunk slm+sync --loss_chunk 16 --profile"
     train_base="$small --compile no"
     train_eager="$small --compile no"
     rl_memory="--preset tiny --batch 4 --group 2 --prompt_tokens 8 --max_new_tokens 4 --seq_len 32"
     generate="--preset tiny --new_tokens 4 --repeats 1 --prompt_lens 32"
     limit=120
 else
-    train_small="--presets small --seq_len 512 --batch 128 256 --steps 20 --warmup 5 --rounds 1 --compile yes --loss_chunk 8192 --profile"
+    train_small="--presets small --seq_len 512 --batch 128 256 --steps 20 --warmup 5 --rounds 1 --compile yes"
+    train_variants="--presets small --seq_len 512 --batch 256 --steps 20 --warmup 5 --rounds 1 --compile yes
+                    --models slm slm+chunk slm+sync --loss_chunk 8192 --profile"
     train_base="--presets base --seq_len 512 --batch 64 --steps 20 --warmup 5 --rounds 1 --compile yes"
     train_eager="--presets small base --seq_len 512 --batch 128 --steps 10 --warmup 3 --rounds 1 --compile no"
     rl_memory=""
@@ -58,8 +62,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     tail -n 15 "$out/$name.log" >>"$out/summary.txt"
 }
 
-part train_small 200 python3 bench/bench_train.py $train_small
-part train_base 120 python3 bench/bench_train.py $train_base
-part train_eager 90 python3 bench/bench_train.py $train_eager
-part rl_memory 90 python3 bench/bench_rl_memory.py $rl_memory
-part generate 60 python3 bench/bench_generate.py $generate
+# 570 s in all: the device tool's limit is 600 s a call
+part train_small 150 python3 bench/bench_train.py $train_small
+part train_variants 110 python3 bench/bench_train.py $train_variants
+part train_base 100 python3 bench/bench_train.py $train_base
+part train_eager 80 python3 bench/bench_train.py $train_eager
+part rl_memory 80 python3 bench/bench_rl_memory.py $rl_memory
+part generate 50 python3 bench/bench_generate.py $generate
