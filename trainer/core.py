@@ -8,7 +8,7 @@ A stage subclasses Trainer and fills in its data and its loss through a few hook
     compute_loss(batch, n)    -> (loss, {metric: tensor}); loss = this micro-batch's share of a step whose
                                  whole weight is n, so the micro-batch losses of one step add up to its mean
     build_model() / setup()   -> override to load extra models (reference, reward, ...)
-Everything else is here, once: device and dtype, seeding, DDP, AdamW, warmup + cosine/WSD schedule, gradient
+Everything else is here, once: device and dtype, seeding, DDP or FSDP, AdamW, warmup + cosine/WSD schedule, gradient
 accumulation weighted by valid items across the whole step, clipping, logging (+ metrics.jsonl), evaluation,
 self-describing atomic checkpoints, exact resume, and the final export that the next stage loads with init_from.
 """
