@@ -6,8 +6,9 @@
 #   bash bench/gpu_checks.sh             # on the GPU machine: logs in $OUT (the device tool) or bench/_work/gpu
 #   SMOKE=1 bash bench/gpu_checks.sh     # anywhere, in a minute: tiny settings, checks the script, not the numbers
 #
-# The GPU image may carry an older transformers than requirements.txt asks for: put the wheels in .whl/ (see the
-# device README) and carry it; they are installed to /tmp/site first. Parts, most wanted first:
+# The GPU image may carry an older transformers than requirements.txt asks for: put the wheels in .whl/ (transformers,
+# and regex, which transformers checks at import; see the device README) and carry it: they go to /tmp/site first.
+# Parts, most wanted first:
 #   train_small  issue 4: small preset tokens/s + MFU vs transformers' Llama, compiled, micro-batch 128 and 256
 #                (goal: >= 2.0M tok/s)
 #   train_variants  issue 4: ours with the chunked loss and with the NaN guard's per-step sync, and a profile
