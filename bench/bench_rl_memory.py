@@ -20,7 +20,9 @@ Options (--options; ratios are against the first one given, by default ppo-share
     ppo-separate          critic=separate: a second full backbone with its own gradients and AdamW state
     ppo-separate-refcpu   the same with ref_device=cpu
     ppo-half-critic       critic=separate from a checkpoint with half the layers (the "smaller critic")
+    ppo-shared-ckpt       critic=shared with gradient_checkpointing=true (layer activations recomputed in backward)
     grpo, grpo-refcpu     GRPO: no critic; reference on the device / offloaded
+    grpo-ckpt             GRPO with gradient_checkpointing=true
 
 What is counted:
     persistent  weights of every model on the training device + one gradient per trainable parameter + the
@@ -68,8 +70,10 @@ OPTIONS = {
     "ppo-separate": ("ppo", {"critic": "separate"}, False),
     "ppo-separate-refcpu": ("ppo", {"critic": "separate"}, True),
     "ppo-half-critic": ("ppo", {"critic": "separate", "critic_from": "<half>"}, False),
+    "ppo-shared-ckpt": ("ppo", {"critic": "shared", "gradient_checkpointing": True}, False),
     "grpo": ("grpo", {}, False),
     "grpo-refcpu": ("grpo", {}, True),
+    "grpo-ckpt": ("grpo", {"gradient_checkpointing": True}, False),
 }
 RULE = "token_ids:100-163"  # a dense toy reward (tests/test_ppo_grpo.py): no reward model needed
 
@@ -198,6 +202,7 @@ def measure(option: str, inputs: dict, args) -> dict:
         trainer, offload_ref = build_trainer(option, inputs, args, out_dir)
         with quiet(args.verbose):
             trainer.prepare()
+        trainer.model.train()  # as Trainer.fit() does (from_pretrained models start in eval mode)
         tracker = None
         if not cuda:
             tracker = TensorMemoryTracker()

@@ -26,8 +26,8 @@ Memory on a small GPU (four models: actor, critic, reference, reward):
 Measured with bench/bench_rl_memory.py (bench/RESULTS.md, "Preference alignment memory"; so far on CPU, fp32, small
 preset, 8 replies of ~211 tokens per step): a separate critic peaks at 1.65x the shared head, a half-depth critic at
 1.30x; ref_device=cpu saves only the reference's weights (0.91x), because the peak is in the update's backward, not in
-the rollout. A smaller micro-batch (batch_size 2 of global_batch_size 8) cuts the peak more (0.61x). During training
-the peak is logged as peak_mem_gb on CUDA.
+the rollout. What cuts the peak most is what cuts activations: gradient_checkpointing=true (0.55x) and a smaller
+micro-batch (batch_size 2 of global_batch_size 8: 0.61x). During training the peak is logged as peak_mem_gb on CUDA.
 Single process only: the value head / critic is outside the DDP wrapper, so its gradients would not be averaged.
 """
 
