@@ -67,6 +67,6 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 part train_small 150 python3 bench/bench_train.py $train_small
 part train_variants 110 python3 bench/bench_train.py $train_variants
 part train_base 100 python3 bench/bench_train.py $train_base
-part train_eager 80 python3 bench/bench_train.py $train_eager
-part rl_memory 80 python3 bench/bench_rl_memory.py $rl_memory
-part generate 50 python3 bench/bench_generate.py $generate
+part train_eager 70 python3 bench/bench_train.py $train_eager
+part rl_memory 100 python3 bench/bench_rl_memory.py $rl_memory
+part generate 40 python3 bench/bench_generate.py $generate
