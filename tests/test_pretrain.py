@@ -161,7 +161,7 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
             "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
             "lr_schedule=constant",  # the schedule then does not depend on max_steps (the resume below extends it)
-            "eval_every=0", "eval_batches=2", "sample_tokens=0", "save_every=0", "seed=7"]
+            "eval_every=0", "eval_batches=3", "sample_tokens=0", "save_every=0", "seed=7"]  # 3 val batches, 2 ranks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
                    cwd=ROOT, check=True, capture_output=True, env=env)
@@ -170,6 +170,8 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    evals = [[r["loss"] for r in read_metrics(str(tmp_path / d), split="eval")] for d in ("one", "two")]
+    assert len(evals[0]) == 1 and evals[1] == pytest.approx(evals[0], abs=1e-4)
     state = torch.load(tmp_path / "two" / "step_000005" / "trainer_state.pt", weights_only=False)
     assert len(state["rng"]) == 2 and state["data"]["offset"] == 5 * 8 * 32
     # Resume the 2-process run with 1 process: the token position is global, so steps 6-7 read the same tokens as

@@ -388,8 +388,10 @@ class Trainer:
         if self.ddp and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
+            # broadcast_buffers=False: our only buffers are RoPE frequencies, the same on every rank, and DDP
+            # would otherwise broadcast them before every forward.
             self.model = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                                 else None)
+                                                 else None, broadcast_buffers=False)
         self.peak_flops = gpu_peak_flops(self.device)
         self.flops_per_token = flops_per_token(self.raw_model, cfg.seq_len)
         if self.master:
