@@ -62,7 +62,11 @@ class BadRecord(ValueError):
 
     def __init__(self, where: str, reason: str, detail: str = ""):
         super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
-        self.where, self.reason = where, reason
+        self.where, self.reason, self.detail = where, reason, detail
+
+
+class UnreadableFile(BadRecord):
+    """A record showing that its whole file cannot be read (no format we know): an error even when on_bad=skip."""
 
 
 # -----------------------------------------------------------------------------
@@ -105,6 +109,30 @@ def iter_records(path: str):
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 yield n, BadRecord(f"{path}:{n}", "malformed", f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def usable_records(path: str, convert, on_bad: str, stats: Counter, log=print):
+    """Yield convert(record, where) for every record of one file that converts. A record that does not (convert or
+    the JSON reader raised BadRecord) stops the run naming file:line when on_bad=error; with on_bad=skip it is
+    counted in stats as "skip:<reason>" and the first few per file are logged, so the cause is findable without
+    flooding the log. stats["records"] counts every record read."""
+    shown = 0
+    for line, record in iter_records(path):
+        where = f"{path}:{line}"
+        stats["records"] += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            item = convert(record, where)
+        except BadRecord as e:
+            if on_bad == "error" or isinstance(e, UnreadableFile):
+                raise
+            stats[f"skip:{e.reason}"] += 1
+            if shown < 3:
+                log(f"[data] skipped {e}")
+                shown += 1
+            continue
+        yield item
 
 
 def _array_records(text: str, path: str):
@@ -248,26 +276,20 @@ def load_conversations(paths: str | list[str], placeholders: dict | None = None,
     placeholders = placeholders or {}
     conversations = []
     for path in expand_paths(paths):
-        fmt, kept, shown = None, 0, 0
-        for line, record in iter_records(path):
-            where = f"{path}:{line}"
-            stats["records"] += 1
-            if fmt is None and not isinstance(record, BadRecord):
-                fmt = detect_format(record, where)  # a file we cannot read at all is an error, never a skip
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                messages = to_messages(record, fmt, where)
-                check_messages(messages, where, require_assistant_last)
-                messages = fill_placeholders(messages, placeholders, where)
-            except BadRecord as e:
-                if on_bad == "error":
-                    raise
-                stats[f"skip:{e.reason}"] += 1
-                if shown < 3:  # show a few per file so the cause is findable without flooding the log
-                    log(f"[data] skipped {e}")
-                    shown += 1
-                continue
+        fmt, kept = None, 0
+
+        def convert(record, where):
+            nonlocal fmt
+            if fmt is None:  # the file's format, from its first readable record
+                try:
+                    fmt = detect_format(record, where)
+                except BadRecord as e:  # a file we cannot read at all is an error, never a skip
+                    raise UnreadableFile(e.where, e.reason, e.detail) from None
+            messages = to_messages(record, fmt, where)
+            check_messages(messages, where, require_assistant_last)
+            return fill_placeholders(messages, placeholders, where)
+
+        for messages in usable_records(path, convert, on_bad, stats, log):
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}] + messages
             conversations.append(messages)

@@ -33,9 +33,9 @@ from dataset.chat_data import (
     BadRecord,
     check_messages,
     expand_paths,
-    iter_records,
     to_messages,
     tokenize_conversation,
+    usable_records,
 )
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -115,22 +115,8 @@ def load_pairs(paths: str | list[str], on_bad: str = "error", max_samples: int =
     stats = Counter() if stats is None else stats
     pairs, seen = [], set()
     for path in expand_paths(paths):
-        kept, shown = 0, 0
-        for line, record in iter_records(path):
-            where = f"{path}:{line}"
-            stats["records"] += 1
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                pair = record_to_pair(record, where)
-            except BadRecord as e:
-                if on_bad == "error":
-                    raise
-                stats[f"skip:{e.reason}"] += 1
-                if shown < 3:
-                    log(f"[data] skipped {e}")
-                    shown += 1
-                continue
+        kept = 0
+        for pair in usable_records(path, record_to_pair, on_bad, stats, log):
             key = json.dumps(pair, ensure_ascii=False, sort_keys=True)
             if key in seen:
                 stats["skip:duplicate"] += 1
