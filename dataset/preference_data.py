@@ -193,6 +193,15 @@ class PairDataset:
         return item
 
 
+def read_pair_samples(paths: str | list[str], tokenizer, seq_len: int, on_bad: str = "error", max_samples: int = 0,
+                      log=print) -> tuple[list[dict], Counter]:
+    """Files -> tokenized pair samples (what DPO and the reward model train on) and the read / skip / truncation
+    counts."""
+    stats = Counter()
+    pairs, _ = load_pairs(paths, on_bad, max_samples, stats, log)
+    return tokenize_pairs(pairs, tokenizer, seq_len, stats), stats
+
+
 def collate_pairs(items: list[dict], pad_id: int, pad_multiple: int = 8) -> dict:
     """B pairs -> one (2B, T) right-padded micro-batch, rows [chosen_0..chosen_B-1; rejected_0..rejected_B-1].
 

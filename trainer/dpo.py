@@ -21,7 +21,7 @@ and then frees it, so only the policy (and its optimizer) is in memory during tr
 """
 
 import copy
-from collections import Counter
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from dataset.preference_data import (
     PairDataset,
     collate_pairs,
-    load_pairs,
-    tokenize_pairs,
+    read_pair_samples,
 )
 from trainer.core import TrainConfig, Trainer, print0, run_trainer
 from trainer.rl_common import load_frozen, sequence_logprobs
@@ -92,16 +91,11 @@ class DPOTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        stats = Counter()
-        log = print0 if self.master else (lambda *a: None)
-        pairs, _ = load_pairs(cfg.data_path, cfg.on_bad_record, cfg.max_samples, stats, log)
-        samples = tokenize_pairs(pairs, self.tokenizer, cfg.seq_len, stats)
+        samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
+                                           cfg.max_samples, print0)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
         train, val = PairDataset(train), PairDataset(val)
-        pad_id = self.tokenizer.pad_token_id
-
-        def collate(items):
-            return collate_pairs(items, pad_id)
+        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
 
         if cfg.precompute_ref:
             for data in (train, val):

@@ -13,7 +13,7 @@ a centred reward needs no baseline in PPO). Evaluation reports the pairwise accu
 Its final/ loads with AutoModelForSequenceClassification and is what PPO/GRPO take as reward_from.
 """
 
-from collections import Counter
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from dataset.preference_data import (
     PairDataset,
     collate_pairs,
-    load_pairs,
-    tokenize_pairs,
+    read_pair_samples,
 )
 from trainer.core import TrainConfig, Trainer, print0, run_trainer
 
@@ -67,16 +66,11 @@ class RewardTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        stats = Counter()
-        log = print0 if self.master else (lambda *a: None)
-        pairs, _ = load_pairs(cfg.data_path, cfg.on_bad_record, cfg.max_samples, stats, log)
-        samples = tokenize_pairs(pairs, self.tokenizer, cfg.seq_len, stats)
+        samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
+                                           cfg.max_samples, print0)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
         train, val = PairDataset(train), PairDataset(val)
-        pad_id = self.tokenizer.pad_token_id
-
-        def collate(items):
-            return collate_pairs(items, pad_id)
+        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
 
         self.use_datasets(train, val, collate)
         print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")

@@ -284,9 +284,8 @@ class RolloutTrainer(Trainer):
         if per_rollout % (cfg.num_generations * self.world_size):
             raise ValueError(f"global_batch_size x rollout_minibatches = {per_rollout} must be a multiple of "
                              f"num_generations x processes = {cfg.num_generations} x {self.world_size}")
-        log = print0 if self.master else (lambda *a: None)
         prompts = load_prompts(cfg.data_path, self.tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.on_bad_record,
-                               cfg.max_samples, log)
+                               cfg.max_samples, print0)
         n_prompts = per_rollout // cfg.num_generations
         self.train_data = IndexBatches(prompts, n_prompts, n_prompts // self.world_size, self.rank,
                                        self.world_size, cfg.seed, collate=list)

@@ -45,9 +45,8 @@ class SFTTrainer(Trainer):
         if not cfg.init_from:
             print0(f"[{self.stage}] WARNING: init_from is empty: fine-tuning a randomly initialised model")
         stats = Counter()
-        log = print0 if self.master else (lambda *a: None)
         conversations, _ = load_conversations(cfg.data_path, parse_placeholders(cfg.placeholders), cfg.system_prompt,
-                                              cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=log)
+                                              cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=print0)
         samples = tokenize_conversations(conversations, self.tokenizer, cfg.seq_len, cfg.truncation, stats)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))  # at most 10% held out
         train = ChatDataset(train, cfg.seq_len, pack=cfg.pack)
