@@ -65,6 +65,7 @@ def main():
 
     from model import SLMConfig, SLMForCausalLM
     from model.engine import Engine
+    from model.runtime import resolve_dtype
 
     devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, "
@@ -73,7 +74,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for device in devices:
         torch.manual_seed(0)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype("auto", device)  # what the engine picks on this device
         model = SLMForCausalLM(SLMConfig.from_preset(args.preset)).to(device, dtype).eval()
         engine = Engine(model, FakeTokenizer(), device=device)
         for batch in (1, 8):

@@ -192,7 +192,7 @@ def build_trainer(option: str, inputs: dict, args, out_dir: str):
 
 def measure(option: str, inputs: dict, args) -> dict:
     """Build the stage for `option`, run warm-up steps, and measure the peak over the next steps."""
-    from trainer.core import resolve_device
+    from model.runtime import resolve_device
 
     cuda = resolve_device(args.device).type == "cuda"
     if cuda:
@@ -271,7 +271,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from model import SLMConfig
-    from trainer.core import resolve_device, resolve_dtype
+    from model.runtime import resolve_device, resolve_dtype
 
     args = parse_args(argv)
     if args.threads:

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from bench.tensor_memory import TensorMemoryTracker  # noqa: E402
 from model import SLMConfig, SLMForCausalLM  # noqa: E402
+from model.runtime import resolve_device, resolve_dtype  # noqa: E402
 from scripts.export_llama import slm_to_llama_config  # noqa: E402
 from trainer.core import flops_per_token, gpu_peak_flops  # noqa: E402
 
@@ -122,9 +123,8 @@ def main():
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)  # what training picks on this device
     peak_flops = gpu_peak_flops(device)
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from model.runtime import load_pretrained, resolve_device, resolve_dtype
+
 # -----------------------------------------------------------------------------
 # Static KV cache
 
@@ -209,9 +211,8 @@ class Engine:
         adapter: a PEFT-format LoRA directory, merged into the base weights at load (no LoRA cost per token).
         quantize: "none" | "int8" | "int4" weight-only quantization of the linear layers (model/quantize.py).
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        import model as _registers_slm  # noqa: F401  importing the package registers the slm model type
         from model.lora_utils import merge_lora_weights
         from model.quantize import quantize_model
 
@@ -219,15 +220,10 @@ class Engine:
                 os.path.isfile(os.path.join(path, "adapter_config.json")):
             with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
                 path, adapter = json.load(f)["base_model_name_or_path"], path
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            # bf16 halves memory traffic on GPUs; CPUs are fastest (and exact) in fp32.
-            cuda_bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
-            dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # The one device/dtype policy (model/runtime.py): the same answer as training on this device.
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        model = load_pretrained(path, dtype=dtype)
         if adapter is not None:
             merge_lora_weights(model, adapter)
         # Weight-only int8/int4 (model/quantize.py), after any LoRA merge so the adapter is quantized with its base.

@@ -109,13 +109,12 @@ def tokenizer_metadata(model_dir: str):
 
 def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     import gguf
-    from transformers import AutoModelForCausalLM
 
-    import model as _  # noqa: F401  (registers the slm type)
+    from model.runtime import load_pretrained
 
     if dtype not in ("f16", "q8_0"):
         raise ValueError(f"dtype must be f16 or q8_0, got '{dtype}'")
-    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    src = load_pretrained(model_dir)
     cfg = src.config
     if getattr(cfg, "use_moe", False):
         raise ValueError("this checkpoint uses mixture-of-experts layers; GGUF export supports dense models only "

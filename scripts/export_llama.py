@@ -36,10 +36,11 @@ def slm_to_llama_config(cfg):
 
 
 def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
-    import model as _  # noqa: F401  (registers the slm type)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    src = AutoModelForCausalLM.from_pretrained(model_dir)
+    from model.runtime import load_pretrained
+
+    src = load_pretrained(model_dir, dtype="auto")
     config = slm_to_llama_config(src.config)
     torch_dtype = {"auto": next(src.parameters()).dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
                    "fp16": torch.float16}[dtype]

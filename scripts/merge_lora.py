@@ -20,11 +20,11 @@ import json
 
 def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import model as _  # noqa: F401  (registers the slm type with the Auto classes)
     from model.lora_utils import merge_lora_weights
+    from model.runtime import load_pretrained
 
     hf_logging.disable_progress_bar()
     if not model_dir:
@@ -33,7 +33,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     # Merge in fp32 (a bf16 add would round the small update away), then save in the base's own dtype.
     dtype = AutoConfig.from_pretrained(model_dir).dtype or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merged = load_pretrained(model_dir)
     n = merge_lora_weights(merged, adapter_dir)
     merged.to(dtype).save_pretrained(out_dir)
     # The adapter dir carries the tokenizer it was trained with; fall back to the base model's.

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.runtime import autocast_context, check_checkpoint_dir, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer.config import format_config, save_config
 
 # -----------------------------------------------------------------------------
@@ -85,20 +86,6 @@ def print0(*args, **kwargs):
     """Print on rank 0 only (every process runs the same code under torchrun)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPU autocast to bf16 is slow on most CPUs and changes results
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Unknown GPUs get no MFU rather than a wrong one.
@@ -317,8 +304,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.fsdp:  # fail before anything is built
             self._check_fsdp()
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-                         else nullcontext())
+        self.autocast = autocast_context(self.device, self.dtype)
         # fp16 overflows without loss scaling; bf16 and fp32 do not need it.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self._seed(cfg.seed)
@@ -336,6 +322,8 @@ class Trainer:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
+        if self.cfg.init_from:  # checked first, so a typo in init_from is not reported as a missing tokenizer
+            check_checkpoint_dir(self.cfg.init_from, "init_from")
         path = self.cfg.init_from if _has_tokenizer(self.cfg.init_from) else self.cfg.tokenizer_dir
         if not path or not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer_dir '{self.cfg.tokenizer_dir}' does not exist: train one with "
@@ -344,15 +332,10 @@ class Trainer:
 
     def build_model(self):
         """Random init from model_config, or the weights (and architecture) of init_from."""
-        import model as _  # noqa: F401  (registers the slm type with the Auto classes)
-        from transformers import AutoModelForCausalLM
-
         from model import SLMConfig, SLMForCausalLM
 
         if self.cfg.init_from:
-            if not os.path.isdir(self.cfg.init_from):
-                raise FileNotFoundError(f"init_from '{self.cfg.init_from}' is not a checkpoint directory")
-            return AutoModelForCausalLM.from_pretrained(self.cfg.init_from, dtype=torch.float32)
+            return load_pretrained(self.cfg.init_from)  # fp32 master weights; autocast gives the compute dtype
         config = SLMConfig.from_preset(self.cfg.model_config)
         return SLMForCausalLM(config)
 
@@ -406,7 +389,7 @@ class Trainer:
         n_train = sum(p.numel() for p in self.trainable_parameters())
         print0(f"[{self.stage}] config:\n{format_config(cfg)}")
         print0(f"[{self.stage}] {n_params:,} parameters ({n_train:,} trainable) | device {self.device} | dtype "
-               f"{str(self.dtype).replace('torch.', '')} | processes {self.world_size} | micro-batch "
+               f"{dtype_name(self.dtype)} | processes {self.world_size} | micro-batch "
                f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch}")
 
     def _check_fsdp(self):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import pretrain, sft
+from model.runtime import load_pretrained
 from trainer.core import print0, run_trainer
 
 
@@ -45,17 +46,13 @@ class DistillMixin:
     supports_fsdp = False  # not tested under FSDP; the full teacher on every GPU would undo the saving anyway
 
     def setup(self):
-        from transformers import AutoModelForCausalLM
-
-        import model as _  # noqa: F401  (registers the slm type with the Auto classes)
         from dataset.shards import tokenizer_fingerprint
 
         cfg = self.cfg
         if not cfg.teacher_from:
             raise ValueError("teacher_from: give the teacher's checkpoint directory")
         # fp32 weights like the student's; autocast runs its matmuls in the training dtype.
-        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher_from, dtype=torch.float32).to(self.device)
-        self.teacher.eval().requires_grad_(False)
+        self.teacher = load_pretrained(cfg.teacher_from, device=self.device, frozen=True)
         # Distilling logits position by position only makes sense when both models mean the same token by an id.
         if self.teacher.config.vocab_size != self.raw_model.config.vocab_size:
             raise ValueError(f"teacher vocab_size {self.teacher.config.vocab_size} != student "

@@ -32,8 +32,9 @@ from dataset.preference_data import (
     collate_pairs,
     read_pair_samples,
 )
+from model.runtime import load_pretrained
 from trainer.core import TrainConfig, Trainer, print0, run_trainer
-from trainer.rl_common import load_frozen, sequence_logprobs
+from trainer.rl_common import sequence_logprobs
 
 # -----------------------------------------------------------------------------
 
@@ -82,9 +83,9 @@ class DPOTrainer(Trainer):
     def setup(self):
         cfg = self.cfg
         ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
-        dtype = self.dtype if ref_device.type == "cuda" else torch.float32  # frozen: no fp32 master copy needed
         if cfg.ref_from or cfg.init_from:
-            self.ref = load_frozen(cfg.ref_from or cfg.init_from, ref_device, dtype)
+            # fp32 weights under the policy's autocast, like the policy: log pi - log ref is exactly 0 at step 0.
+            self.ref = load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True)
         else:
             print0("[dpo] WARNING: no init_from/ref_from: the reference is the random initial policy")
             self.ref = copy.deepcopy(self.raw_model).eval().requires_grad_(False)

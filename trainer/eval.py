@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import config_to_dict
-from trainer.core import print0, resolve_device, token_byte_lengths
+from trainer.core import print0, token_byte_lengths
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Config:
     names: str = ""  # column names for the checkpoints, comma-separated; "" = derived from the paths
     out_dir: str = "out/eval"  # eval.json, eval.md, generations.md
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto (model/runtime.py: bf16 on sm80+, fp16 on older GPUs, fp32 on CPU) | bf16 | fp16 | fp32
     quantize: str = "none"  # none | int8 | int4: evaluate the weight-only quantized model (model/quantize.py)
     batch_size: int = 8  # sequences per forward
     # --- perplexity / bits per byte ---
@@ -70,9 +70,7 @@ def load_engine(path: str, cfg: Config):
     from model.engine import Engine
 
     hf_logging.disable_progress_bar()
-    device = resolve_device(cfg.device)
-    dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
-    return Engine.from_pretrained(path, device=str(device), dtype=dtype, quantize=cfg.quantize)
+    return Engine.from_pretrained(path, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.runtime import load_pretrained
 from trainer.core import run_trainer
 from trainer.rl_common import (
     RLConfig,
@@ -97,13 +98,8 @@ class PPOTrainer(RolloutTrainer):
             # The value head reads the actor's final hidden state from the same forward as the log-probs.
             self.raw_model.model.register_forward_hook(self._keep_hidden)
         elif cfg.critic == "separate":
-            from transformers import AutoModelForSequenceClassification
-
-            import model as _  # noqa: F401
-
             path = cfg.critic_from or cfg.reward_from or cfg.init_from
-            self.critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                             dtype=torch.float32).to(self.device)
+            self.critic = load_pretrained(path, "score", device=self.device)  # trained: fp32 master weights
             self.value_head = None
         else:
             raise ValueError(f"critic must be shared or separate, got '{cfg.critic}'")

@@ -24,6 +24,7 @@ from dataset.preference_data import (
     collate_pairs,
     read_pair_samples,
 )
+from model.runtime import load_pretrained
 from trainer.core import TrainConfig, Trainer, print0, run_trainer
 
 # -----------------------------------------------------------------------------
@@ -53,14 +54,10 @@ class RewardTrainer(Trainer):
     stage = "reward"
 
     def build_model(self):
-        from transformers import AutoModelForSequenceClassification
-
-        import model as _  # noqa: F401  (registers the slm type)
         from model import SLMConfig, SLMForSequenceClassification
 
         if self.cfg.init_from:
-            return AutoModelForSequenceClassification.from_pretrained(self.cfg.init_from, num_labels=1,
-                                                                      dtype=torch.float32)
+            return load_pretrained(self.cfg.init_from, "score")
         print0("[reward] WARNING: init_from is empty: training a reward model from a random decoder")
         return SLMForSequenceClassification(SLMConfig.from_preset(self.cfg.model_config, num_labels=1))
 

@@ -20,27 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.runtime import load_pretrained
 from trainer.core import IndexBatches, TrainConfig, Trainer, print0
-
-# -----------------------------------------------------------------------------
-# Models that do not train
-
-
-def load_frozen(path: str, device, dtype: torch.dtype = torch.float32, kind: str = "causal"):
-    """A checkpoint in eval mode with no gradients: the DPO/PPO/GRPO reference (causal) or a reward model
-    (score). dtype may be bf16 on GPU: a frozen model needs no fp32 master weights, so it costs half."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    import model as _  # noqa: F401  (registers the slm type)
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"'{path}' is not a checkpoint directory")
-    if kind == "causal":
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    return m.to(device).eval().requires_grad_(False)
-
 
 # -----------------------------------------------------------------------------
 # Log-probabilities and KL
@@ -267,9 +248,10 @@ class RolloutTrainer(Trainer):
         cfg = self.cfg
         self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
         ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
-        frozen_dtype = self.dtype if self.device.type == "cuda" else torch.float32
-        self.ref = load_frozen(cfg.ref_from or cfg.init_from, ref_device, frozen_dtype) if cfg.init_from else None
-        self.reward_model = load_frozen(cfg.reward_from, self.device, frozen_dtype, kind="score") \
+        # Frozen models keep fp32 weights and run under the policy's autocast, so their numbers match the policy's.
+        self.ref = load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True) \
+            if cfg.init_from else None
+        self.reward_model = load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) \
             if cfg.reward_from else None
         self.rules = parse_rules(cfg.reward_rules)
         if self.reward_model is None and not self.rules:

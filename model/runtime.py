@@ -1,0 +1,129 @@
+"""
+Where a model runs, in which number format, and how a checkpoint is loaded: one policy for training, the engine,
+evaluation, frozen reference/reward models, the export scripts and the benchmarks.
+
+The dtype vocabulary is the same everywhere: auto | bf16 | fp16 | fp32. `auto` means
+    CUDA, compute capability >= 8.0 (A100, RTX 30xx/40xx, L4, H100): bf16 (native bf16 tensor cores)
+    CUDA below 8.0 (T4, V100, RTX 20xx):                            fp16 (training adds a GradScaler)
+    CPU and anything else:                                           fp32 (CPU bf16 autocast is slow and inexact)
+torch.cuda.is_bf16_supported() is not the test: it answers True on a T4 because bf16 can be *emulated* there, on
+CUDA cores at a fraction of the fp16 tensor-core speed, and Inductor and SDPA's memory-efficient kernel refuse bf16
+below sm80. Every choice is a pure function of (device type, capability) so tests can fake any GPU on a CPU.
+"""
+
+import os
+import warnings
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BF16_NATIVE = (8, 0)  # Ampere: the first compute capability with bf16 tensor cores
+
+
+# -----------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto = the first CUDA GPU if there is one, else the CPU; otherwise a torch device string (cpu, cuda:1)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{name}'") from e
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def auto_dtype(device_type: str, capability: tuple[int, int] | None) -> torch.dtype:
+    """The pure policy behind dtype=auto (see the module docstring)."""
+    if device_type == "cuda":
+        return torch.bfloat16 if capability is not None and tuple(capability) >= BF16_NATIVE else torch.float16
+    return torch.float32
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """bf16 | fp16 | fp32 -> torch dtype, with an error that lists the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got '{name}'")
+    return DTYPES[name]
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device, capability: tuple[int, int] | None = None
+                  ) -> torch.dtype:
+    """The compute dtype for `device`: auto (policy above) or an explicit name. `capability` overrides the
+    device's own (tests fake GPUs with it). Asking for bf16 where it is only emulated works but warns."""
+    if isinstance(name, torch.dtype):
+        return name
+    if capability is None:
+        capability = cuda_capability(device)
+    if name == "auto":
+        return auto_dtype(device.type, capability)
+    dtype = dtype_from_name(name)
+    if dtype == torch.bfloat16 and device.type == "cuda" and capability is not None and \
+            tuple(capability) < BF16_NATIVE:
+        warnings.warn(f"dtype=bf16 on a GPU of compute capability {capability[0]}.{capability[1]}: bf16 is emulated "
+                      f"there (several times slower than fp16, and torch.compile falls back to eager); dtype=auto "
+                      f"picks fp16", stacklevel=2)
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (for log lines and metadata)."""
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for fp32 weights: matmuls in `dtype`, reductions in fp32. fp32 means no autocast at all."""
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Loading a checkpoint
+
+
+KINDS = ("causal", "score")
+
+
+def check_checkpoint_dir(path: str, what: str = "checkpoint") -> None:
+    """A clear error for the common mistakes (a typo, a run dir instead of its final/, a LoRA adapter dir)."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} '{path}' is not a directory (a stage's final/ or step_*/ folder)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise FileNotFoundError(f"{what} '{path}' holds a LoRA adapter, not a full model: merge it first with "
+                                f"`python scripts/merge_lora.py --adapter {path} --out DIR`, or load it as an adapter")
+    hint = " (it looks like a run directory: use its final/ or a step_*/ inside)" if \
+        os.path.isdir(os.path.join(path, "final")) else ""
+    raise FileNotFoundError(f"{what} '{path}' has no config.json{hint}")
+
+
+def load_pretrained(path: str, kind: str = "causal", *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | str = torch.float32, frozen: bool = False):
+    """A saved model (ours, or an exported Llama) as a causal LM or as a one-score sequence classifier (reward
+    model / critic), moved to `device`. dtype="auto" keeps the dtype the weights were saved in. frozen=True: eval mode, no gradients (references, reward models, teachers).
+
+    Training keeps fp32 weights (the optimizer's master copy) and runs them under autocast; a frozen model that
+    must agree with the policy (a DPO/PPO/GRPO reference) is loaded the same way, so log pi - log ref is exactly 0
+    at step 0. Importing this module registers the `slm` type with the Auto classes (model/__init__.py)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
+    check_checkpoint_dir(path)
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    model = model.to(device)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model

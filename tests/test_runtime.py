@@ -1,0 +1,147 @@
+"""
+The one runtime policy (model/runtime.py): which dtype each GPU gets (faked device properties, so it runs on a CPU),
+the dtype vocabulary, the one checkpoint loader and its errors, and that training, the engine and frozen reference
+models give the same answer.
+
+    python -m pytest tests/test_runtime.py
+"""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from model.runtime import auto_dtype, dtype_name, load_pretrained, resolve_device, resolve_dtype
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# (name, compute capability, what dtype=auto must give)
+GPUS = [("T4", (7, 5), torch.float16), ("V100", (7, 0), torch.float16), ("RTX 2080", (7, 5), torch.float16),
+        ("A100", (8, 0), torch.bfloat16), ("RTX 3090", (8, 6), torch.bfloat16),
+        ("RTX 4090", (8, 9), torch.bfloat16), ("H100", (9, 0), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name,capability,expected", GPUS, ids=[g[0] for g in GPUS])
+def test_auto_dtype_is_bf16_only_where_the_gpu_has_it_natively(name, capability, expected):
+    assert auto_dtype("cuda", capability) == expected
+    # resolve_dtype with a faked capability answers the same without touching torch.cuda
+    assert resolve_dtype("auto", torch.device("cuda"), capability=capability) == expected
+
+
+def test_cpu_gets_fp32_and_explicit_names_are_kept():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype("fp16", cpu) == torch.float16
+    assert resolve_dtype("fp32", cpu) == torch.float32
+    assert resolve_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.float16) == "fp16"
+
+
+def test_bad_names_are_errors_that_list_the_choices():
+    with pytest.raises(ValueError, match="dtype must be auto, bf16, fp16, fp32; got 'int3'"):
+        resolve_dtype("int3", torch.device("cpu"))
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("gpu0")
+
+
+def test_bf16_on_a_t4_warns_that_it_is_emulated():
+    with pytest.warns(UserWarning, match="emulated"):
+        assert resolve_dtype("bf16", torch.device("cuda"), capability=(7, 5)) == torch.bfloat16
+
+
+def test_no_other_copy_of_the_dtype_policy():
+    """The first version wrote the policy three times and they disagreed: no module may decide it again."""
+    offenders = []
+    for path in list(ROOT.glob("model/*.py")) + list(ROOT.glob("trainer/*.py")) + list(ROOT.glob("scripts/*.py")) \
+            + list(ROOT.glob("bench/*.py")) + list(ROOT.glob("dataset/*.py")):
+        if path.name == "runtime.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "is_bf16_supported" in text or re.search(r"bfloat16 if .*cuda", text) or "import model as _" in text:
+            offenders.append(path.name)
+    assert offenders == []
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def test_load_pretrained_kinds_and_frozen(tmp_path, tiny_tokenizer_dir):
+    from tests.helpers_preference import tiny_checkpoint
+
+    path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
+    causal = load_pretrained(path)
+    assert type(causal).__name__ == "SLMForCausalLM"
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in causal.parameters())
+    score = load_pretrained(path, "score", frozen=True)
+    assert type(score).__name__ == "SLMForSequenceClassification" and not score.training
+    assert not any(p.requires_grad for p in score.parameters())
+    assert score.config.num_labels == 1
+    assert next(load_pretrained(path, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="kind must be"):
+        load_pretrained(path, "seq2seq")
+
+
+def test_load_pretrained_says_what_is_wrong_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_pretrained(str(tmp_path / "typo"))
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="use its final/"):
+        load_pretrained(str(run_dir))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="LoRA adapter"):
+        load_pretrained(str(adapter))
+
+
+def test_a_missing_init_from_is_reported_as_such_not_as_a_missing_tokenizer(tmp_path):
+    from trainer.sft import Config, SFTTrainer
+
+    trainer = SFTTrainer(Config(init_from=str(tmp_path / "nope"), tokenizer_dir=str(tmp_path / "no_tok"),
+                                out_dir=str(tmp_path / "out"), device="cpu"))
+    with pytest.raises(FileNotFoundError, match="init_from .* is not a directory"):
+        trainer.prepare()
+
+
+# -----------------------------------------------------------------------------
+# One answer for training, the engine and frozen models
+
+
+def test_trainer_and_engine_pick_the_same_dtype(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from tests.helpers_preference import tiny_checkpoint
+    from model.engine import Engine
+    from trainer.sft import Config, SFTTrainer
+
+    path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
+    trainer = SFTTrainer(Config(init_from=path, out_dir=str(tmp_path / "out"), device="cpu", dtype="auto"))
+    engine = Engine.from_pretrained(path, device="cpu", dtype="auto")
+    assert trainer.dtype == next(engine.model.parameters()).dtype == torch.float32
+    engine16 = Engine.from_pretrained(path, device="cpu", dtype="bf16")
+    assert next(engine16.model.parameters()).dtype == torch.bfloat16
+
+
+def test_dpo_reference_has_the_policys_numerics_in_bf16_autocast(tmp_path, tiny_tokenizer_dir):
+    """The reference keeps fp32 weights and runs under the policy's autocast: log pi - log ref is exactly 0 at
+    step 0 (a bf16-weight reference against an fp32 policy under autocast is not)."""
+    from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
+    from trainer.dpo import Config, DPOTrainer
+    from trainer.rl_common import sequence_logprobs
+
+    path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")
+    trainer = DPOTrainer(Config(init_from=path, out_dir=str(tmp_path / "dpo"), data_path=data, seq_len=64,
+                                batch_size=8, global_batch_size=8, val_samples=0, device="cpu", dtype="bf16",
+                                max_steps=1))
+    trainer.prepare()
+    assert {p.dtype for p in trainer.ref.parameters()} == {p.dtype for p in trainer.raw_model.parameters()}
+    batch = trainer.to_device(trainer.train_data.next_step()[0])
+    with torch.no_grad(), trainer.autocast:
+        pi = sequence_logprobs(trainer.raw_model, batch["input_ids"], batch["loss_mask"])
+        ref = sequence_logprobs(trainer.ref, batch["input_ids"], batch["loss_mask"])
+        bf16_ref = sequence_logprobs(trainer.ref.to(torch.bfloat16), batch["input_ids"], batch["loss_mask"])
+    assert torch.equal(pi, ref)
+    assert not torch.equal(pi, bf16_ref)  # what the old bf16-weight reference gave
