@@ -27,8 +27,13 @@ def test_dpo_variants_ipo_label_smoothing_hinge():
     from trainer.dpo import dpo_loss
 
     args = (torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]))
-    ipo, _, _ = dpo_loss(*args, beta=0.5, loss_type="ipo")  # (h - 1/(2 beta))^2 = (1.5 - 1)^2
-    assert ipo.item() == pytest.approx(0.25)
+    # IPO averages each reply's log-ratio over its tokens: chosen 1/2 per token, rejected -0.5/5 -> h' = 0.6,
+    # (h' - 1/(2 beta))^2 = (0.6 - 1)^2. Summed log-ratios (h = 1.5) would give 0.25 and grow with reply length.
+    ipo, _, _ = dpo_loss(*args, beta=0.5, loss_type="ipo", chosen_tokens=torch.tensor([2]),
+                         rejected_tokens=torch.tensor([5]))
+    assert ipo.item() == pytest.approx(0.16)
+    with pytest.raises(ValueError, match="reply lengths"):
+        dpo_loss(*args, beta=0.5, loss_type="ipo")
     smooth, _, _ = dpo_loss(*args, beta=0.1, loss_type="sigmoid", label_smoothing=0.2)
     expected = 0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15))
     assert smooth.item() == pytest.approx(expected, abs=1e-6)

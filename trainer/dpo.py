@@ -10,8 +10,10 @@ log ref(y_l)), the per-pair loss is
     sigmoid  -log sigmoid(beta h)                                      (the paper's; log 2 when pi = ref)
              with label_smoothing e: -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)   (cDPO: e = the
              assumed share of flipped labels; e = 0 is plain DPO)
-    ipo      (h - 1/(2 beta))^2                                        (Azar et al. 2023: a squared loss that does
-             not push h to infinity on deterministic preferences; beta is its tau)
+    ipo      (h' - 1/(2 beta))^2                                       (Azar et al. 2023: a squared loss that does
+             not push h to infinity on deterministic preferences; beta is its tau). h' uses each reply's
+             log-ratio averaged over its tokens, not summed: the form the IPO authors' results use and TRL
+             computes, so beta values from papers transfer and the loss does not grow with reply length
     hinge    max(0, 1 - beta h)                                        (SLiC)
 Logged: the implicit rewards beta (log pi - log ref) of chosen and rejected replies, their margin, and reward
 accuracy (share of pairs with chosen reward > rejected reward).
@@ -60,16 +62,21 @@ class Config(TrainConfig):
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequence log-probs (B,) each -> (per-pair losses (B,), chosen rewards (B,), rejected rewards (B,))."""
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (B,) each -> (per-pair losses (B,), chosen rewards (B,), rejected rewards (B,)).
+    chosen_tokens / rejected_tokens: reply lengths in tokens (B,), which IPO averages the log-ratios over."""
     chosen = pi_chosen - ref_chosen  # log-ratio of the chosen reply
     rejected = pi_rejected - ref_rejected
     h = chosen - rejected
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type=ipo needs the reply lengths (chosen_tokens, rejected_tokens)")
+        h_mean = chosen / chosen_tokens.clamp(min=1) - rejected / rejected_tokens.clamp(min=1)
+        losses = (h_mean - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:
@@ -134,7 +141,9 @@ class DPOTrainer(Trainer):
                 ref = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"])
         pi_c, pi_r = pi.chunk(2)
         ref_c, ref_r = ref.chunk(2)
-        losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        n_c, n_r = batch["loss_mask"].sum(-1).chunk(2)  # reply tokens of each side
+        losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                    chosen_tokens=n_c, rejected_tokens=n_r)
         metrics = {"reward_acc": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean(),
                    "chosen_reward": r_c.mean(), "rejected_reward": r_r.mean()}
         return losses.sum() / num_items, metrics
