@@ -2,7 +2,7 @@
 Export a dense SLM checkpoint as one GGUF file for llama.cpp, ollama, LM Studio and other GGML runtimes.
 
     pip install gguf                  # the llama.cpp project's pure-Python GGUF writer (only this script needs it)
-    python scripts/export_gguf.py --model out/sft/final --out out/export/milli-chat-f16.gguf [--dtype f16|q8_0]
+    python scripts/export_gguf.py --model out/sft/final --out out/export/milli-chat-f16.gguf [--dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0]
     llama-cli -m out/export/milli-chat-f16.gguf -cnv       # chat with the template stored in the file
     llama-server -m out/export/milli-chat-f16.gguf --port 8080   # OpenAI-compatible server
 
@@ -24,7 +24,9 @@ same regex our tokenizer splits with), the vocabulary, merges, special-token ids
 Weights follow llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel): tensor names from gguf's
 TENSOR_NAMES, and q_proj/k_proj rows permuted from transformers' half-split RoPE layout to llama.cpp's
 interleaved pairs. f16 keeps every matrix in float16; q8_0 stores matrices as 8-bit blocks of 32 with one fp16
-scale (norms stay float32 in both, as llama.cpp does).
+scale; q5_1/q5_0/q4_1/q4_0 as 5- or 4-bit blocks of 32 (_1 adds a per-block minimum), quantized by llama.cpp's own
+`gguf` package (norms stay float32 in all, as llama.cpp does). The k-quants (q4_k, q5_k) have no writer in the
+`gguf` package: make them from the f16 file with llama.cpp's `llama-quantize m-f16.gguf m-q4_k_m.gguf Q4_K_M`.
 MoE checkpoints are refused: our MoE (shared experts without a gate) has no llama.cpp architecture that
 computes the same function. Distill it into a dense model first (python main.py --stage distill).
 '''
@@ -107,13 +109,18 @@ def tokenizer_metadata(model_dir: str):
 # The file
 
 
+GGUF_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what the gguf package can write
+
+
 def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     import gguf
 
     from model.runtime import load_pretrained
 
-    if dtype not in ("f16", "q8_0"):
-        raise ValueError(f"dtype must be f16 or q8_0, got '{dtype}'")
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got '{dtype}'")
+    file_type, qtype = (getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}"),
+                        getattr(gguf.GGMLQuantizationType, dtype.upper()))
     src = load_pretrained(model_dir)
     cfg = src.config
     if getattr(cfg, "use_moe", False):
@@ -143,7 +150,6 @@ def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
     writer.add_file_type(file_type)
     # --- tokenizer ---
     writer.add_tokenizer_model("gpt2")  # byte-level BPE
@@ -162,15 +168,14 @@ def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)
     # --- weights ---
-    qtype = gguf.GGMLQuantizationType.F16 if dtype == "f16" else gguf.GGMLQuantizationType.Q8_0
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]  # values per quantization block (32 for every q type here)
     for name, t in gguf_tensors(src):
         data = t.numpy()
         if data.ndim == 1:  # norms: float32, as llama.cpp's converter keeps them
             writer.add_tensor(name, data.astype(np.float32))
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % block == 0:
+        elif dtype != "f16" and data.shape[-1] % block == 0:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:  # f16, or a row length q8_0 blocks cannot tile
+        else:  # f16, or a row length the blocks cannot tile (llama.cpp falls back the same way)
             writer.add_tensor(name, data.astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -183,7 +188,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="SLM checkpoint directory (e.g. out/sft/final)")
     parser.add_argument("--out", required=True, help="the .gguf file to write")
-    parser.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="weight type of the matrices")
+    parser.add_argument("--dtype", default="f16", choices=GGUF_TYPES, help="weight type of the matrices")
     args = parser.parse_args()
     try:
         export_gguf(args.model, args.out, args.dtype)
