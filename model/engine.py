@@ -214,7 +214,7 @@ class Engine:
         from transformers import AutoTokenizer
 
         from model.lora_utils import merge_lora_weights
-        from model.quantize import quantize_model
+        from model.quantize import check_quantize_device, quantize_model
 
         if adapter is None and not os.path.isfile(os.path.join(path, "config.json")) and \
                 os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -223,6 +223,7 @@ class Engine:
         # The one device/dtype policy (model/runtime.py): the same answer as training on this device.
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        check_quantize_device(quantize, device)  # before the weights are read
         model = load_pretrained(path, dtype=dtype)
         if adapter is not None:
             merge_lora_weights(model, adapter)

@@ -12,7 +12,10 @@ q8_0/q4_0 and torchao's int8/int4 weight-only). Embeddings and norms stay in flo
   (aten._weight_int8pack_mm), so the float weight is never rebuilt.
 - int4: one scale per `group_size` input columns of each row (symmetric, -8..7), two values packed per byte.
   The group is rebuilt in float for each forward: ~7x less weight memory than fp32, but not faster.
-Quantization is for inference only: a quantized model has no trainable weights and is never saved.
+Quantization is for inference only: a quantized model has no trainable weights and is never saved. It is refused
+on CUDA: there int8 would rebuild every float weight on each forward (torch's int8-weight kernel used here is the CPU
+one) and int4 always does, which is slower than plain bf16/fp16; GPU users get low-bit inference from llama.cpp with
+a GGUF export (q8_0/q4_0) instead.
 """
 
 import torch
@@ -80,6 +83,17 @@ class QuantLinear(nn.Module):
 # Whole models
 
 
+def check_quantize_device(mode: str, device: torch.device | str) -> None:
+    """Weight-only quantization is a CPU feature here (see the module docstring): refuse it elsewhere, saying what
+    to use instead."""
+    if mode not in MODES:
+        raise ValueError(f"quantize must be one of {MODES}, got '{mode}'")
+    if mode != "none" and torch.device(device).type != "cpu":
+        raise ValueError(f"quantize={mode} runs on the CPU only: on {torch.device(device).type} it would dequantize "
+                         f"every weight on each forward (slower than no quantization). Use quantize=none (the GPU "
+                         f"runs bf16/fp16), or export GGUF q8_0/q4_0 (scripts/export_gguf.py) for llama.cpp")
+
+
 def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 32, skip: tuple = ("lm_head",)) -> nn.Module:
     """Replace (in place) every nn.Linear whose name's last part is not in `skip` by a QuantLinear; returns model.
 
@@ -111,4 +125,4 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["MODES", "QuantLinear", "quantize_model", "weight_bytes"]
+__all__ = ["MODES", "QuantLinear", "check_quantize_device", "quantize_model", "weight_bytes"]

@@ -62,11 +62,11 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, capability: tup
     device's own (tests fake GPUs with it). Asking for bf16 where it is only emulated works but warns."""
     if isinstance(name, torch.dtype):
         return name
-    if capability is None:
+    dtype = None if name == "auto" else dtype_from_name(name)
+    if dtype in (None, torch.bfloat16) and capability is None:  # only these answers depend on the GPU
         capability = cuda_capability(device)
-    if name == "auto":
+    if dtype is None:
         return auto_dtype(device.type, capability)
-    dtype = dtype_from_name(name)
     if dtype == torch.bfloat16 and device.type == "cuda" and capability is not None and \
             tuple(capability) < BF16_NATIVE:
         warnings.warn(f"dtype=bf16 on a GPU of compute capability {capability[0]}.{capability[1]}: bf16 is emulated "

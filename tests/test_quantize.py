@@ -64,3 +64,19 @@ def test_engine_flag_generates_with_quantized_model(tiny, tmp_path):
     assert len(b) == 6 and a[:2] == b[:2]  # greedy agrees at the start (ties may flip later)
     with pytest.raises(ValueError, match="quantize must be one of"):
         quantize_model(model, "int3")
+
+
+def test_quantize_is_refused_off_the_cpu_with_a_pointer_to_gguf(tiny, tmp_path):
+    from model.engine import Engine
+    from model.quantize import check_quantize_device
+
+    check_quantize_device("int8", "cpu")
+    check_quantize_device("none", "cuda")  # no quantization: fine anywhere
+    for mode in ("int8", "int4"):
+        with pytest.raises(ValueError, match="CPU only.*GGUF"):
+            check_quantize_device(mode, "cuda:0")
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        check_quantize_device("int2", "cpu")
+    # the engine refuses before reading any weight (so no CUDA is needed to see the message)
+    with pytest.raises(ValueError, match="CPU only"):
+        Engine.from_pretrained(str(tmp_path / "does-not-matter"), device="cuda", dtype="fp16", quantize="int4")
