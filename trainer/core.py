@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.hub import data_licenses, make_readable, set_generation_defaults, write_model_card
 from model.runtime import autocast_context, check_checkpoint_dir, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer.config import format_config, save_config
 
@@ -336,8 +337,7 @@ class Trainer:
 
         if self.cfg.init_from:
             return load_pretrained(self.cfg.init_from)  # fp32 master weights; autocast gives the compute dtype
-        config = SLMConfig.from_preset(self.cfg.model_config)
-        return SLMForCausalLM(config)
+        return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config))
 
     def prepare(self):
         """Build everything; after this, fit() can run. Separate from __init__ so tests can poke at parts."""
@@ -347,6 +347,7 @@ class Trainer:
         hf_logging.disable_progress_bar()  # no tqdm bars from save/load inside the loop
         self.tokenizer = self.load_tokenizer()
         self.raw_model = self.build_model().to(self.device)
+        set_generation_defaults(self.raw_model, self.tokenizer)  # saved folders stop at <|im_end|> in generate()
         if cfg.gradient_checkpointing:
             self.raw_model.activation_checkpointing_enable()
         if cfg.seq_len > self.raw_model.config.max_position_embeddings:
@@ -489,7 +490,8 @@ class Trainer:
         while True:
             last = self.step >= cfg.max_steps
             if last or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step > 0):
-                self.log_values(self.evaluate(), prefix="eval")
+                self.last_eval = self.evaluate()
+                self.log_values(self.last_eval, prefix="eval")
             if last:
                 break
             metrics = self.train_step()
@@ -680,6 +682,7 @@ class Trainer:
             model.config.architectures = [self.model_class_name]
             model.config.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        make_readable(path)  # safetensors writes 0600; a docker/ollama service account must be able to read it
 
     def save_checkpoint(self) -> str:
         """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written to a .tmp dir then renamed."""
@@ -734,9 +737,23 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.save_pretrained_to(tmp, dtype=self.dtype if self.dtype != torch.float16 else torch.bfloat16,
                                 state=weights)
+        self.write_card(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         print0(f"[{self.stage}] final weights in {path}{self.next_stage_hint(path)}")
+
+    def write_card(self, path: str) -> None:
+        """README.md for final/: what was trained, on what, for how long, and the last evaluation."""
+        cfg = self.cfg
+        training = {"stage": self.stage, "optimizer steps": self.step, "tokens seen": f"{self.tokens_seen:,}",
+                    "global batch": f"{self.global_batch} x {cfg.seq_len} tokens", "peak lr": cfg.lr,
+                    "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
+                    "data": cfg.data_dir or cfg.data_path or "(see the stage config)",
+                    "compute dtype": dtype_name(self.dtype), "processes": self.world_size}
+        write_model_card(path, config=self.raw_model.config, stage=self.stage, training=training,
+                         evaluation=getattr(self, "last_eval", None) or None, licenses=data_licenses(cfg.data_dir),
+                         base_model=cfg.init_from)
+        make_readable(path)
 
     def next_stage_hint(self, path: str) -> str:
         """How the next stage uses final/ (a LoRA adapter is not a full model: that stage says so itself)."""

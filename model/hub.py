@@ -1,0 +1,126 @@
+"""
+What makes a saved folder usable by any Hugging Face tool as it is, outside this repository:
+
+- generation defaults that stop a chat model: `generation_config.json` lists both <|endoftext|> and <|im_end|> as
+  eos, so transformers' generate(), pipeline("text-generation") and TextIteratorStreamer end at the end of the turn;
+- the model's own code beside the weights plus `auto_map` in config.json (model/__init__.py registers the classes
+  for it), so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and `lm_eval --model hf` load it
+  from anywhere;
+- file modes other accounts can read (a docker or ollama service user): safetensors writes its files 0600;
+- a model card (README.md) saying what the model is, how it was trained, its eval numbers when known, and the
+  license fields of the data it saw.
+"""
+
+import json
+import os
+import stat
+
+END_OF_TURN = "<|im_end|>"
+
+
+def stop_token_ids(tokenizer, model_config=None) -> list[int]:
+    """EOS, the end-of-turn token and the config's own eos ids: every id at which a reply ends."""
+    stops = {tokenizer.eos_token_id}
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        stops.add(end_of_turn)
+    eos = getattr(model_config, "eos_token_id", None)
+    stops.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in stops if i is not None)
+
+
+def set_generation_defaults(model, tokenizer) -> None:
+    """Stop ids and the pad id into model.generation_config, which save_pretrained writes (reward models and
+    critics do not generate and have none)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    gen.eos_token_id = stop_token_ids(tokenizer, model.config)
+    if tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
+def make_readable(path: str) -> None:
+    """Give every file in `path` the mode a plain file gets under the user's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and stat.S_IMODE(os.stat(full).st_mode) != mode:
+            os.chmod(full, mode)
+
+
+# -----------------------------------------------------------------------------
+# The model card
+
+
+def _parameters(config) -> str:
+    """A rough parameter count from the config (the card is written without the model in hand)."""
+    h, n_layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    attn = h * config.num_attention_heads * config.head_dim * 2 + h * kv * 2
+    if getattr(config, "use_moe", False):
+        mlp = 3 * h * config.moe_intermediate_size * (config.num_experts + config.num_shared_experts)
+    else:
+        mlp = 3 * h * config.intermediate_size
+    total = n_layers * (attn + mlp) + vocab * h * (1 if config.tie_word_embeddings else 2)
+    return f"{total / 1e6:.1f}M"
+
+
+def data_licenses(data_dir: str) -> list[str]:
+    """The license fields a shard folder's meta.json records for its sources (empty when none are recorded)."""
+    meta_path = os.path.join(data_dir, "meta.json") if data_dir else ""
+    if not meta_path or not os.path.isfile(meta_path):
+        return []
+    with open(meta_path, encoding="utf-8") as f:
+        sources = json.load(f).get("sources", [])
+    return sorted({s["license"] for s in sources if isinstance(s, dict) and s.get("license")})
+
+
+def write_model_card(path: str, *, config, stage: str, training: dict, evaluation: dict | None = None,
+                     licenses: list[str] | None = None, base_model: str = "") -> str:
+    """README.md in `path`: YAML front matter for the Hub, then what the model is, how it was trained, eval numbers,
+    the data licenses known, and how to load it. `training` holds plain facts (steps, tokens, data, lr...)."""
+    licenses = licenses or []
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [milli-chat, chinese, llama-like]", "language: [zh, en]"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    front.append("license: other  # set this to what your data allows (see 'Data' below)")
+    front.append("---")
+    arch = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query / "
+            f"{config.num_key_value_heads} key-value heads, vocab {config.vocab_size}, context "
+            f"{config.max_position_embeddings}, RoPE theta {config.rope_theta:g}"
+            + (f", mixture of {config.num_experts} experts" if getattr(config, "use_moe", False) else ""))
+    lines = front + [
+        "", f"# {os.path.basename(os.path.normpath(path))}", "",
+        f"A Milli-Chat model (~{_parameters(config)} parameters, a Llama-style decoder: RMSNorm, RoPE, grouped-query "
+        f"attention, SwiGLU), the output of the `{stage}` stage.", "", f"Architecture: {arch}.", "",
+        "## Training", ""]
+    lines += [f"- {key}: {value}" for key, value in training.items()]
+    lines += ["", "## Evaluation", ""]
+    if evaluation:
+        lines += [f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
+                  for key, value in evaluation.items()]
+    else:
+        lines.append("Not evaluated yet: `python main.py --stage eval init_from=<this folder>`.")
+    lines += ["", "## Data", ""]
+    if licenses:
+        lines.append("Licenses recorded for the training data: " + "; ".join(licenses) + ". The model's own license "
+                     "must respect them (share-alike and non-commercial terms carry over).")
+    else:
+        lines.append("No license fields were recorded for the data this stage saw: check the licenses of your sources "
+                     "before you publish the model.")
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
+              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # code ships in the folder",
+              "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"你好\"}], add_generation_prompt=True,",
+              "                              return_tensors=\"pt\")",
+              "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+              "```", "", "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`).",
+              ""]
+    card = os.path.join(path, "README.md")
+    with open(card, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return card

@@ -1,0 +1,109 @@
+"""
+A stage's final/ works with stock Hugging Face tools as it is, in a fresh process that never imports this
+repository's `model` package: trust_remote_code loading (the code ships in the folder, auto_map points at it),
+generate(), pipeline("text-generation") chat and TextIteratorStreamer stop at <|im_end|>; files are readable by
+other accounts; a model card describes the run.
+
+    python -m pytest tests/test_hub.py
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+REPLY = "北京是中国的首都。"
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    """A tiny model fine-tuned until it answers 中国的首都是哪里？ with REPLY and then ends its turn."""
+    from tests.helpers_preference import tiny_checkpoint
+    from trainer.core import run_trainer
+    from trainer.sft import Config, SFTTrainer
+
+    root = tmp_path_factory.mktemp("hub")
+    base = tiny_checkpoint(tiny_tokenizer_dir, str(root / "base"))
+    data = root / "chat.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for _ in range(8):
+            msgs = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": REPLY}]
+            f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
+    cfg = Config(init_from=base, data_path=str(data), out_dir=str(root / "sft"), seq_len=64, batch_size=8,
+                 global_batch_size=8, lr=3e-3, warmup_steps=0, lr_schedule="constant", weight_decay=0.0,
+                 val_samples=0, eval_every=0, save_every=0, log_every=20, max_steps=40, device="cpu", dtype="fp32",
+                 seed=0)
+    run_trainer(SFTTrainer, cfg)
+    return os.path.join(cfg.out_dir, "final")
+
+
+def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_model):
+    files = set(os.listdir(chat_model))
+    assert {"config.json", "generation_config.json", "model.safetensors", "configuration_slm.py", "model_slm.py",
+            "tokenizer.json", "README.md"} <= files
+    config = json.load(open(os.path.join(chat_model, "config.json")))
+    assert config["auto_map"] == {"AutoConfig": "configuration_slm.SLMConfig",
+                                  "AutoModelForCausalLM": "model_slm.SLMForCausalLM"}
+    gen = json.load(open(os.path.join(chat_model, "generation_config.json")))
+    assert gen["eos_token_id"] == [0, 2] and gen["pad_token_id"] == 3  # <|endoftext|>, <|im_end|>; <|pad|>
+    for name in files:
+        mode = stat.S_IMODE(os.stat(os.path.join(chat_model, name)).st_mode)
+        assert mode & stat.S_IROTH, f"{name} is not readable by other accounts ({oct(mode)})"
+    card = open(os.path.join(chat_model, "README.md"), encoding="utf-8").read()
+    assert card.startswith("---\nlibrary_name: transformers") and "the `sft` stage" in card
+    assert "optimizer steps: 40" in card and "trust_remote_code=True" in card
+
+
+FRESH = textwrap.dedent("""
+    import json, sys, threading
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, pipeline
+
+    path = sys.argv[1]
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # it reads config.json, which has auto_map
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    assert "model" not in sys.modules, "the repository's model package was imported"
+    messages = [{"role": "user", "content": "中国的首都是哪里？"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    chat = pipeline("text-generation", model=path, trust_remote_code=True, dtype=torch.float32)
+    answer = chat(messages, max_new_tokens=40, do_sample=False)[0]["generated_text"][-1]
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(**ids, max_new_tokens=40, do_sample=False,
+                                                                  streamer=streamer))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    logits = model(input_ids=ids["input_ids"]).logits[0, -1]
+    print(json.dumps({"generate": out.tolist(), "pipeline": answer, "streamed": streamed,
+                      "logits": logits.tolist(), "prompt": ids["input_ids"][0].tolist()}))
+""")
+
+
+def test_stock_transformers_in_a_fresh_process(chat_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from model.engine import Engine
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    proc = subprocess.run([sys.executable, str(script), chat_model], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    # generate() stopped at <|im_end|> (the last id), not at max_new_tokens with garbage after the answer
+    assert result["generate"][-1] == 2 and len(result["generate"]) < 40
+    assert tok.decode(result["generate"], skip_special_tokens=True) == REPLY
+    assert result["pipeline"] == {"role": "assistant", "content": REPLY}
+    assert result["streamed"] == REPLY
+    engine = Engine.from_pretrained(chat_model, device="cpu", dtype="fp32")
+    with torch.no_grad():
+        ours = engine.model(input_ids=torch.tensor([result["prompt"]])).logits[0, -1]
+    assert torch.allclose(ours, torch.tensor(result["logits"]), atol=1e-5)
