@@ -264,3 +264,11 @@ def test_packed_batch_keeps_attention_inside_each_conversation(tok):
         alone = model(input_ids=plain["input_ids"][:1, :lengths[0]]).logits[0]
         torch.testing.assert_close(logits[0, :lengths[0]], alone, atol=1e-5, rtol=1e-4)
         assert (plain["labels"][0, lengths[0]:] == IGNORE).all()
+
+
+def test_collate_bench_ships_ids_not_a_mask(capsys):
+    from bench.bench_collate import main
+
+    main(["--batch", "2", "--seq_len", "1024", "--repeat", "1", "--threads", str(torch.get_num_threads())])
+    out = capsys.readouterr().out
+    assert "['document_ids', 'input_ids', 'labels', 'position_ids']" in out and "attention_mask" not in out
