@@ -115,16 +115,21 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _CAPABILITY[index]
 
 
+_FLEX_AVAILABLE: list[bool] = []  # filled on the first CUDA forward: the answer does not change in a process
+
+
 def flex_attention_available(device: torch.device) -> bool:
     """FlexAttention can run compiled here: CUDA with Triton (on CPU the plan never asks for it)."""
     if device.type != "cuda":
         return False
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (torch >= 2.5)
-        from torch.utils._triton import has_triton
-    except ImportError:
-        return False
-    return has_triton()
+    if not _FLEX_AVAILABLE:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (torch >= 2.5)
+            from torch.utils._triton import has_triton
+            _FLEX_AVAILABLE.append(has_triton())
+        except ImportError:
+            _FLEX_AVAILABLE.append(False)
+    return _FLEX_AVAILABLE[0]
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:

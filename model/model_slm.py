@@ -89,7 +89,7 @@ def apply_rotary_pos_emb(q, k, cos, sin):
 
 
 class SLMAttention(nn.Module):
-    """Grouped-query attention through F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    """Grouped-query attention; model/attention.py plans the kernel (flash, memory-efficient, FlexAttention)."""
 
     def __init__(self, config: SLMConfig, layer_idx: int):
         super().__init__()

@@ -5,7 +5,6 @@ checked here with faked device properties; the model wired to it; packed rows ke
     python -m pytest tests/test_attention.py
 """
 
-import dataclasses
 import types
 import warnings
 
@@ -105,6 +104,18 @@ def test_device_capability_reads_cuda_once_and_only_for_cuda(monkeypatch):
     assert calls == [0]  # cached per device
 
 
+def test_flex_is_available_only_on_cuda_with_triton(monkeypatch):
+    import torch.utils._triton as triton_utils
+
+    monkeypatch.setattr(attention, "_FLEX_AVAILABLE", [])
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: True)
+    assert not attention.flex_attention_available(torch.device("cpu"))
+    assert attention.flex_attention_available(torch.device("cuda:0"))
+    monkeypatch.setattr(attention, "_FLEX_AVAILABLE", [])
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
+    assert not attention.flex_attention_available(torch.device("cuda:0"))
+
+
 def test_a_padding_mask_on_a_device_is_never_read():
     # A meta tensor has no values: reading it (the old bool(mask.all()) host sync) would raise.
     assert model_slm.may_be_padded(torch.ones(2, 8, dtype=torch.long, device="meta"))
@@ -194,15 +205,9 @@ def test_three_packed_conversations_get_their_own_logits(tiny, monkeypatch, docu
     with torch.no_grad():
         alone = [tiny(input_ids=d[None]).logits[0] for d in docs]
         dense = tiny(input_ids=ids, attention_mask=old_dense_mask(document_ids), position_ids=positions).logits
-        planned = model_slm.attention_plan
-
-        def forced(*args, **kwargs):
-            p = planned(*args, **kwargs)
-            return dataclasses.replace(p, kernel="flex", documents="flex") if p.documents != "none" else p
-
-        if documents == "flex":  # the CUDA path, run by eager FlexAttention on the CPU
-            monkeypatch.setattr(model_slm, "attention_plan", forced)
-        seen = spy_plans(monkeypatch)
+        if documents == "flex":  # what an H100 with Triton gets, run here by eager FlexAttention on the CPU
+            monkeypatch.setattr(model_slm, "flex_attention_available", lambda device: True)
+        seen = spy_plans(monkeypatch, capability=H100 if documents == "flex" else None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             packed = tiny(input_ids=ids, document_ids=document_ids, position_ids=positions).logits
