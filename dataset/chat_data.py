@@ -25,10 +25,10 @@ Truncation (a conversation longer than seq_len tokens):
 Either way a sample left without any trainable token is dropped and counted ("too long"), never kept.
 
 Packing (pack=True): conversations are put into seq_len bins by best-fit decreasing. position_ids restart at
-0 for each conversation and collate_chat builds a block-diagonal causal (B, 1, T, T) boolean mask, so no token
-attends across a conversation boundary: a packed conversation gets the same logits as alone. SDPA runs such
-a mask on its memory-efficient kernel (not flash, which takes no arbitrary mask); the saved padding usually
-more than pays for it. Unpacked batches are right-padded and need no mask at all: under the causal rule a
+0 for each conversation and collate_chat adds per-token document ids (B, T); the model turns them into
+block-diagonal causal attention on the device (FlexAttention's block mask where it compiles, else a boolean
+mask, see model/attention.py), so no token attends across a conversation boundary: a packed conversation gets
+the same logits as alone. Unpacked batches are right-padded and need no mask at all: under the causal rule a
 real token only sees earlier tokens, which are all real, and padded positions carry label -100.
 
 Bad records (malformed JSON or shape, unknown role, empty conversation, a system turn not first, an empty
@@ -423,27 +423,23 @@ class ChatDataset:
 def collate_chat(items: list[dict], pad_id: int, pad_multiple: int = 8) -> dict:
     """Right-pad a list of ChatDataset items into one micro-batch.
 
-    Unpacked rows get no attention mask (see the module docstring); rows holding several conversations get a
-    block-diagonal causal (B, 1, T, T) mask and per-conversation position_ids. T is the longest row rounded up to
-    pad_multiple, which keeps the number of distinct shapes small (torch.compile, cuBLAS)."""
-    longest = max(len(it["input_ids"]) for it in items)
-    T = -(-longest // pad_multiple) * pad_multiple
+    No row gets an attention mask (see the module docstring). When a row holds several conversations the batch
+    also carries document_ids (B, T), the conversation number of each token (0 = padding), and per-conversation
+    position_ids: the model keeps attention inside each conversation from these, on the device, so the host never
+    builds a T x T mask. T is the longest row rounded up to pad_multiple, which keeps the number of distinct shapes
+    small (torch.compile, cuBLAS)."""
+    lengths = [len(it["input_ids"]) for it in items]
+    T = -(-max(lengths) // pad_multiple) * pad_multiple
     B = len(items)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
-    seq_ids = torch.zeros((B, T), dtype=torch.long)
-    for b, it in enumerate(items):
-        n = len(it["input_ids"])
+    batch = {"input_ids": input_ids, "labels": labels, "num_tokens": sum(lengths)}
+    packed = any(int(it["seq_ids"][-1]) > 1 for it in items)  # ids count up along a row: the last is the largest
+    if packed:
+        batch["position_ids"] = torch.zeros((B, T), dtype=torch.long)
+        batch["document_ids"] = torch.zeros((B, T), dtype=torch.long)
+    for b, (it, n) in enumerate(zip(items, lengths)):
         input_ids[b, :n], labels[b, :n] = it["input_ids"], it["labels"]
-        position_ids[b, :n], seq_ids[b, :n] = it["position_ids"], it["seq_ids"]
-    batch = {"input_ids": input_ids, "labels": labels, "num_tokens": int((seq_ids > 0).sum())}
-    if bool((seq_ids.max(dim=1).values > 1).any()):
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        same = seq_ids[:, :, None] == seq_ids[:, None, :]  # (B, T, T): query and key in one conversation
-        mask = same & causal & (seq_ids[:, None, :] > 0)
-        # A padding row would see nothing, and SDPA turns an all-False row into NaN: let it see itself.
-        mask |= torch.eye(T, dtype=torch.bool)
-        batch["attention_mask"] = mask[:, None]  # (B, 1, T, T), True = may attend
-        batch["position_ids"] = position_ids
+        if packed:
+            batch["position_ids"][b, :n], batch["document_ids"][b, :n] = it["position_ids"], it["seq_ids"]
     return batch

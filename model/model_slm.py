@@ -24,6 +24,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.utils import logging
 
+from .attention import (AttentionPlan, attend, attention_plan, device_capability, document_block_mask,
+                        document_mask, flex_attention_available)
 from .configuration_slm import SLMConfig
 
 logger = logging.get_logger(__name__)
@@ -87,7 +89,7 @@ def apply_rotary_pos_emb(q, k, cos, sin):
 
 
 class SLMAttention(nn.Module):
-    """Grouped-query attention through F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    """Grouped-query attention; model/attention.py plans the kernel (flash, memory-efficient, FlexAttention)."""
 
     def __init__(self, config: SLMConfig, layer_idx: int):
         super().__init__()
@@ -103,7 +105,8 @@ class SLMAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, position_embeddings, attention_mask=None, cache: Cache | None = None):
+    def forward(self, x, position_embeddings, attention_mask=None, cache: Cache | None = None,
+                plan: AttentionPlan | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -112,15 +115,15 @@ class SLMAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T_past + T, hd), or the static cache length
         dropout = self.attention_dropout if self.training else 0.0
-        # enable_gqa lets each kv head serve its group of query heads inside the kernel, without copying k and v
-        # num_kv_groups times (a copy of the whole cache per decode step otherwise).
-        gqa = self.num_kv_groups > 1
-        if attention_mask is None:
-            # Training and plain prefill: the causal kernel needs no mask tensor at all. A lone decode query sees
-            # all keys; is_causal would wrongly align it with the first key (SDPA's causal mask is top-left).
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, enable_gqa=gqa)
+        # Without a mask (training, plain prefill) the causal kernel needs no mask tensor at all. A lone decode
+        # query sees all keys; is_causal would wrongly align it with the first key (SDPA's causal mask is top-left).
+        is_causal = attention_mask is None and T > 1
+        if plan is None:  # called on its own, not through SLMModel (which plans once for all layers)
+            plan = attention_plan(device_capability(q.device), q.dtype, attention_mask is not None, is_causal,
+                                  self.num_heads, self.num_kv_heads, self.head_dim, dropout=dropout > 0)
+        # The plan says whether the kernel takes the kv heads as they are (enable_gqa: no copy of k and v, which
+        # matters for a whole cache per decode step) or needs them expanded to the query heads first.
+        y = attend(q, k, v, plan, attention_mask, is_causal, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)
 
@@ -198,9 +201,9 @@ class SLMDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = SLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.use_moe = config.use_moe
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, plan=None):
         x = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                           attention_mask, cache)
+                                           attention_mask, cache, plan)
         if self.use_moe:
             y, aux_loss = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -275,7 +278,10 @@ class SLMModel(SLMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
-                inputs_embeds=None, use_cache: bool | None = None, **kwargs):
+                inputs_embeds=None, use_cache: bool | None = None, document_ids=None, **kwargs):
+        """document_ids (B, T): packed rows, a number per document (0 = padding); attention stays inside each
+        document. Pass the per-document position_ids with them (collate_chat makes both), so that RoPE sees what
+        it sees for each document alone."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
@@ -285,23 +291,49 @@ class SLMModel(SLMPreTrainedModel):
         past_len = int(cache.get_seq_length()) if cache is not None else 0  # tokens already in the cache
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device) + past_len).unsqueeze(0).expand(B, -1)
+        if document_ids is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("document_ids (packed rows) go without a cache and without an attention_mask")
         # The mask-free causal kernel is right when there is no padding and queries and keys are the same
         # T positions (training, or prefill into an empty cache); otherwise build an explicit boolean mask.
-        padded = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
         kv_len = int(cache.get_mask_sizes(T, 0)[0]) if cache is not None else T  # static caches are longer
         mask = None
         if attention_mask is not None and attention_mask.dim() == 4:
             # Already a full (B, 1, q, kv) mask, as generate() prepares for static caches: True/0.0 = attend.
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        elif padded or (past_len != 0 and T > 1) or kv_len != past_len + T:
+        elif may_be_padded(attention_mask) or (past_len != 0 and T > 1) or kv_len != past_len + T:
             # A single new token with nothing padded sees every cached slot: no mask needed (the decode fast path).
             mask = build_attention_mask(attention_mask, T, kv_len, past_len, x.device)
+        cfg = self.config
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dropout = self.training and cfg.attention_dropout > 0
+        plan = attention_plan(device_capability(x.device), dtype, mask is not None, mask is None and T > 1,
+                              cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                              documents=document_ids is not None,
+                              flex_available=document_ids is not None and flex_attention_available(x.device),
+                              requires_grad=torch.is_grad_enabled(), dropout=dropout)
+        if plan.documents == "flex":
+            mask = document_block_mask(document_ids.to(x.device))  # built once, shared by every layer
+        elif plan.documents == "mask":
+            mask = document_mask(document_ids.to(x.device))  # on the device: the host only ships (B, T) ids
         position_embeddings = self.rotary_emb(x, position_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x, layer_aux = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+            x, layer_aux = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
+                                 plan=plan)
             aux_loss = aux_loss + layer_aux
         return self.norm(x), cache, aux_loss
+
+
+def may_be_padded(attention_mask) -> bool:
+    """Whether a 2-D padding mask may hide positions. A host (CPU) tensor is looked at; one on an accelerator is
+    taken as padded without reading it, since reading would stall the host on the device every forward. Callers
+    that know nothing is padded pass no mask at all (collate_chat never makes one), so they keep the maskless
+    causal kernel."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    if attention_mask.device.type == "cpu":
+        return not bool(attention_mask.all())
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -325,16 +357,17 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int = 0,
                 num_items_in_batch: int | torch.Tensor | None = None, shift_labels=None, loss_chunk: int = 0,
-                **kwargs) -> SLMCausalLMOutput:
+                document_ids=None, **kwargs) -> SLMCausalLMOutput:
         """labels: token ids aligned with input_ids (the shift happens here), -100 where no loss is wanted.
         shift_labels: targets already shifted (position t holds the token after t), as the pretraining stream
         yields them; then every position is predicted and none is lost to the shift.
         num_items_in_batch: divide the summed loss by this count instead of taking the mean, so that gradient
         accumulation can weight every valid token of the whole step equally.
         loss_chunk: with labels, compute the loss from the hidden states this many tokens at a time, so the
-        (tokens x vocab) logits never exist whole (see ChunkedLinearCrossEntropy); logits are then not returned."""
+        (tokens x vocab) logits never exist whole (see ChunkedLinearCrossEntropy); logits are then not returned.
+        document_ids: packed rows (see SLMModel.forward); the weights are a plain Llama's either way."""
         hidden, cache, aux_loss = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
-                                             use_cache)
+                                             use_cache, document_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # generation needs only the last position's logits
         has_labels = labels is not None or shift_labels is not None

@@ -226,6 +226,7 @@ def test_pack_bins_fit_and_cover_everything():
 
 def test_packed_batch_keeps_attention_inside_each_conversation(tok):
     from model import SLMConfig, SLMForCausalLM
+    from model.attention import document_mask
 
     samples = tokenize_conversations([SINGLE, MULTI, SINGLE[:1] + [{"role": "assistant", "content": "好"}]],
                                      tok, 512)
@@ -235,30 +236,39 @@ def test_packed_batch_keeps_attention_inside_each_conversation(tok):
     batch = collate_chat([data[0], data[1]], tok.pad_token_id)
     T = batch["input_ids"].shape[1]
     assert T % 8 == 0 and batch["num_tokens"] == sum(lengths)
-    mask = batch["attention_mask"][0, 0]
+    assert "attention_mask" not in batch  # no (B, 1, T, T) mask is built on the host any more
     a, b = (lengths[1], lengths[0]) if data.groups[0][0] == 1 else (lengths[0], lengths[1])
     assert torch.equal(batch["position_ids"][0, :a + b], torch.cat([torch.arange(a), torch.arange(b)]))
+    assert torch.equal(batch["document_ids"][0], torch.tensor([1] * a + [2] * b + [0] * (T - a - b)))
+    assert torch.equal(batch["document_ids"][1], torch.tensor([1] * lengths[2] + [0] * (T - lengths[2])))
+    # What the model builds from the ids: block-diagonal causal, padding a block of its own (never an empty row).
     expect = torch.zeros(T, T, dtype=torch.bool)
     expect[:a, :a] = torch.ones(a, a).tril().bool()
     expect[a:a + b, a:a + b] = torch.ones(b, b).tril().bool()
-    expect[range(a + b, T), range(a + b, T)] = True  # padding sees itself only (an all-False row gives NaN)
-    assert torch.equal(mask, expect)
-    pad_rows = batch["attention_mask"][1, 0, lengths[2]:]
-    assert torch.equal(pad_rows.sum(-1), torch.ones(T - lengths[2], dtype=torch.long))  # padding sees itself only
+    expect[a + b:, a + b:] = torch.ones(T - a - b, T - a - b).tril().bool()
+    assert torch.equal(document_mask(batch["document_ids"])[0, 0], expect)
 
     # The packed row gives each conversation exactly the logits it gets alone.
     torch.manual_seed(0)
     model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok))).eval()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        packed = model(input_ids=batch["input_ids"], document_ids=batch["document_ids"],
                        position_ids=batch["position_ids"]).logits
         for start, i in zip([0, a], data.groups[0]):
             alone = model(input_ids=torch.tensor(samples[i][0], dtype=torch.long)[None]).logits[0]
             torch.testing.assert_close(packed[0, start:start + len(alone)], alone, atol=1e-5, rtol=1e-4)
         # Unpacked rows are right-padded and need no mask: real positions match too.
         plain = collate_chat([ChatDataset(samples, 512)[i] for i in (0, 1)], tok.pad_token_id)
-        assert "attention_mask" not in plain
+        assert "attention_mask" not in plain and "document_ids" not in plain and "position_ids" not in plain
         logits = model(input_ids=plain["input_ids"]).logits
         alone = model(input_ids=plain["input_ids"][:1, :lengths[0]]).logits[0]
         torch.testing.assert_close(logits[0, :lengths[0]], alone, atol=1e-5, rtol=1e-4)
         assert (plain["labels"][0, lengths[0]:] == IGNORE).all()
+
+
+def test_collate_bench_ships_ids_not_a_mask(capsys):
+    from bench.bench_collate import main
+
+    main(["--batch", "2", "--seq_len", "1024", "--repeat", "1", "--threads", str(torch.get_num_threads())])
+    out = capsys.readouterr().out
+    assert "['document_ids', 'input_ids', 'labels', 'position_ids']" in out and "attention_mask" not in out

@@ -94,3 +94,20 @@ def test_refuses_teacher_with_other_vocabulary(setup, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="shared tokenizer"):
         run(base_cfg(s, tmp_path / "x", teacher_from=str(tmp_path / "other"), data_dir=s["shards"]))
+
+
+def test_packed_chat_rows_give_a_student_equal_to_its_teacher_zero_kl(setup, tmp_path):
+    # The student reads packed rows through document ids, the teacher (any causal LM) through the device-built
+    # (B, 1, T, T) mask: with the same weights (lr=0) both must see exactly the same conversations.
+    s = setup
+    data = tmp_path / "chat.jsonl"
+    records = [{"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": line}]}
+               for i, line in enumerate(tiny_corpus_lines(24, seed=6))]
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    cfg = base_cfg(s, tmp_path / "packed", data_path=str(data), max_steps=1, val_samples=0, seq_len=96, pack=True,
+                   init_from=s["teacher"], lr=0.0)
+    trainer = run_trainer(ChatDistillTrainer, cfg)
+    batch = trainer.to_device(trainer.train_data.next_step()[0])
+    assert int(batch["document_ids"].max()) > 1  # several conversations share a row
+    _, metrics = trainer.compute_loss(batch, torch.tensor(float(trainer.batch_weight(batch))))
+    assert abs(float(metrics["kl"])) < 1e-6

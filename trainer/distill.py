@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.attention import document_mask
 from trainer import pretrain, sft
 from model.runtime import load_pretrained
 from trainer.core import print0, run_trainer
@@ -70,11 +71,13 @@ class DistillMixin:
         print0(f"[distill] teacher {cfg.teacher_from}: {n:,} parameters | T={cfg.temperature} alpha={cfg.alpha}")
 
     def compute_loss(self, batch, num_items):
-        ids, attention_mask, position_ids, targets = self.unpack(batch)
-        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
-        out = self.model(input_ids=ids, **kwargs)
+        ids, document_ids, position_ids, targets = self.unpack(batch)
+        out = self.model(input_ids=ids, document_ids=document_ids, position_ids=position_ids)
+        # The teacher may be any causal LM (a stock Llama ignores document_ids): it gets the packed rows' boolean
+        # (B, 1, T, T) mask, built on the device from the same ids.
+        teacher_mask = None if document_ids is None else document_mask(document_ids)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=ids, **kwargs).logits
+            teacher_logits = self.teacher(input_ids=ids, attention_mask=teacher_mask, position_ids=position_ids).logits
         # (B, T, V) logits predict targets (B, T); -100 marks positions without a target.
         valid = targets != -100
         student = out.logits[valid].float()  # (N, V) only the positions that count
@@ -104,7 +107,7 @@ class ChatDistillTrainer(DistillMixin, sft.SFTTrainer):
     def unpack(self, batch):
         labels = batch["labels"]
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # shift: t predicts t+1
-        return batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), targets
+        return batch["input_ids"], batch.get("document_ids"), batch.get("position_ids"), targets
 
 
 def run(cfg: Config):

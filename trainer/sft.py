@@ -70,8 +70,8 @@ class SFTTrainer(Trainer):
         print0(f"[{self.stage}] {cfg.max_steps} steps x {self.global_batch} sequences = {epochs:.2f} epochs")
 
     def compute_loss(self, batch, num_items):
-        # attention_mask/position_ids are present only for packed rows (see collate_chat).
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+        # document_ids/position_ids are present only for packed rows (see collate_chat); no batch has a mask.
+        out = self.model(input_ids=batch["input_ids"], document_ids=batch.get("document_ids"),
                          position_ids=batch.get("position_ids"), labels=batch["labels"],
                          num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
         return out.loss, {}
