@@ -33,7 +33,7 @@ from dataset.preference_data import (
     read_pair_samples,
 )
 from trainer.core import TrainConfig, Trainer, print0, run_trainer
-from trainer.rl_common import load_frozen, sequence_logprobs
+from trainer.logprobs import load_frozen, sequence_logprobs
 
 # -----------------------------------------------------------------------------
 

@@ -1,0 +1,178 @@
+"""
+RolloutTrainer, the shared part of PPO and GRPO: sample replies through the shared Engine, score them (rule rewards
+of trainer/rewards.py and/or a reward model), keep what the loss needs before the policy changes, then train on that
+rollout buffer for ppo_epochs x rollout_minibatches optimizer steps. An unfinished buffer is part of the checkpoint,
+so a resumed run continues exactly. Not a stage itself; trainer/ppo.py and trainer/grpo.py subclass it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from dataset.prompt_data import load_prompts
+from model.engine import Engine
+from trainer.core import IndexBatches, TrainConfig, Trainer, print0
+from trainer.logprobs import kl_estimate, load_frozen, masked_mean, token_logprobs
+from trainer.rewards import Completion, parse_rules, rule_rewards
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
+    data_path: str = "dataset/rl_prompts.jsonl"  # prompt files (dataset/prompt_data.py), comma-separated
+    ref_from: str = ""  # frozen reference for the KL term; "" = init_from
+    ref_device: str = ""  # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
+    reward_from: str = ""  # reward model dir (trainer/reward.py final/); "" = rules only
+    reward_rules: str = ""  # rule rewards (trainer/rewards.py), added to the reward model's score
+    max_new_tokens: int = 128  # reply length cap in rollouts
+    temperature: float = 1.0  # sampling temperature of rollouts (1.0 = the policy's own distribution)
+    top_k: int = 0
+    top_p: float = 1.0
+    num_generations: int = 1  # replies sampled per prompt (GRPO's G)
+    rollout_minibatches: int = 1  # a rollout holds global_batch_size x this many replies
+    ppo_epochs: int = 1  # passes over each rollout; optimizer steps per rollout = ppo_epochs x rollout_minibatches
+    clip_eps: float = 0.2  # PPO ratio clip
+    kl_coef: float = 0.05  # weight of the KL to the reference
+    target_kl: float = 0.0  # stop the epochs over a rollout early when approx KL(old || new) passes 1.5x this
+    on_bad_record: str = "skip"
+    max_samples: int = 0  # prompts read per file; 0 = all
+    warmup_steps: int = 0
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    log_every: int = 1
+
+
+class RolloutTrainer(Trainer):
+    """The shared part of PPO and GRPO. A subclass implements score_rollout(buf) (advantages, and for PPO
+    values/returns, into the buffer) and compute_loss(batch, num_items)."""
+
+    token_level = True  # batch_weight: response tokens of the step (True) or sequences (False)
+
+    def setup(self):
+        cfg = self.cfg
+        self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
+        ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
+        frozen_dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        self.ref = load_frozen(cfg.ref_from or cfg.init_from, ref_device, frozen_dtype) if cfg.init_from else None
+        self.reward_model = load_frozen(cfg.reward_from, self.device, frozen_dtype, kind="score") \
+            if cfg.reward_from else None
+        self.rules = parse_rules(cfg.reward_rules)
+        if self.reward_model is None and not self.rules:
+            raise ValueError("no reward: set reward_from (a reward model) and/or reward_rules")
+        if self.reward_model is not None and self.reward_model.config.vocab_size != self.raw_model.config.vocab_size:
+            raise ValueError("the reward model and the policy must share the tokenizer (vocab sizes differ)")
+        self.queue = []  # optimizer steps still to take on the current rollout (lists of micro-batches)
+
+    def build_data(self):
+        cfg = self.cfg
+        per_rollout = self.global_batch * cfg.rollout_minibatches
+        if per_rollout % (cfg.num_generations * self.world_size):
+            raise ValueError(f"global_batch_size x rollout_minibatches = {per_rollout} must be a multiple of "
+                             f"num_generations x processes = {cfg.num_generations} x {self.world_size}")
+        prompts = load_prompts(cfg.data_path, self.tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.on_bad_record,
+                               cfg.max_samples, print0)
+        n_prompts = per_rollout // cfg.num_generations
+        self.train_data = IndexBatches(prompts, n_prompts, n_prompts // self.world_size, self.rank,
+                                       self.world_size, cfg.seed, collate=list)
+        print0(f"[{self.stage}] {len(prompts):,} prompts | a rollout = {n_prompts} prompts x {cfg.num_generations} "
+               f"replies, trained for {cfg.ppo_epochs} epoch(s) x {cfg.rollout_minibatches} minibatch(es)")
+
+    # ---- rollouts --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def make_rollout(self, prompts: list[dict]) -> dict:
+        """Sample replies, score them, and compute what the loss needs before the policy changes."""
+        cfg = self.cfg
+        G = cfg.num_generations
+        prompts = [p for p in prompts for _ in range(G)]  # groups are contiguous rows
+        with self.autocast:
+            replies = self.engine.generate([p["ids"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                           seed=cfg.seed + 7919 * self.step + self.rank)
+        rows = [p["ids"] + r for p, r in zip(prompts, replies)]
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompts, replies)):
+            input_ids[i, :len(rows[i])] = torch.tensor(rows[i])
+            attention_mask[i, :len(rows[i])] = 1
+            mask[i, len(p["ids"]):len(rows[i])] = True
+        buf = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+               "mask": mask[:, 1:].float().to(self.device)}  # (N, T-1): targets that are reply tokens
+        stops = set(self.engine.stop_token_ids)
+        completions = [Completion(self.engine.decode(r), r, p["prompt"], p["answer"], bool(r) and r[-1] in stops)
+                       for p, r in zip(prompts, replies)]
+        rewards = rule_rewards(self.rules, completions).to(self.device) if self.rules else \
+            torch.zeros(len(rows), device=self.device)
+        with self.autocast:
+            if self.reward_model is not None:
+                rewards = rewards + self.reward_model(input_ids=buf["input_ids"],
+                                                      attention_mask=buf["attention_mask"]).logits[:, 0].float()
+            buf["old_logps"] = token_logprobs(self.model, buf["input_ids"])
+            buf["ref_logps"] = token_logprobs(self.ref, buf["input_ids"]) if self.ref is not None else \
+                buf["old_logps"].clone()
+        buf["rewards"] = rewards
+        self.score_rollout(buf)
+        lengths = buf["mask"].sum(-1)
+        self.rollout_stats = {"reward": rewards.mean(), "reward_std": rewards.std() if len(rows) > 1 else
+                              rewards.new_zeros(()), "response_len": lengths.mean(),
+                              "kl_ref": (kl_estimate(buf["old_logps"], buf["ref_logps"], "k1") * buf["mask"]).sum(-1)
+                              .mean()}
+        return buf
+
+    def score_rollout(self, buf: dict) -> None:
+        raise NotImplementedError
+
+    def next_step(self) -> list:
+        if not self.queue:
+            cfg = self.cfg
+            (prompts,) = self.train_data.next_step()
+            buf = self.make_rollout(prompts)
+            n = len(buf["input_ids"])
+            per_step = n // cfg.rollout_minibatches
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(n, device=self.device) if cfg.rollout_minibatches > 1 else \
+                    torch.arange(n, device=self.device)
+                for s in range(0, n, per_step):
+                    rows = order[s:s + per_step]
+                    self.queue.append([{k: v[rows[m:m + self.micro_batch]] for k, v in buf.items()}
+                                       for m in range(0, per_step, self.micro_batch)])
+        return self.queue.pop(0)
+
+    def train_step(self) -> dict:
+        metrics = super().train_step()
+        metrics.update(self.rollout_stats)
+        if self.cfg.target_kl > 0 and float(metrics.get("approx_kl", 0.0)) > 1.5 * self.cfg.target_kl:
+            self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
+        return metrics
+
+    def batch_weight(self, batch) -> int:
+        return int(batch["mask"].sum()) if self.token_level else len(batch["mask"])
+
+    def batch_tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    # ---- the clipped policy objective both stages use ------------------------------------------------------
+    def policy_loss(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Per-token clipped surrogate -min(r A, clip(r) A), r = pi / pi_old, with diagnostics."""
+        eps = self.cfg.clip_eps
+        log_ratio = logps - batch["old_logps"]
+        ratio = torch.exp(log_ratio)
+        adv = batch["advantages"]
+        loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+        mask = batch["mask"]
+        with torch.no_grad():
+            stats = {"clip_frac": masked_mean(((ratio - 1).abs() > eps).float(), mask),
+                     "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}  # k3 of KL(old || new)
+        return loss, stats
+
+    # ---- checkpoint: an unfinished rollout buffer resumes exactly --------------------------------------------
+    def extra_state(self) -> dict:
+        return {"queue": self.queue, "rollout_stats": getattr(self, "rollout_stats", {})}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.queue = [[self.to_device(b) for b in step] for step in state.get("queue", [])]
+        self.rollout_stats = state.get("rollout_stats", {})
+
