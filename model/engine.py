@@ -212,7 +212,7 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import model as _registers_slm  # noqa: F401  importing the package registers the slm model type
-        from model.lora_utils import merge_lora_weights
+        from model.lora import merge_lora_weights
         from model.quantize import quantize_model
 
         if adapter is None and not os.path.isfile(os.path.join(path, "config.json")) and \
