@@ -176,7 +176,7 @@ def test_rslora_adapter_trains_merges_and_matches_peft(base_dir, tmp_path):
     assert not torch.allclose(trained, logits_of(load_base(base_dir), ids), atol=1e-3)
     ours = logits_of(load_adapter(load_base(base_dir), adapter), ids)
     torch.testing.assert_close(ours, trained, atol=1e-6, rtol=1e-5)
-    merged = logits_of(Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype="float32").model, ids)
+    merged = logits_of(Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32).model, ids)
     torch.testing.assert_close(merged, trained, atol=1e-5, rtol=1e-4)
     theirs = logits_of(peft.PeftModel.from_pretrained(load_base(base_dir), adapter), ids)
     torch.testing.assert_close(theirs, trained, atol=1e-6, rtol=1e-5)
@@ -199,7 +199,7 @@ def test_peft_rslora_adapter_reads_the_same_in_stage_engine_and_peft(base_dir, t
     assert not torch.allclose(theirs, logits_of(load_base(base_dir), ids), atol=1e-3)
     torch.testing.assert_close(logits_of(load_adapter(load_base(base_dir), adapter), ids), theirs,
                                atol=1e-6, rtol=1e-5)
-    merged = Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype="float32").model
+    merged = Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32).model
     torch.testing.assert_close(logits_of(merged, ids), theirs, atol=1e-5, rtol=1e-4)
 
 
@@ -215,4 +215,4 @@ def test_adapter_features_we_do_not_implement_fail_in_every_reader(base_dir, tmp
     with pytest.raises(ValueError, match="not supported"):
         load_adapter(load_base(base_dir), adapter)
     with pytest.raises(ValueError, match="not supported"):
-        Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype="float32")
+        Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32)
