@@ -213,7 +213,7 @@ class Engine:
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
         from transformers import AutoTokenizer
 
-        from model.lora_utils import merge_lora_weights
+        from model.lora import merge_lora_weights
         from model.quantize import check_quantize_device, quantize_model
 
         if adapter is None and not os.path.isfile(os.path.join(path, "config.json")) and \

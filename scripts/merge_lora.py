@@ -4,9 +4,10 @@ Merge a PEFT-format LoRA adapter (the lora stage's final/ or step_*/) into its b
     python scripts/merge_lora.py --model out/pretrain/final --adapter out/lora/final --out out/lora_merged
     python scripts/merge_lora.py --adapter out/lora/final --out out/lora_merged   # base from adapter_config.json
 
-W += (lora_alpha / r) * B @ A in fp32 for every adapted layer (model/lora_utils.merge_lora_weights), then the
-weights are saved in the base checkpoint's dtype with its config and the tokenizer. The result is an ordinary
-checkpoint: init_from of the next stage, Engine.from_pretrained, scripts/export_llama.py.
+W += scale * B @ A in fp32 for every adapted layer (model/lora.merge_lora_weights; scale = lora_alpha / r, or
+lora_alpha / sqrt(r) for rsLoRA), then the weights are saved in the base checkpoint's dtype with its config and
+the tokenizer. The result is an ordinary checkpoint: init_from of the next stage, Engine.from_pretrained,
+scripts/export_llama.py.
 """
 
 import os
@@ -23,7 +24,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from model.lora_utils import merge_lora_weights
+    from model.lora import merge_lora_weights
     from model.runtime import load_pretrained
 
     hf_logging.disable_progress_bar()

@@ -97,7 +97,7 @@ def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path):
     assert evals[-1]["reward_acc"] == 1.0 and evals[-1]["loss"] < 0.5 * math.log(2)
     # The policy itself now prefers the chosen replies more than the reference does, on held-out pairs too.
     batch = trainer.val_batches[0]
-    from trainer.rl_common import sequence_logprobs
+    from trainer.logprobs import sequence_logprobs
     with torch.no_grad():
         pi = sequence_logprobs(trainer.raw_model, batch["input_ids"], batch["loss_mask"]).chunk(2)
         ref = sequence_logprobs(trainer.ref, batch["input_ids"], batch["loss_mask"]).chunk(2)

@@ -1,4 +1,4 @@
-"""Tests for model/engine.py and model/lora_utils.py on a tiny random-weight model (CPU, a few seconds).
+"""Tests for model/engine.py and model/lora.py on a tiny random-weight model (CPU, a few seconds).
 
     python -m pytest tests/test_engine.py
 """
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.engine import Engine, IncrementalDecoder, StaticKVCache
-from model.lora_utils import merge_lora_weights
+from model.lora import merge_lora_weights
 from tests.helpers_inference import build_model, build_tokenizer, save_checkpoint
 
 

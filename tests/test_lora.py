@@ -1,11 +1,14 @@
 """
-LoRA (trainer/lora.py): only adapter weights train, the base stays bit-identical, the adapter merges to the same
-logits (scripts/merge_lora.py), loads in peft with the same logits, resumes exactly, and runs on the real data.
+LoRA (trainer/lora.py, model/lora.py): only adapter weights train, the base stays bit-identical, the adapter merges
+to the same logits (scripts/merge_lora.py), loads in peft with the same logits, resumes exactly, and runs on the
+real data. rsLoRA and PEFT-written adapters read the same in the stage, the engine's merge and PEFT; adapter options
+we do not implement are refused by every reader.
 
     python -m pytest tests/test_lora.py          # peft is a test-only dependency (pip install peft)
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,11 +48,9 @@ def lora_config(init_from: str, out_dir, data_path: str, **overrides):
 
 
 def load_base(path: str):
-    from transformers import AutoModelForCausalLM
+    from model.runtime import load_pretrained
 
-    import model as _  # noqa: F401  (registers the slm type)
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return load_pretrained(path).eval()
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +106,8 @@ def test_adapter_is_saved_in_peft_format_and_resumes_exactly(trained):
 
 def test_merge_and_peft_give_our_logits(base_dir, trained, tmp_path):
     peft = pytest.importorskip("peft")
+    from model.lora import load_adapter
     from scripts.merge_lora import main as merge_main
-    from trainer.lora import load_adapter
 
     adapter = str(trained["root"] / "straight" / "final")
     ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]])
@@ -119,6 +120,33 @@ def test_merge_and_peft_give_our_logits(base_dir, trained, tmp_path):
         torch.testing.assert_close(merged, ours, atol=1e-5, rtol=1e-4)
         theirs = peft.PeftModel.from_pretrained(load_base(base_dir), adapter).eval()(input_ids=ids).logits
         torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_peft_loads_the_adapter_from_another_directory(base_dir, trained, tmp_path):
+    """The adapter names its base by absolute path, and the base carries its code (auto_map): stock PEFT in a fresh
+    process, started somewhere else, loads both and gives our logits."""
+    pytest.importorskip("peft")
+    import subprocess
+    import sys
+
+    from model.lora import load_adapter
+
+    adapter = str(trained["root"] / "straight" / "final")
+    assert os.path.isabs(json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
+                         ["base_model_name_or_path"])
+    ids = [1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]
+    code = ("import json, sys, torch; from peft import AutoPeftModelForCausalLM;"
+            "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32);"
+            "assert 'model' not in sys.modules;"
+            "print(json.dumps(m.eval()(input_ids=torch.tensor([json.loads(sys.argv[2])])).logits[0].tolist()))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code, adapter, json.dumps(ids)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with torch.no_grad():
+        ours = load_adapter(load_base(base_dir), adapter).eval()(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(torch.tensor(json.loads(out.stdout.strip().splitlines()[-1])), ours, atol=1e-5,
+                               rtol=1e-4)
 
 
 def test_lora_on_the_shared_real_data(base_dir, tmp_path):
@@ -135,3 +163,82 @@ def test_lora_on_the_shared_real_data(base_dir, tmp_path):
                     "max_steps=2", "val_samples=8", "eval_batches=2", "device=cpu", "log_every=1"])
     assert rc == 0 and (out / "final" / "adapter_model.safetensors").is_file()
     assert all(0 < r["loss"] < 20 for r in read_metrics(str(out)))
+
+
+# -----------------------------------------------------------------------------
+# One adapter format: the stage, the engine's merge and PEFT read every adapter the same way (rsLoRA included)
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def peft_adapter(base_dir: str, out_dir, **lora_kwargs) -> str:
+    """An adapter written by PEFT itself, with random (non-zero) A and B so that it changes the model."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False, **lora_kwargs)
+    peft.get_peft_model(load_base(base_dir), config).save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+def test_rslora_adapter_trains_merges_and_matches_peft(base_dir, tmp_path):
+    """use_rslora scales the update by alpha / sqrt(r): training, the saved config, our unmerged loading, the
+    engine's merge and PEFT must all use that same scale."""
+    peft = pytest.importorskip("peft")
+    from model.engine import Engine
+    from model.lora import load_adapter
+    from trainer.lora import run
+
+    data = write_chat_file(tmp_path / "chat.jsonl")
+    trainer = run(lora_config(base_dir, tmp_path / "rs", data, max_steps=2, lora_rslora=True))
+    adapter = str(tmp_path / "rs" / "final")
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["r"] == 4 and config["lora_alpha"] == 8
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]])
+    trained = logits_of(trainer.raw_model, ids)  # the adapters as they trained (scale 8 / sqrt(4) = 4)
+    assert not torch.allclose(trained, logits_of(load_base(base_dir), ids), atol=1e-3)
+    ours = logits_of(load_adapter(load_base(base_dir), adapter), ids)
+    torch.testing.assert_close(ours, trained, atol=1e-6, rtol=1e-5)
+    merged = logits_of(Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32).model, ids)
+    torch.testing.assert_close(merged, trained, atol=1e-5, rtol=1e-4)
+    theirs = logits_of(peft.PeftModel.from_pretrained(load_base(base_dir), adapter), ids)
+    torch.testing.assert_close(theirs, trained, atol=1e-6, rtol=1e-5)
+    # The same weights read as plain LoRA (alpha / r = 2) give other logits: the flag is what the test checks.
+    plain_lora = tmp_path / "as_plain_lora"
+    plain_lora.mkdir()
+    (plain_lora / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": False}))
+    (plain_lora / "adapter_model.safetensors").write_bytes((Path(adapter) / "adapter_model.safetensors").read_bytes())
+    assert not torch.allclose(logits_of(load_adapter(load_base(base_dir), str(plain_lora)), ids), trained, atol=1e-3)
+
+
+def test_peft_rslora_adapter_reads_the_same_in_stage_engine_and_peft(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from model.engine import Engine
+    from model.lora import load_adapter
+
+    adapter = peft_adapter(base_dir, tmp_path / "peft_rslora", use_rslora=True)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]])
+    theirs = logits_of(peft.PeftModel.from_pretrained(load_base(base_dir), adapter), ids)
+    assert not torch.allclose(theirs, logits_of(load_base(base_dir), ids), atol=1e-3)
+    torch.testing.assert_close(logits_of(load_adapter(load_base(base_dir), adapter), ids), theirs,
+                               atol=1e-6, rtol=1e-5)
+    merged = Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32).model
+    torch.testing.assert_close(logits_of(merged, ids), theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("feature", [{"alpha_pattern": {"q_proj": 32}}, {"rank_pattern": {"v_proj": 2}},
+                                     {"use_dora": True}])
+def test_adapter_features_we_do_not_implement_fail_in_every_reader(base_dir, tmp_path, feature):
+    """Per-module ranks/alphas and DoRA change the update in ways a plain B A merge does not reproduce: both the
+    unmerged loader and the engine's merge refuse them instead of computing other logits than PEFT."""
+    from model.engine import Engine
+    from model.lora import load_adapter
+
+    adapter = peft_adapter(base_dir, tmp_path / "adapter", **feature)
+    with pytest.raises(ValueError, match="not supported"):
+        load_adapter(load_base(base_dir), adapter)
+    with pytest.raises(ValueError, match="not supported"):
+        Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32)

@@ -66,7 +66,7 @@ def test_grpo_group_advantages():
 
 
 def test_kl_estimators():
-    from trainer.rl_common import kl_estimate
+    from trainer.logprobs import kl_estimate
 
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     assert torch.allclose(kl_estimate(logp, ref, "k1"), torch.tensor([0.5, -1.0]))
@@ -101,7 +101,7 @@ def test_ppo_gae_matches_hand_computation():
 
 def test_sequence_logprobs_sum_over_masked_targets_only():
     from model import SLMConfig, SLMForCausalLM
-    from trainer.rl_common import sequence_logprobs, token_logprobs
+    from trainer.logprobs import sequence_logprobs, token_logprobs
 
     torch.manual_seed(0)
     model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=1)).eval()

@@ -113,7 +113,7 @@ def test_rl_resumes_exactly(stage, policy_dir, prompts_file, tmp_path):
 
 
 def test_rule_rewards():
-    from trainer.rl_common import Completion, parse_rules, register_rule, rule_rewards
+    from trainer.rewards import Completion, parse_rules, register_rule, rule_rewards
 
     @register_rule("has_hao")  # a user rule in three lines
     def has_hao(c, arg):

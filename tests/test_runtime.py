@@ -129,7 +129,7 @@ def test_dpo_reference_has_the_policys_numerics_in_bf16_autocast(tmp_path, tiny_
     step 0 (a bf16-weight reference against an fp32 policy under autocast is not)."""
     from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
     from trainer.dpo import Config, DPOTrainer
-    from trainer.rl_common import sequence_logprobs
+    from trainer.logprobs import sequence_logprobs
 
     path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")

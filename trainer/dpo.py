@@ -36,7 +36,7 @@ from dataset.preference_data import (
 )
 from model.runtime import load_pretrained
 from trainer.core import TrainConfig, Trainer, print0, run_trainer
-from trainer.rl_common import sequence_logprobs
+from trainer.logprobs import sequence_logprobs
 
 # -----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ GRPO (DeepSeekMath): G replies per prompt, advantages normalised within each gro
     python main.py --stage grpo --config config/grpo.yaml reward_rules="exact,format=0.2" reward_from=""
 
 Each rollout samples num_generations replies per prompt through the shared Engine (model/engine.py) and scores
-them with the reward model (reward_from), rule functions (reward_rules, see trainer/rl_common.py) or both
+them with the reward model (reward_from), rule functions (reward_rules, see trainer/rewards.py) or both
 summed. A reply's advantage A = (r - mean of its group) / (std of its group + 1e-4), the same for every token of
 the reply (scale_rewards=false keeps r - mean only: Dr. GRPO's fix for the bias towards low-variance groups).
 
@@ -27,13 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from trainer.core import run_trainer
-from trainer.rl_common import (
-    RLConfig,
-    RolloutTrainer,
-    kl_estimate,
-    masked_mean,
-    token_logprobs,
-)
+from trainer.logprobs import kl_estimate, masked_mean, token_logprobs
+from trainer.rollout import RLConfig, RolloutTrainer
 
 # -----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ frozen reference and reward model.
     python main.py --stage ppo --config config/ppo.yaml critic=separate ref_device=cpu
 
 Each rollout samples replies through the shared Engine (model/engine.py) and scores them (reward model and/or
-rule rewards, trainer/rl_common.py). Per-token reward: -kl_coef * (log pi_old - log ref) on every reply token
+rule rewards, trainer/rewards.py). Per-token reward: -kl_coef * (log pi_old - log ref) on every reply token
 (a KL penalty to the reference, k1 estimator), plus the score on the reply's last token. Advantages by GAE
 (gamma, lam) on the critic's values, whitened over the rollout. Then ppo_epochs passes over the rollout in
 rollout_minibatches minibatches, one optimizer step each, with
@@ -37,14 +37,8 @@ import torch
 
 from model.runtime import load_pretrained
 from trainer.core import run_trainer
-from trainer.rl_common import (
-    RLConfig,
-    RolloutTrainer,
-    kl_estimate,
-    masked_mean,
-    masked_whiten,
-    token_logprobs,
-)
+from trainer.logprobs import kl_estimate, masked_mean, masked_whiten, token_logprobs
+from trainer.rollout import RLConfig, RolloutTrainer
 
 # -----------------------------------------------------------------------------
 

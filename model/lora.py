@@ -1,0 +1,193 @@
+"""
+LoRA adapters and their on-disk format (PEFT's), in one place: the layer and how it is put into a model, the writer,
+the unmerged loader and the merge. The LoRA stage (trainer/lora.py) trains and saves with it; the engine
+(Engine.from_pretrained(path, adapter=DIR)) and scripts/merge_lora.py merge with it.
+
+    from model.lora import load_adapter, merge_lora_weights
+    load_adapter(model, "out/lora/run1/final")         # adapters added, unmerged (eval or further training)
+    merge_lora_weights(model, "out/lora/run1/final")   # W += scale * B @ A: a plain model again, no cost per token
+
+Each adapted nn.Linear computes y = W x + scale * B A dropout(x), with A (r, in), B (out, r) and
+scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rank-stabilized LoRA, Kalajdzievski 2023: the
+update's size then no longer shrinks as r grows). The format is PEFT's, so peft.PeftModel.from_pretrained, vLLM and
+other servers that take PEFT adapters read what we write, and we read theirs:
+    adapter_config.json          peft_type LORA, r, lora_alpha, use_rslora, target_modules, base_model_name_or_path
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r)
+PEFT options that change the update in other ways (DoRA, per-module ranks or alphas, extra trained modules, biases)
+are refused by every reader here, so no path computes other logits than PEFT would.
+"""
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model: the prefix PEFT writes in front of keys
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor on B A: alpha / r, or alpha / sqrt(r) for rsLoRA (PEFT's LoraLayer.update_layer)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# -----------------------------------------------------------------------------
+# The adapter layer and how it is put into a model
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update. Attribute names are PEFT's (base_layer, lora_A,
+    lora_B), so our parameter names are PEFT's saved keys minus its prefix."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool = False):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        # PEFT's default init: A like nn.Linear, B zero -> the update B A is zero at step 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def add_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float,
+             use_rslora: bool = False) -> list[str]:
+    """Freeze the whole model, then wrap every nn.Linear whose last name is in targets (PEFT's matching of a
+    target list). Returns the wrapped module names; a target that matches nothing is an error."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    unmatched = set(targets) - {n.rsplit(".", 1)[-1] for n in names}
+    if unmatched:
+        raise ValueError(f"lora_targets {sorted(unmatched)} match no linear layer of the model")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+    return names
+
+
+# -----------------------------------------------------------------------------
+# Writing: what PeftModel.save_pretrained writes
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's saved key names."""
+    return {PEFT_PREFIX + name: p.detach().float().cpu().contiguous()
+            for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
+def save_adapter(model: nn.Module, path: str, base_model: str, targets: list[str], r: int, alpha: float,
+                 dropout: float, use_rslora: bool = False) -> None:
+    """adapter_config.json + adapter_model.safetensors, as PeftModel.save_pretrained writes them (fp32: the
+    adapter is small, and fp32 keeps the resumed run bit-exact)."""
+    os.makedirs(path, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets),
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": False,
+              "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+              "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+              "revision": None}
+    with open(os.path.join(path, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    save_file(adapter_state_dict(model), os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+# -----------------------------------------------------------------------------
+# Reading: one config reader for the unmerged loader and the merge
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """adapter_config.json, checked: a LoRA adapter whose update is scale * B A on every target module. Returns
+    {"r", "lora_alpha", "use_rslora", "target_modules" (a list), "lora_dropout", "base_model_name_or_path"}."""
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        cfg = json.load(f)
+    unsupported = {"peft_type": cfg.get("peft_type", "LORA") != "LORA", "use_dora": bool(cfg.get("use_dora")),
+                   "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),
+                   "modules_to_save": bool(cfg.get("modules_to_save")),
+                   "bias": cfg.get("bias", "none") != "none", "lora_bias": bool(cfg.get("lora_bias")),
+                   "target_parameters": bool(cfg.get("target_parameters")),
+                   "layer_replication": bool(cfg.get("layer_replication")),
+                   "layers_to_transform": cfg.get("layers_to_transform") is not None,
+                   # nn.Linear stores W as (out, in); fan_in_fan_out is for GPT-2's transposed Conv1D only.
+                   "fan_in_fan_out": bool(cfg.get("fan_in_fan_out"))}
+    if any(unsupported.values()):
+        names = ", ".join(k for k, bad in unsupported.items() if bad)
+        raise ValueError(f"{adapter_dir}: adapter option(s) not supported here: {names} (plain LoRA and rsLoRA "
+                         f"only)")
+    targets = cfg["target_modules"]
+    return {"r": cfg["r"], "lora_alpha": cfg.get("lora_alpha", 8),  # 8 is PEFT's default lora_alpha
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "target_modules": [targets] if isinstance(targets, str) else list(targets),
+            "lora_dropout": cfg.get("lora_dropout", 0.0),
+            "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+
+
+def _module_key(key: str) -> str:
+    """PEFT key -> our parameter name: drop PEFT's prefix and the adapter name an in-memory state dict carries
+    ('...q_proj.lora_A.default.weight' -> '...q_proj.lora_A.weight')."""
+    return key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+
+
+def read_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors with our parameter names; a key that is not a LoRA A or B (a DoRA magnitude,
+    a saved module) is refused, since the update would then not be scale * B A."""
+    weights = {_module_key(k): v for k, v in load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS)).items()}
+    other = sorted(k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if other:
+        raise ValueError(f"{adapter_dir}: adapter weights not supported here (not LoRA A/B): {other[:3]}")
+    return weights
+
+
+def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Copy PEFT-keyed adapter weights into a model that already has the adapters; every key must match."""
+    params = dict(model.named_parameters())
+    mine = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    theirs = {_module_key(k) for k in weights}
+    if mine != theirs:
+        raise ValueError(f"{where}: adapter does not match the model (missing {sorted(mine - theirs)[:3]}, "
+                         f"unexpected {sorted(theirs - mine)[:3]})")
+    with torch.no_grad():
+        for key, value in weights.items():
+            params[_module_key(key)].copy_(value)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Add the adapters that adapter_config.json describes and load their weights (unmerged; the model's
+    train/eval mode is the caller's). To fold them into the base weights instead, use merge_lora_weights."""
+    cfg = read_adapter_config(adapter_dir)
+    add_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"])
+    load_adapter_weights(model, read_adapter_weights(adapter_dir), adapter_dir)
+    return model
+
+
+@torch.no_grad()
+def merge_lora_weights(model: nn.Module, adapter_dir: str) -> int:
+    """Add each adapter's (scale * B @ A) into the matching nn.Linear weight, in place; returns how many merged.
+    Keys that match no linear layer raise, so an adapter made for another architecture fails loudly instead of
+    silently doing nothing."""
+    cfg = read_adapter_config(adapter_dir)
+    scale = lora_scaling(cfg["r"], cfg["lora_alpha"], cfg["use_rslora"])
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_adapter_weights(adapter_dir).items():
+        name, _, which = key.removesuffix(".weight").rpartition(".lora_")  # ('model.layers.0.self_attn.q_proj', 'A')
+        pairs.setdefault(name, {})[which] = tensor
+    modules = dict(model.named_modules())
+    for name, ab in pairs.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear) or set(ab) != {"A", "B"}:
+            raise KeyError(f"LoRA weights for '{name}' do not match a linear layer of this model (or lack A/B)")
+        delta = scale * (ab["B"].float() @ ab["A"].float())  # (out, r) @ (r, in) -> (out, in), in fp32
+        if delta.shape != module.weight.shape:
+            raise KeyError(f"LoRA update for '{name}' is {tuple(delta.shape)}, the layer {tuple(module.weight.shape)}")
+        module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
+    return len(pairs)

@@ -1,0 +1,57 @@
+"""
+Rollout prompts (dataset/prompt_data.py): every supported record format becomes a prompt ending with a user turn,
+with the reference answer where the data has one; bad and over-long records follow the bad-record policy.
+
+    python -m pytest tests/test_prompt_data.py
+"""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from dataset.chat_data import BadRecord
+from dataset.preference_data import prompt_ids
+from dataset.prompt_data import load_prompts
+
+
+def write_jsonl(path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+RECORDS = [
+    {"prompt": "中国的首都是哪里？", "answer": "北京"},  # plain prompt with an answer
+    {"prompt": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"}]},  # messages
+    {"prompt": "今天天气怎么样？", "chosen": "很好。", "rejected": "床前明月光。"},  # a preference pair
+    {"instruction": "人工智能是什么？", "output": "计算机科学的一个分支。"},  # alpaca: the output is the answer
+    {"conversations": [{"from": "human", "value": "hello world"}]},  # sharegpt with no reply yet
+]
+
+
+def test_every_format_becomes_a_prompt_ending_with_user(tiny_tokenizer_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    prompts = load_prompts(write_jsonl(tmp_path / "p.jsonl", RECORDS), tok, max_prompt_tokens=512, log=lambda *a: None)
+    assert [p["prompt"][-1]["content"] for p in prompts] == \
+        ["中国的首都是哪里？", "你好", "今天天气怎么样？", "人工智能是什么？", "hello world"]
+    assert all(p["prompt"][-1]["role"] == "user" for p in prompts)
+    assert prompts[1]["prompt"][0] == {"role": "system", "content": "你是助手。"}
+    assert [p["answer"] for p in prompts] == ["北京", None, None, "计算机科学的一个分支。", None]
+    assert all(p["ids"] == prompt_ids(tok, p["prompt"]) for p in prompts)  # ready for generation
+
+
+def test_bad_long_and_capped_records(tiny_tokenizer_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    long_prompt = "人工智能是计算机科学的一个分支。" * 20
+    rows = [{"prompt": "你好"}, {"prompt": long_prompt}, {"messages": [{"role": "assistant", "content": "嗯"}]},
+            {"prompt": "学校上课吗？"}, {"prompt": "明月在哪里？"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    logged = []
+    limit = len(prompt_ids(tok, [{"role": "user", "content": long_prompt}])) - 1
+    kept = load_prompts(path, tok, max_prompt_tokens=limit, log=logged.append)
+    assert [p["prompt"][-1]["content"] for p in kept] == ["你好", "学校上课吗？", "明月在哪里？"]
+    assert any("2 records skipped" in line for line in logged)
+    capped = load_prompts(f"{path},{path}", tok, max_prompt_tokens=limit, max_samples=2, log=lambda *a: None)
+    assert [p["prompt"][-1]["content"] for p in capped] == ["你好", "学校上课吗？"] * 2  # max_samples is per file
+    with pytest.raises(BadRecord, match=r"p\.jsonl:3"):
+        load_prompts(path, tok, max_prompt_tokens=limit, on_bad="error", log=lambda *a: None)
