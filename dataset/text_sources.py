@@ -1,7 +1,7 @@
 """
 Text sources: streaming readers for every raw-text format we take in, and the Chinese cleaning rules.
 
-Used by scripts/zh_simplify.py (cleaning), trainer/train_tokenizer.py and scripts/prepare_shards.py (reading).
+Used by dataset/corpus.py (cleaning), trainer/train_tokenizer.py and dataset/shard_writer.py (reading).
 Nothing here runs on import; a quick look at what a file yields:
     python -c "from dataset.text_sources import iter_documents as it; print(next(it('a.jsonl'))['text'][:200])"
 

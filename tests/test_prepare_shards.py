@@ -1,10 +1,10 @@
 """
-scripts/prepare_shards.py: format, determinism, weights, validation split, dtype and tokenizer checks.
+The shard writer (dataset/shard_writer.py) and its command line scripts/prepare_shards.py: format, determinism,
+weights, validation split, dtype and tokenizer checks.
 
     python -m pytest tests/test_prepare_shards.py
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,19 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dataset.shard_writer as ps
 from dataset.shards import load_meta, open_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_shards", ROOT / "scripts" / "prepare_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ps = _load_script()
 
 
 def _write_jsonl(path, texts):
@@ -145,3 +136,4 @@ def test_cli(tiny_tokenizer_dir, sources, tmp_path):
     assert "tokens/s" in r.stdout and "MB/s" in r.stdout
     r = subprocess.run(cmd[:5] + [str(tmp_path / "missing.jsonl")] + cmd[7:], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "missing.jsonl: no such file" in r.stderr
+
