@@ -6,8 +6,8 @@ Tokenise text sources into shuffled token shards for pretraining (format: datase
 
 A weight above 1 repeats a source (2.5 = every document twice, half of them a third time); below 1 keeps that
 share of its documents; the same inputs and seed give byte-identical shards. Peak RAM is about the tokenizer plus
-one bucket (--bucket_mb), whatever the corpus size. How it works: dataset/shard_writer.py, which does the work;
-this file is its command line.
+one bucket (--bucket_mb), whatever the corpus size. A run that was killed or failed can simply be run again in the
+same --out_dir. How it works: dataset/shard_writer.py, which does the work; this file is its command line.
 """
 
 import os
