@@ -5,9 +5,10 @@ scripts/zh_simplify.py is its command line; the pipeline (trainer/pipeline.py) c
 Inputs: files of every format dataset/text_sources.py reads. Rules, in order: control characters, HTML remnants,
 MediaWiki -{..}- conversion markup, traditional -> simplified (zh-cn), full-width letters/digits, empty brackets,
 repeated punctuation, whitespace; then documents that are too short or mostly non-Chinese are dropped, and exact
-duplicates (after normalisation) are dropped. Memory stays flat: documents stream through a bounded window of worker
-batches, and only an 8-byte hash per kept document is remembered (for deduplication, in a sorted array: see
-SeenKeys).
+duplicates (after normalisation) are dropped. Memory stays flat: plain text is read in bounded pieces, a document
+longer than LONG_DOC_FACTOR * max_doc_chars is split at paragraph or sentence ends before cleaning, documents stream
+through a bounded window of worker batches, and only an 8-byte hash per kept document is remembered (for
+deduplication, in a sorted array: see SeenKeys).
 """
 
 import difflib
@@ -19,7 +20,8 @@ from collections import Counter, deque
 
 import numpy as np
 
-from dataset.text_sources import FilterConfig, clean_text, dedup_key, iter_documents, keep_document, make_converter
+from dataset.text_sources import (LONG_DOC_FACTOR, FilterConfig, clean_text, dedup_key, iter_documents,
+                                  keep_document, make_converter, split_document)
 
 
 # -----------------------------------------------------------------------------
@@ -45,16 +47,22 @@ def _clean_batch(docs: list[dict]) -> tuple[list[tuple], Counter]:
 
 def _batches(paths: list[str], fcfg: FilterConfig, batch_chars: int, stats: Counter):
     batch, size = [], 0
+    limit = LONG_DOC_FACTOR * fcfg.max_doc_chars
     for path in paths:
         for d in iter_documents(path, max_doc_chars=fcfg.max_doc_chars):
-            stats["docs_in"] += 1
-            stats["chars_in"] += len(d["text"])
-            stats["bytes_in"] += len(d["text"].encode("utf-8"))
-            batch.append({"text": d["text"], "source": os.path.basename(path), "title": d["title"]})
-            size += len(d["text"])
-            if size >= batch_chars:
-                yield batch
-                batch, size = [], 0
+            # A huge document (a 50 MB JSON string) would cost many times its size in one worker's regex passes;
+            # its pieces are cleaned, filtered and deduplicated as documents of their own.
+            # (The plain-text reader already keeps to this limit.)
+            stats["docs_split"] += len(d["text"]) > limit
+            for text in split_document(d["text"], limit):
+                stats["docs_in"] += 1
+                stats["chars_in"] += len(text)
+                stats["bytes_in"] += len(text.encode("utf-8"))
+                batch.append({"text": text, "source": os.path.basename(path), "title": d["title"]})
+                size += len(text)
+                if size >= batch_chars:
+                    yield batch
+                    batch, size = [], 0
     if batch:
         yield batch
 
@@ -150,6 +158,9 @@ def print_summary(stats: Counter, output: str) -> None:
     print(f"  documents: {stats['docs_in']:,} in -> {stats['docs_out']:,} out "
           f"(too short {stats['dropped_too_short']:,}, mostly non-CJK {stats['dropped_mostly_non_cjk']:,}, "
           f"duplicate {stats['dropped_duplicate']:,})")
+    if stats["docs_split"]:
+        print(f"  long documents split at paragraph/sentence ends: {stats['docs_split']:,} (counted above as their "
+              f"pieces)")
     print(f"  characters: {stats['chars_in']:,} in -> {stats['chars_out']:,} out")
     for rule in ("control_chars", "html", "mw_markup", "zh_converted", "fullwidth_alnum", "empty_brackets",
                  "repeated_punct", "whitespace"):
