@@ -151,10 +151,11 @@ def _assert_same_output(d1, d2):
         assert (Path(d1) / f).read_bytes() == (Path(d2) / f).read_bytes(), f
 
 
+@pytest.mark.slow
 def test_rerun_after_sigkill_gives_the_shards_of_a_clean_run(tiny_tokenizer_dir, tmp_path):
-    # Large enough that phase 1 is still running when the poll below sees the bucket folder appear.
+    # ~4 MB: large enough that phase 1 is still running when the poll below sees the bucket folder appear.
     src = _write_jsonl(tmp_path / "big.jsonl", [f"第{i}篇：我们今天学习数学和语言，机器学习需要数据。{i * 7919} hello"
-                                                * (3 + i % 5) for i in range(30000)])
+                                                * (3 + i % 5) for i in range(8000)])
     out = tmp_path / "killed"
     args = dict(shard_mb=0.05, val_tokens=2000, workers=1, bucket_mb=0.5)
     cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir,
