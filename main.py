@@ -5,34 +5,16 @@ Milli-Chat's one entry point: every stage is started from here.
     python main.py --stage pretrain --config config/pretrain.yaml max_steps=200 lr=3e-4
     torchrun --nproc_per_node=2 main.py --stage pretrain --config config/pretrain.yaml
 
-Each stage is a module in trainer/ exposing `Config` (a dataclass) and `run(cfg)`. Only the chosen stage's
-module is imported, so `--stage sft` never imports RL code.
+Each stage is a module in trainer/ exposing `Config` (a dataclass) and `run(cfg)`, listed in trainer/stages.py.
+Only the chosen stage's module is imported, so `--stage sft` never imports RL code.
 """
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
-# name -> (module, one-line description). A stage whose module does not exist yet is not offered.
-STAGES = {
-    "all": ("trainer.pipeline", "run every stage in order (the demo: --config config/demo.yaml)"),
-    "tokenizer": ("trainer.train_tokenizer", "train the byte-level BPE tokenizer on text files"),
-    "pretrain": ("trainer.pretrain", "pretrain a model on uint16 token shards (resumable, DDP)"),
-    "sft": ("trainer.sft", "full-parameter supervised fine-tuning on chat data"),
-    "lora": ("trainer.lora", "LoRA fine-tuning on chat data (PEFT-format adapters)"),
-    "dpo": ("trainer.dpo", "direct preference optimisation on chosen/rejected pairs"),
-    "reward": ("trainer.reward", "train a Bradley-Terry reward model on preference pairs"),
-    "ppo": ("trainer.ppo", "PPO with a reward model and a value head"),
-    "grpo": ("trainer.grpo", "GRPO: group-normalised advantages, rule or model rewards"),
-    "distill": ("trainer.distill", "knowledge distillation from a teacher checkpoint"),
-    "eval": ("trainer.eval", "perplexity, bits-per-byte, CMMLU-style multiple choice, generation report"),
-}
-
-
-def available_stages() -> dict:
-    return {name: spec for name, spec in STAGES.items() if importlib.util.find_spec(spec[0]) is not None}
+from trainer.stages import available_stages
 
 
 def main(argv=None) -> int:

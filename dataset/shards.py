@@ -1,5 +1,6 @@
 """
-Token shards on disk: the format `scripts/prepare_shards.py` writes and the readers that training uses.
+Token shards on disk: the format dataset/shard_writer.py writes (command line: scripts/prepare_shards.py) and the
+readers that training uses.
 
 A shard directory holds
     meta.json            {"format": "milli-chat-shards-v1", "dtype": "uint16", "vocab_size": V,

@@ -1,7 +1,7 @@
 """
 Text sources: streaming readers for every raw-text format we take in, and the Chinese cleaning rules.
 
-Used by scripts/zh_simplify.py (cleaning), trainer/train_tokenizer.py and scripts/prepare_shards.py (reading).
+Used by dataset/corpus.py (cleaning), trainer/train_tokenizer.py and dataset/shard_writer.py (reading).
 Nothing here runs on import; a quick look at what a file yields:
     python -c "from dataset.text_sources import iter_documents as it; print(next(it('a.jsonl'))['text'][:200])"
 
@@ -11,10 +11,13 @@ Formats (a `.gz` suffix on any of them is read through gzip, still streaming):
     .jsonl                          one object per line; the text is the first field of `text_fields` present
     .json                           one JSON document: SQuAD (each `context` once) or chinese-poetry style records
     .txt / .md / anything else      plain text, cut into documents at blank lines once `max_doc_chars` is reached
-                                    (and at `<!-- FILE: ... -->` markers, which separate laws in the LawRefBook dump)
+                                    (and at `<!-- FILE: ... -->` markers, which separate laws in the LawRefBook dump);
+                                    no document is longer than 5x that: without a blank line it ends at a line end
+                                    or, inside one huge line, at a sentence end (lines are read in bounded pieces)
 Every reader yields {"text", "source", "title", "line"} and raises ValueError naming file and line on bad input.
 """
 
+import codecs
 import gzip
 import hashlib
 import html
@@ -51,19 +54,33 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) pairs. We decode line by line so that a bad byte is reported at its exact line."""
+def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs. We decode line by line so that a bad byte is reported at its exact line.
+
+    With max_line_bytes, a longer line comes in pieces of about that many bytes, all with the line's number and
+    only the last one ending in a newline: a file with no newline for 50 MB is never held in memory whole. The
+    incremental decoder keeps a character cut between two pieces whole (it starts the next piece)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lineno, line_start = 0, True
     with _open_binary(path) as f:
         try:
-            for lineno, raw in enumerate(f, 1):
+            while raw := f.readline(max_line_bytes or -1):
+                lineno += line_start
                 try:
-                    line = raw.decode("utf-8")
+                    line = decoder.decode(raw)
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
                                      f"convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)") from None
-                if lineno == 1 and line.startswith("\ufeff"):
+                if lineno == 1 and line_start and line.startswith("\ufeff"):
                     line = line[1:]  # a UTF-8 byte-order mark is not text
-                yield lineno, line
+                line_start = raw.endswith(b"\n")
+                if line:  # empty when a piece held only the first bytes of a character
+                    yield lineno, line
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 at the end of the file ({e.reason}); "
+                                 f"a truncated file?") from None
         except (OSError, EOFError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -78,7 +95,7 @@ def _kind(path: str) -> str:
         return "json"
     if ext == ".jsonl":
         return "jsonl"
-    for _, line in iter_lines(path):
+    for _, line in iter_lines(path, max_line_bytes=1 << 16):  # the start of a line is enough to tell
         s = line.strip()
         if not s:
             continue
@@ -181,24 +198,56 @@ def _read_json(path: str) -> Iterator[dict]:
 
 
 _FILE_MARK = re.compile(r"^<!-- FILE: (.*?) -->\s*$")
+LONG_DOC_FACTOR = 5  # a plain-text document with no blank line for LONG_DOC_FACTOR * max_doc_chars ends anyway
+
+# Where a long text may be cut, best first: paragraph, line, sentence, clause, word. The sentence ends come before
+# the clause marks so that a piece ends a sentence whenever one ends in the window.
+_BREAKS = ("\n\n", "\n", "。", "！", "？", "…", ". ", "! ", "? ", "；", "; ", "，", ", ", "、", " ")
+
+
+def split_document(text: str, max_chars: int) -> Iterator[str]:
+    """Cut `text` into pieces of at most `max_chars` characters that join back to exactly `text`. Each piece ends
+    at the best break (see _BREAKS) in the second half of its window, so pieces are at least half as long as asked;
+    a hard cut only where that half has no break at all (e.g. one 100k-character token)."""
+    pos = 0
+    while len(text) - pos > max_chars:
+        end = cut = pos + max_chars
+        for sep in _BREAKS:
+            i = text.rfind(sep, pos + max_chars // 2, end)  # sep lies wholly inside the window
+            if i >= 0:
+                cut = i + len(sep)
+                break
+        yield text[pos:cut]
+        pos = cut
+    yield text[pos:]
 
 
 def _read_text(path: str, max_doc_chars: int) -> Iterator[dict]:
-    buf, size, start, title = [], 0, 1, ""
-    for lineno, line in iter_lines(path):
-        mark = _FILE_MARK.match(line)
-        # a document ends at a file marker, or at a blank line once it is long enough (bounded memory per document)
-        if mark or (not line.strip() and size >= max_doc_chars):
-            if size:
+    limit = LONG_DOC_FACTOR * max_doc_chars
+    buf, size, start, title, line_start = [], 0, 1, "", True
+    # a line longer than a document arrives in pieces, so memory stays bounded by `limit` plus one piece
+    for lineno, piece in iter_lines(path, max_line_bytes=max(1 << 16, 4 * max_doc_chars)):
+        if line_start:
+            mark = _FILE_MARK.match(piece)
+            # a document ends at a file marker, or at a blank line once it is long enough (bounded memory per document)
+            if mark or (not piece.strip() and size >= max_doc_chars):
+                if size:
+                    yield {"text": "".join(buf), "source": path, "title": title, "line": start}
+                buf, size, start = [], 0, lineno + 1
+                title = os.path.splitext(os.path.basename(mark.group(1)))[0] if mark else title
+                line_start = piece.endswith("\n")
+                continue
+            if size and size + len(piece) > limit:  # no blank line for that long: end it before this line anyway
                 yield {"text": "".join(buf), "source": path, "title": title, "line": start}
-            buf, size, start = [], 0, lineno + 1
-            title = os.path.splitext(os.path.basename(mark.group(1)))[0] if mark else title
-            continue
-        if size >= 5 * max_doc_chars:  # no blank line for that long: end it anyway, or a file could be one document
-            yield {"text": "".join(buf), "source": path, "title": title, "line": start}
-            buf, size, start = [], 0, lineno
-        buf.append(line)
-        size += len(line)
+                buf, size, start = [], 0, lineno
+        buf.append(piece)
+        size += len(piece)
+        line_start = piece.endswith("\n")
+        if size > limit:  # only a line longer than a document gets here: cut it at sentence ends
+            *full, rest = split_document("".join(buf), limit)
+            for text in full:
+                yield {"text": text, "source": path, "title": title, "line": start}
+            buf, size, start = [rest], len(rest), lineno
     if size:
         yield {"text": "".join(buf), "source": path, "title": title, "line": start}
 
@@ -375,7 +424,9 @@ def clean_text(text: str, convert, stats: Counter) -> str:
 class FilterConfig:
     min_chars: int = 16  # drop documents with fewer non-space characters (a 4-line 5-character poem has 20)
     min_cjk_ratio: float = 0.3  # drop documents where Han characters are less than this share of non-space chars
-    max_doc_chars: int = 20000  # plain-text files are cut into documents about this long (at blank lines)
+    # plain-text files are cut into documents about this long (at blank lines); a document of any format longer
+    # than LONG_DOC_FACTOR times this is split at paragraph or sentence ends (so cleaning memory stays bounded)
+    max_doc_chars: int = 20000
 
 
 def keep_document(text: str, cfg: FilterConfig) -> str | None:

@@ -1,14 +1,15 @@
 """
 SLMConfig: the hyper-parameters of Milli-Chat's decoder, in Hugging Face form.
 
-Field names follow transformers' LlamaConfig so that a dense SLM checkpoint is a Llama checkpoint
-(see scripts/export_llama.py). Presets live in config/model/*.json:
+Field names follow transformers' LlamaConfig so that a dense SLM checkpoint is a Llama checkpoint:
+slm_to_llama_config() gives the equivalent LlamaConfig (scripts/export_llama.py writes it next to the unchanged
+weights). Presets live in config/model/*.json:
     from model import SLMConfig
     cfg = SLMConfig.from_json_file("config/model/small.json")
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import LlamaConfig, PreTrainedConfig
 
 
 @strict(accept_kwargs=True)
@@ -102,4 +103,22 @@ class SLMConfig(PreTrainedConfig):
                 f"({self.num_experts})")
 
 
-__all__ = ["SLMConfig"]
+def slm_to_llama_config(cfg: SLMConfig) -> LlamaConfig:
+    """The LlamaConfig of the same model: a dense SLM checkpoint loads into LlamaForCausalLM key for key.
+    MoE has no Llama equivalent and is refused with a ValueError that says what to do instead."""
+    if cfg.use_moe:
+        raise ValueError("this checkpoint uses mixture-of-experts layers, which the Llama architecture does not "
+                         "have; export a dense model (use_moe=false), or distill the MoE model into one first")
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias, mlp_bias=False,
+        attention_dropout=cfg.attention_dropout, initializer_range=cfg.initializer_range,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+    )
+
+
+__all__ = ["SLMConfig", "slm_to_llama_config"]

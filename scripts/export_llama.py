@@ -16,23 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-
-def slm_to_llama_config(cfg):
-    from transformers import LlamaConfig
-
-    if cfg.use_moe:
-        raise ValueError("this checkpoint uses mixture-of-experts layers, which the Llama architecture does not "
-                         "have; export a dense model (use_moe=false), or distill the MoE model into one first")
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias, mlp_bias=False,
-        attention_dropout=cfg.attention_dropout, initializer_range=cfg.initializer_range,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-    )
+from model.configuration_slm import slm_to_llama_config  # noqa: E402
 
 
 def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:

@@ -5,12 +5,9 @@ Tokenise text sources into shuffled token shards for pretraining (format: datase
         --out_dir dataset/shards --shard_mb 50 --val_tokens 1000000 --seed 1337
 
 A weight above 1 repeats a source (2.5 = every document twice, half of them a third time); below 1 keeps that
-share of its documents. Which documents are kept, repeated or held out is decided by a seeded hash of each
-document's text, so the same inputs and seed give byte-identical shards.
-Memory stays flat: documents stream in, are tokenised in batches (the Rust tokenizer uses --workers threads) and
-scattered into on-disk buckets by a seeded hash; each bucket is then shuffled in memory and cut into shards.
-Peak RAM is the tokenizer plus one bucket (--bucket_mb) plus one tokenising batch (bounded in documents and bytes),
-whatever the corpus size; shards are written straight to disk.
+share of its documents; the same inputs and seed give byte-identical shards. Peak RAM is about the tokenizer plus
+one bucket (--bucket_mb), whatever the corpus size. A run that was killed or failed can simply be run again in the
+same --out_dir. How it works: dataset/shard_writer.py, which does the work; this file is its command line.
 """
 
 import os
@@ -18,250 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run directly: repo root importable
 
-import argparse
-import hashlib
-import json
-import math
-import shutil
-import time
+import argparse  # noqa: E402
 
-import numpy as np
-
-from dataset.shards import SHARD_FORMAT, dtype_for_vocab, tokenizer_fingerprint
-from dataset.text_sources import iter_documents
-
-# -----------------------------------------------------------------------------
-# inputs and hashing
+from dataset.shard_writer import prepare  # noqa: E402
 
 
-def parse_input(spec: str) -> tuple[str, float]:
-    """'path[:weight]' -> (path, weight). Only a number after the last ':' is a weight."""
-    path, sep, w = spec.rpartition(":")
-    if sep:
-        try:
-            weight = float(w)
-        except ValueError:
-            path, weight = spec, 1.0
-    else:
-        path, weight = spec, 1.0
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (from --inputs {spec})")
-    if not weight > 0 or math.isinf(weight):
-        raise ValueError(f"--inputs {spec}: the weight must be a positive number")
-    return path, weight
-
-
-def _unit(key: bytes, salt: str) -> float:
-    h = hashlib.blake2b(key, digest_size=8, person=salt.encode()[:16].ljust(16, b"\0"))
-    return int.from_bytes(h.digest(), "little") / 2**64
-
-
-def _doc_key(text: str, seed: int) -> bytes:
-    return hashlib.blake2b(f"{seed}\0{text}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-# -----------------------------------------------------------------------------
-# output directory checks and atomic writes
-
-
-def check_out_dir(out_dir: str, fingerprint: str) -> None:
-    """Refuse to mix shards of two tokenizers in one directory; clear our own old files otherwise."""
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("tokenizer_fingerprint") != fingerprint:
-            raise ValueError(f"{out_dir} already holds shards made with tokenizer {old.get('tokenizer_fingerprint')}, "
-                             f"not the one given ({fingerprint}); use another --out_dir or delete that one")
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.isfile(meta_path):
-        os.remove(meta_path)  # meta.json is written last, so without it the directory reads as unfinished
-    for f in os.listdir(out_dir):
-        if (f.startswith("train_") and f.endswith(".bin")) or f == "val.bin" or f.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, f))
-
-
-class ShardWriter:
-    """Cuts one token stream into files of `shard_tokens` tokens (the last one shorter). Tokens go straight to the
-    open `.tmp` file (renamed when the shard is full), so no shard is held in memory and the arrays handed to add()
-    can be freed as soon as it returns."""
-
-    def __init__(self, out_dir: str, shard_tokens: int):
-        self.out_dir, self.shard_tokens = out_dir, shard_tokens
-        self.f, self.n, self.shards = None, 0, []
-
-    def _path(self) -> str:
-        return os.path.join(self.out_dir, f"train_{len(self.shards):05d}.bin")
-
-    def add(self, a: np.ndarray) -> None:
-        while len(a):
-            if self.f is None:
-                self.f = open(self._path() + ".tmp", "wb")
-            take = min(len(a), self.shard_tokens - self.n)
-            self.f.write(a[:take].tobytes())
-            self.n += take
-            a = a[take:]
-            if self.n == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-            os.replace(self._path() + ".tmp", self._path())
-            self.shards.append({"file": os.path.basename(self._path()), "tokens": self.n})
-            self.n = 0
-
-
-# -----------------------------------------------------------------------------
-# the two passes
-
-
-def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float = 50, val_tokens: int = 1_000_000,
-            seed: int = 1337, workers: int = 0, dtype: str = "auto", bucket_mb: float = 64, batch_docs: int = 512,
-            batch_mb: float = 1, quiet: bool = False) -> dict:
-    os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))  # before tokenizers starts
-    from transformers import AutoTokenizer
-
-    sources = [parse_input(s) for s in inputs]
-    if not os.path.isdir(tokenizer_dir):
-        raise FileNotFoundError(f"--tokenizer {tokenizer_dir}: no such directory (run the tokenizer stage first)")
-    hf_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok = hf_tok.backend_tokenizer
-    vocab_size, eos = len(hf_tok), hf_tok.eos_token_id
-    if eos is None:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has no eos_token; documents could not be separated")
-    need = dtype_for_vocab(vocab_size)
-    if dtype == "auto":
-        dtype = need
-        if dtype != "uint16":
-            print(f"WARNING: vocabulary of {vocab_size} ids does not fit uint16; writing {dtype} shards (2x disk)")
-    elif dtype == "uint16" and need != "uint16":
-        raise ValueError(f"{tokenizer_dir}: vocabulary of {vocab_size} ids does not fit uint16 (max id 65535); "
-                         f"use --dtype uint32 or a smaller vocabulary")
-    np_dtype = np.dtype(dtype).newbyteorder("<")
-    fingerprint = tokenizer_fingerprint(hf_tok)
-    check_out_dir(out_dir, fingerprint)
-
-    # Bucket count from a size estimate (text bytes ~ token bytes for uint16 at ~3 bytes/token of Chinese): each
-    # bucket should hold about bucket_mb, which is what phase 2 loads at once.
-    est = sum(os.path.getsize(p) * (3 if p.endswith(".gz") else 1) * w for p, w in sources)
-    n_buckets = max(1, min(1024, math.ceil(est / (bucket_mb * 1e6))))
-    est_tokens = sum(os.path.getsize(p) * (3 if p.endswith(".gz") else 1) for p, _ in sources) / 3
-    val_rate = min(0.5, val_tokens / max(est_tokens, 1)) if val_tokens > 0 else 0.0
-    tmp_dir = os.path.join(out_dir, "_buckets.tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    buckets = [open(os.path.join(tmp_dir, f"{b:04d}"), "wb") for b in range(n_buckets)]
-    val_f = open(os.path.join(out_dir, "val.bin.tmp"), "wb")
-    stats = {"bytes": 0, "tokens": 0, "val_tokens": 0, "val_docs": 0}
-    src_meta = []
-    t0 = last = time.time()
-
-    # phase 1: read -> weight -> tokenise in batches -> scatter copies into buckets (val documents go to val.bin)
-    def flush(batch: list[tuple[bytes, str, int, bool]], sm: dict) -> None:
-        # _fast: ids only, no offsets (an Encoding with offsets costs ~70 bytes per token, ~25x the text)
-        enc = tok.encode_batch_fast([b[1] for b in batch], add_special_tokens=False)
-        for (key, _, copies, is_val), e in zip(batch, enc):
-            ids = np.empty(len(e.ids) + 1, dtype=np_dtype)
-            ids[:-1] = e.ids
-            ids[-1] = eos  # EOS after every document: the model learns where a text ends
-            if is_val:
-                val_f.write(ids.tobytes())
-                stats["val_tokens"] += len(ids)
-                stats["val_docs"] += 1
-                continue
-            header = np.array([len(ids)], dtype="<u4").tobytes()
-            for c in range(copies):
-                b = int.from_bytes(hashlib.blake2b(key + bytes([c % 256, c // 256]), digest_size=8).digest(),
-                                   "little") % n_buckets
-                buckets[b].write(header)
-                buckets[b].write(ids.tobytes())
-            sm["documents"] += copies
-            sm["tokens"] += copies * len(ids)
-            stats["tokens"] += copies * len(ids)
-
-    try:
-        for path, weight in sources:
-            sm = {"path": path, "weight": weight, "documents": 0, "tokens": 0}
-            whole, frac = int(weight), weight - int(weight)
-            batch, batch_bytes = [], 0
-            for d in iter_documents(path):
-                text = d["text"]
-                nbytes = len(text.encode("utf-8"))
-                stats["bytes"] += nbytes
-                key = _doc_key(text, seed)
-                # the val decision depends on the text only, so a document repeated by weight (or present in two
-                # sources) never lands on both sides
-                is_val = stats["val_tokens"] < val_tokens and _unit(key, "val") < val_rate
-                copies = whole + (1 if _unit(key, f"rep{path}") < frac else 0)
-                if is_val or copies:
-                    batch.append((key, text, copies, is_val))
-                    batch_bytes += nbytes
-                # bounded in bytes too: 512 long articles would make a batch (and its encodings) grow with them
-                if len(batch) >= batch_docs or batch_bytes >= batch_mb * 1e6:
-                    flush(batch, sm)
-                    batch, batch_bytes = [], 0
-                now = time.time()
-                if not quiet and now - last > 2:
-                    last = now
-                    print(f"  read {stats['bytes'] / 1e6:8.1f} MB | {stats['bytes'] / 1e6 / (now - t0):6.2f} MB/s | "
-                          f"{stats['tokens'] / (now - t0):10,.0f} tokens/s", flush=True)
-            if batch:
-                flush(batch, sm)
-            if sm["documents"] == 0:
-                raise ValueError(f"{path}: no document selected (weight {weight} too small for its size?)")
-            src_meta.append(sm)
-    finally:
-        for f in buckets:
-            f.close()
-        val_f.close()
-
-    # phase 2: shuffle each bucket in memory (seeded per bucket), concatenate into shards
-    writer = ShardWriter(out_dir, max(1, int(shard_mb * 1e6) // np_dtype.itemsize))
-    for b in range(n_buckets):
-        path = os.path.join(tmp_dir, f"{b:04d}")
-        raw = np.fromfile(path, dtype=np.uint8)  # the only large allocation of phase 2: one bucket
-        starts, pos = [], 0  # byte offset of each document's header (no per-document array objects)
-        while pos < len(raw):
-            starts.append(pos)
-            pos += 4 + int(raw[pos:pos + 4].view("<u4")[0]) * np_dtype.itemsize
-        order = np.random.default_rng([seed, b]).permutation(len(starts))
-        for i in order:
-            s = starts[i]
-            n = int(raw[s:s + 4].view("<u4")[0])
-            writer.add(raw[s + 4:s + 4 + n * np_dtype.itemsize].view(np_dtype))
-        del raw, starts  # the writer kept no reference, so the bucket is freed here
-        os.remove(path)
-    writer.flush()
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    val_entry = None
-    if stats["val_tokens"]:
-        os.replace(os.path.join(out_dir, "val.bin.tmp"), os.path.join(out_dir, "val.bin"))
-        val_entry = {"file": "val.bin", "tokens": stats["val_tokens"]}
-    else:
-        os.remove(os.path.join(out_dir, "val.bin.tmp"))
-    if not writer.shards:
-        raise ValueError("no training tokens were produced (every document went to validation?)")
-
-    meta = {"format": SHARD_FORMAT, "dtype": dtype, "vocab_size": vocab_size, "tokenizer_fingerprint": fingerprint,
-            "tokenizer_dir": os.path.abspath(tokenizer_dir), "eos_id": eos, "seed": seed, "sources": src_meta,
-            "train_shards": writer.shards, "val_shard": val_entry, "val_documents": stats["val_docs"]}
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))  # last: marks completion
-    dt = time.time() - t0
-    if not quiet:
-        print(f"wrote {len(writer.shards)} train shards ({stats['tokens']:,} tokens) + val ({stats['val_tokens']:,} "
-              f"tokens, {stats['val_docs']:,} docs) to {out_dir} in {dt:.1f}s | {stats['bytes'] / 1e6 / dt:.2f} MB/s | "
-              f"{(stats['tokens'] + stats['val_tokens']) / dt:,.0f} tokens/s")
-    return meta
-
-
-# -----------------------------------------------------------------------------
-
-
-if __name__ == "__main__":
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="directory written by the tokenizer stage")
     ap.add_argument("--inputs", nargs="+", required=True, help="FILE[:WEIGHT] ...")
@@ -279,3 +38,7 @@ if __name__ == "__main__":
                 args.dtype, args.bucket_mb, batch_mb=args.batch_mb)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import ConfigError, load_config
+from trainer.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +21,7 @@ def test_help_lists_built_stages_only():
     out = run_main("--help")
     assert out.returncode == 0
     assert "pretrain" in out.stdout and "tokenizer" in out.stdout
-    import main
-
-    for name, (module, _) in main.STAGES.items():
+    for name, (module, _) in STAGES.items():
         built = (ROOT / (module.replace(".", "/") + ".py")).exists()
         assert (f"  {name} " in out.stdout) == built, name
 

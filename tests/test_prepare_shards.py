@@ -1,32 +1,25 @@
 """
-scripts/prepare_shards.py: format, determinism, weights, validation split, dtype and tokenizer checks.
+The shard writer (dataset/shard_writer.py) and its command line scripts/prepare_shards.py: format, determinism,
+weights, validation split, dtype and tokenizer checks, and reruns after a killed or failed run.
 
     python -m pytest tests/test_prepare_shards.py
 """
 
-import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import dataset.shard_writer as ps
 from dataset.shards import load_meta, open_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_shards", ROOT / "scripts" / "prepare_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ps = _load_script()
 
 
 def _write_jsonl(path, texts):
@@ -145,3 +138,65 @@ def test_cli(tiny_tokenizer_dir, sources, tmp_path):
     assert "tokens/s" in r.stdout and "MB/s" in r.stdout
     r = subprocess.run(cmd[:5] + [str(tmp_path / "missing.jsonl")] + cmd[7:], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "missing.jsonl: no such file" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# reruns in the same --out_dir after a run that was killed or failed
+
+
+def _assert_same_output(d1, d2):
+    files = sorted(os.listdir(d1))
+    assert files == sorted(os.listdir(d2)) and "meta.json" in files and ps.BUCKET_DIR not in files
+    for f in files:
+        assert (Path(d1) / f).read_bytes() == (Path(d2) / f).read_bytes(), f
+
+
+@pytest.mark.slow
+def test_rerun_after_sigkill_gives_the_shards_of_a_clean_run(tiny_tokenizer_dir, tmp_path):
+    # ~4 MB: large enough that phase 1 is still running when the poll below sees the bucket folder appear.
+    src = _write_jsonl(tmp_path / "big.jsonl", [f"第{i}篇：我们今天学习数学和语言，机器学习需要数据。{i * 7919} hello"
+                                                * (3 + i % 5) for i in range(8000)])
+    out = tmp_path / "killed"
+    args = dict(shard_mb=0.05, val_tokens=2000, workers=1, bucket_mb=0.5)
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir,
+           "--inputs", src, "--out_dir", str(out)] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(120_000):  # at most ~10 minutes: a guard against a hang, not a timing assertion
+            if (out / ps.BUCKET_DIR).is_dir() or proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        proc.kill()  # SIGKILL: nothing in the process can clean up
+    finally:
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before the kill: {err.decode()[-2000:]}"
+    assert (out / ps.BUCKET_DIR).is_dir() and not (out / "meta.json").exists()  # what the killed run left behind
+
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ps.prepare(tiny_tokenizer_dir, [src], str(tmp_path / "clean"), quiet=True, **args)
+    _assert_same_output(out, tmp_path / "clean")
+
+
+def test_rerun_after_a_reported_error(tiny_tokenizer_dir, sources, tmp_path):
+    a, b = sources
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"好文档{i}"}, ensure_ascii=False) + "\n" for i in range(50))
+                   + '{"text": "broken"\n', encoding="utf-8")
+    out = tmp_path / "s"
+    with pytest.raises(ValueError, match=r"bad\.jsonl:51: malformed JSON"):  # fails in phase 1, buckets written
+        ps.prepare(tiny_tokenizer_dir, [a, str(bad)], str(out), val_tokens=300, quiet=True, bucket_mb=0.01)
+    assert os.listdir(out) == []  # the failed run removed everything it wrote
+    ps.prepare(tiny_tokenizer_dir, [a, b], str(out), val_tokens=300, quiet=True, bucket_mb=0.01)
+    ps.prepare(tiny_tokenizer_dir, [a, b], str(tmp_path / "clean"), val_tokens=300, quiet=True, bucket_mb=0.01)
+    _assert_same_output(out, tmp_path / "clean")
+
+
+def test_check_out_dir_clears_only_what_a_run_writes(tmp_path):
+    (tmp_path / ps.BUCKET_DIR).mkdir()
+    (tmp_path / ps.BUCKET_DIR / "0000").write_bytes(b"x")
+    for name in ("train_00000.bin", "train_00001.bin.tmp", "val.bin.tmp", "meta.json.tmp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "mine").mkdir()
+    ps.check_out_dir(str(tmp_path), "f" * 16)
+    assert sorted(os.listdir(tmp_path)) == ["mine", "notes.txt"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from main import STAGES
 from trainer.config import load_config
+from trainer.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -63,14 +63,14 @@ def test_recipe_folder_is_complete():
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_every_config_key_is_a_field_of_its_stage(path):
     stage = stage_of(path)
-    assert stage in STAGES, (f"{path.relative_to(ROOT)}: no stage named '{stage}' in main.STAGES; name the file "
+    assert stage in STAGES, (f"{path.relative_to(ROOT)}: no stage named '{stage}' in trainer/stages.py STAGES; name the file "
                              f"after its stage (or teach tests/test_recipe.py where it belongs)")
     module = importlib.import_module(STAGES[stage][0])
     cfg = load_config(module.Config, str(path))  # raises ConfigError naming an unknown key or a badly typed value
     if stage != "all":
         return
     # the pipeline's per-stage sections: each is a set of that stage's Config fields (shards: prepare()'s kwargs)
-    from scripts.prepare_shards import prepare
+    from dataset.shard_writer import prepare
 
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)

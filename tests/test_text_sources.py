@@ -1,5 +1,6 @@
 """
-Readers and cleaning rules of dataset/text_sources.py, and scripts/zh_simplify.py end to end.
+Readers and cleaning rules of dataset/text_sources.py, and the corpus cleaner (dataset/corpus.py, command line
+scripts/zh_simplify.py) end to end, with bounded memory on a 50 MB line.
 
     python -m pytest tests/test_text_sources.py
 """
@@ -11,10 +12,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from dataset.text_sources import (FilterConfig, clean_text, dedup_key, iter_corpus, iter_documents, keep_document,
-                                  make_converter, resolve_mw_markup)
+from dataset.text_sources import (LONG_DOC_FACTOR, FilterConfig, clean_text, dedup_key, iter_corpus, iter_documents,
+                                  iter_lines, keep_document, make_converter, resolve_mw_markup, split_document)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = ROOT.parent / "shared" / "data" / "pretrain"
@@ -157,3 +159,84 @@ def test_real_pack_wiki_is_clean():
         if i == 50:
             break
     assert "數" not in text and "學" not in text
+
+
+# -----------------------------------------------------------------------------
+# huge lines and documents: read in bounded pieces, split at sentence ends, nothing lost
+
+
+def test_split_document_prefers_paragraphs_then_sentences_and_loses_nothing():
+    text = "第一段很长。" * 3 + "\n\n" + "第二段。第二句，逗号后" * 4 + "x" * 40
+    pieces = list(split_document(text, 30))
+    assert "".join(pieces) == text and all(len(p) <= 30 for p in pieces)
+    assert pieces[0] == "第一段很长。" * 3 + "\n\n"  # the paragraph break, though a sentence end comes later
+    assert all(p.endswith(("。", "，")) for p in pieces[1:-2])  # sentence (or clause) ends, never mid-word
+    assert list(split_document("x" * 70, 30)) == ["x" * 30, "x" * 30, "x" * 10]  # no break at all: a hard cut
+    assert list(split_document("短", 30)) == ["短"]
+
+
+def test_long_line_is_read_in_pieces_with_its_line_number(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("头\n" + "中文" * 50_000 + "\n尾\n", encoding="utf-8")  # 300 kB line: characters cut across pieces
+    lines = list(iter_lines(str(p), max_line_bytes=1 << 16))
+    assert [n for n, _ in lines[:2]] == [1, 2] and {n for n, _ in lines[1:-1]} == {2} and lines[-1] == (3, "尾\n")
+    assert "".join(t for n, t in lines if n == 2) == "中文" * 50_000 + "\n"
+    assert all(len(t.encode()) <= (1 << 16) + 3 for _, t in lines)  # + the bytes of a character cut in two
+    docs = [d["text"] for d in iter_documents(str(p), max_doc_chars=1000)]
+    assert "".join(docs) == p.read_text(encoding="utf-8") and max(map(len, docs)) <= LONG_DOC_FACTOR * 1000
+
+
+def test_zh_simplify_splits_a_huge_jsonl_document(tmp_path):
+    rng = np.random.default_rng(1)
+    text = "".join("".join(rng.choice(list("的一是不了人我在有他这为之大来以个中上们到说和地也子时道出"), 30)) + "。"
+                   for _ in range(2000))  # one 62,000-character document
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "zh_simplify.py"), "--input", str(tmp_path / "a.jsonl"),
+                        "--output", str(out), "--max_doc_chars", "1000", "--workers", "1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x)["text"] for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 62_000 // (LONG_DOC_FACTOR * 1000) and all(len(x) <= LONG_DOC_FACTOR * 1000 for x in rows)
+    assert all(x.endswith("。") for x in rows) and "".join(rows) == text
+    assert "long documents split at paragraph/sentence ends: 1 " in r.stdout
+
+
+# The child cleans one ~50 MB line of Chinese with no newline and reports its peak RSS growth, its own or its worker
+# processes' (RUSAGE_CHILDREN: the largest reaped child), over what it used before the run.
+_MEASURE = """
+import json, resource, sys
+from dataset.corpus import simplify
+from dataset.text_sources import FilterConfig
+
+def peak():
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+before = peak()
+stats = simplify([sys.argv[1]], sys.argv[2], FilterConfig(), workers=2, quiet=True)
+print(json.dumps({"growth": peak() - before, "stats": stats}))
+"""
+
+
+@pytest.mark.slow
+def test_zh_simplify_memory_is_bounded_on_a_50mb_line(tmp_path):
+    # Already-simplified characters with a full stop every 37, so cleaning changes nothing and the output can be
+    # compared with the input character for character.
+    alphabet = "的一是不了人我在有他这为之大来以个中上们到说和地也子时道出而要于就下得可你年生自会那后能对着事其所去行家十"
+    codes = np.array([ord(c) for c in alphabet], dtype=np.uint32)[np.random.default_rng(0).integers(0, len(alphabet),
+                                                                                                    17_000_000)]
+    codes[36::37] = ord("。")
+    text = codes.astype("<u4").tobytes().decode("utf-32-le")
+    src, out = tmp_path / "one_line.txt", tmp_path / "clean.jsonl"
+    src.write_text(text, encoding="utf-8")
+    size = src.stat().st_size
+    assert size > 50e6 and "\n" not in text
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["growth"] < 8 * size, f"peak RSS grew by {report['growth'] / 1e6:.0f} MB for a {size / 1e6:.0f} MB line"
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    limit = LONG_DOC_FACTOR * FilterConfig().max_doc_chars
+    assert len(rows) > 1 and all(len(x["text"]) <= limit for x in rows)  # split ...
+    assert "".join(x["text"] for x in rows) == text  # ... not dropped: every character is there, in order

@@ -17,7 +17,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from dataset.corpus import print_summary, simplify
+from dataset.demo_data import task_answer, task_prompt, write_demo_data
+from dataset.shard_writer import prepare
+from dataset.text_sources import FilterConfig
+from model.engine import Engine
 from trainer.config import load_config
+from trainer.stages import STAGES
 
 ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
 
@@ -32,7 +38,7 @@ class Config:
     device: str = "auto"  # passed to every training stage
     # Per-stage settings: any field of that stage's Config (paths are filled in by the pipeline).
     tokenizer: dict = field(default_factory=dict)
-    shards: dict = field(default_factory=dict)  # keyword arguments of scripts/prepare_shards.prepare
+    shards: dict = field(default_factory=dict)  # keyword arguments of dataset/shard_writer.prepare
     pretrain: dict = field(default_factory=dict)
     sft: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)
@@ -50,8 +56,6 @@ def banner(text: str):
 
 def run_stage(name: str, overrides: dict):
     """Build stage `name`'s Config exactly as main.py would (strict keys and types) and run it."""
-    from main import STAGES
-
     module = importlib.import_module(STAGES[name][0])
     cfg = load_config(module.Config, None, {k: v for k, v in overrides.items()})
     return module.run(cfg)
@@ -59,9 +63,6 @@ def run_stage(name: str, overrides: dict):
 
 def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
     """Greedy answers to the never-seen numbers; exact match with the digit-by-digit reading."""
-    from dataset.demo_data import task_answer, task_prompt
-    from model.engine import Engine
-
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
     prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16)
                for n in held_out]
@@ -109,8 +110,6 @@ def run(cfg: Config):
 
     # 1. data made by code
     def make_data():
-        from dataset.demo_data import write_demo_data
-
         paths = write_demo_data(p["data"], seed=cfg.seed, n_docs=cfg.n_docs)
         with open(data_paths_file, "w") as f:
             json.dump(paths, f, ensure_ascii=False)
@@ -121,9 +120,6 @@ def run(cfg: Config):
 
     # 2. cleaning: traditional -> simplified, markup and debris removed, deduplicated
     def clean():
-        from dataset.text_sources import FilterConfig
-        from scripts.zh_simplify import print_summary, simplify
-
         stats = simplify([data["corpus_jsonl"], data["corpus_wiki"]], p["corpus"],
                          FilterConfig(min_chars=8, min_cjk_ratio=0.1), quiet=True)
         print_summary(stats, p["corpus"])
@@ -136,8 +132,6 @@ def run(cfg: Config):
 
     # 4. shards
     def shards():
-        from scripts.prepare_shards import prepare
-
         shutil.rmtree(p["shards"], ignore_errors=True)
         prepare(p["tokenizer"], [p["corpus"]], p["shards"], **{"shard_mb": 0.1, "val_tokens": 10000, **cfg.shards})
 
@@ -179,8 +173,6 @@ def run(cfg: Config):
 
     # 10. a short scripted chat with the final model
     if "chat" in stages and models:
-        from model.engine import Engine
-
         banner(f"chat with {models[-1][1]}")
         engine = Engine.from_pretrained(models[-1][1], device="cpu")
         # One fresh conversation per question: the demo's chat data has single-turn conversations only.

@@ -1,5 +1,5 @@
 """
-Pretraining on uint16 token shards (from scripts/prepare_shards.py), streamed in order.
+Pretraining on uint16 token shards (from scripts/prepare_shards.py, i.e. dataset/shard_writer.py), streamed in order.
 
     python main.py --stage pretrain --config config/pretrain.yaml data_dir=dataset/shards max_steps=2000
     torchrun --nproc_per_node=2 main.py --stage pretrain --config config/pretrain.yaml
