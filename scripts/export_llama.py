@@ -9,6 +9,7 @@ copied unchanged and only config.json is rewritten. MoE models have no Llama equ
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from model.configuration_slm import slm_to_llama_config  # noqa: E402
+from model.hub import make_readable  # noqa: E402
 
 
 def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
@@ -42,7 +44,34 @@ def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     else:
         print(f"warning: no tokenizer in {model_dir}; copy out/tokenizer/* into {out_dir} yourself")
+    make_portable(out_dir, src.config.rope_theta)
+    make_readable(out_dir)
     return out_dir
+
+
+def make_portable(out_dir: str, rope_theta: float) -> None:
+    """Rewrite what transformers 5 saves so that 4.x (vLLM < 0.19.1 needs it) loads the same model: 4.x reads
+    `rope_theta` at the top level of config.json and silently uses 10000 without it, and knows the fast tokenizer
+    as PreTrainedTokenizerFast (5.x's TokenizersBackend does not exist there) with a list of
+    additional_special_tokens. 5.x reads all of these too."""
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["rope_theta"] = rope_theta
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tok_path = os.path.join(out_dir, "tokenizer_config.json")
+    if not os.path.isfile(tok_path):
+        return
+    with open(tok_path, encoding="utf-8") as f:
+        tok = json.load(f)
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(tok.get("extra_special_tokens"), list):
+        tok["additional_special_tokens"] = tok.pop("extra_special_tokens")
+    for key in ("backend", "is_local", "local_files_only"):  # 5.x bookkeeping, meaningless elsewhere
+        tok.pop(key, None)
+    with open(tok_path, "w", encoding="utf-8") as f:
+        json.dump(tok, f, indent=2, ensure_ascii=False)
 
 
 def main():

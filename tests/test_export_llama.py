@@ -52,3 +52,55 @@ def test_export_refuses_moe(tmp_path):
     out = subprocess.run([sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "moe"), "--out",
                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "mixture-of-experts" in out.stderr
+
+
+# transformers 4.x (what vLLM required until 0.19.1, and what many users still run), installed into its own folder
+# so it never shadows the 5.x the project uses: `pip install --target .tf4 transformers==4.57.6` (.ci/run does).
+TF4 = next((p for p in (ROOT / ".tf4", ROOT.parent / ".tf4") if (p / "transformers").is_dir()), None)
+
+TF4_CHECK = """
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+assert transformers.__version__.startswith("4."), transformers.__version__
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(path)
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0]
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=3)[0].tolist()
+print(json.dumps({"class": type(model).__name__, "rope_theta": model.config.rope_theta, "logits": logits.tolist(),
+                  "greedy": greedy, "ids": tok.encode("北京是中国的首都。hello world 123"),
+                  "chat": tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                                  add_generation_prompt=True)}))
+"""
+
+
+@pytest.mark.skipif(TF4 is None, reason="transformers 4.x not installed in .tf4/ (pip install --target .tf4 "
+                                        "transformers==4.57.6)")
+def test_export_loads_exactly_in_transformers_4(tmp_path, tiny_tokenizer_dir):
+    """Under 4.x the export must give the same logits, greedy tokens, token ids and chat prompt as our model: a
+    tokenizer class 4.x knows, and rope_theta where 4.x reads it (else 4.x silently uses 10000)."""
+    import os
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    model = tiny_model(len(tok)).eval()
+    model.save_pretrained(tmp_path / "slm")
+    tok.save_pretrained(tmp_path / "slm")
+    subprocess.run([sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "slm"), "--out",
+                    str(tmp_path / "llama")], cwd=ROOT, check=True, capture_output=True)
+    text = "北京是中国的首都。hello world 123"
+    ids = tok.encode(text)
+    env = {**os.environ, "PYTHONPATH": str(TF4)}
+    out = subprocess.run([sys.executable, "-c", TF4_CHECK, str(tmp_path / "llama"), json.dumps(ids)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert theirs["class"] == "LlamaForCausalLM" and theirs["rope_theta"] == model.config.rope_theta
+    assert theirs["ids"] == ids
+    assert theirs["chat"] == tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                                     add_generation_prompt=True)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=3)[0].tolist()
+    assert (ours - torch.tensor(theirs["logits"])).abs().max().item() < 1e-4
+    assert theirs["greedy"] == greedy
