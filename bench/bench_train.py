@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench.tensor_memory import TensorMemoryTracker  # noqa: E402
 from model import SLMConfig, SLMForCausalLM  # noqa: E402
 from scripts.export_llama import slm_to_llama_config  # noqa: E402
-from trainer.core import flops_per_token, gpu_peak_flops  # noqa: E402
+from trainer.common import flops_per_token, gpu_peak_flops  # noqa: E402
 
 
 def build(kind: str, preset: str, device):

@@ -83,8 +83,8 @@ def test_chat_data_distillation_runs_on_the_core(setup, tmp_path):
     assert isinstance(trainer, ChatDistillTrainer) and (tmp_path / "chat" / "final").is_dir()
     # Only assistant tokens count: a batch's weight is its number of valid labels, and the loss uses exactly those.
     batch = trainer.to_device(trainer.train_data.next_step()[0])
-    n = trainer.batch_weight(batch)
-    _, metrics = trainer.compute_loss(batch, torch.tensor(float(n)))
+    n = trainer.count_loss_items(batch=batch)
+    _, metrics = trainer.compute_loss(batch=batch, num_items=torch.tensor(float(n)))
     assert 0 < n < batch["input_ids"].numel() and float(metrics["kl"]) > 0
 
 

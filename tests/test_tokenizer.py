@@ -102,3 +102,16 @@ def test_real_pack_compression(tmp_path):
     for name in (wiki.name, poetry.name):
         assert rep["heldout"][name]["cjk_chars_per_token"] > 0.4
     assert rep["single_cjk_tokens"] > 50
+
+
+def test_token_byte_lengths_add_up_to_the_utf8_bytes(tok):
+    """Bits per byte (pretraining's eval, the eval stage) divide by these: they must be the text's true size."""
+    from trainer.train_tokenizer import byte_level_alphabet, token_byte_lengths
+
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256  # a byte <-> char bijection
+    lengths = token_byte_lengths(tok)
+    assert len(lengths) == len(tok) and all(int(lengths[i]) == 0 for i in tok.all_special_ids)
+    for text in ("北京是中国的首都。", "hello world 123", "春眠不觉晓，处处闻啼鸟 🙂"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import config_to_dict
-from trainer.core import print0, resolve_device, token_byte_lengths
+from trainer.common import print0
+from trainer.core import resolve_device
+from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass
@@ -93,7 +95,7 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int) -> torch.Te
             raise ValueError(f"{spec}: no validation shard with more than {seq_len} tokens")
         return torch.from_numpy(np.asarray(windows, dtype=np.int64))
     ids = []
-    for path in expand_paths([p.strip() for p in spec.split(",") if p.strip()]):
+    for path in expand_paths(spec):
         for doc in iter_documents(path):
             ids += tokenizer.encode(doc["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
             if max_tokens > 0 and len(ids) > max_tokens + 1:

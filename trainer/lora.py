@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.core import print0, run_trainer
+from trainer.common import print0
+from trainer.core import run_trainer
 from trainer.sft import Config as SFTConfig
 from trainer.sft import SFTTrainer
 
@@ -167,20 +168,20 @@ class LoRATrainer(SFTTrainer):
                f"for weights, grads and AdamW)")
 
     # ---- checkpoints hold the adapter, not the (unchanged) base weights ----------------------------------
-    def save_pretrained_to(self, path: str, dtype: torch.dtype | None = None, state: dict | None = None):
+    def save_pretrained_to(self, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
         cfg = self.cfg  # only the adapters, read from the live model (LoRA never runs sharded, so `state` is unused)
         save_adapter(self.raw_model, path, cfg.init_from, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.tokenizer.save_pretrained(path)
 
-    def read_checkpoint_weights(self, path: str) -> dict:
+    def read_checkpoint_weights(self, *, path: str) -> dict:
         from safetensors.torch import load_file
 
         return load_file(os.path.join(path, ADAPTER_WEIGHTS))
 
-    def load_checkpoint_weights(self, path: str, weights: dict) -> None:
+    def load_checkpoint_weights(self, *, path: str, weights: dict) -> None:
         load_adapter_weights(self.raw_model, weights, path)
 
-    def next_stage_hint(self, path: str) -> str:
+    def next_stage_hint(self, *, path: str) -> str:
         return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
 
 
