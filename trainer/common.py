@@ -1,6 +1,6 @@
 """
 Small things every stage and the training core share: rank-0 printing, the external loggers, the error that stops
-a run, and the FLOPs arithmetic behind MFU (nanochat's common.py).
+a run, the FLOPs arithmetic behind MFU and the batch_size=auto memory probe (nanochat's common.py).
 """
 
 import os
@@ -60,7 +60,7 @@ class ExternalLogger:
 
 
 # -----------------------------------------------------------------------------
-# FLOPs, for MFU
+# What the hardware allows: peak FLOPs (for MFU) and the largest micro-batch that fits (batch_size=auto)
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Unknown GPUs get no MFU rather than a wrong one.
@@ -87,3 +87,25 @@ def flops_per_token(model, seq_len: int) -> float:
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
         n_params -= cfg.num_hidden_layers * per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
     return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def probe_micro_batch(model, *, seq_len: int, target: int, autocast, device: torch.device) -> int:
+    """Double the micro-batch until a forward+backward runs out of memory; keep the last that fit, halved once
+    more for headroom (optimizer state and fragmentation come later) unless everything up to `target` fit. The
+    global batch must stay divisible, so only powers of two are tried. Leaves no gradients behind."""
+    best, trial = 1, 1
+    vocab = model.config.vocab_size
+    while trial <= target:
+        try:
+            ids = torch.randint(0, vocab, (trial, seq_len), device=device)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            best = trial
+            trial *= 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    return max(1, best // 2) if best < target else best

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from dataset.batches import IndexBatches, StepBatches
 from trainer import checkpoint, parallel
-from trainer.common import ExternalLogger, NullLogger, TrainingStopped, flops_per_token, gpu_peak_flops, print0
+from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, flops_per_token, gpu_peak_flops, print0,
+                            probe_micro_batch)
 from trainer.config import TrainConfig, config_to_dict, format_config, save_config
 from trainer.optim import build_adamw, lr_at
 
@@ -45,42 +46,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Trainer:
-    """The loop, and the hooks a stage overrides. Every hook a stage uses today, with keyword-only arguments:
+    """The loop, and every hook a stage overrides today (arguments are keyword-only):
 
     data and loss (every stage)
-        build_data() -> (train_data, val_batches)   train_data is StepBatches (dataset/batches.py: next_step()
-                                                     -> micro-batches, state_dict(), load_state_dict());
-                                                     val_batches a list of micro-batches, or None (no evaluation)
-        compute_loss(*, batch, num_items) -> (loss, {name: tensor})
-                                                     loss = this micro-batch's share of a step whose micro-batches
-                                                     hold num_items loss items in all: their losses add up to the
-                                                     step's mean (and eval's mean over a batch when num_items is
-                                                     its own count)
-        count_loss_items(*, batch) -> int            what the loss averages over: valid labels (default), pairs
-                                                     (DPO, reward), reply tokens or replies (PPO/GRPO)
-        count_tokens(*, batch) -> int                tokens processed, for tok/s and tokens_seen
+      build_data() -> (train_data, val_batches): train_data is a StepBatches (dataset/batches.py: next_step() ->
+          micro-batches, state_dict(), load_state_dict()); val_batches a list of micro-batches or None (no eval)
+      compute_loss(*, batch, num_items) -> (loss, {name: tensor}): this micro-batch's share of a step that holds
+          num_items loss items in all, so the micro-batch losses add up to the step's mean
+      count_loss_items(*, batch) -> int: what the loss averages over: valid labels (default), pairs (DPO, reward),
+          reply tokens or replies (PPO/GRPO)
+      count_tokens(*, batch) -> int: tokens processed, for tok/s and tokens_seen
     models
-        load_tokenizer(), build_model()              default: init_from's, else tokenizer_dir / model_config
-        setup()                                      after the policy is built: frozen reference, reward model,
-                                                     teacher, value head, LoRA adapters
-        trainable_parameters() -> [Parameter]        what AdamW updates and the clip covers (PPO adds its critic)
+      load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config
+      setup(): after the policy is built: frozen reference, reward model, teacher, value head, LoRA adapters
+      trainable_parameters() -> [Parameter]: what AdamW updates and the clip covers (PPO adds its critic)
     the step (RL stages)
-        next_step() -> micro-batches                 default: train_data.next_step(); PPO/GRPO roll out here
-        train_step() -> (metrics, tokens)            one optimizer step; RolloutTrainer adds rollout statistics
+      next_step() -> micro-batches: default train_data.next_step(); PPO/GRPO roll out here
+      train_step() -> (metrics, tokens): one optimizer step; RolloutTrainer adds rollout statistics
     evaluation and saving
-        extra_eval_metrics(*, result) -> dict        more numbers from the mean eval loss (pretraining's bpb)
-        on_eval()                                    after each evaluation (pretraining prints samples)
-        should_save() -> bool                        after a step; default every save_every (pretraining: also
-                                                     after every shard)
-        extra_state() -> dict, load_extra_state(*, state)
-                                                     stage state in trainer_state.pt (rollout buffer, critic)
-        save_pretrained_to(*, path, dtype, state)    what a step_*/ or final/ holds (LoRA: the adapter only)
-        read_checkpoint_weights(*, path) -> dict     and load_checkpoint_weights(*, path, weights): read it back
-        next_stage_hint(*, path) -> str              the end-of-run line about final/
-    class attributes
-        stage (log prefix, checkpoint metadata), supports_fsdp; RolloutTrainer adds token_level and the hook
-        score_rollout(buf) for PPO/GRPO.
-    Helpers a stage calls: split_held_out, in_memory_batches, to_device, autocast, print0 (trainer/common.py).
+      extra_eval_metrics(*, result) -> dict: more numbers from the mean eval loss (pretraining's bpb)
+      on_eval(): after each evaluation (pretraining prints samples)
+      should_save() -> bool: after a step; default every save_every (pretraining: also after every shard)
+      extra_state() -> dict, load_extra_state(*, state): stage state in trainer_state.pt (rollout buffer, critic)
+      save_pretrained_to(*, path, dtype, state): what step_*/ and final/ hold (LoRA: the adapter only), and
+          read_checkpoint_weights(*, path) -> dict, load_checkpoint_weights(*, path, weights): reading it back
+      next_stage_hint(*, path) -> str: the end-of-run line about final/
+    class attributes: stage (log prefix, checkpoint metadata), supports_fsdp; RolloutTrainer adds token_level and
+    its own hook score_rollout(buf). Helpers a stage calls: split_held_out, in_memory_batches, to_device, autocast.
     """
 
     stage = "train"  # used in log lines and checkpoint metadata
@@ -276,26 +268,9 @@ class Trainer:
         return self._probe_micro_batch()
 
     def _probe_micro_batch(self) -> int:
-        """Double the micro-batch until a forward+backward runs out of memory; keep the last that fit,
-        halved once more for headroom (optimizer state and fragmentation come later). The global batch must
-        stay divisible, so only powers of two are tried."""
         target = (self.cfg.global_batch_size // self.world_size) if self.cfg.global_batch_size else 512  # per rank
-        best, trial = 1, 1
-        vocab = self.raw_model.config.vocab_size
-        while trial <= target:
-            try:
-                ids = torch.randint(0, vocab, (trial, self.cfg.seq_len), device=self.device)
-                with self.autocast:
-                    loss = self.raw_model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                best = trial
-                trial *= 2
-            except torch.OutOfMemoryError:
-                break
-            finally:
-                self.raw_model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-        best = max(1, best // 2) if best < target else best
+        best = probe_micro_batch(self.raw_model, seq_len=self.cfg.seq_len, target=target, autocast=self.autocast,
+                                 device=self.device)
         print0(f"[{self.stage}] batch_size=auto: micro-batch {best} (largest power of two that fit, with headroom)")
         return best
 

@@ -116,7 +116,7 @@ def perplexity(model, tokenizer, windows: torch.Tensor, batch_size: int, device)
         loss = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], num_items_in_batch=1).loss
         nats += float(loss)
         targets += batch[:, 1:].numel()
-    byte_lengths = token_byte_lengths(tokenizer)
+    byte_lengths = torch.tensor(token_byte_lengths(tokenizer))
     n_bytes = int(byte_lengths[windows[:, 1:].clamp(max=len(byte_lengths) - 1)].sum())
     loss = nats / targets
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": nats / (math.log(2) * max(1, n_bytes)),

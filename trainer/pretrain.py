@@ -63,7 +63,7 @@ class PretrainTrainer(Trainer):
         val_batches = [(windows[i:i + self.micro_batch, :-1], windows[i:i + self.micro_batch, 1:])
                        for i in range(0, len(windows), self.micro_batch)]
         # Bits per byte needs the bytes behind every target token of the validation set.
-        byte_lengths = token_byte_lengths(self.tokenizer)
+        byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
         targets = windows[:, 1:]
         self.val_bytes = int(byte_lengths[targets.clamp(max=len(byte_lengths) - 1)].sum())
         self.val_targets = targets.numel()

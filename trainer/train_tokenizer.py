@@ -27,8 +27,6 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from dataset.text_sources import count_cjk, is_cjk, iter_documents
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
@@ -219,12 +217,13 @@ def byte_level_alphabet() -> dict[int, str]:
     return chars
 
 
-def token_byte_lengths(tokenizer) -> torch.Tensor:
+def token_byte_lengths(tokenizer) -> list[int]:
     """UTF-8 bytes each token id stands for (0 for special tokens): turns a loss in nats/token into bits/byte,
-    which compares models with different tokenizers (pretraining's evaluation and the eval stage)."""
+    which compares models with different tokenizers (pretraining's evaluation and the eval stage). A list, not a
+    tensor: this module trains tokenizers without importing torch."""
     byte_of = {c: b for b, c in byte_level_alphabet().items()}
     special = set(tokenizer.all_special_ids)
-    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    lengths = [0] * len(tokenizer)
     for token, idx in tokenizer.get_vocab().items():
         if idx not in special and idx < len(lengths):
             lengths[idx] = sum(1 for c in token if c in byte_of)
