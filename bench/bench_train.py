@@ -27,7 +27,7 @@ from bench.tensor_memory import TensorMemoryTracker  # noqa: E402
 from model import SLMConfig, SLMForCausalLM  # noqa: E402
 from model.configuration_slm import slm_to_llama_config  # noqa: E402
 from model.runtime import resolve_device, resolve_dtype  # noqa: E402
-from trainer.core import flops_per_token, gpu_peak_flops  # noqa: E402
+from trainer.common import flops_per_token, gpu_peak_flops  # noqa: E402
 
 
 def build(kind: str, preset: str, device):

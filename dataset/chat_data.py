@@ -38,15 +38,15 @@ data is never changed silently: the only rewrites are the configured placeholder
 """
 
 import bisect
-import glob
 import gzip
 import json
-import os
 import re
 from collections import Counter
 
 import numpy as np
 import torch
+
+from dataset.text_sources import expand_paths
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
@@ -71,20 +71,6 @@ class UnreadableFile(BadRecord):
 
 # -----------------------------------------------------------------------------
 # Reading files: records with their line numbers
-
-
-def expand_paths(paths: str | list[str]) -> list[str]:
-    """'a.jsonl,dir/*.json' -> sorted existing files; a pattern or file that matches nothing is an error."""
-    items = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else list(paths)
-    files = []
-    for item in [p for p in items if p]:
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            raise FileNotFoundError(f"data file '{item}' does not exist")
-        files.extend(matches)
-    if not files:
-        raise ValueError("no data files given (data_path is empty)")
-    return files
 
 
 def _open_text(path: str):

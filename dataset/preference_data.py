@@ -32,11 +32,11 @@ import torch
 from dataset.chat_data import (
     BadRecord,
     check_messages,
-    expand_paths,
     to_messages,
     tokenize_conversation,
     usable_records,
 )
+from dataset.text_sources import expand_paths
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 

@@ -11,11 +11,11 @@ from collections import Counter
 from dataset.chat_data import (
     BadRecord,
     detect_format,
-    expand_paths,
     to_messages,
     usable_records,
 )
 from dataset.preference_data import prompt_ids, record_to_pair
+from dataset.text_sources import expand_paths
 
 # -----------------------------------------------------------------------------
 

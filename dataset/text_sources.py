@@ -18,6 +18,7 @@ Every reader yields {"text", "source", "title", "line"} and raises ValueError na
 """
 
 import codecs
+import glob
 import gzip
 import hashlib
 import html
@@ -35,18 +36,30 @@ TEXT_FIELDS = ("text", "content")  # jsonl fields tried in order; gov_work_repor
 # input discovery and low-level line reading
 
 
-def expand_paths(paths: list[str]) -> list[str]:
-    """Files named directly, plus every regular file under a named folder (sorted, so runs are reproducible)."""
+def expand_paths(paths: str | list[str]) -> list[str]:
+    """The one way every reader (text, chat, preference and prompt data) turns a path setting into files.
+
+    `paths` is a list or a comma-separated string of items; each item is a file, a folder (every regular file
+    under it, hidden ones left out) or a glob pattern (its matches, each a file or a folder). Folders and matches
+    are sorted, so runs are reproducible; the items keep their order. An item that names nothing raises
+    FileNotFoundError naming it; no files at all raises ValueError."""
+    items = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else [p.strip() for p in paths]
     out = []
-    for p in paths:
-        if os.path.isdir(p):
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
+    for item in [p for p in items if p]:
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise FileNotFoundError(f"{item}: no such file or directory (the pattern matches nothing)")
+        for p in matches:
+            if os.path.isdir(p):
+                for root, dirs, files in os.walk(p):
+                    dirs.sort()
+                    out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+            elif os.path.isfile(p):
+                out.append(p)
+            else:
+                raise FileNotFoundError(f"{p}: no such file or directory")
+    if not out:
+        raise ValueError(f"no data files in {paths!r}")
     return out
 
 

@@ -62,3 +62,41 @@ def test_precedence_and_coercion(tmp_path):
     yaml_file.write_text("stepz: 3\n")
     with pytest.raises(ConfigError, match="stepz"):
         load_config(Demo, str(yaml_file))
+
+
+# -----------------------------------------------------------------------------
+# A key a stage never reads is refused, naming the key and the stage; the batch unit is said per stage
+
+TRAINING_STAGES = ("pretrain", "sft", "lora", "dpo", "reward", "ppo", "grpo", "distill")
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_keys_a_stage_never_reads_are_refused_from_yaml_and_command_line(stage, tmp_path):
+    import dataclasses
+    import importlib
+
+    cls = importlib.import_module(f"trainer.{stage}").Config
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    assert set(cls.unused) <= set(fields), "an unused key that is no field (a typo) refuses nothing"
+    yaml_file = tmp_path / "c.yaml"
+    for key in cls.unused:
+        with pytest.raises(ConfigError, match=rf"'{key}' \(command line\) is not used by stage {stage}"):
+            load_config(cls, None, [f"{key}=1"])
+        yaml_file.write_text(f"{key}: 1\n")
+        with pytest.raises(ConfigError, match=rf"'{key}' \({yaml_file}\) is not used by stage {stage}"):
+            load_config(cls, str(yaml_file))
+        assert getattr(load_config(cls), key) == fields[key]  # the default is still there for the code
+    # The ones the issue names, and what must stay accepted where it is read.
+    expected = {"pretrain": {"data_path"}, "sft": {"data_dir", "model_config"}, "lora": {"data_dir", "model_config"},
+                "dpo": {"data_dir", "model_config", "loss_chunk"}, "reward": {"data_dir", "model_config", "loss_chunk"},
+                "ppo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
+                "grpo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
+                "distill": {"loss_chunk"}}
+    assert set(cls.unused) == expected[stage]
+    unit = {"dpo": "pairs", "reward": "pairs", "ppo": "replies", "grpo": "replies"}.get(stage, "sequences")
+    assert cls.batch_unit == unit
+
+
+def test_main_refuses_an_unused_key_before_running():
+    out = run_main("--stage", "dpo", "--config", "config/dpo.yaml", "loss_chunk=256")
+    assert out.returncode == 2 and "'loss_chunk' (command line) is not used by stage dpo" in out.stderr

@@ -83,8 +83,8 @@ def test_chat_data_distillation_runs_on_the_core(setup, tmp_path):
     assert isinstance(trainer, ChatDistillTrainer) and (tmp_path / "chat" / "final").is_dir()
     # Only assistant tokens count: a batch's weight is its number of valid labels, and the loss uses exactly those.
     batch = trainer.to_device(trainer.train_data.next_step()[0])
-    n = trainer.batch_weight(batch)
-    _, metrics = trainer.compute_loss(batch, torch.tensor(float(n)))
+    n = trainer.count_loss_items(batch=batch)
+    _, metrics = trainer.compute_loss(batch=batch, num_items=torch.tensor(float(n)))
     assert 0 < n < batch["input_ids"].numel() and float(metrics["kl"]) > 0
 
 
@@ -109,5 +109,5 @@ def test_packed_chat_rows_give_a_student_equal_to_its_teacher_zero_kl(setup, tmp
     trainer = run_trainer(ChatDistillTrainer, cfg)
     batch = trainer.to_device(trainer.train_data.next_step()[0])
     assert int(batch["document_ids"].max()) > 1  # several conversations share a row
-    _, metrics = trainer.compute_loss(batch, torch.tensor(float(trainer.batch_weight(batch))))
+    _, metrics = trainer.compute_loss(batch=batch, num_items=torch.tensor(float(trainer.count_loss_items(batch=batch))))
     assert abs(float(metrics["kl"])) < 1e-6

@@ -82,12 +82,13 @@ def test_bad_records_are_counted_or_raise(tmp_path):
         load_pairs(str(path), on_bad="error", log=lambda *a: None)
 
 
-def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path):
+def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path, capsys):
     from trainer.dpo import run
 
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(48), "strings")
     out = tmp_path / "dpo"
     trainer = run(dpo_config(policy_dir, out, data, max_steps=12, val_samples=8, eval_every=0))
+    assert "= global batch 8 pairs" in capsys.readouterr().out  # the startup line says what batch_size counts
     train = read_metrics(str(out))
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1 is computed before any update
     assert train[-1]["loss"] < 0.5 * math.log(2), [r["loss"] for r in train]

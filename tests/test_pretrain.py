@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from tests.helpers import read_metrics, write_shards
-from trainer.core import TrainingStopped, run_trainer
+from trainer.common import TrainingStopped
+from trainer.core import run_trainer
 from trainer.pretrain import Config, PretrainTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,12 @@ def test_torn_checkpoint_is_skipped(tiny_tokenizer_dir, shards, tmp_path, capsys
     trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8))
     trainer.prepare()
     assert trainer.step == 8
-    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in out
+    assert "micro-batch 4 x accum 2 = global batch 8 sequences" in out
+    # A step returns its tokens (all ranks) with its metrics; nothing passes between methods on the side.
+    metrics, tokens = trainer.train_step()
+    assert tokens == 8 * 32 and trainer.tokens_seen == 9 * 8 * 32 and set(metrics) >= {"loss", "lr", "grad_norm"}
 
 
 def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
@@ -206,8 +212,8 @@ def test_bad_inputs_fail_clearly(tiny_tokenizer_dir, shards, tmp_path):
 
 
 class NanAtStep3(PretrainTrainer):
-    def compute_loss(self, batch, num_items):
-        loss, metrics = super().compute_loss(batch, num_items)
+    def compute_loss(self, *, batch, num_items):
+        loss, metrics = super().compute_loss(batch=batch, num_items=num_items)
         return (loss * float("nan") if self.step == 2 else loss), metrics
 
 

@@ -240,3 +240,30 @@ def test_zh_simplify_memory_is_bounded_on_a_50mb_line(tmp_path):
     limit = LONG_DOC_FACTOR * FilterConfig().max_doc_chars
     assert len(rows) > 1 and all(len(x["text"]) <= limit for x in rows)  # split ...
     assert "".join(x["text"] for x in rows) == text  # ... not dropped: every character is there, in order
+
+
+# -----------------------------------------------------------------------------
+# expand_paths: the one contract of every path setting (text, chat, preference and prompt data)
+
+
+def test_expand_paths_files_folders_patterns_and_errors(tmp_path):
+    from dataset.text_sources import expand_paths
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/b.jsonl", "d/a.jsonl", "d/sub/c.txt", "d/.hidden", "x.json", "y.json"):
+        (tmp_path / name).write_text("{}\n")
+    d, x, y = str(tmp_path / "d"), str(tmp_path / "x.json"), str(tmp_path / "y.json")
+    folder = [str(tmp_path / n) for n in ("d/a.jsonl", "d/b.jsonl", "d/sub/c.txt")]  # sorted, hidden left out
+    assert expand_paths([d]) == folder
+    # A comma-separated string and a list mean the same; items keep their order, a pattern's matches are sorted.
+    assert expand_paths(f"{y}, {tmp_path / 'd'}") == expand_paths([y, d]) == [y, *folder]
+    assert expand_paths(str(tmp_path / "*.json")) == [x, y]
+    assert expand_paths(str(tmp_path / "[d]")) == folder  # a pattern may match a folder
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        expand_paths([x, str(tmp_path / "nope.jsonl")])
+    with pytest.raises(FileNotFoundError, match=r"z\*.json"):
+        expand_paths(str(tmp_path / "z*.json"))
+    (tmp_path / "empty").mkdir()
+    for nothing in ("", " , ", [str(tmp_path / "empty")]):
+        with pytest.raises(ValueError, match="no data files"):
+            expand_paths(nothing)

@@ -102,3 +102,22 @@ def test_real_pack_compression(tmp_path):
     for name in (wiki.name, poetry.name):
         assert rep["heldout"][name]["cjk_chars_per_token"] > 0.4
     assert rep["single_cjk_tokens"] > 50
+
+
+def test_token_byte_lengths_add_up_to_the_utf8_bytes(tok):
+    """Bits per byte (pretraining's eval, the eval stage) divide by these: they must be the text's true size."""
+    from trainer.train_tokenizer import byte_level_alphabet, token_byte_lengths
+
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256  # a byte <-> char bijection
+    lengths = token_byte_lengths(tok)
+    assert len(lengths) == len(tok) and all(lengths[i] == 0 for i in tok.all_special_ids)
+    for text in ("北京是中国的首都。", "hello world 123", "春眠不觉晓，处处闻啼鸟 🙂"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")), text
+    # The tokenizer stage keeps its memory small: importing it (bits per byte included) does not load torch.
+    import subprocess
+    import sys
+
+    code = "import sys, trainer.train_tokenizer; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0

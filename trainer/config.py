@@ -5,11 +5,16 @@ Precedence: dataclass defaults < YAML file < command-line `key=value`. Unknown k
 fit the field's type fail at once with a message naming the key (nanoGPT's strictness, without exec).
 
     cfg = load_config(PretrainConfig, "config/pretrain.yaml", ["lr=3e-4", "max_steps=100"])
+
+A key a stage never reads is refused too (the class's `unused` attribute, see TrainConfig), so a setting that
+would silently do nothing fails instead.
 """
 
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
+from typing import ClassVar
 
 import yaml
 
@@ -103,8 +108,13 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
         sources.append((f"{yaml_path}", data))
     if overrides:
         sources.append(("command line", overrides if isinstance(overrides, dict) else parse_overrides(overrides)))
+    unused = getattr(cls, "unused", {})
     for where, data in sources:
         for key, value in data.items():
+            if key in unused:
+                stage = cls.__module__.rsplit(".", 1)[-1]
+                raise ConfigError(f"config key '{key}' ({where}) is not used by stage {stage} "
+                                  f"({cls.__module__}.{cls.__qualname__}): {unused[key]}; remove it")
             if key not in fields:
                 close = [k for k in fields if k.split("_")[0] == key.split("_")[0]][:3]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -128,3 +138,57 @@ def format_config(cfg) -> str:
 def save_config(cfg, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+
+
+# -----------------------------------------------------------------------------
+# The settings every training stage shares. A stage's Config subclasses this and adds only its own fields.
+
+
+@dataclass
+class TrainConfig:
+    # Class attributes, not fields. unused: TrainConfig fields this stage never reads -> why; load_config rejects
+    # them when set in YAML or on the command line (the dataclass defaults stay). batch_unit: what batch_size and
+    # global_batch_size count in this stage.
+    unused: ClassVar[dict[str, str]] = {}
+    batch_unit: ClassVar[str] = "sequences"
+    # --- what to train, on what ---
+    model_config: str = "config/model/small.json"  # architecture preset (pretraining only; later stages inherit)
+    init_from: str = ""  # checkpoint dir to start from (a stage's final/ or step_*/); "" = random init
+    tokenizer_dir: str = "out/tokenizer"  # HF tokenizer folder written by the tokenizer stage
+    data_dir: str = ""  # token shards (pretraining)
+    data_path: str = ""  # data files, comma-separated (chat / preference stages)
+    out_dir: str = "out/run"  # checkpoints, metrics.jsonl, config.yaml
+    # --- batch and schedule ---
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int | str = 16  # micro-batch per process, in batch_unit; "auto" = largest that fits (CUDA probe)
+    global_batch_size: int = 0  # batch_unit per optimizer step over all processes; 0 = batch_size x processes
+    seq_len: int = 512  # tokens per sequence
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    warmup_steps: int = 100  # linear warmup from 0
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_ratio: float = 0.2  # wsd: share of steps spent in the final linear decay
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms or biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global grad norm to this; 0 = off
+    # --- system ---
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU) | bf16 | fp16
+    #                      | fp32
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer
+    #                        state sharded over the GPUs, for a model that does not fit one; pretrain and sft)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    loss_chunk: int = 0  # >0: cross-entropy from hidden states this many tokens at a time, never all logits at once
+    #                      (less memory at big micro-batches, one extra output matmul); 0 = plain loss
+    seed: int = 1337
+    # --- logging, evaluation, checkpoints ---
+    log_every: int = 10  # steps between status lines
+    eval_every: int = 200  # steps between evaluations (also at the end); 0 = only at the end
+    eval_batches: int = 20  # validation micro-batches per evaluation
+    save_every: int = 500  # steps between checkpoints (also at the end); 0 = only at the end
+    keep_last: int = 2  # step_* checkpoints kept on disk
+    resume: str = "auto"  # auto = newest complete checkpoint in out_dir | never | path to a step_* dir
+    logger: str = "none"  # none | wandb | swanlab | tensorboard
+    run_name: str = ""  # name for the external logger (default: out_dir's name)

@@ -14,6 +14,7 @@ checkpoints and resume are the shared core's; only the data choice and the loss 
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,17 @@ import torch.nn.functional as F
 from model.attention import document_mask
 from trainer import pretrain, sft
 from model.runtime import load_pretrained
-from trainer.core import print0, run_trainer
+from trainer.common import print0
+from trainer.core import run_trainer
 
 
 @dataclass
 class Config(sft.Config, pretrain.Config):
+    # batch_size / global_batch_size count shard windows (data_dir) or conversations (data_path)
+    batch_unit: ClassVar[str] = "sequences"
+    # Both data sources and a student architecture are read here (not SFT's unused keys); the loss is its own.
+    unused: ClassVar[dict[str, str]] = {
+        "loss_chunk": "the distillation loss needs the student's full logits for the KL term"}
     teacher_from: str = ""  # teacher checkpoint dir (same tokenizer); required
     init_from: str = ""  # student start; "" = random init from model_config
     model_config: str = "config/model/small.json"  # student architecture when init_from is empty
@@ -70,7 +77,7 @@ class DistillMixin:
         n = sum(p.numel() for p in self.teacher.parameters())
         print0(f"[distill] teacher {cfg.teacher_from}: {n:,} parameters | T={cfg.temperature} alpha={cfg.alpha}")
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         ids, document_ids, position_ids, targets = self.unpack(batch)
         out = self.model(input_ids=ids, document_ids=document_ids, position_ids=position_ids)
         # The teacher may be any causal LM (a stock Llama ignores document_ids): it gets the packed rows' boolean

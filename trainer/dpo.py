@@ -25,6 +25,7 @@ and then frees it, so only the policy (and its optimizer) is in memory during tr
 import copy
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ from dataset.preference_data import (
     read_pair_samples,
 )
 from model.runtime import load_pretrained
-from trainer.core import TrainConfig, Trainer, print0, run_trainer
+from trainer.common import print0
+from trainer.config import TrainConfig
+from trainer.core import Trainer, run_trainer
 from trainer.logprobs import sequence_logprobs
 
 # -----------------------------------------------------------------------------
@@ -43,6 +46,12 @@ from trainer.logprobs import sequence_logprobs
 
 @dataclass
 class Config(TrainConfig):
+    # batch_size / global_batch_size count chosen/rejected pairs (2 sequences each)
+    batch_unit: ClassVar[str] = "pairs"
+    unused: ClassVar[dict[str, str]] = {
+        "data_dir": "preference pairs come from data_path",
+        "model_config": "the architecture comes from init_from's config.json",
+        "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy"}
     init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
     out_dir: str = "out/dpo"
     data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
@@ -109,10 +118,10 @@ class DPOTrainer(Trainer):
             for data in (train, val):
                 data.ref_logps = self.reference_logps(data, collate)
             self.ref = None  # freed: training needs only the policy now
-        self.use_datasets(train, val, collate)
         skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
         print0(f"[dpo] {stats['records']:,} records -> {len(train):,} train + {len(val):,} val pairs | "
                f"{skipped or 'nothing skipped'}")
+        return self.in_memory_batches(train, val, collate)
 
     @torch.no_grad()
     def reference_logps(self, data: PairDataset, collate) -> torch.Tensor:
@@ -125,13 +134,13 @@ class DPOTrainer(Trainer):
             out[batch["index"].cpu()] = torch.stack(logps.chunk(2), dim=1)
         return out
 
-    def batch_weight(self, batch) -> int:
+    def count_loss_items(self, *, batch) -> int:
         return batch["num_pairs"]
 
-    def batch_tokens(self, batch) -> int:
+    def count_tokens(self, *, batch) -> int:
         return int(batch["attention_mask"].sum())
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         cfg = self.cfg
         pi = sequence_logprobs(self.model, batch["input_ids"], batch["loss_mask"])  # (2B,) [chosen; rejected]
         if "ref_logps" in batch:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import config_to_dict
-from trainer.core import print0, token_byte_lengths
+from trainer.common import print0
+from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass
@@ -91,7 +92,7 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int) -> torch.Te
             raise ValueError(f"{spec}: no validation shard with more than {seq_len} tokens")
         return torch.from_numpy(np.asarray(windows, dtype=np.int64))
     ids = []
-    for path in expand_paths([p.strip() for p in spec.split(",") if p.strip()]):
+    for path in expand_paths(spec):
         for doc in iter_documents(path):
             ids += tokenizer.encode(doc["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
             if max_tokens > 0 and len(ids) > max_tokens + 1:
@@ -112,7 +113,7 @@ def perplexity(model, tokenizer, windows: torch.Tensor, batch_size: int, device)
         loss = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], num_items_in_batch=1).loss
         nats += float(loss)
         targets += batch[:, 1:].numel()
-    byte_lengths = token_byte_lengths(tokenizer)
+    byte_lengths = torch.tensor(token_byte_lengths(tokenizer))
     n_bytes = int(byte_lengths[windows[:, 1:].clamp(max=len(byte_lengths) - 1)].sum())
     loss = nats / targets
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": nats / (math.log(2) * max(1, n_bytes)),

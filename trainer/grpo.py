@@ -18,11 +18,12 @@ Normalisation (loss_norm):
               every token weighs the same, so long replies are not under-weighted.
     sequence  mean over each reply's tokens, then mean over replies (the original GRPO paper); a long reply's
               tokens then count less each.
-Both are exact over gradient accumulation: the core divides by the whole step's count (batch_weight).
+Both are exact over gradient accumulation: the core divides by the whole step's count (count_loss_items).
 The loop, checkpoints and exact resume (rollout buffer included) are the shared core's.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -35,6 +36,8 @@ from trainer.rollout import RLConfig, RolloutTrainer
 
 @dataclass
 class Config(RLConfig):
+    # batch_size / global_batch_size count sampled replies (num_generations per prompt)
+    batch_unit: ClassVar[str] = "replies"
     out_dir: str = "out/grpo"
     num_generations: int = 8  # G: replies per prompt
     kl_coef: float = 0.04  # beta of DeepSeekMath
@@ -66,11 +69,11 @@ class GRPOTrainer(RolloutTrainer):
     def score_rollout(self, buf: dict) -> None:
         adv = group_advantages(buf["rewards"], self.cfg.num_generations, self.cfg.scale_rewards)
         buf["advantages"] = adv[:, None] * buf["mask"]  # (N, T-1): one value per reply, on its tokens
-        # Per-token weights that turn a sum into the chosen normalisation (see batch_weight).
+        # Per-token weights that turn a sum into the chosen normalisation (see count_loss_items).
         lengths = buf["mask"].sum(-1, keepdim=True).clamp(min=1)
         buf["weights"] = buf["mask"] if self.token_level else buf["mask"] / lengths
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         logps = token_logprobs(self.model, batch["input_ids"])
         pg, stats = self.policy_loss(logps, batch)
         kl = kl_estimate(logps, batch["ref_logps"], "k3")

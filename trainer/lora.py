@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.hub import make_readable
 from model.lora import (
     add_lora,
     load_adapter_weights,
@@ -29,8 +30,8 @@ from model.lora import (
     read_adapter_weights,
     save_adapter,
 )
-from model.hub import make_readable
-from trainer.core import print0, run_trainer
+from trainer.common import print0
+from trainer.core import run_trainer
 from trainer.sft import Config as SFTConfig
 from trainer.sft import SFTTrainer
 
@@ -79,7 +80,7 @@ class LoRATrainer(SFTTrainer):
                f"for weights, grads and AdamW)")
 
     # ---- checkpoints hold the adapter, not the (unchanged) base weights ----------------------------------
-    def save_pretrained_to(self, path: str, dtype: torch.dtype | None = None, state: dict | None = None):
+    def save_pretrained_to(self, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
         cfg = self.cfg  # only the adapters, read from the live model (LoRA never runs sharded, so `state` is unused)
         # An absolute base path (a hub-style name stays as it is), so PEFT finds the base from any working directory.
         base = os.path.abspath(cfg.init_from) if os.path.isdir(cfg.init_from) else cfg.init_from
@@ -88,13 +89,13 @@ class LoRATrainer(SFTTrainer):
         self.tokenizer.save_pretrained(path)
         make_readable(path)
 
-    def read_checkpoint_weights(self, path: str) -> dict:
+    def read_checkpoint_weights(self, *, path: str) -> dict:
         return read_adapter_weights(path)
 
-    def load_checkpoint_weights(self, path: str, weights: dict) -> None:
+    def load_checkpoint_weights(self, *, path: str, weights: dict) -> None:
         load_adapter_weights(self.raw_model, weights, path)
 
-    def next_stage_hint(self, path: str) -> str:
+    def next_stage_hint(self, *, path: str) -> str:
         return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
 
 

@@ -32,6 +32,7 @@ Single process only: the value head / critic is outside the DDP wrapper, so its 
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -45,6 +46,8 @@ from trainer.rollout import RLConfig, RolloutTrainer
 
 @dataclass
 class Config(RLConfig):
+    # batch_size / global_batch_size count sampled replies (num_generations per prompt, 1 by default)
+    batch_unit: ClassVar[str] = "replies"
     out_dir: str = "out/ppo"
     ppo_epochs: int = 4
     rollout_minibatches: int = 2
@@ -82,7 +85,7 @@ class PPOTrainer(RolloutTrainer):
     def setup(self):
         super().setup()
         cfg = self.cfg
-        if self.ddp:
+        if self.distributed:
             raise NotImplementedError("PPO runs in one process (the critic is outside DDP); use GRPO for DDP")
         if cfg.critic == "shared":
             self.critic = None
@@ -130,7 +133,7 @@ class PPOTrainer(RolloutTrainer):
         buf["advantages"] = masked_whiten(adv, mask) if cfg.whiten_advantages else adv
         buf["values"], buf["returns"] = values, returns
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         cfg = self.cfg
         mask = batch["mask"]
         logps = token_logprobs(self.model, batch["input_ids"])
@@ -147,8 +150,8 @@ class PPOTrainer(RolloutTrainer):
     def extra_state(self) -> dict:
         return {**super().extra_state(), "critic": self._critic_module().state_dict()}
 
-    def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
+    def load_extra_state(self, *, state: dict) -> None:
+        super().load_extra_state(state=state)
         if "critic" in state:
             self._critic_module().load_state_dict(state["critic"])
 

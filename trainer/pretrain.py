@@ -11,15 +11,22 @@ bits-per-byte and prints greedy continuations of a few fixed Chinese prompts.
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dataset.shards import ShardStream, check_meta, load_meta, tokenizer_fingerprint, val_windows
-from trainer.core import Trainer, TrainConfig, print0, run_trainer, token_byte_lengths
+from trainer.common import print0
+from trainer.config import TrainConfig
+from trainer.core import Trainer, run_trainer
+from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass
 class Config(TrainConfig):
+    # batch_size / global_batch_size count windows of seq_len tokens
+    batch_unit: ClassVar[str] = "sequences"
+    unused: ClassVar[dict[str, str]] = {"data_path": "pretraining reads token shards from data_dir"}
     out_dir: str = "out/pretrain"
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval
@@ -42,38 +49,43 @@ class PretrainTrainer(Trainer):
         cfg = self.cfg
         meta = load_meta(cfg.data_dir)
         check_meta(meta, cfg.data_dir, self.raw_model.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
-        self.train_data = ShardStream(cfg.data_dir, meta, cfg.seq_len, self.global_batch, self.micro_batch,
-                                      self.rank, self.world_size)
+        stream = ShardStream(cfg.data_dir, meta, cfg.seq_len, self.global_batch, self.micro_batch, self.rank,
+                             self.world_size)
         tokens_needed = cfg.max_steps * self.global_batch * cfg.seq_len
-        epochs = tokens_needed / max(1, self.train_data.tokens_per_epoch())
-        print0(f"[pretrain] {len(meta['train_shards'])} shards, {self.train_data.tokens_per_epoch():,} usable tokens; "
+        epochs = tokens_needed / max(1, stream.tokens_per_epoch())
+        print0(f"[pretrain] {len(meta['train_shards'])} shards, {stream.tokens_per_epoch():,} usable tokens; "
                f"{cfg.max_steps} steps x {self.global_batch * cfg.seq_len:,} tokens = {epochs:.2f} epochs")
         windows = val_windows(cfg.data_dir, meta, cfg.seq_len, cfg.eval_batches * self.micro_batch)
         if windows is None:
             print0("[pretrain] no validation shard (or it is shorter than seq_len): evaluation is skipped")
-            return
+            return stream, None
         windows = torch.from_numpy(windows.astype("int64"))
-        self.val_batches = [(windows[i:i + self.micro_batch, :-1], windows[i:i + self.micro_batch, 1:])
-                            for i in range(0, len(windows), self.micro_batch)]
+        val_batches = [(windows[i:i + self.micro_batch, :-1], windows[i:i + self.micro_batch, 1:])
+                       for i in range(0, len(windows), self.micro_batch)]
         # Bits per byte needs the bytes behind every target token of the validation set.
-        byte_lengths = token_byte_lengths(self.tokenizer)
+        byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
         targets = windows[:, 1:]
         self.val_bytes = int(byte_lengths[targets.clamp(max=len(byte_lengths) - 1)].sum())
         self.val_targets = targets.numel()
+        return stream, val_batches
 
-    def batch_weight(self, batch) -> int:
+    def count_loss_items(self, *, batch) -> int:
         return batch[1].numel()  # every position of a pretraining window has a target
 
-    def batch_tokens(self, batch) -> int:
+    def count_tokens(self, *, batch) -> int:
         return batch[0].numel()
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         x, y = batch
         out = self.model(input_ids=x, shift_labels=y, num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
         metrics = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
         return out.loss, metrics
 
-    def extra_eval_metrics(self, result: dict) -> dict:
+    def should_save(self) -> bool:
+        # Also after the step that used a shard's last full span: a dying session loses at most one shard of work.
+        return super().should_save() or self.train_data.shard_done
+
+    def extra_eval_metrics(self, *, result: dict) -> dict:
         # nats per token -> bits per byte: comparable across tokenizers (nanochat's evaluate_bpb).
         return {"bpb": result["loss"] * self.val_targets / (math.log(2) * max(1, self.val_bytes))}
 

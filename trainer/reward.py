@@ -15,6 +15,7 @@ Its final/ loads with AutoModelForSequenceClassification and is what PPO/GRPO ta
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +26,21 @@ from dataset.preference_data import (
     read_pair_samples,
 )
 from model.runtime import load_pretrained
-from trainer.core import TrainConfig, Trainer, print0, run_trainer
+from trainer.common import print0
+from trainer.config import TrainConfig
+from trainer.core import Trainer, run_trainer
 
 # -----------------------------------------------------------------------------
 
 
 @dataclass
 class Config(TrainConfig):
+    # batch_size / global_batch_size count chosen/rejected pairs (2 sequences each)
+    batch_unit: ClassVar[str] = "pairs"
+    unused: ClassVar[dict[str, str]] = {
+        "data_dir": "preference pairs come from data_path",
+        "model_config": "the architecture comes from init_from's config.json",
+        "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy"}
     init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
     out_dir: str = "out/reward"
     data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
@@ -69,16 +78,16 @@ class RewardTrainer(Trainer):
         train, val = PairDataset(train), PairDataset(val)
         collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
 
-        self.use_datasets(train, val, collate)
         print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")
+        return self.in_memory_batches(train, val, collate)
 
-    def batch_weight(self, batch) -> int:
+    def count_loss_items(self, *, batch) -> int:
         return batch["num_pairs"]
 
-    def batch_tokens(self, batch) -> int:
+    def count_tokens(self, *, batch) -> int:
         return int(batch["attention_mask"].sum())
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         r_c, r_r = scores.float().chunk(2)  # rows are [chosen; rejected]
         losses = bradley_terry_loss(r_c, r_r, self.cfg.center_coef)

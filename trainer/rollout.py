@@ -6,13 +6,17 @@ so a resumed run continues exactly. Not a stage itself; trainer/ppo.py and train
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from dataset.batches import IndexBatches
 from dataset.prompt_data import load_prompts
 from model.engine import Engine
 from model.runtime import load_pretrained
-from trainer.core import IndexBatches, TrainConfig, Trainer, print0
+from trainer.common import print0
+from trainer.config import TrainConfig
+from trainer.core import Trainer
 from trainer.logprobs import kl_estimate, masked_mean, token_logprobs
 from trainer.rewards import Completion, parse_rules, rule_rewards
 
@@ -21,6 +25,12 @@ from trainer.rewards import Completion, parse_rules, rule_rewards
 
 @dataclass
 class RLConfig(TrainConfig):
+    unused: ClassVar[dict[str, str]] = {
+        "data_dir": "prompts come from data_path",
+        "model_config": "the policy's architecture comes from init_from's config.json",
+        "loss_chunk": "the policy loss needs per-token log-probs from the full logits",
+        "eval_every": "rollout stages have no validation set (rollout statistics are logged every step)",
+        "eval_batches": "rollout stages have no validation set"}
     init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
     data_path: str = "dataset/rl_prompts.jsonl"  # prompt files (dataset/prompt_data.py), comma-separated
     ref_from: str = ""  # frozen reference for the KL term; "" = init_from
@@ -47,9 +57,9 @@ class RLConfig(TrainConfig):
 
 class RolloutTrainer(Trainer):
     """The shared part of PPO and GRPO. A subclass implements score_rollout(buf) (advantages, and for PPO
-    values/returns, into the buffer) and compute_loss(batch, num_items)."""
+    values/returns, into the buffer) and compute_loss(*, batch, num_items)."""
 
-    token_level = True  # batch_weight: response tokens of the step (True) or sequences (False)
+    token_level = True  # count_loss_items: response tokens of the step (True) or sequences (False)
 
     def setup(self):
         cfg = self.cfg
@@ -76,10 +86,10 @@ class RolloutTrainer(Trainer):
         prompts = load_prompts(cfg.data_path, self.tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.on_bad_record,
                                cfg.max_samples, print0)
         n_prompts = per_rollout // cfg.num_generations
-        self.train_data = IndexBatches(prompts, n_prompts, n_prompts // self.world_size, self.rank,
-                                       self.world_size, cfg.seed, collate=list)
         print0(f"[{self.stage}] {len(prompts):,} prompts | a rollout = {n_prompts} prompts x {cfg.num_generations} "
                f"replies, trained for {cfg.ppo_epochs} epoch(s) x {cfg.rollout_minibatches} minibatch(es)")
+        return IndexBatches(prompts, n_prompts, n_prompts // self.world_size, self.rank, self.world_size, cfg.seed,
+                            collate=list), None
 
     # ---- rollouts --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -143,17 +153,17 @@ class RolloutTrainer(Trainer):
                                        for m in range(0, per_step, self.micro_batch)])
         return self.queue.pop(0)
 
-    def train_step(self) -> dict:
-        metrics = super().train_step()
+    def train_step(self) -> tuple[dict, int]:
+        metrics, tokens = super().train_step()
         metrics.update(self.rollout_stats)
         if self.cfg.target_kl > 0 and float(metrics.get("approx_kl", 0.0)) > 1.5 * self.cfg.target_kl:
             self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
-        return metrics
+        return metrics, tokens
 
-    def batch_weight(self, batch) -> int:
+    def count_loss_items(self, *, batch) -> int:
         return int(batch["mask"].sum()) if self.token_level else len(batch["mask"])
 
-    def batch_tokens(self, batch) -> int:
+    def count_tokens(self, *, batch) -> int:
         return int(batch["attention_mask"].sum())
 
     # ---- the clipped policy objective both stages use ------------------------------------------------------
@@ -174,7 +184,7 @@ class RolloutTrainer(Trainer):
     def extra_state(self) -> dict:
         return {"queue": self.queue, "rollout_stats": getattr(self, "rollout_stats", {})}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_extra_state(self, *, state: dict) -> None:
         self.queue = [[self.to_device(b) for b in step] for step in state.get("queue", [])]
         self.rollout_stats = state.get("rollout_stats", {})
 

@@ -12,14 +12,21 @@ validation loss are the mean cross-entropy over assistant tokens (the reply and 
 
 from collections import Counter
 from dataclasses import dataclass
-
+from typing import ClassVar
 
 from dataset.chat_data import ChatDataset, collate_chat, load_conversations, parse_placeholders, tokenize_conversations
-from trainer.core import TrainConfig, Trainer, print0, run_trainer
+from trainer.common import print0
+from trainer.config import TrainConfig
+from trainer.core import Trainer, run_trainer
 
 
 @dataclass
 class Config(TrainConfig):
+    # batch_size / global_batch_size count conversations (packed sequences of them when pack=true)
+    batch_unit: ClassVar[str] = "sequences"
+    unused: ClassVar[dict[str, str]] = {
+        "data_dir": "chat data comes from data_path",
+        "model_config": "the architecture comes from init_from's config.json"}
     init_from: str = "out/pretrain/final"  # the pretrained model (architecture and tokenizer come with it)
     out_dir: str = "out/sft"
     data_path: str = "dataset/sft/*.json*"  # chat files or glob patterns, comma-separated
@@ -56,7 +63,7 @@ class SFTTrainer(Trainer):
             return collate_chat(items, pad_id)
 
         # The validation set is never packed: the loss is the same, the code simpler.
-        self.use_datasets(train, ChatDataset(val, cfg.seq_len) if val else None, collate)
+        batches = self.in_memory_batches(train, ChatDataset(val, cfg.seq_len) if val else None, collate)
         trained = sum(int((lab != -100).sum()) for _, lab in train.samples)
         tokens = sum(len(ids) for ids, _ in train.samples)
         skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
@@ -68,15 +75,16 @@ class SFTTrainer(Trainer):
                    f"({100 * train.fill_ratio(cfg.seq_len):.0f}% full)")
         epochs = cfg.max_steps * self.global_batch / len(train)
         print0(f"[{self.stage}] {cfg.max_steps} steps x {self.global_batch} sequences = {epochs:.2f} epochs")
+        return batches
 
-    def compute_loss(self, batch, num_items):
+    def compute_loss(self, *, batch, num_items):
         # document_ids/position_ids are present only for packed rows (see collate_chat); no batch has a mask.
         out = self.model(input_ids=batch["input_ids"], document_ids=batch.get("document_ids"),
                          position_ids=batch.get("position_ids"), labels=batch["labels"],
                          num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
         return out.loss, {}
 
-    def batch_tokens(self, batch) -> int:
+    def count_tokens(self, *, batch) -> int:
         return batch["num_tokens"]  # real tokens, not padding: packing's gain shows in tok/s
 
 

@@ -203,22 +203,36 @@ def wrap(tok):
         clean_up_tokenization_spaces=False, model_max_length=1 << 30)
 
 
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2's byte -> printable character table, which ByteLevel uses; index = byte value
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in (ByteLevel uses
+    it): printable bytes map to themselves, the others to code points 256 and up, in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    chars, extra = {}, 0
     for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for (0 for special tokens): turns a loss in nats/token into bits/byte,
+    which compares models with different tokenizers (pretraining's evaluation and the eval stage). A list, not a
+    tensor: this module trains tokenizers without importing torch."""
+    byte_of = {c: b for b, c in byte_level_alphabet().items()}
+    special = set(tokenizer.all_special_ids)
+    lengths = [0] * len(tokenizer)
+    for token, idx in tokenizer.get_vocab().items():
+        if idx not in special and idx < len(lengths):
+            lengths[idx] = sum(1 for c in token if c in byte_of)
+    return lengths
 
 
 def single_cjk_entries(vocab: dict) -> int:
     """Vocabulary entries that decode to exactly one Han character."""
-    dec = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    dec = {ch: b for b, ch in byte_level_alphabet().items()}
     n = 0
     for token in vocab:
         if token in SPECIAL_TOKENS or any(c not in dec for c in token):
@@ -262,7 +276,7 @@ def run(cfg: Config) -> dict:
     tok = build_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=_bytes_to_unicode(), show_progress=False)
+        initial_alphabet=list(byte_level_alphabet().values()), show_progress=False)
     heldout: dict = {}
     stats = {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}
     common = common_pieces(cfg, paths, stats) if cfg.rare_pieces_as_pairs else None

@@ -1,0 +1,48 @@
+"""
+dataset/batches.py: the StepBatches protocol the loop draws from, and IndexBatches (in-memory samples) against it.
+
+    python -m pytest tests/test_batches.py
+"""
+
+from dataset.batches import IndexBatches, StepBatches
+from dataset.shards import ShardStream
+from tests.helpers import write_shards
+
+
+def test_shard_stream_and_index_batches_satisfy_the_protocol(tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dataset.shards import load_meta
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    data_dir = write_shards(tok, ["北京是中国的首都。今天天气很好。"] * 60, str(tmp_path / "shards"), n_shards=2)
+    stream = ShardStream(data_dir, load_meta(data_dir), seq_len=16, global_batch=4, micro_batch=2)
+    assert isinstance(stream, StepBatches) and isinstance(IndexBatches(list(range(8)), 4, 2, collate=list),
+                                                          StepBatches)
+    assert not isinstance(object(), StepBatches)
+
+
+def collect(batches: IndexBatches, steps: int) -> list:
+    return [[list(m) for m in batches.next_step()] for _ in range(steps)]
+
+
+def test_index_batches_resume_exactly_and_split_the_step_over_ranks():
+    data = list(range(10))  # 10 samples, a global batch of 4: each epoch drops a ragged tail of 2
+    one = IndexBatches(data, 4, 2, seed=3, collate=list)
+    steps = collect(one, 6)
+    assert all(len(s) == 2 and all(len(m) == 2 for m in s) for s in steps)  # 2 micro-batches of 2 per step
+    for epoch in (steps[0:2], steps[2:4]):  # within an epoch no sample repeats
+        seen = [i for s in epoch for m in s for i in m]
+        assert len(set(seen)) == len(seen) == 8
+    assert steps[0:2] != steps[2:4]  # every epoch is its own permutation
+    # Resume from the position after 3 steps: the same batches follow.
+    first = IndexBatches(data, 4, 2, seed=3, collate=list)
+    collect(first, 3)
+    resumed = IndexBatches(data, 4, 2, seed=3, collate=list)
+    resumed.load_state_dict(first.state_dict())
+    assert collect(resumed, 3) == steps[3:]
+    # Two ranks take the two halves of the same global batch (micro-batch 1 each).
+    ranks = [IndexBatches(data, 4, 1, rank=r, world_size=2, seed=3, collate=list) for r in range(2)]
+    for step in steps:
+        together = [i for r in ranks for m in r.next_step() for i in m]
+        assert together == [i for m in step for i in m]
