@@ -7,7 +7,7 @@ rollouts all call this Engine, so that a fix or a speed-up here reaches every us
     from model.engine import Engine
     engine = Engine.from_pretrained("out/sft/run1/final")               # or adapter="out/lora/run1/final"
     ids = engine.generate([engine.encode("你好")], max_new_tokens=32)   # new token ids only
-    for piece in engine.chat_stream([{"role": "user", "content": "你好"}], temperature=0.7):
+    for piece in engine.chat_stream([{"role": "user", "content": "你好"}], CHAT_SAMPLING):
         print(piece, end="", flush=True)                                # always whole UTF-8 characters
 
 Works with any causal LM whose forward takes (input_ids, attention_mask (4-D bool), position_ids, cache,
@@ -15,6 +15,7 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 (an exported Llama folder) both do.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -65,27 +66,64 @@ class StaticKVCache:
 # Sampling
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k: int, top_p: float,
-                repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop: the one set of defaults for chat, the server, eval and RL rollouts.
+
+    The defaults are greedy and unpenalised, so a call that sets nothing is reproducible (eval reports, pretraining
+    samples, tests). Interactive use starts from CHAT_SAMPLING; eval and RL set their fields from their configs."""
+
+    max_new_tokens: int = 256  # fewer when the context window is reached first
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on every token already in the prompt or reply
+    seed: int | None = None  # makes sampling reproducible; None = a fresh draw each call
+    stop_token_ids: tuple[int, ...] | None = None  # None = EOS + end of turn; () = never stop early
+    stop_strings: tuple[str, ...] = ()  # the text ends before the first of these (the token completing it is kept)
+
+    def __post_init__(self):
+        # Lists are accepted (JSON, argparse) and stored as tuples, so a params object can be shared and hashed.
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings or ()))
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0 \
+                or self.repetition_penalty <= 0:
+            raise ValueError(f"invalid sampling parameters: {self}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+# Chat in the terminal and the API server: the same model answering people, so the same sampling. Repetition
+# penalty stays off (1.0): CTRL's penalty hits every token already seen, including the punctuation, particles and
+# names a Chinese answer must repeat, and eval and RL measure and train the model at 1.0, so chat shows the model
+# that was measured (OpenAI's API has no such penalty either). --repetition_penalty turns it on where a model loops.
+CHAT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.9)
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams,
+                generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Same order as transformers: repetition penalty, temperature, top-k, top-p.
 
     seen (B, V) bool marks the tokens already in each row (prompt and output) for the repetition penalty (CTRL's:
     divide positive logits, multiply negative ones, so a seen token always gets less likely)."""
     logits = logits.float()
-    if repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+    penalty = params.repetition_penalty
+    if penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits = torch.where(seen, penalised, logits)
-    if temperature <= 0:
+    if params.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first token is always kept.
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
@@ -211,7 +249,7 @@ class Engine:
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        import model as _registers_slm  # noqa: F401  importing the package registers the slm model type
+        import model as _registers_slm
         from model.lora_utils import merge_lora_weights
         from model.quantize import quantize_model
 
@@ -243,37 +281,35 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                 **changes) -> list[list[int]]:
         """Generate for a batch of prompts (token id lists of any lengths; left-padded internally).
 
-        Returns the new ids of each prompt. A row ends at its first stop token (included in the output, so RL
-        sees the model choose to stop), at the token that completes a stop string (included), or after
-        max_new_tokens (fewer if the context window is reached). stop_token_ids=None means EOS + end of turn;
-        pass [] to never stop early. temperature 0 is greedy; seed makes sampling reproducible."""
+        sampling (default SamplingParams(): greedy) with any of its fields changed by keyword, e.g.
+        generate(prompts, max_new_tokens=32). Returns the new ids of each prompt. A row ends at its first stop
+        token (included in the output, so RL sees the model choose to stop), at the token that completes a stop
+        string (included), or after max_new_tokens (fewer if the context window is reached)."""
+        params = (sampling or SamplingParams()).replace(**changes)
         out = [[] for _ in prompts]
-        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                                stop_token_ids, stop_strings):
+        for step in self._steps(prompts, params):
             for row, token in step:
                 out[row].append(token)
         return out
 
     # --- text out, streamed -----------------------------------------------------------------------------
 
-    def stream(self, prompt: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> TextStream:
+    def stream(self, prompt: list[int], sampling: SamplingParams | None = None, **changes) -> TextStream:
         """Generate for one prompt and return a TextStream of text pieces: complete UTF-8 characters only, and
         never a part of a stop string (the stop string itself and stop tokens are not shown)."""
+        params = (sampling or SamplingParams()).replace(**changes)
         result = TextStream(len(prompt))
-        steps = self._steps([prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                            stop_token_ids, stop_strings, text_stops=False)
-        result._gen = self._stream_text(steps, result, stop_token_ids, list(stop_strings or []))
+        steps = self._steps([prompt], params, text_stops=False)
+        result._gen = self._stream_text(steps, result, params)
         return result
 
-    def _stream_text(self, steps, result: TextStream, stop_token_ids, stop_strings: list[str]):
-        stop_ids = set(self.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    def _stream_text(self, steps, result: TextStream, params: SamplingParams):
+        stop_ids = set(self.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        stop_strings = list(params.stop_strings)
         decoder = IncrementalDecoder(self.tokenizer)
         t0 = time.perf_counter()
         text, shown = "", 0  # text decoded so far; how much of it has been yielded
@@ -330,16 +366,16 @@ class Engine:
             raise ValueError(f"prompt is {len(ids)} tokens, the context window is {self.max_context}")
         return ids
 
-    def chat_stream(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> TextStream:
-        return self.stream(self.chat_prompt(messages, max_new_tokens), max_new_tokens=max_new_tokens, **sampling)
+    def chat_stream(self, messages: list[dict], sampling: SamplingParams | None = None, **changes) -> TextStream:
+        params = (sampling or SamplingParams()).replace(**changes)
+        return self.stream(self.chat_prompt(messages, params.max_new_tokens), params)
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
-        return "".join(self.chat_stream(messages, max_new_tokens, **sampling))
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **changes) -> str:
+        return "".join(self.chat_stream(messages, sampling, **changes))
 
     # --- the decode loop --------------------------------------------------------------------------------
 
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_token_ids,
-               stop_strings, text_stops=True):
+    def _steps(self, prompts: list[list[int]], params: SamplingParams, text_stops: bool = True):
         """Generator: after each forward, yields [(row, token)] for the rows still running.
 
         Grad mode is set inside each step, never across a yield, so the caller's autograd state is untouched."""
@@ -348,19 +384,19 @@ class Engine:
         longest = max(len(p) for p in prompts)
         if longest >= self.max_context:
             raise ValueError(f"prompt is {longest} tokens, the context window is {self.max_context}")
-        max_new = min(max_new_tokens, self.max_context - longest)
+        max_new = min(params.max_new_tokens, self.max_context - longest)
         if max_new <= 0:
             return
-        stop_ids = self.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
-        stop_strings = list(stop_strings or []) if text_stops else []
+        stop_ids = self.stop_token_ids if params.stop_token_ids is None else list(params.stop_token_ids)
+        stop_strings = list(params.stop_strings) if text_stops else []
         decoders = [IncrementalDecoder(self.tokenizer) for _ in prompts] if stop_strings else None
         texts = ["" for _ in prompts]
         was_training = self.model.training
         self.model.eval()  # no dropout in rollouts; restored below
         try:
             with torch.inference_mode():
-                state = self._prefill(prompts, longest + max_new, repetition_penalty, seed)
-                tokens = self._sample(state, temperature, top_k, top_p, repetition_penalty)
+                state = self._prefill(prompts, longest + max_new, params)
+                tokens = self._sample(state, params)
             running = list(range(len(prompts)))
             for n in range(max_new):
                 step = [(row, tokens[row]) for row in running]
@@ -378,11 +414,11 @@ class Engine:
                 if not running or n == max_new - 1:
                     break
                 with torch.inference_mode():
-                    tokens = self._decode_step(state, tokens, temperature, top_k, top_p, repetition_penalty)
+                    tokens = self._decode_step(state, params)
         finally:
             self.model.train(was_training)
 
-    def _prefill(self, prompts, total_len: int, repetition_penalty: float, seed: int | None) -> dict:
+    def _prefill(self, prompts: list[list[int]], total_len: int, params: SamplingParams) -> dict:
         B, P = len(prompts), max(len(p) for p in prompts)
         dev = self.device
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
@@ -402,25 +438,24 @@ class Engine:
         logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions[:, :P],
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         seen = None
-        if repetition_penalty != 1.0:
+        if params.repetition_penalty != 1.0:
             seen = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=dev)
             seen.scatter_(1, ids, keep[:, :P])  # pad slots scatter False, so padding is not penalised
         generator = None
-        if seed is not None:
-            generator = torch.Generator(device=dev).manual_seed(seed)
+        if params.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(params.seed)
         return {"cache": cache, "keep": keep, "positions": positions, "logits": logits, "seen": seen,
                 "unpadded": all(len(p) == P for p in prompts),
                 "generator": generator}
 
-    def _sample(self, state, temperature, top_k, top_p, repetition_penalty) -> list[int]:
-        nxt = sample_next(state["logits"], state["seen"], temperature, top_k, top_p, repetition_penalty,
-                          state["generator"])
+    def _sample(self, state: dict, params: SamplingParams) -> list[int]:
+        nxt = sample_next(state["logits"], state["seen"], params, state["generator"])
         if state["seen"] is not None:
             state["seen"].scatter_(1, nxt[:, None], True)
         state["next"] = nxt
         return nxt.tolist()
 
-    def _decode_step(self, state, tokens, temperature, top_k, top_p, repetition_penalty) -> list[int]:
+    def _decode_step(self, state: dict, params: SamplingParams) -> list[int]:
         cache = state["cache"]
         t = cache.seq_len  # the slot this token goes to
         # Finished rows keep decoding (their output is ignored): cheaper than reshaping the batch and cache.
@@ -430,7 +465,15 @@ class Engine:
         state["logits"] = self.model(input_ids=state["next"][:, None], attention_mask=mask,
                                      position_ids=state["positions"][:, t:t + 1], cache=cache, use_cache=True,
                                      logits_to_keep=1).logits[:, -1]
-        return self._sample(state, temperature, top_k, top_p, repetition_penalty)
+        return self._sample(state, params)
 
 
-__all__ = ["Engine", "StaticKVCache", "IncrementalDecoder", "TextStream", "sample_next"]
+__all__ = [
+    "CHAT_SAMPLING",
+    "Engine",
+    "IncrementalDecoder",
+    "SamplingParams",
+    "StaticKVCache",
+    "TextStream",
+    "sample_next",
+]

@@ -26,6 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
+from model.engine import CHAT_SAMPLING, Engine, SamplingParams
+from scripts.chat_terminal import add_sampling_args, sampling_from_args
+
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_chat.html")
 ROLES = ("system", "user", "assistant")
 MAX_BODY = 4 * 1024 * 1024  # bytes; a chat request is far smaller
@@ -56,8 +59,8 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return value
 
 
-def parse_chat_request(raw: bytes, defaults: dict) -> dict:
-    """Validate a /v1/chat/completions body; returns messages, sampling kwargs and stream options."""
+def parse_chat_request(raw: bytes, defaults: SamplingParams) -> dict:
+    """Validate a /v1/chat/completions body; returns messages, SamplingParams and stream options."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -83,22 +86,22 @@ def parse_chat_request(raw: bytes, defaults: dict) -> dict:
         raise ApiError(400, "one optional system message first, and the last message must not be the assistant's",
                        "messages")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", defaults["max_new_tokens"], 1, 1 << 20, True)
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", defaults.max_new_tokens, 1, 1 << 20, True)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
-    sampling = {
-        "max_new_tokens": max_tokens,
-        "temperature": _number(body, "temperature", defaults["temperature"], 0.0, 2.0),
-        "top_p": _number(body, "top_p", defaults["top_p"], 0.0, 1.0),
-        "top_k": _number(body, "top_k", defaults["top_k"], 0, 1 << 20, True),  # not OpenAI's, but common
-        "repetition_penalty": _number(body, "repetition_penalty", defaults["repetition_penalty"], 0.01, 10.0),
-        "seed": _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
-        "stop_strings": stop,
-    }
+    sampling = defaults.replace(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0),
+        top_k=_number(body, "top_k", defaults.top_k, 0, 1 << 20, True),  # not OpenAI's, but common
+        repetition_penalty=_number(body, "repetition_penalty", defaults.repetition_penalty, 0.01, 10.0),
+        seed=_number(body, "seed", defaults.seed, -(1 << 63), (1 << 63) - 1, True),
+        stop_strings=stop,
+    )
     stream_options = body.get("stream_options") or {}
     return {"messages": clean, "sampling": sampling, "stream": bool(body.get("stream", False)),
             "include_usage": bool(stream_options.get("include_usage", False))}
@@ -109,7 +112,7 @@ def parse_chat_request(raw: bytes, defaults: dict) -> dict:
 
 
 class Job:
-    def __init__(self, prompt: list[int], sampling: dict):
+    def __init__(self, prompt: list[int], sampling: SamplingParams):
         self.prompt, self.sampling = prompt, sampling
         self.events: queue.Queue = queue.Queue()  # ("piece", str) ..., then ("done", TextStream) or ("error", str)
         self.cancelled = threading.Event()
@@ -129,7 +132,7 @@ class Worker(threading.Thread):
             if job.cancelled.is_set():
                 continue  # the client left while queued
             try:
-                stream = self.engine.stream(job.prompt, **job.sampling)
+                stream = self.engine.stream(job.prompt, job.sampling)
                 for piece in stream:
                     if job.cancelled.is_set():
                         break
@@ -202,7 +205,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise ApiError(400 if length <= 0 else 413, "missing or oversized request body")
             req = parse_chat_request(self.rfile.read(length), self.server.defaults)
             try:
-                prompt = self.server.engine.chat_prompt(req["messages"], req["sampling"]["max_new_tokens"])
+                prompt = self.server.engine.chat_prompt(req["messages"], req["sampling"].max_new_tokens)
             except ValueError as e:
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         except ApiError as e:
@@ -276,13 +279,12 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                model_name: str = "milli-chat", defaults: dict | None = None, quiet: bool = False):
+                model_name: str = "milli-chat", defaults: SamplingParams = CHAT_SAMPLING, quiet: bool = False):
     """Build the server and start its worker; the caller runs serve_forever() (port 0 = any free port)."""
     server = ThreadingHTTPServer((host, port), ChatHandler)
     server.daemon_threads = True  # a stuck client never blocks shutdown
     server.engine, server.api_key, server.model_name, server.quiet = engine, api_key, model_name, quiet
-    server.defaults = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
-                       "repetition_penalty": 1.0, **(defaults or {})}
+    server.defaults = defaults  # what a request that sets nothing gets
     server.created = int(time.time())
     server.worker = Worker(engine)
     server.worker.start()
@@ -302,22 +304,15 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="weight-only quantization of the linear layers (CPU inference)")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="default when a request omits max_tokens")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    add_sampling_args(parser)  # the defaults of a request that omits them, the same as the terminal chat's
     args = parser.parse_args()
-
-    from model.engine import Engine
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it")
     engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device,
                                     quantize=args.quantize)
-    defaults = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
     name = os.path.basename(os.path.normpath(args.model))
-    server = make_server(engine, args.host, args.port, args.api_key, name, defaults)
+    server = make_server(engine, args.host, args.port, args.api_key, name, sampling_from_args(args))
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port} (web chat at /, API at /v1) - Ctrl-C to stop")
     try:

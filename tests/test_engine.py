@@ -11,7 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.engine import Engine, IncrementalDecoder, StaticKVCache
+from model.engine import (
+    CHAT_SAMPLING,
+    Engine,
+    IncrementalDecoder,
+    SamplingParams,
+    StaticKVCache,
+)
 from model.lora_utils import merge_lora_weights
 from tests.helpers_inference import build_model, build_tokenizer, save_checkpoint
 
@@ -121,6 +127,21 @@ def test_sampling_seed_reproducible(engine, prompts):
     greedy = engine.generate(prompts, max_new_tokens=12, stop_token_ids=[])
     assert engine.generate(prompts, seed=1, **{**kw, "top_k": 1}) == greedy  # top-k 1 is greedy
     assert engine.generate(prompts, seed=1, **{**kw, "top_k": 0, "top_p": 1e-6}) == greedy  # so is a tiny top-p
+
+
+def test_sampling_params_one_object_and_one_set_of_defaults(engine, prompts):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=5, stop_token_ids=[])
+    # The object and keyword changes to the defaults are the same request.
+    assert engine.generate(prompts, params) == engine.generate(prompts, max_new_tokens=12, temperature=1.0, top_k=50,
+                                                               top_p=0.95, seed=5, stop_token_ids=[])
+    assert engine.generate(prompts, params) != engine.generate(prompts, params, seed=6)
+    assert params.stop_token_ids == () and SamplingParams(stop_strings=["a"]).stop_strings == ("a",)
+    assert SamplingParams().temperature == 0.0 and SamplingParams().repetition_penalty == 1.0  # greedy, reproducible
+    assert CHAT_SAMPLING.repetition_penalty == 1.0 and CHAT_SAMPLING.temperature > 0
+    for bad in ({"top_p": 1.5}, {"top_p": -0.1}, {"temperature": -1}, {"top_k": -1}, {"repetition_penalty": 0},
+                {"max_new_tokens": -1}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
 
 
 def test_train_mode_model_and_grads(model, tok, prompts):

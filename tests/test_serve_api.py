@@ -22,8 +22,8 @@ MESSAGES = [{"role": "system", "content": "你是机器人"}, {"role": "user", "
 class RecordingEngine(Engine):
     """Never stops early (so answer lengths are exact) and keeps every TextStream for inspection."""
 
-    def stream(self, prompt, **kw):
-        s = super().stream(prompt, **{**kw, "stop_token_ids": []})
+    def stream(self, prompt, sampling=None, **kw):
+        s = super().stream(prompt, sampling, **{**kw, "stop_token_ids": []})
         self.streams.append(s)
         return s
 

@@ -60,12 +60,12 @@ def run_stage(name: str, overrides: dict):
 def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
     """Greedy answers to the never-seen numbers; exact match with the digit-by-digit reading."""
     from dataset.demo_data import task_answer, task_prompt
-    from model.engine import Engine
+    from model.engine import Engine, SamplingParams
 
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
     prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16)
                for n in held_out]
-    outputs = engine.generate(prompts, max_new_tokens=12)
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))  # greedy
     # The answer is its first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
     # <|im_end|> embedding much) still gets credit for a right reading followed by more text.
     answers = [engine.decode(o).replace("<|im_end|>", "\n").replace("<|endoftext|>", "\n").split("\n")[0]
