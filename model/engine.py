@@ -76,7 +76,7 @@ class SamplingParams:
     max_new_tokens: int = 256  # fewer when the context window is reached first
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
+    top_p: float = 1.0  # 1 = off; 0 keeps only the most likely token (as OpenAI and transformers do)
     repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on every token already in the prompt or reply
     seed: int | None = None  # makes sampling reproducible; None = a fresh draw each call
     stop_token_ids: tuple[int, ...] | None = None  # None = EOS + end of turn; () = never stop early
@@ -122,8 +122,10 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, params: Samplin
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first token is always kept.
+        # Drop a token when the tokens before it already reach top_p. The most likely token is always kept, also
+        # at top_p=0, where "before it" is nothing and 0 >= 0 would drop every token (all -inf, NaN probabilities).
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

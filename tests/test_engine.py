@@ -11,13 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.engine import (
-    CHAT_SAMPLING,
-    Engine,
-    IncrementalDecoder,
-    SamplingParams,
-    StaticKVCache,
-)
+from model.engine import CHAT_SAMPLING, Engine, IncrementalDecoder, SamplingParams, StaticKVCache, sample_next
 from model.lora_utils import merge_lora_weights
 from tests.helpers_inference import build_model, build_tokenizer, save_checkpoint
 
@@ -127,6 +121,17 @@ def test_sampling_seed_reproducible(engine, prompts):
     greedy = engine.generate(prompts, max_new_tokens=12, stop_token_ids=[])
     assert engine.generate(prompts, seed=1, **{**kw, "top_k": 1}) == greedy  # top-k 1 is greedy
     assert engine.generate(prompts, seed=1, **{**kw, "top_k": 0, "top_p": 1e-6}) == greedy  # so is a tiny top-p
+
+
+def test_top_p_zero_keeps_the_top_token(engine, prompts):
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=1.0, top_p=0.0)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        assert sample_next(logits, None, params, g).tolist() == [1, 0]
+    # Through the engine (the sampler of chat, the server and RL rollouts): top_p=0 is greedy, at any temperature.
+    greedy = engine.generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    assert engine.generate(prompts, max_new_tokens=12, stop_token_ids=[], temperature=1.5, top_p=0.0, seed=3) == greedy
 
 
 def test_sampling_params_one_object_and_one_set_of_defaults(engine, prompts):

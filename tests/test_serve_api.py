@@ -146,3 +146,12 @@ def test_web_page(served):
     conn.request("GET", "/")
     resp = conn.getresponse()
     assert resp.status == 200 and b"/v1/chat/completions" in resp.read()
+
+
+def test_top_p_zero_is_greedy_not_an_error(served):
+    engine, client, _ = served
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, top_p=0)
+    assert r.choices[0].message.content == expected(engine, MESSAGES, 8)
+    chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, top_p=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected(engine, MESSAGES, 8)
