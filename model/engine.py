@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from dataset.chat_data import chatml_pieces, check_chat_template
+
 # -----------------------------------------------------------------------------
 # Static KV cache
 
@@ -240,6 +242,7 @@ class Engine:
         eos = cfg.eos_token_id
         stops.update(eos if isinstance(eos, list) else [eos])
         self.stop_token_ids = sorted(i for i in stops if i is not None)
+        self._chatml_checked = False  # chat_prompt checks the tokenizer's template once, at its first call
 
     @classmethod
     def from_pretrained(cls, path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -349,24 +352,37 @@ class Engine:
 
     # --- chat -------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict], max_new_tokens: int = 256) -> list[int]:
-        """Render messages with the tokenizer's chat template (plus the assistant header) as token ids.
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int = 256,
+                    max_conversation_tokens: int | None = None) -> list[int]:
+        """The ChatML ids of messages plus the assistant header (dataset/chat_data.py chatml_pieces: special-token
+        text inside content stays text, so a message cannot forge a turn).
 
         When prompt + max_new_tokens exceed the context window, the oldest turns are dropped, never the system
-        prompt nor the last message. Raises ValueError when even that does not leave room for one new token."""
-        system = [m for m in messages[:1] if m["role"] == "system"]
-        turns = list(messages[len(system):])
-        while True:
-            text = self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
-            ids = self.encode(text)
-            if len(ids) + max_new_tokens <= self.max_context or len(turns) <= 1:
-                break
-            turns.pop(0)
-            while len(turns) > 1 and turns[0]["role"] == "assistant":
-                turns.pop(0)  # a conversation restarts on a user turn
-        if len(ids) >= self.max_context:
-            raise ValueError(f"prompt is {len(ids)} tokens, the context window is {self.max_context}")
-        return ids
+        prompt nor the last message. Each message is tokenized once and dropped by its count, so trimming costs
+        one tokenization of the conversation however many turns go. Raises ValueError when the conversation is
+        over max_conversation_tokens before trimming, or when even trimming leaves no room for one new token."""
+        if not messages:
+            raise ValueError("no messages")
+        if not self._chatml_checked:
+            check_chat_template(self.tokenizer)  # chatml_pieces must give this tokenizer's template ids
+            self._chatml_checked = True
+        *pieces, (header, _) = chatml_pieces(self.tokenizer, messages, add_generation_prompt=True)
+        lengths = [len(ids) for ids, _ in pieces]
+        total = sum(lengths) + len(header)
+        if max_conversation_tokens is not None and total > max_conversation_tokens:
+            raise ValueError(f"the conversation is {total} tokens, more than the {max_conversation_tokens} accepted")
+        first = 1 if messages[0]["role"] == "system" else 0  # the first droppable turn
+        keep_from = first
+        while total + max_new_tokens > self.max_context and len(pieces) - keep_from > 1:
+            total -= lengths[keep_from]
+            keep_from += 1
+            while len(pieces) - keep_from > 1 and messages[keep_from]["role"] == "assistant":
+                total -= lengths[keep_from]  # a conversation restarts on a user turn
+                keep_from += 1
+        if total >= self.max_context:
+            raise ValueError(f"prompt is {total} tokens, the context window is {self.max_context}")
+        kept = pieces[:first] + pieces[keep_from:]
+        return [i for ids, _ in kept for i in ids] + header
 
     def chat_stream(self, messages: list[dict], sampling: SamplingParams | None = None, **changes) -> TextStream:
         params = (sampling or SamplingParams()).replace(**changes)
