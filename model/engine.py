@@ -195,7 +195,7 @@ class TextStream:
         self.finish_reason: str | None = None  # "stop" (end of turn, EOS or stop string) or "length"
         self.ttft_s: float | None = None  # time to first token (prefill + first sample)
         self.elapsed_s = 0.0
-        self._gen = None
+        self._gen = self._batch = None  # set by Engine.stream(); a row of a BatchStream is driven by the batch
 
     @property
     def completion_tokens(self) -> int:
@@ -209,6 +209,77 @@ class TextStream:
 
     def __iter__(self):
         return self._gen
+
+    def close(self):
+        if self._gen is not None:
+            self._gen.close()
+            self._batch.close()
+
+
+class _RowText:
+    """One request's tokens -> the text it shows, filling its TextStream: whole characters only, stop tokens and
+    stop strings never shown, a possible start of a stop string held back until it is decided."""
+
+    def __init__(self, tokenizer, result: TextStream, stop_ids, stop_strings, max_new_tokens: int):
+        self.result, self.stop_ids, self.stop_strings = result, set(stop_ids), list(stop_strings)
+        self.max_new_tokens = max_new_tokens
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text, self.shown = "", 0  # text decoded so far; how much of it has been shown
+        self.done = False
+        result.finish_reason = "length"
+
+    def push(self, token: int, now: float) -> str:
+        """The next token (now: seconds since the batch started) -> the new text to show."""
+        r = self.result
+        r.token_ids.append(token)
+        r.ttft_s = now if r.ttft_s is None else r.ttft_s
+        r.elapsed_s = now
+        self.done = len(r.token_ids) >= self.max_new_tokens
+        if token in self.stop_ids:
+            r.finish_reason, self.done = "stop", True
+            return ""
+        self.text += self.decoder.push(token)
+        hit = min((i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stop_strings) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            r.finish_reason, self.done = "stop", True
+            return ""
+        return self._show(len(self.text) - held_back(self.text, self.stop_strings))
+
+    def finish(self) -> str:
+        """The rest of the text once the row has ended (at a stop, or by length: then the decoder's tail too)."""
+        self.done = True
+        if self.result.finish_reason == "length":
+            self.text += self.decoder.flush()
+        return self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        piece = self.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        self.result.text += piece
+        return piece
+
+
+class BatchStream:
+    """What Engine.stream_batch() returns: iterate it for [(row, piece)] after each forward; results[row] are the
+    rows' TextStreams. stop(row) ends one row early (its client left, a time limit), with finish_reason as given;
+    close() ends all of them and frees the cache."""
+
+    def __init__(self, results: list[TextStream], gen, retired: set[int]):
+        self.results, self._gen, self._retired = results, gen, retired
+
+    def __iter__(self):
+        return self._gen
+
+    def stop(self, row: int, finish_reason: str = "length"):
+        if row not in self._retired:
+            self._retired.add(row)
+            self.results[row].finish_reason = finish_reason
+
+    @property
+    def running(self) -> int:
+        return len(self.results) - len(self._retired)
 
     def close(self):
         self._gen.close()
@@ -306,49 +377,51 @@ class Engine:
     def stream(self, prompt: list[int], sampling: SamplingParams | None = None, **changes) -> TextStream:
         """Generate for one prompt and return a TextStream of text pieces: complete UTF-8 characters only, and
         never a part of a stop string (the stop string itself and stop tokens are not shown)."""
-        params = (sampling or SamplingParams()).replace(**changes)
-        result = TextStream(len(prompt))
-        steps = self._steps([prompt], params, text_stops=False)
-        result._gen = self._stream_text(steps, result, params)
+        batch = self.stream_batch([prompt], [(sampling or SamplingParams()).replace(**changes)])
+        result = batch.results[0]
+        result._gen = (piece for step in batch for _, piece in step)
+        result._batch = batch
         return result
 
-    def _stream_text(self, steps, result: TextStream, params: SamplingParams):
-        stop_ids = set(self.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
-        stop_strings = list(params.stop_strings)
-        decoder = IncrementalDecoder(self.tokenizer)
+    def stream_batch(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> "BatchStream":
+        """Generate for several requests in one batch (the server's static batches), streamed as text.
+
+        Iterate the BatchStream for [(row, piece)] after every forward (possibly empty); results[row] is each
+        request's TextStream. Per row: max_new_tokens, stop ids and stop strings. Shared, taken from the first
+        row: temperature, top_k, top_p, repetition_penalty and seed (one generator draws for the whole batch)."""
+        first = samplings[0]
+        shared = first.replace(max_new_tokens=max(s.max_new_tokens for s in samplings), stop_token_ids=(),
+                               stop_strings=())
+        retired: set[int] = set()
+        steps = self._steps(prompts, shared, text_stops=False, retired=retired)
+        results = [TextStream(len(p)) for p in prompts]
+        rows = [_RowText(self.tokenizer, r, self.stop_token_ids if s.stop_token_ids is None else s.stop_token_ids,
+                         s.stop_strings, s.max_new_tokens) for r, s in zip(results, samplings)]
+        return BatchStream(results, self._stream_rows(steps, rows, retired), retired)
+
+    @staticmethod
+    def _stream_rows(steps, rows: list["_RowText"], retired: set[int]):
         t0 = time.perf_counter()
-        text, shown = "", 0  # text decoded so far; how much of it has been yielded
-        result.finish_reason = "length"
         try:
             for step in steps:
-                (_, token), = step
-                result.token_ids.append(token)
-                now = time.perf_counter()
-                result.ttft_s = now - t0 if result.ttft_s is None else result.ttft_s
-                result.elapsed_s = now - t0
-                if token in stop_ids:
-                    result.finish_reason = "stop"
-                    break
-                text += decoder.push(token)
-                hit = min((i for i in (text.find(s, max(0, shown - len(s))) for s in stop_strings) if i >= 0),
-                          default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                    result.finish_reason = "stop"
-                    break
-                end = len(text) - held_back(text, stop_strings)
-                if end > shown:
-                    result.text += text[shown:end]
-                    yield text[shown:end]
-                    shown = end
-            if result.finish_reason == "length":
-                text += decoder.flush()
-            if len(text) > shown:
-                result.text += text[shown:]
-                yield text[shown:]
+                now, out = time.perf_counter() - t0, []
+                for row, token in step:
+                    if row in retired:
+                        continue
+                    piece = rows[row].push(token, now)
+                    if rows[row].done:
+                        piece += rows[row].finish()
+                        retired.add(row)
+                    if piece:
+                        out.append((row, piece))
+                yield out
+            # The context window or the longest max_new_tokens ended the batch: the rows still open end here.
+            yield [(i, p) for i, p in ((i, r.finish()) for i, r in enumerate(rows) if i not in retired) if p]
         finally:
             steps.close()  # frees the cache at once, also when the consumer stops early
-            result.elapsed_s = time.perf_counter() - t0
+            for i, r in enumerate(rows):
+                if i not in retired or r.result.elapsed_s == 0.0:
+                    r.result.elapsed_s = time.perf_counter() - t0
 
     # --- chat -------------------------------------------------------------------------------------------
 
@@ -393,8 +466,10 @@ class Engine:
 
     # --- the decode loop --------------------------------------------------------------------------------
 
-    def _steps(self, prompts: list[list[int]], params: SamplingParams, text_stops: bool = True):
-        """Generator: after each forward, yields [(row, token)] for the rows still running.
+    def _steps(self, prompts: list[list[int]], params: SamplingParams, text_stops: bool = True,
+               retired: set[int] | None = None):
+        """Generator: after each forward, yields [(row, token)] for the rows still running. The caller may add
+        rows to retired between steps (its own stop rules); they are not yielded again.
 
         Grad mode is set inside each step, never across a yield, so the caller's autograd state is untouched."""
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -428,7 +503,7 @@ class Engine:
                         if any(s in texts[row] for s in stop_strings):
                             continue
                     still.append(row)
-                running = still
+                running = still if retired is None else [row for row in still if row not in retired]
                 if not running or n == max_new - 1:
                     break
                 with torch.inference_mode():
@@ -488,6 +563,7 @@ class Engine:
 
 __all__ = [
     "CHAT_SAMPLING",
+    "BatchStream",
     "Engine",
     "IncrementalDecoder",
     "SamplingParams",

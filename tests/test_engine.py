@@ -218,6 +218,33 @@ def test_utf8_holdback_emoji_and_chinese(tok):
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 
+def test_stream_batch_rows_equal_single_streams(engine, prompts):
+    samplings = [SamplingParams(max_new_tokens=n, stop_token_ids=[], stop_strings=stops)
+                 for n, stops in ((12, ()), (5, ()), (20, ("o",)))]
+    singles = [engine.stream(p, s) for p, s in zip(prompts, samplings)]
+    texts = ["".join(s) for s in singles]
+    batch = engine.stream_batch(prompts, samplings)
+    pieces = [[] for _ in prompts]
+    for step in batch:
+        for row, piece in step:
+            pieces[row].append(piece)
+    assert ["".join(p) for p in pieces] == texts == [r.text for r in batch.results]
+    assert [r.token_ids for r in batch.results] == [s.token_ids for s in singles]
+    assert [r.finish_reason for r in batch.results] == [s.finish_reason for s in singles]
+    assert batch.results[1].completion_tokens == 5
+
+
+def test_stream_batch_stop_ends_one_row(engine, prompts):
+    batch = engine.stream_batch(prompts[:2], [SamplingParams(max_new_tokens=30, stop_token_ids=[])] * 2)
+    steps = 0
+    for _ in batch:
+        steps += 1
+        if steps == 3:
+            batch.stop(0)  # as if its client left
+    assert batch.results[0].completion_tokens == 3 and batch.results[1].completion_tokens == 30
+    assert batch.results[1].text == "".join(engine.stream(prompts[1], max_new_tokens=30, stop_token_ids=[]))
+
+
 # -----------------------------------------------------------------------------
 # Chat: template and context trimming
 
