@@ -314,7 +314,9 @@ def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool =
     is encoded with split_special_tokens=True, so '<|im_end|>' typed inside content stays text and cannot close
     the turn or forge a system turn. For any other content the ids are exactly the chat template's (the template
     puts a special token on each side of every text run, and the tokenizer encodes each run alone); since every
-    message is encoded on its own, pieces can be dropped or joined without tokenizing again."""
+    message is encoded on its own, pieces can be dropped or joined without tokenizing again.
+    Not thread-safe with other encodes of the same tokenizer (split_special_tokens is a switch on the shared Rust
+    tokenizer): threads share one lock around them, as model/engine.py does."""
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     texts = [m["role"] + "\n" + m["content"] for m in messages] + (["assistant\n"] if add_generation_prompt else [])
     if not texts:
@@ -335,22 +337,36 @@ def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool =
     return pieces
 
 
+CHAT_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "a 你好"},
+              {"role": "assistant", "content": " b\n"}, {"role": "user", "content": "c"}]
+
+
+def check_chatml(tokenizer) -> None:
+    """The tokenizer's chat template must be the ChatML one chatml_pieces writes (trainer/train_tokenizer.py):
+    compared on a probe conversation, with and without the generation prompt."""
+    for probe, gen in ((CHAT_PROBE, True), (CHAT_PROBE[:3], False)):
+        try:
+            template = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True,
+                                                     add_generation_prompt=gen)["input_ids"]
+        except Exception as e:
+            raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") \
+                from e
+        if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
+            raise ValueError("the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py")
+
+
 def check_chat_template(tokenizer) -> None:
-    """The assistant mask needs {% generation %} in the template; without it every label would be -100. The
-    template must also be ChatML, which chatml_pieces writes: ids and mask are compared on a probe."""
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "a 你好"},
-             {"role": "assistant", "content": " b\n"}]
-    try:
-        out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    except Exception as e:
-        raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
+    """For SFT: ChatML (check_chatml), and the assistant mask needs {% generation %} in the template (without it
+    every label would be -100); chatml_pieces' mask must equal the template's."""
+    check_chatml(tokenizer)
+    out = tokenizer.apply_chat_template(CHAT_PROBE[:3], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
     if not any(out["assistant_masks"]):
         raise ValueError("the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
                          "around assistant content (trainer/train_tokenizer.py writes one)")
-    pieces = chatml_pieces(tokenizer, probe)
-    if [i for ids, _ in pieces for i in ids] != list(out["input_ids"]) or \
-            [t for _, trained in pieces for t in trained] != [bool(m) for m in out["assistant_masks"]]:
-        raise ValueError("the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py")
+    if [t for _, trained in chatml_pieces(tokenizer, CHAT_PROBE[:3]) for t in trained] != \
+            [bool(m) for m in out["assistant_masks"]]:
+        raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:

@@ -18,11 +18,12 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 import dataclasses
 import json
 import os
+import threading
 import time
 
 import torch
 
-from dataset.chat_data import chatml_pieces, check_chat_template
+from dataset.chat_data import chatml_pieces, check_chatml
 
 # -----------------------------------------------------------------------------
 # Static KV cache
@@ -314,6 +315,10 @@ class Engine:
         stops.update(eos if isinstance(eos, list) else [eos])
         self.stop_token_ids = sorted(i for i in stops if i is not None)
         self._chatml_checked = False  # chat_prompt checks the tokenizer's template once, at its first call
+        # A fast tokenizer's split_special_tokens is one switch on the shared Rust tokenizer, flipped per call:
+        # encodes from several threads (the server's handlers) must not interleave, or content encoded with the
+        # switch off would turn typed markers into real ones again.
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -352,7 +357,8 @@ class Engine:
     # --- ids in, ids out --------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -436,10 +442,11 @@ class Engine:
         over max_conversation_tokens before trimming, or when even trimming leaves no room for one new token."""
         if not messages:
             raise ValueError("no messages")
-        if not self._chatml_checked:
-            check_chat_template(self.tokenizer)  # chatml_pieces must give this tokenizer's template ids
-            self._chatml_checked = True
-        *pieces, (header, _) = chatml_pieces(self.tokenizer, messages, add_generation_prompt=True)
+        with self._tokenizer_lock:
+            if not self._chatml_checked:
+                check_chatml(self.tokenizer)  # chatml_pieces must give this tokenizer's template ids
+                self._chatml_checked = True
+            *pieces, (header, _) = chatml_pieces(self.tokenizer, messages, add_generation_prompt=True)
         lengths = [len(ids) for ids, _ in pieces]
         total = sum(lengths) + len(header)
         if max_conversation_tokens is not None and total > max_conversation_tokens:

@@ -58,6 +58,7 @@ class ServerLimits:
     max_conversation_tokens: int = 32768  # a longer conversation (before trimming to the context) is refused
     max_queue: int = 64  # requests waiting for the model; one more is answered 429 with Retry-After
     max_batch: int = 32  # requests generated together in one batch
+    batch_wait_s: float = 0.02  # a batch waits this long for more requests, so ones arriving together share it
     max_generation_s: float = 300.0  # a request generating longer is ended (finish_reason "length")
     read_timeout_s: float = 10.0  # the longest wait for a client's bytes; its whole body must come in this time
     max_connections: int = 64  # connections served at once; one more is answered 503 and closed
@@ -211,6 +212,10 @@ class Worker(threading.Thread):
             with self.cond:
                 while not self.pending and not self.stopping:
                     self.cond.wait()
+                deadline = time.monotonic() + self.limits.batch_wait_s
+                while not self.stopping and len(self.pending) < self.limits.max_batch and \
+                        time.monotonic() < deadline:
+                    self.cond.wait(max(0.0, deadline - time.monotonic()))
                 if self.stopping:
                     return
                 batch = self._take_batch()
@@ -579,6 +584,9 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, address, handler, limits: ServerLimits):
         self.limits = limits
         self.slots = threading.BoundedSemaphore(limits.max_connections)
+        # The listen backlog (socketserver's default is 5): clients connecting at once wait to be accepted
+        # instead of being reset; past max_connections they get a 503.
+        self.request_queue_size = max(128, limits.max_connections)
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):

@@ -20,6 +20,7 @@ from dataset.chat_data import (
     ChatDataset,
     chatml_pieces,
     check_chat_template,
+    check_chatml,
     collate_chat,
     load_conversations,
     pack_bins,
@@ -313,3 +314,14 @@ def test_special_token_text_in_content_stays_text(tok):
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "好的<|im_end|>"
     prompt = prompt_ids(tok, messages[:1])  # preference and RL prompts
     assert prompt == [start] + literal + [end] + newline + [start] + tok.encode("assistant\n", add_special_tokens=False)
+
+
+def test_a_template_other_than_chatml_is_refused(tok):
+    chatml = tok.chat_template
+    try:
+        tok.chat_template = chatml.replace("'<|im_start|>' + message['role'] + '\\n'", "'<|im_start|>' + message['role']")
+        with pytest.raises(ValueError, match="not the ChatML one"):
+            check_chatml(tok)
+    finally:
+        tok.chat_template = chatml
+    check_chatml(tok)

@@ -435,3 +435,21 @@ def test_queued_requests_are_served_in_one_batch(start_server):
         assert reply["choices"][0]["message"]["content"] == alone  # the same answer as served alone
         assert reply["usage"]["completion_tokens"] == 10 + i
     assert server.worker.batch_sizes == {1: 1, 3: 1}
+
+
+def test_many_clients_connecting_at_once_are_all_answered(start_server):
+    _, port, _ = start_server()
+    statuses = []
+
+    def call():
+        status, _, body = raw_http(port, post_bytes(port, chat_body(max_tokens=1)))
+        statuses.append(status if status == 200 else body)
+
+    # More clients than socketserver's listen backlog of 5 (before: connections reset), and all of them tokenize
+    # their conversation at once (before the engine's tokenizer lock: interleaved split_special_tokens switches).
+    threads = [threading.Thread(target=call) for _ in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * 48
