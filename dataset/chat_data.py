@@ -288,27 +288,79 @@ def load_conversations(paths: str | list[str], placeholders: dict | None = None,
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing: ids and labels, then the truncation policy
+# Tokenizing: ChatML ids per message, labels, then the truncation policy
+
+
+def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[list, list]]:
+    """The ChatML ids of each message, and of the assistant header last when add_generation_prompt: the one
+    tokenization of conversations (SFT, preference and RL prompt data, the engine's chat prompts, the server).
+
+    Each piece is (ids, trained): <|im_start|> role\n content <|im_end|> \n, where trained marks an assistant's
+    content and its <|im_end|> (the tokens SFT learns). The markers are the special ids and the text between them
+    is encoded with split_special_tokens=True, so '<|im_end|>' typed inside content stays text and cannot close
+    the turn or forge a system turn. For any other content the ids are exactly the chat template's (the template
+    puts a special token on each side of every text run, and the tokenizer encodes each run alone); since every
+    message is encoded on its own, pieces can be dropped or joined without tokenizing again.
+    Not thread-safe with other encodes of the same tokenizer (split_special_tokens is a switch on the shared Rust
+    tokenizer): threads share one lock around them, as model/engine.py does."""
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    texts = [m["role"] + "\n" + m["content"] for m in messages] + (["assistant\n"] if add_generation_prompt else [])
+    if not texts:
+        return []
+    enc = tokenizer(texts + ["\n"], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    newline = enc["input_ids"][-1]
+    pieces = []
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"][:-1], enc["offset_mapping"][:-1])):
+        if i == len(messages):  # the generation prompt: a header only, nothing trained
+            pieces.append(([start] + ids, [False] * (1 + len(ids))))
+            break
+        role = messages[i]["role"]
+        # A token is the reply's when it ends inside the content (a token across "\n" and the content's first
+        # characters counts, as in the template's {% generation %} mask).
+        trained = [role == "assistant" and e > len(role) + 1 for _, e in offsets]
+        learn_end = role == "assistant"
+        pieces.append(([start] + ids + [end] + newline, [False] + trained + [learn_end] + [False] * len(newline)))
+    return pieces
+
+
+CHAT_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "a 你好"},
+              {"role": "assistant", "content": " b\n"}, {"role": "user", "content": "c"}]
+
+
+def check_chatml(tokenizer) -> None:
+    """The tokenizer's chat template must be the ChatML one chatml_pieces writes (trainer/train_tokenizer.py):
+    compared on a probe conversation, with and without the generation prompt."""
+    for probe, gen in ((CHAT_PROBE, True), (CHAT_PROBE[:3], False)):
+        try:
+            template = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True,
+                                                     add_generation_prompt=gen)["input_ids"]
+        except Exception as e:
+            raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") \
+                from e
+        if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
+            raise ValueError("the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py")
 
 
 def check_chat_template(tokenizer) -> None:
-    """The assistant mask needs {% generation %} in the template; without it every label would be -100."""
-    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    try:
-        out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    except Exception as e:
-        raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
+    """For SFT: ChatML (check_chatml), and the assistant mask needs {% generation %} in the template (without it
+    every label would be -100); chatml_pieces' mask must equal the template's."""
+    check_chatml(tokenizer)
+    out = tokenizer.apply_chat_template(CHAT_PROBE[:3], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
     if not any(out["assistant_masks"]):
         raise ValueError("the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
                          "around assistant content (trainer/train_tokenizer.py writes one)")
+    if [t for _, trained in chatml_pieces(tokenizer, CHAT_PROBE[:3]) for t in trained] != \
+            [bool(m) for m in out["assistant_masks"]]:
+        raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """-> (input_ids, labels) as int32 arrays; labels = ids on assistant tokens (+ <|im_end|>), else -100."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids = np.asarray(out["input_ids"], dtype=np.int32)
-    labels = np.where(np.asarray(out["assistant_masks"], dtype=bool), ids, IGNORE).astype(np.int32)
-    return ids, labels
+    pieces = chatml_pieces(tokenizer, messages)
+    ids = np.asarray([i for piece, _ in pieces for i in piece], dtype=np.int32)
+    trained = np.asarray([t for _, mask in pieces for t in mask], dtype=bool)
+    return ids, np.where(trained, ids, IGNORE).astype(np.int32)
 
 
 def truncate(ids: np.ndarray, labels: np.ndarray, seq_len: int, policy: str = "turns"):

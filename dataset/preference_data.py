@@ -31,6 +31,7 @@ import torch
 
 from dataset.chat_data import (
     BadRecord,
+    chatml_pieces,
     check_messages,
     to_messages,
     tokenize_conversation,
@@ -137,8 +138,7 @@ def load_pairs(paths: str | list[str], on_bad: str = "error", max_samples: int =
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The ChatML prompt plus the assistant header: what generation (and the reply's mask) starts after."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return [i for ids, _ in chatml_pieces(tokenizer, messages, add_generation_prompt=True) for i in ids]
 
 
 def _side(tokenizer, prompt: list[dict], reply: str, n_prompt: int) -> tuple[np.ndarray, np.ndarray]:

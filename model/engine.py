@@ -7,7 +7,7 @@ rollouts all call this Engine, so that a fix or a speed-up here reaches every us
     from model.engine import Engine
     engine = Engine.from_pretrained("out/sft/run1/final")               # or adapter="out/lora/run1/final"
     ids = engine.generate([engine.encode("你好")], max_new_tokens=32)   # new token ids only
-    for piece in engine.chat_stream([{"role": "user", "content": "你好"}], temperature=0.7):
+    for piece in engine.chat_stream([{"role": "user", "content": "你好"}], CHAT_SAMPLING):
         print(piece, end="", flush=True)                                # always whole UTF-8 characters
 
 Works with any causal LM whose forward takes (input_ids, attention_mask (4-D bool), position_ids, cache,
@@ -15,12 +15,16 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 (an exported Llama folder) both do.
 """
 
+import dataclasses
 import json
 import os
+import threading
 import time
 
 import torch
 
+from dataset.chat_data import chatml_pieces, check_chatml
+from model.hub import stop_token_ids
 from model.runtime import load_pretrained, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
@@ -67,27 +71,66 @@ class StaticKVCache:
 # Sampling
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k: int, top_p: float,
-                repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop: the one set of defaults for chat, the server, eval and RL rollouts.
+
+    The defaults are greedy and unpenalised, so a call that sets nothing is reproducible (eval reports, pretraining
+    samples, tests). Interactive use starts from CHAT_SAMPLING; eval and RL set their fields from their configs."""
+
+    max_new_tokens: int = 256  # fewer when the context window is reached first
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off; 0 keeps only the most likely token (as OpenAI and transformers do)
+    repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on every token already in the prompt or reply
+    seed: int | None = None  # makes sampling reproducible; None = a fresh draw each call
+    stop_token_ids: tuple[int, ...] | None = None  # None = EOS + end of turn; () = never stop early
+    stop_strings: tuple[str, ...] = ()  # the text ends before the first of these (the token completing it is kept)
+
+    def __post_init__(self):
+        # Lists are accepted (JSON, argparse) and stored as tuples, so a params object can be shared and hashed.
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings or ()))
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0 \
+                or self.repetition_penalty <= 0:
+            raise ValueError(f"invalid sampling parameters: {self}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+# Chat in the terminal and the API server: the same model answering people, so the same sampling. Repetition
+# penalty stays off (1.0): CTRL's penalty hits every token already seen, including the punctuation, particles and
+# names a Chinese answer must repeat, and eval and RL measure and train the model at 1.0, so chat shows the model
+# that was measured (OpenAI's API has no such penalty either). --repetition_penalty turns it on where a model loops.
+CHAT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.9)
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams,
+                generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Same order as transformers: repetition penalty, temperature, top-k, top-p.
 
     seen (B, V) bool marks the tokens already in each row (prompt and output) for the repetition penalty (CTRL's:
     divide positive logits, multiply negative ones, so a seen token always gets less likely)."""
     logits = logits.float()
-    if repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+    penalty = params.repetition_penalty
+    if penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits = torch.where(seen, penalised, logits)
-    if temperature <= 0:
+    if params.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first token is always kept.
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        # Drop a token when the tokens before it already reach top_p. The most likely token is always kept, also
+        # at top_p=0, where "before it" is nothing and 0 >= 0 would drop every token (all -inf, NaN probabilities).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
@@ -155,7 +198,7 @@ class TextStream:
         self.finish_reason: str | None = None  # "stop" (end of turn, EOS or stop string) or "length"
         self.ttft_s: float | None = None  # time to first token (prefill + first sample)
         self.elapsed_s = 0.0
-        self._gen = None
+        self._gen = self._batch = None  # set by Engine.stream(); a row of a BatchStream is driven by the batch
 
     @property
     def completion_tokens(self) -> int:
@@ -169,6 +212,77 @@ class TextStream:
 
     def __iter__(self):
         return self._gen
+
+    def close(self):
+        if self._gen is not None:
+            self._gen.close()
+            self._batch.close()
+
+
+class _RowText:
+    """One request's tokens -> the text it shows, filling its TextStream: whole characters only, stop tokens and
+    stop strings never shown, a possible start of a stop string held back until it is decided."""
+
+    def __init__(self, tokenizer, result: TextStream, stop_ids, stop_strings, max_new_tokens: int):
+        self.result, self.stop_ids, self.stop_strings = result, set(stop_ids), list(stop_strings)
+        self.max_new_tokens = max_new_tokens
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text, self.shown = "", 0  # text decoded so far; how much of it has been shown
+        self.done = False
+        result.finish_reason = "length"
+
+    def push(self, token: int, now: float) -> str:
+        """The next token (now: seconds since the batch started) -> the new text to show."""
+        r = self.result
+        r.token_ids.append(token)
+        r.ttft_s = now if r.ttft_s is None else r.ttft_s
+        r.elapsed_s = now
+        self.done = len(r.token_ids) >= self.max_new_tokens
+        if token in self.stop_ids:
+            r.finish_reason, self.done = "stop", True
+            return ""
+        self.text += self.decoder.push(token)
+        hit = min((i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stop_strings) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            r.finish_reason, self.done = "stop", True
+            return ""
+        return self._show(len(self.text) - held_back(self.text, self.stop_strings))
+
+    def finish(self) -> str:
+        """The rest of the text once the row has ended (at a stop, or by length: then the decoder's tail too)."""
+        self.done = True
+        if self.result.finish_reason == "length":
+            self.text += self.decoder.flush()
+        return self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        piece = self.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        self.result.text += piece
+        return piece
+
+
+class BatchStream:
+    """What Engine.stream_batch() returns: iterate it for [(row, piece)] after each forward; results[row] are the
+    rows' TextStreams. stop(row) ends one row early (its client left, a time limit), with finish_reason as given;
+    close() ends all of them and frees the cache."""
+
+    def __init__(self, results: list[TextStream], gen, retired: set[int]):
+        self.results, self._gen, self._retired = results, gen, retired
+
+    def __iter__(self):
+        return self._gen
+
+    def stop(self, row: int, finish_reason: str = "length"):
+        if row not in self._retired:
+            self._retired.add(row)
+            self.results[row].finish_reason = finish_reason
+
+    @property
+    def running(self) -> int:
+        return len(self.results) - len(self._retired)
 
     def close(self):
         self._gen.close()
@@ -195,13 +309,13 @@ class Engine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Default stops: EOS and the end-of-turn token, so base models and chat models both end cleanly.
-        stops = {tokenizer.eos_token_id}
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-            stops.add(end_of_turn)
-        eos = cfg.eos_token_id
-        stops.update(eos if isinstance(eos, list) else [eos])
-        self.stop_token_ids = sorted(i for i in stops if i is not None)
+        # (model/hub.py: the same ids a saved folder's generation_config.json lists.)
+        self.stop_token_ids = stop_token_ids(tokenizer, cfg)
+        self._chatml_checked = False  # chat_prompt checks the tokenizer's template once, at its first call
+        # A fast tokenizer's split_special_tokens is one switch on the shared Rust tokenizer, flipped per call:
+        # encodes from several threads (the server's handlers) must not interleave, or content encoded with the
+        # switch off would turn typed markers into real ones again.
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -235,109 +349,126 @@ class Engine:
     # --- ids in, ids out --------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                 **changes) -> list[list[int]]:
         """Generate for a batch of prompts (token id lists of any lengths; left-padded internally).
 
-        Returns the new ids of each prompt. A row ends at its first stop token (included in the output, so RL
-        sees the model choose to stop), at the token that completes a stop string (included), or after
-        max_new_tokens (fewer if the context window is reached). stop_token_ids=None means EOS + end of turn;
-        pass [] to never stop early. temperature 0 is greedy; seed makes sampling reproducible."""
+        sampling (default SamplingParams(): greedy) with any of its fields changed by keyword, e.g.
+        generate(prompts, max_new_tokens=32). Returns the new ids of each prompt. A row ends at its first stop
+        token (included in the output, so RL sees the model choose to stop), at the token that completes a stop
+        string (included), or after max_new_tokens (fewer if the context window is reached)."""
+        params = (sampling or SamplingParams()).replace(**changes)
         out = [[] for _ in prompts]
-        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                                stop_token_ids, stop_strings):
+        for step in self._steps(prompts, params):
             for row, token in step:
                 out[row].append(token)
         return out
 
     # --- text out, streamed -----------------------------------------------------------------------------
 
-    def stream(self, prompt: list[int], max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_token_ids: list[int] | None = None, stop_strings: list[str] | None = None) -> TextStream:
+    def stream(self, prompt: list[int], sampling: SamplingParams | None = None, **changes) -> TextStream:
         """Generate for one prompt and return a TextStream of text pieces: complete UTF-8 characters only, and
         never a part of a stop string (the stop string itself and stop tokens are not shown)."""
-        result = TextStream(len(prompt))
-        steps = self._steps([prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                            stop_token_ids, stop_strings, text_stops=False)
-        result._gen = self._stream_text(steps, result, stop_token_ids, list(stop_strings or []))
+        batch = self.stream_batch([prompt], [(sampling or SamplingParams()).replace(**changes)])
+        result = batch.results[0]
+        result._gen = (piece for step in batch for _, piece in step)
+        result._batch = batch
         return result
 
-    def _stream_text(self, steps, result: TextStream, stop_token_ids, stop_strings: list[str]):
-        stop_ids = set(self.stop_token_ids if stop_token_ids is None else stop_token_ids)
-        decoder = IncrementalDecoder(self.tokenizer)
+    def stream_batch(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> "BatchStream":
+        """Generate for several requests in one batch (the server's static batches), streamed as text.
+
+        Iterate the BatchStream for [(row, piece)] after every forward (possibly empty); results[row] is each
+        request's TextStream. Per row: max_new_tokens, stop ids and stop strings. Shared, taken from the first
+        row: temperature, top_k, top_p, repetition_penalty and seed (one generator draws for the whole batch)."""
+        first = samplings[0]
+        shared = first.replace(max_new_tokens=max(s.max_new_tokens for s in samplings), stop_token_ids=(),
+                               stop_strings=())
+        retired: set[int] = set()
+        steps = self._steps(prompts, shared, text_stops=False, retired=retired)
+        results = [TextStream(len(p)) for p in prompts]
+        rows = [_RowText(self.tokenizer, r, self.stop_token_ids if s.stop_token_ids is None else s.stop_token_ids,
+                         s.stop_strings, s.max_new_tokens) for r, s in zip(results, samplings)]
+        return BatchStream(results, self._stream_rows(steps, rows, retired), retired)
+
+    @staticmethod
+    def _stream_rows(steps, rows: list["_RowText"], retired: set[int]):
         t0 = time.perf_counter()
-        text, shown = "", 0  # text decoded so far; how much of it has been yielded
-        result.finish_reason = "length"
         try:
             for step in steps:
-                (_, token), = step
-                result.token_ids.append(token)
-                now = time.perf_counter()
-                result.ttft_s = now - t0 if result.ttft_s is None else result.ttft_s
-                result.elapsed_s = now - t0
-                if token in stop_ids:
-                    result.finish_reason = "stop"
-                    break
-                text += decoder.push(token)
-                hit = min((i for i in (text.find(s, max(0, shown - len(s))) for s in stop_strings) if i >= 0),
-                          default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                    result.finish_reason = "stop"
-                    break
-                end = len(text) - held_back(text, stop_strings)
-                if end > shown:
-                    result.text += text[shown:end]
-                    yield text[shown:end]
-                    shown = end
-            if result.finish_reason == "length":
-                text += decoder.flush()
-            if len(text) > shown:
-                result.text += text[shown:]
-                yield text[shown:]
+                now, out = time.perf_counter() - t0, []
+                for row, token in step:
+                    if row in retired:
+                        continue
+                    piece = rows[row].push(token, now)
+                    if rows[row].done:
+                        piece += rows[row].finish()
+                        retired.add(row)
+                    if piece:
+                        out.append((row, piece))
+                yield out
+            # The context window or the longest max_new_tokens ended the batch: the rows still open end here.
+            yield [(i, p) for i, p in ((i, r.finish()) for i, r in enumerate(rows) if i not in retired) if p]
         finally:
             steps.close()  # frees the cache at once, also when the consumer stops early
-            result.elapsed_s = time.perf_counter() - t0
+            for i, r in enumerate(rows):
+                if i not in retired or r.result.elapsed_s == 0.0:
+                    r.result.elapsed_s = time.perf_counter() - t0
 
     # --- chat -------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict], max_new_tokens: int = 256) -> list[int]:
-        """Render messages with the tokenizer's chat template (plus the assistant header) as token ids.
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int = 256,
+                    max_conversation_tokens: int | None = None) -> list[int]:
+        """The ChatML ids of messages plus the assistant header (dataset/chat_data.py chatml_pieces: special-token
+        text inside content stays text, so a message cannot forge a turn).
 
         When prompt + max_new_tokens exceed the context window, the oldest turns are dropped, never the system
-        prompt nor the last message. Raises ValueError when even that does not leave room for one new token."""
-        system = [m for m in messages[:1] if m["role"] == "system"]
-        turns = list(messages[len(system):])
-        while True:
-            text = self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
-            ids = self.encode(text)
-            if len(ids) + max_new_tokens <= self.max_context or len(turns) <= 1:
-                break
-            turns.pop(0)
-            while len(turns) > 1 and turns[0]["role"] == "assistant":
-                turns.pop(0)  # a conversation restarts on a user turn
-        if len(ids) >= self.max_context:
-            raise ValueError(f"prompt is {len(ids)} tokens, the context window is {self.max_context}")
-        return ids
+        prompt nor the last message. Each message is tokenized once and dropped by its count, so trimming costs
+        one tokenization of the conversation however many turns go. Raises ValueError when the conversation is
+        over max_conversation_tokens before trimming, or when even trimming leaves no room for one new token."""
+        if not messages:
+            raise ValueError("no messages")
+        with self._tokenizer_lock:
+            if not self._chatml_checked:
+                check_chatml(self.tokenizer)  # chatml_pieces must give this tokenizer's template ids
+                self._chatml_checked = True
+            *pieces, (header, _) = chatml_pieces(self.tokenizer, messages, add_generation_prompt=True)
+        lengths = [len(ids) for ids, _ in pieces]
+        total = sum(lengths) + len(header)
+        if max_conversation_tokens is not None and total > max_conversation_tokens:
+            raise ValueError(f"the conversation is {total} tokens, more than the {max_conversation_tokens} accepted")
+        first = 1 if messages[0]["role"] == "system" else 0  # the first droppable turn
+        keep_from = first
+        while total + max_new_tokens > self.max_context and len(pieces) - keep_from > 1:
+            total -= lengths[keep_from]
+            keep_from += 1
+            while len(pieces) - keep_from > 1 and messages[keep_from]["role"] == "assistant":
+                total -= lengths[keep_from]  # a conversation restarts on a user turn
+                keep_from += 1
+        if total >= self.max_context:
+            raise ValueError(f"prompt is {total} tokens, the context window is {self.max_context}")
+        kept = pieces[:first] + pieces[keep_from:]
+        return [i for ids, _ in kept for i in ids] + header
 
-    def chat_stream(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> TextStream:
-        return self.stream(self.chat_prompt(messages, max_new_tokens), max_new_tokens=max_new_tokens, **sampling)
+    def chat_stream(self, messages: list[dict], sampling: SamplingParams | None = None, **changes) -> TextStream:
+        params = (sampling or SamplingParams()).replace(**changes)
+        return self.stream(self.chat_prompt(messages, params.max_new_tokens), params)
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
-        return "".join(self.chat_stream(messages, max_new_tokens, **sampling))
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, **changes) -> str:
+        return "".join(self.chat_stream(messages, sampling, **changes))
 
     # --- the decode loop --------------------------------------------------------------------------------
 
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_token_ids,
-               stop_strings, text_stops=True):
-        """Generator: after each forward, yields [(row, token)] for the rows still running.
+    def _steps(self, prompts: list[list[int]], params: SamplingParams, text_stops: bool = True,
+               retired: set[int] | None = None):
+        """Generator: after each forward, yields [(row, token)] for the rows still running. The caller may add
+        rows to retired between steps (its own stop rules); they are not yielded again.
 
         Grad mode is set inside each step, never across a yield, so the caller's autograd state is untouched."""
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -345,19 +476,19 @@ class Engine:
         longest = max(len(p) for p in prompts)
         if longest >= self.max_context:
             raise ValueError(f"prompt is {longest} tokens, the context window is {self.max_context}")
-        max_new = min(max_new_tokens, self.max_context - longest)
+        max_new = min(params.max_new_tokens, self.max_context - longest)
         if max_new <= 0:
             return
-        stop_ids = self.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
-        stop_strings = list(stop_strings or []) if text_stops else []
+        stop_ids = self.stop_token_ids if params.stop_token_ids is None else list(params.stop_token_ids)
+        stop_strings = list(params.stop_strings) if text_stops else []
         decoders = [IncrementalDecoder(self.tokenizer) for _ in prompts] if stop_strings else None
         texts = ["" for _ in prompts]
         was_training = self.model.training
         self.model.eval()  # no dropout in rollouts; restored below
         try:
             with torch.inference_mode():
-                state = self._prefill(prompts, longest + max_new, repetition_penalty, seed)
-                tokens = self._sample(state, temperature, top_k, top_p, repetition_penalty)
+                state = self._prefill(prompts, longest + max_new, params)
+                tokens = self._sample(state, params)
             running = list(range(len(prompts)))
             for n in range(max_new):
                 step = [(row, tokens[row]) for row in running]
@@ -371,15 +502,15 @@ class Engine:
                         if any(s in texts[row] for s in stop_strings):
                             continue
                     still.append(row)
-                running = still
+                running = still if retired is None else [row for row in still if row not in retired]
                 if not running or n == max_new - 1:
                     break
                 with torch.inference_mode():
-                    tokens = self._decode_step(state, tokens, temperature, top_k, top_p, repetition_penalty)
+                    tokens = self._decode_step(state, params)
         finally:
             self.model.train(was_training)
 
-    def _prefill(self, prompts, total_len: int, repetition_penalty: float, seed: int | None) -> dict:
+    def _prefill(self, prompts: list[list[int]], total_len: int, params: SamplingParams) -> dict:
         B, P = len(prompts), max(len(p) for p in prompts)
         dev = self.device
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
@@ -399,25 +530,24 @@ class Engine:
         logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions[:, :P],
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         seen = None
-        if repetition_penalty != 1.0:
+        if params.repetition_penalty != 1.0:
             seen = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=dev)
             seen.scatter_(1, ids, keep[:, :P])  # pad slots scatter False, so padding is not penalised
         generator = None
-        if seed is not None:
-            generator = torch.Generator(device=dev).manual_seed(seed)
+        if params.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(params.seed)
         return {"cache": cache, "keep": keep, "positions": positions, "logits": logits, "seen": seen,
                 "unpadded": all(len(p) == P for p in prompts),
                 "generator": generator}
 
-    def _sample(self, state, temperature, top_k, top_p, repetition_penalty) -> list[int]:
-        nxt = sample_next(state["logits"], state["seen"], temperature, top_k, top_p, repetition_penalty,
-                          state["generator"])
+    def _sample(self, state: dict, params: SamplingParams) -> list[int]:
+        nxt = sample_next(state["logits"], state["seen"], params, state["generator"])
         if state["seen"] is not None:
             state["seen"].scatter_(1, nxt[:, None], True)
         state["next"] = nxt
         return nxt.tolist()
 
-    def _decode_step(self, state, tokens, temperature, top_k, top_p, repetition_penalty) -> list[int]:
+    def _decode_step(self, state: dict, params: SamplingParams) -> list[int]:
         cache = state["cache"]
         t = cache.seq_len  # the slot this token goes to
         # Finished rows keep decoding (their output is ignored): cheaper than reshaping the batch and cache.
@@ -427,7 +557,16 @@ class Engine:
         state["logits"] = self.model(input_ids=state["next"][:, None], attention_mask=mask,
                                      position_ids=state["positions"][:, t:t + 1], cache=cache, use_cache=True,
                                      logits_to_keep=1).logits[:, -1]
-        return self._sample(state, temperature, top_k, top_p, repetition_penalty)
+        return self._sample(state, params)
 
 
-__all__ = ["Engine", "StaticKVCache", "IncrementalDecoder", "TextStream", "sample_next"]
+__all__ = [
+    "CHAT_SAMPLING",
+    "BatchStream",
+    "Engine",
+    "IncrementalDecoder",
+    "SamplingParams",
+    "StaticKVCache",
+    "TextStream",
+    "sample_next",
+]

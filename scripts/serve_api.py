@@ -2,33 +2,68 @@
 An OpenAI-compatible chat server for a Milli-Chat checkpoint, standard library only.
 
     python scripts/serve_api.py --model out/sft/run1/final [--adapter DIR] [--host 127.0.0.1] [--port 8000]
-                                [--api_key KEY]
+                                [--api_key KEY] [--allowed_hosts chat.example.org] [--max_queue 64 ...]
 
 Endpoints: POST /v1/chat/completions (plain JSON, or "stream": true as server-sent events ending with [DONE]),
 GET /v1/models, and a one-page web chat at /. Any OpenAI client works:
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
 
-Design: ThreadingHTTPServer gives each connection a thread that parses and answers; one worker thread owns the
-model and runs requests one at a time from a queue, so two requests never share a KV cache. A client that
-disconnects is noticed at the next write and its request is cancelled, which frees the worker at once. Plain
-http.server is enough for a single-model server and keeps the dependencies at zero (FastAPI would add three).
+Design: ThreadingHTTPServer gives each connection a thread (at most max_connections at once) that reads, checks
+and answers; one worker thread owns the model. It takes the waiting requests together, as one static batch through
+Engine.stream_batch, so throughput grows with the number of clients instead of serialising them. Requests share a
+batch when their sampling settings agree; a request with a seed runs alone, so its answer never depends on its
+neighbours. A client that disconnects is noticed within POLL_S, streaming or not, and its row of the batch stops.
+Plain http.server is enough for a single-model server and keeps the dependencies at zero (FastAPI would add three).
+
+Hostile clients: every limit of ServerLimits is on by default (the body size, the conversation before trimming,
+the queue, the generation time, the read timeout, the connections). Browsers: the Host header must be a loopback
+name or one given with --allowed_hosts (a DNS-rebinding page has a foreign Host), an Origin header must name such
+a host (a foreign page cannot drive the API), and a POST must be application/json (a form or text/plain POST
+needs no CORS preflight; JSON does, and we answer none).
 """
 
 import argparse
+import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import queue
+import re
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
+from base64 import b64encode
+from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
+from model.engine import CHAT_SAMPLING, Engine, SamplingParams
+from scripts.chat_terminal import add_sampling_args, sampling_from_args
+
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_chat.html")
-ROLES = ("system", "user", "assistant")
-MAX_BODY = 4 * 1024 * 1024  # bytes; a chat request is far smaller
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for the system message
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+POLL_S = 0.05  # how often a waiting handler checks that its client is still there
+
+
+@dataclasses.dataclass
+class ServerLimits:
+    max_body_bytes: int = 1 << 20  # a larger request is answered 413 (after its body has been read and dropped)
+    max_conversation_tokens: int = 32768  # a longer conversation (before trimming to the context) is refused
+    max_queue: int = 64  # requests waiting for the model; one more is answered 429 with Retry-After
+    max_batch: int = 32  # requests generated together in one batch
+    batch_wait_s: float = 0.02  # a batch waits this long for more requests, so ones arriving together share it
+    max_generation_s: float = 300.0  # a request generating longer is ended (finish_reason "length")
+    read_timeout_s: float = 10.0  # the longest wait for a client's bytes; its whole body must come in this time
+    max_connections: int = 64  # connections served at once; one more is answered 503 and closed
+    retry_after_s: int = 2  # the Retry-After of a 429 or 503
+
 
 # -----------------------------------------------------------------------------
 # Request parsing and validation
@@ -56,14 +91,43 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return value
 
 
-def parse_chat_request(raw: bytes, defaults: dict) -> dict:
-    """Validate a /v1/chat/completions body; returns messages, sampling kwargs and stream options."""
+def _text(value, param: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{param} must be a string, got {type(value).__name__}", param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800" (a lone surrogate); it is no text we can tokenize
+        raise ApiError(400, f"{param} is not valid Unicode (a lone surrogate)", param) from None
+    return value
+
+
+def _content(value, param: str) -> str:
+    if isinstance(value, list):  # content parts: the text ones, in order (others, e.g. images, are ignored)
+        texts = []
+        for k, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise ApiError(400, f"{param}[{k}] must be an object", f"{param}[{k}]")
+            if part.get("type") == "text":
+                texts.append(_text(part.get("text"), f"{param}[{k}].text"))
+        return "".join(texts)
+    return _text(value, param)
+
+
+def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | None = None) -> dict:
+    """Validate a /v1/chat/completions body; returns messages, SamplingParams and stream options.
+    A "model" other than model_name is a 404, as OpenAI answers for a model it does not have."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model_name is not None and model != model_name:
+        raise ApiError(404, f"The model {model!r} does not exist (this server has {model_name!r})", "model",
+                       "model_not_found")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required and must be a non-empty list", "messages")
@@ -72,36 +136,39 @@ def parse_chat_request(raw: bytes, defaults: dict) -> dict:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else None
             raise ApiError(400, f"messages[{i}].role must be one of {list(ROLES)}, got {role!r}", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        clean.append({"role": m["role"], "content": content})
-    if clean[0]["role"] == "system" and any(m["role"] == "system" for m in clean[1:]) or \
-            clean[-1]["role"] == "assistant":
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+    if any(m["role"] == "system" for m in clean[1:]) or clean[-1]["role"] == "assistant":
         raise ApiError(400, "one optional system message first, and the last message must not be the assistant's",
                        "messages")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", defaults["max_new_tokens"], 1, 1 << 20, True)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", defaults.max_new_tokens, 1, 1 << 20, True)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    if body.get("n", 1) != 1:
+    stop = [_text(s, "stop") for s in stop]
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise ApiError(400, "only n=1 is supported", "n")
-    sampling = {
-        "max_new_tokens": max_tokens,
-        "temperature": _number(body, "temperature", defaults["temperature"], 0.0, 2.0),
-        "top_p": _number(body, "top_p", defaults["top_p"], 0.0, 1.0),
-        "top_k": _number(body, "top_k", defaults["top_k"], 0, 1 << 20, True),  # not OpenAI's, but common
-        "repetition_penalty": _number(body, "repetition_penalty", defaults["repetition_penalty"], 0.01, 10.0),
-        "seed": _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, True),
-        "stop_strings": stop,
-    }
-    stream_options = body.get("stream_options") or {}
-    return {"messages": clean, "sampling": sampling, "stream": bool(body.get("stream", False)),
-            "include_usage": bool(stream_options.get("include_usage", False))}
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"'stream' must be true or false, got {stream!r}", "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    include_usage = (stream_options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false", "stream_options")
+    sampling = defaults.replace(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0),
+        top_k=_number(body, "top_k", defaults.top_k, 0, 1 << 20, True),  # not OpenAI's, but common
+        repetition_penalty=_number(body, "repetition_penalty", defaults.repetition_penalty, 0.01, 10.0),
+        seed=_number(body, "seed", defaults.seed, -(1 << 63), (1 << 63) - 1, True),
+        stop_strings=stop,
+    )
+    return {"messages": clean, "sampling": sampling, "stream": bool(stream), "include_usage": bool(include_usage)}
 
 
 # -----------------------------------------------------------------------------
@@ -109,39 +176,101 @@ def parse_chat_request(raw: bytes, defaults: dict) -> dict:
 
 
 class Job:
-    def __init__(self, prompt: list[int], sampling: dict):
+    def __init__(self, prompt: list[int], sampling: SamplingParams):
         self.prompt, self.sampling = prompt, sampling
         self.events: queue.Queue = queue.Queue()  # ("piece", str) ..., then ("done", TextStream) or ("error", str)
         self.cancelled = threading.Event()
 
 
+def batch_key(s: SamplingParams) -> tuple:
+    """Requests with equal keys can share a batch: the sampler's settings are one per batch."""
+    return ("greedy", s.repetition_penalty) if s.temperature <= 0 else \
+        (s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+
+
 class Worker(threading.Thread):
-    def __init__(self, engine):
+    def __init__(self, engine, limits: ServerLimits):
         super().__init__(daemon=True, name="generation-worker")
-        self.engine = engine
-        self.jobs: queue.Queue = queue.Queue()
+        self.engine, self.limits = engine, limits
+        self.pending: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.batch_sizes: Counter = Counter()  # batch size -> how many batches had it (tests, benchmarks)
+        self.current: list[Job] = []  # the batch being generated
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (the caller answers 429)."""
+        with self.cond:
+            if self.stopping or len(self.pending) >= self.limits.max_queue:
+                return False
+            self.pending.append(job)
+            self.cond.notify()
+            return True
 
     def run(self):
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return  # stop() was called
+            with self.cond:
+                while not self.pending and not self.stopping:
+                    self.cond.wait()
+                deadline = time.monotonic() + self.limits.batch_wait_s
+                while not self.stopping and len(self.pending) < self.limits.max_batch and \
+                        time.monotonic() < deadline:
+                    self.cond.wait(max(0.0, deadline - time.monotonic()))
+                if self.stopping:
+                    return
+                batch = self._take_batch()
+            if batch:
+                self._run(batch)
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest live job and the queued ones that can join it (same sampler, room in the cache, no seed:
+        a seeded answer must not depend on the other rows). The rest keep their order for the next batch."""
+        batch, rest = [], deque()
+        for job in self.pending:
             if job.cancelled.is_set():
-                continue  # the client left while queued
+                continue  # its client left while it was queued
+            if not batch or self._joins(batch, job):
+                batch.append(job)
+            else:
+                rest.append(job)
+        self.pending = rest
+        return batch
+
+    def _joins(self, batch: list[Job], job: Job) -> bool:
+        if len(batch) >= self.limits.max_batch or job.sampling.seed is not None or batch[0].sampling.seed is not None:
+            return False
+        longest = max(len(j.prompt) for j in batch + [job])
+        most = max(j.sampling.max_new_tokens for j in batch + [job])
+        # Rows are left-padded to the longest prompt: alone, each row fits; together they must fit as well.
+        return batch_key(job.sampling) == batch_key(batch[0].sampling) and longest + most <= self.engine.max_context
+
+    def _run(self, batch: list[Job]):
+        self.batch_sizes[len(batch)] += 1
+        self.current = batch
+        try:
+            stream = self.engine.stream_batch([j.prompt for j in batch], [j.sampling for j in batch])
+            t0 = time.monotonic()
             try:
-                stream = self.engine.stream(job.prompt, **job.sampling)
-                for piece in stream:
-                    if job.cancelled.is_set():
-                        break
-                    job.events.put(("piece", piece))
+                for step in stream:
+                    for row, piece in step:
+                        batch[row].events.put(("piece", piece))
+                    late = time.monotonic() - t0 > self.limits.max_generation_s
+                    for row, job in enumerate(batch):
+                        if late or job.cancelled.is_set():
+                            stream.stop(row)  # frees nothing by itself, but the batch ends when no row runs
+            finally:
                 stream.close()
-                job.events.put(("done", stream))
-            except Exception as e:  # a bug must not kill the only worker
+            for job, result in zip(batch, stream.results):
+                job.events.put(("done", result))
+        except Exception as e:  # a bug must not kill the only worker
+            for job in batch:
                 job.events.put(("error", f"{type(e).__name__}: {e}"))
 
     def stop(self, timeout: float = 10.0):
-        """Finish the current job, then exit (queued jobs are dropped)."""
-        self.jobs.put(None)
+        """Finish the current batch, then exit (queued jobs are dropped)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
         self.join(timeout)
 
 
@@ -149,74 +278,251 @@ class Worker(threading.Thread):
 # HTTP handler
 
 
+class ClientGone(Exception):
+    pass
+
+
+def _host_name(value: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'Example.org' -> 'example.org'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _page_csp(page: bytes) -> str:
+    """A Content-Security-Policy that runs exactly the page's own inline script (by its hash) and talks only to
+    this server: an injected script, a foreign script or a frame around the page are all refused."""
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    hashes = " ".join(f"'sha256-{b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
+    return (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 class ChatHandler(BaseHTTPRequestHandler):
     server_version = "MilliChat/1.0"
-    # Set on the subclass made by make_server: engine, worker, model_name, api_key, defaults.
+
+    def setup(self):
+        self.timeout = self.server.limits.read_timeout_s  # every read and write on the socket waits at most this
+        super().setup()
 
     def log_message(self, fmt, *args):
         if not self.server.quiet:
             super().log_message(fmt, *args)
 
-    def _send_json(self, status: int, obj: dict):
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    def end_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def _send_json(self, status: int, obj: dict, headers: dict | None = None):
+        data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _authorised(self) -> bool:
+    def _send_error(self, e: ApiError, headers: dict | None = None):
+        self._send_json(e.status, e.body(), headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a bad request line, headers too long, an unknown method) in JSON too."""
+        self.close_connection = True
+        if not hasattr(self, "command"):
+            self.command = None
+        short = self.responses.get(code, ("error",))[0]
+        try:
+            self._send_error(ApiError(code, message or short))
+        except OSError:
+            pass
+
+    # --- checks every request passes ----------------------------------------------------------------------
+
+    def _check_origin(self):
+        allowed = self.server.allowed_hosts
+        host = self.headers.get("Host")
+        if host is not None and _host_name(host) not in allowed:
+            raise ApiError(403, f"Host {host!r} is not served here (start the server with --allowed_hosts)",
+                           code="forbidden_host")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or (parts.hostname or "") not in allowed:
+                raise ApiError(403, f"requests from the page at {origin!r} are not allowed", code="forbidden_origin")
+
+    def _check_key(self):
         key = self.server.api_key
-        if key and self.headers.get("Authorization", "") != f"Bearer {key}":
-            self._send_json(401, ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                          code="invalid_api_key").body())
-            return False
-        return True
+        if not key:
+            return
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def _client_gone(self) -> bool:
+        """The peer closed the connection (readable with nothing to read). Nothing is consumed."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # --- routes ---------------------------------------------------------------------------------------------
 
     def do_GET(self):
-        if self.path in ("/", "/index.html"):
-            with open(WEB_PAGE, "rb") as f:
-                data = f.read()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        elif self.path == "/v1/models":
-            if self._authorised():
+        try:
+            self._check_origin()
+            if self.path in ("/", "/index.html"):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(self.server.page)))
+                self.send_header("Content-Security-Policy", self.server.page_csp)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(self.server.page)
+            elif self.path == "/v1/models":
+                self._check_key()
                 self._send_json(200, {"object": "list", "data": [
                     {"id": self.server.model_name, "object": "model", "created": self.server.created,
                      "owned_by": "milli-chat"}]})
-        else:
-            self._send_json(404, ApiError(404, f"no route {self.path}", code="not_found").body())
+            else:
+                raise ApiError(404, f"no route {self.path}", code="not_found")
+        except ApiError as e:
+            self._send_error(e)
+
+    do_HEAD = do_GET  # the same status and headers, no body (_send_json and the page skip it)
+
+    def _not_allowed(self):
+        self._drain_body()
+        self.close_connection = True
+        self._send_error(ApiError(405, f"{self.command} is not supported here", code="method_not_allowed"),
+                         {"Allow": "GET, HEAD, POST"})
+
+    do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed  # no CORS: a preflight gets no permission
 
     def do_POST(self):
-        if self.path != "/v1/chat/completions":
-            self._send_json(404, ApiError(404, f"no route {self.path}", code="not_found").body())
-            return
-        if not self._authorised():
-            return
         try:
-            length = int(self.headers.get("Content-Length", 0))
-            if not 0 < length <= MAX_BODY:
-                raise ApiError(400 if length <= 0 else 413, "missing or oversized request body")
-            req = parse_chat_request(self.rfile.read(length), self.server.defaults)
+            self._check_origin()
+            if self.path != "/v1/chat/completions":
+                raise ApiError(404, f"no route {self.path}", code="not_found")
+            self._check_key()
+            raw = self._read_body()
+            req = parse_chat_request(raw, self.server.defaults, self.server.model_name)
+            engine = self.server.engine
             try:
-                prompt = self.server.engine.chat_prompt(req["messages"], req["sampling"]["max_new_tokens"])
+                prompt = engine.chat_prompt(req["messages"], req["sampling"].max_new_tokens,
+                                            self.server.limits.max_conversation_tokens)
             except ValueError as e:
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+            sampling = req["sampling"].replace(max_new_tokens=min(req["sampling"].max_new_tokens,
+                                                                  engine.max_context - len(prompt)))
+            job = Job(prompt, sampling)
+            if not self.server.worker.submit(job):
+                raise ApiError(429, "the server is busy: too many requests are waiting", code="rate_limit_exceeded")
         except ApiError as e:
-            self._send_json(e.status, e.body())
+            self._drain_body()
+            retry = {"Retry-After": str(self.server.limits.retry_after_s)} if e.status in (429, 503) else None
+            self._send_error(e, retry)
             return
-        job = Job(prompt, req["sampling"])
-        self.server.worker.jobs.put(job)
+        except ClientGone:
+            self.close_connection = True
+            return
         try:
             if req["stream"]:
                 self._stream(job, req["include_usage"])
             else:
                 self._complete(job)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
             job.cancelled.set()  # the client is gone: stop generating for it
+            self.close_connection = True
+
+    # --- the body -------------------------------------------------------------------------------------------
+
+    def _content_length(self) -> int:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a chunked body we do not read would be taken for the next request
+            raise ApiError(411, "send the body with a Content-Length (chunked bodies are not supported)")
+        value = self.headers.get("Content-Length")
+        if value is None or not value.strip().isascii() or not value.strip().isdigit():
+            self.close_connection = True
+            raise ApiError(400 if value is not None else 411, f"Content-Length must be a byte count, got {value!r}")
+        return int(value)
+
+    def _read_body(self) -> bytes:
+        length = self._content_length()
+        self._body_left = length
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        limit = self.server.limits.max_body_bytes
+        if length == 0:
+            raise ApiError(400, "the request body is empty")
+        if length > limit:
+            raise ApiError(413, f"the request body is {length} bytes, more than the {limit} accepted")
+        return self._read(length)
+
+    def _read(self, n: int, keep: bool = True) -> bytes:
+        """n body bytes, all within read_timeout_s (a client trickling bytes cannot hold the thread longer)."""
+        deadline = time.monotonic() + self.server.limits.read_timeout_s
+        parts = []
+        while n > 0:
+            if time.monotonic() > deadline:
+                raise ClientGone
+            try:
+                chunk = self.rfile.read1(min(n, 1 << 16))
+            except (TimeoutError, OSError):
+                raise ClientGone from None
+            if not chunk:
+                raise ClientGone
+            n -= len(chunk)
+            self._body_left -= len(chunk)
+            if keep:
+                parts.append(chunk)
+        return b"".join(parts)
+
+    def _drain_body(self):
+        """Read and drop what is left of the body before an error answer, so the client, still sending, reads
+        the answer instead of a reset connection. Up to 4 x max_body_bytes; beyond that we just close."""
+        left = getattr(self, "_body_left", None)
+        if left is None:
+            try:
+                left = self._content_length() if self.command in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS") else 0
+            except ApiError:
+                left = 0
+        self._body_left = 0
+        if left > 4 * self.server.limits.max_body_bytes:
+            self.close_connection = True
+            return
+        if left > 0:
+            try:
+                self._body_left = left
+                self._read(left, keep=False)
+            except ClientGone:
+                pass
+        self.close_connection = True  # after an error the connection is not reused
+
+    # --- answers --------------------------------------------------------------------------------------------
+
+    def _events(self, job: Job):
+        """The job's events as they come; a client that leaves meanwhile raises ClientGone."""
+        while True:
+            try:
+                kind, value = job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ClientGone from None
+                if not self.server.worker.is_alive():
+                    yield "error", "the generation worker has stopped"
+                    return
+                continue
+            yield kind, value
+            if kind != "piece":
+                return
 
     def _common(self) -> dict:
         return {"id": self.request_id, "created": int(time.time()), "model": self.server.model_name}
@@ -229,15 +535,12 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _complete(self, job: Job):
         self.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         pieces = []
-        while True:
-            kind, value = job.events.get()
+        for kind, value in self._events(job):
             if kind == "piece":
                 pieces.append(value)
             elif kind == "error":
-                self._send_json(500, ApiError(500, value).body())
+                self._send_error(ApiError(500, value))
                 return
-            else:
-                break
         self._send_json(200, {**self._common(), "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "logprobs": None,
              "finish_reason": value.finish_reason}], "usage": self._usage(value)})
@@ -255,36 +558,78 @@ class ChatHandler(BaseHTTPRequestHandler):
                      if choices else []}
             if usage is not None:
                 chunk["usage"] = usage
-            self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode("utf-8"))
+            self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
             self.wfile.flush()
 
         send({"role": "assistant", "content": ""})
-        while True:
-            kind, value = job.events.get()
+        for kind, value in self._events(job):
             if kind == "piece":
                 send({"content": value})
             elif kind == "error":
-                self.wfile.write(f"data: {json.dumps(ApiError(500, value).body())}\n\n".encode("utf-8"))
-                break
+                self.wfile.write(f"data: {json.dumps(ApiError(500, value).body())}\n\n".encode())
             else:
                 send({}, finish=value.finish_reason)
                 if include_usage:
                     send({}, usage=self._usage(value), choices=False)
-                break
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
 
+class ChatServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on the connections served at once (each holds a thread)."""
+
+    daemon_threads = True  # a stuck client never blocks shutdown
+    block_on_close = False
+
+    def __init__(self, address, handler, limits: ServerLimits):
+        self.limits = limits
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
+        # The listen backlog (socketserver's default is 5): clients connecting at once wait to be accepted
+        # instead of being reset; past max_connections they get a 503.
+        self.request_queue_size = max(128, limits.max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            body = json.dumps(ApiError(503, "too many connections", code="server_busy").body()).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                % (self.limits.retry_after_s, len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def make_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                model_name: str = "milli-chat", defaults: dict | None = None, quiet: bool = False):
-    """Build the server and start its worker; the caller runs serve_forever() (port 0 = any free port)."""
-    server = ThreadingHTTPServer((host, port), ChatHandler)
-    server.daemon_threads = True  # a stuck client never blocks shutdown
+                model_name: str = "milli-chat", defaults: SamplingParams = CHAT_SAMPLING, quiet: bool = False,
+                limits: ServerLimits | None = None, allowed_hosts: tuple[str, ...] = ()) -> ChatServer:
+    """Build the server and start its worker; the caller runs serve_forever() (port 0 = any free port).
+    allowed_hosts: names besides the loopback ones (and the bound address) that Host and Origin may carry."""
+    limits = limits or ServerLimits()
+    server = ChatServer((host, port), ChatHandler, limits)
     server.engine, server.api_key, server.model_name, server.quiet = engine, api_key, model_name, quiet
-    server.defaults = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
-                       "repetition_penalty": 1.0, **(defaults or {})}
+    server.defaults = defaults  # what a request that sets nothing gets
+    bound = () if host in ("", "0.0.0.0", "::") else (host.lower(),)
+    server.allowed_hosts = {*LOOPBACK_HOSTS, *bound, *(h.strip().lower() for h in allowed_hosts if h.strip())}
+    with open(WEB_PAGE, "rb") as f:
+        server.page = f.read()
+    server.page_csp = _page_csp(server.page)
     server.created = int(time.time())
-    server.worker = Worker(engine)
+    server.worker = Worker(engine, limits)
     server.worker.start()
     return server
 
@@ -299,25 +644,23 @@ def main():
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--allowed_hosts", default="", help="comma-separated names clients may use besides loopback")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="weight-only quantization of the linear layers (CPU inference)")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="default when a request omits max_tokens")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    add_sampling_args(parser)  # the defaults of a request that omits them, the same as the terminal chat's
+    for f in dataclasses.fields(ServerLimits):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     args = parser.parse_args()
 
-    from model.engine import Engine
-
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it")
     engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device,
                                     quantize=args.quantize)
-    defaults = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
     name = os.path.basename(os.path.normpath(args.model))
-    server = make_server(engine, args.host, args.port, args.api_key, name, defaults)
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    server = make_server(engine, args.host, args.port, args.api_key, name, sampling_from_args(args), limits=limits,
+                         allowed_hosts=tuple(args.allowed_hosts.split(",")))
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port} (web chat at /, API at /v1) - Ctrl-C to stop")
     try:

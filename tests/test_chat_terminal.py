@@ -3,10 +3,18 @@
     python -m pytest tests/test_chat_terminal.py
 """
 
+import argparse
+
 import pytest
 
-from model.engine import Engine
-from scripts.chat_terminal import ChatSession, chat_loop
+from model.engine import CHAT_SAMPLING, Engine
+from scripts.chat_terminal import (
+    ChatSession,
+    add_sampling_args,
+    chat_loop,
+    sampling_from_args,
+)
+from scripts.serve_api import make_server, parse_chat_request
 from tests.helpers_inference import build_model, build_tokenizer
 
 
@@ -53,3 +61,18 @@ def test_ctrl_c_stops_the_answer_not_the_program(engine):
     assert session.history[-1]["role"] == "assistant"
     assert "(stopped)" in str(shown[-1])
     assert run(session, ["/exit"])  # the loop still works afterwards
+
+
+def test_terminal_and_server_share_the_chat_defaults(engine):
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser)
+    assert sampling_from_args(parser.parse_args([])) == CHAT_SAMPLING
+    assert sampling_from_args(parser.parse_args(["--repetition_penalty", "1.2"])).repetition_penalty == 1.2
+    assert ChatSession(engine).sampling == CHAT_SAMPLING
+    server = make_server(engine, "127.0.0.1", 0, quiet=True)
+    try:
+        req = parse_chat_request(b'{"messages": [{"role": "user", "content": "hi"}]}', server.defaults)
+        assert req["sampling"] == CHAT_SAMPLING
+    finally:
+        server.server_close()
+        server.worker.stop()

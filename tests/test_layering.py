@@ -1,6 +1,9 @@
 """
 The library layers import downwards only (STYLE.md, "Library code never imports an entry point"):
-    model/    never imports trainer/, dataset/, main.py, scripts/ (or bench/, tests/)
+    model/    never imports trainer/, main.py, scripts/ (or bench/, tests/); the inference engine may read the chat
+              format from dataset/, but the files that ship inside every checkpoint (configuration_slm.py,
+              model_slm.py, attention.py: trust_remote_code loads them without this repository) import only
+              each other
     dataset/  never imports trainer/, model/, main.py, scripts/ (or bench/, tests/)
     trainer/  never imports main.py, scripts/ (or bench/, tests/)
 Checked by parsing every file's imports (ast), including imports inside functions and importlib.import_module
@@ -15,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"main", "scripts", "bench", "tests"}
 FORBIDDEN = {
-    "model": ENTRY_POINTS | {"trainer", "dataset"},
+    "model": ENTRY_POINTS | {"trainer"},
     "dataset": ENTRY_POINTS | {"trainer", "model"},
     "trainer": ENTRY_POINTS,
 }
@@ -52,3 +55,16 @@ def test_library_imports_point_downwards(path):
     wrong = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
              for line, name in imported_packages(path.read_text(encoding="utf-8"), layer) if name in FORBIDDEN[layer]]
     assert not wrong, "\n".join(wrong)
+
+
+SHIPPED = ("configuration_slm.py", "model_slm.py", "attention.py")
+
+
+def test_the_model_code_that_ships_with_checkpoints_imports_no_project_package():
+    for name in SHIPPED:
+        source = (ROOT / "model" / name).read_text(encoding="utf-8")
+        outside = [(line, pkg) for line, pkg in imported_packages(source, "model")
+                   if pkg in FORBIDDEN["model"] | {"dataset", "model"} and pkg != "model"]
+        absolute = [n.module for n in ast.walk(ast.parse(source))
+                    if isinstance(n, ast.ImportFrom) and not n.level and n.module.split(".")[0] == "model"]
+        assert outside == [] and absolute == [], f"{name}: only relative imports of its siblings ({outside}, {absolute})"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.engine import SamplingParams
 from trainer.config import config_to_dict
 from trainer.common import print0
 from trainer.train_tokenizer import token_byte_lengths
@@ -274,11 +275,11 @@ def generate_answers(engine, items: list[dict], cfg: Config) -> list[str]:
     use_chat = cfg.chat and bool(getattr(engine.tokenizer, "chat_template", None))
     prompts = [engine.chat_prompt([{"role": "user", "content": it["prompt"]}], cfg.max_new_tokens) if use_chat
                else engine.encode(it["prompt"]) for it in items]
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
     answers = []
     for i in range(0, len(prompts), cfg.batch_size):
-        out = engine.generate(prompts[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                              repetition_penalty=cfg.repetition_penalty, seed=cfg.seed + i)
+        out = engine.generate(prompts[i:i + cfg.batch_size], sampling.replace(seed=cfg.seed + i))
         answers += [engine.decode(ids).strip() for ids in out]
     return answers
 

@@ -21,7 +21,7 @@ from dataset.corpus import print_summary, simplify
 from dataset.demo_data import task_answer, task_prompt, write_demo_data
 from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
-from model.engine import Engine
+from model.engine import Engine, SamplingParams
 from trainer.config import load_config
 from trainer.stages import STAGES
 
@@ -66,7 +66,7 @@ def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None =
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
     prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16)
                for n in held_out]
-    outputs = engine.generate(prompts, max_new_tokens=12)
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))  # greedy
     # The answer is its first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
     # <|im_end|> embedding much) still gets credit for a right reading followed by more text.
     answers = [engine.decode(o).replace("<|im_end|>", "\n").replace("<|endoftext|>", "\n").split("\n")[0]

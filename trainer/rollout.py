@@ -12,7 +12,7 @@ import torch
 
 from dataset.batches import IndexBatches
 from dataset.prompt_data import load_prompts
-from model.engine import Engine
+from model.engine import Engine, SamplingParams
 from model.runtime import load_pretrained
 from trainer.common import print0
 from trainer.config import TrainConfig
@@ -99,9 +99,9 @@ class RolloutTrainer(Trainer):
         G = cfg.num_generations
         prompts = [p for p in prompts for _ in range(G)]  # groups are contiguous rows
         with self.autocast:
-            replies = self.engine.generate([p["ids"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
-                                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                           seed=cfg.seed + 7919 * self.step + self.rank)
+            sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + 7919 * self.step + self.rank)
+            replies = self.engine.generate([p["ids"] for p in prompts], sampling)
         rows = [p["ids"] + r for p, r in zip(prompts, replies)]
         T = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), T), self.tokenizer.pad_token_id, dtype=torch.long)
