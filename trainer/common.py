@@ -3,6 +3,7 @@ Small things every stage and the training core share: rank-0 printing, the exter
 a run, the FLOPs arithmetic behind MFU and the batch_size=auto memory probe (nanochat's common.py).
 """
 
+import importlib.util
 import os
 
 import torch
@@ -32,9 +33,39 @@ class NullLogger:
         pass
 
 
+# Where each hosted logger finds its credentials, and the modes in which it needs none (offline runs sync later:
+# `wandb sync DIR`, `swanlab sync DIR`; tensorboard is always local).
+LOGGER_CREDENTIALS = {
+    "wandb": {"key": "WANDB_API_KEY", "mode": "WANDB_MODE", "offline": ("offline", "dryrun", "disabled"),
+              "netrc": ".netrc", "host": "api.wandb.ai", "login": "wandb login"},
+    "swanlab": {"key": "SWANLAB_API_KEY", "mode": "SWANLAB_MODE", "offline": ("offline", "local", "disabled"),
+                "netrc": ".swanlab/.netrc", "host": "", "login": "swanlab login"},
+}
+
+
+def logger_setup_problem(kind: str, env: dict, home: str) -> str | None:
+    """Why a hosted logger would fail at init (no package, no key in a non-interactive run), said before training
+    starts, with the offline mode that needs no key; None when it can start. A pure function of env and home."""
+    if kind not in LOGGER_CREDENTIALS:
+        return None
+    c = LOGGER_CREDENTIALS[kind]
+    if importlib.util.find_spec(kind) is None:
+        return f"logger={kind}: the {kind} package is not installed (pip install {kind}), or use logger=tensorboard"
+    if env.get(c["key"]) or env.get(c["mode"], "").lower() in c["offline"]:
+        return None
+    netrc = os.path.join(home, c["netrc"])
+    if os.path.isfile(netrc) and c["host"] in open(netrc, encoding="utf-8", errors="replace").read():
+        return None
+    return (f"logger={kind}: no API key ({c['key']} unset and no `{c['login']}` done). Log in, or train offline "
+            f"with {c['mode']}=offline (sync the run later), or use logger=tensorboard (always local)")
+
+
 class ExternalLogger:
     def __init__(self, kind: str, project: str, run_name: str, config: dict, log_dir: str):
         self.kind = kind
+        problem = logger_setup_problem(kind, dict(os.environ), os.path.expanduser("~"))
+        if problem:
+            raise ValueError(problem)
         if kind == "wandb":
             import wandb
             self.run = wandb.init(project=project, name=run_name, config=config)
