@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from model import SLMConfig  # noqa: E402
 from model.attention import (attention_plan, device_capability, document_mask,  # noqa: E402
                              flex_attention_available)
-from model.runtime import resolve_dtype  # noqa: E402
+from model.runtime import dtype_name, resolve_device, resolve_dtype  # noqa: E402
 
 FAKED = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "RTX 4090": (8, 9), "H100": (9, 0)}
 
@@ -88,6 +88,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--smoke", action="store_true", help="faked GPUs only, no CUDA needed")
     args = parser.parse_args(argv)
+    import transformers
+
+    here = resolve_device("auto")
+    print(f"device {torch.cuda.get_device_name(here) if here.type == 'cuda' else 'CPU'} | capability "
+          f"{device_capability(here)} | dtype=auto -> {dtype_name(resolve_dtype('auto', here))} | torch "
+          f"{torch.__version__} | transformers {transformers.__version__}", flush=True)
     cfg = SLMConfig.from_preset(args.preset)
     head = dict(n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
     for gpu, capability in FAKED.items():
