@@ -22,6 +22,7 @@ from trainer.eval import (
     LETTERS,
     Config,
     continuation_request,
+    mc_prompt,
     mc_subject_files,
     perplexity,
     ppl_windows,
@@ -187,9 +188,23 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
                             [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path)
     ours = run(Config(init_from=checkpoints["paths"][0], mc_score="both", mc_max_questions=4, device="cpu",
                       dtype="fp32", out_dir=str(tmp_path / "ours"), **mc))[0]["mc"]
+    model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
+    tok, max_len = checkpoints["tok"], model.config.max_position_embeddings
     for subject in CEVAL_SUBJECTS:
         lines = (tmp_path / "task" / f"{subject}.jsonl").read_text(encoding="utf-8").splitlines()
         options = [json.loads(line)["options"] for line in lines]
+        # Every log-likelihood lm-eval computed equals ours for the same prompt: the prompts are the same text.
+        _, files = mc_subject_files(mc["mc_dir"], "val")
+        questions = read_mc_csv(files[subject])[:4]
+        shots = read_mc_csv(mc_subject_files(mc["mc_dir"], "dev")[1][subject])[:1]
+        for task, conts in ((f"milli_mc_{subject}", lambda q: list(LETTERS)),
+                            (f"milli_mc_option_{subject}", lambda q: q["options"])):
+            requests = [continuation_request(tok, mc_prompt(subject, shots, q), conts(q), max_len) for q in questions]
+            ours_lls = score_requests(model, requests, 8, "cpu", tok.pad_token_id or 0)
+            theirs_lls = [s["lls"] for s in theirs["samples"][task]]
+            assert len(theirs_lls) == len(ours_lls) == 4
+            for a, b in zip(ours_lls, theirs_lls):
+                assert a == pytest.approx(b, abs=1e-4), task
         letter = [max(range(4), key=s["lls"].__getitem__) for s in theirs["samples"][f"milli_mc_{subject}"]]
         per_byte = [max(range(4), key=lambda i, s=s, o=o: s["lls"][i] / len(o[i].encode("utf-8")))
                     for s, o in zip(theirs["samples"][f"milli_mc_option_{subject}"], options)]

@@ -185,6 +185,11 @@ def format_question(q: dict, answer: bool) -> str:
     return text + q["answer"] + "\n\n" if answer else text
 
 
+def mc_prompt(subject: str, shots: list[dict], q: dict) -> str:
+    """The text a question is scored after: header, answered shots, then the question up to "答案："."""
+    return mc_header(subject) + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+
+
 def continuation_request(tokenizer, context: str, conts: list[str], max_len: int) -> tuple[list[int], list]:
     """(context ids, [continuation ids]) for scoring each continuation after the same context.
 
@@ -240,11 +245,10 @@ def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: l
                  device) -> dict:
     """Accuracy of one subject under the letter and/or option-text scoring."""
     max_len = model.config.max_position_embeddings
-    header = mc_header(subject)
     modes = ["letter", "option"] if cfg.mc_score == "both" else [cfg.mc_score]
     requests, owners = [], []  # owners[k] = (mode, question index) of requests[k]
     for qi, q in enumerate(questions):
-        context = header + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+        context = mc_prompt(subject, shots, q)
         for mode in modes:
             conts = list(LETTERS) if mode == "letter" else q["options"]
             requests.append(continuation_request(tokenizer, context, conts, max_len))
