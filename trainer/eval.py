@@ -195,14 +195,16 @@ def continuation_request(tokenizer, context: str, conts: list[str], max_len: int
 
     Each context + continuation is tokenised whole, as the model saw text in training; the split point is the
     longest prefix all of them share with the context alone (BPE may merge across the boundary), so every option
-    is scored from the same place. Too-long requests lose context on the left: the question stays, old shots go."""
+    is scored from the same place. Too-long requests lose context on the left: the question stays, old shots go.
+    The model reads the context and all but the last continuation token (the last is only predicted), at most
+    max_len of them: the cut lm-eval-harness makes, so long few-shot prompts keep the same context in both."""
     ctx = tokenizer.encode(context, add_special_tokens=False)
     fulls = [tokenizer.encode(context + c, add_special_tokens=False) for c in conts]
     start = min(len(ctx), *(len(f) - 1 for f in fulls))
     for f in fulls:
         start = next((i for i in range(start) if f[i] != ctx[i]), start)
     longest = max(len(f) - start for f in fulls)
-    cut = max(0, start + longest - max_len)
+    cut = max(0, start + longest - 1 - max_len)
     return ctx[cut:start], [f[start:] for f in fulls]
 
 
@@ -219,7 +221,8 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
             rows.append((ctx, [(len(ctx) - 1, c[0]) for c in conts], r, -1))
         else:
             for ci, c in enumerate(conts):
-                rows.append((ctx + c, [(len(ctx) - 1 + j, t) for j, t in enumerate(c)], r, ci))
+                # the last token is never an input (nothing after it is scored), so the row fits in max_len
+                rows.append((ctx + c[:-1], [(len(ctx) - 1 + j, t) for j, t in enumerate(c)], r, ci))
     scores = [[0.0] * len(conts) for _, conts in requests]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     for b0 in range(0, len(order), batch_size):
