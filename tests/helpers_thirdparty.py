@@ -17,15 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 THIRDPARTY = os.environ.get("MILLI_THIRDPARTY", "/opt/thirdparty")
 
 
+def require_thirdparty(name: str, module: str) -> str:
+    """The folder to put on PYTHONPATH for `module` ("" when this environment imports it); skips the test when the
+    package is in neither place. Call it first, so a skipped test does no work."""
+    if importlib.util.find_spec(module) is not None:
+        return ""
+    folder = os.path.join(THIRDPARTY, name)
+    if not os.path.isdir(os.path.join(folder, module)):
+        pytest.skip(f"{module} is not installed (pip install --no-deps --target {folder} ...; see .ci/run)")
+    return folder
+
+
 def thirdparty_env(name: str, module: str, tmp_path) -> dict:
-    """Environment for a subprocess that imports `module`: its target folder (if not importable here) and the
-    repo root on PYTHONPATH, every hub offline, caches under tmp_path. Skips the test when the package is absent."""
-    paths = [str(ROOT)]
-    if importlib.util.find_spec(module) is None:
-        folder = os.path.join(THIRDPARTY, name)
-        if not os.path.isdir(os.path.join(folder, module)):
-            pytest.skip(f"{module} is not installed (pip install --no-deps --target {folder} ...; see .ci/run)")
-        paths.insert(0, folder)
+    """Environment for a subprocess that imports `module`: its folder (if not importable here) and the repo root
+    on PYTHONPATH, every hub offline, caches under tmp_path."""
+    folder = require_thirdparty(name, module)
+    paths = [folder, str(ROOT)] if folder else [str(ROOT)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"),
            "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

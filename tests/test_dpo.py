@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import read_metrics
 from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
-from tests.helpers_thirdparty import run_thirdparty
+from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 
 SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
 
@@ -142,6 +142,7 @@ def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tok
     """Our stage's compute_loss and TRL's DPOTrainer.compute_loss (stock Llama exports of the same weights, a
     policy that differs from its reference) on the same two pairs' token ids. IPO averages each reply's log-ratio
     over its tokens in both; the token-summed form would differ."""
+    require_thirdparty("trl", "trl")
     import json
 
     from dataset.preference_data import PairDataset, collate_pairs, read_pair_samples

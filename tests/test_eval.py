@@ -17,7 +17,7 @@ from model import SLMConfig, SLMForCausalLM
 from scripts.export_llama import export_llama
 from scripts.lm_eval_task import write_lm_eval_task
 from tests.conftest import tiny_corpus_lines
-from tests.helpers_thirdparty import run_thirdparty
+from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 from trainer.eval import (
     LETTERS,
     Config,
@@ -185,6 +185,7 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
     the same prompts (1 shot): every log-likelihood equal, so the same choice for every question and exactly the
     same accuracy. chinese_reading's prompts overflow the context, so both cut them alike; the option-text scoring
     is compared on the prompts that fit (lm-eval cuts each option's prompt apart, we cut all of them alike)."""
+    require_thirdparty("lm_eval", "lm_eval")
     llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
     mc = {"mc_dir": ceval_and_cmmlu["ceval"], "mc_split": "val", "shots": 1}
     write_lm_eval_task(mc["mc_dir"], str(tmp_path / "task"), mc["mc_split"], shots=mc["shots"], max_questions=4)
