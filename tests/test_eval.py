@@ -57,7 +57,7 @@ def checkpoints(tiny_tokenizer_dir, tmp_path_factory):
 def test_scores_are_log_likelihoods(checkpoints):
     tok = checkpoints["tok"]
     model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
-    ctx, conts = continuation_request(tok, "问题：北京是\n答案：", ["A", "B", "中国的首都", "hello world"], 512)
+    ctx, conts = continuation_request(tok, "问题：北京是\n答案：", ["A", "B", "中国的首都", "hello world"])
     single = score_requests(model, [(ctx, [c[:1] for c in conts])], 2, "cpu", 3)[0]  # one row, 4 queries
     multi = score_requests(model, [(ctx, conts)], 3, "cpu", 3)[0]  # a row per option, padded batches
     with torch.no_grad():
@@ -183,16 +183,13 @@ def test_published_cmmlu_pack_layout(tmp_path):
 def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmmlu, tmp_path):
     """Our eval stage on the native checkpoint and lm-eval-harness on its Llama export, on the same questions with
     the same prompts (1 shot): every log-likelihood equal, so the same choice for every question and exactly the
-    same accuracy. chinese_reading's prompts overflow the context, so both cut them alike; the option-text scoring
-    is compared on the prompts that fit (lm-eval cuts each option's prompt apart, we cut all of them alike)."""
+    same accuracy, in both scorings. chinese_reading's prompts overflow the context: both cut them alike."""
     require_thirdparty("lm_eval", "lm_eval")
     llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
     mc = {"mc_dir": ceval_and_cmmlu["ceval"], "mc_split": "val", "shots": 1}
     write_lm_eval_task(mc["mc_dir"], str(tmp_path / "task"), mc["mc_split"], shots=mc["shots"], max_questions=4)
-    short = [s for s in CEVAL_SUBJECTS if s != "chinese_reading"]
-    tasks = ["milli_mc"] + [f"milli_mc_option_{s}" for s in short]
-    theirs = run_thirdparty("lm_eval", "lm_eval", "run_lm_eval.py", [llama, str(tmp_path / "task"), ",".join(tasks)],
-                            tmp_path)
+    theirs = run_thirdparty("lm_eval", "lm_eval", "run_lm_eval.py",
+                            [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path)
     ours = run(Config(init_from=checkpoints["paths"][0], mc_score="both", mc_max_questions=4, device="cpu",
                       dtype="fp32", out_dir=str(tmp_path / "ours"), **mc))[0]["mc"]
     model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
@@ -202,13 +199,11 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
         shots = read_mc_csv(mc_subject_files(mc["mc_dir"], "dev")[1][subject])[:1]
         prompts = [mc_prompt(subject, shots, q) for q in questions]
         overflow = [len(tok.encode(p, add_special_tokens=False)) >= max_len for p in prompts]
-        assert all(overflow) == (subject == "chinese_reading"), [len(tok.encode(p)) for p in prompts]
-        scorings = [(f"milli_mc_{subject}", "letter", lambda q: list(LETTERS))]
-        if subject in short:
-            scorings.append((f"milli_mc_option_{subject}", "option", lambda q: q["options"]))
-        for task, mode, conts in scorings:
+        assert all(overflow) == (subject == "chinese_reading") and any(overflow) == all(overflow)
+        for task, mode, conts in ((f"milli_mc_{subject}", "letter", lambda q: list(LETTERS)),
+                                  (f"milli_mc_option_{subject}", "option", lambda q: q["options"])):
             # The same log-likelihoods from the same prompt text (lm-eval builds its own from the task file).
-            requests = [continuation_request(tok, p, conts(q), max_len) for p, q in zip(prompts, questions)]
+            requests = [continuation_request(tok, p, conts(q)) for p, q in zip(prompts, questions)]
             ours_lls = score_requests(model, requests, 8, "cpu", tok.pad_token_id or 0)
             theirs_lls = [s["lls"] for s in theirs["samples"][task]]
             assert len(theirs_lls) == len(ours_lls) == 4
@@ -222,3 +217,5 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
             metric = "acc,none" if mode == "letter" else "acc_bytes,none"
             assert theirs["results"][task][metric] == ours["subjects"][subject][f"acc_{mode}"]
     assert theirs["results"]["milli_mc"]["acc,none"] == pytest.approx(ours["overall"]["acc_letter"], abs=1e-12)
+    assert theirs["results"]["milli_mc_option"]["acc_bytes,none"] == pytest.approx(ours["overall"]["acc_option"],
+                                                                                  abs=1e-12)

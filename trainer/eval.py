@@ -190,22 +190,18 @@ def mc_prompt(subject: str, shots: list[dict], q: dict) -> str:
     return mc_header(subject) + "".join(format_question(s, True) for s in shots) + format_question(q, False)
 
 
-def continuation_request(tokenizer, context: str, conts: list[str], max_len: int) -> tuple[list[int], list]:
+def continuation_request(tokenizer, context: str, conts: list[str]) -> tuple[list[int], list]:
     """(context ids, [continuation ids]) for scoring each continuation after the same context.
 
     Each context + continuation is tokenised whole, as the model saw text in training; the split point is the
     longest prefix all of them share with the context alone (BPE may merge across the boundary), so every option
-    is scored from the same place. Too-long requests lose context on the left: the question stays, old shots go.
-    The model reads the context and all but the last continuation token (the last is only predicted), at most
-    max_len of them: the cut lm-eval-harness makes, so long few-shot prompts keep the same context in both."""
+    is scored from the same place."""
     ctx = tokenizer.encode(context, add_special_tokens=False)
     fulls = [tokenizer.encode(context + c, add_special_tokens=False) for c in conts]
     start = min(len(ctx), *(len(f) - 1 for f in fulls))
     for f in fulls:
         start = next((i for i in range(start) if f[i] != ctx[i]), start)
-    longest = max(len(f) - start for f in fulls)
-    cut = max(0, start + longest - 1 - max_len)
-    return ctx[cut:start], [f[start:] for f in fulls]
+    return ctx[:start], [f[start:] for f in fulls]
 
 
 @torch.no_grad()
@@ -213,16 +209,25 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
     """Summed log-probability of every continuation of every request: [[score per continuation] per request].
 
     When all continuations of a request are one token (answer letters), one forward of the context gives all
-    of them; otherwise each continuation is its own row."""
+    of them; otherwise each continuation is its own row. A row reads the context and all but the last
+    continuation token (the last is only predicted); one longer than the model's context loses tokens on the left
+    (the question stays, old shots go), row by row: the cut lm-eval-harness makes, so both score the same text."""
+    max_len = model.config.max_position_embeddings
     rows = []  # (ids, [(position, token)], request index, continuation index)
+
+    def add_row(ids: list[int], queries: list[tuple[int, int]], r: int, ci: int):
+        drop = max(0, len(ids) - max_len)
+        if queries[0][0] - drop < 0:
+            raise ValueError(f"a continuation of {len(queries)} tokens does not fit the context of {max_len}")
+        rows.append((ids[drop:], [(p - drop, t) for p, t in queries], r, ci))
+
     for r, (ctx, conts) in enumerate(requests):
         if all(len(c) == 1 for c in conts):
             # -1: this row's queries are the continuations 0..n-1 in order
-            rows.append((ctx, [(len(ctx) - 1, c[0]) for c in conts], r, -1))
+            add_row(ctx, [(len(ctx) - 1, c[0]) for c in conts], r, -1)
         else:
             for ci, c in enumerate(conts):
-                # the last token is never an input (nothing after it is scored), so the row fits in max_len
-                rows.append((ctx + c[:-1], [(len(ctx) - 1 + j, t) for j, t in enumerate(c)], r, ci))
+                add_row(ctx + c[:-1], [(len(ctx) - 1 + j, t) for j, t in enumerate(c)], r, ci)
     scores = [[0.0] * len(conts) for _, conts in requests]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     for b0 in range(0, len(order), batch_size):
@@ -247,14 +252,13 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
 def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: list[dict], cfg: Config,
                  device) -> dict:
     """Accuracy of one subject under the letter and/or option-text scoring."""
-    max_len = model.config.max_position_embeddings
     modes = ["letter", "option"] if cfg.mc_score == "both" else [cfg.mc_score]
     requests, owners = [], []  # owners[k] = (mode, question index) of requests[k]
     for qi, q in enumerate(questions):
         context = mc_prompt(subject, shots, q)
         for mode in modes:
             conts = list(LETTERS) if mode == "letter" else q["options"]
-            requests.append(continuation_request(tokenizer, context, conts, max_len))
+            requests.append(continuation_request(tokenizer, context, conts))
             owners.append((mode, qi))
     scores = score_requests(model, requests, cfg.batch_size, device, tokenizer.pad_token_id or 0)
     best = {}  # (mode, qi) -> index of the chosen option
