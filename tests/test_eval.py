@@ -219,3 +219,11 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
     assert theirs["results"]["milli_mc"]["acc,none"] == pytest.approx(ours["overall"]["acc_letter"], abs=1e-12)
     assert theirs["results"]["milli_mc_option"]["acc_bytes,none"] == pytest.approx(ours["overall"]["acc_option"],
                                                                                   abs=1e-12)
+
+
+def test_unknown_header_names_both_published_ones(tmp_path):
+    (tmp_path / "val").mkdir()
+    path = tmp_path / "val" / "x_val.csv"
+    path.write_text("id,prompt,A,B,C,D,label\n0,问,1,2,3,4,A\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="lacks \\['question', 'answer'\\].*,Question,A,B,C,D,Answer.*id,question"):
+        read_mc_csv(str(path))
