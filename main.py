@@ -3,6 +3,7 @@ Milli-Chat's one entry point: every stage is started from here.
 
     python main.py --help
     python main.py --stage pretrain --config config/pretrain.yaml max_steps=200 lr=3e-4
+    python main.py --stage pretrain --config config/pretrain.yaml --max_steps 200 --lr 3e-4   # the same
     torchrun --nproc_per_node=2 main.py --stage pretrain --config config/pretrain.yaml
 
 Each stage is a module in trainer/ exposing `Config` (a dataclass) and `run(cfg)`, listed in trainer/stages.py.
@@ -22,12 +23,14 @@ def main(argv=None) -> int:
     epilog = "stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in stages.items())
     parser = argparse.ArgumentParser(
         description="Milli-Chat: train a small Chinese chat model from scratch.",
-        epilog=epilog + "\n\noverrides: key=value pairs after the flags set any field of the stage's config",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        usage="%(prog)s --stage STAGE [--config YAML] [key=value | --key value ...]",
+        epilog=epilog + "\n\noverrides: key=value (or --key value) after the flags set any field of the stage's "
+        "config, applied after the YAML file",
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # --s must not mean --stage
     parser.add_argument("--stage", required=True, help="which stage to run (see below)")
     parser.add_argument("--config", default=None, help="YAML file with the stage's settings (default: none)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, applied after the YAML file")
-    args = parser.parse_args(argv)
+    # Everything else is an override, kept in order so `--key value` pairs stay together (trainer/config.py).
+    args, overrides = parser.parse_known_args(argv)
 
     if args.stage not in stages:
         print(f"error: unknown stage '{args.stage}'; choose one of: {', '.join(stages)}", file=sys.stderr)
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
 
     module = importlib.import_module(stages[args.stage][0])
     try:
-        cfg = load_config(module.Config, args.config, args.overrides)
+        cfg = load_config(module.Config, args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """
 DPO (trainer/dpo.py) and the preference-pair reader (dataset/preference_data.py) on a tiny model: the four
 input formats read to the same pairs, the first logged loss is log 2 (policy = reference), training moves the
-policy towards the chosen replies, resume is exact (precomputed reference included), and a few steps run on
-the shared real preference files through main.py.
+policy towards the chosen replies, resume is exact (precomputed reference included), a few steps run on
+the shared real preference files through main.py, and the sigmoid and IPO losses equal TRL's DPOTrainer on the
+same batch (skipped without TRL).
 
     python -m pytest tests/test_dpo.py
 """
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import read_metrics
 from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
+from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 
 SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
 
@@ -135,3 +137,58 @@ def test_dpo_on_the_shared_preference_files(policy_dir, tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3]
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert all(math.isfinite(r["loss"]) for r in train)
+
+
+def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tokenizer_dir, tmp_path):
+    """Our stage's compute_loss and TRL's DPOTrainer.compute_loss (stock Llama exports of the same weights, a
+    policy that differs from its reference) on the same two pairs' token ids. IPO averages each reply's log-ratio
+    over its tokens in both; the token-summed form would differ."""
+    require_thirdparty("trl", "trl")
+    import json
+
+    from dataset.preference_data import PairDataset, collate_pairs, read_pair_samples
+    from scripts.export_llama import export_llama
+    from trainer.dpo import DPOTrainer, dpo_loss
+
+    ref_dir = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "ref"), seed=1)
+    two_pairs = [("中国的首都是哪里？", "北京是中国的首都。", "处处闻啼鸟。"),
+                 ("今天天气怎么样？", "天气很好。", "床前明月光，疑是地上霜。")]  # replies of different lengths
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), two_pairs, "strings")
+    beta = 0.5
+    ours = {}
+    for loss_type in ("sigmoid", "ipo"):
+        trainer = DPOTrainer(dpo_config(policy_dir, tmp_path / loss_type, data, ref_from=ref_dir, beta=beta,
+                                        loss_type=loss_type, batch_size=2, global_batch_size=2, max_steps=1))
+        trainer.prepare()
+        samples, _ = read_pair_samples(data, trainer.tokenizer, 64)
+        batch = trainer.to_device(collate_pairs([PairDataset(samples)[i] for i in range(2)],
+                                                pad_id=trainer.tokenizer.pad_token_id))
+        trainer.model.eval()
+        with torch.no_grad():
+            ours[loss_type] = float(trainer.compute_loss(batch=batch, num_items=2)[0])
+    # The same ids for TRL: the prompt is what precedes the reply mask, the reply is the masked tail.
+    pairs = []
+    for s in samples:
+        start = int(s["chosen_mask"].argmax())
+        assert s["chosen_mask"][start:].all() and s["rejected_mask"][start:].all()
+        assert list(s["chosen_ids"][:start]) == list(s["rejected_ids"][:start])
+        assert not s["rejected_mask"][:start].any()
+        pairs.append({"prompt_ids": s["chosen_ids"][:start].tolist(),
+                      "chosen_ids": s["chosen_ids"][start:].tolist(), "rejected_ids": s["rejected_ids"][start:].tolist()})
+    (tmp_path / "ids.json").write_text(json.dumps(pairs))
+    policy_llama = export_llama(policy_dir, str(tmp_path / "policy_llama"), "fp32")
+    ref_llama = export_llama(ref_dir, str(tmp_path / "ref_llama"), "fp32")
+    trl = run_thirdparty("trl", "trl", "run_trl_dpo.py", [policy_llama, ref_llama, str(tmp_path / "ids.json"),
+                                                          str(beta)], tmp_path)
+    assert ours["sigmoid"] == pytest.approx(trl["sigmoid"], abs=1e-5)
+    assert ours["ipo"] == pytest.approx(trl["ipo"], abs=1e-5)
+    assert ours["sigmoid"] != pytest.approx(math.log(2), abs=1e-3)  # the policy is not its reference
+    # What the summed (pre-TRL) IPO would give on this batch: far from TRL's, so the test tells them apart.
+    with torch.no_grad():
+        from trainer.logprobs import sequence_logprobs
+
+        pi = sequence_logprobs(trainer.model, batch["input_ids"], batch["loss_mask"]).chunk(2)
+        ref = sequence_logprobs(trainer.ref, batch["input_ids"], batch["loss_mask"]).chunk(2)
+        ones = torch.ones(2)
+        summed = float(dpo_loss(*pi, *ref, beta, "ipo", chosen_tokens=ones, rejected_tokens=ones)[0].mean())
+    assert abs(summed - trl["ipo"]) > 1e-3

@@ -1,8 +1,12 @@
-"""trainer/eval.py: perplexity/bits-per-byte, CMMLU multiple choice (zero- and few-shot, letter and option
-scoring, batched), the generation report, and a two-checkpoint comparison through main.py."""
+"""trainer/eval.py: perplexity/bits-per-byte, CMMLU and C-Eval multiple choice as published (zero- and few-shot,
+letter and option scoring, batched), the generation report, a two-checkpoint comparison through main.py, and the
+same accuracy from lm-eval-harness on the Llama export (scripts/lm_eval_task.py, skipped without lm-eval)."""
 
+import csv
 import json
 import math
+import os
+import random
 
 import pytest
 import torch
@@ -10,8 +14,22 @@ from transformers import AutoTokenizer
 
 import main
 from model import SLMConfig, SLMForCausalLM
+from scripts.export_llama import export_llama
+from scripts.lm_eval_task import write_lm_eval_task
 from tests.conftest import tiny_corpus_lines
-from trainer.eval import Config, continuation_request, perplexity, ppl_windows, run, score_requests
+from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
+from trainer.eval import (
+    LETTERS,
+    Config,
+    continuation_request,
+    mc_prompt,
+    mc_subject_files,
+    perplexity,
+    ppl_windows,
+    read_mc_csv,
+    run,
+    score_requests,
+)
 
 CMMLU = "/work/shared/data/eval/cmmlu"  # read-only shared data (data README section 5); never copied here
 SUBJECTS = "arts,anatomy"
@@ -39,7 +57,7 @@ def checkpoints(tiny_tokenizer_dir, tmp_path_factory):
 def test_scores_are_log_likelihoods(checkpoints):
     tok = checkpoints["tok"]
     model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
-    ctx, conts = continuation_request(tok, "问题：北京是\n答案：", ["A", "B", "中国的首都", "hello world"], 512)
+    ctx, conts = continuation_request(tok, "问题：北京是\n答案：", ["A", "B", "中国的首都", "hello world"])
     single = score_requests(model, [(ctx, [c[:1] for c in conts])], 2, "cpu", 3)[0]  # one row, 4 queries
     multi = score_requests(model, [(ctx, conts)], 3, "cpu", 3)[0]  # a row per option, padded batches
     with torch.no_grad():
@@ -85,3 +103,127 @@ def test_zero_shot_quantized_run(checkpoints, tmp_path):
     res = run(Config(init_from=checkpoints["paths"][0], mc_dir=CMMLU, subjects="arts", mc_max_questions=4,
                      quantize="int8", out_dir=str(tmp_path)))
     assert res[0]["quantize"] == "int8" and res[0]["mc"]["shots"] == 0 and "acc_letter" in res[0]["mc"]["overall"]
+
+
+# -----------------------------------------------------------------------------
+# C-Eval as published (generated here, never copied) and lm-eval-harness on the Llama export
+
+# chinese_reading has a long passage in every question: its few-shot prompts overflow the tiny model's context.
+CEVAL_SUBJECTS = ("computer_network", "high_school_physics", "chinese_reading")
+
+
+def toy_questions(n: int, seed: int, passage: bool = False) -> list[dict]:
+    """Arithmetic questions with four numeric options, one correct (answer letters spread over A-D)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+        options = rng.sample([a + b, a + b + 1, a + b - 2, a + b + 10], 4)
+        text = "".join(tiny_corpus_lines(10, seed=seed * 100 + i)) if passage else ""
+        rows.append({"question": f"{text}{a}加{b}等于多少？", "options": [str(o) for o in options],
+                     "answer": LETTERS[options.index(a + b)]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ceval_and_cmmlu(tmp_path_factory):
+    """The same questions twice: in C-Eval's published layout/header and in CMMLU's."""
+    root = tmp_path_factory.mktemp("mc")
+    splits = {"val": 5, "dev": 2, "test": 3}
+    for si, subject in enumerate(CEVAL_SUBJECTS):
+        for split, n in splits.items():
+            questions = toy_questions(n, seed=10 * si + len(split), passage=subject == "chinese_reading")
+            (root / "ceval" / split).mkdir(parents=True, exist_ok=True)
+            with open(root / "ceval" / split / f"{subject}_{split}.csv", "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                explanation = split == "dev"  # C-Eval's dev files explain their answers
+                w.writerow(["id", "question", "A", "B", "C", "D", "answer"] + (["explanation"] if explanation else []))
+                for i, q in enumerate(questions):
+                    answer = "" if split == "test" else q["answer"]  # C-Eval publishes test without answers
+                    w.writerow([i, q["question"], *q["options"], answer] + (["1. 计算。"] if explanation else []))
+            cmmlu_split = {"val": "test", "dev": "dev"}.get(split)
+            if cmmlu_split:
+                (root / "cmmlu" / cmmlu_split).mkdir(parents=True, exist_ok=True)
+                with open(root / "cmmlu" / cmmlu_split / f"{subject}.csv", "w", encoding="utf-8", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+                    for i, q in enumerate(questions):
+                        w.writerow([i, q["question"], *q["options"], q["answer"]])
+    return {"ceval": str(root / "ceval"), "cmmlu": str(root / "cmmlu")}
+
+
+def test_ceval_layout_reads_as_published_and_scores_like_cmmlu(checkpoints, ceval_and_cmmlu, tmp_path):
+    layout, files = mc_subject_files(ceval_and_cmmlu["ceval"], "val")
+    assert layout == "ceval" and sorted(files) == sorted(CEVAL_SUBJECTS)
+    assert mc_subject_files(ceval_and_cmmlu["cmmlu"], "test")[0] == "cmmlu"
+    assert read_mc_csv(files["computer_network"]) == read_mc_csv(
+        f"{ceval_and_cmmlu['cmmlu']}/test/computer_network.csv")
+    common = {"init_from": checkpoints["paths"][0], "shots": 2, "mc_score": "both", "device": "cpu", "dtype": "fp32"}
+    ceval = run(Config(mc_dir=ceval_and_cmmlu["ceval"], mc_split="val", out_dir=str(tmp_path / "a"), **common))
+    cmmlu = run(Config(mc_dir=ceval_and_cmmlu["cmmlu"], mc_split="test", out_dir=str(tmp_path / "b"), **common))
+    assert ceval[0]["mc"] == cmmlu[0]["mc"] and ceval[0]["mc"]["overall"]["n"] == 15
+    assert all(len(r["chosen_letter"]) == 5 for r in ceval[0]["mc"]["subjects"].values())
+
+
+def test_ceval_test_split_without_answers_is_refused(checkpoints, ceval_and_cmmlu, tmp_path):
+    with pytest.raises(ValueError, match="mc_split=val"):
+        run(Config(init_from=checkpoints["paths"][0], mc_dir=ceval_and_cmmlu["ceval"], mc_split="test",
+                   out_dir=str(tmp_path), device="cpu"))
+
+
+def test_published_cmmlu_pack_layout(tmp_path):
+    if not os.path.isdir(CMMLU):
+        pytest.skip("shared CMMLU pack absent")
+    layout, files = mc_subject_files(CMMLU, "test")
+    assert layout == "cmmlu" and len(files) == 59 and "arts" in files
+    rows = read_mc_csv(files["arts"])
+    assert rows and all(r["answer"] in LETTERS and len(r["options"]) == 4 and r["question"] for r in rows)
+
+
+def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmmlu, tmp_path):
+    """Our eval stage on the native checkpoint and lm-eval-harness on its Llama export, on the same questions with
+    the same prompts (1 shot): every log-likelihood equal, so the same choice for every question and exactly the
+    same accuracy, in both scorings. chinese_reading's prompts overflow the context: both cut them alike."""
+    require_thirdparty("lm_eval", "lm_eval")
+    llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
+    mc = {"mc_dir": ceval_and_cmmlu["ceval"], "mc_split": "val", "shots": 1}
+    write_lm_eval_task(mc["mc_dir"], str(tmp_path / "task"), mc["mc_split"], shots=mc["shots"], max_questions=4)
+    theirs = run_thirdparty("lm_eval", "lm_eval", "run_lm_eval.py",
+                            [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path)
+    ours = run(Config(init_from=checkpoints["paths"][0], mc_score="both", mc_max_questions=4, device="cpu",
+                      dtype="fp32", out_dir=str(tmp_path / "ours"), **mc))[0]["mc"]
+    model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
+    tok, max_len = checkpoints["tok"], model.config.max_position_embeddings
+    for subject in CEVAL_SUBJECTS:
+        questions = read_mc_csv(mc_subject_files(mc["mc_dir"], "val")[1][subject])[:4]
+        shots = read_mc_csv(mc_subject_files(mc["mc_dir"], "dev")[1][subject])[:1]
+        prompts = [mc_prompt(subject, shots, q) for q in questions]
+        overflow = [len(tok.encode(p, add_special_tokens=False)) >= max_len for p in prompts]
+        assert all(overflow) == (subject == "chinese_reading") and any(overflow) == all(overflow)
+        for task, mode, conts in ((f"milli_mc_{subject}", "letter", lambda q: list(LETTERS)),
+                                  (f"milli_mc_option_{subject}", "option", lambda q: q["options"])):
+            # The same log-likelihoods from the same prompt text (lm-eval builds its own from the task file).
+            requests = [continuation_request(tok, p, conts(q)) for p, q in zip(prompts, questions)]
+            ours_lls = score_requests(model, requests, 8, "cpu", tok.pad_token_id or 0)
+            theirs_lls = [s["lls"] for s in theirs["samples"][task]]
+            assert len(theirs_lls) == len(ours_lls) == 4
+            for a, b in zip(ours_lls, theirs_lls):
+                assert a == pytest.approx(b, abs=1e-4), task
+            # ... and so the same choice per question as the eval stage made (acc = lm-eval's acc / acc_bytes).
+            norm = [[1] * 4 if mode == "letter" else [len(o.encode("utf-8")) for o in q["options"]] for q in questions]
+            chosen = "".join(LETTERS[max(range(4), key=lambda i, ll=ll, n=n: ll[i] / n[i])]
+                             for ll, n in zip(theirs_lls, norm))
+            assert chosen == ours["subjects"][subject][f"chosen_{mode}"], task
+            metric = "acc,none" if mode == "letter" else "acc_bytes,none"
+            assert theirs["results"][task][metric] == ours["subjects"][subject][f"acc_{mode}"]
+    assert theirs["results"]["milli_mc"]["acc,none"] == pytest.approx(ours["overall"]["acc_letter"], abs=1e-12)
+    assert theirs["results"]["milli_mc_option"]["acc_bytes,none"] == pytest.approx(ours["overall"]["acc_option"],
+                                                                                  abs=1e-12)
+
+
+def test_unknown_header_names_both_published_ones(tmp_path):
+    (tmp_path / "val").mkdir()
+    path = tmp_path / "val" / "x_val.csv"
+    path.write_text("id,prompt,A,B,C,D,label\n0,问,1,2,3,4,A\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="lacks \\['question', 'answer'\\].*,Question,A,B,C,D,Answer.*id,question"):
+        read_mc_csv(str(path))

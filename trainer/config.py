@@ -1,7 +1,7 @@
 """
-Stage configs: flat dataclasses filled from YAML and `key=value` overrides.
+Stage configs: flat dataclasses filled from YAML and `key=value` (or `--key value`) overrides.
 
-Precedence: dataclass defaults < YAML file < command-line `key=value`. Unknown keys and values that do not
+Precedence: dataclass defaults < YAML file < command-line overrides. Unknown keys and values that do not
 fit the field's type fail at once with a message naming the key (nanoGPT's strictness, without exec).
 
     cfg = load_config(PretrainConfig, "config/pretrain.yaml", ["lr=3e-4", "max_steps=100"])
@@ -11,6 +11,8 @@ would silently do nothing fails instead.
 """
 
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import yaml
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+_OVERRIDE_PAIR = re.compile(r"[A-Za-z_][\w-]*=")  # `key=value`: the start of the next override
 
 
 class ConfigError(ValueError):
@@ -83,15 +86,67 @@ def _coerce(key: str, value, annotation):
     return value
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """['lr=3e-4', 'name=x'] -> {'lr': '3e-4', 'name': 'x'} (values stay strings; _coerce types them)."""
+def parse_overrides(args: list[str]) -> dict:
+    """Command-line overrides -> {key: value string} (_coerce types the values later).
+
+    Accepts `key=value` (ours), `--key value` and `--key=value` (argparse, HF/TRL and litgpt habits), and dashes for
+    underscores (`--max-steps 3`). A bare `--flag` before another flag or at the end means true. The value after
+    `--key` is the next argument unless that is a flag or a `key=value` pair, so a value that itself holds `=`
+    must be written `--key=value`."""
     out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"override '{pair}' is not of the form key=value")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if nxt is None or nxt.startswith("--") or _OVERRIDE_PAIR.match(nxt):
+                    value = "true"
+                else:
+                    value = nxt
+                    i += 1
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise ConfigError(f"override '{arg}' is not of the form key=value or --key value")
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise ConfigError(f"override '{arg}' has no key")
+        out[key] = value
+        i += 1
     return out
+
+
+# Keys other training projects (HF Trainer/TRL, LLaMA-Factory, MiniMind) use for what ours call differently, with
+# what the user must know to translate the value. Checked before the spelling match, which would pair
+# gradient_accumulation_steps with gradient_checkpointing, a different thing.
+KEY_ALIASES = {
+    "gradient_accumulation_steps": ("global_batch_size", ("global_batch_size = batch_size x accumulation steps x "
+                                                          "processes; the accumulation follows from it")),
+    "learning_rate": ("lr", ""),
+    "per_device_train_batch_size": ("batch_size", "micro-batch per process"),
+    "train_batch_size": ("batch_size", "micro-batch per process"),
+    "num_train_epochs": ("max_steps", "training length is counted in optimizer steps, not epochs"),
+    "epochs": ("max_steps", "training length is counted in optimizer steps, not epochs"),
+    "output_dir": ("out_dir", ""),
+    "save_dir": ("out_dir", ""),
+    "model_name_or_path": ("init_from", "a local checkpoint folder"),
+    "max_seq_length": ("seq_len", "tokens per sequence"),
+    "max_length": ("seq_len", "tokens per sequence"),
+    "max_seq_len": ("seq_len", "tokens per sequence"),
+    "warmup_ratio": ("warmup_steps", "a number of steps: warmup_ratio x max_steps"),
+}
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """' (did you mean X? ...)' for an unknown key, or '' when nothing is close enough to be a useful hint."""
+    alias = KEY_ALIASES.get(key)
+    if alias and alias[0] in known:
+        target, note = alias
+        return f" (did you mean {target}?{' ' + note if note else ''})"
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.8)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict | None = None):
@@ -116,8 +171,7 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
                 raise ConfigError(f"config key '{key}' ({where}) is not used by stage {stage} "
                                   f"({cls.__module__}.{cls.__qualname__}): {unused[key]}; remove it")
             if key not in fields:
-                close = [k for k in fields if k.split("_")[0] == key.split("_")[0]][:3]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                hint = did_you_mean(key, list(fields))
                 raise ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
             values[key] = _coerce(key, value, hints[key])
     try:

@@ -5,12 +5,17 @@ generation report. Not training, so a plain function runner rather than a Traine
     python main.py --stage eval --config config/eval.yaml init_from=out/sft/final
     python main.py --stage eval init_from=out/pretrain/final,out/sft/final,out/dpo/final \\
         ppl_data=dataset/shards mc_dir=../shared/data/eval/cmmlu shots=5 prompts=eval_prompts.jsonl out_dir=out/eval
+    python main.py --stage eval init_from=out/sft/final mc_dir=ceval-exam mc_split=val shots=5   # C-Eval
 
 - ppl_data: a shard directory (its val shard is read) or text/JSONL/JSON files, comma-separated. Bits per byte
   (nats/token -> bits/UTF-8 byte) compares models whose tokenizers differ.
-- mc_dir: a folder with <mc_split>/ and dev/ of <subject>.csv files (header ,Question,A,B,C,D,Answer). Each question
-  is scored by the log-likelihood of the answer letter after "答案：" and/or of the option text (normalised by its
-  UTF-8 bytes); `shots` dev questions of the same subject go first as examples.
+- mc_dir: CMMLU or C-Eval as published, layout and header detected. CMMLU: <mc_split>/<subject>.csv and
+  dev/<subject>.csv, header ,Question,A,B,C,D,Answer (score mc_split=test). C-Eval: val/<subject>_val.csv and
+  dev/<subject>_dev.csv, header id,question,A,B,C,D,answer[,explanation] (score mc_split=val: its test split has no
+  answers and is refused). Each question is scored by the log-likelihood of the answer letter after "答案：" and/or
+  of the option text (normalised by its UTF-8 bytes); `shots` dev questions of the same subject go first as
+  examples. scripts/lm_eval_task.py writes the same questions and prompts as an lm-eval-harness task, so a Llama
+  export (scripts/export_llama.py) scored there gets the same accuracy.
 - prompts: JSONL of {"prompt": ..., "reference": ...} (reference optional), answered through model/engine.py with
   its sampling settings (chat template applied when chat=true).
 Several init_from paths are compared in one table. Writes eval.json, eval.md and generations.md into out_dir.
@@ -43,9 +48,9 @@ class Config:
     ppl_data: str = ""  # shard dir (val shard) or text/JSONL/JSON files, comma-separated; "" = skip
     seq_len: int = 512  # window length (capped at the model's context)
     ppl_max_tokens: int = 200_000  # tokens scored at most (0 = all)
-    # --- multiple choice (CMMLU / C-Eval CSV layout) ---
-    mc_dir: str = ""  # folder with one subfolder per split, one CSV per subject; "" = skip
-    mc_split: str = "test"  # the split that is scored; shots come from dev/
+    # --- multiple choice (CMMLU or C-Eval as published: layout and header detected) ---
+    mc_dir: str = ""  # folder with one subfolder per split (dev/ + test/ or val/), one CSV per subject; "" = skip
+    mc_split: str = "test"  # the split scored: test for CMMLU, val for C-Eval (its test has no answers); shots: dev/
     subjects: str = ""  # comma-separated subject names; "" = every CSV in the split
     shots: int = 0  # dev questions shown before each question (0 = zero-shot)
     mc_score: str = "letter"  # letter | option | both: what is scored (both reports two accuracies)
@@ -128,17 +133,53 @@ def perplexity(model, tokenizer, windows: torch.Tensor, batch_size: int, device)
 LETTERS = ("A", "B", "C", "D")
 
 
+# The published headers, by column role: CMMLU `,Question,A,B,C,D,Answer` (an unnamed index column first), C-Eval
+# `id,question,A,B,C,D,answer[,explanation]`. Matched without case, so either file reads as it was downloaded.
+MC_COLUMNS = ("question", "a", "b", "c", "d", "answer")
+
+
+def mc_subject_files(mc_dir: str, split: str) -> tuple[str, dict[str, str]]:
+    """(layout, {subject: csv path}) of one split: CMMLU's <split>/<subject>.csv or C-Eval's
+    <split>/<subject>_<split>.csv (val/computer_network_val.csv). The layout is read off the file names."""
+    split_dir = os.path.join(mc_dir, split)
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"mc_dir: {split_dir} is not a folder (expected <mc_dir>/{split}/*.csv, as CMMLU "
+                                f"and C-Eval are published)")
+    names = sorted(f[:-4] for f in os.listdir(split_dir) if f.endswith(".csv"))
+    suffix = f"_{split}"
+    if names and all(n.endswith(suffix) for n in names):
+        return "ceval", {n[:-len(suffix)]: os.path.join(split_dir, n + ".csv") for n in names}
+    return "cmmlu", {n: os.path.join(split_dir, n + ".csv") for n in names}
+
+
 def read_mc_csv(path: str) -> list[dict]:
-    """Rows of a CMMLU/C-Eval CSV as {"question", "options": [4], "answer": "A".."D"}."""
-    rows = []
+    """Rows of a CMMLU or C-Eval CSV (header detected) as {"question", "options": [4], "answer": "A".."D"}."""
     with open(path, encoding="utf-8-sig", newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            answer = (row.get("Answer") or row.get("answer") or "").strip().upper()
-            if answer not in LETTERS:
-                raise ValueError(f"{path}: row {i + 1} has answer '{answer}', expected one of A-D")
-            rows.append({"question": row["Question"].strip(), "options": [row[k].strip() for k in LETTERS],
-                         "answer": answer})
+        reader = csv.DictReader(f)
+        by_role = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
+        missing = [role for role in MC_COLUMNS if role not in by_role]
+        if missing:
+            raise ValueError(f"{path}: header {reader.fieldnames} lacks {missing}; expected CMMLU's "
+                             f"',Question,A,B,C,D,Answer' or C-Eval's 'id,question,A,B,C,D,answer[,explanation]'")
+        col = {role: by_role[role] for role in MC_COLUMNS}
+        records = list(reader)
+    if records and not any((r[col["answer"]] or "").strip() for r in records):
+        # C-Eval's test split is published without answers (they are scored on its website).
+        raise ValueError(f"{path}: no answers in this file (C-Eval publishes its test split without them); "
+                         f"score the val split instead: mc_split=val (shots still come from dev/)")
+    rows = []
+    for i, row in enumerate(records):
+        answer = (row[col["answer"]] or "").strip().upper()
+        if answer not in LETTERS:
+            raise ValueError(f"{path}: row {i + 1} has answer '{answer}', expected one of A-D")
+        rows.append({"question": row[col["question"]].strip(),
+                     "options": [row[col[k.lower()]].strip() for k in LETTERS], "answer": answer})
     return rows
+
+
+def mc_header(subject: str) -> str:
+    """The instruction that opens every prompt of a subject (before the shots)."""
+    return f"以下是关于{subject.replace('_', ' ')}的单项选择题，请直接给出正确答案的选项。\n\n"
 
 
 def format_question(q: dict, answer: bool) -> str:
@@ -146,20 +187,23 @@ def format_question(q: dict, answer: bool) -> str:
     return text + q["answer"] + "\n\n" if answer else text
 
 
-def continuation_request(tokenizer, context: str, conts: list[str], max_len: int) -> tuple[list[int], list]:
+def mc_prompt(subject: str, shots: list[dict], q: dict) -> str:
+    """The text a question is scored after: header, answered shots, then the question up to "答案："."""
+    return mc_header(subject) + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+
+
+def continuation_request(tokenizer, context: str, conts: list[str]) -> tuple[list[int], list]:
     """(context ids, [continuation ids]) for scoring each continuation after the same context.
 
     Each context + continuation is tokenised whole, as the model saw text in training; the split point is the
     longest prefix all of them share with the context alone (BPE may merge across the boundary), so every option
-    is scored from the same place. Too-long requests lose context on the left: the question stays, old shots go."""
+    is scored from the same place."""
     ctx = tokenizer.encode(context, add_special_tokens=False)
     fulls = [tokenizer.encode(context + c, add_special_tokens=False) for c in conts]
     start = min(len(ctx), *(len(f) - 1 for f in fulls))
     for f in fulls:
         start = next((i for i in range(start) if f[i] != ctx[i]), start)
-    longest = max(len(f) - start for f in fulls)
-    cut = max(0, start + longest - max_len)
-    return ctx[cut:start], [f[start:] for f in fulls]
+    return ctx[:start], [f[start:] for f in fulls]
 
 
 @torch.no_grad()
@@ -167,15 +211,25 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
     """Summed log-probability of every continuation of every request: [[score per continuation] per request].
 
     When all continuations of a request are one token (answer letters), one forward of the context gives all
-    of them; otherwise each continuation is its own row."""
+    of them; otherwise each continuation is its own row. A row reads the context and all but the last
+    continuation token (the last is only predicted); one longer than the model's context loses tokens on the left
+    (the question stays, old shots go), row by row: the cut lm-eval-harness makes, so both score the same text."""
+    max_len = model.config.max_position_embeddings
     rows = []  # (ids, [(position, token)], request index, continuation index)
+
+    def add_row(ids: list[int], queries: list[tuple[int, int]], r: int, ci: int):
+        drop = max(0, len(ids) - max_len)
+        if queries[0][0] - drop < 0:
+            raise ValueError(f"a continuation of {len(queries)} tokens does not fit the context of {max_len}")
+        rows.append((ids[drop:], [(p - drop, t) for p, t in queries], r, ci))
+
     for r, (ctx, conts) in enumerate(requests):
         if all(len(c) == 1 for c in conts):
             # -1: this row's queries are the continuations 0..n-1 in order
-            rows.append((ctx, [(len(ctx) - 1, c[0]) for c in conts], r, -1))
+            add_row(ctx, [(len(ctx) - 1, c[0]) for c in conts], r, -1)
         else:
             for ci, c in enumerate(conts):
-                rows.append((ctx + c, [(len(ctx) - 1 + j, t) for j, t in enumerate(c)], r, ci))
+                add_row(ctx + c[:-1], [(len(ctx) - 1 + j, t) for j, t in enumerate(c)], r, ci)
     scores = [[0.0] * len(conts) for _, conts in requests]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     for b0 in range(0, len(order), batch_size):
@@ -200,15 +254,13 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
 def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: list[dict], cfg: Config,
                  device) -> dict:
     """Accuracy of one subject under the letter and/or option-text scoring."""
-    max_len = model.config.max_position_embeddings
-    header = f"以下是关于{subject.replace('_', ' ')}的单项选择题，请直接给出正确答案的选项。\n\n"
     modes = ["letter", "option"] if cfg.mc_score == "both" else [cfg.mc_score]
     requests, owners = [], []  # owners[k] = (mode, question index) of requests[k]
     for qi, q in enumerate(questions):
-        context = header + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+        context = mc_prompt(subject, shots, q)
         for mode in modes:
             conts = list(LETTERS) if mode == "letter" else q["options"]
-            requests.append(continuation_request(tokenizer, context, conts, max_len))
+            requests.append(continuation_request(tokenizer, context, conts))
             owners.append((mode, qi))
     scores = score_requests(model, requests, cfg.batch_size, device, tokenizer.pad_token_id or 0)
     best = {}  # (mode, qi) -> index of the chosen option
@@ -221,28 +273,30 @@ def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: l
     for mode in modes:
         correct = sum(LETTERS[best[(mode, qi)]] == q["answer"] for qi, q in enumerate(questions))
         result[f"acc_{mode}"] = correct / max(1, len(questions))
+    for mode in modes:  # the letter chosen per question, in file order: compared question by question elsewhere
+        result[f"chosen_{mode}"] = "".join(LETTERS[best[(mode, qi)]] for qi in range(len(questions)))
     return result
 
 
 def eval_multiple_choice(model, tokenizer, cfg: Config, device) -> dict:
-    split_dir = os.path.join(cfg.mc_dir, cfg.mc_split)
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(f"mc_dir: {split_dir} is not a folder (expected <mc_dir>/{cfg.mc_split}/*.csv)")
-    available = sorted(f[:-4] for f in os.listdir(split_dir) if f.endswith(".csv"))
-    wanted = [s.strip() for s in cfg.subjects.split(",") if s.strip()] or available
-    missing = sorted(set(wanted) - set(available))
+    layout, files = mc_subject_files(cfg.mc_dir, cfg.mc_split)
+    dev_files = {}
+    if cfg.shots > 0 and os.path.isdir(os.path.join(cfg.mc_dir, "dev")):
+        dev_files = mc_subject_files(cfg.mc_dir, "dev")[1]
+    wanted = [s.strip() for s in cfg.subjects.split(",") if s.strip()] or sorted(files)
+    missing = sorted(set(wanted) - set(files))
     if missing:
-        raise FileNotFoundError(f"mc_dir: no {missing} in {split_dir}")
+        raise FileNotFoundError(f"mc_dir: no {missing} in {os.path.join(cfg.mc_dir, cfg.mc_split)}")
+    print0(f"[eval]   multiple choice: {len(wanted)} subjects of {cfg.mc_dir} ({layout} layout, {cfg.mc_split} split)")
     subjects = {}
     for subject in wanted:
-        questions = read_mc_csv(os.path.join(split_dir, f"{subject}.csv"))
+        questions = read_mc_csv(files[subject])
         if cfg.mc_max_questions > 0:
             questions = questions[:cfg.mc_max_questions]
-        dev = os.path.join(cfg.mc_dir, "dev", f"{subject}.csv")
-        shots = read_mc_csv(dev)[:cfg.shots] if cfg.shots > 0 and os.path.isfile(dev) else []
+        shots = read_mc_csv(dev_files[subject])[:cfg.shots] if subject in dev_files else []
         subjects[subject] = eval_subject(model, tokenizer, subject, questions, shots, cfg, device)
         print0(f"[eval]   {subject}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in subjects[subject].items()))
+                                                  for k, v in subjects[subject].items() if k[:7] != "chosen_"))
     total = sum(r["n"] for r in subjects.values())
     overall = {"n": total}
     for key in [k for k in next(iter(subjects.values())) if k.startswith("acc_")]:
