@@ -368,7 +368,11 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.model = self.raw_model
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
+            # compiled module is what DDP wraps, as the torch docs recommend (compile the inner module): its forward
+            # runs inside DDP's, so dynamo's DDPOptimizer cuts the graph at DDP's bucket boundaries and each
+            # bucket's all-reduce overlaps the rest of backward. raw_model itself stays uncompiled (saving, Engine).
+            self.model = torch.compile(self.model, dynamic=False)
         if self.ddp and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
