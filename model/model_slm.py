@@ -239,7 +239,7 @@ class SLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SLMDecoderLayer"]
     _supports_sdpa = True
-    _can_compile_fullgraph = False  # the MoE path has data-dependent shapes
+    _can_compile_fullgraph = False  # eager MoE routing has data-dependent shapes (compiled training: all_experts)
 
     @torch.no_grad()
     def _init_weights(self, module):
