@@ -426,8 +426,8 @@ def length_bucket(length: int, seq_len: int, buckets: int = 4, multiple: int = 8
 
     torch.compile(dynamic=False) builds one graph per input shape; a handful of fixed lengths bounds the graphs
     per stage (dynamo compiles at most 8 per function, then runs new shapes eagerly: 4 training and 4 evaluation
-    lengths fit, since eval mode and no_grad get graphs of their own), and powers of two waste at most half a row. A row longer than seq_len (callers truncate, so never in training) is rounded up
-    to `multiple`."""
+    lengths fit, since eval mode and no_grad get graphs of their own), and powers of two waste at most half a row.
+    A row longer than seq_len (callers truncate, so never in training) is rounded up to `multiple`."""
     if length > seq_len:
         return -(-length // multiple) * multiple
     best = seq_len
