@@ -451,28 +451,50 @@ class ChatDataset:
         return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
                 "labels": torch.from_numpy(labels.astype(np.int64)),
                 "position_ids": torch.from_numpy(positions.astype(np.int64)),
-                "seq_ids": torch.from_numpy(seq_ids.astype(np.int64))}
+                "seq_ids": torch.from_numpy(seq_ids.astype(np.int64)), "packed": self.packed}
 
     def fill_ratio(self, seq_len: int) -> float:
         """Share of the seq_len slots that hold real tokens (1.0 = no padding at all)."""
         return sum(len(s[0]) for s in self.samples) / max(1, len(self.groups) * seq_len)
 
 
-def collate_chat(items: list[dict], pad_id: int, pad_multiple: int = 8) -> dict:
+def length_bucket(length: int, seq_len: int, buckets: int = 4, multiple: int = 8) -> int:
+    """The padded length of a micro-batch whose longest row has `length` tokens: the smallest of seq_len,
+    seq_len / 2, seq_len / 4, ... (`buckets` lengths, each rounded up to `multiple`) that holds it.
+
+    torch.compile(dynamic=False) builds one graph per input shape; a handful of fixed lengths bounds the graphs
+    per stage (dynamo compiles at most 8 per function, then runs new shapes eagerly: 4 training and 4 evaluation
+    lengths fit, since eval mode and no_grad get graphs of their own), and powers of two waste at most half a row.
+    A row longer than seq_len (callers truncate, so never in training) is rounded up to `multiple`."""
+    if length > seq_len:
+        return -(-length // multiple) * multiple
+    best = seq_len
+    for k in range(1, buckets):
+        size = -(-(seq_len >> k) // multiple) * multiple
+        if size < length:
+            break
+        best = size
+    return best
+
+
+def collate_chat(items: list[dict], pad_id: int, pad_multiple: int = 8, seq_len: int = 0) -> dict:
     """Right-pad a list of ChatDataset items into one micro-batch.
 
     No row gets an attention mask (see the module docstring). When a row holds several conversations the batch
     also carries document_ids (B, T), the conversation number of each token (0 = padding), and per-conversation
     position_ids: the model keeps attention inside each conversation from these, on the device, so the host never
-    builds a T x T mask. T is the longest row rounded up to pad_multiple, which keeps the number of distinct shapes
-    small (torch.compile, cuBLAS)."""
+    builds a T x T mask. With seq_len > 0, T is length_bucket(longest row, seq_len), one of a few fixed lengths (one
+    compiled graph each); otherwise the longest row rounded up to pad_multiple. Items of a packed ChatDataset
+    always give document_ids, even when no row of this batch holds two conversations, so that a compiled model
+    sees the same inputs every step."""
     lengths = [len(it["input_ids"]) for it in items]
-    T = -(-max(lengths) // pad_multiple) * pad_multiple
+    T = length_bucket(max(lengths), seq_len) if seq_len > 0 else -(-max(lengths) // pad_multiple) * pad_multiple
     B = len(items)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     batch = {"input_ids": input_ids, "labels": labels, "num_tokens": sum(lengths)}
-    packed = any(int(it["seq_ids"][-1]) > 1 for it in items)  # ids count up along a row: the last is the largest
+    # ids count up along a row: the last is the largest
+    packed = any(it.get("packed", False) or int(it["seq_ids"][-1]) > 1 for it in items)
     if packed:
         batch["position_ids"] = torch.zeros((B, T), dtype=torch.long)
         batch["document_ids"] = torch.zeros((B, T), dtype=torch.long)

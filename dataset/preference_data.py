@@ -33,6 +33,7 @@ from dataset.chat_data import (
     BadRecord,
     chatml_pieces,
     check_messages,
+    length_bucket,
     to_messages,
     tokenize_conversation,
     usable_records,
@@ -202,15 +203,20 @@ def read_pair_samples(paths: str | list[str], tokenizer, seq_len: int, on_bad: s
     return tokenize_pairs(pairs, tokenizer, seq_len, stats), stats
 
 
-def collate_pairs(items: list[dict], pad_id: int, pad_multiple: int = 8) -> dict:
+def collate_pairs(items: list[dict], pad_id: int, pad_multiple: int = 8, seq_len: int = 0) -> dict:
     """B pairs -> one (2B, T) right-padded micro-batch, rows [chosen_0..chosen_B-1; rejected_0..rejected_B-1].
 
     loss_mask (2B, T-1) marks the targets of the reply tokens (position t predicts token t+1), so a sum of
     per-target log-probs under it is the reply's log-probability. No attention mask is needed for a causal LM
-    (real tokens never see the right padding); attention_mask is there for the reward model's last-token read."""
+    (real tokens never see the right padding), nor for the reward model, which reads its score at last_index (2B,),
+    each row's last real token, counted here on the host. attention_mask stays for callers that want one;
+    num_tokens counts the real tokens (for tokens/s without reading a device tensor).
+    seq_len > 0: T is length_bucket(longest row, seq_len), one of a few fixed lengths (one compiled graph each);
+    otherwise the longest row rounded up to pad_multiple."""
     rows = [(it["chosen_ids"], it["chosen_mask"]) for it in items] + \
            [(it["rejected_ids"], it["rejected_mask"]) for it in items]
-    T = -(-max(len(ids) for ids, _ in rows) // pad_multiple) * pad_multiple
+    longest = max(len(ids) for ids, _ in rows)
+    T = length_bucket(longest, seq_len) if seq_len > 0 else -(-longest // pad_multiple) * pad_multiple
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.bool)
@@ -219,6 +225,8 @@ def collate_pairs(items: list[dict], pad_id: int, pad_multiple: int = 8) -> dict
         attention_mask[r, :len(ids)] = 1
         mask[r, :len(ids)] = torch.from_numpy(m)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": mask[:, 1:],
+             "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]),
+             "num_tokens": sum(len(ids) for ids, _ in rows),
              "index": torch.tensor([it["index"] for it in items]), "num_pairs": len(items)}
     if "ref_logps" in items[0]:
         ref = torch.stack([it["ref_logps"] for it in items])  # (B, 2)

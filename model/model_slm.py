@@ -170,19 +170,40 @@ class SLMMoE(nn.Module):
         topk_w, topk_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        # Loop over experts, not tokens: each expert runs once on the rows routed to it.
-        for e, expert in enumerate(self.experts):
-            rows, slot = torch.where(topk_idx == e)
-            if rows.numel() == 0:
-                continue
-            y = expert(flat[rows]) * topk_w[rows, slot, None]
-            out.index_add_(0, rows, y.to(out.dtype))
+        if torch.compiler.is_compiling():
+            out = self.all_experts(flat, topk_w, topk_idx)
+        else:
+            out = self.routed_experts(flat, topk_w, topk_idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        routed_share = F.one_hot(topk_idx, self.num_experts).float().sum(dim=1).mean(dim=0) / self.top_k  # f_e
+        # f_e from a scatter rather than F.one_hot, whose range check on the indices would break a compiled graph
+        routed = torch.zeros_like(probs).scatter_(1, topk_idx, 1.0)  # (N, E): 1 where the token went to e
+        routed_share = routed.mean(dim=0) / self.top_k  # f_e
         aux_loss = self.num_experts * (routed_share * probs.mean(dim=0)).sum()
         return out.view(B, T, H), aux_loss
+
+    def routed_experts(self, flat, topk_w, topk_idx):
+        """Eager: each expert runs once on the rows routed to it (k / num_experts of the dense work)."""
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(topk_idx == e)
+            # An expert that gets no token still runs (on zero rows): its weights stay in the autograd graph and
+            # receive a zero gradient, so DDP's reducer hears from every parameter every step. Skipping it
+            # makes DDP fail ("did not receive grad") as soon as one rank routes nothing to one expert.
+            y = expert(flat[rows]) * topk_w[rows, slot, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+    def all_experts(self, flat, topk_w, topk_idx):
+        """Compiled: every expert on every row, weighted by its routing weight (0 off the top-k). The same sum as
+        routed_experts (an unrouted expert adds exactly 0) with static shapes, so the graph has no break. The price:
+        num_experts / top_k times the routed experts' work, for a handful of experts (our moe preset has 4, top 2)."""
+        weights = torch.zeros(flat.shape[0], self.num_experts, dtype=topk_w.dtype, device=flat.device)
+        weights = weights.scatter(1, topk_idx, topk_w)  # (N, E)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + (expert(flat) * weights[:, e, None]).to(out.dtype)
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +239,7 @@ class SLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SLMDecoderLayer"]
     _supports_sdpa = True
-    _can_compile_fullgraph = False  # the MoE path has data-dependent shapes
+    _can_compile_fullgraph = False  # eager MoE routing has data-dependent shapes (compiled training: all_experts)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -485,11 +506,16 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
         return (model, info) if kwargs.get("output_loading_info") else model
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
+                labels=None, use_cache=None, last_index=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        """last_index (B,): where each row's last real token sits, counted on the host (collate_pairs). With it
+        and right padding no attention_mask is needed: under causal attention the real tokens never see the pads
+        after them, so the mask-free (flash) kernel gives the scores the padding mask gives."""
         hidden, cache, _ = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
         logits = self.score(hidden)  # (B, T, num_labels)
         B, T = logits.shape[:2]
-        if attention_mask is not None:
+        if last_index is not None:
+            last = last_index.to(logits.device)
+        elif attention_mask is not None:
             # Index of the last real token; works for right padding and, via the max, for left padding too.
             last = (torch.arange(T, device=logits.device) * attention_mask.to(logits.device)).argmax(-1)
         elif input_ids is not None and self.config.pad_token_id is not None:

@@ -22,6 +22,7 @@ from dataset.chat_data import (
     check_chat_template,
     check_chatml,
     collate_chat,
+    length_bucket,
     load_conversations,
     pack_bins,
     tokenize_conversation,
@@ -227,6 +228,31 @@ def test_pack_bins_fit_and_cover_everything():
     assert sorted(i for b in bins for i in b) == list(range(500))
     assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
     assert len(bins) <= 1.1 * sum(lengths) / 128 + 1  # best fit wastes little
+
+
+def test_length_buckets_are_few_and_hold_the_row():
+    assert [length_bucket(n, 1024) for n in (1, 128, 129, 256, 300, 513, 1024)] == [128, 128, 256, 256, 512, 1024,
+                                                                                    1024]
+    assert [length_bucket(n, 100) for n in (1, 13, 17, 26, 51, 100)] == [16, 16, 32, 32, 56, 100]  # multiples of 8
+    assert length_bucket(70, 64) == 72  # over seq_len (never in training): rounded up, not cut
+    for seq_len in (32, 100, 512, 2048):
+        sizes = {length_bucket(n, seq_len) for n in range(1, seq_len + 1)}
+        assert len(sizes) <= 4 and max(sizes) == seq_len
+        assert all(length_bucket(n, seq_len) >= n for n in range(1, seq_len + 1))
+
+
+def test_collate_pads_to_a_bucket_and_a_packed_dataset_always_gives_document_ids(tok):
+    samples = tokenize_conversations([SINGLE, MULTI], tok, 512)
+    lengths = [len(s[0]) for s in samples]
+    seq_len = 4 * max(lengths)
+    # A packed dataset whose rows happen to hold one conversation each (seq_len too small to pair them): the batch
+    # still carries document_ids and position_ids, so a compiled model gets the same inputs as for packed rows.
+    data = ChatDataset(samples, seq_len=max(lengths), pack=True)
+    batch = collate_chat([data[0], data[1]], tok.pad_token_id, seq_len=seq_len)
+    assert batch["input_ids"].shape[1] == length_bucket(max(lengths), seq_len)
+    assert {"document_ids", "position_ids"} <= set(batch)
+    plain = collate_chat([ChatDataset(samples, seq_len)[i] for i in (0, 1)], tok.pad_token_id, seq_len=seq_len)
+    assert "document_ids" not in plain and plain["input_ids"].shape[1] == batch["input_ids"].shape[1]
 
 
 def test_packed_batch_keeps_attention_inside_each_conversation(tok):

@@ -43,6 +43,7 @@ def dpo_config(init_from: str, out_dir, data_path: str, **overrides):
 def test_the_four_formats_read_to_the_same_pairs(tmp_path, tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
+    from dataset.chat_data import length_bucket
     from dataset.preference_data import (
         PairDataset,
         collate_pairs,
@@ -67,6 +68,12 @@ def test_the_four_formats_read_to_the_same_pairs(tmp_path, tiny_tokenizer_dir):
         assert tok.decode(targets) == reply + "<|im_end|>"
         last = batch["input_ids"][row, batch["attention_mask"][row].sum() - 1]
         assert last == tok.convert_tokens_to_ids("<|im_end|>")
+        assert batch["last_index"][row] == batch["attention_mask"][row].sum() - 1  # where the reward model reads
+    assert batch["num_tokens"] == int(batch["attention_mask"].sum())
+    longest = int(batch["attention_mask"].sum(-1).max())
+    bucketed = collate_pairs([PairDataset(samples)[i] for i in range(2)], pad_id=tok.pad_token_id, seq_len=64)
+    assert bucketed["input_ids"].shape[1] == length_bucket(longest, 64)
+    assert torch.equal(bucketed["input_ids"][:, :longest], batch["input_ids"][:, :longest])
 
 
 def test_bad_records_are_counted_or_raise(tmp_path):

@@ -1,9 +1,15 @@
 """The SLM model family: shapes, causality, KV cache, generation, save/load, Auto classes, MoE, config checks."""
 
 import logging
+import os
+import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 from model import SLMConfig, SLMForCausalLM, SLMForSequenceClassification
@@ -164,6 +170,80 @@ def test_moe_routes_to_several_experts_and_aux_loss():
     assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
     dense_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
     assert torch.allclose(out.loss, dense_loss + 0.01 * out.aux_loss, atol=1e-5)  # aux is added to the loss
+
+
+def test_moe_all_experts_path_equals_routed_path():
+    """The compiled MoE path (every expert on every row, weighted) gives the eager routed loop's output,
+    aux loss and gradients."""
+    model = make(**MOE)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    flat = x.reshape(-1, 64)
+    probs = torch.softmax(moe.gate(flat).float(), dim=-1)
+    w, idx = probs.topk(2, dim=-1)
+    routed, dense = moe.routed_experts(flat, w, idx), moe.all_experts(flat, w, idx)
+    assert torch.allclose(routed, dense, atol=1e-6)
+    g_routed = torch.autograd.grad(routed.square().sum(), [x, moe.experts[1].up_proj.weight], retain_graph=True)
+    g_dense = torch.autograd.grad(dense.square().sum(), [x, moe.experts[1].up_proj.weight])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_routed, g_dense))
+
+
+def test_reward_scores_at_last_index_without_mask_equal_masked_scores():
+    torch.manual_seed(0)
+    reward = SLMForSequenceClassification(tiny(num_labels=1)).eval()
+    ids = torch.randint(4, 256, (3, 16))
+    lengths = torch.tensor([16, 9, 4])
+    mask = (torch.arange(16)[None] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 3)  # right padding
+    masked = reward(ids, attention_mask=mask).logits
+    unmasked = reward(ids, last_index=lengths - 1).logits
+    assert torch.allclose(masked, unmasked, atol=1e-5)
+    at_end = reward(ids, last_index=torch.full((3,), 15)).logits  # the last slot of a padded row is not the score
+    assert not torch.allclose(masked[1:], at_end[1:], atol=1e-3)
+
+
+def _moe_ddp_worker(rank: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = SLMForCausalLM(tiny(**MOE)).train()
+    seen = torch.zeros((), dtype=torch.long)  # rows expert 0 received in layer 0 on this rank
+
+    def count_rows(module, inputs, output):
+        seen.add_(len(inputs[0]))
+
+    model.model.layers[0].mlp.experts[0].register_forward_hook(count_rows)
+    if rank == 1:  # a router bias on this rank only: no token of its batch goes to expert 0, in any layer
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(lambda m, i, o: o - 1e4 * (torch.arange(o.shape[-1]) == 0))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # as trainer/core.py wraps it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(10 * step + rank))
+        ddp(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({"seen": seen, "expert0": model.model.layers[0].mlp.experts[0].up_proj.weight.detach()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_moe_under_ddp_when_an_expert_gets_no_token(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_moe_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):  # raises if a rank failed; a stuck all-reduce ends at the deadline
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("DDP hung: a rank never reduced the gradients of an expert that got no token")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert int(r1["seen"].sum()) == 0 and int(r0["seen"].sum()) > 0  # the crafted imbalance happened
+    assert torch.equal(r0["expert0"], r1["expert0"])  # its gradient was all-reduced: the ranks stay in sync
 
 
 def test_dense_path_has_no_moe_parts():

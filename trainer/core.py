@@ -235,7 +235,11 @@ class Trainer:
         self.optimizer = build_adamw(self.trainable_parameters(), cfg, self.device)
         self.model = self.raw_model
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
+            # compiled module is what DDP wraps, as the torch docs recommend (compile the inner module): its forward
+            # runs inside DDP's, so dynamo's DDPOptimizer cuts the graph at DDP's bucket boundaries and each
+            # bucket's all-reduce overlaps the rest of backward. raw_model itself stays uncompiled (saving, Engine).
+            self.model = torch.compile(self.model, dynamic=False)
         if self.distributed and not self.fsdp:
             self.model = parallel.wrap_ddp(self.model, self.device)
         self.peak_flops = gpu_peak_flops(self.device)

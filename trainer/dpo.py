@@ -112,7 +112,8 @@ class DPOTrainer(Trainer):
                                            cfg.max_samples, print0)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
         train, val = PairDataset(train), PairDataset(val)
-        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
+        # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
+        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id, seq_len=cfg.seq_len)
 
         if cfg.precompute_ref:
             for data in (train, val):
@@ -138,7 +139,7 @@ class DPOTrainer(Trainer):
         return batch["num_pairs"]
 
     def count_tokens(self, *, batch) -> int:
-        return int(batch["attention_mask"].sum())
+        return batch["num_tokens"]  # counted on the host by collate_pairs
 
     def compute_loss(self, *, batch, num_items):
         cfg = self.cfg

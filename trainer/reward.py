@@ -76,7 +76,8 @@ class RewardTrainer(Trainer):
                                            cfg.max_samples, print0)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
         train, val = PairDataset(train), PairDataset(val)
-        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)
+        # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
+        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id, seq_len=cfg.seq_len)
 
         print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")
         return self.in_memory_batches(train, val, collate)
@@ -85,10 +86,12 @@ class RewardTrainer(Trainer):
         return batch["num_pairs"]
 
     def count_tokens(self, *, batch) -> int:
-        return int(batch["attention_mask"].sum())
+        return batch["num_tokens"]  # counted on the host by collate_pairs
 
     def compute_loss(self, *, batch, num_items):
-        scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        # No attention mask: rows are right-padded and attention is causal, so the score at each row's last real
+        # token (last_index) is the one a padding mask would give, and the mask-free (flash) kernel runs.
+        scores = self.model(input_ids=batch["input_ids"], last_index=batch["last_index"]).logits[:, 0]
         r_c, r_r = scores.float().chunk(2)  # rows are [chosen; rejected]
         losses = bradley_terry_loss(r_c, r_r, self.cfg.center_coef)
         metrics = {"accuracy": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean().detach(),

@@ -60,7 +60,8 @@ class SFTTrainer(Trainer):
         pad_id = self.tokenizer.pad_token_id
 
         def collate(items):
-            return collate_chat(items, pad_id)
+            # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
+            return collate_chat(items, pad_id, seq_len=cfg.seq_len)
 
         # The validation set is never packed: the loss is the same, the code simpler.
         batches = self.in_memory_batches(train, ChatDataset(val, cfg.seq_len) if val else None, collate)
