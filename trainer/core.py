@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from model.runtime import autocast_context, check_checkpoint_dir, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer.config import format_config, save_config
+from trainer.optim import build_optimizer
 
 # -----------------------------------------------------------------------------
 # The settings every stage shares. A stage's Config subclasses this and adds only its own fields.
@@ -53,9 +54,13 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from 0
     lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     decay_ratio: float = 0.2  # wsd: share of steps spent in the final linear decay
-    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms or biases)
-    beta1: float = 0.9
+    weight_decay: float = 0.1  # decay on matrices (not on norms or biases), AdamW's and Muon's
+    beta1: float = 0.9  # AdamW betas (under optimizer=muon: of the embeddings, head, norms)
     beta2: float = 0.95
+    optimizer: str = "adamw"  # adamw | muon: Muon for the hidden matrices, AdamW for the rest (trainer/optim.py)
+    muon_lr_ratio: float = 10.0  # muon: the hidden matrices' peak lr as a multiple of lr (the AdamW groups keep
+    #                              lr); Muon scales it per matrix by 0.2*sqrt(max(out, in)) (trainer/optim.py)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 = off
     # --- system ---
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -452,14 +457,11 @@ class Trainer:
         return best
 
     def _build_optimizer(self):
-        # Decay matrices (embeddings and linear weights); never norms, biases or other vectors.
-        params = self.trainable_parameters()
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=fused)
+        # Names decide the groups (trainer/optim.py); a parameter outside the policy model (PPO's value head)
+        # has none and goes to AdamW.
+        names = {id(p): n for n, p in self.raw_model.named_parameters()}
+        named = [(names.get(id(p), f"extra.{i}"), p) for i, p in enumerate(self.trainable_parameters())]
+        return build_optimizer(named, self.cfg, self.device)
 
     # ---- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -509,8 +511,8 @@ class Trainer:
         """One optimizer step: accumulate over micro-batches, clip, update. Returns tensors to log."""
         micro_batches = self.next_step()
         lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group's peak lr is lr_scale x cfg.lr (trainer/optim.py)
+            group["lr"] = lr * group["lr_scale"]
         # Weight every valid item of the whole step (all micro-batches, all ranks) equally.
         num_items = torch.tensor(float(sum(self.batch_weight(b) for b in micro_batches)), device=self.device)
         if self.ddp:
