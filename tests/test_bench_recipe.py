@@ -62,7 +62,8 @@ def test_quick_run_prints_curves_and_ratios(tmp_path):
     data = json.loads(out.read_text())
     assert list(data["summary"]) == list(RECIPES)  # the baseline first, then the others, each trained
     assert data["recipes"]["ours-muon"] == {"optimizer": "muon"}
-    steps, batch, seq = data["settings"]["max_steps"], data["settings"]["global_batch_size"], data["settings"]["seq_len"]
+    settings = data["settings"]
+    steps, batch, seq = settings["max_steps"], settings["global_batch_size"], settings["seq_len"]
     for run in data["runs"]:
         tokens = [t for t, _ in run["curve"]]
         assert len(tokens) == 3 and tokens[-1] == steps * batch * seq and tokens == sorted(tokens)

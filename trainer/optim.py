@@ -96,7 +96,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._share()
 
     def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_built", False):  # only the constructor may add groups: a later one would reach neither optimizer
+        # Only the constructor may add groups: a later one would reach neither inner optimizer.
+        if getattr(self, "_built", False):
             raise NotImplementedError("MuonWithAdamW takes its groups at construction")
         super().add_param_group(param_group)
 
