@@ -16,6 +16,10 @@ bench/bench_recipe.py). The AdamW groups keep lr. Keller Jordan's and nanochat's
 the update's RMS to the width and needs a Muon lr tuned per model size; match_rms_adamw lets one ratio serve
 every preset.
 
+Parallel runs: under DDP every rank orthogonalises every matrix from the same all-reduced gradient, so all ranks
+take the same step (nanochat's DistMuon splits that work by matrix instead; not needed at our sizes). Under FSDP a
+rank holds only a shard of each matrix and Newton-Schulz needs the whole of it: optimizer=muon is refused there.
+
 Each param group carries `lr_scale`, its peak lr as a multiple of cfg.lr; the Trainer sets
 group["lr"] = lr_at(step) * group["lr_scale"] every step, so warmup and decay apply to every group alike.
 """
