@@ -19,8 +19,8 @@ scripts/prepare_shards.py, all into bench/_work/recipe/ (git-ignored) and reused
 the benchmark says so and exits.
 
 Recipes (a recipe is a set of TrainConfig overrides on top of the shared ones):
-    ours-adamw   config/pretrain.yaml as it is (warmup kept as the same share of the run)
-    ours-muon    the same with optimizer=muon and its defaults
+    ours-adamw   config/pretrain.yaml with optimizer=adamw (its warmup kept as the same share of the run)
+    ours-muon    the same with optimizer=muon (and the yaml's or TrainConfig's muon settings)
     minimind     MiniMind's pretraining: AdamW with torch's default betas (0.9, 0.999) and weight decay 0.01,
                  lr 5e-4, cosine to lr/10, no warmup
     plus the variants in VARIANTS and any --set name:key=value,key=value.
@@ -69,7 +69,10 @@ SIZES = {
 
 MINIMIND = dict(optimizer="adamw", lr=5e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, lr_schedule="cosine",
                 min_lr_ratio=0.1, warmup_steps=0)
-RECIPES = {"ours-adamw": {}, "ours-muon": dict(optimizer="muon"), "minimind": MINIMIND}
+RECIPES = {"ours-adamw": dict(optimizer="adamw"), "ours-muon": dict(optimizer="muon"), "minimind": MINIMIND}
+# What a recipe is made of, taken from config/pretrain.yaml (with TrainConfig's defaults where it is silent).
+RECIPE_KEYS = ("optimizer", "lr", "min_lr_ratio", "lr_schedule", "decay_ratio", "weight_decay", "beta1", "beta2",
+               "grad_clip", "muon_lr_ratio", "muon_momentum")
 VARIANTS = {
     "ours-muon-wsd": dict(optimizer="muon", lr_schedule="wsd"),
     "ours-adamw-wsd": dict(lr_schedule="wsd"),
@@ -117,11 +120,10 @@ def base_settings(size: dict, args, tokenizer: str, shards: str, model_config: s
     yaml_cfg = load_config(Config, os.path.join(ROOT, "config", "pretrain.yaml"), [])
     warmup = round(args.steps * yaml_cfg.warmup_steps / yaml_cfg.max_steps)  # the same share of the run
     eval_every = max(1, args.steps // size["evals"])
-    return dict(model_config=model_config, tokenizer_dir=tokenizer, data_dir=shards, max_steps=args.steps,
+    recipe = {key: getattr(yaml_cfg, key) for key in RECIPE_KEYS}
+    return dict(**recipe, model_config=model_config, tokenizer_dir=tokenizer, data_dir=shards, max_steps=args.steps,
                 batch_size=size["batch"], global_batch_size=size["batch"], seq_len=size["seq_len"],
-                lr=yaml_cfg.lr, min_lr_ratio=yaml_cfg.min_lr_ratio, warmup_steps=warmup,
-                lr_schedule=yaml_cfg.lr_schedule, weight_decay=yaml_cfg.weight_decay, grad_clip=yaml_cfg.grad_clip,
-                device=args.device, compile=args.compile and args.device != "cpu", dtype="auto",
+                warmup_steps=warmup, device=args.device, compile=args.compile and args.device != "cpu", dtype="auto",
                 eval_every=eval_every, eval_batches=size["eval_batches"], save_every=0, keep_last=1, resume="never",
                 log_every=max(1, args.steps // 4), sample_tokens=0)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench.bench_recipe import BASELINE, PACK, RECIPES, parse_set, summarise, tokens_to_reach
+from trainer.config import load_config
+from trainer.pretrain import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +64,7 @@ def test_quick_run_prints_curves_and_ratios(tmp_path):
     data = json.loads(out.read_text())
     assert list(data["summary"]) == list(RECIPES)  # the baseline first, then the others, each trained
     assert data["recipes"]["ours-muon"] == {"optimizer": "muon"}
+    assert data["settings"]["lr"] == load_config(Config, str(ROOT / "config" / "pretrain.yaml")).lr  # the yaml's
     settings = data["settings"]
     steps, batch, seq = settings["max_steps"], settings["global_batch_size"], settings["seq_len"]
     for run in data["runs"]:
