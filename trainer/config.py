@@ -222,9 +222,13 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from 0
     lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     decay_ratio: float = 0.2  # wsd: share of steps spent in the final linear decay
-    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms or biases)
-    beta1: float = 0.9
+    weight_decay: float = 0.1  # decay on matrices (not on norms or biases), AdamW's and Muon's
+    beta1: float = 0.9  # AdamW betas (under optimizer=muon: of the embeddings, head, norms)
     beta2: float = 0.95
+    optimizer: str = "adamw"  # adamw | muon: Muon for the hidden matrices, AdamW for the rest (trainer/optim.py)
+    muon_lr_ratio: float = 10.0  # muon: the hidden matrices' peak lr as a multiple of lr (the AdamW groups keep
+    #                              lr); Muon scales it per matrix by 0.2*sqrt(max(out, in)) (trainer/optim.py)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 = off
     # --- system ---
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -26,7 +26,7 @@ from trainer import checkpoint, parallel
 from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, flops_per_token, gpu_peak_flops, print0,
                             probe_micro_batch)
 from trainer.config import TrainConfig, config_to_dict, format_config, save_config
-from trainer.optim import build_adamw, lr_at
+from trainer.optim import build_optimizer, lr_at
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +232,11 @@ class Trainer:
         self.model_class_name = type(self.raw_model).__name__
         if self.fsdp:
             parallel.shard_model(self.raw_model, self.device, self.world_size)  # before the optimizer
-        self.optimizer = build_adamw(self.trainable_parameters(), cfg, self.device)
+        # Names decide the groups (trainer/optim.py); a parameter outside the policy model (PPO's value head) has
+        # none and goes to AdamW.
+        names = {id(p): n for n, p in self.raw_model.named_parameters()}
+        named = [(names.get(id(p), f"extra.{i}"), p) for i, p in enumerate(self.trainable_parameters())]
+        self.optimizer = build_optimizer(named, cfg, self.device)
         self.model = self.raw_model
         if cfg.compile:
             # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
@@ -307,8 +311,8 @@ class Trainer:
         step processed over all ranks)."""
         micro_batches = self.next_step()
         lr = lr_at(self.cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group's peak lr is lr_scale x cfg.lr (trainer/optim.py)
+            group["lr"] = lr * group["lr_scale"]
         # Weight every loss item of the whole step (all micro-batches, all ranks) equally.
         num_items = torch.tensor(float(sum(self.count_loss_items(batch=b) for b in micro_batches)),
                                  device=self.device)

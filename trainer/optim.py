@@ -1,22 +1,156 @@
 """
-The optimizer and the learning-rate schedule of every stage (torchtitan's components/optimizer and lr_scheduler,
-in two functions): AdamW that decays matrices only, and linear warmup followed by cosine, WSD or constant.
+The optimizer every stage trains with: AdamW, or Muon for the hidden matrices with AdamW for the rest.
+
+    optimizer=adamw   AdamW on everything; decay on matrices (embeddings, projections), never on norms or biases
+    optimizer=muon    Muon (momentum orthogonalised by Newton-Schulz, torch.optim.Muon) on the 2-D hidden matrices:
+                      attention q/k/v/o and MLP gate/up/down projections, MoE experts included. AdamW keeps the
+                      embedding, the output head (tied or not), norms, biases, the MoE router, LoRA adapters and any
+                      parameter outside the policy model (e.g. PPO's value head), as nanochat and modded-nanogpt do.
+
+Learning rates. Muon's step is an orthogonal matrix whose entries have RMS ~ 1/sqrt(max(out, in)); torch's Muon
+scales its lr per matrix by 0.2 * sqrt(max(out, in)) (adjust_lr_fn="match_rms_adamw", from Moonlight, "Muon is
+Scalable for LLM Training"), which gives every matrix, whatever its shape or the model's width, an update of RMS
+0.2 x lr: the RMS of a steady-state AdamW step. An AdamW step early in training is closer to lr itself (m/sqrt(v)
+starts near +-1), so at our run lengths the matrices need a larger lr: muon_lr_ratio x lr (its default comes from
+bench/bench_recipe.py). The AdamW groups keep lr. Keller Jordan's and nanochat's sqrt(max(1, out/in)) instead ties
+the update's RMS to the width and needs a Muon lr tuned per model size; match_rms_adamw lets one ratio serve
+every preset.
+
+Parallel runs: under DDP every rank orthogonalises every matrix from the same all-reduced gradient, so all ranks
+take the same step (nanochat's DistMuon splits that work by matrix instead; not needed at our sizes). Under FSDP a
+rank holds only a shard of each matrix and Newton-Schulz needs the whole of it: optimizer=muon is refused there.
+
+Each param group carries `lr_scale`, its peak lr as a multiple of cfg.lr; the Trainer sets
+group["lr"] = lr_at(step) * group["lr_scale"] every step, so warmup and decay apply to every group alike.
 """
 
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from trainer.config import TrainConfig
 
+OPTIMIZERS = ("adamw", "muon")
 
-def build_adamw(params: list, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Decay matrices (embeddings and linear weights); never norms, biases or other vectors."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+# -----------------------------------------------------------------------------
+# Which parameter goes where, decided by name (the HF/Llama module names of model/model_slm.py)
+
+
+def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
+    """A 2-D projection inside a decoder layer: q/k/v/o_proj, gate/up/down_proj, also in every (shared) expert.
+    Not the router (mlp.gate.weight, one row per expert: a classifier, not a hidden map) and not LoRA's rank-r
+    adapters (named ...q_proj.lora_A.weight)."""
+    return param.ndim == 2 and ".layers." in name and name.endswith("_proj.weight")
+
+
+def split_parameters(named_params: list[tuple[str, torch.Tensor]], optimizer: str) -> dict[str, list[str]]:
+    """{"muon": [...], "decay": [...], "no_decay": [...]}: parameter names per group. "decay" is AdamW with weight
+    decay (matrices: embeddings, head, router, adapters), "no_decay" AdamW without (norms, biases, other vectors)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
+    groups = {"muon": [], "decay": [], "no_decay": []}
+    for name, param in named_params:
+        if optimizer == "muon" and is_hidden_matrix(name, param):
+            groups["muon"].append(name)
+        elif param.dim() >= 2:
+            groups["decay"].append(name)
+        else:
+            groups["no_decay"].append(name)
+    return groups
+
+
+# -----------------------------------------------------------------------------
+# Muon and AdamW as one torch.optim.Optimizer
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon over some groups and torch.optim.AdamW over the others, seen from outside as one optimizer:
+    GradScaler.unscale_/step, clip_grad_norm_, zero_grad and the lr schedule walk `param_groups`; checkpoints save
+    one state_dict. The two inner optimizers hold the very same group dicts and state dict as this one, so a
+    change made through either view (an lr set by the schedule, a state loaded from a checkpoint) is seen by both."""
+
+    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], momentum: float,
+                 betas: tuple[float, float], fused: bool):
+        self.muon = torch.optim.Muon(muon_groups, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas, fused=fused)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
+        self._share()
+        self._built = True
+
+    def _share(self) -> None:
+        n_muon = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n_muon], self.param_groups[n_muon:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces self.param_groups and self.state with the loaded ones
+        self._share()
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Only the constructor may add groups: a later one would reach neither inner optimizer.
+        if getattr(self, "_built", False):
+            raise NotImplementedError("MuonWithAdamW takes its groups at construction")
+        super().add_param_group(param_group)
+
+
+# -----------------------------------------------------------------------------
+# What the Trainer calls
+
+
+def build_optimizer(named_params: list[tuple[str, torch.Tensor]], cfg: TrainConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer for these trainable (name, parameter) pairs, as cfg.optimizer asks. Every group carries
+    `lr_scale` (its lr / cfg.lr) and starts at that share of cfg.lr."""
+    groups = split_parameters(named_params, cfg.optimizer)
+    by_name = dict(named_params)
+    fused = device.type == "cuda"
+    betas = (cfg.beta1, cfg.beta2)
+    adamw_groups = [{"params": [by_name[n] for n in groups["decay"]], "weight_decay": cfg.weight_decay},
+                    {"params": [by_name[n] for n in groups["no_decay"]], "weight_decay": 0.0}]
+    for group in adamw_groups:
+        group.update(lr=cfg.lr, lr_scale=1.0)
+    if not groups["muon"]:  # adamw, or nothing Muon could take (a LoRA stage trains only adapters)
+        return keep_lr_scales(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=betas, fused=fused))
+    sharded = [n for n in groups["muon"] if isinstance(by_name[n], DTensor)]
+    if sharded:
+        raise ValueError(f"optimizer=muon cannot run under parallel=fsdp: Newton-Schulz orthogonalises the whole "
+                         f"matrix, and FSDP gives each rank only a shard of it (e.g. {sharded[0]}). Use "
+                         f"parallel=ddp, or optimizer=adamw with fsdp")
+    muon_groups = [{"params": [by_name[n] for n in groups["muon"]], "weight_decay": cfg.weight_decay,
+                    "lr": cfg.lr * cfg.muon_lr_ratio, "lr_scale": cfg.muon_lr_ratio}]
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    return keep_lr_scales(MuonWithAdamW(muon_groups, adamw_groups, momentum=cfg.muon_momentum, betas=betas,
+                                        fused=fused))
+
+
+def keep_lr_scales(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Loading a checkpoint replaces the group dicts with the saved ones; put this run's lr_scale back, so the
+    lrs follow the config of the run (a changed muon_lr_ratio applies on resume; a checkpoint from before lr_scale
+    existed loads)."""
+    scales = [group["lr_scale"] for group in optimizer.param_groups]
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for group, scale in zip(opt.param_groups, scales):
+            group["lr_scale"] = scale
+
+    optimizer.register_load_state_dict_post_hook(restore)
+    return optimizer
+
+
+# -----------------------------------------------------------------------------
+# The schedule
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -1,0 +1,285 @@
+"""
+Token efficiency of training recipes: what a token teaches, not how fast it goes by.
+
+    python bench/bench_recipe.py                    # hidden 256, 4 layers, vocab 6400, CPU: under 30 minutes
+    python bench/bench_recipe.py --quick            # smoke run: a tiny model, a few steps (~1-2 minutes)
+    python bench/bench_recipe.py --device cuda --preset small --steps 2000 --seeds 0 1
+    python bench/bench_recipe.py --recipes ours-adamw ours-muon --set muon-x20:optimizer=muon,muon_lr_ratio=20
+
+Every recipe trains the same model from the same seed on the same shards for the same number of tokens, through
+the real PretrainTrainer (trainer/pretrain.py), so what is measured is what `main.py --stage pretrain` runs. The
+validation bits-per-byte (trainer/pretrain.py's bpb, from token_byte_lengths) is read at regular points. Printed per
+recipe: the bpb curve, and how many tokens it needs to reach the baseline's (ours-adamw) final bpb as a share of
+the baseline's budget, interpolated linearly between evaluations; below 1 is better. With several seeds every
+recipe is compared with the baseline of its own seed, and the mean and the spread (min-max) are printed.
+
+Data: the shared pack's Chinese text (../shared/data/pretrain/zh, see its README) is cleaned with
+scripts/zh_simplify.py, a tokenizer is trained on it (trainer/train_tokenizer.py) and shards are written with
+scripts/prepare_shards.py, all into bench/_work/recipe/ (git-ignored) and reused by later runs. Without the pack
+the benchmark says so and exits.
+
+Recipes (a recipe is a set of TrainConfig overrides on top of the shared ones):
+    ours-adamw   config/pretrain.yaml with optimizer=adamw (its warmup kept as the same share of the run)
+    ours-muon    the same with optimizer=muon (and the yaml's or TrainConfig's muon settings)
+    minimind     MiniMind's pretraining: AdamW with torch's default betas (0.9, 0.999) and weight decay 0.01,
+                 lr 5e-4, cosine to lr/10, no warmup
+    plus the variants in VARIANTS and any --set name:key=value,key=value.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run directly: repo root importable
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+
+import torch
+
+from trainer.config import ConfigError, load_config, parse_overrides
+from trainer.core import run_trainer
+from trainer.pretrain import Config, PretrainTrainer
+from trainer.train_tokenizer import Config as TokenizerConfig
+from trainer.train_tokenizer import run as train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, "bench", "_work", "recipe")
+PACK = os.path.join(os.path.dirname(ROOT), "shared", "data", "pretrain", "zh")
+BASELINE = "ours-adamw"
+
+# Modern prose (wiki paragraphs, reports, essays) plus vernacular novels: about 4M Chinese characters.
+PACK_FILES = ["cmrc2018_dev.json", "zhwiki_wikiextractor_json_wiki_00.jsonl", "gov_work_reports_1954_2025.jsonl",
+              "luxun", "novels"]
+QUICK_FILES = ["luxun/nahan_1923.txt", "luxun/panghuang_1926.txt"]
+
+# The model and run sizes. `model` is a preset name or a dict of SLMConfig fields (vocab_size comes from the
+# tokenizer). The default fits a 2-core CPU: 3 recipes x 1 seed in under 30 minutes.
+SIZES = {
+    "default": dict(model=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=512, tie_word_embeddings=True),
+                    vocab=6400, steps=400, batch=8, seq_len=256, evals=8, eval_batches=8),
+    "quick": dict(model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, tie_word_embeddings=True),
+                  vocab=1024, steps=12, batch=8, seq_len=64, evals=3, eval_batches=2),
+}
+
+MINIMIND = dict(optimizer="adamw", lr=5e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, lr_schedule="cosine",
+                min_lr_ratio=0.1, warmup_steps=0)
+RECIPES = {"ours-adamw": dict(optimizer="adamw"), "ours-muon": dict(optimizer="muon"), "minimind": MINIMIND}
+# What a recipe is made of, taken from config/pretrain.yaml (with TrainConfig's defaults where it is silent).
+RECIPE_KEYS = ("optimizer", "lr", "min_lr_ratio", "lr_schedule", "decay_ratio", "weight_decay", "beta1", "beta2",
+               "grad_clip", "muon_lr_ratio", "muon_momentum")
+VARIANTS = {
+    "ours-muon-wsd": dict(optimizer="muon", lr_schedule="wsd"),
+    "ours-adamw-wsd": dict(lr_schedule="wsd"),
+}
+
+# -----------------------------------------------------------------------------
+# data: the project's own cleaning, tokenizer and shard code
+
+
+def run_quiet(cmd: list[str], log: str) -> None:
+    with open(log, "a", encoding="utf-8") as f:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def prepare_data(work: str, files: list[str], vocab: int, shard_mb: float, val_tokens: int) -> tuple[str, str]:
+    """(tokenizer_dir, shard_dir) under `work`, built once: each step is skipped when its output exists."""
+    os.makedirs(work, exist_ok=True)
+    log = os.path.join(work, "prepare.log")
+    corpus = os.path.join(work, "corpus.jsonl")
+    if not os.path.exists(corpus):
+        print(f"[bench] cleaning {len(files)} inputs of the shared pack -> {corpus}", flush=True)
+        run_quiet([sys.executable, "scripts/zh_simplify.py", "--input", *[os.path.join(PACK, f) for f in files],
+                   "--output", corpus], log)
+    tokenizer = os.path.join(work, f"tokenizer_{vocab}")
+    if not os.path.exists(os.path.join(tokenizer, "tokenizer_report.json")):
+        print(f"[bench] training a {vocab}-token tokenizer -> {tokenizer}", flush=True)
+        with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+            train_tokenizer(TokenizerConfig(data_path=corpus, vocab_size=vocab, out_dir=tokenizer, seed=0))
+    shards = os.path.join(work, f"shards_{vocab}")
+    if not os.path.exists(os.path.join(shards, "meta.json")):
+        print(f"[bench] writing shards -> {shards}", flush=True)
+        shutil.rmtree(shards, ignore_errors=True)
+        run_quiet([sys.executable, "scripts/prepare_shards.py", "--tokenizer", tokenizer, "--inputs", corpus,
+                   "--out_dir", shards, "--shard_mb", str(shard_mb), "--val_tokens", str(val_tokens), "--seed", "0"],
+                  log)
+    return tokenizer, shards
+
+
+# -----------------------------------------------------------------------------
+# recipes -> runs
+
+
+def base_settings(size: dict, args, tokenizer: str, shards: str, model_config: str) -> dict:
+    """The shared settings: config/pretrain.yaml's recipe on the benchmark's model, data and budget."""
+    yaml_cfg = load_config(Config, os.path.join(ROOT, "config", "pretrain.yaml"), [])
+    warmup = round(args.steps * yaml_cfg.warmup_steps / yaml_cfg.max_steps)  # the same share of the run
+    eval_every = max(1, args.steps // size["evals"])
+    recipe = {key: getattr(yaml_cfg, key) for key in RECIPE_KEYS}
+    return dict(**recipe, model_config=model_config, tokenizer_dir=tokenizer, data_dir=shards, max_steps=args.steps,
+                batch_size=size["batch"], global_batch_size=size["batch"], seq_len=size["seq_len"],
+                warmup_steps=warmup, device=args.device, compile=args.compile and args.device != "cpu", dtype="auto",
+                eval_every=eval_every, eval_batches=size["eval_batches"], save_every=0, keep_last=1, resume="never",
+                log_every=max(1, args.steps // 4), sample_tokens=0)
+
+
+def eval_records(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["split"] == "eval"]
+
+
+def train_recipe(name: str, settings: dict, seed: int, out_dir: str) -> dict:
+    """One run; returns its eval curve as (tokens seen, bpb) points and the wall time."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    cfg = Config(**{**settings, "seed": seed, "out_dir": out_dir})
+    start = time.time()
+    with open(os.path.join(out_dir, "train.log"), "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+        run_trainer(PretrainTrainer, cfg)
+    seconds = time.time() - start
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    curve = [(r["step"] * tokens_per_step, r["bpb"]) for r in eval_records(out_dir)]
+    for step_dir in os.listdir(out_dir):  # the weights are not needed afterwards
+        if step_dir.startswith(("step_", "final")):
+            shutil.rmtree(os.path.join(out_dir, step_dir), ignore_errors=True)
+    return {"recipe": name, "seed": seed, "curve": curve, "seconds": seconds}
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """Tokens at which the curve first reaches `target` bpb, linear between evaluations; None if it never does."""
+    for i, (tokens, bpb) in enumerate(curve):
+        if bpb <= target:
+            if i == 0:
+                return float(tokens)  # reached by the first evaluation: an upper bound
+            t0, b0 = curve[i - 1]
+            return t0 + (tokens - t0) * (b0 - target) / (b0 - bpb)
+    return None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per recipe: final bpb and the token ratio to the same seed's baseline final bpb (mean, min, max)."""
+    baseline = {r["seed"]: r for r in runs if r["recipe"] == BASELINE}
+    summary = {}
+    for name in dict.fromkeys(r["recipe"] for r in runs):
+        mine = [r for r in runs if r["recipe"] == name]
+        finals = [r["curve"][-1][1] for r in mine]
+        ratios = []
+        for r in mine:
+            base = baseline[r["seed"]]
+            needed = tokens_to_reach(r["curve"], base["curve"][-1][1])
+            ratios.append(None if needed is None else needed / base["curve"][-1][0])
+        reached = [x for x in ratios if x is not None]
+        summary[name] = {"final_bpb": finals, "final_bpb_mean": sum(finals) / len(finals), "token_ratio": ratios,
+                         "token_ratio_mean": sum(reached) / len(reached) if len(reached) == len(ratios) else None,
+                         "seconds": sum(r["seconds"] for r in mine)}
+    return summary
+
+
+def print_report(runs: list[dict], summary: dict, header: str) -> None:
+    print(f"\n{header}\n")
+    points = [t for t, _ in runs[0]["curve"]]
+    print("| recipe | seed | " + " | ".join(f"bpb @ {t:,} tok" for t in points) + " |")
+    print("|---|---|" + "---|" * len(points))
+    for r in runs:
+        print(f"| {r['recipe']} | {r['seed']} | " + " | ".join(f"{b:.4f}" for _, b in r["curve"]) + " |")
+    print(f"\n| recipe | final bpb (mean, min-max) | tokens to {BASELINE}'s final bpb (x its budget; mean, "
+          f"min-max) | minutes |")
+    print("|---|---|---|---|")
+    for name, s in summary.items():
+        finals = s["final_bpb"]
+        ratios = s["token_ratio"]
+        if s["token_ratio_mean"] is not None:
+            ratio = f"{s['token_ratio_mean']:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+        else:
+            ratio = "not reached" + (f" in {ratios.count(None)} of {len(ratios)} seeds" if len(ratios) > 1 else "")
+        print(f"| {name} | {s['final_bpb_mean']:.4f} ({min(finals):.4f}-{max(finals):.4f}) | {ratio} | "
+              f"{s['seconds'] / 60:.1f} |")
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_set(specs: list[str]) -> dict:
+    """['name:key=value,key=value', ...] -> {name: {key: value}}, keys and types checked as the CLI checks them."""
+    recipes = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        pairs = [p for p in body.split(",") if p]
+        if not sep or not name or not pairs:
+            raise SystemExit(f"--set {spec!r}: expected name:key=value,key=value")
+        try:
+            cfg = load_config(Config, None, pairs)
+        except ConfigError as e:
+            raise SystemExit(f"--set {spec!r}: {e}") from None
+        recipes[name] = {key: getattr(cfg, key) for key in parse_overrides(pairs)}
+    return recipes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks that it runs")
+    ap.add_argument("--recipes", nargs="+", default=None, help=f"default: {', '.join(RECIPES)}; also: "
+                    f"{', '.join(VARIANTS)}, and the names given with --set")
+    ap.add_argument("--set", nargs="*", default=[], help="extra recipes: name:key=value,key=value (TrainConfig)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (the token budget)")
+    ap.add_argument("--preset", default="", help="a model preset (e.g. small) instead of the benchmark model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile (GPU)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--work", default=WORK, help="data and runs (git-ignored)")
+    ap.add_argument("--json", default="", help="also write the curves and the summary here")
+    args = ap.parse_args()
+    if not os.path.isdir(PACK):
+        print(f"[bench] the shared data pack is not at {PACK}: nothing to benchmark (see ../shared/data/README.md)")
+        return
+    torch.set_num_threads(args.threads)
+    size = SIZES["quick" if args.quick else "default"]
+    args.steps = args.steps or size["steps"]
+    extra = parse_set(args.set)
+    known = {**RECIPES, **VARIANTS, **extra}
+    names = args.recipes or [*RECIPES, *extra]
+    if BASELINE not in names:
+        names = [BASELINE, *names]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}; known: {', '.join(known)}")
+
+    files = QUICK_FILES if args.quick else PACK_FILES
+    data_dir = os.path.join(args.work, "quick" if args.quick else "data")
+    tokenizer, shards = prepare_data(data_dir, files, size["vocab"], shard_mb=0.2 if args.quick else 4,
+                                     val_tokens=20_000 if args.quick else 200_000)
+    if args.preset:
+        model_config = args.preset
+    else:
+        model_config = os.path.join(data_dir, "model.json")
+        with open(model_config, "w", encoding="utf-8") as f:
+            json.dump({**size["model"], "vocab_size": size["vocab"]}, f)
+    settings = base_settings(size, args, tokenizer, shards, model_config)
+    settings["vocab_size"] = size["vocab"]
+    runs = []
+    for seed in args.seeds:
+        for name in names:
+            run = train_recipe(name, {**settings, **known[name]}, seed, os.path.join(args.work, "runs", name,
+                                                                                     f"seed{seed}"))
+            runs.append(run)
+            print(f"[bench] {name} seed {seed}: final bpb {run['curve'][-1][1]:.4f} in {run['seconds']:.0f}s",
+                  flush=True)
+    summary = summarise(runs)
+    tokens = args.steps * settings["global_batch_size"] * settings["seq_len"]
+    print_report(runs, summary, f"## bench_recipe: model {args.preset or size['model']}, vocab {size['vocab']}, "
+                 f"{args.steps} steps x {settings['global_batch_size']} x {settings['seq_len']} = {tokens:,} tokens, "
+                 f"seeds {args.seeds}, device {args.device}, torch {torch.__version__}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"runs": runs, "summary": summary, "recipes": {n: known[n] for n in names},
+                       "settings": settings}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
