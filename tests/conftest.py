@@ -44,3 +44,26 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     out = root / "tok"
     run(Config(data_path=str(data), vocab_size=512, out_dir=str(out), min_frequency=1, heldout_every=10, seed=0))
     return str(out)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and data shared by several test modules
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    """Stands in for a pretraining final/: a random 2-layer tiny model plus the tokenizer."""
+    from tests.helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path_factory.mktemp("pretrained") / "final"))
+
+
+@pytest.fixture(scope="session")
+def shards(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    """Three train shards and a val shard of the tiny tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import pretrain_corpus, write_shards
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    return write_shards(tok, pretrain_corpus(), str(tmp_path_factory.mktemp("shards")), n_shards=3)

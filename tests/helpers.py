@@ -1,9 +1,13 @@
-"""Test helpers: token shards written straight in dataset/shards.py's format (independent of prepare_shards)."""
+"""Test helpers (plain functions; fixtures live in conftest.py): the one tiny-model builder, token shards written
+straight in dataset/shards.py's format (independent of prepare_shards), chat files, metrics readers."""
 
 import json
 import os
+import random
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from dataset.shards import SHARD_FORMAT, tokenizer_fingerprint
 
@@ -34,3 +38,71 @@ def write_shards(tokenizer, texts: list[str], out_dir: str, n_shards: int = 3, v
 def read_metrics(out_dir: str, split: str = "train") -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the real data pack, when present (tests skip without it)
+SHARED_SFT = SHARED_DATA / "sft"
+
+
+# -----------------------------------------------------------------------------
+# The one tiny-model builder
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides):
+    """The tiny preset (config/model/tiny.json) with a fixed seed; overrides change any config field."""
+    from model import SLMConfig, SLMForCausalLM
+
+    torch.manual_seed(seed)
+    return SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=vocab_size, **overrides))
+
+
+def tiny_checkpoint(tokenizer_dir: str, path: str, layers: int = 2, seed: int = 0, **overrides) -> str:
+    """A random tiny causal LM plus the tokenizer, saved as a stage's final/ would be (2 layers: enough to memorise a
+    few conversations, half the CPU time)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiny_model(len(tok), seed=seed, num_hidden_layers=layers, **overrides).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Pretraining text and chat files
+
+
+def pretrain_corpus(n: int = 600) -> list[str]:
+    rng = random.Random(0)
+    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
+    return ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(n)]
+
+
+# Eight short conversations in the tiny tokenizer's vocabulary; the last one tests placeholder filling.
+PAIRS = [("中国的首都是哪里？", "北京是中国的首都。"), ("春眠不觉晓的下一句？", "处处闻啼鸟。"),
+         ("人工智能是什么？", "人工智能是计算机科学的一个分支。"), ("今天天气怎么样？", "天气很好，我们去公园散步吧。"),
+         ("我们今天学习什么？", "我们今天学习数学和语言。"), ("hello world", "the model learns"),
+         ("a small chat model", "tokens per second"), ("你是谁？", "我是{{name}}。")]
+
+
+def write_chat_file(path, n_copies: int = 1) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n_copies):
+            for user, reply in PAIRS:
+                msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+                f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def make_pretrain_cfg(tiny_tokenizer_dir, shards, out_dir, **overrides):
+    """A 12-step tiny pretraining run over the `shards` fixture; overrides change any key."""
+    from trainer.pretrain import Config
+
+    base = dict(model_config="tiny", tokenizer_dir=tiny_tokenizer_dir, data_dir=shards, out_dir=str(out_dir),
+                max_steps=12, batch_size=4, global_batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, log_every=1,
+                eval_every=6, eval_batches=2, save_every=4, keep_last=10, sample_tokens=0, seed=7)
+    return Config(**{**base, **overrides})
+
+
+def losses(out_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(str(out_dir))]

@@ -4,7 +4,6 @@ import gzip
 import json
 import random
 
-import torch
 
 # Replies in the tiny tokenizer's vocabulary: "good" ones are about study and science, "bad" ones are poems,
 # so a pair is separable by its reply alone (the reward-model test) and DPO has a clear direction.
@@ -15,20 +14,6 @@ PROMPTS = ["中国的首都是哪里？", "今天天气怎么样？", "人工智
 GOOD = ["我们今天学习数学和语言。", "人工智能是计算机科学的一个分支。",
         "机器学习需要大量的数据和计算资源。", "北京是中国的首都。", "小明每天早上七点起床。"]
 BAD = ["床前明月光，疑是地上霜。", "春眠不觉晓，处处闻啼鸟。", "举头望明月，低头思故乡。", "处处闻啼鸟。"]
-
-
-def tiny_checkpoint(tokenizer_dir: str, path: str, layers: int = 2, seed: int = 0) -> str:
-    """A random tiny causal LM plus the tokenizer, saved as a stage's final/ would be."""
-    from transformers import AutoTokenizer
-
-    from model import SLMConfig, SLMForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = SLMConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=layers)
-    SLMForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def toy_pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:

@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 
 from dataset.chat_data import length_bucket
 from tests.helpers import write_shards
-from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
-from tests.test_sft import write_chat_file
+from tests.helpers import tiny_checkpoint
+from tests.helpers_preference import toy_pairs, write_pairs
+from tests.helpers import write_chat_file
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def first_steps(trainer) -> list[int]:
 
 
 def test_pretrain_one_graph(tiny_tokenizer_dir, tmp_path, aot_eager):
-    from tests.test_pretrain import corpus
+    from tests.helpers import pretrain_corpus as corpus
     from trainer.pretrain import Config, PretrainTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -85,7 +86,7 @@ def test_pretrain_one_graph(tiny_tokenizer_dir, tmp_path, aot_eager):
 
 def test_moe_pretrain_one_graph(tiny_tokenizer_dir, tmp_path, aot_eager):
     """MoE compiles through the all-experts path (static shapes): no break at routing."""
-    from tests.test_pretrain import corpus
+    from tests.helpers import pretrain_corpus as corpus
     from trainer.pretrain import Config, PretrainTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -168,7 +169,7 @@ def test_ddp_wraps_the_compiled_module_and_dynamo_splits_at_its_buckets(tiny_tok
 
     import torch.multiprocessing as mp
 
-    from tests.test_pretrain import corpus
+    from tests.helpers import pretrain_corpus as corpus
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     shards = write_shards(tok, corpus(200), str(tmp_path / "shards"), n_shards=1)

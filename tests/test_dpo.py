@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import read_metrics
-from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
+from tests.helpers import tiny_checkpoint
+from tests.helpers_preference import toy_pairs, write_pairs
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 
 SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"

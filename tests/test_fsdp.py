@@ -10,9 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics
-from tests.test_pretrain import ROOT, losses, shards  # noqa: F401  (shards is a fixture)
-from tests.test_sft import pretrained_dir, write_chat_file  # noqa: F401  (pretrained_dir is a fixture)
+from tests.helpers import ROOT, losses, read_metrics, write_chat_file
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -23,7 +23,7 @@ REPLY = "北京是中国的首都。"
 @pytest.fixture(scope="module")
 def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> str:
     """A tiny model fine-tuned until it answers 中国的首都是哪里？ with REPLY and then ends its turn."""
-    from tests.helpers_preference import tiny_checkpoint
+    from tests.helpers import tiny_checkpoint
     from trainer.core import run_trainer
     from trainer.sft import Config, SFTTrainer
 

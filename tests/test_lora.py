@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import read_metrics
-from tests.test_sft import SHARED_SFT, write_chat_file
+from tests.helpers import SHARED_SFT, tiny_checkpoint, write_chat_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,16 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def base_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
     """A random tiny model (2 layers, GQA 4 q / 2 kv heads) + tokenizer, standing in for a pretrained final/."""
-    from transformers import AutoTokenizer
-
-    from model import SLMConfig, SLMForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("base") / "final")
-    SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=2)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path_factory.mktemp("base") / "final"))
 
 
 def lora_config(init_from: str, out_dir, data_path: str, **overrides):

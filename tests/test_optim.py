@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from model import SLMConfig, SLMForCausalLM
 from tests.helpers import read_metrics
-from tests.test_pretrain import ROOT, losses, make_cfg, shards  # noqa: F401  (shards is a fixture)
+from tests.helpers import ROOT, losses, make_pretrain_cfg
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
@@ -159,9 +159,9 @@ class DiesAtStep4(PretrainTrainer):
 
 def test_muon_resume_is_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
     settings = dict(optimizer="muon", max_steps=6, save_every=3, eval_every=0)
-    straight = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight", **settings)
+    straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight", **settings)
     run_trainer(PretrainTrainer, straight)
-    crashed = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed", **settings)
+    crashed = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed", **settings)
     with pytest.raises(RuntimeError, match="interrupted"):
         run_trainer(DiesAtStep4, crashed)
     state = torch.load(Path(crashed.out_dir) / "step_000003" / "trainer_state.pt", weights_only=False)
@@ -178,8 +178,8 @@ def test_muon_fp16_grad_scaler_on_cpu(tiny_tokenizer_dir, shards, tmp_path):
     """fp16 autocast + GradScaler: the logged grad norm is of unscaled gradients (a missed unscale would show the
     scale, 65536x), and training stays finite and learns."""
     common = dict(optimizer="muon", max_steps=8, eval_every=0, save_every=0, lr_schedule="constant")
-    fp32 = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp32", dtype="fp32", **common)
-    fp16 = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", dtype="fp16", **common)
+    fp32 = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp32", dtype="fp32", **common)
+    fp16 = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", dtype="fp16", **common)
     run_trainer(PretrainTrainer, fp32)
     trainer = run_trainer(PretrainTrainer, fp16)
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1
@@ -229,7 +229,7 @@ def test_muon_defaults_beat_adamw_defaults_at_equal_steps(tiny_tokenizer_dir, sh
     """Tiny preset, the same data, seed and schedule; only `optimizer` differs (each with its own defaults)."""
     results = {}
     for name in ("adamw", "muon"):
-        cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / name, optimizer=name, lr=TrainConfig.lr, max_steps=40,
+        cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / name, optimizer=name, lr=TrainConfig.lr, max_steps=40,
                        warmup_steps=4, seq_len=64, eval_every=0, eval_batches=4, save_every=0, log_every=10)
         run_trainer(PretrainTrainer, cfg)
         results[name] = read_metrics(cfg.out_dir, "eval")[-1]["loss"]

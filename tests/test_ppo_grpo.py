@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import read_metrics
-from tests.helpers_preference import PROMPTS, tiny_checkpoint
+from tests.helpers import tiny_checkpoint
+from tests.helpers_preference import PROMPTS
 
 RULE = "token_ids:100-163"
 

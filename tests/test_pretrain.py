@@ -3,7 +3,6 @@ DDP equivalence, metrics and plot, and the error cases."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,41 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
-from tests.helpers import read_metrics, write_shards
+from tests.helpers import ROOT, losses, make_pretrain_cfg, read_metrics
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
-from trainer.pretrain import Config, PretrainTrainer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def corpus(n: int = 600) -> list[str]:
-    rng = random.Random(0)
-    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
-    return ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def shards(tiny_tokenizer_dir, tmp_path_factory):
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    return write_shards(tok, corpus(), str(tmp_path_factory.mktemp("shards")), n_shards=3)
-
-
-def make_cfg(tiny_tokenizer_dir, shards, out_dir, **overrides) -> Config:
-    base = dict(model_config="tiny", tokenizer_dir=tiny_tokenizer_dir, data_dir=shards, out_dir=str(out_dir),
-                max_steps=12, batch_size=4, global_batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, log_every=1,
-                eval_every=6, eval_batches=2, save_every=4, keep_last=10, sample_tokens=0, seed=7)
-    return Config(**{**base, **overrides})
-
-
-def losses(out_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(out_dir)]
-
+from trainer.pretrain import PretrainTrainer
 
 def test_loss_decreases_and_run_dir_is_complete(tiny_tokenizer_dir, shards, tmp_path):
-    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=30, sample_tokens=4, eval_every=15)
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=30, sample_tokens=4, eval_every=15)
     run_trainer(PretrainTrainer, cfg)
     curve = losses(cfg.out_dir)
     assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.6 * sum(curve[:3]) / 3
@@ -78,9 +50,9 @@ class DiesAtStep7(PretrainTrainer):
 
 
 def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
-    straight = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
+    straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
     run_trainer(PretrainTrainer, straight)
-    crashed = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed")
+    crashed = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed")
     with pytest.raises(Interrupted):
         run_trainer(DiesAtStep7, crashed)
     assert sorted(p.name for p in Path(crashed.out_dir).glob("step_*")) == ["step_000004"]
@@ -95,7 +67,7 @@ def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, tmp_p
 def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
     meta = json.loads((Path(shards) / "meta.json").read_text())
     per_shard = (meta["train_shards"][0]["tokens"] - 1) // (16 * 64)
-    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=per_shard + 2, save_every=0, eval_every=0,
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=per_shard + 2, save_every=0, eval_every=0,
                    global_batch_size=16, batch_size=16, seq_len=64)
     run_trainer(PretrainTrainer, cfg)
     saved = sorted(p.name for p in Path(cfg.out_dir).glob("step_*"))
@@ -103,12 +75,12 @@ def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
 
 
 def test_torn_checkpoint_is_skipped(tiny_tokenizer_dir, shards, tmp_path, capsys):
-    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
     run_trainer(PretrainTrainer, cfg)
     torn = Path(cfg.out_dir) / "step_000010"
     torn.mkdir()
     (torn / "trainer_state.pt").write_bytes(b"\x80\x02 torn")
-    trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8))
+    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8))
     trainer.prepare()
     assert trainer.step == 8
     out = capsys.readouterr().out
@@ -120,16 +92,16 @@ def test_torn_checkpoint_is_skipped(tiny_tokenizer_dir, shards, tmp_path, capsys
 
 
 def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
-    big = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "big", batch_size=8, max_steps=6)
-    small = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "small", batch_size=2, max_steps=6)
+    big = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "big", batch_size=8, max_steps=6)
+    small = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "small", batch_size=2, max_steps=6)
     run_trainer(PretrainTrainer, big)
     run_trainer(PretrainTrainer, small)
     assert losses(big.out_dir) == pytest.approx(losses(small.out_dir), rel=2e-5)  # fp32 summation order only
 
 
 def test_chunked_loss_trains_the_same(tiny_tokenizer_dir, shards, tmp_path):
-    plain = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "plain", max_steps=4, eval_every=2)
-    chunked = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "chunked", max_steps=4, eval_every=2, loss_chunk=48)
+    plain = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "plain", max_steps=4, eval_every=2)
+    chunked = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "chunked", max_steps=4, eval_every=2, loss_chunk=48)
     run_trainer(PretrainTrainer, plain)
     run_trainer(PretrainTrainer, chunked)
     assert losses(chunked.out_dir) == pytest.approx(losses(plain.out_dir), rel=1e-5)
@@ -151,13 +123,13 @@ def test_batch_size_auto_probes_and_keeps_the_global_batch(tiny_tokenizer_dir, s
 
     monkeypatch.setattr(SLMForCausalLM, "forward", limited)
     monkeypatch.setattr(PretrainTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
-    trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "auto", batch_size="auto",
+    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "auto", batch_size="auto",
                                        global_batch_size=64, max_steps=1))
     trainer.prepare()
     assert (trainer.micro_batch, trainer.accum_steps, trainer.global_batch) == (8, 8, 64)
     assert all(p.grad is None for p in trainer.raw_model.parameters())  # the probe leaves no gradients behind
     # When everything up to the per-process target fits, there is no need for headroom.
-    trainer = PretrainTrainer(make_cfg(tiny_tokenizer_dir, shards, tmp_path / "fits", batch_size="auto",
+    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "fits", batch_size="auto",
                                        global_batch_size=16, max_steps=1))
     trainer.prepare()
     assert (trainer.micro_batch, trainer.accum_steps) == (16, 1)
@@ -193,11 +165,11 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
 
 def test_bad_inputs_fail_clearly(tiny_tokenizer_dir, shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, str(tmp_path / "nope"), tmp_path / "a"))
+        run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, str(tmp_path / "nope"), tmp_path / "a"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="meta.json"):
-        run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, str(empty), tmp_path / "b"))
+        run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, str(empty), tmp_path / "b"))
     meta = json.loads((Path(shards) / "meta.json").read_text())
     for change, message in (({"vocab_size": 100000}, "vocab_size"), ({"tokenizer_fingerprint": "0" * 16}, "tokenizer")):
         other = tmp_path / f"other_{message}"
@@ -206,9 +178,9 @@ def test_bad_inputs_fail_clearly(tiny_tokenizer_dir, shards, tmp_path):
             (other / f.name).write_bytes(f.read_bytes())
         (other / "meta.json").write_text(json.dumps({**meta, **change}))
         with pytest.raises(ValueError, match=message):
-            run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, str(other), tmp_path / "c"))
+            run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, str(other), tmp_path / "c"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, shards, tmp_path / "d", seq_len=4096))
+        run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "d", seq_len=4096))
 
 
 class NanAtStep3(PretrainTrainer):
@@ -218,7 +190,7 @@ class NanAtStep3(PretrainTrainer):
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tiny_tokenizer_dir, shards, tmp_path):
-    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "nan", save_every=0)
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "nan", save_every=0)
     with pytest.raises(TrainingStopped, match="not finite at step 3") as err:
         run_trainer(NanAtStep3, cfg)
     assert "step_000002" in str(err.value)

@@ -19,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from trainer.config import load_config
 from trainer.stages import STAGES

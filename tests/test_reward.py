@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tests.helpers import read_metrics
-from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
+from tests.helpers import tiny_checkpoint
+from tests.helpers_preference import toy_pairs, write_pairs
 
 SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
 

@@ -69,7 +69,7 @@ def test_no_other_copy_of_the_dtype_policy():
 
 
 def test_load_pretrained_kinds_and_frozen(tmp_path, tiny_tokenizer_dir):
-    from tests.helpers_preference import tiny_checkpoint
+    from tests.helpers import tiny_checkpoint
 
     path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
     causal = load_pretrained(path)
@@ -112,7 +112,7 @@ def test_a_missing_init_from_is_reported_as_such_not_as_a_missing_tokenizer(tmp_
 
 
 def test_trainer_and_engine_pick_the_same_dtype(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    from tests.helpers_preference import tiny_checkpoint
+    from tests.helpers import tiny_checkpoint
     from model.engine import Engine
     from trainer.sft import Config, SFTTrainer
 
@@ -127,7 +127,8 @@ def test_trainer_and_engine_pick_the_same_dtype(tmp_path, tiny_tokenizer_dir, mo
 def test_dpo_reference_has_the_policys_numerics_in_bf16_autocast(tmp_path, tiny_tokenizer_dir):
     """The reference keeps fp32 weights and runs under the policy's autocast: log pi - log ref is exactly 0 at
     step 0 (a bf16-weight reference against an fp32 policy under autocast is not)."""
-    from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
+    from tests.helpers import tiny_checkpoint
+    from tests.helpers_preference import toy_pairs, write_pairs
     from trainer.dpo import Config, DPOTrainer
     from trainer.logprobs import sequence_logprobs
 

@@ -5,50 +5,13 @@ greedy decoding, resumes to the same weights, and runs a few steps on the shared
     python -m pytest tests/test_sft.py
 """
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics
-
-SHARED_SFT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sft"
-
-# Eight short conversations in the tiny tokenizer's vocabulary; the last one tests placeholder filling.
-PAIRS = [("中国的首都是哪里？", "北京是中国的首都。"), ("春眠不觉晓的下一句？", "处处闻啼鸟。"),
-         ("人工智能是什么？", "人工智能是计算机科学的一个分支。"), ("今天天气怎么样？", "天气很好，我们去公园散步吧。"),
-         ("我们今天学习什么？", "我们今天学习数学和语言。"), ("hello world", "the model learns"),
-         ("a small chat model", "tokens per second"), ("你是谁？", "我是{{name}}。")]
-
-
-def write_chat_file(path, n_copies: int = 1) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n_copies):
-            for user, reply in PAIRS:
-                msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-                f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pretrained_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
-    """Stands in for a pretraining final/: a random tiny model plus the tokenizer, saved with save_pretrained."""
-    from transformers import AutoTokenizer
-
-    from model import SLMConfig, SLMForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("pretrained") / "final")
-    # The tiny preset cut to 2 layers: enough to memorise 8 conversations, half the CPU time.
-    config = SLMConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=2)
-    SLMForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
+from tests.helpers import PAIRS, SHARED_SFT, read_metrics, write_chat_file
 
 def sft_config(init_from: str, out_dir, data_path: str, **overrides):
     from trainer.sft import Config
