@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dataset.chat_data import parse_columns
 from dataset.preference_data import (
     PairDataset,
     collate_pairs,
@@ -45,7 +46,8 @@ from trainer.logprobs import sequence_logprobs
 class Config(TrainConfig):
     init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
     out_dir: str = "out/dpo"
-    data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
+    data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 500
     lr: float = 1e-6  # DPO wants a small lr: the implicit reward drifts fast
     warmup_steps: int = 20
@@ -100,7 +102,7 @@ class DPOTrainer(Trainer):
     def build_data(self):
         cfg = self.cfg
         samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                           cfg.max_samples, print0)
+                                           cfg.max_samples, print0, parse_columns(cfg.columns))
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
         train, val = PairDataset(train), PairDataset(val)
         collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dataset.chat_data import parse_columns
 from dataset.preference_data import (
     PairDataset,
     collate_pairs,
@@ -34,7 +35,8 @@ from trainer.core import TrainConfig, Trainer, print0, run_trainer
 class Config(TrainConfig):
     init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
     out_dir: str = "out/reward"
-    data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
+    data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 500
     lr: float = 1e-5
     warmup_steps: int = 20
@@ -64,7 +66,7 @@ class RewardTrainer(Trainer):
     def build_data(self):
         cfg = self.cfg
         samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                           cfg.max_samples, print0)
+                                           cfg.max_samples, print0, parse_columns(cfg.columns))
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
         train, val = PairDataset(train), PairDataset(val)
         collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dataset.chat_data import parse_columns
 from dataset.prompt_data import load_prompts
 from model.engine import Engine
 from model.runtime import load_pretrained
@@ -23,6 +24,7 @@ from trainer.rewards import Completion, parse_rules, rule_rewards
 class RLConfig(TrainConfig):
     init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
     data_path: str = "dataset/rl_prompts.jsonl"  # prompt files (dataset/prompt_data.py), comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     ref_from: str = ""  # frozen reference for the KL term; "" = init_from
     ref_device: str = ""  # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
     reward_from: str = ""  # reward model dir (trainer/reward.py final/); "" = rules only
@@ -74,7 +76,7 @@ class RolloutTrainer(Trainer):
             raise ValueError(f"global_batch_size x rollout_minibatches = {per_rollout} must be a multiple of "
                              f"num_generations x processes = {cfg.num_generations} x {self.world_size}")
         prompts = load_prompts(cfg.data_path, self.tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.on_bad_record,
-                               cfg.max_samples, print0)
+                               cfg.max_samples, print0, parse_columns(cfg.columns))
         n_prompts = per_rollout // cfg.num_generations
         self.train_data = IndexBatches(prompts, n_prompts, n_prompts // self.world_size, self.rank,
                                        self.world_size, cfg.seed, collate=list)
