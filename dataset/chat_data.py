@@ -291,8 +291,8 @@ def _weight(turn: dict, where: str) -> dict:
     if w is None:
         return {}
     if w not in (0, 1) or isinstance(w, bool) or turn.get("role") != "assistant":
-        raise BadRecord(where, "malformed", f"weight {w!r} on a {turn.get('role')} turn; only assistant turns "
-                        f"take a weight, 0 or 1")
+        raise BadRecord(where, "malformed", f"weight {w!r} on a turn of role {turn.get('role')!r}; only assistant "
+                        f"turns take a weight, 0 or 1")
     return {"weight": int(w)}
 
 

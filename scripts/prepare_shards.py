@@ -38,7 +38,7 @@ def main() -> None:
     try:
         prepare(args.tokenizer, args.inputs, args.out_dir, args.shard_mb, args.val_tokens, args.seed, args.workers,
                 args.dtype, args.bucket_mb, batch_mb=args.batch_mb, text_column=args.text_column)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional reader (pyarrow)
         sys.exit(f"error: {e}")
 
 

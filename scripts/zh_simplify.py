@@ -48,7 +48,7 @@ def main() -> None:
         fc = FilterConfig(args.min_chars, args.min_cjk_ratio, args.max_doc_chars)
         fields = (args.text_column,) if args.text_column else TEXT_FIELDS
         print_summary(simplify(files, args.output, fc, args.engine, args.workers, text_fields=fields), args.output)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional reader (pyarrow)
         sys.exit(f"error: {e}")
 
 

@@ -23,7 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.chat_data import BadRecord, TruncatedFile, expand_paths, load_conversations, parse_columns
+from dataset.chat_data import (
+    BadRecord,
+    TruncatedFile,
+    expand_paths,
+    load_conversations,
+    parse_columns,
+)
 from dataset.preference_data import load_pairs
 from dataset.text_sources import expand_paths as text_expand_paths
 from dataset.text_sources import iter_documents
@@ -38,18 +44,21 @@ PAIRS = [{"prompt": f"问题{i}？", "chosen": f"好的回答{i}", "rejected": f
 
 def write_jsonl(path, rows) -> str:
     with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return str(path)
+
+
+def read_texts(path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
 
 
 def write_tables(tmp_path, rows, name: str) -> dict:
     """The same rows as parquet (2 row groups), Arrow IPC file, Arrow IPC stream and a save_to_disk folder
     (two .arrow stream files listed in state.json, as `datasets` writes them)."""
     pa = pytest.importorskip("pyarrow")
-    import pyarrow.ipc
-    import pyarrow.parquet
-
+    pytest.importorskip("pyarrow.ipc")  # the submodules pa.ipc and pa.parquet exist once imported
+    pytest.importorskip("pyarrow.parquet")
     table = pa.Table.from_pylist(rows)
     out = {"parquet": str(tmp_path / f"{name}.parquet"), "arrow_file": str(tmp_path / f"{name}_file.arrow"),
            "arrow_stream": str(tmp_path / f"{name}_stream.arrow"), "dir": str(tmp_path / f"{name}_saved")}
@@ -178,7 +187,7 @@ def test_chat_pairs_and_prompts_from_tables_equal_jsonl(tiny_tokenizer_dir, tmp_
 
     from dataset.prompt_data import load_prompts
 
-    quiet = lambda *a: None  # noqa: E731
+    quiet = lambda *a: None
     jsonl = write_jsonl(tmp_path / "c.jsonl", CONVS)
     table = write_tables(tmp_path, CONVS, "c")[kind]
     want, _ = load_conversations(jsonl, log=quiet)
@@ -214,7 +223,7 @@ FIREFLY_AS_MESSAGES = [[{"role": "user", "content": f"你好{i}"},
 
 
 def test_firefly_pairs_load_as_they_are_and_columns_maps_other_schemas(tmp_path):
-    quiet = lambda *a: None  # noqa: E731
+    quiet = lambda *a: None
     jsonl = write_jsonl(tmp_path / "firefly.jsonl", FIREFLY)
     assert load_conversations(jsonl, log=quiet)[0] == FIREFLY_AS_MESSAGES
     table = write_tables(tmp_path, FIREFLY, "firefly")["parquet"]
@@ -237,6 +246,10 @@ def test_firefly_pairs_load_as_they_are_and_columns_maps_other_schemas(tmp_path)
     want = load_pairs(write_jsonl(tmp_path / "p.jsonl", PAIRS), log=quiet)[0]
     assert load_pairs(write_jsonl(tmp_path / "q.jsonl", prefs), log=quiet, columns=pcols)[0] == want
     assert load_pairs(write_tables(tmp_path, prefs, "q")["arrow_stream"], log=quiet, columns=pcols)[0] == want
+    # firefly-train-1.1M's {kind, input, target}, as config/recipes/README.md documents it, read as Alpaca
+    ff = write_jsonl(tmp_path / "ff.jsonl", [{"kind": "Poem", "input": "写一首诗", "target": "床前明月光。"}])
+    assert load_conversations(ff, log=quiet, columns=parse_columns("input=instruction,target=output"))[0] == \
+        [[{"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "床前明月光。"}]]
     for bad in ("conversation", "=x", "a="):
         with pytest.raises(ValueError, match="is not source=target"):
             parse_columns(bad)
@@ -386,3 +399,110 @@ def test_truncated_gz_names_file_and_line(tmp_path):
     apath.write_bytes(awhole[: len(awhole) // 2])
     with pytest.raises(BadRecord, match=r"cut_array\.json\.gz"):
         load_conversations(str(apath), on_bad="skip", log=lambda *a: None)
+
+
+# -----------------------------------------------------------------------------
+# OpenAI "weight": 0 and special-token strings in pretraining text (issue 16.9)
+
+
+def _runs(labels) -> list[tuple[int, int]]:
+    trained = np.asarray(labels) != -100
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def test_weight_zero_assistant_turn_is_context_only(tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dataset.chat_data import tokenize_conversation, tokenize_conversations
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    msgs = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "春眠不觉晓的下一句？"},
+            {"role": "assistant", "content": "处处闻啼鸟。"}, {"role": "user", "content": "hello world"},
+            {"role": "assistant", "content": "天气很好，我们去公园散步吧。"}]
+    records = [{"messages": [*msgs[:2], {**msgs[2], "weight": 0}, msgs[3], {**msgs[4], "weight": 1}]},
+               {"messages": [*msgs[:2], {**msgs[2], "weight": 1}, *msgs[3:]]},
+               {"messages": [*msgs[:2], {**msgs[2], "weight": 0}, msgs[3], {**msgs[4], "weight": 0}]},
+               {"messages": [*msgs[:2], {**msgs[2], "weight": 0.5}, *msgs[3:]]},
+               {"messages": [msgs[0], {**msgs[1], "weight": 0}, *msgs[2:]]}]
+    path = write_jsonl(tmp_path / "openai.jsonl", records)
+    convs, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
+    assert len(convs) == 2 and stats["skip:no trained assistant turn"] == 1 and stats["skip:malformed"] == 2
+    ids_all, labels_all = tokenize_conversation(tok, msgs)
+    first, second = _runs(labels_all)
+    ids_w, labels_w = tokenize_conversation(tok, convs[0])
+    assert np.array_equal(ids_w, ids_all)  # the reply is still there as context
+    assert (labels_w[first[0]:first[1]] == -100).all()
+    assert np.array_equal(labels_w[second[0]:second[1]], labels_all[second[0]:second[1]])
+    assert (labels_w != -100).sum() == second[1] - second[0]
+    # weight 1 is the same as no weight, through the whole SFT tokenizing path too
+    (ids_a, la), (ids_b, lb) = tokenize_conversations(convs, tok, seq_len=512)
+    assert np.array_equal(ids_a, ids_all) and np.array_equal(ids_b, ids_all)
+    assert np.array_equal(lb, labels_all) and np.array_equal(la, labels_w)
+    # with on_bad=error the message names the record and the rule
+    with pytest.raises(BadRecord, match=r"openai\.jsonl:3: no trained assistant turn"):
+        load_conversations(path, log=lambda *a: None)
+    bad = write_jsonl(tmp_path / "bad.jsonl", records[3:])
+    with pytest.raises(BadRecord, match=r"bad\.jsonl:1: malformed \(weight 0\.5 on a turn of role 'assistant'"):
+        load_conversations(bad, log=lambda *a: None)
+
+
+SPECIAL_DOCS = [f"<|im_start|>user\n问题{i}<|im_end|>\n<|im_start|>assistant\n回答{i}。<|im_end|>" for i in range(30)]
+
+
+def test_special_token_strings_in_pretraining_text_stay_text(tiny_tokenizer_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    import dataset.shard_writer as sw
+    from dataset.shards import load_meta, open_shard
+    from trainer.eval import ppl_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    special_ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|pad|>")}
+    path = write_jsonl(tmp_path / "hq.jsonl", [{"text": t} for t in SPECIAL_DOCS] + [{"text": "没有标记的文档"}])
+    out = str(tmp_path / "shards")
+    sw.prepare(tiny_tokenizer_dir, [path], out, shard_mb=0.001, val_tokens=0, seed=3, quiet=True)
+    note = capsys.readouterr().out
+    assert "note: 30 documents carry 120 special-token strings" in note and "plain text" in note
+    meta = load_meta(out)
+    assert meta["special_token_text"] == {"documents": 30, "strings": 120, "tokenised_as": "text"}
+    stream = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
+    assert not special_ids & set(stream.tolist())
+    docs = {tuple(d) for d in np.split(stream, np.flatnonzero(stream == tok.eos_token_id) + 1) if len(d)}
+    want = tuple(tok.encode(SPECIAL_DOCS[0], add_special_tokens=False, split_special_tokens=True)) + \
+        (tok.eos_token_id,)
+    assert want in docs and tok.decode(list(want[:-1])) == SPECIAL_DOCS[0]
+    # eval's perplexity text is tokenised the same way
+    assert not special_ids & set(ppl_windows(path, tok, 16, 0).flatten().tolist())
+    # the tokenizer stage says so too
+    from trainer.train_tokenizer import Config, run
+
+    run(Config(data_path=path, vocab_size=300, out_dir=str(tmp_path / "tok"), min_frequency=1, seed=0))
+    assert "training documents carry special-token strings" in capsys.readouterr().out
+
+
+def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
+    from dataset.corpus import simplify
+    from dataset.text_sources import FilterConfig
+
+    rows = [{"text": t} for t in TEXTS]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    parquet = write_tables(tmp_path, [{"body": t} for t in TEXTS], "a")["parquet"]
+    fc = FilterConfig(min_chars=4)
+    a = simplify([jsonl], str(tmp_path / "a.out.jsonl"), fc, engine="zhconv", workers=1, quiet=True)
+    b = simplify([parquet], str(tmp_path / "b.out.jsonl"), fc, engine="zhconv", workers=1, quiet=True,
+                 text_fields=("body",))
+    texts = [read_texts(tmp_path / "a.out.jsonl"), read_texts(tmp_path / "b.out.jsonl")]
+    assert texts[0] == texts[1] and len(texts[0]) == len(TEXTS) and a["docs_out"] == b["docs_out"]
+    # the command line names the column and reports a missing one without a traceback
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "scripts/zh_simplify.py", "--input", parquet, "--output",
+                        str(tmp_path / "c.jsonl"), "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "no column 'text' or 'content'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "scripts/zh_simplify.py", "--input", parquet, "--output",
+                        str(tmp_path / "c.jsonl"), "--workers", "1", "--text_column", "body", "--engine", "zhconv"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert read_texts(tmp_path / "c.jsonl") == texts[0]
