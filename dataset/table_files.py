@@ -24,7 +24,8 @@ from collections.abc import Iterator
 
 PYARROW_HINT = "pip install pyarrow"
 TABLE_EXTS = (".parquet", ".arrow")
-BATCH_ROWS = 1024  # rows converted to Python at once: bounds memory on files of any size
+BATCH_ROWS = 1024  # at most this many rows are converted to Python at once ...
+BATCH_BYTES = 1 << 20  # ... and about at most this much data, so rows of whole books stay bounded too
 
 # -----------------------------------------------------------------------------
 # what a path is
@@ -99,14 +100,25 @@ def _dir_files(path: str) -> list[str]:
 
 def _batches(pa, path: str, kind: str, columns: list[str] | None):
     if kind == "parquet":
-        yield from pa.parquet.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        pf = pa.parquet.ParquetFile(path)
+        md = pf.metadata
+        row_bytes = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / max(md.num_rows, 1)
+        rows = int(max(1, min(BATCH_ROWS, BATCH_BYTES // max(row_bytes, 1))))
+        yield from _slices(pf.iter_batches(batch_size=rows, columns=columns))
         return
-    with pa.memory_map(path) as source:
+    with pa.memory_map(path) as source:  # IPC batches are mapped, not copied: only the slices we convert cost RAM
         reader = pa.ipc.open_file(source) if kind == "arrow_file" else pa.ipc.open_stream(source)
         batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if kind == "arrow_file" \
             else reader
-        for batch in batches:
-            yield batch.select(columns) if columns else batch
+        yield from _slices(batch.select(columns) if columns else batch for batch in batches)
+
+
+def _slices(batches):
+    # a writer's batch may hold 1000 long documents: convert it in pieces of about BATCH_BYTES
+    for batch in batches:
+        step = max(1, min(BATCH_ROWS, int(BATCH_BYTES * batch.num_rows / max(batch.nbytes, 1))))
+        for start in range(0, batch.num_rows, step):
+            yield batch.slice(start, step)
 
 
 def column_names(path: str) -> list[str]:

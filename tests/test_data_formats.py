@@ -506,3 +506,20 @@ def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert read_texts(tmp_path / "c.jsonl") == texts[0]
+
+
+def test_tables_are_streamed_not_loaded_whole(tmp_path):
+    """Arrow memory held while reading stays about one row group / record batch, whatever the file size."""
+    pa = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow.parquet")
+    text = "人工智能是计算机科学的一个分支。" * 60  # ~2.9 KB of UTF-8 per row
+    rows = [{"text": f"{i}{text}"} for i in range(6000)]  # ~17 MB
+    path = str(tmp_path / "big.parquet")
+    pa.parquet.write_table(pa.Table.from_pylist(rows), path, row_group_size=100)
+    del rows
+    base, peak, n = pa.total_allocated_bytes(), 0, 0
+    for d in iter_documents(path):
+        n += 1
+        if n % 50 == 0:
+            peak = max(peak, pa.total_allocated_bytes() - base)
+    assert n == 6000 and 0 < peak < 3_000_000, peak  # about two batches of BATCH_BYTES; the table is 17 MB
