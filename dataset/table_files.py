@@ -10,9 +10,10 @@ other binary input apart from text before a text reader tries to decode it.
         check_text_input(path)   # ValueError for zip/bz2/xz/zstd/sqlite/..., a raw Wikipedia dump, UTF-16
 
 Tables are read with pyarrow, an optional dependency (`pip install pyarrow`): the one library `datasets` itself
-reads these files with, without the rest of `datasets` (fsspec, the Hub client, pandas...). They are streamed, one
-record batch at a time (parquet row groups via ParquetFile.iter_batches, Arrow IPC via the stream or file reader
-over a memory map), so memory is bounded by a batch, never the whole file. A save_to_disk folder (dataset_info.json
+reads these files with, without the rest of `datasets` (fsspec, the Hub client, pandas...). They are streamed and
+converted to Python in pieces of about BATCH_BYTES: Arrow IPC through the stream or file reader over a memory map
+(the file is paged in, never copied whole), parquet through ParquetFile.iter_batches, whose memory is about one
+row group of the columns read (the unit Parquet decodes), never the whole file. A save_to_disk folder (dataset_info.json
 or state.json beside data-*.arrow) is one input; its .arrow files are read in the order state.json lists them.
 """
 
