@@ -33,6 +33,7 @@ from dataset.chat_data import (
 from dataset.preference_data import load_pairs
 from dataset.text_sources import expand_paths as text_expand_paths
 from dataset.text_sources import iter_documents
+from tests.test_sft import pretrained_dir  # noqa: F401 (a fixture: a random tiny model saved with its tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,15 +256,23 @@ def test_firefly_pairs_load_as_they_are_and_columns_maps_other_schemas(tmp_path)
             parse_columns(bad)
 
 
-def test_stage_configs_pass_columns(tmp_path, tiny_tokenizer_dir):
-    """columns= in the SFT/DPO/reward/RL Configs reaches the readers (read through each stage's own call)."""
+def test_sft_stage_trains_on_a_mapped_parquet_file_from_the_command_line(pretrained_dir, tmp_path, capsys):
+    """columns= on main.py's command line reaches the SFT reader; the DPO, reward and RL Configs have the key too."""
     import dataclasses
 
+    import main
     from trainer import dpo, reward, rollout, sft
 
-    for mod in (sft, dpo, reward):
-        assert {f.name for f in dataclasses.fields(mod.Config)} >= {"columns", "data_path"}
-    assert "columns" in {f.name for f in dataclasses.fields(rollout.RLConfig)}
+    for config in (sft.Config, dpo.Config, reward.Config, rollout.RLConfig):
+        assert "columns" in {f.name for f in dataclasses.fields(config)}
+    rows = [{"dialog": [{"q": m[0]["content"], "a": m[1]["content"]}]} for m in FIREFLY_AS_MESSAGES]
+    data = write_tables(tmp_path, rows, "odd")["parquet"]
+    out = tmp_path / "sft"
+    rc = main.main(["--stage", "sft", f"init_from={pretrained_dir}", f"data_path={data}", f"out_dir={out}",
+                    "columns=dialog=conversations,q=user,a=assistant", "seq_len=64", "batch_size=2",
+                    "global_batch_size=2", "max_steps=2", "val_samples=0", "device=cpu", "log_every=1"])
+    assert rc == 0 and (out / "final" / "model.safetensors").is_file()
+    assert f"[data] {data}: 6 conversations (pairs)" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
