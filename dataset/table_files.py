@@ -18,6 +18,7 @@ or state.json beside data-*.arrow) is one input; its .arrow files are read in th
 """
 
 import bz2
+import codecs
 import gzip
 import json
 import os
@@ -186,6 +187,14 @@ def _is_mediawiki(text_head: bytes) -> bool:
     return head.startswith(b"<mediawiki")
 
 
+def _utf8_so_far(raw: bytes) -> bool:
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def check_text_input(path: str) -> None:
     """Raise ValueError naming what `path` is when it is a binary file or a raw Wikipedia dump; return for text.
     Looks at the first bytes only (of the decompressed stream for .gz)."""
@@ -200,8 +209,9 @@ def check_text_input(path: str) -> None:
         except (OSError, EOFError):
             return  # a broken .gz: the text reader reports it with the line reached
     if raw[:3] == b"BZh":  # a dump is usually .xml.bz2: look inside before calling it just "bzip2"
-        try:
-            inner = bz2.BZ2Decompressor().decompress(raw, max_length=4096)
+        try:  # bzip2 gives no output before a whole block (up to 900 KB) is in, so let bz2.open read that far
+            with bz2.open(path, "rb") as b:
+                inner = b.read(4096)
         except (OSError, EOFError):
             inner = b""
         if _is_mediawiki(inner):
@@ -215,6 +225,6 @@ def check_text_input(path: str) -> None:
         raise ValueError(f"{path}: a tar archive, not text; extract it first (tar xf {path})")
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise ValueError(f"{path}: UTF-16 text; convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)")
-    if b"\x00" in raw:  # no text encoding we could be asked to read puts NUL bytes in its first 4 KB
+    if b"\x00" in raw and not _utf8_so_far(raw):  # NUL bytes and not UTF-8: no text we could be asked to read
         raise ValueError(f"{path}: a binary file (NUL bytes in its first 4 KB), not text of any encoding; give "
                          f"text, JSONL, JSON, parquet, Arrow or a save_to_disk folder")

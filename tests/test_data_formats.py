@@ -323,7 +323,12 @@ def test_raw_wikipedia_dumps_are_refused_with_the_command_to_run(tmp_path):
     xml = tmp_path / "zhwiki-latest-pages-articles.xml"
     xml.write_text(dump, encoding="utf-8")
     bz = tmp_path / "zhwiki-latest-pages-articles.xml.bz2"
-    bz.write_bytes(bz2.compress(dump.encode()))
+    # long enough that bzip2's first block (900 KB) ends far past the first 4 KB of the compressed file
+    rng = np.random.default_rng(0)
+    pages = "".join(f"<page><title>{i}</title><text>{''.join(map(chr, rng.integers(0x4E00, 0x5600, 300)))}</text>"
+                    f"</page>\n" for i in range(1500))
+    bz.write_bytes(bz2.compress(dump.replace("</mediawiki>", pages + "</mediawiki>").encode()))
+    assert bz.stat().st_size > 100_000
     renamed = tmp_path / "dump.txt"  # by content, not by name
     renamed.write_text(dump, encoding="utf-8")
     readme = (ROOT / "config" / "recipes" / "README.md").read_text(encoding="utf-8")
@@ -532,3 +537,9 @@ def test_tables_are_streamed_not_loaded_whole(tmp_path):
         if n % 50 == 0:
             peak = max(peak, pa.total_allocated_bytes() - base)
     assert n == 6000 and 0 < peak < 3_000_000, peak  # about two batches of BATCH_BYTES; the table is 17 MB
+
+
+def test_utf8_text_with_a_stray_nul_byte_is_still_text(tmp_path):
+    path = tmp_path / "nul.txt"
+    path.write_bytes("第一段文字\x00还是文字。\n".encode())
+    assert [d["text"] for d in iter_documents(str(path))] == ["第一段文字\x00还是文字。\n"]
