@@ -45,8 +45,7 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 
 @dataclass
 class Config:
-    data_path: str = ""  # comma-separated files (.txt, .jsonl with a text field, .json, any .gz; parquet/Arrow/
-    # save_to_disk folders: dataset/text_sources.py)
+    data_path: str = ""  # comma-separated files: .txt, .jsonl, .json (any .gz), parquet/Arrow, save_to_disk folders
     text_column: str = ""  # JSONL field / table column with the text; "" = the first of text, content present
     vocab_size: int = 6400  # total entries, the 4 special tokens included
     out_dir: str = "out/tokenizer"  # where tokenizer.json, tokenizer_config.json and the report go
