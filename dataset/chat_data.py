@@ -12,7 +12,14 @@ first record of no known format stops the run whatever on_bad says, as the whole
     conversations  {"conversations" | "messages": [{"role": "system|user|assistant", "content": ...}]}  (MiniMind)
     sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}
     alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
-A file is JSON Lines or one JSON array (whatever its extension says), optionally gzipped (.gz).
+    pairs          {"conversation" | "conversations" | "messages": [{"human" | "user": ..., "assistant": ...}]}
+                   (Firefly, and MOSS/UltraChat as Firefly ships them): each element is one user + assistant turn
+A file is JSON Lines or one JSON array (whatever its extension says), optionally gzipped (.gz), or a Hugging Face
+`datasets` file (parquet, Arrow, a save_to_disk folder; dataset/table_files.py, needs pyarrow) whose rows are read
+like JSON lines. Other schemas load through a key mapping, columns="src=dst,..." (parse_columns), applied to JSONL
+and table rows alike: it renames keys of the record and of the dicts in its lists (the turns), e.g.
+columns="dialog=conversations,q=user,a=assistant" for {"dialog": [{"q", "a"}]}.
+An OpenAI fine-tuning "weight": 0 on an assistant message keeps that reply as context but out of the loss.
 
 Labels: the tokenizer's chat template (trainer/train_tokenizer.py) wraps each assistant reply and its
 <|im_end|> in {% generation %}, so return_assistant_tokens_mask marks exactly the tokens to learn; every
@@ -31,21 +38,24 @@ mask, see model/attention.py), so no token attends across a conversation boundar
 the same logits as alone. Unpacked batches are right-padded and need no mask at all: under the causal rule a
 real token only sees earlier tokens, which are all real, and padded positions carry label -100.
 
-Bad records (malformed JSON or shape, unknown role, empty conversation, a system turn not first, an empty
-assistant reply, an unfilled {{placeholder}}, and, when required, a last turn that is not the assistant's)
-raise BadRecord naming file:line with on_bad="error", or are skipped and counted with on_bad="skip". The
-data is never changed silently: the only rewrites are the configured placeholders and system prompt.
+Bad records (malformed JSON or shape, a line that is not UTF-8, unknown role, empty conversation, a system turn
+not first, an empty assistant reply, an unfilled {{placeholder}}, and, when required, a last turn that is not the
+assistant's) raise BadRecord naming file:line with on_bad="error", or are skipped and counted with on_bad="skip". The
+data is never changed silently: the only rewrites are the configured placeholders and system prompt. A truncated
+.gz stops the run naming file and line with on_bad="error"; with "skip" the file ends there with a warning.
 """
 
 import bisect
 import gzip
 import json
 import re
+import zlib
 from collections import Counter
 
 import numpy as np
 import torch
 
+from dataset.table_files import check_text_input, is_table, iter_rows
 from dataset.text_sources import expand_paths
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
@@ -69,47 +79,119 @@ class UnreadableFile(BadRecord):
     """A record showing that its whole file cannot be read (no format we know): an error even when on_bad=skip."""
 
 
+class TruncatedFile(BadRecord):
+    """The file ends early (a truncated .gz): an error with on_bad=error; with skip, the end of that file."""
+
+
 # -----------------------------------------------------------------------------
 # Reading files: records with their line numbers
 
 
-def _open_text(path: str):
-    # utf-8-sig drops a byte-order mark, which editors on Windows like to add.
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _not_utf8(path: str, line: int, e: UnicodeDecodeError) -> BadRecord:
+    return BadRecord(f"{path}:{line}", "not valid UTF-8", f"{e.reason} at byte {e.start}; convert the file to "
+                     f"UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)")
 
 
 def iter_records(path: str):
-    """Yield (line, record) for a JSON Lines or JSON array file; a broken JSON line yields (line, BadRecord)."""
-    with _open_text(path) as f:
-        is_array = f.read(4096).lstrip().startswith("[")
-        f.seek(0)
-        if is_array:
-            yield from _array_records(f.read(), path)
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, BadRecord(f"{path}:{n}", "malformed", f"invalid JSON: {e.msg} at column {e.colno}")
+    """Yield (line, record) for a JSON Lines or JSON array file, ("row N", row) for a parquet/Arrow table.
+    Lines are decoded one by one, so a bad byte or broken JSON yields (line, BadRecord) and the file goes on; a
+    truncated .gz yields one TruncatedFile naming the line reached, and ends the file."""
+    if is_table(path):
+        for n, row in iter_rows(path):
+            yield f"row {n}", row
+        return
+    check_text_input(path)  # binary files and raw Wikipedia dumps are refused by what they are
+    n, is_array = 0, False
+    try:
+        with _open_binary(path) as f:
+            is_array = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+            f.seek(0)
+            if is_array:
+                raw = f.read()
+                if raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:  # one JSON document: nothing after a bad byte can be trusted
+                    e2 = _not_utf8(path, raw[:e.start].count(b"\n") + 1, e)
+                    raise UnreadableFile(e2.where, e2.reason, e2.detail) from None
+                yield from _array_records(text, path)
+                return
+            for n, raw in enumerate(f, 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a byte-order mark, which editors on Windows like to add
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield n, _not_utf8(path, n, e)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, BadRecord(f"{path}:{n}", "malformed", f"invalid JSON: {e.msg} at column {e.colno}")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or corrupt .gz, raised only when read there
+        if is_array:  # one JSON document: what was read before the cut cannot be trusted either
+            raise UnreadableFile(path, "truncated file", f"{e}; is it a truncated or mislabelled .gz?") from None
+        yield n + 1, TruncatedFile(f"{path}:{n + 1}", "truncated file", f"cannot read on after line {n} ({e}); "
+                                   f"is it a truncated or mislabelled .gz?")
 
 
-def usable_records(path: str, convert, on_bad: str, stats: Counter, log=print):
+def parse_columns(spec: str) -> dict:
+    """'conversation=conversations,q=user' -> {'conversation': 'conversations', 'q': 'user'} (see usable_records)."""
+    mapping = {}
+    for pair in [p.strip() for p in spec.split(",") if p.strip()]:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ValueError(f"columns: '{pair}' is not source=target")
+        mapping[src.strip()] = dst.strip()
+    return mapping
+
+
+def rename_keys(record, columns: dict):
+    """Rename the keys of a record, of the dicts in its lists (turns) and of its dict values (a {from, value}
+    reply) by `columns`; one level of nesting, which is where every chat and preference schema keeps its turns."""
+    if not columns or not isinstance(record, dict):
+        return record
+
+    def one(d: dict) -> dict:
+        return {columns.get(k, k): v for k, v in d.items()}
+
+    out = {}
+    for k, v in one(record).items():
+        if isinstance(v, list):
+            v = [one(x) if isinstance(x, dict) else x for x in v]
+        elif isinstance(v, dict):
+            v = one(v)
+        out[k] = v
+    return out
+
+
+def usable_records(path: str, convert, on_bad: str, stats: Counter, log=print, columns: dict | None = None):
     """Yield convert(record, where) for every record of one file that converts. A record that does not (convert or
-    the JSON reader raised BadRecord) stops the run naming file:line when on_bad=error; with on_bad=skip it is
+    the reader raised BadRecord) stops the run naming file:line when on_bad=error; with on_bad=skip it is
     counted in stats as "skip:<reason>" and the first few per file are logged, so the cause is findable without
-    flooding the log. stats["records"] counts every record read."""
+    flooding the log. stats["records"] counts every record read. `columns` (parse_columns) renames keys first.
+    A truncated file stops the run with on_bad=error; with skip, the file ends there with a warning."""
     shown = 0
     for line, record in iter_records(path):
         where = f"{path}:{line}"
+        if isinstance(record, TruncatedFile):
+            if on_bad == "error":
+                raise record
+            stats["truncated files"] += 1
+            log(f"[data] WARNING: {record}; the rest of {path} is lost")
+            return
         stats["records"] += 1
         try:
             if isinstance(record, BadRecord):
                 raise record
-            item = convert(record, where)
+            item = convert(rename_keys(record, columns), where)
         except BadRecord as e:
             if on_bad == "error" or isinstance(e, UnreadableFile):
                 raise
@@ -147,19 +229,45 @@ def _array_records(text: str, path: str):
 # Formats -> a list of {"role", "content"} messages
 
 
+TURN_KEYS = ("conversations", "messages", "conversation")  # where a record keeps its turns, first present wins
+PAIR_USER, PAIR_ASSISTANT = ("human", "user"), ("assistant",)  # keys of a "pairs" turn (Firefly: human/assistant)
+
+
+def _turns(record: dict):
+    return next((record[k] for k in TURN_KEYS if k in record), None)
+
+
+def _pair_key(turn: dict, keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in turn), None)
+
+
 def detect_format(record, where: str) -> str:
     if isinstance(record, dict):
-        turns = record.get("conversations", record.get("messages"))
+        turns = _turns(record)
         if isinstance(turns, list) and turns and isinstance(turns[0], dict):
             if "from" in turns[0]:
                 return "sharegpt"
             if "role" in turns[0]:
                 return "conversations"
+            if _pair_key(turns[0], PAIR_USER) and _pair_key(turns[0], PAIR_ASSISTANT):
+                return "pairs"
         if "instruction" in record and "output" in record:
             return "alpaca"
     keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
     raise BadRecord(where, "unknown format", f"got {keys}; expected conversations/messages with role/content, "
-                    f"ShareGPT from/value, or Alpaca instruction/input/output")
+                    f"ShareGPT from/value, human/assistant pairs or Alpaca instruction/input/output (other "
+                    f"schemas: columns=src=dst,... renames keys)")
+
+
+def _weight(turn: dict, where: str) -> dict:
+    # OpenAI fine-tuning files mark assistant replies to keep as context only with "weight": 0 (1 = trained)
+    w = turn.get("weight")
+    if w is None:
+        return {}
+    if w not in (0, 1) or isinstance(w, bool) or turn.get("role") != "assistant":
+        raise BadRecord(where, "malformed", f"weight {w!r} on a turn of role {turn.get('role')!r}; only assistant "
+                        f"turns take a weight, 0 or 1")
+    return {"weight": int(w)}
 
 
 def _text(value, where: str, what: str) -> str:
@@ -187,16 +295,22 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
         messages.append({"role": "user", "content": prompt + ("\n" + extra if extra else "")})
         messages.append({"role": "assistant", "content": _text(record["output"], where, "output")})
         return messages
-    turns = record.get("conversations", record.get("messages"))
+    turns = _turns(record)
     if not isinstance(turns, list):
         raise BadRecord(where, "malformed", f"no conversations/messages list (keys {sorted(record)})")
     messages = []
-    if fmt == "sharegpt" and record.get("system"):
+    if fmt in ("sharegpt", "pairs") and record.get("system"):
         messages.append({"role": "system", "content": _text(record["system"], where, "system")})
     for turn in turns:
         if not isinstance(turn, dict):
             raise BadRecord(where, "malformed", "a turn is not an object")
-        if fmt == "sharegpt":
+        if fmt == "pairs":
+            user, assistant = _pair_key(turn, PAIR_USER), _pair_key(turn, PAIR_ASSISTANT)
+            if user is None or assistant is None:
+                raise BadRecord(where, "malformed", f"pair turn without human/assistant (keys {sorted(turn)})")
+            messages += [{"role": "user", "content": _text(turn[user], where, user)},
+                         {"role": "assistant", "content": _text(turn[assistant], where, assistant)}]
+        elif fmt == "sharegpt":
             if "from" not in turn or "value" not in turn:
                 raise BadRecord(where, "malformed", f"ShareGPT turn without from/value (keys {sorted(turn)})")
             role = SHAREGPT_ROLES.get(turn["from"])
@@ -208,7 +322,8 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
                 raise BadRecord(where, "malformed", f"turn without role/content (keys {sorted(turn)})")
             if turn["role"] not in ROLES:
                 raise BadRecord(where, "unknown role", repr(turn["role"]))
-            messages.append({"role": turn["role"], "content": _text(turn["content"], where, "content")})
+            messages.append({"role": turn["role"], "content": _text(turn["content"], where, "content"),
+                             **_weight(turn, where)})
     return messages
 
 
@@ -221,6 +336,8 @@ def check_messages(messages: list[dict], where: str, require_assistant_last: boo
         raise BadRecord(where, "no assistant turn")
     if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
         raise BadRecord(where, "empty assistant turn")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise BadRecord(where, "no trained assistant turn", "every assistant turn has weight 0")
     if require_assistant_last and messages[-1]["role"] != "assistant":
         raise BadRecord(where, "last turn not assistant", f"ends with a {messages[-1]['role']} turn")
 
@@ -250,12 +367,13 @@ def parse_placeholders(spec: str) -> dict:
 
 def load_conversations(paths: str | list[str], placeholders: dict | None = None, system_prompt: str = "",
                        on_bad: str = "error", require_assistant_last: bool = True, max_samples: int = 0,
-                       stats: Counter | None = None, log=print) -> tuple[list[list[dict]], Counter]:
+                       stats: Counter | None = None, log=print, columns: dict | None = None
+                       ) -> tuple[list[list[dict]], Counter]:
     """Read every file, normalise each record to messages and check it.
 
     Returns (conversations, stats); stats counts read records, kept ones and each skip reason ("skip:<reason>").
     system_prompt becomes the system turn of conversations that have none. max_samples > 0 keeps the first
-    max_samples usable conversations of each file (quick runs and tests)."""
+    max_samples usable conversations of each file (quick runs and tests). columns renames keys (parse_columns)."""
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be error or skip, got '{on_bad}'")
     stats = Counter() if stats is None else stats
@@ -275,7 +393,7 @@ def load_conversations(paths: str | list[str], placeholders: dict | None = None,
             check_messages(messages, where, require_assistant_last)
             return fill_placeholders(messages, placeholders, where)
 
-        for messages in usable_records(path, convert, on_bad, stats, log):
+        for messages in usable_records(path, convert, on_bad, stats, log, columns):
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}] + messages
             conversations.append(messages)
@@ -315,10 +433,12 @@ def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool =
             pieces.append(([start] + ids, [False] * (1 + len(ids))))
             break
         role = messages[i]["role"]
+        # An assistant turn with weight 0 (OpenAI fine-tuning records) is context only: nothing in it is trained.
+        learn = role == "assistant" and bool(messages[i].get("weight", 1))
         # A token is the reply's when it ends inside the content (a token across "\n" and the content's first
         # characters counts, as in the template's {% generation %} mask).
-        trained = [role == "assistant" and e > len(role) + 1 for _, e in offsets]
-        learn_end = role == "assistant"
+        trained = [learn and e > len(role) + 1 for _, e in offsets]
+        learn_end = learn
         pieces.append(([start] + ids + [end] + newline, [False] + trained + [learn_end] + [False] * len(newline)))
     return pieces
 

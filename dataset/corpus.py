@@ -20,8 +20,8 @@ from collections import Counter, deque
 
 import numpy as np
 
-from dataset.text_sources import (LONG_DOC_FACTOR, FilterConfig, clean_text, dedup_key, iter_documents,
-                                  keep_document, make_converter, split_document)
+from dataset.text_sources import (LONG_DOC_FACTOR, TEXT_FIELDS, FilterConfig, clean_text, dedup_key,
+                                  iter_documents, keep_document, make_converter, split_document)
 
 
 # -----------------------------------------------------------------------------
@@ -45,11 +45,11 @@ def _clean_batch(docs: list[dict]) -> tuple[list[tuple], Counter]:
     return out, stats
 
 
-def _batches(paths: list[str], fcfg: FilterConfig, batch_chars: int, stats: Counter):
+def _batches(paths: list[str], fcfg: FilterConfig, batch_chars: int, stats: Counter, text_fields: tuple[str, ...]):
     batch, size = [], 0
     limit = LONG_DOC_FACTOR * fcfg.max_doc_chars
     for path in paths:
-        for d in iter_documents(path, max_doc_chars=fcfg.max_doc_chars):
+        for d in iter_documents(path, text_fields, max_doc_chars=fcfg.max_doc_chars):
             # A huge document (a 50 MB JSON string) would cost many times its size in one worker's regex passes;
             # its pieces are cleaned, filtered and deduplicated as documents of their own.
             # (The plain-text reader already keeps to this limit.)
@@ -100,7 +100,8 @@ class SeenKeys:
 
 
 def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "auto", workers: int = 0,
-             batch_chars: int = 200_000, quiet: bool = False) -> Counter:
+             batch_chars: int = 200_000, quiet: bool = False, text_fields: tuple[str, ...] = TEXT_FIELDS) -> Counter:
+    """Clean `paths` into `output` (JSONL); text_fields: the JSONL fields / table columns tried for the text."""
     workers = workers or os.cpu_count() or 1
     stats: Counter = Counter()
     seen = SeenKeys()
@@ -114,7 +115,7 @@ def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "a
         # Pool.imap would pull the whole input into its task queue if readers outpace workers, so we keep at most
         # 2 batches per worker in flight: memory is bounded by batch_chars * 2 * workers, whatever the input size.
         pending: deque = deque()
-        batches = _batches(paths, fcfg, batch_chars, stats)
+        batches = _batches(paths, fcfg, batch_chars, stats, text_fields)
 
         def drain_one():
             cleaned, st = pending.popleft().get()

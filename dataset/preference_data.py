@@ -6,7 +6,8 @@ Preference pairs for DPO and the reward model (and prompts for PPO/GRPO): read, 
     samples = tokenize_pairs(pairs, tokenizer, seq_len=512)
     batch = collate_pairs([PairDataset(samples)[0]], pad_id=3)  # rows [chosen...; rejected...]
 
-Formats, detected per record (files are JSON Lines or JSON arrays, optionally gzipped, as in dataset/chat_data.py):
+Formats, detected per record (files are JSON Lines or JSON arrays, optionally gzipped, or parquet/Arrow/save_to_disk
+tables, as in dataset/chat_data.py; columns="src=dst,..." renames keys first):
     messages   {"chosen": [messages], "rejected": [messages]}          MiniMind; both end with the assistant reply
     ranking    {"conversations": [{from, value}] | [{role, content}], "chosen": {from, value} | str,
                 "rejected": ..., "system"?}                              LLaMA-Factory ranking, MedicalGPT
@@ -111,14 +112,15 @@ def record_to_pair(record, where: str) -> dict:
 
 
 def load_pairs(paths: str | list[str], on_bad: str = "error", max_samples: int = 0, stats: Counter | None = None,
-               log=print) -> tuple[list[dict], Counter]:
+               log=print, columns: dict | None = None) -> tuple[list[dict], Counter]:
     """Read every file into pairs; on_bad = error (raise naming file:line) | skip (count by reason).
-    max_samples > 0 keeps the first max_samples usable pairs of each file."""
+    max_samples > 0 keeps the first max_samples usable pairs of each file; columns renames keys first
+    (chat_data.parse_columns)."""
     stats = Counter() if stats is None else stats
     pairs, seen = [], set()
     for path in expand_paths(paths):
         kept = 0
-        for pair in usable_records(path, record_to_pair, on_bad, stats, log):
+        for pair in usable_records(path, record_to_pair, on_bad, stats, log, columns):
             key = json.dumps(pair, ensure_ascii=False, sort_keys=True)
             if key in seen:
                 stats["skip:duplicate"] += 1
@@ -195,11 +197,11 @@ class PairDataset:
 
 
 def read_pair_samples(paths: str | list[str], tokenizer, seq_len: int, on_bad: str = "error", max_samples: int = 0,
-                      log=print) -> tuple[list[dict], Counter]:
+                      log=print, columns: dict | None = None) -> tuple[list[dict], Counter]:
     """Files -> tokenized pair samples (what DPO and the reward model train on) and the read / skip / truncation
     counts."""
     stats = Counter()
-    pairs, _ = load_pairs(paths, on_bad, max_samples, stats, log)
+    pairs, _ = load_pairs(paths, on_bad, max_samples, stats, log, columns)
     return tokenize_pairs(pairs, tokenizer, seq_len, stats), stats
 
 

@@ -21,12 +21,13 @@ from dataset.text_sources import expand_paths
 
 
 def load_prompts(paths: str, tokenizer, max_prompt_tokens: int, on_bad: str = "skip", max_samples: int = 0,
-                 log=print) -> list[dict]:
+                 log=print, columns: dict | None = None) -> list[dict]:
     """Prompts for rollouts -> [{"prompt": messages, "answer": str | None, "ids": [int]}].
 
     Reads {"prompt": str | messages, "answer"?: str}, any preference-pair format (the shared prompt) and any
     chat format of dataset/chat_data.py (the conversation before the last assistant turn; that turn becomes the
-    answer). Prompts longer than max_prompt_tokens are skipped: cutting them would change the question."""
+    answer). Prompts longer than max_prompt_tokens are skipped: cutting them would change the question.
+    columns renames keys first (chat_data.parse_columns)."""
 
     def to_prompt(record, where) -> tuple[list[dict], str | None]:
         if isinstance(record, dict) and "chosen" in record:
@@ -47,7 +48,7 @@ def load_prompts(paths: str, tokenizer, max_prompt_tokens: int, on_bad: str = "s
     out, stats = [], Counter()
     for path in expand_paths(paths):
         kept = 0
-        for messages, answer in usable_records(path, to_prompt, on_bad, stats, log):
+        for messages, answer in usable_records(path, to_prompt, on_bad, stats, log, columns):
             ids = prompt_ids(tokenizer, messages)
             if len(ids) > max_prompt_tokens:
                 stats["skip:prompt too long"] += 1

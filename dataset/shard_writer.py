@@ -11,6 +11,8 @@ Peak RAM is the tokenizer plus one bucket (bucket_mb) plus one tokenising batch 
 whatever the corpus size; shards are written straight to disk.
 A run that dies (SIGKILL, full disk, bad input) leaves no meta.json, so its directory reads as unfinished, and the
 next run in that directory clears whatever the dead one left (see check_out_dir).
+Special-token strings inside the text (MiniMind's pretrain_hq.jsonl wraps every document in <|im_start|> ...
+<|im_end|>) are tokenised as the plain text they are, never as the special ids (see prepare()); a note counts them.
 """
 
 import hashlib
@@ -23,7 +25,8 @@ import time
 import numpy as np
 
 from dataset.shards import SHARD_FORMAT, dtype_for_vocab, tokenizer_fingerprint
-from dataset.text_sources import iter_documents
+from dataset.table_files import is_dataset_dir
+from dataset.text_sources import TEXT_FIELDS, input_bytes, iter_documents
 
 BUCKET_DIR = "_buckets.tmp"  # phase 1's scatter files, inside out_dir; gone when a run finishes
 
@@ -42,7 +45,7 @@ def parse_input(spec: str) -> tuple[str, float]:
             path, weight = spec, 1.0
     else:
         path, weight = spec, 1.0
-    if not os.path.isfile(path):
+    if not (os.path.isfile(path) or is_dataset_dir(path)):
         raise FileNotFoundError(f"{path}: no such file (from --inputs {spec})")
     if not weight > 0 or math.isinf(weight):
         raise ValueError(f"--inputs {spec}: the weight must be a positive number")
@@ -127,7 +130,8 @@ class ShardWriter:
 
 def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float = 50, val_tokens: int = 1_000_000,
             seed: int = 1337, workers: int = 0, dtype: str = "auto", bucket_mb: float = 64, batch_docs: int = 512,
-            batch_mb: float = 1, quiet: bool = False) -> dict:
+            batch_mb: float = 1, quiet: bool = False, text_column: str = "") -> dict:
+    """text_column: the JSONL field / table column that holds the text; "" = the first of TEXT_FIELDS present."""
     os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))  # before tokenizers starts
     from transformers import AutoTokenizer
 
@@ -150,21 +154,28 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
     np_dtype = np.dtype(dtype).newbyteorder("<")
     fingerprint = tokenizer_fingerprint(hf_tok)
     check_out_dir(out_dir, fingerprint)
+    # Pretraining text is text: "<|im_start|>" written in a document is its 12 characters, not the control id the
+    # chat template alone may emit. Otherwise a corpus that carries ChatML markers (or a page quoting them) would
+    # teach the base model turn boundaries of arbitrary text and let any document forge them (as user content
+    # must not either); SFT teaches the real ids. The tokenizer stage learned such strings as text too.
+    tok.encode_special_tokens = True
+    specials = [t for t in hf_tok.all_special_tokens if t]
+    text_fields = (text_column,) if text_column else TEXT_FIELDS
 
     # From here on we write into out_dir: on any failure (bad input, full disk, Ctrl-C) remove what this run wrote,
     # so the directory holds nothing half-done (a SIGKILL cannot be caught: check_out_dir clears that on the rerun).
     try:
         # Bucket count from a size estimate (text bytes ~ token bytes for uint16 at ~3 bytes/token of Chinese): each
         # bucket should hold about bucket_mb, which is what phase 2 loads at once.
-        est = sum(os.path.getsize(p) * (3 if p.endswith(".gz") else 1) * w for p, w in sources)
+        est = sum(input_bytes(p) * w for p, w in sources)
         n_buckets = max(1, min(1024, math.ceil(est / (bucket_mb * 1e6))))
-        est_tokens = sum(os.path.getsize(p) * (3 if p.endswith(".gz") else 1) for p, _ in sources) / 3
+        est_tokens = sum(input_bytes(p) for p, _ in sources) / 3
         val_rate = min(0.5, val_tokens / max(est_tokens, 1)) if val_tokens > 0 else 0.0
         tmp_dir = os.path.join(out_dir, BUCKET_DIR)
         os.makedirs(tmp_dir)  # check_out_dir removed any older one
         buckets = [open(os.path.join(tmp_dir, f"{b:04d}"), "wb") for b in range(n_buckets)]
         val_f = open(os.path.join(out_dir, "val.bin.tmp"), "wb")
-        stats = {"bytes": 0, "tokens": 0, "val_tokens": 0, "val_docs": 0}
+        stats = {"bytes": 0, "tokens": 0, "val_tokens": 0, "val_docs": 0, "special_docs": 0, "special_strings": 0}
         src_meta = []
         t0 = last = time.time()
 
@@ -196,8 +207,11 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
                 sm = {"path": path, "weight": weight, "documents": 0, "tokens": 0}
                 whole, frac = int(weight), weight - int(weight)
                 batch, batch_bytes = [], 0
-                for d in iter_documents(path):
+                for d in iter_documents(path, text_fields):
                     text = d["text"]
+                    found = sum(text.count(t) for t in specials)
+                    stats["special_docs"] += found > 0
+                    stats["special_strings"] += found
                     nbytes = len(text.encode("utf-8"))
                     stats["bytes"] += nbytes
                     key = _doc_key(text, seed)
@@ -228,6 +242,11 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
                 f.close()
             val_f.close()
 
+        if stats["special_docs"]:
+            print(f"note: {stats['special_docs']:,} documents carry {stats['special_strings']:,} special-token "
+                  f"strings ({', '.join(specials)}); they were tokenised as plain text, not as the special ids "
+                  f"(those belong to the chat template); strip them from the source if they are only wrappers")
+
         # phase 2: shuffle each bucket in memory (seeded per bucket), concatenate into shards
         writer = ShardWriter(out_dir, max(1, int(shard_mb * 1e6) // np_dtype.itemsize))
         for b in range(n_buckets):
@@ -257,7 +276,9 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
 
         meta = {"format": SHARD_FORMAT, "dtype": dtype, "vocab_size": vocab_size, "tokenizer_fingerprint": fingerprint,
                 "tokenizer_dir": os.path.abspath(tokenizer_dir), "eos_id": eos, "seed": seed, "sources": src_meta,
-                "train_shards": writer.shards, "val_shard": val_entry, "val_documents": stats["val_docs"]}
+                "train_shards": writer.shards, "val_shard": val_entry, "val_documents": stats["val_docs"],
+                "special_token_text": {"documents": stats["special_docs"], "strings": stats["special_strings"],
+                                       "tokenised_as": "text"}}
         with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False, indent=1)
         os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))  # last: marks completion

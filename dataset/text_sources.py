@@ -14,7 +14,11 @@ Formats (a `.gz` suffix on any of them is read through gzip, still streaming):
                                     (and at `<!-- FILE: ... -->` markers, which separate laws in the LawRefBook dump);
                                     no document is longer than 5x that: without a blank line it ends at a line end
                                     or, inside one huge line, at a sentence end (lines are read in bounded pieces)
+    parquet / Arrow / save_to_disk  Hugging Face `datasets` files, found by content (dataset/table_files.py, needs
+                                    pyarrow); one document per row, the text column picked as for .jsonl
 Every reader yields {"text", "source", "title", "line"} and raises ValueError naming file and line on bad input.
+Binary files of any other kind (zip, bz2, xz, zstd, sqlite, ...) and raw Wikipedia XML dumps are refused by what
+they are, with what to run instead; they never reach the UTF-8 decoder.
 """
 
 import codecs
@@ -30,6 +34,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dataset.table_files import (
+    check_text_input,
+    column_names,
+    dataset_dict_message,
+    is_dataset_dict_dir,
+    is_dataset_dir,
+    is_table,
+    iter_rows,
+)
+
 TEXT_FIELDS = ("text", "content")  # jsonl fields tried in order; gov_work_reports uses "content"
 
 # -----------------------------------------------------------------------------
@@ -41,8 +55,9 @@ def expand_paths(paths: str | list[str]) -> list[str]:
 
     `paths` is a list or a comma-separated string of items; each item is a file, a folder (every regular file
     under it, hidden ones left out) or a glob pattern (its matches, each a file or a folder). Folders and matches
-    are sorted, so runs are reproducible; the items keep their order. An item that names nothing raises
-    FileNotFoundError naming it; no files at all raises ValueError."""
+    are sorted, so runs are reproducible; the items keep their order. A `datasets` save_to_disk folder, named or
+    found inside a folder, is one input (its .arrow files are rows of one table, its .json files metadata). An item
+    that names nothing raises FileNotFoundError naming it; no files at all raises ValueError."""
     items = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else [p.strip() for p in paths]
     out = []
     for item in [p for p in items if p]:
@@ -50,8 +65,18 @@ def expand_paths(paths: str | list[str]) -> list[str]:
         if not matches:
             raise FileNotFoundError(f"{item}: no such file or directory (the pattern matches nothing)")
         for p in matches:
-            if os.path.isdir(p):
+            if is_dataset_dict_dir(p):
+                raise ValueError(dataset_dict_message(p))
+            if is_dataset_dir(p):
+                out.append(p)
+            elif os.path.isdir(p):
                 for root, dirs, files in os.walk(p):
+                    if is_dataset_dict_dir(root):
+                        raise ValueError(dataset_dict_message(root))
+                    if is_dataset_dir(root):
+                        out.append(root)
+                        dirs.clear()
+                        continue
                     dirs.sort()
                     out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
             elif os.path.isfile(p):
@@ -61,6 +86,14 @@ def expand_paths(paths: str | list[str]) -> list[str]:
     if not out:
         raise ValueError(f"no data files in {paths!r}")
     return out
+
+
+def input_bytes(path: str) -> int:
+    """About how many bytes of text a source holds (gzip and parquet compress Chinese text ~3x; a save_to_disk
+    folder holds its rows uncompressed), to size buffers and sampling rates before reading anything."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".arrow"))
+    return os.path.getsize(path) * (3 if path.endswith((".gz", ".parquet")) else 1)
 
 
 def _open_binary(path: str):
@@ -101,8 +134,12 @@ def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[int, str]]:
 
 
 def _kind(path: str) -> str:
-    """Pick a reader from the name, and sniff the first line for extension-less or .txt WikiExtractor output."""
-    name = path[:-3] if path.endswith(".gz") else path
+    """Pick a reader: tables and binary files by content, text formats from the name, and sniff the first line for
+    extension-less or .txt WikiExtractor output."""
+    if is_table(path):
+        return "table"
+    check_text_input(path)  # a zip, a bz2 dump, ... raises here, saying what it is and what to run
+    name = path.removesuffix(".gz")
     ext = os.path.splitext(name)[1].lower()
     if ext == ".json":
         return "json"
@@ -166,6 +203,23 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> Iterator[dict]:
         doc = {"text": obj[field], "source": path, "title": str(obj.get("title", "")), "line": lineno}
         if isinstance(obj.get("source"), str):
             doc["origin"] = obj["source"]  # zh_simplify output keeps the original file name here
+        yield doc
+
+
+def _read_table(path: str, text_fields: tuple[str, ...]) -> Iterator[dict]:
+    names = column_names(path)
+    field = next((k for k in text_fields if k in names), None)
+    if field is None:
+        raise ValueError(f"{path}: no column {' or '.join(repr(k) for k in text_fields)} (columns: "
+                         f"{', '.join(names[:12])}); set text_column= to the one that holds the text")
+    extra = [k for k in ("title", "source") if k in names and k != field]  # read only what a document keeps
+    for row_no, row in iter_rows(path, [field] + extra):
+        text = row[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:row {row_no}: column {field!r} is {type(text).__name__}, not a string")
+        doc = {"text": text, "source": path, "title": str(row.get("title") or ""), "line": row_no}
+        if isinstance(row.get("source"), str):
+            doc["origin"] = row["source"]
         yield doc
 
 
@@ -269,10 +323,12 @@ def iter_documents(path: str, text_fields: tuple[str, ...] = TEXT_FIELDS, max_do
                    allow_empty: bool = False) -> Iterator[dict]:
     """Stream the documents of one file. An empty source is an error unless allow_empty, so a wrong path or an
     all-blank file never silently contributes nothing."""
-    if not os.path.isfile(path):
+    if not (os.path.isfile(path) or is_dataset_dir(path)):
         raise FileNotFoundError(f"{path}: no such file")
     kind = _kind(path)
-    if kind == "wiki":
+    if kind == "table":
+        docs = _read_table(path, text_fields)
+    elif kind == "wiki":
         docs = _read_wiki(path)
     elif kind == "jsonl":
         docs = _read_jsonl(path, text_fields)
@@ -317,7 +373,7 @@ def count_cjk(text: str) -> int:
 # conversion to simplified Chinese
 
 
-_MW_MARKUP = re.compile(r"-\{(.*?)\}-", re.S)
+_MW_MARKUP = re.compile(r"-\{(.*?)\}-", re.DOTALL)
 _VARIANT_PREF = ("zh-cn", "zh-hans", "zh-sg", "zh-my", "zh", "zh-hant", "zh-tw", "zh-hk", "zh-mo")
 
 
@@ -366,7 +422,7 @@ def make_converter(engine: str = "auto"):
 
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\ufeff\ufffc]")
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>\n]*)?/?>")
 _HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z]{2,8});")
 # brackets that hold nothing but separators: what is left after WikiExtractor drops a template, e.g. 萬民福音部（）是

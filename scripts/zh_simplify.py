@@ -5,7 +5,8 @@ Clean raw Chinese text into JSONL, one document per line: {"text": ..., "source"
     python scripts/zh_simplify.py --input en.txt --output en.jsonl --min_cjk_ratio 0   # keep non-Chinese text
     python scripts/zh_simplify.py --input wiki/ --compare_engines                      # zhconv vs zhconv-rs only
 
-Inputs: files or folders of WikiExtractor output (plain and --json), .txt, .jsonl, .json, each optionally .gz
+Inputs: files or folders of WikiExtractor output (plain and --json), .txt, .jsonl, .json, each optionally .gz,
+and Hugging Face parquet/Arrow files or save_to_disk folders
 (see dataset/text_sources.py). The rules, the filters, deduplication and why memory stays flat are described in
 dataset/corpus.py, which does the work; this file is its command line.
 """
@@ -19,7 +20,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 from dataset.corpus import compare_engines, print_summary, simplify  # noqa: E402
-from dataset.text_sources import FilterConfig, expand_paths  # noqa: E402
+from dataset.text_sources import TEXT_FIELDS, FilterConfig, expand_paths  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--engine", choices=["auto", "zhconv", "zhconv-rs"], default="auto",
                     help="auto = zhconv-rs if installed, else zhconv")
     ap.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    ap.add_argument("--text_column", default="", help="JSONL field / parquet column with the text; default: text, "
+                    "content")
     ap.add_argument("--compare_engines", action="store_true", help="only measure zhconv against zhconv-rs")
     args = ap.parse_args()
     try:
@@ -43,8 +46,9 @@ def main() -> None:
         if not args.output:
             ap.error("--output is required")
         fc = FilterConfig(args.min_chars, args.min_cjk_ratio, args.max_doc_chars)
-        print_summary(simplify(files, args.output, fc, args.engine, args.workers), args.output)
-    except (ValueError, FileNotFoundError) as e:
+        fields = (args.text_column,) if args.text_column else TEXT_FIELDS
+        print_summary(simplify(files, args.output, fc, args.engine, args.workers, text_fields=fields), args.output)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional reader (pyarrow)
         sys.exit(f"error: {e}")
 
 

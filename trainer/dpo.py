@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from dataset.chat_data import parse_columns
 from dataset.preference_data import (
     PairDataset,
     collate_pairs,
@@ -54,7 +55,8 @@ class Config(TrainConfig):
         "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy"}
     init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
     out_dir: str = "out/dpo"
-    data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
+    data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 500
     lr: float = 1e-6  # DPO wants a small lr: the implicit reward drifts fast
     warmup_steps: int = 20
@@ -109,7 +111,7 @@ class DPOTrainer(Trainer):
     def build_data(self):
         cfg = self.cfg
         samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                           cfg.max_samples, print0)
+                                           cfg.max_samples, print0, parse_columns(cfg.columns))
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
         train, val = PairDataset(train), PairDataset(val)
         # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.

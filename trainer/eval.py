@@ -45,7 +45,8 @@ class Config:
     quantize: str = "none"  # none | int8 | int4: evaluate the weight-only quantized model (model/quantize.py)
     batch_size: int = 8  # sequences per forward
     # --- perplexity / bits per byte ---
-    ppl_data: str = ""  # shard dir (val shard) or text/JSONL/JSON files, comma-separated; "" = skip
+    ppl_data: str = ""  # shard dir (val shard) or text/JSONL/JSON/parquet files, comma-separated; "" = skip
+    ppl_text_column: str = ""  # JSONL field / table column of ppl_data's text; "" = the first of text, content
     seq_len: int = 512  # window length (capped at the model's context)
     ppl_max_tokens: int = 200_000  # tokens scored at most (0 = all)
     # --- multiple choice (CMMLU or C-Eval as published: layout and header detected) ---
@@ -84,12 +85,12 @@ def load_engine(path: str, cfg: Config):
 # Perplexity and bits per byte
 
 
-def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
+def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int, text_column: str = "") -> torch.Tensor:
     """(N, seq_len + 1) token windows, non-overlapping, from a shard dir's val shard or from text files."""
     import numpy as np
 
     from dataset.shards import load_meta, val_windows
-    from dataset.text_sources import expand_paths, iter_documents
+    from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 
     max_windows = max_tokens // seq_len if max_tokens > 0 else 1 << 40
     if os.path.isfile(os.path.join(spec, "meta.json")):
@@ -99,8 +100,10 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int) -> torch.Te
         return torch.from_numpy(np.asarray(windows, dtype=np.int64))
     ids = []
     for path in expand_paths(spec):
-        for doc in iter_documents(path):
-            ids += tokenizer.encode(doc["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        for doc in iter_documents(path, (text_column,) if text_column else TEXT_FIELDS):
+            # special-token strings stay text, as the shard writer tokenises pretraining text
+            ids += tokenizer.encode(doc["text"], add_special_tokens=False, split_special_tokens=True) + \
+                [tokenizer.eos_token_id]
             if max_tokens > 0 and len(ids) > max_tokens + 1:
                 break
     n = min((len(ids) - 1) // seq_len, max_windows)
@@ -396,7 +399,7 @@ def evaluate_checkpoint(path: str, name: str, cfg: Config, items: list[dict]) ->
     print0(f"[eval] {name}: {path} ({result['parameters']:,} parameters, quantize={cfg.quantize})")
     if cfg.ppl_data:
         seq_len = min(cfg.seq_len, model.config.max_position_embeddings)
-        windows = ppl_windows(cfg.ppl_data, tokenizer, seq_len, cfg.ppl_max_tokens)
+        windows = ppl_windows(cfg.ppl_data, tokenizer, seq_len, cfg.ppl_max_tokens, cfg.ppl_text_column)
         result["ppl"] = perplexity(model, tokenizer, windows, cfg.batch_size, device)
         print0(f"[eval]   ppl {result['ppl']['ppl']:.2f} | bpb {result['ppl']['bpb']:.4f} over "
                f"{result['ppl']['tokens']:,} tokens")

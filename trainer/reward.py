@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from dataset.chat_data import parse_columns
 from dataset.preference_data import (
     PairDataset,
     collate_pairs,
@@ -43,7 +44,8 @@ class Config(TrainConfig):
         "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy"}
     init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
     out_dir: str = "out/reward"
-    data_path: str = "dataset/dpo/*.json*"  # preference files or glob patterns, comma-separated
+    data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 500
     lr: float = 1e-5
     warmup_steps: int = 20
@@ -73,7 +75,7 @@ class RewardTrainer(Trainer):
     def build_data(self):
         cfg = self.cfg
         samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                           cfg.max_samples, print0)
+                                           cfg.max_samples, print0, parse_columns(cfg.columns))
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
         train, val = PairDataset(train), PairDataset(val)
         # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 
 from dataset.batches import IndexBatches
+from dataset.chat_data import parse_columns
 from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
 from model.runtime import load_pretrained
@@ -33,6 +34,7 @@ class RLConfig(TrainConfig):
         "eval_batches": "rollout stages have no validation set"}
     init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
     data_path: str = "dataset/rl_prompts.jsonl"  # prompt files (dataset/prompt_data.py), comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     ref_from: str = ""  # frozen reference for the KL term; "" = init_from
     ref_device: str = ""  # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
     reward_from: str = ""  # reward model dir (trainer/reward.py final/); "" = rules only
@@ -84,7 +86,7 @@ class RolloutTrainer(Trainer):
             raise ValueError(f"global_batch_size x rollout_minibatches = {per_rollout} must be a multiple of "
                              f"num_generations x processes = {cfg.num_generations} x {self.world_size}")
         prompts = load_prompts(cfg.data_path, self.tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.on_bad_record,
-                               cfg.max_samples, print0)
+                               cfg.max_samples, print0, parse_columns(cfg.columns))
         n_prompts = per_rollout // cfg.num_generations
         print0(f"[{self.stage}] {len(prompts):,} prompts | a rollout = {n_prompts} prompts x {cfg.num_generations} "
                f"replies, trained for {cfg.ppo_epochs} epoch(s) x {cfg.rollout_minibatches} minibatch(es)")

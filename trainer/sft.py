@@ -14,7 +14,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dataset.chat_data import ChatDataset, collate_chat, load_conversations, parse_placeholders, tokenize_conversations
+from dataset.chat_data import (
+    ChatDataset,
+    collate_chat,
+    load_conversations,
+    parse_columns,
+    parse_placeholders,
+    tokenize_conversations,
+)
 from trainer.common import print0
 from trainer.config import TrainConfig
 from trainer.core import Trainer, run_trainer
@@ -29,7 +36,8 @@ class Config(TrainConfig):
         "model_config": "the architecture comes from init_from's config.json"}
     init_from: str = "out/pretrain/final"  # the pretrained model (architecture and tokenizer come with it)
     out_dir: str = "out/sft"
-    data_path: str = "dataset/sft/*.json*"  # chat files or glob patterns, comma-separated
+    data_path: str = "dataset/sft/*.json*"  # chat files, globs or parquet/Arrow/save_to_disk data, comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 2000
     lr: float = 1e-4
     warmup_steps: int = 50
@@ -53,7 +61,8 @@ class SFTTrainer(Trainer):
             print0(f"[{self.stage}] WARNING: init_from is empty: fine-tuning a randomly initialised model")
         stats = Counter()
         conversations, _ = load_conversations(cfg.data_path, parse_placeholders(cfg.placeholders), cfg.system_prompt,
-                                              cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=print0)
+                                              cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=print0,
+                                              columns=parse_columns(cfg.columns))
         samples = tokenize_conversations(conversations, self.tokenizer, cfg.seq_len, cfg.truncation, stats)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))  # at most 10% held out
         train = ChatDataset(train, cfg.seq_len, pack=cfg.pack)

@@ -27,7 +27,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from dataset.text_sources import count_cjk, is_cjk, iter_documents
+from dataset.table_files import is_dataset_dir
+from dataset.text_sources import TEXT_FIELDS, count_cjk, input_bytes, is_cjk, iter_documents
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
 # ChatML; {% generation %} marks assistant tokens so SFT gets them from return_assistant_tokens_mask=True
@@ -44,7 +45,8 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 
 @dataclass
 class Config:
-    data_path: str = ""  # comma-separated files (.txt, .jsonl with a text field, .json, any of them .gz)
+    data_path: str = ""  # comma-separated files: .txt, .jsonl, .json (any .gz), parquet/Arrow, save_to_disk folders
+    text_column: str = ""  # JSONL field / table column with the text; "" = the first of text, content present
     vocab_size: int = 6400  # total entries, the 4 special tokens included
     out_dir: str = "out/tokenizer"  # where tokenizer.json, tokenizer_config.json and the report go
     max_bytes: int = 100_000_000  # at most this many UTF-8 bytes are fed to the trainer (bounds its RAM)
@@ -70,7 +72,11 @@ def _unit(text: str, seed: int, salt: str) -> float:
 
 def _estimated_bytes(paths: list[str]) -> int:
     # gzip of Chinese text is ~3x, good enough to set a sampling rate before reading anything
-    return sum(os.path.getsize(p) * (3 if p.endswith(".gz") else 1) for p in paths)
+    return sum(input_bytes(p) for p in paths)
+
+
+def _text_fields(cfg: "Config") -> tuple[str, ...]:
+    return (cfg.text_column,) if cfg.text_column else TEXT_FIELDS
 
 
 _HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U000323af]+")
@@ -158,7 +164,7 @@ def _sample(cfg: Config, paths: list[str], heldout: dict, stats: dict):
     fed = 0
     for path in paths:
         held_bytes: dict = {}
-        for d in iter_documents(path):
+        for d in iter_documents(path, _text_fields(cfg)):
             text = d["text"]
             name = d.get("origin") or os.path.basename(path)  # cleaned JSONL remembers each document's source
             nbytes = len(text.encode("utf-8"))
@@ -173,6 +179,7 @@ def _sample(cfg: Config, paths: list[str], heldout: dict, stats: dict):
             fed += nbytes
             stats["fed_bytes"] = fed
             stats["fed_docs"] += 1
+            stats["special_docs"] = stats.get("special_docs", 0) + any(t in text for t in SPECIAL_TOKENS)
             yield text
 
 
@@ -268,7 +275,7 @@ def run(cfg: Config) -> dict:
     if not paths:
         raise ValueError("data_path is empty: give one or more comma-separated text files")
     for p in paths + _split_paths(cfg.eval_path):
-        if not os.path.isfile(p):
+        if not (os.path.isfile(p) or is_dataset_dir(p)):
             raise FileNotFoundError(f"{p}: no such file (data_path/eval_path)")
     if cfg.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size={cfg.vocab_size} is too small: the byte alphabet alone needs 260 entries")
@@ -285,6 +292,10 @@ def run(cfg: Config) -> dict:
     train_s = time.time() - t0
     if stats["fed_docs"] == 0:
         raise ValueError(f"no training text in {cfg.data_path} (all documents held out or empty)")
+    if stats.get("special_docs"):
+        print(f"note: {stats['special_docs']:,} training documents carry special-token strings "
+              f"({', '.join(SPECIAL_TOKENS)}); the tokenizer learned them as plain text (the shard stage encodes "
+              f"them as text too; the special ids are only for the chat template)")
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, f"special token {name} got id {tok.token_to_id(name)}, expected {i}"
 
@@ -294,7 +305,7 @@ def run(cfg: Config) -> dict:
 
     for p in _split_paths(cfg.eval_path):  # files never seen in training
         held, size = [], 0
-        for d in iter_documents(p):
+        for d in iter_documents(p, _text_fields(cfg)):
             held.append(d["text"])
             size += len(d["text"].encode("utf-8"))
             if size >= cfg.heldout_max_bytes:
