@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 
+from trainer.config import ConfigError, load_config
 from trainer.stages import available_stages
 
 
@@ -38,8 +39,6 @@ def main(argv=None) -> int:
     if args.config and not os.path.isfile(args.config):
         print(f"error: config file '{args.config}' does not exist", file=sys.stderr)
         return 2
-
-    from trainer.config import ConfigError, load_config
 
     module = importlib.import_module(stages[args.stage][0])
     try:

@@ -22,6 +22,9 @@ import random
 import subprocess
 import time
 
+from dataset.text_sources import iter_corpus  # noqa: E402
+from trainer.train_tokenizer import split_han_runs  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench", "_work")
 PACK = os.path.join(os.path.dirname(ROOT), "shared", "data", "pretrain", "zh")
@@ -32,7 +35,6 @@ PACK = os.path.join(os.path.dirname(ROOT), "shared", "data", "pretrain", "zh")
 
 def make_pack_input(mb: int) -> str:
     """The raw pack's documents, repeated until `mb` MB; copy k gets a tag line so it is not an exact duplicate."""
-    from dataset.text_sources import iter_corpus
 
     path = os.path.join(WORK, f"pack_{mb}mb.jsonl")
     if os.path.exists(path):
@@ -120,7 +122,6 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 def unique_pieces(path: str, piece: int = 4) -> int:
     """Distinct pre-tokens the trainer counts in a Zipf file (Han runs cut into `piece` chars, plus punctuation)."""
-    from trainer.train_tokenizer import split_han_runs
 
     seen = set()
     with open(path, encoding="utf-8") as f:

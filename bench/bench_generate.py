@@ -17,6 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from model import SLMConfig, SLMForCausalLM  # noqa: E402
+from model.engine import Engine  # noqa: E402
+from model.runtime import resolve_dtype  # noqa: E402
+
 # -----------------------------------------------------------------------------
 
 
@@ -63,9 +67,6 @@ def main():
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda rows only where there is a GPU")
     args = parser.parse_args()
 
-    from model import SLMConfig, SLMForCausalLM
-    from model.engine import Engine
-    from model.runtime import resolve_dtype
 
     devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, "

@@ -19,6 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from model import SLMConfig, SLMForCausalLM  # noqa: E402
+from model.engine import Engine  # noqa: E402
+from model.quantize import quantize_model, weight_bytes  # noqa: E402
+from trainer.eval import perplexity, ppl_windows  # noqa: E402
+
 FALLBACK_TEXT = ("人工智能是计算机科学的一个分支，它企图了解智能的实质，"
                  "并生产出一种新的能以人类智能相似的方式做出反应的智能机器。"
                  "北京是中华人民共和国的首都，是全国的政治中心、文化中心。"
@@ -50,10 +55,6 @@ def main():
 
     from transformers import AutoTokenizer
 
-    from model import SLMConfig, SLMForCausalLM
-    from model.engine import Engine
-    from model.quantize import quantize_model, weight_bytes
-    from trainer.eval import perplexity, ppl_windows
 
     torch.set_num_threads(args.threads)
     if args.model:

@@ -62,6 +62,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from bench.tensor_memory import TensorMemoryTracker  # noqa: E402
+from dataset.preference_data import prompt_ids  # noqa: E402
+from model import SLMConfig, SLMForCausalLM  # noqa: E402
+from model.runtime import resolve_device, resolve_dtype  # noqa: E402
+from trainer.train_tokenizer import Config as TokenizerConfig  # noqa: E402
+from trainer.train_tokenizer import run as train_tokenizer  # noqa: E402
 
 # option -> (stage, config overrides, reference offloaded)
 OPTIONS = {
@@ -96,10 +101,6 @@ def build_inputs(work: str, preset: str, vocab: int, prompt_tokens: int, n_promp
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from dataset.preference_data import prompt_ids
-    from model import SLMConfig, SLMForCausalLM
-    from trainer.train_tokenizer import Config as TokenizerConfig
-    from trainer.train_tokenizer import run as train_tokenizer
 
     hf_logging.disable_progress_bar()  # no tqdm bar per save_pretrained
     # Synthetic Han text: 4000 ideographs, Zipf-distributed, for the tokenizer's corpus and the prompts alike.
@@ -192,7 +193,6 @@ def build_trainer(option: str, inputs: dict, args, out_dir: str):
 
 def measure(option: str, inputs: dict, args) -> dict:
     """Build the stage for `option`, run warm-up steps, and measure the peak over the next steps."""
-    from model.runtime import resolve_device
 
     cuda = resolve_device(args.device).type == "cuda"
     if cuda:
@@ -270,8 +270,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from model import SLMConfig
-    from model.runtime import resolve_device, resolve_dtype
 
     args = parse_args(argv)
     if args.threads:

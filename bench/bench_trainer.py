@@ -25,6 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 
 from dataset.shards import SHARD_FORMAT, tokenizer_fingerprint  # noqa: E402
+from model import SLMConfig  # noqa: E402
+from trainer.core import run_trainer  # noqa: E402
+from trainer.pretrain import Config as PretrainConfig  # noqa: E402
+from trainer.pretrain import PretrainTrainer  # noqa: E402
+from trainer.sft import Config as SFTConfig  # noqa: E402
+from trainer.sft import SFTTrainer  # noqa: E402
+from trainer.train_tokenizer import Config as TokenizerConfig  # noqa: E402
+from trainer.train_tokenizer import run as train_tokenizer  # noqa: E402
 
 ALPHABET = "的一是不了人我在有他这为之大来以个中上们到说和地也子时道出而要于就下得可你年生自会那后能对着事其所去行家十"
 
@@ -35,13 +43,13 @@ def synthetic_lines(n: int, seed: int = 0, longest: int = 40) -> list[str]:
 
 
 def make_tokenizer(work: str) -> str:
-    from trainer.train_tokenizer import Config, run
 
     corpus = os.path.join(work, "corpus.txt")
     with open(corpus, "w", encoding="utf-8") as f:
         f.write("\n\n".join(synthetic_lines(2000)))
     out = os.path.join(work, "tokenizer")
-    run(Config(data_path=corpus, vocab_size=512, out_dir=out, min_frequency=1, heldout_every=10, seed=0))
+    train_tokenizer(TokenizerConfig(data_path=corpus, vocab_size=512, out_dir=out, min_frequency=1, heldout_every=10,
+                                    seed=0))
     return out
 
 
@@ -108,12 +116,6 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from model import SLMConfig
-    from trainer.core import run_trainer
-    from trainer.pretrain import Config as PretrainConfig
-    from trainer.pretrain import PretrainTrainer
-    from trainer.sft import Config as SFTConfig
-    from trainer.sft import SFTTrainer
 
     results = []
     vocab = SLMConfig.from_preset(args.preset).vocab_size

@@ -21,8 +21,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model import SLMConfig  # noqa: E402
-from model.attention import (attention_plan, device_capability, document_mask,  # noqa: E402
-                             flex_attention_available)
+from model.attention import attention_plan, device_capability, document_mask, flex_attention_available  # noqa: E402
 from model.runtime import dtype_name, resolve_device, resolve_dtype  # noqa: E402
 
 FAKED = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "RTX 4090": (8, 9), "H100": (9, 0)}

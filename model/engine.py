@@ -25,6 +25,8 @@ import torch
 
 from dataset.chat_data import chatml_pieces, check_chatml
 from model.hub import stop_token_ids
+from model.lora import merge_lora_weights
+from model.quantize import check_quantize_device, quantize_model
 from model.runtime import load_pretrained, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
@@ -327,8 +329,6 @@ class Engine:
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
         from transformers import AutoTokenizer
 
-        from model.lora import merge_lora_weights
-        from model.quantize import check_quantize_device, quantize_model
 
         if adapter is None and not os.path.isfile(os.path.join(path, "config.json")) and \
                 os.path.isfile(os.path.join(path, "adapter_config.json")):

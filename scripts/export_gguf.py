@@ -41,6 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from model.runtime import load_pretrained  # noqa: E402
+
 # -----------------------------------------------------------------------------
 # Weights
 
@@ -114,8 +116,6 @@ GGUF_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what the gguf pa
 
 def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     import gguf
-
-    from model.runtime import load_pretrained
 
     if dtype not in GGUF_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got '{dtype}'")

@@ -19,12 +19,11 @@ import torch  # noqa: E402
 
 from model.configuration_slm import slm_to_llama_config  # noqa: E402
 from model.hub import make_readable  # noqa: E402
+from model.runtime import load_pretrained  # noqa: E402
 
 
 def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
     from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from model.runtime import load_pretrained
 
     src = load_pretrained(model_dir, dtype="auto")
     config = slm_to_llama_config(src.config)

@@ -18,14 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse
 import json
 
+from model.lora import merge_lora_weights  # noqa: E402
+from model.runtime import load_pretrained  # noqa: E402
+
 
 def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from model.lora import merge_lora_weights
-    from model.runtime import load_pretrained
 
     hf_logging.disable_progress_bar()
     if not model_dir:

@@ -68,3 +68,27 @@ def test_the_model_code_that_ships_with_checkpoints_imports_no_project_package()
         absolute = [n.module for n in ast.walk(ast.parse(source))
                     if isinstance(n, ast.ImportFrom) and not n.level and n.module.split(".")[0] == "model"]
         assert outside == [] and absolute == [], f"{name}: only relative imports of its siblings ({outside}, {absolute})"
+
+
+PROJECT = {"model", "dataset", "trainer", "scripts", "bench"}
+
+
+def nested_project_imports(source: str, package: str) -> list[int]:
+    """Lines of project imports inside functions or classes (they hide a file's dependencies; only optional
+    third-party packages are imported lazily)."""
+    tree = ast.parse(source)
+    top = {id(node) for node in tree.body}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or package]
+            if getattr(node, "level", 0) or any(n.split(".")[0] in PROJECT for n in names):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_project_imports_are_at_the_top_of_every_library_and_script_file():
+    files = sorted(p for d in ("model", "dataset", "trainer", "scripts", "bench") for p in (ROOT / d).glob("*.py"))
+    nested = {str(p.relative_to(ROOT)): nested_project_imports(p.read_text(encoding="utf-8"), p.parent.name)
+              for p in files + [ROOT / "main.py"]}
+    assert {f: lines for f, lines in nested.items() if lines} == {}

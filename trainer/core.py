@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dataset.batches import IndexBatches, StepBatches
+from model import SLMConfig, SLMForCausalLM
 from model.hub import data_licenses, make_readable, set_generation_defaults, write_model_card
 from model.runtime import autocast_context, check_checkpoint_dir, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer import checkpoint, parallel
@@ -201,8 +202,6 @@ class Trainer:
 
     def build_model(self):
         """Random init from model_config, or the weights (and architecture) of init_from."""
-        from model import SLMConfig, SLMForCausalLM
-
         if self.cfg.init_from:
             return load_pretrained(self.cfg.init_from)  # fp32 master weights; autocast gives the compute dtype
         return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config))

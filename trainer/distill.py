@@ -19,9 +19,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from dataset.shards import tokenizer_fingerprint
 from model.attention import document_mask
-from trainer import pretrain, sft
 from model.runtime import load_pretrained
+from trainer import pretrain, sft
 from trainer.common import print0
 from trainer.core import run_trainer
 
@@ -54,7 +55,6 @@ class DistillMixin:
     supports_fsdp = False  # not tested under FSDP; the full teacher on every GPU would undo the saving anyway
 
     def setup(self):
-        from dataset.shards import tokenizer_fingerprint
 
         cfg = self.cfg
         if not cfg.teacher_from:

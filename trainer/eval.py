@@ -29,9 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model.engine import SamplingParams
-from trainer.config import config_to_dict
+from dataset.shards import load_meta, val_windows
+from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
+from model.engine import Engine, SamplingParams
 from trainer.common import print0
+from trainer.config import config_to_dict
 from trainer.train_tokenizer import token_byte_lengths
 
 
@@ -75,7 +77,6 @@ def load_engine(path: str, cfg: Config):
     """The checkpoint through the one loading path (model/engine.py), quantized if asked."""
     from transformers.utils import logging as hf_logging
 
-    from model.engine import Engine
 
     hf_logging.disable_progress_bar()
     return Engine.from_pretrained(path, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
@@ -89,8 +90,6 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int, text_column
     """(N, seq_len + 1) token windows, non-overlapping, from a shard dir's val shard or from text files."""
     import numpy as np
 
-    from dataset.shards import load_meta, val_windows
-    from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 
     max_windows = max_tokens // seq_len if max_tokens > 0 else 1 << 40
     if os.path.isfile(os.path.join(spec, "meta.json")):

@@ -16,6 +16,8 @@ from typing import ClassVar
 import torch
 
 from dataset.shards import ShardStream, check_meta, load_meta, tokenizer_fingerprint, val_windows
+from model import SLMConfig, SLMForCausalLM
+from model.engine import Engine
 from trainer.common import print0
 from trainer.config import TrainConfig
 from trainer.core import Trainer, run_trainer
@@ -41,8 +43,6 @@ class PretrainTrainer(Trainer):
     def build_model(self):
         if self.cfg.init_from or not self.cfg.vocab_size:
             return super().build_model()
-        from model import SLMConfig, SLMForCausalLM
-
         return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config, vocab_size=self.cfg.vocab_size))
 
     def build_data(self):
@@ -95,8 +95,6 @@ class PretrainTrainer(Trainer):
         # generate the same greedy samples and rank 0 prints them.
         if (not self.master and not self.fsdp) or self.cfg.sample_tokens <= 0:
             return
-        from model.engine import Engine
-
         engine = Engine(self.raw_model, self.tokenizer, device=self.device)  # restores train mode afterwards
         prompts = [p for p in self.cfg.sample_prompts.split(",") if p]
         with self.autocast:

@@ -26,6 +26,7 @@ from dataset.preference_data import (
     collate_pairs,
     read_pair_samples,
 )
+from model import SLMConfig, SLMForSequenceClassification
 from model.runtime import load_pretrained
 from trainer.common import print0
 from trainer.config import TrainConfig
@@ -65,8 +66,6 @@ class RewardTrainer(Trainer):
     stage = "reward"
 
     def build_model(self):
-        from model import SLMConfig, SLMForSequenceClassification
-
         if self.cfg.init_from:
             return load_pretrained(self.cfg.init_from, "score")
         print0("[reward] WARNING: init_from is empty: training a reward model from a random decoder")
