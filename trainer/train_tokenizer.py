@@ -224,6 +224,16 @@ def wrap(tok):
         clean_up_tokenization_spaces=False, model_max_length=1 << 30)
 
 
+def update_chat_template(path: str) -> None:
+    """Give a saved tokenizer (out/tokenizer or a checkpoint folder) the current CHAT_TEMPLATE, e.g. one saved before
+    tools existed; the vocabulary and every other file stay as they are (scripts/update_chat_template.py)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+
+
 def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in (ByteLevel uses
     it): printable bytes map to themselves, the others to code points 256 and up, in byte order."""
