@@ -13,6 +13,11 @@ first record of no known format stops the run whatever on_bad says, as the whole
     sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}
     alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
 A file is JSON Lines or one JSON array (whatever its extension says), optionally gzipped (.gz).
+Content may be OpenAI's list of parts ({"type": "text", "text": ...}; other parts are refused). Tool use, in the
+conversations format: OpenAI's records (top-level "tools", assistant "tool_calls" with JSON-text arguments, "tool"
+messages) and MiniMind's (a system message with "tools" or "functions", tool_calls as JSON text). They become a
+first system message carrying "tools", assistant messages with "tool_calls" [{"name", "arguments": dict}] and "tool"
+messages; the call text is trained on, tool responses are not (see chatml_pieces).
 
 Labels: the tokenizer's chat template (trainer/train_tokenizer.py) wraps each assistant reply and its
 <|im_end|> in {% generation %}, so return_assistant_tokens_mask marks exactly the tokens to learn; every
