@@ -5,7 +5,9 @@ An OpenAI-compatible chat server for a Milli-Chat checkpoint, standard library o
                                 [--api_key KEY] [--allowed_hosts chat.example.org] [--max_queue 64 ...]
 
 Endpoints: POST /v1/chat/completions (plain JSON, or "stream": true as server-sent events ending with [DONE]),
-GET /v1/models, and a one-page web chat at /. Any OpenAI client works:
+GET /v1/models, and a one-page web chat at /. Tools: "tools" (tool_choice auto or none) go into the prompt in the
+chat template's format (dataset/tool_calls.py), and <tool_call> blocks in the reply come back as OpenAI tool_calls
+with finish_reason "tool_calls" (streamed: the reply is held back and sent at its end). Any OpenAI client works:
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
 
 Design: ThreadingHTTPServer gives each connection a thread (at most max_connections at once) that reads, checks
@@ -116,7 +118,8 @@ def _content(value, param: str) -> str:
 
 
 def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | None = None) -> dict:
-    """Validate a /v1/chat/completions body; returns messages, SamplingParams and stream options.
+    """Validate a /v1/chat/completions body; returns messages (tools on the system one), SamplingParams, stream
+    options and whether the reply is parsed for tool calls.
     A "model" other than model_name is a 404, as OpenAI answers for a model it does not have."""
     try:
         body = json.loads(raw)
