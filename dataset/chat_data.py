@@ -20,6 +20,11 @@ like JSON lines. Other schemas load through a key mapping, columns="src=dst,..."
 and table rows alike: it renames keys of the record and of the dicts in its lists (the turns), e.g.
 columns="dialog=conversations,q=user,a=assistant" for {"dialog": [{"q", "a"}]}.
 An OpenAI fine-tuning "weight": 0 on an assistant message keeps that reply as context but out of the loss.
+Content may be OpenAI's list of parts ({"type": "text", "text": ...}; other parts are refused). Tool use, in the
+conversations format: OpenAI's records (top-level "tools", assistant "tool_calls" with JSON-text arguments, "tool"
+messages) and MiniMind's (a system message with "tools" or "functions", tool_calls as JSON text). They become a
+first system message carrying "tools", assistant messages with "tool_calls" [{"name", "arguments": dict}] and "tool"
+messages; the call text is trained on, tool responses are not (see chatml_pieces).
 
 Labels: the tokenizer's chat template (trainer/train_tokenizer.py) wraps each assistant reply and its
 <|im_end|> in {% generation %}, so return_assistant_tokens_mask marks exactly the tokens to learn; every
@@ -57,12 +62,13 @@ import torch
 
 from dataset.table_files import check_text_input, is_table, iter_rows
 from dataset.text_sources import expand_paths
+from dataset.tool_calls import tool_call_text, tools_text
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
 # ShareGPT speaker names -> chat roles. Anything else is an unknown role (a bad record).
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Identity data writes {{name}}; code in answers writes {{ item.name }} with spaces or dots, which is not matched.
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
 
@@ -318,26 +324,109 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
                 raise BadRecord(where, "unknown role", repr(turn["from"]))
             messages.append({"role": role, "content": _text(turn["value"], where, "value")})
         else:
-            if "role" not in turn or "content" not in turn:
+            if "role" not in turn or ("content" not in turn and not turn.get("tool_calls")):
                 raise BadRecord(where, "malformed", f"turn without role/content (keys {sorted(turn)})")
             if turn["role"] not in ROLES:
                 raise BadRecord(where, "unknown role", repr(turn["role"]))
-            messages.append({"role": turn["role"], "content": _text(turn["content"], where, "content"),
-                             **_weight(turn, where)})
+            messages.append({**_message(turn, where), **_weight(turn, where)})
+    tools = record.get("tools") or record.get("functions")  # OpenAI's fine-tuning records keep tools beside messages
+    if tools and not (messages and messages[0].get("tools")):
+        if not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": ""})
+        messages[0]["tools"] = tools_of(tools, where)
     return messages
 
 
+# Tool use (OpenAI and MiniMind records) -> messages: the first system message carries the conversation's "tools"
+# (a list of {"type": "function", "function": {...}}), an assistant message its "tool_calls" ([{"name", "arguments":
+# dict}]) and a "tool" message the tool's answer; chatml_pieces renders them in the template's tool format.
+
+
+def _content(value, where: str, what: str) -> str:
+    """A string, or OpenAI content parts: their text parts joined. Other parts (images, audio) are refused: a reply
+    trained without the image it describes would teach the model to invent one."""
+    if not isinstance(value, list):
+        return _text(value, where, what)
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise BadRecord(where, "unsupported content", f"a {kind!r} part in {what}; only text parts are read")
+        texts.append(_text(part.get("text"), where, what))
+    return "".join(texts)
+
+
+def _json_list(value, where: str, what: str) -> list:
+    if isinstance(value, str):  # MiniMind stores tools and tool_calls as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadRecord(where, "malformed", f"{what} is not valid JSON: {e.msg}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise BadRecord(where, "malformed", f"{what} must be a list of objects")
+    return value
+
+
+def tools_of(value, where: str) -> list[dict]:
+    """Tool specs in OpenAI's form {"type": "function", "function": {"name", ...}}; a bare {"name", "description",
+    "parameters"} (MiniMind's functions, OpenAI's legacy functions) is wrapped, so training and serving see one form."""
+    tools = []
+    for t in _json_list(value, where, "tools"):
+        fn = t.get("function", t)
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise BadRecord(where, "malformed", "a tool without a function name")
+        tools.append({"type": "function", "function": fn})
+    return tools
+
+
+def tool_calls_of(value, where: str) -> list[dict]:
+    """OpenAI's [{"id", "type": "function", "function": {"name", "arguments": JSON text}}] or MiniMind's
+    [{"name", "arguments": {...}}] (either as JSON text) -> [{"name", "arguments": dict}]. Arguments are parsed, so
+    every call is rendered as the same canonical JSON the model then learns to write."""
+    calls = []
+    for c in _json_list(value, where, "tool_calls"):
+        fn = c.get("function", c)
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise BadRecord(where, "malformed", "a tool call without a function name")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise BadRecord(where, "malformed", f"tool call arguments are not valid JSON: {e.msg}") from None
+        if not isinstance(args, dict):
+            raise BadRecord(where, "malformed", "tool call arguments must be a JSON object")
+        calls.append({"name": fn["name"], "arguments": args})
+    return calls
+
+
+def _message(turn: dict, where: str) -> dict:
+    """One role/content turn -> a message; tool_calls (assistant) and tools/functions (system) are kept."""
+    role, calls = turn["role"], turn.get("tool_calls") if turn["role"] == "assistant" else None
+    content = turn.get("content")
+    message = {"role": role, "content": "" if content is None and calls else _content(content, where, "content")}
+    if calls:
+        message["tool_calls"] = tool_calls_of(calls, where)
+    tools = turn.get("tools") or turn.get("functions") if role == "system" else None
+    if tools:
+        message["tools"] = tools_of(tools, where)
+    return message
+
+
 def check_messages(messages: list[dict], where: str, require_assistant_last: bool = True) -> None:
-    if not messages or all(not m["content"].strip() for m in messages):
+    if not messages or all(not m["content"].strip() and not m.get("tool_calls") for m in messages):
         raise BadRecord(where, "empty conversation")
     if any(m["role"] == "system" for m in messages[1:]):
         raise BadRecord(where, "system turn not first")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(where, "no assistant turn")
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+    if any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in messages):
         raise BadRecord(where, "empty assistant turn")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise BadRecord(where, "no trained assistant turn", "every assistant turn has weight 0")
+    for prev, m in zip([{"role": ""}] + messages, messages):
+        if m["role"] == "tool" and not (prev["role"] == "tool" or prev.get("tool_calls")):
+            raise BadRecord(where, "tool turn without a call", "a tool message must follow an assistant's tool_calls")
     if require_assistant_last and messages[-1]["role"] != "assistant":
         raise BadRecord(where, "last turn not assistant", f"ends with a {messages[-1]['role']} turn")
 
@@ -396,6 +485,8 @@ def load_conversations(paths: str | list[str], placeholders: dict | None = None,
         for messages in usable_records(path, convert, on_bad, stats, log, columns):
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}] + messages
+            elif system_prompt and messages[0].get("tools") and not messages[0]["content"]:
+                messages[0]["content"] = system_prompt  # the system turn made only to carry the tools
             conversations.append(messages)
             kept += 1
             if max_samples and kept >= max_samples:
@@ -409,6 +500,28 @@ def load_conversations(paths: str | list[str], placeholders: dict | None = None,
 # Tokenizing: ChatML ids per message, labels, then the truncation policy
 
 
+def _turn_text(messages: list[dict], i: int) -> str | None:
+    """The text between <|im_start|> and <|im_end|> of message i, None when it shares the turn before it (a tool
+    response after another one: consecutive tool messages make one user turn, as in Qwen2.5)."""
+    m = messages[i]
+    role, content = m["role"], m.get("content") or ""
+    if role == "system" and i == 0 and m.get("tools"):
+        return "system\n" + (content + "\n\n" if content else "") + tools_text(m["tools"])
+    if role == "assistant":
+        calls = [("\n" if content or k else "") + tool_call_text(c) for k, c in enumerate(m.get("tool_calls") or [])]
+        return "assistant\n" + content + "".join(calls)
+    if role == "tool":
+        if i > 0 and messages[i - 1]["role"] == "tool":
+            return None
+        group = []
+        for t in messages[i:]:
+            if t["role"] != "tool":
+                break
+            group.append("\n<tool_response>\n" + (t.get("content") or "") + "\n</tool_response>")
+        return "user" + "".join(group)
+    return role + "\n" + content
+
+
 def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[list, list]]:
     """The ChatML ids of each message, and of the assistant header last when add_generation_prompt: the one
     tokenization of conversations (SFT, preference and RL prompt data, the engine's chat prompts, the server).
@@ -419,60 +532,87 @@ def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool =
     the turn or forge a system turn. For any other content the ids are exactly the chat template's (the template
     puts a special token on each side of every text run, and the tokenizer encodes each run alone); since every
     message is encoded on its own, pieces can be dropped or joined without tokenizing again.
+    Tools (trainer/train_tokenizer.py CHAT_TEMPLATE): a first system message's "tools" list is the template's
+    tools= (the system turn gets the <tools> block); an assistant's "tool_calls" are written after its content as
+    <tool_call> blocks and trained on; a run of "tool" messages is one user turn of <tool_response> blocks, whose
+    ids go to the run's first message (the others get an empty piece, so there is still one piece per message).
     Not thread-safe with other encodes of the same tokenizer (split_special_tokens is a switch on the shared Rust
     tokenizer): threads share one lock around them, as model/engine.py does."""
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    texts = [m["role"] + "\n" + m["content"] for m in messages] + (["assistant\n"] if add_generation_prompt else [])
+    texts = [_turn_text(messages, i) for i in range(len(messages))] + (["assistant\n"] if add_generation_prompt else [])
     if not texts:
         return []
-    enc = tokenizer(texts + ["\n"], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    runs = [t for t in texts if t is not None]
+    enc = tokenizer(runs + ["\n"], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     newline = enc["input_ids"][-1]
+    encoded = iter(zip(enc["input_ids"][:-1], enc["offset_mapping"][:-1]))
     pieces = []
-    for i, (ids, offsets) in enumerate(zip(enc["input_ids"][:-1], enc["offset_mapping"][:-1])):
+    for i, text in enumerate(texts):
+        if text is None:  # shares the tool-response turn before it
+            pieces.append(([], []))
+            continue
+        ids, offsets = next(encoded)
         if i == len(messages):  # the generation prompt: a header only, nothing trained
             pieces.append(([start] + ids, [False] * (1 + len(ids))))
             break
-        role = messages[i]["role"]
         # An assistant turn with weight 0 (OpenAI fine-tuning records) is context only: nothing in it is trained.
-        learn = role == "assistant" and bool(messages[i].get("weight", 1))
+        learn = messages[i]["role"] == "assistant" and bool(messages[i].get("weight", 1))
         # A token is the reply's when it ends inside the content (a token across "\n" and the content's first
         # characters counts, as in the template's {% generation %} mask).
-        trained = [learn and e > len(role) + 1 for _, e in offsets]
-        learn_end = learn
-        pieces.append(([start] + ids + [end] + newline, [False] + trained + [learn_end] + [False] * len(newline)))
+        trained = [learn and e > len("assistant\n") for _, e in offsets]
+        pieces.append(([start] + ids + [end] + newline, [False] + trained + [learn] + [False] * len(newline)))
     return pieces
 
 
 CHAT_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "a 你好"},
               {"role": "assistant", "content": " b\n"}, {"role": "user", "content": "c"}]
+# Tools, calls (one with arguments as a JSON string, as OpenAI sends them), two tool responses sharing a turn
+TOOL_PROBE = [{"role": "system", "content": "s", "tools": [{"type": "function", "function": {"name": "f"}}]},
+              {"role": "user", "content": "a"},
+              {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"x": "北京"}},
+                                                                  {"name": "f", "arguments": '{"y": 1}'}]},
+              {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}, {"role": "assistant", "content": "d"}]
 
 
-def check_chatml(tokenizer) -> None:
+def _template(tokenizer, probe: list[dict], **kwargs):
+    tools = probe[0].get("tools")
+    plain = [{k: v for k, v in m.items() if k != "tools"} for m in probe]
+    try:
+        return tokenizer.apply_chat_template(plain, tools=tools, tokenize=True, return_dict=True, **kwargs)
+    except Exception as e:
+        raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
+
+
+def check_chatml(tokenizer, tools: bool = False) -> None:
     """The tokenizer's chat template must be the ChatML one chatml_pieces writes (trainer/train_tokenizer.py):
-    compared on a probe conversation, with and without the generation prompt."""
-    for probe, gen in ((CHAT_PROBE, True), (CHAT_PROBE[:3], False)):
-        try:
-            template = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True,
-                                                     add_generation_prompt=gen)["input_ids"]
-        except Exception as e:
-            raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") \
-                from e
+    compared on a probe conversation, with and without the generation prompt, and with tools=True on a tool-use
+    probe too (a template saved before tools existed fails it: scripts/update_chat_template.py writes the new one)."""
+    probes = [(CHAT_PROBE, True), (CHAT_PROBE[:3], False)] + ([(TOOL_PROBE, False)] if tools else [])
+    for probe, gen in probes:
+        template = _template(tokenizer, probe, add_generation_prompt=gen)["input_ids"]
         if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
-            raise ValueError("the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py")
+            hint = " for tool use (scripts/update_chat_template.py writes the current one)" if probe is TOOL_PROBE else ""
+            raise ValueError(f"the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py{hint}")
 
 
-def check_chat_template(tokenizer) -> None:
+def check_chat_template(tokenizer, tools: bool = False) -> None:
     """For SFT: ChatML (check_chatml), and the assistant mask needs {% generation %} in the template (without it
-    every label would be -100); chatml_pieces' mask must equal the template's."""
-    check_chatml(tokenizer)
-    out = tokenizer.apply_chat_template(CHAT_PROBE[:3], tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    if not any(out["assistant_masks"]):
-        raise ValueError("the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
-                         "around assistant content (trainer/train_tokenizer.py writes one)")
-    if [t for _, trained in chatml_pieces(tokenizer, CHAT_PROBE[:3]) for t in trained] != \
-            [bool(m) for m in out["assistant_masks"]]:
-        raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
+    every label would be -100); chatml_pieces' mask must equal the template's (tool calls included with tools)."""
+    check_chatml(tokenizer, tools)
+    for probe in [CHAT_PROBE[:3]] + ([TOOL_PROBE] if tools else []):
+        out = _template(tokenizer, probe, return_assistant_tokens_mask=True)
+        if not any(out["assistant_masks"]):
+            raise ValueError("the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
+                             "around assistant content (trainer/train_tokenizer.py writes one)")
+        if [t for _, trained in chatml_pieces(tokenizer, probe) for t in trained] != \
+                [bool(m) for m in out["assistant_masks"]]:
+            raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
+
+
+def uses_tools(messages: list[dict]) -> bool:
+    """Whether a conversation has tools, tool calls or tool responses (its template must know the tool format)."""
+    return bool(messages and messages[0].get("tools")) or \
+        any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -507,7 +647,7 @@ def truncate(ids: np.ndarray, labels: np.ndarray, seq_len: int, policy: str = "t
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, seq_len: int, truncation: str = "turns",
                            stats: Counter | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenize and truncate; samples that end up with nothing to learn are dropped and counted."""
-    check_chat_template(tokenizer)
+    check_chat_template(tokenizer, tools=any(uses_tools(m) for m in conversations))
     stats = Counter() if stats is None else stats
     samples = []
     for messages in conversations:

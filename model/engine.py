@@ -448,8 +448,8 @@ class Engine:
         while total + max_new_tokens > self.max_context and len(pieces) - keep_from > 1:
             total -= lengths[keep_from]
             keep_from += 1
-            while len(pieces) - keep_from > 1 and messages[keep_from]["role"] == "assistant":
-                total -= lengths[keep_from]  # a conversation restarts on a user turn
+            while len(pieces) - keep_from > 1 and messages[keep_from]["role"] in ("assistant", "tool"):
+                total -= lengths[keep_from]  # a conversation restarts on a user turn (not on a tool's answer)
                 keep_from += 1
         if total >= self.max_context:
             raise ValueError(f"prompt is {total} tokens, the context window is {self.max_context}")

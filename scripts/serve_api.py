@@ -5,7 +5,9 @@ An OpenAI-compatible chat server for a Milli-Chat checkpoint, standard library o
                                 [--api_key KEY] [--allowed_hosts chat.example.org] [--max_queue 64 ...]
 
 Endpoints: POST /v1/chat/completions (plain JSON, or "stream": true as server-sent events ending with [DONE]),
-GET /v1/models, and a one-page web chat at /. Any OpenAI client works:
+GET /v1/models, and a one-page web chat at /. Tools: "tools" (tool_choice auto or none) go into the prompt in the
+chat template's format (dataset/tool_calls.py), and <tool_call> blocks in the reply come back as OpenAI tool_calls
+with finish_reason "tool_calls" (streamed: the reply is held back and sent at its end). Any OpenAI client works:
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
 
 Design: ThreadingHTTPServer gives each connection a thread (at most max_connections at once) that reads, checks
@@ -43,11 +45,13 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
+from dataset.chat_data import BadRecord, tool_calls_of, tools_of
+from dataset.tool_calls import parse_tool_calls
 from model.engine import CHAT_SAMPLING, Engine, SamplingParams
 from scripts.chat_terminal import add_sampling_args, sampling_from_args
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_chat.html")
-ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for the system message
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for the system message
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 
@@ -114,7 +118,8 @@ def _content(value, param: str) -> str:
 
 
 def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | None = None) -> dict:
-    """Validate a /v1/chat/completions body; returns messages, SamplingParams and stream options.
+    """Validate a /v1/chat/completions body; returns messages (tools on the system one), SamplingParams, stream
+    options and whether the reply is parsed for tool calls.
     A "model" other than model_name is a 404, as OpenAI answers for a model it does not have."""
     try:
         body = json.loads(raw)
@@ -137,10 +142,22 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
             role = m.get("role") if isinstance(m, dict) else None
             raise ApiError(400, f"messages[{i}].role must be one of {list(ROLES)}, got {role!r}", f"messages[{i}].role")
         role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        content = "" if m.get("content") is None and calls else _content(m.get("content"), f"messages[{i}].content")
+        clean.append({"role": role, "content": content})
+        if calls:
+            try:
+                clean[-1]["tool_calls"] = tool_calls_of(calls, f"messages[{i}].tool_calls")
+            except BadRecord as e:
+                raise ApiError(400, str(e), f"messages[{i}].tool_calls") from None
     if any(m["role"] == "system" for m in clean[1:]) or clean[-1]["role"] == "assistant":
         raise ApiError(400, "one optional system message first, and the last message must not be the assistant's",
                        "messages")
+    tools = _tools(body)
+    if tools:  # the template's tools= rides on the system message (dataset/chat_data.py chatml_pieces)
+        if clean[0]["role"] != "system":
+            clean.insert(0, {"role": "system", "content": ""})
+        clean[0]["tools"] = tools
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", defaults.max_new_tokens, 1, 1 << 20, True)
     stop = body.get("stop")
@@ -168,7 +185,36 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
         seed=_number(body, "seed", defaults.seed, -(1 << 63), (1 << 63) - 1, True),
         stop_strings=stop,
     )
-    return {"messages": clean, "sampling": sampling, "stream": bool(stream), "include_usage": bool(include_usage)}
+    return {"messages": clean, "sampling": sampling, "stream": bool(stream), "include_usage": bool(include_usage),
+            "tools": bool(tools)}
+
+
+def _tools(body: dict) -> list[dict]:
+    """The request's tools, [] when there are none or tool_choice is "none" (the model then gets no tools in its
+    prompt and its reply is not parsed). tool_choice "required" or a named function is refused: forcing a call
+    needs constrained decoding, which this server does not do."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice must be 'auto' or 'none', got {choice!r}", "tool_choice")
+    if not tools or choice == "none":
+        return []
+    try:
+        return tools_of(tools, "tools")
+    except BadRecord as e:
+        raise ApiError(400, str(e), "tools") from None
+
+
+def tool_call_message(text: str) -> tuple[dict, str | None]:
+    """A reply -> (OpenAI's assistant message, "tool_calls" or None): <tool_call> blocks become tool_calls with
+    arguments as JSON text; a reply without them, or whose blocks do not parse, stays plain content."""
+    parsed = parse_tool_calls(text)
+    if parsed is None:
+        return {"role": "assistant", "content": text}, None
+    content, calls = parsed
+    return {"role": "assistant", "content": content or None, "tool_calls": [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        for c in calls]}, "tool_calls"
 
 
 # -----------------------------------------------------------------------------
@@ -434,9 +480,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             return
         try:
             if req["stream"]:
-                self._stream(job, req["include_usage"])
+                self._stream(job, req["include_usage"], req["tools"])
             else:
-                self._complete(job)
+                self._complete(job, req["tools"])
         except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
             job.cancelled.set()  # the client is gone: stop generating for it
             self.close_connection = True
@@ -532,7 +578,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
                 "total_tokens": stream.prompt_tokens + stream.completion_tokens}
 
-    def _complete(self, job: Job):
+    def _complete(self, job: Job, tools: bool = False):
         self.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         pieces = []
         for kind, value in self._events(job):
@@ -541,11 +587,15 @@ class ChatHandler(BaseHTTPRequestHandler):
             elif kind == "error":
                 self._send_error(ApiError(500, value))
                 return
+        message, finish = tool_call_message("".join(pieces)) if tools else \
+            ({"role": "assistant", "content": "".join(pieces)}, None)
         self._send_json(200, {**self._common(), "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "logprobs": None,
-             "finish_reason": value.finish_reason}], "usage": self._usage(value)})
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or value.finish_reason}],
+            "usage": self._usage(value)})
 
-    def _stream(self, job: Job, include_usage: bool):
+    def _stream(self, job: Job, include_usage: bool, tools: bool = False):
+        """Server-sent chunks as tokens come. With tools the reply is held back until it ends (a <tool_call> block
+        is only known to be one when it closes), then sent as one content or tool_calls delta."""
         self.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -562,13 +612,21 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         send({"role": "assistant", "content": ""})
+        held = []
         for kind, value in self._events(job):
-            if kind == "piece":
+            if kind == "piece" and tools:
+                held.append(value)
+            elif kind == "piece":
                 send({"content": value})
             elif kind == "error":
                 self.wfile.write(f"data: {json.dumps(ApiError(500, value).body())}\n\n".encode())
             else:
-                send({}, finish=value.finish_reason)
+                finish = None
+                if tools:
+                    message, finish = tool_call_message("".join(held))
+                    calls = [{"index": k, **c} for k, c in enumerate(message.get("tool_calls", []))]
+                    send({"content": message["content"], **({"tool_calls": calls} if calls else {})})
+                send({}, finish=finish or value.finish_reason)
                 if include_usage:
                     send({}, usage=self._usage(value), choices=False)
         self.wfile.write(b"data: [DONE]\n\n")

@@ -1,18 +1,14 @@
 """Test helpers for the inference tests: a tiny byte-level BPE chat tokenizer and a tiny random-weight checkpoint.
 
 The tokenizer has the project's special tokens at the project's ids (0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>,
-3 <|pad|>) and its ChatML template, so the engine, server and terminal tests need nothing from the tokenizer stage.
+3 <|pad|>) and its ChatML template, so the engine, server and terminal tests need no trained tokenizer.
 """
 
 import os
 import random
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+from trainer.train_tokenizer import CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 _ZH = "你好世界今天天气很好我们一起学习语言模型中文对话机器人谢谢再见"

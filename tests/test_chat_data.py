@@ -9,6 +9,7 @@ import gzip
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,3 +362,141 @@ def test_a_template_other_than_chatml_is_refused(tok):
     finally:
         tok.chat_template = chatml
     check_chatml(tok)
+
+
+# -----------------------------------------------------------------------------
+# tool use: template == chatml_pieces, OpenAI and MiniMind tool records, what is trained
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "天气 <b>&</b>",
+                                            "parameters": {"type": "object", "properties": {"city": {}}}}}
+OLD_CHATML = (  # the template tokenizers were saved with before tools existed
+    "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
+def random_tool_conversation(rng) -> list[dict]:
+    parts = ["\n", " ", "你好", "hello", "😀", "。", "{", "}", "<tool_call>", "<|im", '"']
+    text = lambda: "".join(rng.choice(parts) for _ in range(rng.randint(0, 6)))
+    conv = [{"role": "system", "content": rng.choice(["", text()]), "tools": [WEATHER] * rng.randint(1, 2)}]
+    for _ in range(rng.randint(1, 3)):
+        conv.append({"role": "user", "content": text()})
+        n = rng.randint(0, 2)
+        calls = [{"name": "get_weather", "arguments": rng.choice([{"city": text()}, {}, '{"city": "上海"}'])}
+                 for _ in range(n)]
+        calls = [{"id": "c", "type": "function", "function": c} if rng.random() < 0.5 else c for c in calls]
+        conv.append({"role": "assistant", "content": text() if n else text() + "x", **({"tool_calls": calls} if n else {})})
+        conv += [{"role": "tool", "content": text()} for _ in range(n)]
+        if n:
+            conv.append({"role": "assistant", "content": text() + "y"})
+    return conv
+
+
+def test_tool_conversations_tokenize_as_the_template(tok):
+    """Ids and assistant masks of chatml_pieces equal apply_chat_template(tools=...) on random tool conversations:
+    tools block, calls (arguments as dicts and as JSON text), runs of tool responses sharing one user turn."""
+    rng = random.Random(0)
+    for _ in range(150):
+        conv = random_tool_conversation(rng)
+        plain = [{k: v for k, v in m.items() if k != "tools"} for m in conv]
+        for gen, messages, end in ((False, conv, plain), (True, conv[:-1], plain[:-1])):
+            out = tok.apply_chat_template(end, tools=conv[0]["tools"], tokenize=True, return_dict=True,
+                                          add_generation_prompt=gen, return_assistant_tokens_mask=not gen)
+            ids, mask = flat(chatml_pieces(tok, messages, add_generation_prompt=gen))
+            assert ids == list(out["input_ids"])
+            if not gen:
+                assert mask == [bool(m) for m in out["assistant_masks"]]
+    check_chat_template(tok, tools=True)
+
+
+def test_without_tools_the_template_renders_as_before(tok):
+    rng = random.Random(1)
+    convs = [SINGLE, MULTI] + [[{k: v for k, v in m.items() if k not in ("tools", "tool_calls")} for m in c
+                                if m["role"] != "tool"] for c in (random_tool_conversation(rng) for _ in range(30))]
+    for conv in convs:
+        for gen in (False, True):
+            assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen) == \
+                tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, chat_template=OLD_CHATML)
+
+
+def test_old_template_passes_plain_checks_and_fails_the_tool_probe(tok):
+    new = tok.chat_template
+    try:
+        tok.chat_template = OLD_CHATML
+        check_chat_template(tok)
+        with pytest.raises(ValueError, match="update_chat_template"):
+            check_chatml(tok, tools=True)
+    finally:
+        tok.chat_template = new
+
+
+OPENAI_TOOL_RECORD = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": [{"type": "text", "text": "北京"}, {"type": "text", "text": "天气？"}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "晴"},
+    {"role": "assistant", "content": [{"type": "text", "text": "北京晴。"}]}]}
+MINIMIND_TOOL_RECORD = {"conversations": [
+    {"role": "system", "content": "你是助手", "tools": json.dumps([WEATHER["function"]], ensure_ascii=False)},
+    {"role": "user", "content": "北京天气？"},
+    {"role": "assistant", "content": "", "tool_calls": "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"北京\"}}]"},
+    {"role": "tool", "content": "晴"},
+    {"role": "assistant", "content": "北京晴。"}]}
+MINIMIND_FUNCTIONS_RECORD = {"conversations": [  # MiniMind's earlier tool data: system "functions", a list
+    {"role": "system", "content": "你是助手", "functions": [WEATHER["function"]]}, *MINIMIND_TOOL_RECORD["conversations"][1:]]}
+CALL = [{"name": "get_weather", "arguments": {"city": "北京"}}]
+
+
+@pytest.mark.parametrize("record", [OPENAI_TOOL_RECORD, MINIMIND_TOOL_RECORD, MINIMIND_FUNCTIONS_RECORD],
+                         ids=["openai", "minimind_tools", "minimind_functions"])
+def test_tool_records_load_and_train_the_call_not_the_response(tok, tmp_path, record):
+    path = write(tmp_path / "tools.jsonl", [record])
+    (conv,), stats = load_conversations(path, system_prompt="默认系统", log=lambda *a: None)
+    assert not [k for k in stats if k.startswith("skip")]
+    system = "默认系统" if record is OPENAI_TOOL_RECORD else "你是助手"  # the system turn made for the tools gets it
+    assert conv == [{"role": "system", "content": system, "tools": [WEATHER]},
+                    {"role": "user", "content": "北京天气？"}, {"role": "assistant", "content": "", "tool_calls": CALL},
+                    {"role": "tool", "content": "晴"}, {"role": "assistant", "content": "北京晴。"}]
+    ids, labels = tokenize_conversation(tok, conv)
+    trained = labels != IGNORE
+    runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(trained.astype(int))) + 1)
+    assert [tok.decode(ids[r]) for r in runs if trained[r[0]]] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>', "北京晴。<|im_end|>"]
+    assert "<tool_response>\n晴\n</tool_response>" in tok.decode(ids) and "# Tools" in tok.decode(ids)
+
+
+@pytest.mark.parametrize("turns, reason", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "unsupported content"),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}], "tool turn without a call"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": "{not json"}}]}], "malformed"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": "[{\"arguments\": {}}]"}],
+     "malformed"),
+], ids=["image", "orphan_tool", "bad_arguments", "no_name"])
+def test_bad_tool_records_are_refused(tmp_path, turns, reason):
+    path = write(tmp_path / "bad.jsonl", [{"messages": [{"role": "system", "content": "s"}]},
+                                          {"messages": turns + [{"role": "assistant", "content": "b"}]}])
+    _, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
+    assert stats[f"skip:{reason}"] == 1
+
+
+def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokenizer_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    old = str(tmp_path / "old")
+    shutil.copytree(tiny_tokenizer_dir, old)
+    tok = AutoTokenizer.from_pretrained(old)
+    tok.chat_template = OLD_CHATML
+    tok.save_pretrained(old)
+    with pytest.raises(ValueError, match="update_chat_template"):
+        check_chatml(AutoTokenizer.from_pretrained(old), tools=True)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "update_chat_template.py"
+    subprocess.run([sys.executable, str(script), old], check=True, capture_output=True)
+    updated = AutoTokenizer.from_pretrained(old)
+    check_chat_template(updated, tools=True)
+    assert updated.get_vocab() == tok.get_vocab()

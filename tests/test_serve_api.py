@@ -453,3 +453,48 @@ def test_many_clients_connecting_at_once_are_all_answered(start_server):
     for t in threads:
         t.join(60)
     assert statuses == [200] * 48
+
+
+# -----------------------------------------------------------------------------
+# tools (the end-to-end test on a model that learned a call is tests/test_tool_use.py)
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_tools_ride_on_the_system_turn_and_tool_messages_are_read():
+    body = {"messages": [{"role": "user", "content": "北京天气"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function",
+                              "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+                         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "晴"}]}],
+            "tools": WEATHER}
+    req = serve_api.parse_chat_request(json.dumps(body).encode(), serve_api.CHAT_SAMPLING)
+    assert req["tools"] and req["messages"] == [
+        {"role": "system", "content": "", "tools": WEATHER}, {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
+        {"role": "tool", "content": "晴"}]
+    none = serve_api.parse_chat_request(json.dumps({**body, "tool_choice": "none"}).encode(), serve_api.CHAT_SAMPLING)
+    assert not none["tools"] and "tools" not in none["messages"][0]
+    for bad in ({"tool_choice": "required"}, {"tools": [{"type": "function", "function": {}}]},
+                {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
+        with pytest.raises(serve_api.ApiError) as err:
+            serve_api.parse_chat_request(json.dumps({**body, **bad}).encode(), serve_api.CHAT_SAMPLING)
+        assert err.value.status == 400
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ('<tool_call>\n{"name": "f", "arguments": {"x": "北京"}}\n</tool_call>', None, [("f", {"x": "北京"})]),
+    ('好的\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g"}\n</tool_call>',
+     "好的", [("f", {}), ("g", {})]),
+    ('<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>', None, None),  # broken JSON: plain text
+    ('<tool_call>\n{"name": "f", "arguments": "x"}\n</tool_call>', None, None),  # arguments not an object
+    ("晴天", None, None),
+])
+def test_reply_with_tool_calls_becomes_openai_tool_calls(text, content, calls):
+    message, finish = serve_api.tool_call_message(text)
+    if calls is None:
+        assert message == {"role": "assistant", "content": text} and finish is None
+        return
+    assert finish == "tool_calls" and message["content"] == content
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
+    assert got == calls and all(c["type"] == "function" and c["id"].startswith("call_") for c in message["tool_calls"])
