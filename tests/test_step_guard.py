@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer
 
+from dataset.batches import PrefetchBatches
 from tests.helpers import read_metrics, write_shards
 from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
 from tests.test_pretrain import NanAtStep3, corpus, make_cfg
@@ -56,6 +57,7 @@ def test_fp16_overflow_skips_steps_lowers_the_scale_and_resumes_exactly(tiny_tok
     half = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "resumed", max_steps=4)
     run_trainer(PretrainTrainer, half)
     resumed = run_trainer(PretrainTrainer, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "resumed"))
+    assert isinstance(resumed.train_data, PrefetchBatches)  # exact with the next step built ahead (the default)
     again = read_metrics(half.out_dir)
     assert [r["loss"] for r in again] == [r["loss"] for r in rows]
     assert [r["skipped_steps"] for r in again] == skipped
