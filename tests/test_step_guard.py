@@ -75,6 +75,13 @@ def test_too_many_skips_in_a_row_stop_with_the_state_saved(tiny_tokenizer_dir, s
     with pytest.raises(TrainingStopped, match="2 steps in a row were skipped") as err:
         run_trainer(PretrainTrainer, cfg)
     assert "step_000002" in str(err.value) and (Path(cfg.out_dir) / "step_000002" / "trainer_state.pt").exists()
+    # Resumed with a higher limit, the run goes on (the saved state holds no run of skips that stops it again),
+    # with the lowered scale and the skip count of the first run.
+    trainer = run_trainer(PretrainTrainer, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "skips", max_steps=4,
+                                                    max_skipped_steps=100, log_every=1))
+    rows = read_metrics(cfg.out_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and trainer.step == 4
+    assert rows[2]["skipped_steps"] == 3 and rows[2]["loss_scale"] == 2.0 ** 24 / 2 ** 3
 
 
 @pytest.mark.parametrize("log_every", [1, 4])

@@ -356,9 +356,9 @@ class Trainer:
         """TrainingStopped after a non-finite loss or max_skipped_steps skips in a row (noticed on log and
         checkpoint steps). No non-finite step reached the weights (trainer/guard.py), so the current state is
         the last good one: it is saved, and its data position is past the offending batches."""
-        why = self.guard.stop_reason(max_skipped_steps=self.cfg.max_skipped_steps)
-        if why is None:
+        if (why := self.guard.stop_reason(max_skipped_steps=self.cfg.max_skipped_steps)) is None:
             return
+        self.guard.forget_runs()
         path = self.save_checkpoint()
         raise TrainingStopped(f"[{self.stage}] {why}; the last good state (step {self.step}, non-finite steps "
                               f"skipped) is saved in {path}. Lower lr, raise warmup_steps, or check the data, "

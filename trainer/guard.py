@@ -76,13 +76,22 @@ class StepGuard:
                     f"(max_skipped_steps={max_skipped_steps})")
         return None
 
+    def forget_runs(self) -> None:
+        """After a stop: the saved state resumes with no skip run and no bad loss behind it (the user has changed
+        something), instead of stopping again at once."""
+        for counter in (self.in_a_row, self.longest, self.first_bad_loss):
+            counter.zero_()
+
     def state_dict(self) -> dict:
+        # `longest` is not saved: a checkpoint is written only while it is below max_skipped_steps, where only the
+        # current run (in_a_row) can still decide a stop, so the resumed run decides as the straight one would.
         return {"scaler": self.scaler.state_dict(), "skipped": int(self.skipped), "in_a_row": int(self.in_a_row),
-                "longest": int(self.longest), "steps": int(self.steps)}
+                "steps": int(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
         scaler = state.get("scaler", state)  # older checkpoints saved GradScaler's alone
         if scaler and self.scaler.is_enabled():  # a disabled scaler saves {} (an fp32/bf16 run)
             self.scaler.load_state_dict(scaler)
-        for name in ("skipped", "in_a_row", "longest", "steps"):
+        for name in ("skipped", "in_a_row", "steps"):
             getattr(self, name).fill_(state.get(name, 0))
+        self.longest.copy_(self.in_a_row)
