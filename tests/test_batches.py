@@ -87,3 +87,35 @@ def test_prefetch_hands_out_the_same_steps_and_saves_the_handed_out_position(tin
         assert ahead.shard_done == stream.shard_done and ahead.state_dict() == stream.state_dict()
         done.append(stream.shard_done)
     assert any(done) and not all(done)  # a shard ended within these steps: shard_done was really compared
+
+
+def test_prefetch_pins_every_tensor_of_a_batch_when_asked(monkeypatch):
+    """pin_memory=True (the Trainer asks for it on CUDA only: CPU-only builds cannot pin) page-locks each tensor
+    of dict, tuple and list batches, so to_device's non_blocking copies run asynchronously."""
+    import torch
+
+    from dataset.batches import PrefetchBatches
+
+    pinned = []
+
+    def fake_pin(self):  # a CPU-only build has no page-locked memory to give: record the call instead
+        copy = self.clone()
+        pinned.append(copy)
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    data = [torch.full((2,), i) for i in range(8)]
+
+    def collate(items):
+        return {"x": torch.stack(items), "pair": (torch.stack(items), [torch.stack(items)]), "n": len(items)}
+
+    ahead = PrefetchBatches(IndexBatches(data, 4, 2, collate=collate), pin_memory=True)
+    handed = ahead.next_step()
+    ahead._pending.result()  # the next step is built (and pinned) too: 2 steps x 2 micro-batches x 3 tensors
+    assert len(pinned) == 12
+    tensors = [t for b in handed for t in (b["x"], b["pair"][0], b["pair"][1][0])]
+    assert all(any(t is p for p in pinned) for t in tensors) and [b["n"] for b in handed] == [2, 2]
+    plain = PrefetchBatches(IndexBatches(data, 4, 2, collate=collate))
+    plain.next_step()
+    plain._pending.result()
+    assert len(pinned) == 12  # pin_memory=False (CPU training) pins nothing
