@@ -8,6 +8,8 @@ SFT or DPO reads a device scalar (.item(), bool(), float()) outside the log step
 """
 
 import functools
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -19,17 +21,26 @@ from transformers import AutoTokenizer
 from dataset.batches import PrefetchBatches
 from tests.helpers import read_metrics, write_shards
 from tests.helpers_preference import tiny_checkpoint, toy_pairs, write_pairs
-from tests.test_pretrain import NanAtStep3, corpus, make_cfg
-from trainer import core
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
-from trainer.pretrain import PretrainTrainer
+from trainer.pretrain import Config, PretrainTrainer
 
 
 @pytest.fixture(scope="module")
 def shards(tiny_tokenizer_dir, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    return write_shards(tok, corpus(), str(tmp_path_factory.mktemp("shards")), n_shards=3)
+    rng = random.Random(0)
+    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
+    texts = ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(600)]
+    return write_shards(tok, texts, str(tmp_path_factory.mktemp("shards")), n_shards=3)
+
+
+def make_cfg(tokenizer_dir, shards, out_dir, **overrides) -> Config:
+    base = {"model_config": "tiny", "tokenizer_dir": tokenizer_dir, "data_dir": shards, "out_dir": str(out_dir),
+            "max_steps": 12, "batch_size": 4, "global_batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2,
+            "log_every": 1, "eval_every": 6, "eval_batches": 2, "save_every": 4, "keep_last": 10,
+            "sample_tokens": 0, "seed": 7}
+    return Config(**{**base, **overrides})
 
 
 def fp16_cfg(tokenizer_dir, shards, out_dir, **overrides):
@@ -84,6 +95,12 @@ def test_too_many_skips_in_a_row_stop_with_the_state_saved(tiny_tokenizer_dir, s
     assert rows[2]["skipped_steps"] == 3 and rows[2]["loss_scale"] == 2.0 ** 24 / 2 ** 3
 
 
+class NanAtStep3(PretrainTrainer):
+    def compute_loss(self, *, batch, num_items):
+        loss, metrics = super().compute_loss(batch=batch, num_items=num_items)
+        return (loss * float("nan") if self.step == 2 else loss), metrics
+
+
 @pytest.mark.parametrize("log_every", [1, 4])
 def test_a_nan_loss_is_never_applied_and_stops_on_the_next_log_step(tiny_tokenizer_dir, shards, tmp_path,
                                                                     log_every):
@@ -129,6 +146,15 @@ def counting(trainer_cls):
         reads = None  # the counter while a training step runs, else None (evaluation is not counted)
         moved = False  # this step's to_device ran already
 
+        def prepare(self):
+            """Then the optimizer CUDA gets: fused AdamW skips a step on a device flag (CPU's default is the
+            unfused one, which GradScaler-style skipping must ask the host about)."""
+            super().prepare()
+            keys = ("params", "lr", "weight_decay", "lr_scale")  # lr_scale: per-group peak lr, where the core has it
+            groups = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                               fused=True)
+
         def train_step(self):
             self.reads, self.moved = ScalarReads(), False
             with self.reads:
@@ -164,25 +190,12 @@ def counting(trainer_cls):
     return Counted
 
 
-@pytest.fixture
-def fused_adamw(monkeypatch):
-    """The optimizer CUDA gets (fused AdamW skips a step on a device flag); CPU's default is the unfused one."""
-    build = core.build_adamw
-
-    def fused(params, cfg, device):
-        optimizer = build(params, cfg, device)
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-    monkeypatch.setattr(core, "build_adamw", fused)
-
-
 def assert_no_reads(trainer):
     assert len(trainer.reads_per_step) == trainer.cfg.max_steps
     assert trainer.reads_per_step == [0] * trainer.cfg.max_steps
 
 
-def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_path, fused_adamw):
+def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_path):
     cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "pre", max_steps=4, batch_size=2, log_every=100,
                    eval_every=0, save_every=0)  # 4 micro-batches per step
     assert_no_reads(run_trainer(counting(PretrainTrainer), cfg))
@@ -192,22 +205,32 @@ def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_pa
     assert read_metrics(fp16.out_dir)[-1]["skipped_steps"] > 0  # overflows were skipped without a host read
 
 
-def test_sft_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path, fused_adamw):
-    from tests.test_sft import sft_config, write_chat_file
+STAGE_DEFAULTS = {"seq_len": 64, "global_batch_size": 8, "batch_size": 2, "max_steps": 3, "lr": 1e-3,
+                  "warmup_steps": 0, "val_samples": 0, "eval_every": 0, "save_every": 0, "log_every": 100,
+                  "device": "cpu", "dtype": "fp32", "seed": 0}
+
+
+def test_sft_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    from trainer.sft import Config as SFTConfig
     from trainer.sft import SFTTrainer
 
     init = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "init"))
-    data = write_chat_file(tmp_path / "chat.jsonl", n_copies=2)
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for user, reply in [("你好", "你好！我是一个小模型。"), ("北京是哪里？", "北京是中国的首都。"), ("hello", "hello world.")] * 8:
+            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
     for pack in (False, True):
-        cfg = sft_config(init, tmp_path / f"sft_{pack}", data, max_steps=3, batch_size=2, pack=pack)
+        cfg = SFTConfig(init_from=init, data_path=str(data), out_dir=str(tmp_path / f"sft_{pack}"), pack=pack,
+                        **STAGE_DEFAULTS)
         assert_no_reads(run_trainer(counting(SFTTrainer), cfg))
 
 
-def test_dpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path, fused_adamw):
-    from tests.test_dpo import dpo_config
+def test_dpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    from trainer.dpo import Config as DPOConfig
     from trainer.dpo import DPOTrainer
 
     init = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "init"))
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")
-    cfg = dpo_config(init, tmp_path / "dpo", data, max_steps=3, batch_size=2, log_every=100)
+    cfg = DPOConfig(init_from=init, data_path=data, out_dir=str(tmp_path / "dpo"), **STAGE_DEFAULTS)
     assert_no_reads(run_trainer(counting(DPOTrainer), cfg))
