@@ -59,7 +59,7 @@ def test_fp16_overflow_skips_steps_lowers_the_scale_and_resumes_exactly(tiny_tok
     skipped = [r["skipped_steps"] for r in rows]
     assert skipped[0] == 1 and skipped == sorted(skipped) and 0 < skipped[-1] < 8  # counted, and some steps ran
     assert rows[-1]["loss_scale"] == 2.0 ** 24 / 2 ** skipped[-1]  # halved once per skipped step
-    assert trainer.guard.scaler.get_scale() == rows[-1]["loss_scale"]
+    assert trainer.scaler is trainer.guard.scaler and trainer.scaler.get_scale() == rows[-1]["loss_scale"]
     start = PretrainTrainer(fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "init"))
     start.prepare()
     assert not all(torch.equal(a, b) for a, b in zip(weights(start), weights(trainer)))  # real updates happened

@@ -185,12 +185,12 @@ class Trainer:
                                 batch_size=cfg.batch_size)
         self.autocast = autocast_context(self.device, self.dtype)
         self.guard = StepGuard(self.device, self.dtype, cfg.fp16_init_scale)  # fp16 loss scaling + skipped steps
+        self.scaler = self.guard.scaler  # the GradScaler itself, for code that inspects the scale
         self._seed(cfg.seed)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.step, self.tokens_seen = 0, 0
-        self.logger = NullLogger()
+        self.step, self.tokens_seen, self.logger = 0, 0, NullLogger()
 
     def _seed(self, seed: int):
         random.seed(seed + self.rank)
