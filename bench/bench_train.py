@@ -27,7 +27,7 @@ from bench.tensor_memory import TensorMemoryTracker  # noqa: E402
 from model import SLMConfig, SLMForCausalLM  # noqa: E402
 from model.configuration_slm import slm_to_llama_config  # noqa: E402
 from model.runtime import resolve_device, resolve_dtype  # noqa: E402
-from trainer.common import flops_per_token, gpu_peak_flops  # noqa: E402
+from trainer.common import device_peak_flops, flops_per_token  # noqa: E402
 
 
 def build(kind: str, preset: str, device):
@@ -125,7 +125,7 @@ def main():
 
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)  # what training picks on this device
-    peak_flops = gpu_peak_flops(device)
+    peak_flops = device_peak_flops(device, dtype)
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name} | dtype {str(dtype).replace('torch.', '')} | seq_len {args.seq_len} | "

@@ -6,9 +6,12 @@ IndexBatches (below, shuffled samples held in memory: chat, preference pairs, RL
 the protocol, so a new data format needs a class with these three methods and nothing in trainer/core.py.
 """
 
+import copy
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 
 @runtime_checkable
@@ -62,3 +65,65 @@ class IndexBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._permutation(self.epoch)
+
+
+class PrefetchBatches:
+    """Wraps a StepBatches: builds step N+1's micro-batches (reading, collation, masks) in a background thread
+    while step N trains, pinned when the batches go to a GPU so that to_device's non_blocking copies overlap.
+
+    state_dict() and the inner source's plain attributes (e.g. ShardStream.shard_done) describe the step last
+    handed out, not the one being prefetched, so a checkpoint resumes exactly where training was."""
+
+    def __init__(self, inner: StepBatches, pin_memory: bool = False):
+        self.inner, self.pin_memory = inner, pin_memory
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._pending = None
+        self._handed = self._snapshot()
+
+    def _snapshot(self) -> dict:
+        # Plain values only: the data itself (datasets, arrays) is not state and is never copied.
+        simple = {k: v for k, v in vars(self.inner).items() if isinstance(v, (bool, int, float, str))}
+        return {"state": copy.deepcopy(self.inner.state_dict()), "attributes": simple}
+
+    def _build(self) -> tuple[list, dict]:
+        batches = self.inner.next_step()
+        if self.pin_memory:
+            batches = [_pinned(b) for b in batches]
+        return batches, self._snapshot()
+
+    def next_step(self) -> list:
+        future = self._pending or self._pool.submit(self._build)
+        batches, self._handed = future.result()
+        self._pending = self._pool.submit(self._build)
+        return batches
+
+    def state_dict(self) -> dict:
+        return self._handed["state"]
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_pending()
+        self.inner.load_state_dict(state)
+        self._handed = self._snapshot()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.exception()  # wait for it; an error there belongs to a step nobody asked for
+            self._pending = None
+
+    def __getattr__(self, name: str):
+        # Only reached for names this wrapper does not have: the inner source's, as of the step handed out.
+        if name.startswith("_") or name in ("inner", "pin_memory"):
+            raise AttributeError(name)
+        attributes = self._handed["attributes"]
+        return attributes[name] if name in attributes else getattr(self.inner, name)
+
+
+def _pinned(batch):
+    """Page-locked copies of a batch's tensors (dict, tuple or list of them), for asynchronous host-to-GPU copies."""
+    if torch.is_tensor(batch):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: _pinned(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pinned(v) for v in batch)
+    return batch

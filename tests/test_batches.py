@@ -46,3 +46,76 @@ def test_index_batches_resume_exactly_and_split_the_step_over_ranks():
     for step in steps:
         together = [i for r in ranks for m in r.next_step() for i in m]
         assert together == [i for m in step for i in m]
+
+
+def test_prefetch_hands_out_the_same_steps_and_saves_the_handed_out_position(tiny_tokenizer_dir, tmp_path):
+    """PrefetchBatches builds the next step in a thread; its state_dict() and the source's attributes
+    (ShardStream.shard_done) must still describe the step last handed out, so a checkpoint resumes exactly."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from dataset.batches import PrefetchBatches
+    from dataset.shards import load_meta
+
+    data = list(range(10))
+    plain, ahead = IndexBatches(data, 4, 2, seed=3, collate=list), PrefetchBatches(
+        IndexBatches(data, 4, 2, seed=3, collate=list))
+    assert isinstance(ahead, StepBatches)
+    assert collect(ahead, 3) == collect(plain, 3)
+    assert ahead.state_dict() == plain.state_dict()  # the position after 3 steps, though step 4 is built
+    ahead._pending.result()  # let the prefetch finish: the inner source is then one step ahead
+    assert ahead.inner.state_dict() != plain.state_dict() and ahead.state_dict() == plain.state_dict()
+    resumed = PrefetchBatches(IndexBatches(data, 4, 2, seed=3, collate=list))
+    resumed.load_state_dict(ahead.state_dict())
+    assert collect(resumed, 3) == collect(plain, 3)
+    # The build runs off the calling thread.
+    threads = []
+    worker = PrefetchBatches(IndexBatches(data, 4, 2, collate=lambda items: threads.append(
+        threading.current_thread()) or items))
+    worker.next_step()
+    assert threads and all(t is not threading.current_thread() for t in threads)
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    data_dir = write_shards(tok, ["北京是中国的首都。今天天气很好。"] * 60, str(tmp_path / "shards"), n_shards=2)
+    stream = ShardStream(data_dir, load_meta(data_dir), seq_len=16, global_batch=4, micro_batch=2)
+    ahead = PrefetchBatches(ShardStream(data_dir, load_meta(data_dir), seq_len=16, global_batch=4, micro_batch=2))
+    done = []
+    for _ in range(12):
+        x = [b[0].tolist() for b in stream.next_step()]
+        assert [b[0].tolist() for b in ahead.next_step()] == x
+        assert ahead.shard_done == stream.shard_done and ahead.state_dict() == stream.state_dict()
+        done.append(stream.shard_done)
+    assert any(done) and not all(done)  # a shard ended within these steps: shard_done was really compared
+
+
+def test_prefetch_pins_every_tensor_of_a_batch_when_asked(monkeypatch):
+    """pin_memory=True (the Trainer asks for it on CUDA only: CPU-only builds cannot pin) page-locks each tensor
+    of dict, tuple and list batches, so to_device's non_blocking copies run asynchronously."""
+    import torch
+
+    from dataset.batches import PrefetchBatches
+
+    pinned = []
+
+    def fake_pin(self):  # a CPU-only build has no page-locked memory to give: record the call instead
+        copy = self.clone()
+        pinned.append(copy)
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    data = [torch.full((2,), i) for i in range(8)]
+
+    def collate(items):
+        return {"x": torch.stack(items), "pair": (torch.stack(items), [torch.stack(items)]), "n": len(items)}
+
+    ahead = PrefetchBatches(IndexBatches(data, 4, 2, collate=collate), pin_memory=True)
+    handed = ahead.next_step()
+    ahead._pending.result()  # the next step is built (and pinned) too: 2 steps x 2 micro-batches x 3 tensors
+    assert len(pinned) == 12
+    tensors = [t for b in handed for t in (b["x"], b["pair"][0], b["pair"][1][0])]
+    assert all(any(t is p for p in pinned) for t in tensors) and [b["n"] for b in handed] == [2, 2]
+    plain = PrefetchBatches(IndexBatches(data, 4, 2, collate=collate))
+    plain.next_step()
+    plain._pending.result()
+    assert len(pinned) == 12  # pin_memory=False (CPU training) pins nothing

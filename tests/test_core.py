@@ -51,3 +51,46 @@ def test_the_loop_knows_no_kind_of_data_and_passes_no_state_on_the_side():
     loop = inspect.getsource(Trainer.fit) + inspect.getsource(Trainer.train_step) + inspect.getsource(Trainer.log_step)
     assert "shard_done" not in loop  # pretraining's per-shard checkpoint is its own should_save
     assert "self._" not in loop.replace("self._stop_on_nonfinite", "")  # e.g. no _step_tokens between methods
+
+
+def test_gpu_peak_flops_matches_whole_names_and_follows_the_dtype():
+    import torch
+
+    from trainer.common import gpu_peak_flops
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    expected = {("NVIDIA H100 80GB HBM3", bf16): 989e12, ("NVIDIA H100 PCIe", bf16): 756e12,
+                ("NVIDIA H100 NVL", bf16): 835e12, ("NVIDIA H200", bf16): 989e12,
+                ("NVIDIA A100-SXM4-80GB", bf16): 312e12, ("NVIDIA A100 80GB PCIe", fp16): 312e12,
+                ("NVIDIA A100-SXM4-40GB", fp32): 156e12,  # TF32
+                ("NVIDIA L40S", bf16): 362e12, ("NVIDIA L40", bf16): 181e12, ("NVIDIA L4", bf16): 121e12,
+                ("NVIDIA GeForce RTX 4090", bf16): 165e12, ("NVIDIA GeForce RTX 3090", fp16): 71e12,
+                ("Tesla T4", fp16): 65e12, ("Tesla T4", fp32): 8.1e12, ("Tesla V100-SXM2-16GB", fp16): 125e12,
+                ("Tesla V100-PCIE-32GB", fp16): 112e12,
+                ("Tesla T4", bf16): None, ("Tesla V100-SXM2-16GB", bf16): None,  # emulated bf16: no peak, no MFU
+                ("NVIDIA GeForce GTX 1080", fp16): None, ("NVIDIA RTX A6000", bf16): None}  # unknown: no MFU
+    got = {key: gpu_peak_flops(*key) for key in expected}
+    assert got == expected
+
+
+def test_the_probe_keeps_no_gradients_and_no_peak(monkeypatch):
+    """probe_micro_batch on a faked CUDA device: the trials' memory peak is reset once all trials are done, so
+    peak_mem_gb reports training; the per-trial cache is emptied; an OOM ends the search."""
+    import torch
+
+    from trainer.common import probe_micro_batch
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    model = torch.nn.Linear(2, 2)
+
+    def trial(n: int):
+        events.append(n)
+        model(torch.ones(n, 2)).sum().backward()
+        if n > 4:
+            raise torch.OutOfMemoryError("fake")
+
+    assert probe_micro_batch(trial, model=model, target=64, device=torch.device("cuda")) == 2
+    assert events == [1, "empty_cache", 2, "empty_cache", 4, "empty_cache", 8, "empty_cache", "reset"]
+    assert model.weight.grad is None

@@ -200,3 +200,32 @@ def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tok
         ones = torch.ones(2)
         summed = float(dpo_loss(*pi, *ref, beta, "ipo", chosen_tokens=ones, rejected_tokens=ones)[0].mean())
     assert abs(summed - trl["ipo"]) > 1e-3
+
+
+def test_batch_size_auto_probes_pairs_and_the_reference(policy_dir, tmp_path, monkeypatch):
+    """The CUDA probe, on CPU, with a forward that runs "out of memory" above 16 rows: a DPO micro-batch of B
+    pairs is 2B rows, and each trial also runs the frozen reference (without gradients) on them."""
+    from model import SLMForCausalLM
+    from trainer.dpo import DPOTrainer
+
+    forward = SLMForCausalLM.forward
+    calls = []
+
+    def limited(self, input_ids=None, **kwargs):
+        calls.append((input_ids.shape[0], torch.is_grad_enabled(), self))
+        if input_ids.shape[0] > 16:
+            raise torch.OutOfMemoryError("fake: over 16 rows")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(SLMForCausalLM, "forward", limited)
+    monkeypatch.setattr(DPOTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(64), "strings")
+    trainer = DPOTrainer(dpo_config(policy_dir, tmp_path / "auto", data, batch_size="auto", global_batch_size=32))
+    trainer.prepare()
+    # 8 pairs = 16 rows fit, 16 pairs do not: 8 fit, halved for headroom -> 4 pairs, accumulated 8x to 32.
+    assert (trainer.micro_batch, trainer.accum_steps) == (4, 8)
+    # Trials of 1, 2, 4, 8 pairs: the policy with gradients, then the reference without; then 16 pairs fail.
+    policy, ref = trainer.raw_model, trainer.ref
+    assert calls[:9] == [(r, grad, m) for r in (2, 4, 8, 16) for grad, m in ((True, policy), (False, ref))] + \
+        [(32, True, policy)]
+    assert all(p.grad is None for p in trainer.raw_model.parameters())

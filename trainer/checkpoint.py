@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from model.hub import data_licenses, make_readable, write_model_card
+from model.runtime import dtype_name
 from trainer.common import print0
 
 STATE_FILE = "trainer_state.pt"
@@ -222,3 +224,20 @@ def truncate_metrics(out_dir: str, step: int) -> None:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(keep)
+
+
+# -----------------------------------------------------------------------------
+# The model card of final/
+
+
+def write_card(path: str, cfg, *, stage: str, step: int, tokens_seen: int, global_batch: int, dtype: torch.dtype,
+               world_size: int, model_config, evaluation: dict | None) -> None:
+    """README.md in `path` (model/hub.py write_model_card) from the run's facts, readable by other accounts."""
+    training = {"stage": stage, "optimizer steps": step, "tokens seen": f"{tokens_seen:,}",
+                "global batch": f"{global_batch} {cfg.batch_unit} x {cfg.seq_len} tokens", "peak lr": cfg.lr,
+                "optimizer": cfg.optimizer, "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
+                "data": cfg.data_dir or cfg.data_path or "(see the stage config)",
+                "compute dtype": dtype_name(dtype), "processes": world_size}
+    write_model_card(path, config=model_config, stage=stage, training=training, evaluation=evaluation or None,
+                     licenses=data_licenses(cfg.data_dir), base_model=cfg.init_from)
+    make_readable(path)

@@ -5,8 +5,11 @@ a run, the FLOPs arithmetic behind MFU and the batch_size=auto memory probe (nan
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
+
+from model.runtime import check_checkpoint_dir
 
 
 def print0(*args, **kwargs):
@@ -15,8 +18,44 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def move_to(batch, device: torch.device):
+    """A batch (a tensor, or a dict, tuple or list of them) on `device`; non_blocking overlaps pinned copies."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def load_tokenizer(*, init_from: str, tokenizer_dir: str):
+    """init_from's tokenizer when it has one (later stages), else tokenizer_dir's (pretraining)."""
+    from transformers import AutoTokenizer
+
+    if init_from:  # checked first, so a typo in init_from is not reported as a missing tokenizer
+        check_checkpoint_dir(init_from, "init_from")
+    path = init_from if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")) else tokenizer_dir
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer_dir '{tokenizer_dir}' does not exist: train one with "
+                                f"`python main.py --stage tokenizer` or point tokenizer_dir at one")
+    return AutoTokenizer.from_pretrained(path)
+
+
 class TrainingStopped(RuntimeError):
     """Raised when training cannot go on (e.g. a NaN loss); the message says where the last good state is."""
+
+
+def status_line(stage: str, step: int, max_steps: int, values: dict, stage_metrics: list[str]) -> str:
+    """The log line of a training step (without the ETA), from the values metrics.jsonl gets."""
+    line = (f"[{stage}] step {step:05d}/{max_steps:05d} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+            f"gnorm {values['grad_norm']:.2f} | skipped {values['skipped_steps']} | dt {values['dt_ms']:.0f}ms | "
+            f"tok/s {values['tok_per_s']:,.0f}")
+    if "loss_scale" in values:  # fp16
+        line += f" | scale {values['loss_scale']:.0f}"
+    if "mfu" in values:
+        line += f" | mfu {100 * values['mfu']:.1f}%"
+    return line + "".join(f" | {key} {values[key]:.4f}" for key in stage_metrics)
 
 
 # -----------------------------------------------------------------------------
@@ -94,19 +133,41 @@ class ExternalLogger:
 # What the hardware allows: peak FLOPs (for MFU) and the largest micro-batch that fits (batch_size=auto)
 
 
-# Dense bf16 peak FLOP/s per GPU, for MFU. Unknown GPUs get no MFU rather than a wrong one.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                  "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12, "V100": 125e12}
+# Dense (no sparsity) tensor-core peak FLOP/s per GPU and compute dtype, as NVIDIA's datasheets list them, for MFU.
+# fp32 is the TF32 peak where the GPU has TF32 (the Trainer turns it on), else plain fp32; a dtype a GPU only
+# emulates (bf16 on Turing and Volta) has none. Matched on whole words of the device name, most specific first, so
+# "L40" is not an "L4" and "H100 PCIe" is not the SXM part. Unknown GPUs get no MFU rather than a wrong one.
+_SXM_H100 = {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}
+_NVL_H100 = {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}
+_A100 = {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}
+GPU_PEAK_FLOPS = [
+    (("H100", "NVL"), _NVL_H100), (("H100", "PCIE"), {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    (("H100",), _SXM_H100), (("H200", "NVL"), _NVL_H100), (("H200",), _SXM_H100), (("H800",), _SXM_H100),
+    (("A100",), _A100), (("A800",), _A100),
+    (("L40S",), {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    (("L40",), {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
+    (("L4",), {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    (("A10G",), {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    (("A10",), {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
+    (("RTX", "4090"), {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),  # fp32 accumulation
+    (("RTX", "3090"), {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
+    (("T4",), {"fp16": 65e12, "fp32": 8.1e12}),
+    (("V100", "PCIE"), {"fp16": 112e12, "fp32": 14e12}), (("V100",), {"fp16": 125e12, "fp32": 15.7e12}),
+]
 
 
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_FLOPS.items():
-        if key in name:
-            return flops
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name) computing in `dtype`; None if unknown."""
+    words = set(name.upper().replace("-", " ").replace("_", " ").split())
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+    for required, peaks in GPU_PEAK_FLOPS:
+        if words.issuperset(required):
+            return peaks.get(key)
     return None
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    return gpu_peak_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -120,23 +181,23 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
-def probe_micro_batch(model, *, seq_len: int, target: int, autocast, device: torch.device) -> int:
-    """Double the micro-batch until a forward+backward runs out of memory; keep the last that fit, halved once
-    more for headroom (optimizer state and fragmentation come later) unless everything up to `target` fit. The
-    global batch must stay divisible, so only powers of two are tried. Leaves no gradients behind."""
+def probe_micro_batch(try_micro_batch: Callable[[int], None], *, model, target: int, device: torch.device) -> int:
+    """Double the micro-batch until try_micro_batch(n) (the stage's forward+backward of n batch units, see
+    Trainer.probe_step) runs out of memory; keep the last that fit, halved once more for headroom (optimizer state
+    and fragmentation come later) unless everything up to `target` fit. The global batch must stay divisible, so
+    only powers of two are tried. Leaves no gradients behind, and no peak either: peak_mem_gb reports training."""
     best, trial = 1, 1
-    vocab = model.config.vocab_size
     while trial <= target:
         try:
-            ids = torch.randint(0, vocab, (trial, seq_len), device=device)
-            with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            try_micro_batch(trial)
             best = trial
             trial *= 2
         except torch.OutOfMemoryError:
             break
         finally:
             model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     return max(1, best // 2) if best < target else best

@@ -250,3 +250,7 @@ class TrainConfig:
     resume: str = "auto"  # auto = newest complete checkpoint in out_dir | never | path to a step_* dir
     logger: str = "none"  # none | wandb | swanlab | tensorboard
     run_name: str = ""  # name for the external logger (default: out_dir's name)
+    # --- mixed precision and the input pipeline (trainer/guard.py, dataset/batches.py PrefetchBatches) ---
+    fp16_init_scale: float = 65536.0  # dtype=fp16: GradScaler's first loss scale (it halves on each overflow)
+    max_skipped_steps: int = 20  # stop after this many optimizer steps in a row skipped for non-finite gradients
+    prefetch: bool = True  # build the next step's batches in a background thread (pinned memory on CUDA)

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.batches import IndexBatches, StepBatches
+from dataset.batches import IndexBatches, PrefetchBatches, StepBatches
 from model import SLMConfig, SLMForCausalLM
-from model.hub import data_licenses, make_readable, set_generation_defaults, write_model_card
-from model.runtime import autocast_context, check_checkpoint_dir, dtype_name, load_pretrained, resolve_device, resolve_dtype
+from model.hub import make_readable, set_generation_defaults
+from model.runtime import autocast_context, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer import checkpoint, parallel
-from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, flops_per_token, gpu_peak_flops, print0,
-                            probe_micro_batch)
+from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, device_peak_flops,
+                            flops_per_token, load_tokenizer, move_to, print0, probe_micro_batch, status_line)
 from trainer.config import TrainConfig, config_to_dict, format_config, save_config
+from trainer.guard import StepGuard
 from trainer.optim import build_optimizer, lr_at
 
 
@@ -48,6 +49,8 @@ class Trainer:
     models
       load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config
       setup(): after the policy is built: frozen reference, reward model, teacher, value head, LoRA adapters
+      probe_step(*, micro_batch): batch_size=auto's trial: forward+backward of that many batch units of random
+          data at seq_len (DPO: 2 rows per pair plus the reference's forward)
       trainable_parameters() -> [Parameter]: what AdamW updates and the clip covers (PPO adds its critic)
     the step (RL stages)
       next_step() -> micro-batches: default train_data.next_step(); PPO/GRPO roll out here
@@ -88,6 +91,13 @@ class Trainer:
     def setup(self) -> None:
         pass
 
+    def probe_step(self, *, micro_batch: int) -> None:
+        """batch_size=auto: forward+backward of a random micro-batch of `micro_batch` sequences."""
+        ids = torch.randint(0, self.raw_model.config.vocab_size, (micro_batch, self.cfg.seq_len), device=self.device)
+        with self.autocast:
+            loss = self.raw_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+
     def trainable_parameters(self) -> list:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 
@@ -124,16 +134,9 @@ class Trainer:
 
     def write_card(self, *, path: str) -> None:
         """README.md for final/: what was trained, on what, for how long, and the last evaluation."""
-        cfg = self.cfg
-        training = {"stage": self.stage, "optimizer steps": self.step, "tokens seen": f"{self.tokens_seen:,}",
-                    "global batch": f"{self.global_batch} {cfg.batch_unit} x {cfg.seq_len} tokens", "peak lr": cfg.lr,
-                    "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
-                    "data": cfg.data_dir or cfg.data_path or "(see the stage config)",
-                    "compute dtype": dtype_name(self.dtype), "processes": self.world_size}
-        write_model_card(path, config=self.raw_model.config, stage=self.stage, training=training,
-                         evaluation=getattr(self, "last_eval", None) or None, licenses=data_licenses(cfg.data_dir),
-                         base_model=cfg.init_from)
-        make_readable(path)
+        checkpoint.write_card(path, self.cfg, stage=self.stage, step=self.step, tokens_seen=self.tokens_seen,
+                              global_batch=self.global_batch, dtype=self.dtype, world_size=self.world_size,
+                              model_config=self.raw_model.config, evaluation=getattr(self, "last_eval", None))
 
     def next_stage_hint(self, *, path: str) -> str:
         return f" (next stage: init_from={path})"
@@ -175,14 +178,13 @@ class Trainer:
             parallel.check_fsdp(supported=self.supports_fsdp, stage=self.stage, dtype=self.dtype,
                                 batch_size=cfg.batch_size)
         self.autocast = autocast_context(self.device, self.dtype)
-        # fp16 overflows without loss scaling; bf16 and fp32 do not need it.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.guard = StepGuard(self.device, self.dtype, cfg.fp16_init_scale)  # fp16 loss scaling + skipped steps
+        self.scaler = self.guard.scaler  # the GradScaler itself, for code that inspects the scale
         self._seed(cfg.seed)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.step, self.tokens_seen = 0, 0
-        self.logger = NullLogger()
+        self.step, self.tokens_seen, self.logger = 0, 0, NullLogger()
 
     def _seed(self, seed: int):
         random.seed(seed + self.rank)
@@ -190,15 +192,7 @@ class Trainer:
         torch.manual_seed(seed + self.rank)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        if self.cfg.init_from:  # checked first, so a typo in init_from is not reported as a missing tokenizer
-            check_checkpoint_dir(self.cfg.init_from, "init_from")
-        path = self.cfg.init_from if _has_tokenizer(self.cfg.init_from) else self.cfg.tokenizer_dir
-        if not path or not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer_dir '{self.cfg.tokenizer_dir}' does not exist: train one with "
-                                    f"`python main.py --stage tokenizer` or point tokenizer_dir at one")
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(init_from=self.cfg.init_from, tokenizer_dir=self.cfg.tokenizer_dir)
 
     def build_model(self):
         """Random init from model_config, or the weights (and architecture) of init_from."""
@@ -228,6 +222,8 @@ class Trainer:
                              f"= {self.micro_batch} x {self.world_size}")
         self.accum_steps = self.global_batch // (self.micro_batch * self.world_size)
         self.train_data, self.val_batches = self.build_data()
+        if cfg.prefetch:  # collation off the critical path; pinned so that to_device's copies are asynchronous
+            self.train_data = PrefetchBatches(self.train_data, pin_memory=self.device.type == "cuda")
         self.model_class_name = type(self.raw_model).__name__
         if self.fsdp:
             parallel.shard_model(self.raw_model, self.device, self.world_size)  # before the optimizer
@@ -245,7 +241,7 @@ class Trainer:
             self.model = torch.compile(self.model, dynamic=False)
         if self.distributed and not self.fsdp:
             self.model = parallel.wrap_ddp(self.model, self.device)
-        self.peak_flops = gpu_peak_flops(self.device)
+        self.peak_flops = device_peak_flops(self.device, self.dtype)
         self.flops_per_token = flops_per_token(self.raw_model, cfg.seq_len)
         if self.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
@@ -274,7 +270,7 @@ class Trainer:
 
     def _probe_micro_batch(self) -> int:
         target = (self.cfg.global_batch_size // self.world_size) if self.cfg.global_batch_size else 512  # per rank
-        best = probe_micro_batch(self.raw_model, seq_len=self.cfg.seq_len, target=target, autocast=self.autocast,
+        best = probe_micro_batch(lambda n: self.probe_step(micro_batch=n), model=self.raw_model, target=target,
                                  device=self.device)
         print0(f"[{self.stage}] batch_size=auto: micro-batch {best} (largest power of two that fit, with headroom)")
         return best
@@ -297,9 +293,12 @@ class Trainer:
             t_now = time.time()
             step_times.append(t_now - t_last)
             t_last = t_now
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            log, save = self.step % cfg.log_every == 0 or self.step == cfg.max_steps, self.should_save()
+            if log:
                 self.log_step(metrics, step_times, tokens)
-            if self.should_save() and self.step < cfg.max_steps:
+            if log or save:
+                self.stop_if_diverged()  # reads the guard's device counters: host syncs only on these steps
+            if save and self.step < cfg.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
         self.export_final()
@@ -312,15 +311,16 @@ class Trainer:
         lr = lr_at(self.cfg, self.step)
         for group in self.optimizer.param_groups:  # each group's peak lr is lr_scale x cfg.lr (trainer/optim.py)
             group["lr"] = lr * group["lr_scale"]
-        # Weight every loss item of the whole step (all micro-batches, all ranks) equally.
+        # Weight every loss item of the whole step (all micro-batches, all ranks) equally. Both counts are taken
+        # from the host batches, before to_device: on device tensors each int() would wait for the GPU.
         num_items = torch.tensor(float(sum(self.count_loss_items(batch=b) for b in micro_batches)),
                                  device=self.device)
+        tokens = sum(self.count_tokens(batch=b) for b in micro_batches)
         if self.distributed:
             dist.all_reduce(num_items)
         num_items = num_items.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         extra = {}
-        tokens = 0
         for i, batch in enumerate(micro_batches):
             batch = self.to_device(batch)
             sync = i == len(micro_batches) - 1
@@ -332,41 +332,37 @@ class Trainer:
                     loss, metrics = self.compute_loss(batch=batch, num_items=num_items)
                 # DDP and FSDP average gradients over ranks; our loss is already a share of the global total,
                 # so multiply by the number of ranks to turn that average back into the sum.
-                self.scaler.scale(loss * self.world_size).backward()
+                self.guard.scale(loss * self.world_size).backward()
             loss_sum += loss.detach()
             for key, value in metrics.items():
                 extra[key] = extra.get(key, 0) + value.detach().float() / len(micro_batches)
-            tokens += self.count_tokens(batch=batch)
-        self.scaler.unscale_(self.optimizer)
+        self.guard.unscale_(self.optimizer)
         params = self.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else 1e30)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
             grad_norm = grad_norm.full_tensor()
         if self.distributed:
             dist.all_reduce(loss_sum)
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._stop_on_nonfinite(float(loss_sum), float(grad_norm))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # Skipped on the device when the loss or a gradient is not finite (an fp16 overflow): see trainer/guard.py.
+        self.guard.step(self.optimizer, loss=loss_sum, grad_norm=grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_seen += tokens * self.world_size
         return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **extra}, tokens * self.world_size
 
     def to_device(self, batch):
-        if isinstance(batch, dict):
-            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for v in batch)
-        return batch
+        return move_to(batch, self.device)
 
-    def _stop_on_nonfinite(self, loss: float, grad_norm: float):
-        # The weights have not been updated by this step, so they are the last good state: save them. The data
-        # position is already past the offending batch, so a resumed run skips it.
+    def stop_if_diverged(self):
+        """TrainingStopped after a non-finite loss or max_skipped_steps skips in a row (noticed on log and
+        checkpoint steps). No non-finite step reached the weights (trainer/guard.py), so the current state is
+        the last good one: it is saved, and its data position is past the offending batches."""
+        if (why := self.guard.stop_reason(max_skipped_steps=self.cfg.max_skipped_steps)) is None:
+            return
+        self.guard.forget_runs()
         path = self.save_checkpoint()
-        raise TrainingStopped(f"[{self.stage}] loss {loss} / grad norm {grad_norm} is not finite at step "
-                              f"{self.step + 1}; the last good state (step {self.step}) is saved in {path}. "
-                              f"Lower lr, raise warmup_steps, or check the data, then resume.")
+        raise TrainingStopped(f"[{self.stage}] {why}; the last good state (step {self.step}, non-finite steps "
+                              f"skipped) is saved in {path}. Lower lr, raise warmup_steps, or check the data, "
+                              f"then resume.")
 
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -382,8 +378,9 @@ class Trainer:
         # the end repeats the last batch with weight 0.
         for i in range(math.ceil(len(self.val_batches) / self.world_size)):
             index = self.rank + i * self.world_size
-            batch = self.to_device(self.val_batches[min(index, len(self.val_batches) - 1)])
-            n = self.count_loss_items(batch=batch) if index < len(self.val_batches) else 0
+            batch = self.val_batches[min(index, len(self.val_batches) - 1)]
+            n = self.count_loss_items(batch=batch) if index < len(self.val_batches) else 0  # on the host batch
+            batch = self.to_device(batch)
             with self.autocast:
                 loss, metrics = self.compute_loss(batch=batch,
                                                   num_items=torch.tensor(float(max(n, 1)), device=self.device))
@@ -407,20 +404,17 @@ class Trainer:
     def log_step(self, metrics: dict, step_times: list, step_tokens: int):
         cfg = self.cfg
         values = {k: float(v) for k, v in metrics.items()}  # .item() syncs with the GPU: only at log steps
+        values.update(self.guard.log_values())  # skipped_steps (+ loss_scale in fp16)
         recent = step_times[-cfg.log_every:]
         dt = sum(recent) / len(recent)
         tok_per_s = step_tokens / dt
         steady = step_times[3:] or step_times  # leave out compile/warm-up steps from the ETA
         eta_min = (cfg.max_steps - self.step) * (sum(steady) / len(steady)) / 60
         values.update({"tok_per_s": tok_per_s, "dt_ms": dt * 1000, "tokens_seen": self.tokens_seen})
-        line = (f"[{self.stage}] step {self.step:05d}/{cfg.max_steps:05d} | loss {values['loss']:.4f} | lr "
-                f"{values['lr']:.2e} | gnorm {values['grad_norm']:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}")
         if self.peak_flops:
             values["mfu"] = self.flops_per_token * tok_per_s / (self.peak_flops * self.world_size)
-            line += f" | mfu {100 * values['mfu']:.1f}%"
-        for key in metrics:
-            if key not in ("loss", "lr", "grad_norm"):
-                line += f" | {key} {values[key]:.4f}"
+        line = status_line(self.stage, self.step, cfg.max_steps, values,
+                           stage_metrics=[k for k in metrics if k not in ("loss", "lr", "grad_norm")])
         if self.device.type == "cuda":
             values["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         print0(line + f" | eta {eta_min:.1f}m")
@@ -447,7 +441,7 @@ class Trainer:
         path = checkpoint.step_dir(self.cfg.out_dir, self.step)
         if self.master:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "stage": self.stage,
-                     "optimizer": optimizer, "optimizer_by_name": self.fsdp, "scaler": self.scaler.state_dict(),
+                     "optimizer": optimizer, "optimizer_by_name": self.fsdp, "scaler": self.guard.state_dict(),
                      "data": self.train_data.state_dict(), "rng": rngs, "world_size": self.world_size,
                      "global_batch": self.global_batch, "extra": self.extra_state()}
             checkpoint.write_checkpoint(path, state=state, keep_last=self.cfg.keep_last,
@@ -480,7 +474,7 @@ class Trainer:
         path, state, weights = found
         self.load_checkpoint_weights(path=path, weights=weights)
         checkpoint.load_optimizer_state(self.raw_model, self.optimizer, state, fsdp=self.fsdp)
-        self.scaler.load_state_dict(state["scaler"])
+        self.guard.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if state["global_batch"] != self.global_batch:
             print0(f"[{self.stage}] WARNING: global batch changed from {state['global_batch']} to "
@@ -492,10 +486,6 @@ class Trainer:
         if self.master:
             checkpoint.truncate_metrics(self.cfg.out_dir, self.step)
         print0(f"[{self.stage}] resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
-
-
-def _has_tokenizer(path: str) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:

@@ -137,6 +137,19 @@ class DPOTrainer(Trainer):
             out[batch["index"].cpu()] = torch.stack(logps.chunk(2), dim=1)
         return out
 
+    def probe_step(self, *, micro_batch: int) -> None:
+        """batch_size=auto counts pairs: 2 rows each through the policy, then the reference's forward of them
+        while the policy's activations are still held (as in compute_loss), unless it is precomputed."""
+        ids = torch.randint(0, self.raw_model.config.vocab_size, (2 * micro_batch, self.cfg.seq_len),
+                            device=self.device)
+        mask = torch.ones(ids.shape[0], ids.shape[1] - 1, device=self.device)
+        with self.autocast:
+            pi = sequence_logprobs(self.raw_model, ids, mask)
+            if self.ref is not None and not self.cfg.precompute_ref:
+                with torch.no_grad():
+                    sequence_logprobs(self.ref, ids, mask)
+        pi.sum().backward()
+
     def count_loss_items(self, *, batch) -> int:
         return batch["num_pairs"]
 

@@ -1,0 +1,237 @@
+"""
+The step guard (trainer/guard.py) through the real trainers: fp16 on CPU with a forced overflow skips steps,
+lowers the scale, keeps training and resumes bit-exactly; a non-finite loss stops with a good state saved, also
+when it is noticed only on the next log step; too many skips in a row stop; and no training step of pretrain,
+SFT or DPO reads a device scalar (.item(), bool(), float()) outside the log steps.
+
+    python -m pytest tests/test_step_guard.py
+"""
+
+import functools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoTokenizer
+
+from dataset.batches import PrefetchBatches
+from tests.helpers import read_metrics, write_shards
+from tests.helpers import tiny_checkpoint
+from tests.helpers_preference import toy_pairs, write_pairs
+from trainer.common import TrainingStopped
+from trainer.core import run_trainer
+from trainer.pretrain import Config, PretrainTrainer
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_tokenizer_dir, tmp_path_factory):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    rng = random.Random(0)
+    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
+    texts = ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(600)]
+    return write_shards(tok, texts, str(tmp_path_factory.mktemp("shards")), n_shards=3)
+
+
+def make_cfg(tokenizer_dir, shards, out_dir, **overrides) -> Config:
+    base = {"model_config": "tiny", "tokenizer_dir": tokenizer_dir, "data_dir": shards, "out_dir": str(out_dir),
+            "max_steps": 12, "batch_size": 4, "global_batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2,
+            "log_every": 1, "eval_every": 6, "eval_batches": 2, "save_every": 4, "keep_last": 10,
+            "sample_tokens": 0, "seed": 7}
+    return Config(**{**base, **overrides})
+
+
+def fp16_cfg(tokenizer_dir, shards, out_dir, **overrides):
+    # 2**24 overflows the tiny model's fp16 gradients at once: the scale must halve its way down first.
+    base = {"device": "cpu", "dtype": "fp16", "fp16_init_scale": 2.0 ** 24, "max_steps": 8, "eval_every": 0,
+            "save_every": 0, "lr_schedule": "constant"}
+    return make_cfg(tokenizer_dir, shards, out_dir, **{**base, **overrides})
+
+
+def test_fp16_overflow_skips_steps_lowers_the_scale_and_resumes_exactly(tiny_tokenizer_dir, shards, tmp_path):
+    straight = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
+    trainer = run_trainer(PretrainTrainer, straight)
+    rows = read_metrics(straight.out_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # trained to the end, no stop
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    skipped = [r["skipped_steps"] for r in rows]
+    assert skipped[0] == 1 and skipped == sorted(skipped) and 0 < skipped[-1] < 8  # counted, and some steps ran
+    assert rows[-1]["loss_scale"] == 2.0 ** 24 / 2 ** skipped[-1]  # halved once per skipped step
+    assert trainer.scaler is trainer.guard.scaler and trainer.scaler.get_scale() == rows[-1]["loss_scale"]
+    start = PretrainTrainer(fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "init"))
+    start.prepare()
+    assert not all(torch.equal(a, b) for a, b in zip(weights(start), weights(trainer)))  # real updates happened
+
+    # 4 steps, a checkpoint, then 4 more in a fresh trainer: the same losses, scale and weights, bit for bit.
+    half = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "resumed", max_steps=4)
+    run_trainer(PretrainTrainer, half)
+    resumed = run_trainer(PretrainTrainer, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "resumed"))
+    assert isinstance(resumed.train_data, PrefetchBatches)  # exact with the next step built ahead (the default)
+    again = read_metrics(half.out_dir)
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows]
+    assert [r["skipped_steps"] for r in again] == skipped
+    assert [r["loss_scale"] for r in again] == [r["loss_scale"] for r in rows]
+    assert resumed.guard.scaler.get_scale() == trainer.guard.scaler.get_scale()
+    assert all(torch.equal(a, b) for a, b in zip(weights(trainer), weights(resumed)))
+
+
+def weights(trainer) -> list[torch.Tensor]:
+    return [v.detach() for v in trainer.raw_model.state_dict().values()]
+
+
+def test_too_many_skips_in_a_row_stop_with_the_state_saved(tiny_tokenizer_dir, shards, tmp_path):
+    cfg = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "skips", max_skipped_steps=2, log_every=1)
+    with pytest.raises(TrainingStopped, match="2 steps in a row were skipped") as err:
+        run_trainer(PretrainTrainer, cfg)
+    assert "step_000002" in str(err.value) and (Path(cfg.out_dir) / "step_000002" / "trainer_state.pt").exists()
+    # Resumed with a higher limit, the run goes on (the saved state holds no run of skips that stops it again),
+    # with the lowered scale and the skip count of the first run.
+    trainer = run_trainer(PretrainTrainer, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "skips", max_steps=4,
+                                                    max_skipped_steps=100, log_every=1))
+    rows = read_metrics(cfg.out_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and trainer.step == 4
+    assert rows[2]["skipped_steps"] == 3 and rows[2]["loss_scale"] == 2.0 ** 24 / 2 ** 3
+
+
+class NanAtStep3(PretrainTrainer):
+    def compute_loss(self, *, batch, num_items):
+        loss, metrics = super().compute_loss(batch=batch, num_items=num_items)
+        return (loss * float("nan") if self.step == 2 else loss), metrics
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_a_nan_loss_is_never_applied_and_stops_on_the_next_log_step(tiny_tokenizer_dir, shards, tmp_path,
+                                                                    log_every):
+    """fp32: the NaN step (step 3) is skipped on the device; the stop comes on the first log step after it, and
+    the state saved there is finite and went through only finite updates (compare with a clean run's step 2)."""
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "nan", save_every=2, log_every=log_every)
+    with pytest.raises(TrainingStopped, match="not finite at step 3") as err:
+        run_trainer(NanAtStep3, cfg)
+    stopped_at = 3 if log_every == 1 else 4  # with log_every=4 the NaN is noticed one step late
+    assert f"step_{stopped_at:06d}" in str(err.value)
+    saved = load_file(Path(cfg.out_dir) / f"step_{stopped_at:06d}" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    if log_every == 1:  # step 3 was skipped: the weights are exactly those of step 2
+        step2 = load_file(Path(cfg.out_dir) / "step_000002" / "model.safetensors")
+        assert all(torch.equal(saved[k], step2[k]) for k in step2)
+    rows = read_metrics(cfg.out_dir)
+    assert rows[-1]["step"] == stopped_at and rows[-1]["skipped_steps"] == 1
+
+
+# -----------------------------------------------------------------------------
+# No host sync inside a training step
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), bool(), int(), float() all end in
+    _local_scalar_dense), except while `paused`. Modes are per thread: a prefetch worker is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counting(trainer_cls):
+    """trainer_cls whose train_step counts scalar reads; count_* hooks take the host batch by contract (before
+    to_device, so their int() is host arithmetic, not a GPU wait) and are checked for it, not counted."""
+
+    class Counted(trainer_cls):
+        reads = None  # the counter while a training step runs, else None (evaluation is not counted)
+        moved = False  # this step's to_device ran already
+
+        def prepare(self):
+            """Then the optimizer CUDA gets: fused AdamW skips a step on a device flag (CPU's default is the
+            unfused one, which GradScaler-style skipping must ask the host about)."""
+            super().prepare()
+            keys = ("params", "lr", "weight_decay", "lr_scale")  # lr_scale: per-group peak lr, where the core has it
+            groups = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                               fused=True)
+
+        def train_step(self):
+            self.reads, self.moved = ScalarReads(), False
+            with self.reads:
+                result = super().train_step()
+            self.reads_per_step = getattr(self, "reads_per_step", []) + [self.reads.count]
+            self.reads, self.moved = None, False
+            return result
+
+        def next_step(self):
+            return self.host_side(super().next_step)
+
+        def to_device(self, batch):
+            self.moved = self.reads is not None
+            return super().to_device(batch)
+
+        def count_loss_items(self, *, batch):
+            assert not self.moved, "count_loss_items must get the host batch"
+            return self.host_side(functools.partial(super().count_loss_items, batch=batch))
+
+        def count_tokens(self, *, batch):
+            assert not self.moved, "count_tokens must get the host batch"
+            return self.host_side(functools.partial(super().count_tokens, batch=batch))
+
+        def host_side(self, fn):
+            if self.reads is None:
+                return fn()
+            self.reads.paused = True
+            try:
+                return fn()
+            finally:
+                self.reads.paused = False
+
+    return Counted
+
+
+def assert_no_reads(trainer):
+    assert len(trainer.reads_per_step) == trainer.cfg.max_steps
+    assert trainer.reads_per_step == [0] * trainer.cfg.max_steps
+
+
+def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_path):
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "pre", max_steps=4, batch_size=2, log_every=100,
+                   eval_every=0, save_every=0)  # 4 micro-batches per step
+    assert_no_reads(run_trainer(counting(PretrainTrainer), cfg))
+    fp16 = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", max_steps=4, log_every=100)
+    trainer = run_trainer(counting(PretrainTrainer), fp16)
+    assert_no_reads(trainer)
+    assert read_metrics(fp16.out_dir)[-1]["skipped_steps"] > 0  # overflows were skipped without a host read
+
+
+STAGE_DEFAULTS = {"seq_len": 64, "global_batch_size": 8, "batch_size": 2, "max_steps": 3, "lr": 1e-3,
+                  "warmup_steps": 0, "val_samples": 0, "eval_every": 0, "save_every": 0, "log_every": 100,
+                  "device": "cpu", "dtype": "fp32", "seed": 0}
+
+
+def test_sft_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    from trainer.sft import Config as SFTConfig
+    from trainer.sft import SFTTrainer
+
+    init = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "init"))
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for user, reply in [("你好", "你好！我是一个小模型。"), ("北京是哪里？", "北京是中国的首都。"), ("hello", "hello world.")] * 8:
+            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
+    for pack in (False, True):
+        cfg = SFTConfig(init_from=init, data_path=str(data), out_dir=str(tmp_path / f"sft_{pack}"), pack=pack,
+                        **STAGE_DEFAULTS)
+        assert_no_reads(run_trainer(counting(SFTTrainer), cfg))
+
+
+def test_dpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    from trainer.dpo import Config as DPOConfig
+    from trainer.dpo import DPOTrainer
+
+    init = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "init"))
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")
+    cfg = DPOConfig(init_from=init, data_path=data, out_dir=str(tmp_path / "dpo"), **STAGE_DEFAULTS)
+    assert_no_reads(run_trainer(counting(DPOTrainer), cfg))
