@@ -45,6 +45,7 @@ def test_tracker_leaves_out_an_offloaded_forward():
         assert tracker.current == total.untyped_storage().nbytes() == 8 * 4
 
 
+@pytest.mark.slow
 def test_options_on_the_tiny_preset(tmp_path, capsys):
     path = tmp_path / "rl_memory.json"
     rows = main(["--preset", "tiny", "--device", "cpu", "--batch", "4", "--group", "2", "--prompt_tokens", "24",

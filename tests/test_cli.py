@@ -31,6 +31,7 @@ def test_unknown_stage_fails_with_message():
     assert out.returncode == 2 and "unknown stage 'pretrian'" in out.stderr
 
 
+@pytest.mark.slow
 def test_unknown_key_and_bad_value_fail_naming_the_key():
     out = run_main("--stage", "pretrain", "max_stepz=3")
     assert out.returncode == 2 and "max_stepz" in out.stderr
@@ -97,6 +98,7 @@ def test_keys_a_stage_never_reads_are_refused_from_yaml_and_command_line(stage, 
     assert cls.batch_unit == unit
 
 
+@pytest.mark.slow
 def test_main_refuses_an_unused_key_before_running():
     out = run_main("--stage", "dpo", "--config", "config/dpo.yaml", "loss_chunk=256")
     assert out.returncode == 2 and "'loss_chunk' (command line) is not used by stage dpo" in out.stderr
@@ -118,6 +120,7 @@ def test_dash_dash_key_value_overrides_equal_key_value():
             parse_overrides(bad)
 
 
+@pytest.mark.slow
 def test_main_accepts_dash_dash_overrides_in_order(tmp_path):
     import main
 

@@ -147,6 +147,7 @@ def test_dpo_on_the_shared_preference_files(policy_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in train)
 
 
+@pytest.mark.slow
 def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tokenizer_dir, tmp_path):
     """Our stage's compute_loss and TRL's DPOTrainer.compute_loss (stock Llama exports of the same weights, a
     policy that differs from its reference) on the same two pairs' token ids. IPO averages each reply's log-ratio

@@ -79,6 +79,7 @@ def test_perplexity_and_bits_per_byte(checkpoints):
     assert res["bpb"] == pytest.approx(res["loss"] * res["tokens"] / (math.log(2) * res["bytes"]))
 
 
+@pytest.mark.slow
 def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
     out = tmp_path / "out"
     rc = main.main(["--stage", "eval", f"init_from={','.join(checkpoints['paths'])}", "names=base,other",
@@ -152,6 +153,7 @@ def ceval_and_cmmlu(tmp_path_factory):
     return {"ceval": str(root / "ceval"), "cmmlu": str(root / "cmmlu")}
 
 
+@pytest.mark.slow
 def test_ceval_layout_reads_as_published_and_scores_like_cmmlu(checkpoints, ceval_and_cmmlu, tmp_path):
     layout, files = mc_subject_files(ceval_and_cmmlu["ceval"], "val")
     assert layout == "ceval" and sorted(files) == sorted(CEVAL_SUBJECTS)
@@ -180,6 +182,7 @@ def test_published_cmmlu_pack_layout(tmp_path):
     assert rows and all(r["answer"] in LETTERS and len(r["options"]) == 4 and r["question"] for r in rows)
 
 
+@pytest.mark.slow
 def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmmlu, tmp_path):
     """Our eval stage on the native checkpoint and lm-eval-harness on its Llama export, on the same questions with
     the same prompts (1 shot): every log-likelihood equal, so the same choice for every question and exactly the

@@ -8,14 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from model import SLMConfig, SLMForCausalLM
+from tests.helpers import tiny_model as build_tiny
+
+pytestmark = pytest.mark.slow  # subprocesses and fresh interpreters: seconds each
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def tiny_model(vocab_size, **overrides):
-    torch.manual_seed(0)
-    return SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=vocab_size, initializer_range=0.2, **overrides))
+    return build_tiny(vocab_size, initializer_range=0.2, **overrides)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False, "num_key_value_heads": 4}])

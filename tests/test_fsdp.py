@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import ROOT, losses, read_metrics, write_chat_file
 
+pytestmark = pytest.mark.slow  # subprocesses and fresh interpreters: seconds each
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

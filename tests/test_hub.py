@@ -85,6 +85,7 @@ FRESH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stock_transformers_in_a_fresh_process(chat_model, tmp_path):
     from transformers import AutoTokenizer
 

@@ -113,6 +113,7 @@ def test_merge_and_peft_give_our_logits(base_dir, trained, tmp_path):
         torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_auto_peft_loads_the_adapter_from_another_directory(base_dir, trained, tmp_path):
     """The adapter names its base by absolute path, and the base carries its code (auto_map): stock PEFT in a fresh
     process, started somewhere else, loads both and gives our logits."""

@@ -225,6 +225,7 @@ def test_muon_refused_under_fsdp(tiny_tokenizer_dir, shards, tmp_path):
 # The point of it: more learning per step
 
 
+@pytest.mark.slow
 def test_muon_defaults_beat_adamw_defaults_at_equal_steps(tiny_tokenizer_dir, shards, tmp_path):
     """Tiny preset, the same data, seed and schedule; only `optimizer` differs (each with its own defaults)."""
     results = {}

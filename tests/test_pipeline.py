@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"n_docs": 300, "device": "cpu", "tokenizer": {"vocab_size": 600},
@@ -20,6 +22,7 @@ TINY = {"n_docs": 300, "device": "cpu", "tokenizer": {"vocab_size": 600},
                 "eval_batches": 1}}
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_every_stage_and_skips_when_done(tmp_path):
     import yaml
 

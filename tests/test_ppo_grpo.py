@@ -68,6 +68,7 @@ def assert_learned(out_dir, first: int = 3, last: int = 3, max_kl: float = 3.0) 
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grpo_raises_a_rule_reward_through_the_engine(policy_dir, prompts_file, tmp_path, monkeypatch):
     from trainer.grpo import run
 
@@ -79,6 +80,7 @@ def test_grpo_raises_a_rule_reward_through_the_engine(policy_dir, prompts_file, 
     assert calls == [32] * 20  # one rollout of 4 prompts x 8 replies per step, all through Engine.generate
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_rule_reward_through_the_engine(policy_dir, prompts_file, tmp_path, monkeypatch):
     from trainer.ppo import run
 

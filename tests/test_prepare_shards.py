@@ -129,6 +129,7 @@ def test_fingerprint_mismatch_and_bad_inputs(tiny_tokenizer_dir, sources, tmp_pa
     assert ps.parse_input(a + ":0.25") == (a, 0.25) and ps.parse_input(a) == (a, 1.0)
 
 
+@pytest.mark.slow
 def test_cli(tiny_tokenizer_dir, sources, tmp_path):
     a, b = sources
     cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir, "--inputs",

@@ -135,6 +135,7 @@ def test_batch_size_auto_probes_and_keeps_the_global_batch(tiny_tokenizer_dir, s
     assert (trainer.micro_batch, trainer.accum_steps) == (16, 1)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
             "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",

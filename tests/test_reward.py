@@ -33,6 +33,7 @@ def reward_config(init_from: str, out_dir, data_path: str, **overrides):
     return Config(**{**base, **overrides})
 
 
+@pytest.mark.slow
 def test_reward_model_beats_chance_on_held_out_pairs_and_serves_rl(sft_dir, tmp_path):
     from trainer.reward import run
 

@@ -90,6 +90,7 @@ def test_bad_config(tmp_path):
         run(Config(data_path=str(tmp_path / "a.txt"), vocab_size=100, out_dir=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_real_pack_compression(tmp_path):
     """A small vocab on a slice of real text: held-out poetry and wiki are measured and compress."""
     wiki = PACK / "zh" / "zhwiki_wikiextractor_json_wiki_00.jsonl"

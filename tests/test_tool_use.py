@@ -11,6 +11,8 @@ import threading
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses and fresh interpreters: seconds each
+
 openai = pytest.importorskip("openai")
 
 TOOLS = [{"type": "function", "function": {
