@@ -100,3 +100,76 @@ def test_keys_a_stage_never_reads_are_refused_from_yaml_and_command_line(stage, 
 def test_main_refuses_an_unused_key_before_running():
     out = run_main("--stage", "dpo", "--config", "config/dpo.yaml", "loss_chunk=256")
     assert out.returncode == 2 and "'loss_chunk' (command line) is not used by stage dpo" in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# Config values are checked up front, in one place (trainer/config.py validate), naming the key and the choices
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("pretrain", "lr_schedule=bogus", "config key 'lr_schedule': 'bogus' is not one of cosine, wsd, constant"),
+    ("pretrain", "batch_size=0", "config key 'batch_size': must be >= 1, got 0"),
+    ("pretrain", "batch_size=many", "config key 'batch_size': expected a number or auto, got 'many'"),
+    ("pretrain", "seq_len=0", "config key 'seq_len': must be >= 1, got 0"),
+    ("pretrain", "dtype=int3", "config key 'dtype': 'int3' is not one of auto, bf16, fp16, fp32"),
+    ("pretrain", "device=gpu", "config key 'device': device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("pretrain", "min_lr_ratio=1.5", "config key 'min_lr_ratio': must be in [0, 1], got 1.5"),
+    ("sft", "on_bad_record=ignore", "config key 'on_bad_record': 'ignore' is not one of skip, error"),
+    ("dpo", "loss_type=kto", "config key 'loss_type': 'kto' is not one of sigmoid, ipo, hinge"),
+    ("grpo", "top_p=1.5", "config key 'top_p': must be in [0, 1], got 1.5"),
+    ("eval", "quantize=int2", "config key 'quantize': 'int2' is not one of none, int8, int4"),
+])
+def test_bad_values_fail_before_anything_runs(stage, override, message, tmp_path):
+    out = run_main("--stage", stage, f"out_dir={tmp_path / 'run'}", override)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_negative_max_steps_writes_nothing(tmp_path):
+    out = run_main("--stage", "pretrain", f"out_dir={tmp_path / 'run'}", "max_steps=-5")
+    assert out.returncode == 2 and "config key 'max_steps': must be >= 1, got -5" in out.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 3e-4\nmax_steps: 10\nwarmup_steps: [1, 2\nseed: 3\n")
+    out = run_main("--stage", "pretrain", "--config", str(bad))
+    assert out.returncode == 2 and f"{bad}:4:" in out.stderr and "malformed YAML" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_paths_are_named_before_a_model_is_built(tmp_path):
+    out = run_main("--stage", "sft", f"init_from={tmp_path / 'nope'}", f"tokenizer_dir={tmp_path / 'no_tok'}",
+                   f"out_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and f"init_from '{tmp_path / 'nope'}' is not a directory" in out.stderr
+    assert "tokenizer" not in out.stderr.split("init_from")[0] and "Traceback" not in out.stderr
+    out = run_main("--stage", "pretrain", f"data_dir={tmp_path / 'no_shards'}", f"tokenizer_dir={tmp_path}",
+                   f"out_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and f"config key 'data_dir': '{tmp_path / 'no_shards'}' does not exist" in out.stderr
+    out = run_main("--stage", "pretrain", f"resume={tmp_path / 'step_000009'}", f"out_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "config key 'resume': must be auto, never or an existing step_* directory" \
+        in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corpus_too_small_for_the_vocab_fails_clearly(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("你好" * 100, encoding="utf-8")
+    out = run_main("--stage", "tokenizer", f"data_path={text}", "vocab_size=6400", f"out_dir={tmp_path / 'tok'}")
+    assert out.returncode == 2 and "trained only" in out.stderr and "of the vocab_size=6400" in out.stderr
+    assert "the corpus is too small" in out.stderr and not (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_every_stage_default_is_valid_and_every_table_names_a_field():
+    import dataclasses
+    import importlib
+
+    from trainer.config import _table, validate
+
+    for name, (module, _) in STAGES.items():
+        cls = importlib.import_module(module).Config
+        validate(load_config(cls), paths=False)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for table in ("choices", "bounds", "devices", "paths"):
+            assert set(_table(cls, table)) <= fields, (name, table)  # a typo would check nothing

@@ -25,7 +25,7 @@ from model.runtime import autocast_context, check_checkpoint_dir, dtype_name, lo
 from trainer import checkpoint, parallel
 from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, flops_per_token, gpu_peak_flops, print0,
                             probe_micro_batch)
-from trainer.config import TrainConfig, config_to_dict, format_config, save_config
+from trainer.config import TrainConfig, config_to_dict, format_config, save_config, validate
 from trainer.optim import build_adamw, lr_at
 
 
@@ -492,7 +492,9 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:
-    """What a stage's run(cfg) calls: build, train, and tear down the process group."""
+    """What a stage's run(cfg) calls: check the config (values and paths, before anything is built), build, train,
+    and tear down the process group."""
+    validate(cfg)
     trainer = trainer_cls(cfg)
     try:
         trainer.prepare()
