@@ -191,7 +191,9 @@ def validate(cfg, *, paths: bool = True) -> None:
     for key, allowed in _table(cls, "choices").items():
         value = getattr(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+            names = [str(a) for a in allowed]
+            raise ConfigError(f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got "
+                              f"{value!r}")
     for key, bound in _table(cls, "bounds").items():
         value = getattr(cfg, key)
         if key == "batch_size" and value == "auto":

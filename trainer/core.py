@@ -492,11 +492,12 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:
-    """What a stage's run(cfg) calls: check the config (values and paths, before anything is built), build, train,
-    and tear down the process group."""
-    validate(cfg)
+    """What a stage's run(cfg) calls: check the config (values, then, after the device and parallel checks of
+    __init__, the paths; before any model is built), build, train, and tear down the process group."""
+    validate(cfg, paths=False)
     trainer = trainer_cls(cfg)
     try:
+        validate(cfg)
         trainer.prepare()
         trainer.fit()
     finally:
