@@ -46,7 +46,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    module.run(cfg)
+    try:
+        module.run(cfg)  # checks the paths the stage needs before it builds anything
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -173,3 +173,76 @@ def test_no_hint_when_nothing_is_close():
     with pytest.raises(ConfigError) as err:  # an alias whose target this config lacks falls back to spelling
         load_config(Demo, None, ["gradient_accumulation_steps=2"])
     assert "did you mean" not in str(err.value)
+
+
+# -----------------------------------------------------------------------------
+# Config values are checked up front, in one place (trainer/config.py validate), naming the key and the choices
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("pretrain", "lr_schedule=bogus", "lr_schedule must be cosine, wsd or constant, got 'bogus'"),
+    ("pretrain", "batch_size=0", "config key 'batch_size': must be >= 1, got 0"),
+    ("pretrain", "batch_size=many", "config key 'batch_size': expected a number or auto, got 'many'"),
+    ("pretrain", "seq_len=0", "config key 'seq_len': must be >= 1, got 0"),
+    ("pretrain", "dtype=int3", "dtype must be auto, bf16, fp16 or fp32, got 'int3'"),
+    ("pretrain", "device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("pretrain", "min_lr_ratio=1.5", "config key 'min_lr_ratio': must be in [0, 1], got 1.5"),
+    ("sft", "on_bad_record=ignore", "on_bad_record must be skip or error, got 'ignore'"),
+    ("dpo", "loss_type=kto", "loss_type must be sigmoid, ipo or hinge, got 'kto'"),
+    ("grpo", "top_p=1.5", "config key 'top_p': must be in [0, 1], got 1.5"),
+    ("eval", "quantize=int2", "quantize must be none, int8 or int4, got 'int2'"),
+])
+def test_bad_values_fail_before_anything_runs(stage, override, message, tmp_path):
+    out = run_main("--stage", stage, f"out_dir={tmp_path / 'run'}", override)
+    assert out.returncode == 2 and message in out.stderr and "error: config key '" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_negative_max_steps_writes_nothing(tmp_path):
+    out = run_main("--stage", "pretrain", f"out_dir={tmp_path / 'run'}", "max_steps=-5")
+    assert out.returncode == 2 and "config key 'max_steps': must be >= 1, got -5" in out.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 3e-4\nmax_steps: 10\nwarmup_steps: [1, 2\nseed: 3\n")
+    out = run_main("--stage", "pretrain", "--config", str(bad))
+    assert out.returncode == 2 and f"{bad}:4:" in out.stderr and "malformed YAML" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_paths_are_named_before_a_model_is_built(tmp_path):
+    out = run_main("--stage", "sft", f"init_from={tmp_path / 'nope'}", f"tokenizer_dir={tmp_path / 'no_tok'}",
+                   f"out_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and f"init_from '{tmp_path / 'nope'}' is not a directory" in out.stderr
+    assert "tokenizer" not in out.stderr.split("init_from")[0] and "Traceback" not in out.stderr
+    out = run_main("--stage", "pretrain", f"data_dir={tmp_path / 'no_shards'}", f"tokenizer_dir={tmp_path}",
+                   f"out_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and f"config key 'data_dir': '{tmp_path / 'no_shards'}' does not exist" in out.stderr
+    out = run_main("--stage", "pretrain", f"resume={tmp_path / 'step_000009'}", f"out_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "config key 'resume': must be auto, never or an existing step_* directory" \
+        in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corpus_too_small_for_the_vocab_fails_clearly(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("你好" * 100, encoding="utf-8")
+    out = run_main("--stage", "tokenizer", f"data_path={text}", "vocab_size=6400", f"out_dir={tmp_path / 'tok'}")
+    assert out.returncode == 2 and "trained only" in out.stderr and "of the vocab_size=6400" in out.stderr
+    assert "the corpus is too small" in out.stderr and not (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_every_stage_default_is_valid_and_every_table_names_a_field():
+    import dataclasses
+    import importlib
+
+    from trainer.config import _table, validate
+
+    for name, (module, _) in STAGES.items():
+        cls = importlib.import_module(module).Config
+        validate(load_config(cls), paths=False)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for table in ("choices", "bounds", "devices", "paths"):
+            assert set(_table(cls, table)) <= fields, (name, table)  # a typo would check nothing

@@ -199,3 +199,104 @@ def test_nan_loss_stops_with_last_good_checkpoint(tiny_tokenizer_dir, shards, tm
     assert "step_000003" in str(err.value)
     good = load_file(Path(cfg.out_dir) / "step_000003" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in good.values())
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint is data, not code; its bytes are checked; a torn metrics line does not block resuming
+
+
+class WritesAMarker:
+    """A pickle payload: unpickling it calls open(marker, "w"), i.e. creates the file (any code could run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_checkpoint_that_carries_code_is_refused_not_run(tiny_tokenizer_dir, shards, tmp_path, capsys):
+    from trainer.checkpoint import CheckpointError, write_checksums
+
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
+    run_trainer(PretrainTrainer, cfg)
+    newest = Path(cfg.out_dir) / "step_000008"
+    marker = tmp_path / "pwned"
+    state = torch.load(newest / "trainer_state.pt", weights_only=False)
+    torch.save({**state, "extra": {"payload": WritesAMarker(marker)}}, newest / "trainer_state.pt")
+    write_checksums(str(newest))  # an attacker rewrites the manifest too: only the loader can stop this
+    capsys.readouterr()
+    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8))
+    trainer.prepare()  # resume=auto: the crafted one is skipped, the one before used
+    assert trainer.step == 4 and not marker.exists()
+    out = capsys.readouterr().out
+    assert f"skipping unreadable checkpoint {newest}" in out
+    assert "trainer_state.pt: refused" in out and "would run code" in out and "io.open" in out
+    explicit = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", resume=str(newest)))
+    with pytest.raises(CheckpointError, match=r"step_000008/trainer_state.pt: refused.*would run code"):
+        explicit.prepare()
+    assert not marker.exists()
+    torch.load(newest / "trainer_state.pt", weights_only=False)  # the payload is live: loaded unsafely, it runs
+    assert marker.exists()
+
+
+def flip_one_byte(path: Path, at: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_checkpoint_is_skipped_or_refused(tiny_tokenizer_dir, shards, tmp_path, capsys):
+    from trainer.checkpoint import CheckpointError
+
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
+    run_trainer(PretrainTrainer, cfg)
+    run = Path(cfg.out_dir)
+    sums = json.loads((run / "step_000008" / "checksums.json").read_text())["sha256"]
+    assert {"model.safetensors", "trainer_state.pt", "config.json", "tokenizer.json"} <= set(sums)
+    flip_one_byte(run / "step_000008" / "model.safetensors")  # still a loadable safetensors file
+    assert load_file(run / "step_000008" / "model.safetensors")
+    capsys.readouterr()
+    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, run, max_steps=8))
+    trainer.prepare()
+    assert trainer.step == 4
+    out = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in out and "step_000008/model.safetensors: SHA-256 differs" in out
+    # The only checkpoint, named explicitly: an error, not a silent resume.
+    only = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "only", max_steps=4)
+    run_trainer(PretrainTrainer, only)
+    flip_one_byte(Path(only.out_dir) / "step_000004" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"step_000004/model.safetensors: SHA-256 differs"):
+        PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, only.out_dir,
+                                 resume=str(Path(only.out_dir) / "step_000004"))).prepare()
+    # A checkpoint from before checksums (no manifest) still resumes, with a note that says so.
+    (run / "step_000004" / "checksums.json").unlink()
+    shutil_rmtree(run / "step_000008")
+    capsys.readouterr()
+    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, run, max_steps=8))
+    trainer.prepare()
+    assert trainer.step == 4 and "has no checksums.json (written before checksums)" in capsys.readouterr().out
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tiny_tokenizer_dir, shards, tmp_path, capsys):
+    straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
+    run_trainer(PretrainTrainer, straight)
+    crashed = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed")
+    with pytest.raises(Interrupted):
+        run_trainer(DiesAtStep7, crashed)
+    metrics = Path(crashed.out_dir) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    torn_middle = lines[1][:25] + "\n"  # a line of an earlier step, cut short (e.g. by an earlier crash)
+    metrics.write_text("".join([lines[0], torn_middle, *lines[1:]]) + '{"step": 6, "split": "tr')  # no newline
+    capsys.readouterr()
+    run_trainer(PretrainTrainer, crashed)  # resume=auto, past both torn lines
+    out = capsys.readouterr().out
+    assert f"{metrics}:2: dropping a torn or malformed line" in out
+    assert f"{metrics}:{len(lines) + 2}: dropping a torn or malformed line" in out
+    assert losses(crashed.out_dir) == losses(straight.out_dir)  # both torn lines gone, the run reads whole

@@ -5,17 +5,25 @@ resumes from it.
 
     out_dir/step_NNNNNN/   weights + config.json + tokenizer (loadable with from_pretrained alone) and
                            trainer_state.pt: step, tokens seen, optimizer, GradScaler, data position, every rank's
-                           RNG states, the stage's extra state
+                           RNG states, the stage's extra state; checksums.json (SHA-256 of every other file),
+                           written last
     out_dir/latest         the name of the newest complete step_* directory
     out_dir/final/         weights only, in the training dtype: the next stage's init_from
+
+A checkpoint is data, not code: trainer_state.pt is read with torch.load(weights_only=True), which builds only
+tensors, containers and plain values, plus the NumPy types of an RNG state (SAFE_GLOBALS); a file that asks for
+anything else (a pickle that would run code on load) is refused, never executed. Checkpoints written before the
+checksums existed still load (their state holds only those types) and are resumed unverified, with a note.
 
 Every function takes the parts it needs (model, optimizer, flags) explicitly; the Trainer (trainer/core.py) decides
 when to call them. Under FSDP the functions that gather or set state are collective: every rank calls them.
 """
 
 import glob
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -31,6 +39,17 @@ from trainer.common import print0
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"
+# What an RNG state needs beyond torch's default weights_only vocabulary: np.random.get_state() is a tuple holding
+# a uint32 ndarray. Both spellings of NumPy's array rebuilder, so checkpoints from NumPy 1.x and 2.x load alike.
+_RECONSTRUCT = np.array(0).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core.* in NumPy 1.x)
+SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _RECONSTRUCT,
+                (_RECONSTRUCT, "numpy.core.multiarray._reconstruct")]
+_SAFE_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be resumed from: unreadable, corrupted (checksum) or holding code."""
 
 
 def step_dir(out_dir: str, step: int) -> str:
@@ -107,12 +126,59 @@ def write_checkpoint(path: str, *, write_weights: Callable[[str], None], state: 
     shutil.rmtree(tmp, ignore_errors=True)
     write_weights(tmp)
     torch.save(state, os.path.join(tmp, STATE_FILE))
+    write_checksums(tmp)  # last: a dir with a manifest is whole, and its files are as they were written
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
         f.write(os.path.basename(path) + "\n")
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     prune_checkpoints(out_dir, keep_last)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (a checkpoint is never held twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """Every file under a checkpoint dir but the manifest, as sorted paths relative to it."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found.extend(os.path.relpath(os.path.join(root, f), path) for f in sorted(files) if f != CHECKSUMS_FILE)
+    return found
+
+
+def write_checksums(path: str) -> None:
+    """checksums.json: {"sha256": {relative path: hex digest}} of every file in the checkpoint dir."""
+    sums = {name: sha256_file(os.path.join(path, name)) for name in _checkpoint_files(path)}
+    with open(os.path.join(path, CHECKSUMS_FILE), "w", encoding="utf-8") as f:
+        json.dump({"sha256": sums}, f, indent=1)
+
+
+def verify_checksums(path: str) -> bool:
+    """Raise CheckpointError naming the first file that is missing or whose bytes changed since the save. False
+    when the dir has no manifest (written before checksums existed): nothing could be verified."""
+    manifest = os.path.join(path, CHECKSUMS_FILE)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            sums = json.load(f)["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable checksum manifest ({type(e).__name__}: {e})") from None
+    for name, expected in sums.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in {CHECKSUMS_FILE} but missing")
+        if sha256_file(file) != expected:
+            raise CheckpointError(f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was "
+                                  f"corrupted after the save)")
+    return True
 
 
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
@@ -147,19 +213,43 @@ def resume_candidates(out_dir: str, resume: str) -> list[str]:
 
 def newest_readable(out_dir: str, resume: str, *, read_weights: Callable[[str], dict],
                     stage: str) -> tuple[str, dict, dict] | None:
-    """(path, trainer state, weights) of the checkpoint to resume from, or None. Everything is read before
-    anything is restored, so a torn checkpoint is skipped whole (resume=auto) or is an error (an explicit path)."""
+    """(path, trainer state, weights) of the checkpoint to resume from, or None. Everything is verified and read
+    before anything is restored, so a torn, corrupted or code-carrying checkpoint is skipped whole (resume=auto)
+    or is an error (an explicit path)."""
     for path in resume_candidates(out_dir, resume):
         try:
-            state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+            verified = verify_checksums(path)
+            state = read_state(path)
             weights = read_weights(path)
         except Exception as e:  # a torn or partial checkpoint: never load it, try the one before
             if resume != "auto":
                 raise
             print0(f"[{stage}] WARNING: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
             continue
+        if not verified:
+            print0(f"[{stage}] note: {path} has no {CHECKSUMS_FILE} (written before checksums); resuming unverified")
         return path, state, weights
     return None
+
+
+def read_state(path: str) -> dict:
+    """trainer_state.pt as data: weights_only=True, so a pickle that names any callable beyond tensors, plain
+    containers and SAFE_GLOBALS is refused before anything in it runs."""
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:  # lists the GLOBALs without unpickling anything
+            foreign = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(file) if g not in _SAFE_NAMES]
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+            foreign = []
+        if not foreign:  # not a refusal: a torn or garbled file
+            raise
+        raise CheckpointError(f"{file}: refused, it is not plain checkpoint data: it asks to import "
+                              f"{', '.join(foreign[:5])}, which would run code while loading (a checkpoint from "
+                              f"an untrusted source, or from code that saved other objects); it was not "
+                              f"loaded") from None
 
 
 def read_weights(path: str) -> dict:
@@ -216,12 +306,24 @@ def restore_rng(rngs: list[dict], *, rank: int, world_size: int, device: torch.d
 
 
 def truncate_metrics(out_dir: str, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from, so metrics.jsonl reads as one clean run."""
+    """Drop metrics logged after the checkpoint we resume from, so metrics.jsonl reads as one clean run. A torn line
+    (power loss or a full disk during an append: expected only last) is dropped with a warning, never fatal."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                logged_at = record["step"]
+            except (ValueError, KeyError, TypeError):
+                print0(f"WARNING: {path}:{number}: dropping a torn or malformed line ({line[:60]!r})")
+                continue
+            if logged_at <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(keep)
 

@@ -8,10 +8,16 @@ fit the field's type fail at once with a message naming the key (nanoGPT's stric
 
 A key a stage never reads is refused too (the class's `unused` attribute, see TrainConfig), so a setting that
 would silently do nothing fails instead.
+
+Values are checked up front, in one place: validate(cfg) reads each Config class's declarative tables (`choices`
+for enums, `bounds` for ranges, `devices`, `paths` for what must exist) and raises ConfigError naming the key and
+what is allowed. load_config runs the value checks; run_trainer and the non-training stages' run() run them again
+with the path checks, before any model is built (a Config made in code is checked too).
 """
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -20,13 +26,13 @@ from typing import ClassVar
 
 import yaml
 
+from dataset.text_sources import expand_paths
+from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
+from trainer.errors import ConfigError, MissingPathError  # torch-free, for the tokenizer; imported from here too
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _OVERRIDE_PAIR = re.compile(r"[A-Za-z_][\w-]*=")  # `key=value`: the start of the next override
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; main.py prints it without a traceback."""
 
 
 def _coerce(key: str, value, annotation):
@@ -157,7 +163,13 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
     sources = []
     if yaml_path:
         with open(yaml_path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
+                problem = getattr(e, "problem", None) or str(e)
+                raise ConfigError(f"{where}: malformed YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
         sources.append((f"{yaml_path}", data))
@@ -175,9 +187,115 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
                 raise ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
             values[key] = _coerce(key, value, hints[key])
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    validate(cfg, paths=False)  # the paths are checked when the stage runs: an earlier stage may write them
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Validation: one step, driven by the tables each Config class declares
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range; None = unbounded on that side."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+def at_least(low: float) -> Bound:
+    return Bound(low)
+
+
+def above(low: float) -> Bound:
+    return Bound(low, low_open=True)
+
+
+def between(low: float, high: float, *, high_open: bool = False) -> Bound:
+    return Bound(low, high, high_open=high_open)
+
+
+def _table(cls, name: str) -> dict:
+    """A table merged over the class hierarchy: a stage's Config declares only its own entries."""
+    merged = {}
+    for klass in reversed(cls.__mro__):
+        entries = vars(klass).get(name, {})
+        merged.update(dict.fromkeys(entries) if isinstance(entries, tuple) else entries)
+    return merged
+
+
+def validate(cfg, *, paths: bool = True) -> None:
+    """Every value of `cfg` against its class's tables; paths=True also checks what must exist. Raises ConfigError
+    (MissingPathError for a missing path) naming the key and what is allowed."""
+    cls = type(cfg)
+    for key, allowed in _table(cls, "choices").items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            names = [str(a) for a in allowed]
+            raise ConfigError(f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got "
+                              f"{value!r}")
+    for key, bound in _table(cls, "bounds").items():
+        value = getattr(cfg, key)
+        if key == "batch_size" and value == "auto":
+            continue
+        if isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, "
+                              f"got {value!r}")
+        if not bound.holds(value):
+            raise ConfigError(f"config key '{key}': must be {bound}, got {value!r}")
+    for key in _table(cls, "devices"):
+        value = getattr(cfg, key)
+        if value:  # "" = the training device, where allowed
+            try:
+                resolve_device(value)
+            except ValueError as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
+    resume = getattr(cfg, "resume", "auto")
+    if resume == "" or (paths and resume not in ("auto", "never") and not os.path.isdir(resume)):
+        raise MissingPathError(f"config key 'resume': must be auto, never or an existing step_* directory, got "
+                               f"{resume!r}")
+    if paths:
+        for key, kind in _table(cls, "paths").items():
+            _check_path(cfg, key, kind)
+
+
+def _check_path(cfg, key: str, kind: str) -> None:
+    """kind: dir | dirs (comma-separated) | checkpoint (a saved model dir) | files (data files, globs, folders)
+    | tokenizer (a tokenizer folder, needed only when init_from brings none). An empty value is not checked: it
+    means "none" or "the default" to the stage."""
+    value = getattr(cfg, key)
+    if not value:
+        return
+    try:
+        for path in value.split(",") if kind == "dirs" else [value] if kind == "dir" else []:
+            if not os.path.isdir(path.strip()):
+                raise FileNotFoundError(f"'{path.strip()}' does not exist (or is not a directory)")
+        init_from = getattr(cfg, "init_from", "")
+        brought = bool(init_from) and os.path.isfile(os.path.join(init_from, "tokenizer.json"))
+        if kind == "tokenizer" and not brought and not os.path.isdir(value):
+            raise FileNotFoundError(f"'{value}' does not exist: train one with `python main.py --stage tokenizer` "
+                                    f"or point tokenizer_dir at one")
+        if kind == "checkpoint":
+            check_checkpoint_dir(value, key)
+        if kind == "files":
+            expand_paths(value)
+    except (FileNotFoundError, ValueError) as e:
+        message = str(e)
+        raise MissingPathError(message if message.startswith(key) else f"config key '{key}': {message}") from None
 
 
 def config_to_dict(cfg) -> dict:
@@ -205,6 +323,18 @@ class TrainConfig:
     # global_batch_size count in this stage.
     unused: ClassVar[dict[str, str]] = {}
     batch_unit: ClassVar[str] = "sequences"
+    # What validate() checks; a subclass declares only its own entries (the tables merge over the hierarchy).
+    choices: ClassVar[dict[str, tuple]] = {"lr_schedule": ("cosine", "wsd", "constant"), "dtype": ("auto", *DTYPES),
+                                           "parallel": ("ddp", "fsdp"),
+                                           "logger": ("none", "wandb", "swanlab", "tensorboard")}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "max_steps": at_least(1), "batch_size": at_least(1), "global_batch_size": at_least(0), "seq_len": at_least(1),
+        "lr": at_least(0), "min_lr_ratio": between(0, 1), "warmup_steps": at_least(0), "decay_ratio": between(0, 1),
+        "weight_decay": at_least(0), "beta1": between(0, 1, high_open=True), "beta2": between(0, 1, high_open=True),
+        "grad_clip": at_least(0), "loss_chunk": at_least(0), "log_every": at_least(1), "eval_every": at_least(0),
+        "eval_batches": at_least(0), "save_every": at_least(0), "keep_last": at_least(0)}
+    devices: ClassVar[tuple[str, ...]] = ("device",)
+    paths: ClassVar[dict[str, str]] = {"init_from": "checkpoint", "tokenizer_dir": "tokenizer"}
     # --- what to train, on what ---
     model_config: str = "config/model/small.json"  # architecture preset (pretraining only; later stages inherit)
     init_from: str = ""  # checkpoint dir to start from (a stage's final/ or step_*/); "" = random init

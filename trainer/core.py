@@ -26,7 +26,7 @@ from model.runtime import autocast_context, dtype_name, load_pretrained, resolve
 from trainer import checkpoint, parallel
 from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, device_peak_flops,
                             flops_per_token, load_tokenizer, move_to, print0, probe_micro_batch, status_line)
-from trainer.config import TrainConfig, config_to_dict, format_config, save_config
+from trainer.config import TrainConfig, config_to_dict, format_config, save_config, validate
 from trainer.guard import StepGuard
 from trainer.optim import build_optimizer, lr_at
 
@@ -131,12 +131,6 @@ class Trainer:
 
     def load_checkpoint_weights(self, *, path: str, weights: dict) -> None:
         checkpoint.load_model_weights(self.raw_model, weights, fsdp=self.fsdp, where=path)
-
-    def write_card(self, *, path: str) -> None:
-        """README.md for final/: what was trained, on what, for how long, and the last evaluation."""
-        checkpoint.write_card(path, self.cfg, stage=self.stage, step=self.step, tokens_seen=self.tokens_seen,
-                              global_batch=self.global_batch, dtype=self.dtype, world_size=self.world_size,
-                              model_config=self.raw_model.config, evaluation=getattr(self, "last_eval", None))
 
     def next_stage_hint(self, *, path: str) -> str:
         return f" (next stage: init_from={path})"
@@ -460,7 +454,9 @@ class Trainer:
 
         def write(tmp: str) -> None:
             self.save_pretrained_to(path=tmp, dtype=dtype, state=weights)
-            self.write_card(path=tmp)
+            checkpoint.write_card(tmp, self.cfg, stage=self.stage, step=self.step, tokens_seen=self.tokens_seen,
+                                  global_batch=self.global_batch, dtype=self.dtype, world_size=self.world_size,
+                                  model_config=self.raw_model.config, evaluation=getattr(self, "last_eval", None))
 
         path = checkpoint.write_final(self.cfg.out_dir, write_weights=write)
         print0(f"[{self.stage}] final weights in {path}{self.next_stage_hint(path=path)}")
@@ -489,9 +485,12 @@ class Trainer:
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:
-    """What a stage's run(cfg) calls: build, train, and tear down the process group."""
+    """What a stage's run(cfg) calls: check the config (values, then, after the device and parallel checks of
+    __init__, the paths; before any model is built), build, train, and tear down the process group."""
+    validate(cfg, paths=False)
     trainer = trainer_cls(cfg)
     try:
+        validate(cfg)
         trainer.prepare()
         trainer.fit()
     finally:

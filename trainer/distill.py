@@ -24,6 +24,7 @@ from model.attention import document_mask
 from model.runtime import load_pretrained
 from trainer import pretrain, sft
 from trainer.common import print0
+from trainer.config import Bound, above, between
 from trainer.core import run_trainer
 
 
@@ -34,6 +35,8 @@ class Config(sft.Config, pretrain.Config):
     # Both data sources and a student architecture are read here (not SFT's unused keys); the loss is its own.
     unused: ClassVar[dict[str, str]] = {
         "loss_chunk": "the distillation loss needs the student's full logits for the KL term"}
+    bounds: ClassVar[dict[str, Bound]] = {"temperature": above(0), "alpha": between(0, 1)}
+    paths: ClassVar[dict[str, str]] = {"teacher_from": "checkpoint"}  # data_dir, data_path: from the parents
     teacher_from: str = ""  # teacher checkpoint dir (same tokenizer); required
     init_from: str = ""  # student start; "" = random init from model_config
     model_config: str = "config/model/small.json"  # student architecture when init_from is empty

@@ -38,7 +38,7 @@ from dataset.preference_data import (
 )
 from model.runtime import load_pretrained
 from trainer.common import print0
-from trainer.config import TrainConfig
+from trainer.config import Bound, TrainConfig, above, at_least, between
 from trainer.core import Trainer, run_trainer
 from trainer.logprobs import sequence_logprobs
 
@@ -53,6 +53,11 @@ class Config(TrainConfig):
         "data_dir": "preference pairs come from data_path",
         "model_config": "the architecture comes from init_from's config.json",
         "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy"}
+    choices: ClassVar[dict[str, tuple]] = {"loss_type": ("sigmoid", "ipo", "hinge"), "on_bad_record": ("skip", "error")}
+    bounds: ClassVar[dict[str, Bound]] = {"beta": above(0), "label_smoothing": between(0, 0.5, high_open=True),
+                                          "val_samples": at_least(0), "max_samples": at_least(0)}
+    devices: ClassVar[tuple[str, ...]] = ("ref_device",)
+    paths: ClassVar[dict[str, str]] = {"data_path": "files", "ref_from": "checkpoint"}
     init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
     out_dir: str = "out/dpo"
     data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated

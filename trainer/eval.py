@@ -26,19 +26,30 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 from model.engine import Engine, SamplingParams
+from model.runtime import DTYPES
 from trainer.common import print0
-from trainer.config import config_to_dict
+from trainer.config import Bound, at_least, between, config_to_dict, validate
 from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass
 class Config:
+    # What validate() checks (trainer/config.py).
+    choices: ClassVar[dict[str, tuple]] = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8", "int4"),
+                                           "mc_score": ("letter", "option", "both")}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "batch_size": at_least(1), "seq_len": at_least(1), "ppl_max_tokens": at_least(0), "shots": at_least(0),
+        "mc_max_questions": at_least(0), "max_new_tokens": at_least(1), "temperature": at_least(0),
+        "top_k": at_least(0), "top_p": between(0, 1)}
+    devices: ClassVar[tuple[str, ...]] = ("device",)
+    paths: ClassVar[dict[str, str]] = {"init_from": "dirs"}  # model or LoRA adapter dirs
     init_from: str = "out/sft/final"  # checkpoint dir; comma-separated dirs are compared in one table
     names: str = ""  # column names for the checkpoints, comma-separated; "" = derived from the paths
     out_dir: str = "out/eval"  # eval.json, eval.md, generations.md
@@ -412,6 +423,7 @@ def evaluate_checkpoint(path: str, name: str, cfg: Config, items: list[dict]) ->
 
 
 def run(cfg: Config) -> list[dict]:
+    validate(cfg)
     paths = [p.strip() for p in cfg.init_from.split(",") if p.strip()]
     if not paths:
         raise ValueError("init_from: give at least one checkpoint directory")

@@ -38,6 +38,7 @@ from trainer.rollout import RLConfig, RolloutTrainer
 class Config(RLConfig):
     # batch_size / global_batch_size count sampled replies (num_generations per prompt)
     batch_unit: ClassVar[str] = "replies"
+    choices: ClassVar[dict[str, tuple]] = {"loss_norm": ("token", "sequence")}
     out_dir: str = "out/grpo"
     num_generations: int = 8  # G: replies per prompt
     kl_coef: float = 0.04  # beta of DeepSeekMath

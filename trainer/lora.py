@@ -19,6 +19,7 @@ unchanged bit for bit, and resume re-reads it from there.
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +32,7 @@ from model.lora import (
     save_adapter,
 )
 from trainer.common import print0
+from trainer.config import Bound, above, at_least, between
 from trainer.core import run_trainer
 from trainer.sft import Config as SFTConfig
 from trainer.sft import SFTTrainer
@@ -38,6 +40,8 @@ from trainer.sft import SFTTrainer
 
 @dataclass
 class Config(SFTConfig):
+    bounds: ClassVar[dict[str, Bound]] = {"lora_r": at_least(1), "lora_alpha": above(0),
+                                          "lora_dropout": between(0, 1, high_open=True)}
     out_dir: str = "out/lora"
     lr: float = 5e-4  # adapters start at zero and are small: LoRA takes ~10x full fine-tuning's rate
     weight_decay: float = 0.0  # decaying A and B pulls the update towards zero, i.e. towards the base model

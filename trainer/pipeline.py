@@ -16,13 +16,14 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from dataset.corpus import print_summary, simplify
 from dataset.demo_data import task_answer, task_prompt, write_demo_data
 from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
 from model.engine import Engine, SamplingParams
-from trainer.config import load_config
+from trainer.config import load_config, validate
 from trainer.stages import STAGES
 
 ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
@@ -30,6 +31,7 @@ ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
 
 @dataclass
 class Config:
+    devices: ClassVar[tuple[str, ...]] = ("device",)  # what validate() checks (trainer/config.py)
     out_dir: str = "out/demo"  # every artifact goes under here
     stages: str = ALL_STAGES  # comma-separated subset, in this order
     force: bool = False  # redo stages whose outputs already exist
@@ -80,6 +82,7 @@ def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None =
 
 
 def run(cfg: Config):
+    validate(cfg)
     root = cfg.out_dir
     stages = [s for s in cfg.stages.split(",") if s]
     unknown = set(stages) - set(ALL_STAGES.split(","))

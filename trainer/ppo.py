@@ -37,6 +37,7 @@ from typing import ClassVar
 import torch
 
 from model.runtime import load_pretrained
+from trainer.config import Bound, at_least, between
 from trainer.core import run_trainer
 from trainer.logprobs import kl_estimate, masked_mean, masked_whiten, token_logprobs
 from trainer.rollout import RLConfig, RolloutTrainer
@@ -48,6 +49,10 @@ from trainer.rollout import RLConfig, RolloutTrainer
 class Config(RLConfig):
     # batch_size / global_batch_size count sampled replies (num_generations per prompt, 1 by default)
     batch_unit: ClassVar[str] = "replies"
+    choices: ClassVar[dict[str, tuple]] = {"critic": ("shared", "separate")}
+    bounds: ClassVar[dict[str, Bound]] = {"gamma": between(0, 1), "lam": between(0, 1), "vf_coef": at_least(0),
+                                          "clip_value": at_least(0)}
+    paths: ClassVar[dict[str, str]] = {"critic_from": "checkpoint"}
     out_dir: str = "out/ppo"
     ppo_epochs: int = 4
     rollout_minibatches: int = 2

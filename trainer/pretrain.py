@@ -19,7 +19,7 @@ from dataset.shards import ShardStream, check_meta, load_meta, tokenizer_fingerp
 from model import SLMConfig, SLMForCausalLM
 from model.engine import Engine
 from trainer.common import print0
-from trainer.config import TrainConfig
+from trainer.config import Bound, TrainConfig, at_least
 from trainer.core import Trainer, run_trainer
 from trainer.train_tokenizer import token_byte_lengths
 
@@ -29,6 +29,8 @@ class Config(TrainConfig):
     # batch_size / global_batch_size count windows of seq_len tokens
     batch_unit: ClassVar[str] = "sequences"
     unused: ClassVar[dict[str, str]] = {"data_path": "pretraining reads token shards from data_dir"}
+    bounds: ClassVar[dict[str, Bound]] = {"sample_tokens": at_least(0), "vocab_size": at_least(0)}
+    paths: ClassVar[dict[str, str]] = {"data_dir": "dir"}
     out_dir: str = "out/pretrain"
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval

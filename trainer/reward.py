@@ -29,7 +29,7 @@ from dataset.preference_data import (
 from model import SLMConfig, SLMForSequenceClassification
 from model.runtime import load_pretrained
 from trainer.common import print0
-from trainer.config import TrainConfig
+from trainer.config import Bound, TrainConfig, at_least
 from trainer.core import Trainer, run_trainer
 
 # -----------------------------------------------------------------------------
@@ -43,6 +43,10 @@ class Config(TrainConfig):
         "data_dir": "preference pairs come from data_path",
         "model_config": "the architecture comes from init_from's config.json",
         "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy"}
+    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
+    bounds: ClassVar[dict[str, Bound]] = {"center_coef": at_least(0), "val_samples": at_least(0),
+                                          "max_samples": at_least(0)}
+    paths: ClassVar[dict[str, str]] = {"data_path": "files"}
     init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
     out_dir: str = "out/reward"
     data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated

@@ -16,7 +16,7 @@ from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
 from model.runtime import load_pretrained
 from trainer.common import print0
-from trainer.config import TrainConfig
+from trainer.config import Bound, TrainConfig, at_least, between
 from trainer.core import Trainer
 from trainer.logprobs import kl_estimate, masked_mean, token_logprobs
 from trainer.rewards import Completion, parse_rules, rule_rewards
@@ -32,6 +32,13 @@ class RLConfig(TrainConfig):
         "loss_chunk": "the policy loss needs per-token log-probs from the full logits",
         "eval_every": "rollout stages have no validation set (rollout statistics are logged every step)",
         "eval_batches": "rollout stages have no validation set"}
+    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "max_new_tokens": at_least(1), "temperature": at_least(0), "top_k": at_least(0), "top_p": between(0, 1),
+        "num_generations": at_least(1), "rollout_minibatches": at_least(1), "ppo_epochs": at_least(1),
+        "clip_eps": at_least(0), "kl_coef": at_least(0), "target_kl": at_least(0), "max_samples": at_least(0)}
+    devices: ClassVar[tuple[str, ...]] = ("ref_device",)
+    paths: ClassVar[dict[str, str]] = {"data_path": "files", "ref_from": "checkpoint", "reward_from": "checkpoint"}
     init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
     data_path: str = "dataset/rl_prompts.jsonl"  # prompt files (dataset/prompt_data.py), comma-separated
     columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none

@@ -23,7 +23,7 @@ from dataset.chat_data import (
     tokenize_conversations,
 )
 from trainer.common import print0
-from trainer.config import TrainConfig
+from trainer.config import Bound, TrainConfig, at_least
 from trainer.core import Trainer, run_trainer
 
 
@@ -34,6 +34,9 @@ class Config(TrainConfig):
     unused: ClassVar[dict[str, str]] = {
         "data_dir": "chat data comes from data_path",
         "model_config": "the architecture comes from init_from's config.json"}
+    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error"), "truncation": ("turns", "tokens")}
+    bounds: ClassVar[dict[str, Bound]] = {"val_samples": at_least(0), "max_samples": at_least(0)}
+    paths: ClassVar[dict[str, str]] = {"data_path": "files"}
     init_from: str = "out/pretrain/final"  # the pretrained model (architecture and tokenizer come with it)
     out_dir: str = "out/sft"
     data_path: str = "dataset/sft/*.json*"  # chat files, globs or parquet/Arrow/save_to_disk data, comma-separated

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from dataset.table_files import is_dataset_dir
 from dataset.text_sources import TEXT_FIELDS, count_cjk, input_bytes, is_cjk, iter_documents
 from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
+from trainer.errors import ConfigError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
 # ChatML; {% generation %} marks assistant tokens so SFT gets them from return_assistant_tokens_mask=True.
@@ -295,6 +296,18 @@ def compression(tok, texts: list[str]) -> dict:
             "bytes_per_token": round(nbytes / max(tokens, 1), 3)}
 
 
+def check_trained_size(trained: int, cfg: Config) -> None:
+    """BPE stops merging when no pair occurs min_frequency times: on a small corpus it builds fewer entries than
+    asked. Far fewer (under half) is an error, before anything is written; a few fewer is a warning."""
+    if trained >= cfg.vocab_size:
+        return
+    why = (f"the tokenizer trained only {trained} of the vocab_size={cfg.vocab_size} entries asked: the corpus is "
+           f"too small (no pair left that occurs min_frequency={cfg.min_frequency} times)")
+    if trained < cfg.vocab_size // 2:
+        raise ConfigError(f"{why}; give more text in data_path or set vocab_size <= {trained}")
+    print(f"tokenizer: WARNING: {why}; the vocabulary has {trained} entries")
+
+
 def _split_paths(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
@@ -323,6 +336,7 @@ def run(cfg: Config) -> dict:
     train_s = time.time() - t0
     if stats["fed_docs"] == 0:
         raise ValueError(f"no training text in {cfg.data_path} (all documents held out or empty)")
+    check_trained_size(tok.get_vocab_size(), cfg)
     if stats.get("special_docs"):
         print(f"note: {stats['special_docs']:,} training documents carry special-token strings "
               f"({', '.join(SPECIAL_TOKENS)}); the tokenizer learned them as plain text (the shard stage encodes "
