@@ -27,7 +27,9 @@ def main(argv=None) -> int:
         usage="%(prog)s --stage STAGE [--config YAML] [key=value | --key value ...]",
         epilog=epilog + "\n\noverrides: key=value (or --key value) after the flags set any field of the stage's "
         "config, applied after the YAML file",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # --s must not mean --stage
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )  # --s must not mean --stage
     parser.add_argument("--stage", required=True, help="which stage to run (see below)")
     parser.add_argument("--config", default=None, help="YAML file with the stage's settings (default: none)")
     # Everything else is an override, kept in order so `--key value` pairs stay together (trainer/config.py).

@@ -51,15 +51,21 @@ def main(argv: list[str] | None = None):
     batch = collate_chat(items, pad_id=0)
     shipped = sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
     docs = sum(int(it["seq_ids"][-1]) for it in items)
-    print(f"{args.batch} x {batch['input_ids'].shape[1]} tokens, {docs} conversations, "
-          f"{100 * batch['num_tokens'] / batch['input_ids'].numel():.0f}% real tokens")
+    print(
+        f"{args.batch} x {batch['input_ids'].shape[1]} tokens, {docs} conversations, "
+        f"{100 * batch['num_tokens'] / batch['input_ids'].numel():.0f}% real tokens"
+    )
     names = sorted(k for k in batch if torch.is_tensor(batch[k]))
-    print(f"collate_chat: {1000 * timed(lambda: collate_chat(items, pad_id=0), args.repeat):.2f} ms per micro-batch, "
-          f"{shipped / 2**20:.2f} MiB of tensors to the device ({names})")
+    print(
+        f"collate_chat: {1000 * timed(lambda: collate_chat(items, pad_id=0), args.repeat):.2f} ms per micro-batch, "
+        f"{shipped / 2**20:.2f} MiB of tensors to the device ({names})"
+    )
     if "document_ids" in batch:
         ms = 1000 * timed(lambda: document_mask(batch["document_ids"]), args.repeat)
-        print(f"document_mask from the ids (the model's fallback; on the device on a GPU): {ms:.2f} ms, "
-              f"{batch['document_ids'].shape[0] * batch['document_ids'].shape[1] ** 2 / 2**20:.1f} MiB")
+        print(
+            f"document_mask from the ids (the model's fallback; on the device on a GPU): {ms:.2f} ms, "
+            f"{batch['document_ids'].shape[0] * batch['document_ids'].shape[1] ** 2 / 2**20:.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def make_zipf_input(mb: int, seed: int = 0) -> str:
             lens = rng.integers(4, 40, size=8000)
             text, pos = [], 0
             for n in lens:
-                text.append("".join(chars[idx[pos:pos + n]]) + ("。\n" if n % 5 == 0 else "，"))
+                text.append("".join(chars[idx[pos : pos + n]]) + ("。\n" if n % 5 == 0 else "，"))
                 pos += n
                 if pos > 190_000:
                     break
@@ -96,7 +96,7 @@ def make_big_input(mb: int) -> str:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         while size < mb * 1_000_000:
             for t in texts:
-                line = json.dumps({"text": "甲乙丙"[:k % 4] + t + f"（第{k}份）"}, ensure_ascii=False) + "\n"
+                line = json.dumps({"text": "甲乙丙"[: k % 4] + t + f"（第{k}份）"}, ensure_ascii=False) + "\n"
                 f.write(line)
                 size += len(line.encode("utf-8"))
                 if size >= mb * 1_000_000:
@@ -132,9 +132,11 @@ def unique_pieces(path: str, piece: int = 4) -> int:
 
 
 def tokenizer_cmd(data: str, out: str, vocab: int, max_bytes: int, pairs: bool = True) -> list[str]:
-    code = ("from trainer.train_tokenizer import Config, run; "
-            f"run(Config(data_path={data!r}, out_dir={out!r}, vocab_size={vocab}, max_bytes={max_bytes}, "
-            f"heldout_every=1000, rare_pieces_as_pairs={pairs}))")
+    code = (
+        "from trainer.train_tokenizer import Config, run; "
+        f"run(Config(data_path={data!r}, out_dir={out!r}, vocab_size={vocab}, max_bytes={max_bytes}, "
+        f"heldout_every=1000, rare_pieces_as_pairs={pairs}))"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -145,8 +147,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[10, 40, 160], help="MB, cleaning and shards")
     ap.add_argument("--zipf_mb", type=int, nargs="*", default=[5, 10, 20, 40], help="MB, tokenizer with no cap")
-    ap.add_argument("--zipf_baseline_mb", type=int, nargs="*", default=[5, 10, 20],
-                    help="MB, tokenizer with rare_pieces_as_pairs=False (the earlier design), for comparison")
+    ap.add_argument(
+        "--zipf_baseline_mb",
+        type=int,
+        nargs="*",
+        default=[5, 10, 20],
+        help="MB, tokenizer with rare_pieces_as_pairs=False (the earlier design), for comparison",
+    )
     ap.add_argument("--make_big", type=int, default=0, help="only write bench/_work/zh_{N}mb.jsonl (for the 1 GB run)")
     ap.add_argument("--zipf_capped", default="", help="INPUT_MB:MAX_MB, tokenizer with max_bytes (off if empty)")
     ap.add_argument("--no_shards", action="store_true", help="cleaning only for --sizes")
@@ -168,8 +175,22 @@ if __name__ == "__main__":
         if args.no_shards:
             continue
         out = os.path.join(WORK, f"shards_{mb}mb")
-        t, rss = timed([sys.executable, "scripts/prepare_shards.py", "--tokenizer", args.tokenizer, "--inputs", clean,
-                        "--out_dir", out, "--val_tokens", "100000", "--bucket_mb", str(args.bucket_mb)])
+        t, rss = timed(
+            [
+                sys.executable,
+                "scripts/prepare_shards.py",
+                "--tokenizer",
+                args.tokenizer,
+                "--inputs",
+                clean,
+                "--out_dir",
+                out,
+                "--val_tokens",
+                "100000",
+                "--bucket_mb",
+                str(args.bucket_mb),
+            ]
+        )
         cmb = os.path.getsize(clean) / 1e6
         rows.append(("shards (prepare_shards, 2 threads)", f"{cmb:.0f} MB", f"{cmb / t:.2f} MB/s", f"{rss:.0f}"))
         print(rows[-1], flush=True)
@@ -180,8 +201,12 @@ if __name__ == "__main__":
         uniq = unique_pieces(src)
         name = "rare pieces as pairs (new default)" if pairs else "all pieces (rare_pieces_as_pairs=False)"
         rows.append((f"tokenizer 6400, Zipf Han, no cap, {name}", f"{mb} MB", f"{t:.0f} s", f"{rss:.0f}"))
-        print(rows[-1], f"| {uniq:,} distinct 4-char-cut pre-tokens in the input | {rss / mb:.0f} B RSS per input "
-              f"byte | {(rss - 270) * 1e6 / uniq:.0f} B per distinct pre-token above a 270 MB base", flush=True)
+        print(
+            rows[-1],
+            f"| {uniq:,} distinct 4-char-cut pre-tokens in the input | {rss / mb:.0f} B RSS per input "
+            f"byte | {(rss - 270) * 1e6 / uniq:.0f} B per distinct pre-token above a 270 MB base",
+            flush=True,
+        )
         print(rows[-1], flush=True)
     if args.zipf_capped:
         in_mb, cap_mb = (int(x) for x in args.zipf_capped.split(":"))

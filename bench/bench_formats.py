@@ -1,6 +1,7 @@
 """
 Reading the same records from JSONL and from Hugging Face `datasets` files (parquet, a save_to_disk folder):
-time per stage reader and, for the streaming text reader, the peak of Arrow's own allocations. Prints a Markdown table (see bench/RESULTS.md).
+time per stage reader and, for the streaming text reader, the peak of Arrow's own allocations.
+Prints a Markdown table (see bench/RESULTS.md).
 
     python bench/bench_formats.py            # the shared pack's gov. reports (pretraining text) and ShareGPT SFT file
 
@@ -26,8 +27,10 @@ from dataset.chat_data import load_conversations  # noqa: E402
 from dataset.text_sources import iter_documents  # noqa: E402
 
 PACK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-SOURCES = (("pretraining text", "pretrain/zh/gov_work_reports_1954_2025.jsonl", "text"),
-           ("SFT (ShareGPT)", "sft/medicalgpt_sharegpt_zh_1K_format.jsonl", "sft"))
+SOURCES = (
+    ("pretraining text", "pretrain/zh/gov_work_reports_1954_2025.jsonl", "text"),
+    ("SFT (ShareGPT)", "sft/medicalgpt_sharegpt_zh_1K_format.jsonl", "sft"),
+)
 
 
 def write_tables(jsonl: str, out: str) -> dict:
@@ -65,11 +68,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             paths = {"jsonl": jsonl, **write_tables(jsonl, tmp)}
             for fmt, path in paths.items():
-                size = os.path.getsize(path) if os.path.isfile(path) else \
-                    sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+                size = (
+                    os.path.getsize(path)
+                    if os.path.isfile(path)
+                    else sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+                )
                 n, secs, peak = min((read(path, kind) for _ in range(3)), key=lambda r: r[1])
-                print(f"| {name} | {fmt} | {size / 1e6:.2f} MB | {n:,} | {secs:.2f} s | "
-                      f"{f'{peak / 1e6:.1f} MB' if peak >= 0 else '-'} |")
+                print(
+                    f"| {name} | {fmt} | {size / 1e6:.2f} MB | {n:,} | {secs:.2f} s | "
+                    f"{f'{peak / 1e6:.1f} MB' if peak >= 0 else '-'} |"
+                )
 
 
 if __name__ == "__main__":

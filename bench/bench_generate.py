@@ -54,8 +54,7 @@ def bench_pair(runs: dict, device, repeats: int, batch: int, new_tokens: int) ->
         for name, run in runs.items():
             ttft[name].append(timed(lambda: run(1), device))
             total[name].append(timed(lambda: run(new_tokens), device))
-    return {k: (1000 * min(ttft[k]), batch * (new_tokens - 1) / max(min(total[k]) - min(ttft[k]), 1e-9))
-            for k in runs}
+    return {k: (1000 * min(ttft[k]), batch * (new_tokens - 1) / max(min(total[k]) - min(ttft[k]), 1e-9)) for k in runs}
 
 
 def main():
@@ -67,10 +66,11 @@ def main():
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda rows only where there is a GPU")
     args = parser.parse_args()
 
-
     devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, "
-          f"{args.new_tokens} new tokens, best of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, "
+        f"{args.new_tokens} new tokens, best of {args.repeats}"
+    )
     print("| device | batch | prompt | ours TTFT ms | HF TTFT ms | ours decode tok/s | HF decode tok/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for device in devices:
@@ -88,13 +88,22 @@ def main():
 
                 def hf(n):
                     with torch.inference_mode():
-                        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False, pad_token_id=3)
+                        model.generate(
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=n,
+                            min_new_tokens=n,
+                            do_sample=False,
+                            pad_token_id=3,
+                        )
 
                 res = bench_pair({"ours": ours, "hf": hf}, device, args.repeats, batch, args.new_tokens)
                 (o_ttft, o_tps), (h_ttft, h_tps) = res["ours"], res["hf"]
-                print(f"| {device.type} | {batch} | {prompt_len} | {o_ttft:.0f} | {h_ttft:.0f} | {o_tps:.0f} | "
-                      f"{h_tps:.0f} | {o_tps / h_tps:.2f}x |", flush=True)
+                print(
+                    f"| {device.type} | {batch} | {prompt_len} | {o_ttft:.0f} | {h_ttft:.0f} | {o_tps:.0f} | "
+                    f"{h_tps:.0f} | {o_tps / h_tps:.2f}x |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

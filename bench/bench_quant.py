@@ -24,10 +24,12 @@ from model.engine import Engine  # noqa: E402
 from model.quantize import quantize_model, weight_bytes  # noqa: E402
 from trainer.eval import perplexity, ppl_windows  # noqa: E402
 
-FALLBACK_TEXT = ("人工智能是计算机科学的一个分支，它企图了解智能的实质，"
-                 "并生产出一种新的能以人类智能相似的方式做出反应的智能机器。"
-                 "北京是中华人民共和国的首都，是全国的政治中心、文化中心。"
-                 "The quick brown fox jumps over the lazy dog. ")
+FALLBACK_TEXT = (
+    "人工智能是计算机科学的一个分支，它企图了解智能的实质，"
+    "并生产出一种新的能以人类智能相似的方式做出反应的智能机器。"
+    "北京是中华人民共和国的首都，是全国的政治中心、文化中心。"
+    "The quick brown fox jumps over the lazy dog. "
+)
 
 
 def decode_tokens_per_s(engine, prompt: list[int], new_tokens: int, repeats: int) -> float:
@@ -55,7 +57,6 @@ def main():
 
     from transformers import AutoTokenizer
 
-
     torch.set_num_threads(args.threads)
     if args.model:
         base = SLMForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -71,11 +72,13 @@ def main():
     else:
         ids = tok.encode(FALLBACK_TEXT * (1 + args.ppl_tokens // len(tok.encode(FALLBACK_TEXT))))
         n = len(ids) // (args.seq_len + 1)
-        windows = torch.tensor(ids[:n * (args.seq_len + 1)]).view(n, args.seq_len + 1)
+        windows = torch.tensor(ids[: n * (args.seq_len + 1)]).view(n, args.seq_len + 1)
     prompt = tok.encode("人工智能是")
     params = sum(p.numel() for p in base.parameters())
-    print(f"{weights}: {params / 1e6:.1f}M parameters | {windows.numel():,} ppl tokens | torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(
+        f"{weights}: {params / 1e6:.1f}M parameters | {windows.numel():,} ppl tokens | torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
     print("| weights | weight MiB | decode tok/s | ppl | ppl change |")
     print("|---|---|---|---|---|")
     ref_ppl = None
@@ -89,8 +92,12 @@ def main():
         speed = decode_tokens_per_s(engine, prompt, args.new_tokens, args.repeats)
         ref_ppl = ref_ppl or ppl
         label = "fp32" if mode == "none" else mode
-        print(f"| {label} | {weight_bytes(model) / 2**20:.1f} | {speed:.1f} | {ppl:.3f} | "
-              f"{100 * (ppl / ref_ppl - 1):+.2f}% | ", f"(ppl pass {ppl_s:.1f}s)", file=sys.stdout)
+        print(
+            f"| {label} | {weight_bytes(model) / 2**20:.1f} | {speed:.1f} | {ppl:.3f} | "
+            f"{100 * (ppl / ref_ppl - 1):+.2f}% | ",
+            f"(ppl pass {ppl_s:.1f}s)",
+            file=sys.stdout,
+        )
 
 
 if __name__ == "__main__":

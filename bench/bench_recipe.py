@@ -52,27 +52,77 @@ PACK = os.path.join(os.path.dirname(ROOT), "shared", "data", "pretrain", "zh")
 BASELINE = "ours-adamw"
 
 # Modern prose (wiki paragraphs, reports, essays) plus vernacular novels: about 4M Chinese characters.
-PACK_FILES = ["cmrc2018_dev.json", "zhwiki_wikiextractor_json_wiki_00.jsonl", "gov_work_reports_1954_2025.jsonl",
-              "luxun", "novels"]
+PACK_FILES = [
+    "cmrc2018_dev.json",
+    "zhwiki_wikiextractor_json_wiki_00.jsonl",
+    "gov_work_reports_1954_2025.jsonl",
+    "luxun",
+    "novels",
+]
 QUICK_FILES = ["luxun/nahan_1923.txt", "luxun/panghuang_1926.txt"]
 
 # The model and run sizes. `model` is a preset name or a dict of SLMConfig fields (vocab_size comes from the
 # tokenizer). The default fits a 2-core CPU: 3 recipes x 1 seed in under 30 minutes.
 SIZES = {
-    "default": dict(model=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=512, tie_word_embeddings=True),
-                    vocab=6400, steps=400, batch=8, seq_len=256, evals=8, eval_batches=8),
-    "quick": dict(model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, tie_word_embeddings=True),
-                  vocab=1024, steps=12, batch=8, seq_len=64, evals=3, eval_batches=2),
+    "default": dict(
+        model=dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+        vocab=6400,
+        steps=400,
+        batch=8,
+        seq_len=256,
+        evals=8,
+        eval_batches=8,
+    ),
+    "quick": dict(
+        model=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+        vocab=1024,
+        steps=12,
+        batch=8,
+        seq_len=64,
+        evals=3,
+        eval_batches=2,
+    ),
 }
 
-MINIMIND = dict(optimizer="adamw", lr=5e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, lr_schedule="cosine",
-                min_lr_ratio=0.1, warmup_steps=0)
+MINIMIND = dict(
+    optimizer="adamw",
+    lr=5e-4,
+    beta1=0.9,
+    beta2=0.999,
+    weight_decay=0.01,
+    lr_schedule="cosine",
+    min_lr_ratio=0.1,
+    warmup_steps=0,
+)
 RECIPES = {"ours-adamw": dict(optimizer="adamw"), "ours-muon": dict(optimizer="muon"), "minimind": MINIMIND}
 # What a recipe is made of, taken from config/pretrain.yaml (with TrainConfig's defaults where it is silent).
-RECIPE_KEYS = ("optimizer", "lr", "min_lr_ratio", "lr_schedule", "decay_ratio", "weight_decay", "beta1", "beta2",
-               "grad_clip", "muon_lr_ratio", "muon_momentum")
+RECIPE_KEYS = (
+    "optimizer",
+    "lr",
+    "min_lr_ratio",
+    "lr_schedule",
+    "decay_ratio",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "muon_lr_ratio",
+    "muon_momentum",
+)
 VARIANTS = {
     "ours-muon-wsd": dict(optimizer="muon", lr_schedule="wsd"),
     "ours-adamw-wsd": dict(lr_schedule="wsd"),
@@ -94,8 +144,17 @@ def prepare_data(work: str, files: list[str], vocab: int, shard_mb: float, val_t
     corpus = os.path.join(work, "corpus.jsonl")
     if not os.path.exists(corpus):
         print(f"[bench] cleaning {len(files)} inputs of the shared pack -> {corpus}", flush=True)
-        run_quiet([sys.executable, "scripts/zh_simplify.py", "--input", *[os.path.join(PACK, f) for f in files],
-                   "--output", corpus], log)
+        run_quiet(
+            [
+                sys.executable,
+                "scripts/zh_simplify.py",
+                "--input",
+                *[os.path.join(PACK, f) for f in files],
+                "--output",
+                corpus,
+            ],
+            log,
+        )
     tokenizer = os.path.join(work, f"tokenizer_{vocab}")
     if not os.path.exists(os.path.join(tokenizer, "tokenizer_report.json")):
         print(f"[bench] training a {vocab}-token tokenizer -> {tokenizer}", flush=True)
@@ -105,9 +164,25 @@ def prepare_data(work: str, files: list[str], vocab: int, shard_mb: float, val_t
     if not os.path.exists(os.path.join(shards, "meta.json")):
         print(f"[bench] writing shards -> {shards}", flush=True)
         shutil.rmtree(shards, ignore_errors=True)
-        run_quiet([sys.executable, "scripts/prepare_shards.py", "--tokenizer", tokenizer, "--inputs", corpus,
-                   "--out_dir", shards, "--shard_mb", str(shard_mb), "--val_tokens", str(val_tokens), "--seed", "0"],
-                  log)
+        run_quiet(
+            [
+                sys.executable,
+                "scripts/prepare_shards.py",
+                "--tokenizer",
+                tokenizer,
+                "--inputs",
+                corpus,
+                "--out_dir",
+                shards,
+                "--shard_mb",
+                str(shard_mb),
+                "--val_tokens",
+                str(val_tokens),
+                "--seed",
+                "0",
+            ],
+            log,
+        )
     return tokenizer, shards
 
 
@@ -121,11 +196,27 @@ def base_settings(size: dict, args, tokenizer: str, shards: str, model_config: s
     warmup = round(args.steps * yaml_cfg.warmup_steps / yaml_cfg.max_steps)  # the same share of the run
     eval_every = max(1, args.steps // size["evals"])
     recipe = {key: getattr(yaml_cfg, key) for key in RECIPE_KEYS}
-    return dict(**recipe, model_config=model_config, tokenizer_dir=tokenizer, data_dir=shards, max_steps=args.steps,
-                batch_size=size["batch"], global_batch_size=size["batch"], seq_len=size["seq_len"],
-                warmup_steps=warmup, device=args.device, compile=args.compile and args.device != "cpu", dtype="auto",
-                eval_every=eval_every, eval_batches=size["eval_batches"], save_every=0, keep_last=1, resume="never",
-                log_every=max(1, args.steps // 4), sample_tokens=0)
+    return dict(
+        **recipe,
+        model_config=model_config,
+        tokenizer_dir=tokenizer,
+        data_dir=shards,
+        max_steps=args.steps,
+        batch_size=size["batch"],
+        global_batch_size=size["batch"],
+        seq_len=size["seq_len"],
+        warmup_steps=warmup,
+        device=args.device,
+        compile=args.compile and args.device != "cpu",
+        dtype="auto",
+        eval_every=eval_every,
+        eval_batches=size["eval_batches"],
+        save_every=0,
+        keep_last=1,
+        resume="never",
+        log_every=max(1, args.steps // 4),
+        sample_tokens=0,
+    )
 
 
 def eval_records(out_dir: str) -> list[dict]:
@@ -174,9 +265,13 @@ def summarise(runs: list[dict]) -> dict:
             needed = tokens_to_reach(r["curve"], base["curve"][-1][1])
             ratios.append(None if needed is None else needed / base["curve"][-1][0])
         reached = [x for x in ratios if x is not None]
-        summary[name] = {"final_bpb": finals, "final_bpb_mean": sum(finals) / len(finals), "token_ratio": ratios,
-                         "token_ratio_mean": sum(reached) / len(reached) if len(reached) == len(ratios) else None,
-                         "seconds": sum(r["seconds"] for r in mine)}
+        summary[name] = {
+            "final_bpb": finals,
+            "final_bpb_mean": sum(finals) / len(finals),
+            "token_ratio": ratios,
+            "token_ratio_mean": sum(reached) / len(reached) if len(reached) == len(ratios) else None,
+            "seconds": sum(r["seconds"] for r in mine),
+        }
     return summary
 
 
@@ -187,8 +282,10 @@ def print_report(runs: list[dict], summary: dict, header: str) -> None:
     print("|---|---|" + "---|" * len(points))
     for r in runs:
         print(f"| {r['recipe']} | {r['seed']} | " + " | ".join(f"{b:.4f}" for _, b in r["curve"]) + " |")
-    print(f"\n| recipe | final bpb (mean, min-max) | tokens to {BASELINE}'s final bpb (x its budget; mean, "
-          f"min-max) | minutes |")
+    print(
+        f"\n| recipe | final bpb (mean, min-max) | tokens to {BASELINE}'s final bpb (x its budget; mean, "
+        f"min-max) | minutes |"
+    )
     print("|---|---|---|---|")
     for name, s in summary.items():
         finals = s["final_bpb"]
@@ -197,8 +294,10 @@ def print_report(runs: list[dict], summary: dict, header: str) -> None:
             ratio = f"{s['token_ratio_mean']:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
         else:
             ratio = "not reached" + (f" in {ratios.count(None)} of {len(ratios)} seeds" if len(ratios) > 1 else "")
-        print(f"| {name} | {s['final_bpb_mean']:.4f} ({min(finals):.4f}-{max(finals):.4f}) | {ratio} | "
-              f"{s['seconds'] / 60:.1f} |")
+        print(
+            f"| {name} | {s['final_bpb_mean']:.4f} ({min(finals):.4f}-{max(finals):.4f}) | {ratio} | "
+            f"{s['seconds'] / 60:.1f} |"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -223,8 +322,12 @@ def parse_set(specs: list[str]) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks that it runs")
-    ap.add_argument("--recipes", nargs="+", default=None, help=f"default: {', '.join(RECIPES)}; also: "
-                    f"{', '.join(VARIANTS)}, and the names given with --set")
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        default=None,
+        help=f"default: {', '.join(RECIPES)}; also: {', '.join(VARIANTS)}, and the names given with --set",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="extra recipes: name:key=value,key=value (TrainConfig)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (the token budget)")
@@ -252,8 +355,9 @@ def main():
 
     files = QUICK_FILES if args.quick else PACK_FILES
     data_dir = os.path.join(args.work, "quick" if args.quick else "data")
-    tokenizer, shards = prepare_data(data_dir, files, size["vocab"], shard_mb=0.2 if args.quick else 4,
-                                     val_tokens=20_000 if args.quick else 200_000)
+    tokenizer, shards = prepare_data(
+        data_dir, files, size["vocab"], shard_mb=0.2 if args.quick else 4, val_tokens=20_000 if args.quick else 200_000
+    )
     if args.preset:
         model_config = args.preset
     else:
@@ -265,20 +369,29 @@ def main():
     runs = []
     for seed in args.seeds:
         for name in names:
-            run = train_recipe(name, {**settings, **known[name]}, seed, os.path.join(args.work, "runs", name,
-                                                                                     f"seed{seed}"))
+            run = train_recipe(
+                name, {**settings, **known[name]}, seed, os.path.join(args.work, "runs", name, f"seed{seed}")
+            )
             runs.append(run)
-            print(f"[bench] {name} seed {seed}: final bpb {run['curve'][-1][1]:.4f} in {run['seconds']:.0f}s",
-                  flush=True)
+            print(
+                f"[bench] {name} seed {seed}: final bpb {run['curve'][-1][1]:.4f} in {run['seconds']:.0f}s", flush=True
+            )
     summary = summarise(runs)
     tokens = args.steps * settings["global_batch_size"] * settings["seq_len"]
-    print_report(runs, summary, f"## bench_recipe: model {args.preset or size['model']}, vocab {size['vocab']}, "
-                 f"{args.steps} steps x {settings['global_batch_size']} x {settings['seq_len']} = {tokens:,} tokens, "
-                 f"seeds {args.seeds}, device {args.device}, torch {torch.__version__}")
+    print_report(
+        runs,
+        summary,
+        f"## bench_recipe: model {args.preset or size['model']}, vocab {size['vocab']}, "
+        f"{args.steps} steps x {settings['global_batch_size']} x {settings['seq_len']} = {tokens:,} tokens, "
+        f"seeds {args.seeds}, device {args.device}, torch {torch.__version__}",
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"runs": runs, "summary": summary, "recipes": {n: known[n] for n in names},
-                       "settings": settings}, f, indent=1)
+            json.dump(
+                {"runs": runs, "summary": summary, "recipes": {n: known[n] for n in names}, "settings": settings},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -101,7 +101,6 @@ def build_inputs(work: str, preset: str, vocab: int, prompt_tokens: int, n_promp
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.disable_progress_bar()  # no tqdm bar per save_pretrained
     # Synthetic Han text: 4000 ideographs, Zipf-distributed, for the tokenizer's corpus and the prompts alike.
     rng = random.Random(0)
@@ -117,8 +116,11 @@ def build_inputs(work: str, preset: str, vocab: int, prompt_tokens: int, n_promp
             text = han_text(rng.randint(8, 60)) + "。"
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     with quiet():
-        train_tokenizer(TokenizerConfig(data_path=corpus, vocab_size=vocab, out_dir=os.path.join(work, "tokenizer"),
-                                        heldout_every=1000))
+        train_tokenizer(
+            TokenizerConfig(
+                data_path=corpus, vocab_size=vocab, out_dir=os.path.join(work, "tokenizer"), heldout_every=1000
+            )
+        )
     tok = AutoTokenizer.from_pretrained(os.path.join(work, "tokenizer"))
 
     layers = SLMConfig.from_preset(preset).num_hidden_layers
@@ -142,8 +144,13 @@ def build_inputs(work: str, preset: str, vocab: int, prompt_tokens: int, n_promp
     paths["prompts"] = os.path.join(work, "prompts.jsonl")
     with open(paths["prompts"], "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
-    return {**paths, "vocab": len(tok), "params": n_params["policy"], "half_params": n_params["half"],
-            "prompt_len": sum(lengths) / len(lengths)}
+    return {
+        **paths,
+        "vocab": len(tok),
+        "params": n_params["policy"],
+        "half_params": n_params["half"],
+        "prompt_len": sum(lengths) / len(lengths),
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -178,14 +185,33 @@ def build_trainer(option: str, inputs: dict, args, out_dir: str):
     stage, overrides, offload_ref = OPTIONS[option]
     overrides = {k: inputs["half"] if v == "<half>" else v for k, v in overrides.items()}
     group = args.group if stage == "grpo" else 1
-    settings = {"init_from": inputs["policy"], "data_path": inputs["prompts"], "out_dir": out_dir,
-                "seq_len": args.seq_len, "batch_size": args.micro_batch or args.batch, "global_batch_size": args.batch,
-                "num_generations": group, "max_new_tokens": args.max_new_tokens, "reward_rules": RULE,
-                "reward_from": inputs["policy"] if args.reward_model else "",
-                "ref_device": "cpu" if offload_ref else "",
-                "ppo_epochs": 1, "rollout_minibatches": 1, "target_kl": 0.0, "lr": 1e-6, "lr_schedule": "constant",
-                "warmup_steps": 0, "max_steps": args.warmup + args.steps, "save_every": 0, "eval_every": 0,
-                "resume": "never", "device": args.device, "dtype": args.dtype, "seed": 0, **overrides}
+    settings = {
+        "init_from": inputs["policy"],
+        "data_path": inputs["prompts"],
+        "out_dir": out_dir,
+        "seq_len": args.seq_len,
+        "batch_size": args.micro_batch or args.batch,
+        "global_batch_size": args.batch,
+        "num_generations": group,
+        "max_new_tokens": args.max_new_tokens,
+        "reward_rules": RULE,
+        "reward_from": inputs["policy"] if args.reward_model else "",
+        "ref_device": "cpu" if offload_ref else "",
+        "ppo_epochs": 1,
+        "rollout_minibatches": 1,
+        "target_kl": 0.0,
+        "lr": 1e-6,
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "max_steps": args.warmup + args.steps,
+        "save_every": 0,
+        "eval_every": 0,
+        "resume": "never",
+        "device": args.device,
+        "dtype": args.dtype,
+        "seed": 0,
+        **overrides,
+    }
     module = importlib.import_module(f"trainer.{stage}")
     trainer_cls = module.PPOTrainer if stage == "ppo" else module.GRPOTrainer
     return trainer_cls(module.Config(**settings)), offload_ref
@@ -231,11 +257,19 @@ def measure(option: str, inputs: dict, args) -> dict:
         models = device_models(trainer, offload_ref)
         weights = unique_bytes(model_tensors(models))
         grads = sum(p.numel() * p.element_size() for p in trainer.trainable_parameters())
-        adam = unique_bytes(t for state in trainer.optimizer.state.values() for t in state.values()
-                            if torch.is_tensor(t))
-        row = {"option": option, "persistent_mib": (weights + grads + adam) / 2**20, "weights_mib": weights / 2**20,
-               "grads_mib": grads / 2**20, "adam_mib": adam / 2**20, "peak_mib": peak / 2**20,
-               "reply_tokens": reply_len, "wall_s": wall}
+        adam = unique_bytes(
+            t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        )
+        row = {
+            "option": option,
+            "persistent_mib": (weights + grads + adam) / 2**20,
+            "weights_mib": weights / 2**20,
+            "grads_mib": grads / 2**20,
+            "adam_mib": adam / 2**20,
+            "peak_mib": peak / 2**20,
+            "reply_tokens": reply_len,
+            "wall_s": wall,
+        }
         del trainer, tracker, models
         gc.collect()  # the shared critic's forward hook makes a cycle through the trainer
         if cuda:
@@ -259,8 +293,11 @@ def parse_args(argv=None):
     parser.add_argument("--seq_len", type=int, default=256, help="prompt + reply cap (longer prompts are skipped)")
     parser.add_argument("--warmup", type=int, default=1, help="steps before measuring (allocate the AdamW state)")
     parser.add_argument("--steps", type=int, default=1, help="measured steps (each a rollout + an optimizer step)")
-    parser.add_argument("--reward_model", action="store_true", help="also score with a reward model (the policy's "
-                        "checkpoint with a random score head) on the device")
+    parser.add_argument(
+        "--reward_model",
+        action="store_true",
+        help="also score with a reward model (the policy's checkpoint with a random score head) on the device",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto = the stage's: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
@@ -277,39 +314,61 @@ def main(argv=None):
     t_start = time.perf_counter()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as work:
-        inputs = build_inputs(work, args.preset, args.vocab or SLMConfig.from_preset(args.preset).vocab_size,
-                              args.prompt_tokens)
+        inputs = build_inputs(
+            work, args.preset, args.vocab or SLMConfig.from_preset(args.preset).vocab_size, args.prompt_tokens
+        )
         if device.type == "cuda":
             where = f"{torch.cuda.get_device_name(device)}: torch.cuda.max_memory_allocated (CUDA allocator)"
         else:
-            where = (f"CPU x{torch.get_num_threads()} threads: live tensor storages counted by a TorchDispatchMode "
-                     f"(no allocator overhead; ref_device=cpu emulated)")
+            where = (
+                f"CPU x{torch.get_num_threads()} threads: live tensor storages counted by a TorchDispatchMode "
+                f"(no allocator overhead; ref_device=cpu emulated)"
+            )
         dtype = str(resolve_dtype(args.dtype, device)).replace("torch.", "")
         reward = RULE + (" + reward model" if args.reward_model else "")
-        print(f"device {where}\npreset {args.preset}: {inputs['params'] / 1e6:.1f}M parameters, vocab "
-              f"{inputs['vocab']} | dtype {dtype} | {args.batch} replies per step (GRPO {args.batch // args.group} "
-              f"prompts x {args.group}) | prompt {inputs['prompt_len']:.0f} tokens (chat template included) + up to "
-              f"{args.max_new_tokens} new | {args.warmup} warm-up + {args.steps} measured step(s), each a rollout + "
-              f"an optimizer step | reward {reward} | torch {torch.__version__}", flush=True)
+        print(
+            f"device {where}\npreset {args.preset}: {inputs['params'] / 1e6:.1f}M parameters, vocab "
+            f"{inputs['vocab']} | dtype {dtype} | {args.batch} replies per step (GRPO {args.batch // args.group} "
+            f"prompts x {args.group}) | prompt {inputs['prompt_len']:.0f} tokens (chat template included) + up to "
+            f"{args.max_new_tokens} new | {args.warmup} warm-up + {args.steps} measured step(s), each a rollout + "
+            f"an optimizer step | reward {reward} | torch {torch.__version__}",
+            flush=True,
+        )
         rows = []
         for option in args.options:
             rows.append(measure(option, inputs, args))
             print(f"  {option}: peak {rows[-1]['peak_mib']:.1f} MiB ({rows[-1]['wall_s']:.1f} s)", flush=True)
     base = rows[0]
-    print(f"\npersistent = weights on the device + gradients + AdamW state; peak over the measured steps; "
-          f"ratio = peak / peak of {base['option']}\n")
-    print("| option | persistent MiB | weights / grads / Adam MiB | peak MiB | peak - persistent MiB | reply tokens "
-          f"| peak vs {base['option']} |")
+    print(
+        f"\npersistent = weights on the device + gradients + AdamW state; peak over the measured steps; "
+        f"ratio = peak / peak of {base['option']}\n"
+    )
+    print(
+        "| option | persistent MiB | weights / grads / Adam MiB | peak MiB | peak - persistent MiB | reply tokens "
+        f"| peak vs {base['option']} |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['option']} | {r['persistent_mib']:.1f} | {r['weights_mib']:.1f} / {r['grads_mib']:.1f} / "
-              f"{r['adam_mib']:.1f} | {r['peak_mib']:.1f} | {r['peak_mib'] - r['persistent_mib']:.1f} | "
-              f"{r['reply_tokens']:.1f} | {r['peak_mib'] / base['peak_mib']:.2f}x |")
+        print(
+            f"| {r['option']} | {r['persistent_mib']:.1f} | {r['weights_mib']:.1f} / {r['grads_mib']:.1f} / "
+            f"{r['adam_mib']:.1f} | {r['peak_mib']:.1f} | {r['peak_mib'] - r['persistent_mib']:.1f} | "
+            f"{r['reply_tokens']:.1f} | {r['peak_mib'] / base['peak_mib']:.2f}x |"
+        )
     print(f"\nwall {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": where, "settings": vars(args), "vocab": inputs["vocab"], "params": inputs["params"],
-                       "prompt_len": inputs["prompt_len"], "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": where,
+                    "settings": vars(args),
+                    "vocab": inputs["vocab"],
+                    "params": inputs["params"],
+                    "prompt_len": inputs["prompt_len"],
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     return rows
 
 

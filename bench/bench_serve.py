@@ -31,9 +31,18 @@ from model.engine import Engine
 from scripts.serve_api import ServerLimits, make_server
 
 # Distinct questions of different lengths, so the batches are left-padded as in real use.
-QUESTIONS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "请用三句话解释什么是机器学习。", "今天天气怎么样？",
-             "写一首关于春天的短诗。", "一年有几个季节？每个季节有什么特点？", "如何学习一门新的语言？",
-             "请把这句话翻译成英文：我喜欢读书。", "为什么天空是蓝色的？", "推荐几本适合初学者的历史书。"]
+QUESTIONS = [
+    "你好，请介绍一下你自己。",
+    "中国的首都是哪里？",
+    "请用三句话解释什么是机器学习。",
+    "今天天气怎么样？",
+    "写一首关于春天的短诗。",
+    "一年有几个季节？每个季节有什么特点？",
+    "如何学习一门新的语言？",
+    "请把这句话翻译成英文：我喜欢读书。",
+    "为什么天空是蓝色的？",
+    "推荐几本适合初学者的历史书。",
+]
 
 # -----------------------------------------------------------------------------
 
@@ -46,8 +55,14 @@ class FixedLengthEngine(Engine):
 
 
 def one_request(port: int, question: str, max_tokens: int) -> tuple[float, int]:
-    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}],
-                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    body = json.dumps(
+        {
+            "model": "bench",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+    ).encode()
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -85,8 +100,13 @@ def run_round(port: int, clients: int, requests_per_client: int, max_tokens: int
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
     q = statistics.quantiles(latencies, n=20, method="inclusive")  # q[9] = p50, q[18] = p95
-    return {"tokens_per_s": sum(tokens) / wall, "p50_s": q[9], "p95_s": q[18], "requests": len(latencies),
-            "wall_s": wall}
+    return {
+        "tokens_per_s": sum(tokens) / wall,
+        "p50_s": q[9],
+        "p95_s": q[18],
+        "requests": len(latencies),
+        "wall_s": wall,
+    }
 
 
 def main():
@@ -96,8 +116,12 @@ def main():
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests_per_client", type=int, default=1, help="one client always sends 2")
     parser.add_argument("--max_tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 on a shared machine, where spinning OpenMP threads slow each other down")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 on a shared machine, where spinning OpenMP threads slow each other down",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
@@ -109,8 +133,10 @@ def main():
     torch.manual_seed(0)
     engine = FixedLengthEngine(SLMForCausalLM(cfg).eval(), tokenizer, device="cpu")
     counts = [int(c) for c in args.clients.split(",")]
-    print(f"{args.model_config}, random weights, CPU ({torch.get_num_threads()} threads), greedy {args.max_tokens} "
-          f"new tokens, {args.requests_per_client} requests per client (2 for one client)\n")
+    print(
+        f"{args.model_config}, random weights, CPU ({torch.get_num_threads()} threads), greedy {args.max_tokens} "
+        f"new tokens, {args.requests_per_client} requests per client (2 for one client)\n"
+    )
     print("| mode | clients | requests | tokens/s | p50 latency s | p95 latency s | batches (size: count) |")
     print("|---|---|---|---|---|---|---|")
     results = {}
@@ -127,16 +153,21 @@ def main():
                 r = run_round(port, clients, per_client, args.max_tokens)
                 results[mode, clients] = r
                 sizes = ", ".join(f"{k}: {v}" for k, v in sorted(server.worker.batch_sizes.items()))
-                print(f"| {mode} | {clients} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
-                      f"{r['p95_s']:.2f} | {sizes} |", flush=True)
+                print(
+                    f"| {mode} | {clients} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
+                    f"{r['p95_s']:.2f} | {sizes} |",
+                    flush=True,
+                )
         finally:
             server.shutdown()
             server.server_close()
             server.worker.stop()
     top = max(counts)
     base = results["batched", min(counts)]["tokens_per_s"]
-    print(f"\nbatched, {top} clients vs 1: {results['batched', top]['tokens_per_s'] / base:.1f}x the tokens/s; "
-          f"p95 {results['batched', top]['p95_s']:.2f} s vs serial {results['serial', top]['p95_s']:.2f} s")
+    print(
+        f"\nbatched, {top} clients vs 1: {results['batched', top]['tokens_per_s'] / base:.1f}x the tokens/s; "
+        f"p95 {results['batched', top]['p95_s']:.2f} s vs serial {results['serial', top]['p95_s']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,19 @@ def build(kind: str, preset: str, device):
     return model.to(device)
 
 
-def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device, dtype, compile_model: bool,
-               loss_chunk: int = 0, sync_check: bool = False, profile: bool = False):
+def time_steps(
+    model,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    device,
+    dtype,
+    compile_model: bool,
+    loss_chunk: int = 0,
+    sync_check: bool = False,
+    profile: bool = False,
+):
     torch.manual_seed(0)
     vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -81,8 +92,12 @@ def time_steps(model, batch: int, seq_len: int, steps: int, warmup: int, device,
         peak = torch.cuda.max_memory_allocated() / 2**30
     elif not compile_model:  # CPU: one more step with live tensors counted (bench/tensor_memory.py), untimed
         tracker = TensorMemoryTracker()
-        tracker.count_existing([*model.parameters(), *(t for state in optimizer.state.values()
-                                                       for t in state.values() if torch.is_tensor(t))])
+        tracker.count_existing(
+            [
+                *model.parameters(),
+                *(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)),
+            ]
+        )
         with tracker:
             one_step()
         peak = tracker.peak / 2**30
@@ -115,9 +130,14 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds; the best of each is kept")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no")
-    parser.add_argument("--models", nargs="+", default=["llama", "slm"],
-                        choices=["llama", "slm", "slm+chunk", "slm+sync"], help="slm+chunk: ours with --loss_chunk; slm+sync: ours reading a loss flag back every step "
-                             "(the Trainer's NaN guard); ratios are against the first")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["llama", "slm"],
+        choices=["llama", "slm", "slm+chunk", "slm+sync"],
+        help="slm+chunk: ours with --loss_chunk; slm+sync: ours reading a loss flag back every step "
+        "(the Trainer's NaN guard); ratios are against the first",
+    )
     parser.add_argument("--loss_chunk", type=int, default=8192, help="tokens per chunk for slm+chunk")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step of ours (last round)")
     parser.add_argument("--device", default="auto")
@@ -128,11 +148,15 @@ def main():
     peak_flops = device_peak_flops(device, dtype)
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name} | dtype {str(dtype).replace('torch.', '')} | seq_len {args.seq_len} | "
-          f"{args.steps} timed steps after {args.warmup} warm-up | best of {args.rounds} alternating rounds")
+    print(
+        f"device: {name} | dtype {str(dtype).replace('torch.', '')} | seq_len {args.seq_len} | "
+        f"{args.steps} timed steps after {args.warmup} warm-up | best of {args.rounds} alternating rounds"
+    )
     base = args.models[0]
-    print(f"{'preset':<7} {'batch':>5} {'compile':>7} {'model':<9} {'tok/s':>12} {'MFU':>7} {'peak GiB':>8} "
-          f"{'vs ' + base:>12}")
+    print(
+        f"{'preset':<7} {'batch':>5} {'compile':>7} {'model':<9} {'tok/s':>12} {'MFU':>7} {'peak GiB':>8} "
+        f"{'vs ' + base:>12}"
+    )
     for preset in args.presets:
         for batch in args.batch:
             for compile_model in compiles:
@@ -144,10 +168,19 @@ def main():
                     last_round = round_index == args.rounds - 1
                     for kind in kinds:
                         model = build(kind.split("+")[0], preset, device)
-                        tok_s, peak = time_steps(model, batch, args.seq_len, args.steps, args.warmup, device, dtype,
-                                                 compile_model, args.loss_chunk if kind == "slm+chunk" else 0,
-                                                 sync_check=kind == "slm+sync",
-                                                 profile=args.profile and kind == "slm" and last_round)
+                        tok_s, peak = time_steps(
+                            model,
+                            batch,
+                            args.seq_len,
+                            args.steps,
+                            args.warmup,
+                            device,
+                            dtype,
+                            compile_model,
+                            args.loss_chunk if kind == "slm+chunk" else 0,
+                            sync_check=kind == "slm+sync",
+                            profile=args.profile and kind == "slm" and last_round,
+                        )
                         best[kind] = max(best[kind], (tok_s, peak))
                         del model
                         if device.type == "cuda":
@@ -156,8 +189,11 @@ def main():
                 for kind in kinds:
                     tok_s, peak = best[kind]
                     mfu = f"{100 * fpt * tok_s / peak_flops:.1f}%" if peak_flops else "-"
-                    print(f"{preset:<7} {batch:>5} {str(compile_model):>7} {kind:<9} {tok_s:>12,.0f} {mfu:>7} "
-                          f"{peak:>8.2f} {tok_s / best[base][0]:>11.2f}x", flush=True)
+                    print(
+                        f"{preset:<7} {batch:>5} {str(compile_model):>7} {kind:<9} {tok_s:>12,.0f} {mfu:>7} "
+                        f"{peak:>8.2f} {tok_s / best[base][0]:>11.2f}x",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def make_tokenizer(work: str) -> str:
     with open(corpus, "w", encoding="utf-8") as f:
         f.write("\n\n".join(synthetic_lines(2000)))
     out = os.path.join(work, "tokenizer")
-    train_tokenizer(TokenizerConfig(data_path=corpus, vocab_size=512, out_dir=out, min_frequency=1, heldout_every=10,
-                                    seed=0))
+    train_tokenizer(
+        TokenizerConfig(data_path=corpus, vocab_size=512, out_dir=out, min_frequency=1, heldout_every=10, seed=0)
+    )
     return out
 
 
@@ -63,10 +64,17 @@ def make_shards(tokenizer, work: str, tokens: int) -> str:
     val = rng.integers(n_special, len(tokenizer), max(tokens // 20, 4096), dtype=np.uint16)
     train.tofile(os.path.join(out, "train_00000.bin"))
     val.tofile(os.path.join(out, "val.bin"))
-    meta = {"format": SHARD_FORMAT, "dtype": "uint16", "vocab_size": len(tokenizer),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "eos_id": tokenizer.eos_token_id, "seed": 0,
-            "sources": [], "train_shards": [{"file": "train_00000.bin", "tokens": int(len(train))}],
-            "val_shard": {"file": "val.bin", "tokens": int(len(val))}}
+    meta = {
+        "format": SHARD_FORMAT,
+        "dtype": "uint16",
+        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+        "seed": 0,
+        "sources": [],
+        "train_shards": [{"file": "train_00000.bin", "tokens": int(len(train))}],
+        "val_shard": {"file": "val.bin", "tokens": int(len(val))},
+    }
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     return out
@@ -87,13 +95,21 @@ def summarize(name: str, out_dir: str, warmup: int) -> dict:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["split"] == "train"]
     steady = rows[warmup:] or rows
-    result = {"run": name, "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
-              "mfu": statistics.median(r.get("mfu", 0.0) for r in steady), "loss": rows[-1]["loss"],
-              "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rows),
-              "skipped_steps": rows[-1].get("skipped_steps", 0), "steps": len(rows)}
-    print(f"RESULT {name}: {result['tok_per_s']:,.0f} tok/s | MFU {100 * result['mfu']:.1f}% | peak "
-          f"{result['peak_mem_gb']:.2f} GB | skipped steps {result['skipped_steps']} | loss {result['loss']:.3f} "
-          f"| {result['steps']} steps", flush=True)
+    result = {
+        "run": name,
+        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "mfu": statistics.median(r.get("mfu", 0.0) for r in steady),
+        "loss": rows[-1]["loss"],
+        "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in rows),
+        "skipped_steps": rows[-1].get("skipped_steps", 0),
+        "steps": len(rows),
+    }
+    print(
+        f"RESULT {name}: {result['tok_per_s']:,.0f} tok/s | MFU {100 * result['mfu']:.1f}% | peak "
+        f"{result['peak_mem_gb']:.2f} GB | skipped steps {result['skipped_steps']} | loss {result['loss']:.3f} "
+        f"| {result['steps']} steps",
+        flush=True,
+    )
     return result
 
 
@@ -116,31 +132,64 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-
     results = []
     vocab = SLMConfig.from_preset(args.preset).vocab_size
     with tempfile.TemporaryDirectory() as work:
         tok_dir = make_tokenizer(work)
         tok = AutoTokenizer.from_pretrained(tok_dir)
         shards = make_shards(tok, work, tokens=(args.steps + 2) * args.batch * (args.seq_len + 1))
-        common = dict(batch_size=args.batch, global_batch_size=args.batch, seq_len=args.seq_len, lr=3e-4,
-                      warmup_steps=2, log_every=1, eval_every=0, save_every=0, device=args.device,
-                      compile=args.compile, seed=0)
+        common = dict(
+            batch_size=args.batch,
+            global_batch_size=args.batch,
+            seq_len=args.seq_len,
+            lr=3e-4,
+            warmup_steps=2,
+            log_every=1,
+            eval_every=0,
+            save_every=0,
+            device=args.device,
+            compile=args.compile,
+            seed=0,
+        )
         for dtype in args.dtype:
             out = os.path.join(work, f"pretrain_{dtype}")
-            cfg = PretrainConfig(model_config=args.preset, tokenizer_dir=tok_dir, data_dir=shards, out_dir=out,
-                                 max_steps=args.steps, dtype=dtype, vocab_size=vocab, sample_tokens=0, **common)
+            cfg = PretrainConfig(
+                model_config=args.preset,
+                tokenizer_dir=tok_dir,
+                data_dir=shards,
+                out_dir=out,
+                max_steps=args.steps,
+                dtype=dtype,
+                vocab_size=vocab,
+                sample_tokens=0,
+                **common,
+            )
             run_trainer(PretrainTrainer, cfg)
-            results.append(summarize(f"pretrain {args.preset} {dtype} B={args.batch} T={args.seq_len}"
-                                     f"{' compiled' if args.compile else ''}", out, args.warmup))
+            results.append(
+                summarize(
+                    f"pretrain {args.preset} {dtype} B={args.batch} T={args.seq_len}"
+                    f"{' compiled' if args.compile else ''}",
+                    out,
+                    args.warmup,
+                )
+            )
             if args.no_sft:
                 continue
             sft_out = os.path.join(work, f"sft_{dtype}")
-            sft = SFTConfig(init_from=os.path.join(out, "final"), data_path=make_chats(work, 8 * args.batch * (args.steps + 1), args.seq_len),
-                            out_dir=sft_out, max_steps=args.steps, dtype=dtype, pack=True, val_samples=0, **common)
+            sft = SFTConfig(
+                init_from=os.path.join(out, "final"),
+                data_path=make_chats(work, 8 * args.batch * (args.steps + 1), args.seq_len),
+                out_dir=sft_out,
+                max_steps=args.steps,
+                dtype=dtype,
+                pack=True,
+                val_samples=0,
+                **common,
+            )
             run_trainer(SFTTrainer, sft)
-            packed = summarize(f"packed sft {args.preset} {dtype} B={args.batch} T={args.seq_len}", sft_out,
-                               args.warmup)
+            packed = summarize(
+                f"packed sft {args.preset} {dtype} B={args.batch} T={args.seq_len}", sft_out, args.warmup
+            )
             packed["ratio_to_pretrain"] = packed["tok_per_s"] / results[-1]["tok_per_s"]
             print(f"RESULT packed sft / pretrain tokens/s ({dtype}): {packed['ratio_to_pretrain']:.2f}", flush=True)
             results.append(packed)

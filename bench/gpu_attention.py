@@ -29,16 +29,25 @@ FAKED = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "RTX 4090": (8, 9), "H100
 
 def shapes(cfg, batch: int, seq_len: int) -> list[dict]:
     """(name, B, q_len, kv_len, has_mask, is_causal) of the calls a run makes."""
-    return [dict(name="train", B=batch, q=seq_len, kv=seq_len, mask=False, causal=True),
-            dict(name="packed_sft", B=batch, q=seq_len, kv=seq_len, mask=False, causal=False, documents=True),
-            dict(name="prefill", B=8, q=seq_len // 2, kv=seq_len // 2, mask=True, causal=False),
-            dict(name="decode", B=8, q=1, kv=seq_len, mask=True, causal=False)]
+    return [
+        dict(name="train", B=batch, q=seq_len, kv=seq_len, mask=False, causal=True),
+        dict(name="packed_sft", B=batch, q=seq_len, kv=seq_len, mask=False, causal=False, documents=True),
+        dict(name="prefill", B=8, q=seq_len // 2, kv=seq_len // 2, mask=True, causal=False),
+        dict(name="decode", B=8, q=1, kv=seq_len, mask=True, causal=False),
+    ]
 
 
 def plan_for(s: dict, capability, dtype, head: dict, flex: bool):
-    return attention_plan(capability, dtype, has_mask=s["mask"], is_causal=s["causal"] and not s.get("documents"),
-                          documents=s.get("documents", False), flex_available=flex, requires_grad=s["name"] != "decode"
-                          and s["name"] != "prefill", **head)
+    return attention_plan(
+        capability,
+        dtype,
+        has_mask=s["mask"],
+        is_causal=s["causal"] and not s.get("documents"),
+        documents=s.get("documents", False),
+        flex_available=flex,
+        requires_grad=s["name"] != "decode" and s["name"] != "prefill",
+        **head,
+    )
 
 
 def timed(fn, repeats: int = 10) -> float:
@@ -60,14 +69,21 @@ def run_shape(s: dict, cfg, device, dtype, plan) -> str:
     v = torch.randn_like(k)
     if plan.expand_kv:
         k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-    mask = torch.ones(s["B"], 1, s["q"], s["kv"], dtype=torch.bool, device=device).tril(s["kv"] - s["q"]) \
-        if s["mask"] else None
+    mask = (
+        torch.ones(s["B"], 1, s["q"], s["kv"], dtype=torch.bool, device=device).tril(s["kv"] - s["q"])
+        if s["mask"]
+        else None
+    )
     if s.get("documents") and plan.documents == "mask":  # four documents per row, kept apart by the device mask
-        mask = document_mask(torch.arange(s["q"], device=device).div(s["q"] // 4, rounding_mode="floor")
-                             .expand(s["B"], -1) + 1)
+        mask = document_mask(
+            torch.arange(s["q"], device=device).div(s["q"] // 4, rounding_mode="floor").expand(s["B"], -1) + 1
+        )
     kwargs = dict(attn_mask=mask, is_causal=s["causal"] and mask is None, enable_gqa=plan.enable_gqa)
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "math": SDPBackend.MATH}.get(plan.kernel)
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }.get(plan.kernel)
     if backend is None:  # flex or cpu: not an SDPA kernel choice
         return "not an SDPA kernel"
     try:
@@ -90,15 +106,20 @@ def main(argv=None) -> int:
     import transformers
 
     here = resolve_device("auto")
-    print(f"device {torch.cuda.get_device_name(here) if here.type == 'cuda' else 'CPU'} | capability "
-          f"{device_capability(here)} | dtype=auto -> {dtype_name(resolve_dtype('auto', here))} | torch "
-          f"{torch.__version__} | transformers {transformers.__version__}", flush=True)
+    print(
+        f"device {torch.cuda.get_device_name(here) if here.type == 'cuda' else 'CPU'} | capability "
+        f"{device_capability(here)} | dtype=auto -> {dtype_name(resolve_dtype('auto', here))} | torch "
+        f"{torch.__version__} | transformers {transformers.__version__}",
+        flush=True,
+    )
     cfg = SLMConfig.from_preset(args.preset)
     head = dict(n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
     for gpu, capability in FAKED.items():
         dtype = resolve_dtype("auto", torch.device("cuda"), capability=capability)
-        plans = [f"{s['name']}={plan_for(s, capability, dtype, head, flex=capability >= (8, 0)).kernel}"
-                 for s in shapes(cfg, args.batch, args.seq_len)]
+        plans = [
+            f"{s['name']}={plan_for(s, capability, dtype, head, flex=capability >= (8, 0)).kernel}"
+            for s in shapes(cfg, args.batch, args.seq_len)
+        ]
         print(f"plan {gpu:<9} sm{capability[0]}{capability[1]} {str(dtype)[6:]:<9} " + " ".join(plans), flush=True)
     if args.smoke or not torch.cuda.is_available():
         return 0
@@ -108,9 +129,11 @@ def main(argv=None) -> int:
     print(f"this GPU: {torch.cuda.get_device_name(device)} sm{capability[0]}{capability[1]}, dtype {dtype}")
     for s in shapes(cfg, args.batch, args.seq_len):
         plan = plan_for(s, capability, dtype, head, flex=flex_attention_available(device))
-        print(f"{s['name']:<11} B={s['B']} q={s['q']} kv={s['kv']} mask={s['mask']}: plan {plan.kernel} "
-              f"(gqa={plan.enable_gqa}, expand_kv={plan.expand_kv}) -> {run_shape(s, cfg, device, dtype, plan)}",
-              flush=True)
+        print(
+            f"{s['name']:<11} B={s['B']} q={s['q']} kv={s['kv']} mask={s['mask']}: plan {plan.kernel} "
+            f"(gqa={plan.enable_gqa}, expand_kv={plan.expand_kv}) -> {run_shape(s, cfg, device, dtype, plan)}",
+            flush=True,
+        )
     return 0
 
 

@@ -35,8 +35,16 @@ class IndexBatches:
     rank r takes its contiguous slice, cut into micro-batches. The position (epoch, cursor) is global, so
     resuming reproduces the same batches, also with another number of processes."""
 
-    def __init__(self, dataset, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, collate=None):
+    def __init__(
+        self,
+        dataset,
+        global_batch: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        collate=None,
+    ):
         if len(dataset) < global_batch:
             raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global batch ({global_batch})")
         self.dataset, self.collate = dataset, collate
@@ -52,11 +60,11 @@ class IndexBatches:
         if self.cursor + self.global_batch > len(self._order):  # drop the ragged tail of an epoch
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        ids = self._order[self.cursor:self.cursor + self.global_batch]
+        ids = self._order[self.cursor : self.cursor + self.global_batch]
         self.cursor += self.global_batch
         rows = self.global_batch // self.world_size
-        mine = ids[self.rank * rows:(self.rank + 1) * rows]
-        micro = [mine[i:i + self.micro_batch] for i in range(0, rows, self.micro_batch)]
+        mine = ids[self.rank * rows : (self.rank + 1) * rows]
+        micro = [mine[i : i + self.micro_batch] for i in range(0, rows, self.micro_batch)]
         return [self.collate([self.dataset[int(i)] for i in m]) for m in micro]
 
     def state_dict(self) -> dict:

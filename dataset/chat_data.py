@@ -98,8 +98,11 @@ def _open_binary(path: str):
 
 
 def _not_utf8(path: str, line: int, e: UnicodeDecodeError) -> BadRecord:
-    return BadRecord(f"{path}:{line}", "not valid UTF-8", f"{e.reason} at byte {e.start}; convert the file to "
-                     f"UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)")
+    return BadRecord(
+        f"{path}:{line}",
+        "not valid UTF-8",
+        f"{e.reason} at byte {e.start}; convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)",
+    )
 
 
 def iter_records(path: str):
@@ -123,7 +126,7 @@ def iter_records(path: str):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:  # one JSON document: nothing after a bad byte can be trusted
-                    e2 = _not_utf8(path, raw[:e.start].count(b"\n") + 1, e)
+                    e2 = _not_utf8(path, raw[: e.start].count(b"\n") + 1, e)
                     raise UnreadableFile(e2.where, e2.reason, e2.detail) from None
                 yield from _array_records(text, path)
                 return
@@ -144,8 +147,14 @@ def iter_records(path: str):
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or corrupt .gz, raised only when read there
         if is_array:  # one JSON document: what was read before the cut cannot be trusted either
             raise UnreadableFile(path, "truncated file", f"{e}; is it a truncated or mislabelled .gz?") from None
-        yield n + 1, TruncatedFile(f"{path}:{n + 1}", "truncated file", f"cannot read on after line {n} ({e}); "
-                                   f"is it a truncated or mislabelled .gz?")
+        yield (
+            n + 1,
+            TruncatedFile(
+                f"{path}:{n + 1}",
+                "truncated file",
+                f"cannot read on after line {n} ({e}); is it a truncated or mislabelled .gz?",
+            ),
+        )
 
 
 def parse_columns(spec: str) -> dict:
@@ -260,9 +269,13 @@ def detect_format(record, where: str) -> str:
         if "instruction" in record and "output" in record:
             return "alpaca"
     keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
-    raise BadRecord(where, "unknown format", f"got {keys}; expected conversations/messages with role/content, "
-                    f"ShareGPT from/value, human/assistant pairs or Alpaca instruction/input/output (other "
-                    f"schemas: columns=src=dst,... renames keys)")
+    raise BadRecord(
+        where,
+        "unknown format",
+        f"got {keys}; expected conversations/messages with role/content, "
+        f"ShareGPT from/value, human/assistant pairs or Alpaca instruction/input/output (other "
+        f"schemas: columns=src=dst,... renames keys)",
+    )
 
 
 def _weight(turn: dict, where: str) -> dict:
@@ -271,8 +284,11 @@ def _weight(turn: dict, where: str) -> dict:
     if w is None:
         return {}
     if w not in (0, 1) or isinstance(w, bool) or turn.get("role") != "assistant":
-        raise BadRecord(where, "malformed", f"weight {w!r} on a turn of role {turn.get('role')!r}; only assistant "
-                        f"turns take a weight, 0 or 1")
+        raise BadRecord(
+            where,
+            "malformed",
+            f"weight {w!r} on a turn of role {turn.get('role')!r}; only assistant turns take a weight, 0 or 1",
+        )
     return {"weight": int(w)}
 
 
@@ -289,13 +305,16 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
     if fmt == "alpaca":
         if "instruction" not in record or "output" not in record:
             raise BadRecord(where, "malformed", f"Alpaca record without instruction/output (keys {sorted(record)})")
-        messages = [{"role": "system", "content": _text(record["system"], where, "system")}] \
-            if record.get("system") else []
+        messages = (
+            [{"role": "system", "content": _text(record["system"], where, "system")}] if record.get("system") else []
+        )
         for pair in record.get("history") or []:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise BadRecord(where, "malformed", "history must hold [user, assistant] pairs")
-            messages += [{"role": "user", "content": _text(pair[0], where, "history")},
-                         {"role": "assistant", "content": _text(pair[1], where, "history")}]
+            messages += [
+                {"role": "user", "content": _text(pair[0], where, "history")},
+                {"role": "assistant", "content": _text(pair[1], where, "history")},
+            ]
         prompt = _text(record["instruction"], where, "instruction")
         extra = _text(record.get("input") or "", where, "input")
         messages.append({"role": "user", "content": prompt + ("\n" + extra if extra else "")})
@@ -314,8 +333,10 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             user, assistant = _pair_key(turn, PAIR_USER), _pair_key(turn, PAIR_ASSISTANT)
             if user is None or assistant is None:
                 raise BadRecord(where, "malformed", f"pair turn without human/assistant (keys {sorted(turn)})")
-            messages += [{"role": "user", "content": _text(turn[user], where, user)},
-                         {"role": "assistant", "content": _text(turn[assistant], where, assistant)}]
+            messages += [
+                {"role": "user", "content": _text(turn[user], where, user)},
+                {"role": "assistant", "content": _text(turn[assistant], where, assistant)},
+            ]
         elif fmt == "sharegpt":
             if "from" not in turn or "value" not in turn:
                 raise BadRecord(where, "malformed", f"ShareGPT turn without from/value (keys {sorted(turn)})")
@@ -454,10 +475,17 @@ def parse_placeholders(spec: str) -> dict:
     return values
 
 
-def load_conversations(paths: str | list[str], placeholders: dict | None = None, system_prompt: str = "",
-                       on_bad: str = "error", require_assistant_last: bool = True, max_samples: int = 0,
-                       stats: Counter | None = None, log=print, columns: dict | None = None
-                       ) -> tuple[list[list[dict]], Counter]:
+def load_conversations(
+    paths: str | list[str],
+    placeholders: dict | None = None,
+    system_prompt: str = "",
+    on_bad: str = "error",
+    require_assistant_last: bool = True,
+    max_samples: int = 0,
+    stats: Counter | None = None,
+    log=print,
+    columns: dict | None = None,
+) -> tuple[list[list[dict]], Counter]:
     """Read every file, normalise each record to messages and check it.
 
     Returns (conversations, stats); stats counts read records, kept ones and each skip reason ("skip:<reason>").
@@ -564,14 +592,25 @@ def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool =
     return pieces
 
 
-CHAT_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "a 你好"},
-              {"role": "assistant", "content": " b\n"}, {"role": "user", "content": "c"}]
+CHAT_PROBE = [
+    {"role": "system", "content": "s"},
+    {"role": "user", "content": "a 你好"},
+    {"role": "assistant", "content": " b\n"},
+    {"role": "user", "content": "c"},
+]
 # Tools, calls (one with arguments as a JSON string, as OpenAI sends them), two tool responses sharing a turn
-TOOL_PROBE = [{"role": "system", "content": "s", "tools": [{"type": "function", "function": {"name": "f"}}]},
-              {"role": "user", "content": "a"},
-              {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"x": "北京"}},
-                                                                  {"name": "f", "arguments": '{"y": 1}'}]},
-              {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}, {"role": "assistant", "content": "d"}]
+TOOL_PROBE = [
+    {"role": "system", "content": "s", "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"role": "user", "content": "a"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"name": "f", "arguments": {"x": "北京"}}, {"name": "f", "arguments": '{"y": 1}'}],
+    },
+    {"role": "tool", "content": "r1"},
+    {"role": "tool", "content": "r2"},
+    {"role": "assistant", "content": "d"},
+]
 
 
 def _template(tokenizer, probe: list[dict], **kwargs):
@@ -591,7 +630,9 @@ def check_chatml(tokenizer, tools: bool = False) -> None:
     for probe, gen in probes:
         template = _template(tokenizer, probe, add_generation_prompt=gen)["input_ids"]
         if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
-            hint = " for tool use (scripts/update_chat_template.py writes the current one)" if probe is TOOL_PROBE else ""
+            hint = (
+                " for tool use (scripts/update_chat_template.py writes the current one)" if probe is TOOL_PROBE else ""
+            )
             raise ValueError(f"the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py{hint}")
 
 
@@ -602,17 +643,21 @@ def check_chat_template(tokenizer, tools: bool = False) -> None:
     for probe in [CHAT_PROBE[:3]] + ([TOOL_PROBE] if tools else []):
         out = _template(tokenizer, probe, return_assistant_tokens_mask=True)
         if not any(out["assistant_masks"]):
-            raise ValueError("the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
-                             "around assistant content (trainer/train_tokenizer.py writes one)")
-        if [t for _, trained in chatml_pieces(tokenizer, probe) for t in trained] != \
-                [bool(m) for m in out["assistant_masks"]]:
+            raise ValueError(
+                "the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
+                "around assistant content (trainer/train_tokenizer.py writes one)"
+            )
+        if [t for _, trained in chatml_pieces(tokenizer, probe) for t in trained] != [
+            bool(m) for m in out["assistant_masks"]
+        ]:
             raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
 
 
 def uses_tools(messages: list[dict]) -> bool:
     """Whether a conversation has tools, tool calls or tool responses (its template must know the tool format)."""
-    return bool(messages and messages[0].get("tools")) or \
-        any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    return bool(messages and messages[0].get("tools")) or any(
+        m["role"] == "tool" or m.get("tool_calls") for m in messages
+    )
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -644,8 +689,9 @@ def truncate(ids: np.ndarray, labels: np.ndarray, seq_len: int, policy: str = "t
     return ids[:cut], labels[:cut]
 
 
-def tokenize_conversations(conversations: list[list[dict]], tokenizer, seq_len: int, truncation: str = "turns",
-                           stats: Counter | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def tokenize_conversations(
+    conversations: list[list[dict]], tokenizer, seq_len: int, truncation: str = "turns", stats: Counter | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenize and truncate; samples that end up with nothing to learn are dropped and counted."""
     check_chat_template(tokenizer, tools=any(uses_tools(m) for m in conversations))
     stats = Counter() if stats is None else stats
@@ -708,10 +754,13 @@ class ChatDataset:
         labels = np.concatenate([p[1] for p in parts])
         positions = np.concatenate([np.arange(len(p[0])) for p in parts])
         seq_ids = np.concatenate([np.full(len(p[0]), k + 1) for k, p in enumerate(parts)])
-        return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-                "labels": torch.from_numpy(labels.astype(np.int64)),
-                "position_ids": torch.from_numpy(positions.astype(np.int64)),
-                "seq_ids": torch.from_numpy(seq_ids.astype(np.int64)), "packed": self.packed}
+        return {
+            "input_ids": torch.from_numpy(ids.astype(np.int64)),
+            "labels": torch.from_numpy(labels.astype(np.int64)),
+            "position_ids": torch.from_numpy(positions.astype(np.int64)),
+            "seq_ids": torch.from_numpy(seq_ids.astype(np.int64)),
+            "packed": self.packed,
+        }
 
     def fill_ratio(self, seq_len: int) -> float:
         """Share of the seq_len slots that hold real tokens (1.0 = no padding at all)."""

@@ -20,9 +20,17 @@ from collections import Counter, deque
 
 import numpy as np
 
-from dataset.text_sources import (LONG_DOC_FACTOR, TEXT_FIELDS, FilterConfig, clean_text, dedup_key,
-                                  iter_documents, keep_document, make_converter, split_document)
-
+from dataset.text_sources import (
+    LONG_DOC_FACTOR,
+    TEXT_FIELDS,
+    FilterConfig,
+    clean_text,
+    dedup_key,
+    iter_documents,
+    keep_document,
+    make_converter,
+    split_document,
+)
 
 # -----------------------------------------------------------------------------
 # worker side: every process builds its own converter once
@@ -99,8 +107,16 @@ class SeenKeys:
 # main loop: read -> clean in workers (bounded window, in order) -> dedup -> write
 
 
-def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "auto", workers: int = 0,
-             batch_chars: int = 200_000, quiet: bool = False, text_fields: tuple[str, ...] = TEXT_FIELDS) -> Counter:
+def simplify(
+    paths: list[str],
+    output: str,
+    fcfg: FilterConfig,
+    engine: str = "auto",
+    workers: int = 0,
+    batch_chars: int = 200_000,
+    quiet: bool = False,
+    text_fields: tuple[str, ...] = TEXT_FIELDS,
+) -> Counter:
     """Clean `paths` into `output` (JSONL); text_fields: the JSONL fields / table columns tried for the text."""
     workers = workers or os.cpu_count() or 1
     stats: Counter = Counter()
@@ -110,8 +126,10 @@ def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "a
     t0 = time.time()
     last = t0
     engine_name = make_converter(engine)[0]
-    with mp.get_context("fork").Pool(workers, _init_worker, (engine, fcfg)) as pool, \
-            open(tmp, "w", encoding="utf-8") as fout:
+    with (
+        mp.get_context("fork").Pool(workers, _init_worker, (engine, fcfg)) as pool,
+        open(tmp, "w", encoding="utf-8") as fout,
+    ):
         # Pool.imap would pull the whole input into its task queue if readers outpace workers, so we keep at most
         # 2 batches per worker in flight: memory is bounded by batch_chars * 2 * workers, whatever the input size.
         pending: deque = deque()
@@ -143,8 +161,10 @@ def simplify(paths: list[str], output: str, fcfg: FilterConfig, engine: str = "a
             drain_one()
     if stats["docs_out"] == 0:
         os.remove(tmp)
-        raise ValueError(f"no document survived cleaning out of {stats['docs_in']} read from {', '.join(paths)}; "
-                         f"check --min_chars/--min_cjk_ratio (use --min_cjk_ratio 0 for non-Chinese text)")
+        raise ValueError(
+            f"no document survived cleaning out of {stats['docs_in']} read from {', '.join(paths)}; "
+            f"check --min_chars/--min_cjk_ratio (use --min_cjk_ratio 0 for non-Chinese text)"
+        )
     os.replace(tmp, output)  # a half-written output never looks finished
     stats["seconds"] = round(time.time() - t0, 2)
     stats["engine"] = engine_name
@@ -156,15 +176,27 @@ def print_summary(stats: Counter, output: str) -> None:
     print(f"wrote {output}")
     secs = max(stats["seconds"], 1e-9)
     print(f"  engine {stats['engine']} | {mb:.1f} MB in {secs:.1f}s = {mb / secs:.2f} MB/s")
-    print(f"  documents: {stats['docs_in']:,} in -> {stats['docs_out']:,} out "
-          f"(too short {stats['dropped_too_short']:,}, mostly non-CJK {stats['dropped_mostly_non_cjk']:,}, "
-          f"duplicate {stats['dropped_duplicate']:,})")
+    print(
+        f"  documents: {stats['docs_in']:,} in -> {stats['docs_out']:,} out "
+        f"(too short {stats['dropped_too_short']:,}, mostly non-CJK {stats['dropped_mostly_non_cjk']:,}, "
+        f"duplicate {stats['dropped_duplicate']:,})"
+    )
     if stats["docs_split"]:
-        print(f"  long documents split at paragraph/sentence ends: {stats['docs_split']:,} (counted above as their "
-              f"pieces)")
+        print(
+            f"  long documents split at paragraph/sentence ends: {stats['docs_split']:,} (counted above as their "
+            f"pieces)"
+        )
     print(f"  characters: {stats['chars_in']:,} in -> {stats['chars_out']:,} out")
-    for rule in ("control_chars", "html", "mw_markup", "zh_converted", "fullwidth_alnum", "empty_brackets",
-                 "repeated_punct", "whitespace"):
+    for rule in (
+        "control_chars",
+        "html",
+        "mw_markup",
+        "zh_converted",
+        "fullwidth_alnum",
+        "empty_brackets",
+        "repeated_punct",
+        "whitespace",
+    ):
         verb = "changed" if rule in ("zh_converted", "fullwidth_alnum") else "removed"
         print(f"  {rule:16s} {stats[rule]:>12,} chars {verb}")
 
@@ -200,16 +232,24 @@ def compare_engines(paths: list[str], max_docs: int = 100_000) -> dict:
             diff = [i for i in range(len(x)) if x[i] != y[i]]
             diff_chars += len(diff)
             for i in diff[:20]:
-                examples[f"{x[max(i - 1, 0):i + 2]}->{y[max(i - 1, 0):i + 2]}"] += 1
+                examples[f"{x[max(i - 1, 0) : i + 2]}->{y[max(i - 1, 0) : i + 2]}"] += 1
         else:  # a word mapped to one of another length: align a bounded window around the first difference
-            i = next(k for k in range(min(len(x), len(y))) if x[k] != y[k]) if x[:len(y)] != y[:len(x)] else 0
-            m = difflib.SequenceMatcher(None, x[i:i + 2000], y[i:i + 2000], autojunk=False)
+            i = next(k for k in range(min(len(x), len(y))) if x[k] != y[k]) if x[: len(y)] != y[: len(x)] else 0
+            m = difflib.SequenceMatcher(None, x[i : i + 2000], y[i : i + 2000], autojunk=False)
             for op, i1, i2, j1, j2 in m.get_opcodes():
                 if op != "equal":
                     diff_chars += max(i2 - i1, j2 - j1)
-                    examples[f"{x[i + i1:i + i2]}->{y[i + j1:i + j2]}"] += 1
-    res = {"docs": len(docs), "chars": chars, "zhconv_s": round(t_py, 2), "zhconv_rs_s": round(t_rs, 2),
-           "zhconv_MBps": round(chars * 3 / 1e6 / t_py, 2), "zhconv_rs_MBps": round(chars * 3 / 1e6 / t_rs, 2),
-           "identical_docs": same_docs, "differing_chars": diff_chars,
-           "char_agreement": round(1 - diff_chars / max(chars, 1), 6), "top_differences": examples.most_common(15)}
+                    examples[f"{x[i + i1 : i + i2]}->{y[i + j1 : i + j2]}"] += 1
+    res = {
+        "docs": len(docs),
+        "chars": chars,
+        "zhconv_s": round(t_py, 2),
+        "zhconv_rs_s": round(t_rs, 2),
+        "zhconv_MBps": round(chars * 3 / 1e6 / t_py, 2),
+        "zhconv_rs_MBps": round(chars * 3 / 1e6 / t_rs, 2),
+        "identical_docs": same_docs,
+        "differing_chars": diff_chars,
+        "char_agreement": round(1 - diff_chars / max(chars, 1), 6),
+        "top_differences": examples.most_common(15),
+    }
     return res

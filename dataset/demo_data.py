@@ -45,12 +45,29 @@ def task_answer(n: int) -> str:
 
 
 # Traditional-character sentences (the cleaner converts them) with the simplified form they should become.
-TRADITIONAL = ["這是一個關於數學的簡單例子。", "我們學習語言，也學習計算。", "電腦可以幫助人們處理資訊。",
-               "臺灣和香港使用繁體字。", "圖書館裡有很多書。"]
-FACTS = ["北京是中国的首都。", "长江是中国最长的河流。", "一年有十二个月。", "水在零度结冰。", "太阳从东方升起。",
-         "熊猫喜欢吃竹子。", "人工智能是计算机科学的一个分支。", "春天来了，花都开了。"]
-ENGLISH = ["The quick brown fox jumps over the lazy dog.", "Small models can learn simple rules.",
-           "Tokens per second is what we measure.", "Hello, world!"]
+TRADITIONAL = [
+    "這是一個關於數學的簡單例子。",
+    "我們學習語言，也學習計算。",
+    "電腦可以幫助人們處理資訊。",
+    "臺灣和香港使用繁體字。",
+    "圖書館裡有很多書。",
+]
+FACTS = [
+    "北京是中国的首都。",
+    "长江是中国最长的河流。",
+    "一年有十二个月。",
+    "水在零度结冰。",
+    "太阳从东方升起。",
+    "熊猫喜欢吃竹子。",
+    "人工智能是计算机科学的一个分支。",
+    "春天来了，花都开了。",
+]
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Small models can learn simple rules.",
+    "Tokens per second is what we measure.",
+    "Hello, world!",
+]
 EMOJI = ["😀", "🚀", "🐼", "👍", "🎉"]
 
 
@@ -79,18 +96,29 @@ def wiki_file(rng: random.Random, n_docs: int) -> str:
     for i in range(n_docs):
         body = "".join(rng.choice(TRADITIONAL) for _ in range(rng.randrange(3, 6)))
         body += "-{zh-cn:软件;zh-tw:軟體}-是電腦的靈魂（；）。" + rng.choice(FACTS)
-        blocks.append(f'<doc id="{i}" url="https://zh.wikipedia.org/wiki?curid={i}" title="條目{i}">\n條目{i}\n\n'
-                      f"{body}\n</doc>")
+        blocks.append(
+            f'<doc id="{i}" url="https://zh.wikipedia.org/wiki?curid={i}" title="條目{i}">\n條目{i}\n\n{body}\n</doc>'
+        )
     return "\n".join(blocks) + "\n"
 
 
 def conversations(numbers: list[int], rng: random.Random) -> list[dict]:
     chats = []
     for n in numbers:
-        chats.append({"conversations": [{"role": "user", "content": task_prompt(n)},
-                                        {"role": "assistant", "content": task_answer(n)}]})
-    small_talk = [("你好", "你好！我是 Milli-Chat，一个很小的中文模型 😀"), ("你是谁？", "我是 Milli-Chat，由你亲手训练。"),
-                  ("Hello!", "Hello! 我会把数字逐位读成中文。"), ("中国的首都是哪里？", "北京是中国的首都。")]
+        chats.append(
+            {
+                "conversations": [
+                    {"role": "user", "content": task_prompt(n)},
+                    {"role": "assistant", "content": task_answer(n)},
+                ]
+            }
+        )
+    small_talk = [
+        ("你好", "你好！我是 Milli-Chat，一个很小的中文模型 😀"),
+        ("你是谁？", "我是 Milli-Chat，由你亲手训练。"),
+        ("Hello!", "Hello! 我会把数字逐位读成中文。"),
+        ("中国的首都是哪里？", "北京是中国的首都。"),
+    ]
     for _ in range(max(20, len(numbers) // 4)):
         q, a = rng.choice(small_talk)
         chats.append({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
@@ -121,15 +149,17 @@ def write_demo_data(out_dir: str, seed: int = 0, n_docs: int = 3000) -> dict:
     rng = random.Random(seed)
     split = split_numbers(seed)
     paths = {"held_out": split["held_out"]}
-    paths["corpus_jsonl"] = write_jsonl(os.path.join(out_dir, "corpus.jsonl"),
-                                        [{"text": d} for d in pretrain_documents(split["pretrain"], rng, n_docs)])
+    paths["corpus_jsonl"] = write_jsonl(
+        os.path.join(out_dir, "corpus.jsonl"), [{"text": d} for d in pretrain_documents(split["pretrain"], rng, n_docs)]
+    )
     paths["corpus_wiki"] = os.path.join(out_dir, "wiki_00")
     with open(paths["corpus_wiki"], "w", encoding="utf-8") as f:
         f.write(wiki_file(rng, max(50, n_docs // 20)))
     paths["sft"] = write_jsonl(os.path.join(out_dir, "sft.jsonl"), conversations(split["sft"], rng))
     paths["dpo"] = write_jsonl(os.path.join(out_dir, "dpo.jsonl"), preference_pairs(split["sft"], rng))
-    paths["prompts"] = write_jsonl(os.path.join(out_dir, "prompts.jsonl"),
-                                   [{"prompt": task_prompt(n), "reference": task_answer(n)}
-                                    for n in split["held_out"][:8]] +
-                                   [{"prompt": "你好"}, {"prompt": "中国的首都是哪里？"}])
+    paths["prompts"] = write_jsonl(
+        os.path.join(out_dir, "prompts.jsonl"),
+        [{"prompt": task_prompt(n), "reference": task_answer(n)} for n in split["held_out"][:8]]
+        + [{"prompt": "你好"}, {"prompt": "中国的首都是哪里？"}],
+    )
     return paths

@@ -79,8 +79,11 @@ def record_to_pair(record, where: str) -> dict:
     system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     if "prompt" in record:
         prompt = record["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            to_messages({"messages": prompt}, "conversations", where)
+        prompt = (
+            [{"role": "user", "content": prompt}]
+            if isinstance(prompt, str)
+            else to_messages({"messages": prompt}, "conversations", where)
+        )
         prompt = system + prompt
         chosen, rejected = _reply(chosen, where, "chosen"), _reply(rejected, where, "rejected")
     elif isinstance(chosen, list):
@@ -100,8 +103,11 @@ def record_to_pair(record, where: str) -> dict:
         if other != prompt:
             raise BadRecord(where, "prompts differ", "hh transcripts must differ only in the last reply")
     else:
-        raise BadRecord(where, "unknown format", "chosen/rejected are neither messages nor hh transcripts, "
-                        "and there is no prompt or conversations field")
+        raise BadRecord(
+            where,
+            "unknown format",
+            "chosen/rejected are neither messages nor hh transcripts, and there is no prompt or conversations field",
+        )
     if not prompt or prompt[-1]["role"] != "user":
         raise BadRecord(where, "prompt not ending with user", f"{len(prompt)} prompt turns")
     for reply in (chosen, rejected):
@@ -111,8 +117,14 @@ def record_to_pair(record, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def load_pairs(paths: str | list[str], on_bad: str = "error", max_samples: int = 0, stats: Counter | None = None,
-               log=print, columns: dict | None = None) -> tuple[list[dict], Counter]:
+def load_pairs(
+    paths: str | list[str],
+    on_bad: str = "error",
+    max_samples: int = 0,
+    stats: Counter | None = None,
+    log=print,
+    columns: dict | None = None,
+) -> tuple[list[dict], Counter]:
     """Read every file into pairs; on_bad = error (raise naming file:line) | skip (count by reason).
     max_samples > 0 keeps the first max_samples usable pairs of each file; columns renames keys first
     (chat_data.parse_columns)."""
@@ -162,15 +174,21 @@ def tokenize_pairs(pairs: list[dict], tokenizer, seq_len: int, stats: Counter | 
             stats["truncated"] += 1
             # Drop the oldest prompt tokens first (the end of the prompt matters most), keeping at least half.
             cut = min(longest - seq_len, max(0, n_prompt - seq_len // 2))
-            sides = [(ids[cut:seq_len + cut], mask[cut:seq_len + cut]) for ids, mask in sides]
+            sides = [(ids[cut : seq_len + cut], mask[cut : seq_len + cut]) for ids, mask in sides]
         if any(not mask[1:].any() for _, mask in sides):  # position 0 has no prediction
             stats["dropped:too long"] += 1
             continue
         # End each side at the reply's <|im_end|>: a rollout ends there too, and the reward model reads its
         # score at the last token, so training and PPO/GRPO scoring see the same kind of position.
-        sides = [(ids[:np.flatnonzero(mask)[-1] + 1], mask[:np.flatnonzero(mask)[-1] + 1]) for ids, mask in sides]
-        samples.append({"chosen_ids": sides[0][0], "chosen_mask": sides[0][1],
-                        "rejected_ids": sides[1][0], "rejected_mask": sides[1][1]})
+        sides = [(ids[: np.flatnonzero(mask)[-1] + 1], mask[: np.flatnonzero(mask)[-1] + 1]) for ids, mask in sides]
+        samples.append(
+            {
+                "chosen_ids": sides[0][0],
+                "chosen_mask": sides[0][1],
+                "rejected_ids": sides[1][0],
+                "rejected_mask": sides[1][1],
+            }
+        )
     stats["samples"] = len(samples)
     return samples
 
@@ -196,8 +214,15 @@ class PairDataset:
         return item
 
 
-def read_pair_samples(paths: str | list[str], tokenizer, seq_len: int, on_bad: str = "error", max_samples: int = 0,
-                      log=print, columns: dict | None = None) -> tuple[list[dict], Counter]:
+def read_pair_samples(
+    paths: str | list[str],
+    tokenizer,
+    seq_len: int,
+    on_bad: str = "error",
+    max_samples: int = 0,
+    log=print,
+    columns: dict | None = None,
+) -> tuple[list[dict], Counter]:
     """Files -> tokenized pair samples (what DPO and the reward model train on) and the read / skip / truncation
     counts."""
     stats = Counter()
@@ -215,21 +240,27 @@ def collate_pairs(items: list[dict], pad_id: int, pad_multiple: int = 8, seq_len
     num_tokens counts the real tokens (for tokens/s without reading a device tensor).
     seq_len > 0: T is length_bucket(longest row, seq_len), one of a few fixed lengths (one compiled graph each);
     otherwise the longest row rounded up to pad_multiple."""
-    rows = [(it["chosen_ids"], it["chosen_mask"]) for it in items] + \
-           [(it["rejected_ids"], it["rejected_mask"]) for it in items]
+    rows = [(it["chosen_ids"], it["chosen_mask"]) for it in items] + [
+        (it["rejected_ids"], it["rejected_mask"]) for it in items
+    ]
     longest = max(len(ids) for ids, _ in rows)
     T = length_bucket(longest, seq_len) if seq_len > 0 else -(-longest // pad_multiple) * pad_multiple
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.bool)
     for r, (ids, m) in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
-        attention_mask[r, :len(ids)] = 1
-        mask[r, :len(ids)] = torch.from_numpy(m)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": mask[:, 1:],
-             "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]),
-             "num_tokens": sum(len(ids) for ids, _ in rows),
-             "index": torch.tensor([it["index"] for it in items]), "num_pairs": len(items)}
+        input_ids[r, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        attention_mask[r, : len(ids)] = 1
+        mask[r, : len(ids)] = torch.from_numpy(m)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": mask[:, 1:],
+        "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]),
+        "num_tokens": sum(len(ids) for ids, _ in rows),
+        "index": torch.tensor([it["index"] for it in items]),
+        "num_pairs": len(items),
+    }
     if "ref_logps" in items[0]:
         ref = torch.stack([it["ref_logps"] for it in items])  # (B, 2)
         batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])  # (2B,) in row order

@@ -20,8 +20,15 @@ from dataset.text_sources import expand_paths
 # -----------------------------------------------------------------------------
 
 
-def load_prompts(paths: str, tokenizer, max_prompt_tokens: int, on_bad: str = "skip", max_samples: int = 0,
-                 log=print, columns: dict | None = None) -> list[dict]:
+def load_prompts(
+    paths: str,
+    tokenizer,
+    max_prompt_tokens: int,
+    on_bad: str = "skip",
+    max_samples: int = 0,
+    log=print,
+    columns: dict | None = None,
+) -> list[dict]:
     """Prompts for rollouts -> [{"prompt": messages, "answer": str | None, "ids": [int]}].
 
     Reads {"prompt": str | messages, "answer"?: str}, any preference-pair format (the shared prompt) and any
@@ -60,6 +67,7 @@ def load_prompts(paths: str, tokenizer, max_prompt_tokens: int, on_bad: str = "s
         log(f"[data] {path}: {kept:,} prompts")
     skipped = sum(n for reason, n in stats.items() if reason.startswith("skip:"))
     if skipped:
-        log(f"[data] {skipped:,} records skipped (malformed, no user turn last, or prompt > {max_prompt_tokens} "
-            f"tokens)")
+        log(
+            f"[data] {skipped:,} records skipped (malformed, no user turn last, or prompt > {max_prompt_tokens} tokens)"
+        )
     return out

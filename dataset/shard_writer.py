@@ -73,8 +73,10 @@ def check_out_dir(out_dir: str, fingerprint: str) -> None:
         with open(meta_path, encoding="utf-8") as f:
             old = json.load(f)
         if old.get("tokenizer_fingerprint") != fingerprint:
-            raise ValueError(f"{out_dir} already holds shards made with tokenizer {old.get('tokenizer_fingerprint')}, "
-                             f"not the one given ({fingerprint}); use another --out_dir or delete that one")
+            raise ValueError(
+                f"{out_dir} already holds shards made with tokenizer {old.get('tokenizer_fingerprint')}, "
+                f"not the one given ({fingerprint}); use another --out_dir or delete that one"
+            )
     os.makedirs(out_dir, exist_ok=True)
     if os.path.isfile(meta_path):
         os.remove(meta_path)  # meta.json is written last, so without it the directory reads as unfinished
@@ -87,8 +89,9 @@ def remove_partial_output(out_dir: str) -> None:
         path = os.path.join(out_dir, name)
         if name == BUCKET_DIR and os.path.isdir(path):
             shutil.rmtree(path)  # a folder: os.remove() would raise IsADirectoryError
-        elif os.path.isfile(path) and ((name.startswith("train_") and name.endswith(".bin")) or name == "val.bin"
-                                       or name.endswith(".tmp")):
+        elif os.path.isfile(path) and (
+            (name.startswith("train_") and name.endswith(".bin")) or name == "val.bin" or name.endswith(".tmp")
+        ):
             os.remove(path)
 
 
@@ -128,9 +131,21 @@ class ShardWriter:
 # the two passes
 
 
-def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float = 50, val_tokens: int = 1_000_000,
-            seed: int = 1337, workers: int = 0, dtype: str = "auto", bucket_mb: float = 64, batch_docs: int = 512,
-            batch_mb: float = 1, quiet: bool = False, text_column: str = "") -> dict:
+def prepare(
+    tokenizer_dir: str,
+    inputs: list[str],
+    out_dir: str,
+    shard_mb: float = 50,
+    val_tokens: int = 1_000_000,
+    seed: int = 1337,
+    workers: int = 0,
+    dtype: str = "auto",
+    bucket_mb: float = 64,
+    batch_docs: int = 512,
+    batch_mb: float = 1,
+    quiet: bool = False,
+    text_column: str = "",
+) -> dict:
     """text_column: the JSONL field / table column that holds the text; "" = the first of TEXT_FIELDS present."""
     os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))  # before tokenizers starts
     from transformers import AutoTokenizer
@@ -149,8 +164,10 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
         if dtype != "uint16":
             print(f"WARNING: vocabulary of {vocab_size} ids does not fit uint16; writing {dtype} shards (2x disk)")
     elif dtype == "uint16" and need != "uint16":
-        raise ValueError(f"{tokenizer_dir}: vocabulary of {vocab_size} ids does not fit uint16 (max id 65535); "
-                         f"use --dtype uint32 or a smaller vocabulary")
+        raise ValueError(
+            f"{tokenizer_dir}: vocabulary of {vocab_size} ids does not fit uint16 (max id 65535); "
+            f"use --dtype uint32 or a smaller vocabulary"
+        )
     np_dtype = np.dtype(dtype).newbyteorder("<")
     fingerprint = tokenizer_fingerprint(hf_tok)
     check_out_dir(out_dir, fingerprint)
@@ -194,8 +211,12 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
                     continue
                 header = np.array([len(ids)], dtype="<u4").tobytes()
                 for c in range(copies):
-                    b = int.from_bytes(hashlib.blake2b(key + bytes([c % 256, c // 256]), digest_size=8).digest(),
-                                       "little") % n_buckets
+                    b = (
+                        int.from_bytes(
+                            hashlib.blake2b(key + bytes([c % 256, c // 256]), digest_size=8).digest(), "little"
+                        )
+                        % n_buckets
+                    )
                     buckets[b].write(header)
                     buckets[b].write(ids.tobytes())
                 sm["documents"] += copies
@@ -230,8 +251,11 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
                     if not quiet and now - last > 2:
                         last = now
                         mb = stats["bytes"] / 1e6
-                        print(f"  read {mb:8.1f} MB | {mb / (now - t0):6.2f} MB/s | "
-                              f"{stats['tokens'] / (now - t0):10,.0f} tokens/s", flush=True)
+                        print(
+                            f"  read {mb:8.1f} MB | {mb / (now - t0):6.2f} MB/s | "
+                            f"{stats['tokens'] / (now - t0):10,.0f} tokens/s",
+                            flush=True,
+                        )
                 if batch:
                     flush(batch, sm)
                 if sm["documents"] == 0:
@@ -243,9 +267,11 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
             val_f.close()
 
         if stats["special_docs"]:
-            print(f"note: {stats['special_docs']:,} documents carry {stats['special_strings']:,} special-token "
-                  f"strings ({', '.join(specials)}); they were tokenised as plain text, not as the special ids "
-                  f"(those belong to the chat template); strip them from the source if they are only wrappers")
+            print(
+                f"note: {stats['special_docs']:,} documents carry {stats['special_strings']:,} special-token "
+                f"strings ({', '.join(specials)}); they were tokenised as plain text, not as the special ids "
+                f"(those belong to the chat template); strip them from the source if they are only wrappers"
+            )
 
         # phase 2: shuffle each bucket in memory (seeded per bucket), concatenate into shards
         writer = ShardWriter(out_dir, max(1, int(shard_mb * 1e6) // np_dtype.itemsize))
@@ -255,12 +281,12 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
             starts, pos = [], 0  # byte offset of each document's header (no per-document array objects)
             while pos < len(raw):
                 starts.append(pos)
-                pos += 4 + int(raw[pos:pos + 4].view("<u4")[0]) * np_dtype.itemsize
+                pos += 4 + int(raw[pos : pos + 4].view("<u4")[0]) * np_dtype.itemsize
             order = np.random.default_rng([seed, b]).permutation(len(starts))
             for i in order:
                 s = starts[i]
-                n = int(raw[s:s + 4].view("<u4")[0])
-                writer.add(raw[s + 4:s + 4 + n * np_dtype.itemsize].view(np_dtype))
+                n = int(raw[s : s + 4].view("<u4")[0])
+                writer.add(raw[s + 4 : s + 4 + n * np_dtype.itemsize].view(np_dtype))
             del raw, starts  # the writer kept no reference, so the bucket is freed here
             os.remove(path)
         writer.flush()
@@ -274,11 +300,24 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
         if not writer.shards:
             raise ValueError("no training tokens were produced (every document went to validation?)")
 
-        meta = {"format": SHARD_FORMAT, "dtype": dtype, "vocab_size": vocab_size, "tokenizer_fingerprint": fingerprint,
-                "tokenizer_dir": os.path.abspath(tokenizer_dir), "eos_id": eos, "seed": seed, "sources": src_meta,
-                "train_shards": writer.shards, "val_shard": val_entry, "val_documents": stats["val_docs"],
-                "special_token_text": {"documents": stats["special_docs"], "strings": stats["special_strings"],
-                                       "tokenised_as": "text"}}
+        meta = {
+            "format": SHARD_FORMAT,
+            "dtype": dtype,
+            "vocab_size": vocab_size,
+            "tokenizer_fingerprint": fingerprint,
+            "tokenizer_dir": os.path.abspath(tokenizer_dir),
+            "eos_id": eos,
+            "seed": seed,
+            "sources": src_meta,
+            "train_shards": writer.shards,
+            "val_shard": val_entry,
+            "val_documents": stats["val_docs"],
+            "special_token_text": {
+                "documents": stats["special_docs"],
+                "strings": stats["special_strings"],
+                "tokenised_as": "text",
+            },
+        }
         with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False, indent=1)
         os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))  # last: marks completion
@@ -287,7 +326,9 @@ def prepare(tokenizer_dir: str, inputs: list[str], out_dir: str, shard_mb: float
         raise
     dt = time.time() - t0
     if not quiet:
-        print(f"wrote {len(writer.shards)} train shards ({stats['tokens']:,} tokens) + val ({stats['val_tokens']:,} "
-              f"tokens, {stats['val_docs']:,} docs) to {out_dir} in {dt:.1f}s | {stats['bytes'] / 1e6 / dt:.2f} MB/s | "
-              f"{(stats['tokens'] + stats['val_tokens']) / dt:,.0f} tokens/s")
+        print(
+            f"wrote {len(writer.shards)} train shards ({stats['tokens']:,} tokens) + val ({stats['val_tokens']:,} "
+            f"tokens, {stats['val_docs']:,} docs) to {out_dir} in {dt:.1f}s | {stats['bytes'] / 1e6 / dt:.2f} MB/s | "
+            f"{(stats['tokens'] + stats['val_tokens']) / dt:,.0f} tokens/s"
+        )
     return meta

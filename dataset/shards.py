@@ -75,11 +75,13 @@ def check_meta(meta: dict, data_dir: str, vocab_size: int, fingerprint: str | No
     if meta["vocab_size"] > vocab_size:
         raise ValueError(
             f"{data_dir}: shards use a vocabulary of {meta['vocab_size']} ids but the model has vocab_size="
-            f"{vocab_size}; set the model's vocab_size to at least {meta['vocab_size']}")
+            f"{vocab_size}; set the model's vocab_size to at least {meta['vocab_size']}"
+        )
     if fingerprint is not None and meta.get("tokenizer_fingerprint") not in (None, fingerprint):
         raise ValueError(
             f"{data_dir}: shards were made with tokenizer {meta['tokenizer_fingerprint']}, "
-            f"but the tokenizer given has fingerprint {fingerprint}; re-run prepare_shards.py with this tokenizer")
+            f"but the tokenizer given has fingerprint {fingerprint}; re-run prepare_shards.py with this tokenizer"
+        )
 
 
 def open_shard(data_dir: str, entry: dict, dtype: str) -> np.ndarray:
@@ -100,11 +102,20 @@ class ShardStream:
     checkpoint resumes at the exact token, also with another number of processes (same global batch).
     A span never crosses a shard: the tail of a shard shorter than a span is skipped (< one step of data)."""
 
-    def __init__(self, data_dir: str, meta: dict, seq_len: int, global_batch: int, micro_batch: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        data_dir: str,
+        meta: dict,
+        seq_len: int,
+        global_batch: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if global_batch % (micro_batch * world_size) != 0:
-            raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
-                             f"x {world_size} processes")
+            raise ValueError(
+                f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x {world_size} processes"
+            )
         self.data_dir, self.meta, self.seq_len = data_dir, meta, seq_len
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
@@ -112,8 +123,10 @@ class ShardStream:
         self.shards = [e for e in meta["train_shards"] if e["tokens"] >= self.span]
         if not self.shards:
             biggest = max(e["tokens"] for e in meta["train_shards"])
-            raise ValueError(f"{data_dir}: one step needs {self.span:,} tokens (global batch {global_batch} x seq_len "
-                             f"{seq_len}) but the largest shard holds {biggest:,}; lower batch or seq_len")
+            raise ValueError(
+                f"{data_dir}: one step needs {self.span:,} tokens (global batch {global_batch} x seq_len "
+                f"{seq_len}) but the largest shard holds {biggest:,}; lower batch or seq_len"
+            )
         self.shard_index, self.offset, self.epoch = 0, 0, 0
         self._array, self._array_index = None, -1
         self.shard_done = False  # True right after the step that used the last full span of a shard
@@ -133,14 +146,14 @@ class ShardStream:
 
         if self.offset + self.span > self.shards[self.shard_index]["tokens"]:
             self._advance_shard()
-        span = self._shard()[self.offset:self.offset + self.span].astype(np.int64)
+        span = self._shard()[self.offset : self.offset + self.span].astype(np.int64)
         self.offset += self.span - 1
         self.shard_done = self.offset + self.span > self.shards[self.shard_index]["tokens"]
         span = torch.from_numpy(span)
         T, rows = self.seq_len, self.global_batch // self.world_size
-        x = span[:-1].view(self.global_batch, T)[self.rank * rows:(self.rank + 1) * rows]
-        y = span[1:].view(self.global_batch, T)[self.rank * rows:(self.rank + 1) * rows]
-        return [(x[i:i + self.micro_batch], y[i:i + self.micro_batch]) for i in range(0, rows, self.micro_batch)]
+        x = span[:-1].view(self.global_batch, T)[self.rank * rows : (self.rank + 1) * rows]
+        y = span[1:].view(self.global_batch, T)[self.rank * rows : (self.rank + 1) * rows]
+        return [(x[i : i + self.micro_batch], y[i : i + self.micro_batch]) for i in range(0, rows, self.micro_batch)]
 
     def _advance_shard(self):
         self.shard_index += 1
@@ -149,8 +162,12 @@ class ShardStream:
             self.shard_index, self.epoch = 0, self.epoch + 1  # all shards used: start the next epoch
 
     def state_dict(self) -> dict:
-        return {"shard_index": self.shard_index, "offset": self.offset, "epoch": self.epoch,
-                "shard_file": self.shards[self.shard_index]["file"]}
+        return {
+            "shard_index": self.shard_index,
+            "offset": self.offset,
+            "epoch": self.epoch,
+            "shard_file": self.shards[self.shard_index]["file"],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.shards[state["shard_index"]]["file"] != state["shard_file"]:
@@ -166,5 +183,4 @@ def val_windows(data_dir: str, meta: dict, seq_len: int, max_windows: int) -> np
         return None
     arr = open_shard(data_dir, entry, meta["dtype"])
     n = min(max_windows, (entry["tokens"] - 1) // seq_len)
-    return np.lib.stride_tricks.as_strided(arr, shape=(n, seq_len + 1), strides=(seq_len * arr.itemsize,
-                                                                               arr.itemsize))
+    return np.lib.stride_tricks.as_strided(arr, shape=(n, seq_len + 1), strides=(seq_len * arr.itemsize, arr.itemsize))

@@ -48,8 +48,10 @@ def is_dataset_dict_dir(path: str) -> bool:
 
 def dataset_dict_message(path: str) -> str:
     splits = sorted(n for n in os.listdir(path) if is_dataset_dir(os.path.join(path, n)))
-    return (f"{path}: a DatasetDict saved with save_to_disk (splits: {', '.join(splits) or 'none found'}); name the "
-            f"split folder to read, e.g. {os.path.join(path, splits[0] if splits else 'train')}")
+    return (
+        f"{path}: a DatasetDict saved with save_to_disk (splits: {', '.join(splits) or 'none found'}); name the "
+        f"split folder to read, e.g. {os.path.join(path, splits[0] if splits else 'train')}"
+    )
 
 
 def _table_kind(path: str) -> str | None:
@@ -110,8 +112,7 @@ def _batches(pa, path: str, kind: str, columns: list[str] | None):
         return
     with pa.memory_map(path) as source:  # IPC batches are mapped, not copied: only the slices we convert cost RAM
         reader = pa.ipc.open_file(source) if kind == "arrow_file" else pa.ipc.open_stream(source)
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if kind == "arrow_file" \
-            else reader
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if kind == "arrow_file" else reader
         yield from _slices(batch.select(columns) if columns else batch for batch in batches)
 
 
@@ -174,16 +175,18 @@ _MAGIC = (  # (prefix, what it is, what to do)
 def wiki_dump_hint(path: str) -> str:
     """The commands that turn a raw MediaWiki dump into text we read (the same as config/recipes/README.md)."""
     # WikiExtractor reads the dump as it is, .xml or .xml.bz2, so the command names the file given
-    return (f"{path}: a raw Wikipedia XML dump (siteinfo, ids and wikitext markup, not text); extract the articles "
-            f"first: `pip install wikiextractor && python -m wikiextractor.WikiExtractor {path} -o dataset/wiki "
-            f"--json` (on Python 3.11+ install wikiextractor from its GitHub master, see config/recipes/README.md), "
-            f"then `python scripts/zh_simplify.py --input dataset/wiki --output dataset/zh/clean.jsonl` and use that")
+    return (
+        f"{path}: a raw Wikipedia XML dump (siteinfo, ids and wikitext markup, not text); extract the articles "
+        f"first: `pip install wikiextractor && python -m wikiextractor.WikiExtractor {path} -o dataset/wiki "
+        f"--json` (on Python 3.11+ install wikiextractor from its GitHub master, see config/recipes/README.md), "
+        f"then `python scripts/zh_simplify.py --input dataset/wiki --output dataset/zh/clean.jsonl` and use that"
+    )
 
 
 def _is_mediawiki(text_head: bytes) -> bool:
     head = text_head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"<?xml"):
-        head = head[head.find(b"?>") + 2:].lstrip()
+        head = head[head.find(b"?>") + 2 :].lstrip()
     return head.startswith(b"<mediawiki")
 
 
@@ -226,5 +229,7 @@ def check_text_input(path: str) -> None:
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise ValueError(f"{path}: UTF-16 text; convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in raw and not _utf8_so_far(raw):  # NUL bytes and not UTF-8: no text we could be asked to read
-        raise ValueError(f"{path}: a binary file (NUL bytes in its first 4 KB), not text of any encoding; give "
-                         f"text, JSONL, JSON, parquet, Arrow or a save_to_disk folder")
+        raise ValueError(
+            f"{path}: a binary file (NUL bytes in its first 4 KB), not text of any encoding; give "
+            f"text, JSONL, JSON, parquet, Arrow or a save_to_disk folder"
+        )

@@ -115,8 +115,10 @@ def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[int, str]]:
                 try:
                     line = decoder.decode(raw)
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                     f"convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)") from None
+                    raise ValueError(
+                        f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                        f"convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)"
+                    ) from None
                 if lineno == 1 and line_start and line.startswith("\ufeff"):
                     line = line[1:]  # a UTF-8 byte-order mark is not text
                 line_start = raw.endswith(b"\n")
@@ -125,8 +127,9 @@ def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[int, str]]:
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 at the end of the file ({e.reason}); "
-                                 f"a truncated file?") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 at the end of the file ({e.reason}); a truncated file?"
+                ) from None
         except (OSError, EOFError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -161,7 +164,7 @@ def _kind(path: str) -> str:
 # readers, one per format
 
 
-_DOC_OPEN = re.compile(r'<doc\b([^>]*)>')
+_DOC_OPEN = re.compile(r"<doc\b([^>]*)>")
 _ATTR = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -198,8 +201,10 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> Iterator[dict]:
             raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
         field = next((k for k in text_fields if k in obj), None)
         if field is None or not isinstance(obj[field], str):
-            raise ValueError(f"{path}:{lineno}: no string field {' or '.join(repr(k) for k in text_fields)} "
-                             f"(keys: {', '.join(list(obj)[:8])})")
+            raise ValueError(
+                f"{path}:{lineno}: no string field {' or '.join(repr(k) for k in text_fields)} "
+                f"(keys: {', '.join(list(obj)[:8])})"
+            )
         doc = {"text": obj[field], "source": path, "title": str(obj.get("title", "")), "line": lineno}
         if isinstance(obj.get("source"), str):
             doc["origin"] = obj["source"]  # zh_simplify output keeps the original file name here
@@ -210,8 +215,10 @@ def _read_table(path: str, text_fields: tuple[str, ...]) -> Iterator[dict]:
     names = column_names(path)
     field = next((k for k in text_fields if k in names), None)
     if field is None:
-        raise ValueError(f"{path}: no column {' or '.join(repr(k) for k in text_fields)} (columns: "
-                         f"{', '.join(names[:12])}); set text_column= to the one that holds the text")
+        raise ValueError(
+            f"{path}: no column {' or '.join(repr(k) for k in text_fields)} (columns: "
+            f"{', '.join(names[:12])}); set text_column= to the one that holds the text"
+        )
     extra = [k for k in ("title", "source") if k in names and k != field]  # read only what a document keeps
     for row_no, row in iter_rows(path, [field] + extra):
         text = row[field]
@@ -319,8 +326,9 @@ def _read_text(path: str, max_doc_chars: int) -> Iterator[dict]:
         yield {"text": "".join(buf), "source": path, "title": title, "line": start}
 
 
-def iter_documents(path: str, text_fields: tuple[str, ...] = TEXT_FIELDS, max_doc_chars: int = 20000,
-                   allow_empty: bool = False) -> Iterator[dict]:
+def iter_documents(
+    path: str, text_fields: tuple[str, ...] = TEXT_FIELDS, max_doc_chars: int = 20000, allow_empty: bool = False
+) -> Iterator[dict]:
     """Stream the documents of one file. An empty source is an error unless allow_empty, so a wrong path or an
     all-blank file never silently contributes nothing."""
     if not (os.path.isfile(path) or is_dataset_dir(path)):
@@ -358,8 +366,13 @@ def iter_corpus(paths: list[str], **kw) -> Iterator[dict]:
 def is_cjk(ch: str) -> bool:
     """Han ideographs (BMP blocks and the supplementary-plane extensions) and CJK compatibility ideographs."""
     o = ord(ch)
-    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x20000 <= o <= 0x323AF
-            or 0xF900 <= o <= 0xFAFF or 0x2F800 <= o <= 0x2FA1F)
+    return (
+        0x4E00 <= o <= 0x9FFF
+        or 0x3400 <= o <= 0x4DBF
+        or 0x20000 <= o <= 0x323AF
+        or 0xF900 <= o <= 0xFAFF
+        or 0x2F800 <= o <= 0x2FA1F
+    )
 
 
 _CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U000323af\U0002f800-\U0002fa1f]")
@@ -427,7 +440,9 @@ _HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>\n]*)?/?>")
 _HTML_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z]{2,8});")
 # brackets that hold nothing but separators: what is left after WikiExtractor drops a template, e.g. 萬民福音部（）是
 _EMPTY_BRACKETS = re.compile(r"[（(【\[]\s*[，,；;、：:/\s]*\s*[）)】\]]")
-_BRACKET_LEAD = re.compile(r"([（(])\s*[，,；;、]+\s*")  # （，意为…） -> （意为…）: the template before the comma is gone
+_BRACKET_LEAD = re.compile(
+    r"([（(])\s*[，,；;、]+\s*"
+)  # （，意为…） -> （意为…）: the template before the comma is gone
 _SAME_PUNCT = re.compile(r"([，。、；：！？,;!?])\1+")  # 。。 -> 。 ; kept: …… and —— which are single marks in Chinese
 _LONG_ELLIPSIS = re.compile(r"…{3,}|\.{4,}|—{3,}|-{4,}|={4,}|~{3,}|·{3,}")
 _LEADING_PUNCT = re.compile(r"(?m)^[ \t]*[，,；;、]+")  # a line that starts with a separator lost its first half
@@ -477,8 +492,13 @@ def clean_text(text: str, convert, stats: Counter) -> str:
     text = _sub(_EMPTY_BRACKETS, "", text, "empty_brackets", stats)
     text = _sub(_BRACKET_LEAD, r"\1", text, "empty_brackets", stats)
     text = _sub(_SAME_PUNCT, r"\1", text, "repeated_punct", stats)
-    text = _sub(_LONG_ELLIPSIS, lambda m: m.group(0)[:2] if m.group(0)[0] in "…—" else m.group(0)[:3], text,
-                "repeated_punct", stats)
+    text = _sub(
+        _LONG_ELLIPSIS,
+        lambda m: m.group(0)[:2] if m.group(0)[0] in "…—" else m.group(0)[:3],
+        text,
+        "repeated_punct",
+        stats,
+    )
     text = _sub(_LEADING_PUNCT, "", text, "repeated_punct", stats)
     # whitespace: runs of spaces become one, indentation and trailing spaces go, at most one blank line in a row
     before = len(text)

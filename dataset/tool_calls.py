@@ -13,11 +13,15 @@ Standard library only: the tokenizer stage imports it without torch.
 import json
 import re
 
-TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-               "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-               "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-               "<args-json-object>}\n</tool_call>")
+TOOLS_INTRO = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_OUTRO = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>"
+)
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -49,8 +53,12 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]] | None:
             call = json.loads(block)
         except json.JSONDecodeError:
             return None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]
-                and isinstance(call.get("arguments", {}), dict)):
+        if not (
+            isinstance(call, dict)
+            and isinstance(call.get("name"), str)
+            and call["name"]
+            and isinstance(call.get("arguments", {}), dict)
+        ):
             return None
         calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
-    return text[:text.index("<tool_call>")].rstrip("\n"), calls
+    return text[: text.index("<tool_call>")].rstrip("\n"), calls

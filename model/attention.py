@@ -40,8 +40,14 @@ class AttentionPlan:
     documents: str  # packed rows: none | flex (block mask from document ids) | mask (dense mask on the device)
 
 
-def flash_can_run(capability: tuple[int, int], dtype: torch.dtype, has_mask: bool, head_dim: int,
-                  requires_grad: bool = False, dropout: bool = False) -> bool:
+def flash_can_run(
+    capability: tuple[int, int],
+    dtype: torch.dtype,
+    has_mask: bool,
+    head_dim: int,
+    requires_grad: bool = False,
+    dropout: bool = False,
+) -> bool:
     if has_mask or dtype not in HALF or not (8, 0) <= capability <= (12, 1) or head_dim > 256:
         return False
     if requires_grad and ((8, 6) <= capability <= (8, 9) or (12, 0) <= capability <= (12, 1)):
@@ -53,8 +59,9 @@ def flash_can_run(capability: tuple[int, int], dtype: torch.dtype, has_mask: boo
 def efficient_can_run(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
     if not (5, 0) <= capability <= (12, 1):
         return False
-    if dtype not in ((torch.float16, torch.float32, torch.bfloat16) if capability >= (8, 0)
-                     else (torch.float16, torch.float32)):
+    if dtype not in (
+        (torch.float16, torch.float32, torch.bfloat16) if capability >= (8, 0) else (torch.float16, torch.float32)
+    ):
         return False
     # the CUTLASS kernels' GEMM alignment: 128-bit tensor-core loads for fp16/bf16 (and fp32 from sm80)
     if dtype in HALF:
@@ -64,10 +71,21 @@ def efficient_can_run(capability: tuple[int, int], dtype: torch.dtype, head_dim:
     return head_dim % alignment == 0
 
 
-def attention_plan(capability: tuple[int, int] | None, dtype: torch.dtype, has_mask: bool, is_causal: bool,
-                   n_heads: int, n_kv_heads: int, head_dim: int, *, documents: bool = False,
-                   flex_available: bool = False, efficient_gqa: bool = False, requires_grad: bool = False,
-                   dropout: bool = False) -> AttentionPlan:
+def attention_plan(
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    has_mask: bool,
+    is_causal: bool,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    *,
+    documents: bool = False,
+    flex_available: bool = False,
+    efficient_gqa: bool = False,
+    requires_grad: bool = False,
+    dropout: bool = False,
+) -> AttentionPlan:
     """The attention path for one forward.
 
     capability: the CUDA compute capability, None for the CPU (or any non-CUDA device).
@@ -126,6 +144,7 @@ def flex_attention_available(device: torch.device) -> bool:
         try:
             from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (torch >= 2.5)
             from torch.utils._triton import has_triton
+
             _FLEX_AVAILABLE.append(has_triton())
         except ImportError:
             _FLEX_AVAILABLE.append(False)
@@ -178,5 +197,6 @@ def attend(q, k, v, plan: AttentionPlan, mask=None, is_causal: bool = False, dro
     if plan.expand_kv:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                          enable_gqa=plan.enable_gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=plan.enable_gqa
+    )

@@ -53,7 +53,8 @@ class SLMConfig(PreTrainedConfig):
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
                     f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                    f"({self.num_attention_heads}), or set head_dim explicitly")
+                    f"({self.num_attention_heads}), or set head_dim explicitly"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -74,8 +75,9 @@ class SLMConfig(PreTrainedConfig):
 
         path = preset
         if not os.path.isfile(path):
-            path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "model",
-                                f"{preset}.json")
+            path = os.path.join(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "model", f"{preset}.json"
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model preset '{preset}' not found (a JSON path or a name in config/model/)")
         with open(path, encoding="utf-8") as f:
@@ -88,36 +90,57 @@ class SLMConfig(PreTrainedConfig):
 
     def _check_shapes(self):
         """Reject shapes the model cannot build, with a plain ValueError that says why."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
-                f"({self.num_attention_heads}): each kv head serves a whole group of query heads")
+                f"({self.num_attention_heads}): each kv head serves a whole group of query heads"
+            )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.use_moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts "
-                f"({self.num_experts})")
+                f"({self.num_experts})"
+            )
 
 
 def slm_to_llama_config(cfg: SLMConfig) -> LlamaConfig:
     """The LlamaConfig of the same model: a dense SLM checkpoint loads into LlamaForCausalLM key for key.
     MoE has no Llama equivalent and is refused with a ValueError that says what to do instead."""
     if cfg.use_moe:
-        raise ValueError("this checkpoint uses mixture-of-experts layers, which the Llama architecture does not "
-                         "have; export a dense model (use_moe=false), or distill the MoE model into one first")
+        raise ValueError(
+            "this checkpoint uses mixture-of-experts layers, which the Llama architecture does not "
+            "have; export a dense model (use_moe=false), or distill the MoE model into one first"
+        )
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias, mlp_bias=False,
-        attention_dropout=cfg.attention_dropout, initializer_range=cfg.initializer_range,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias,
+        mlp_bias=False,
+        attention_dropout=cfg.attention_dropout,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
     )
 
 

@@ -42,8 +42,16 @@ class StaticKVCache:
     ever copied or reallocated as the sequence grows. It is not a transformers Cache subclass on purpose: the
     mask helpers then treat it as a plain object and use the 4-D mask we pass."""
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+    ):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         # torch.empty, not zeros: only slots < seq_len are ever read back.
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -94,8 +102,13 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings or ()))
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0 \
-                or self.repetition_penalty <= 0:
+        if (
+            self.max_new_tokens < 0
+            or self.temperature < 0
+            or self.top_k < 0
+            or not 0.0 <= self.top_p <= 1.0
+            or self.repetition_penalty <= 0
+        ):
             raise ValueError(f"invalid sampling parameters: {self}")
 
     def replace(self, **changes) -> "SamplingParams":
@@ -109,8 +122,9 @@ class SamplingParams:
 CHAT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.9)
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Same order as transformers: repetition penalty, temperature, top-k, top-p.
 
     seen (B, V) bool marks the tokens already in each row (prompt and output) for the repetition penalty (CTRL's:
@@ -161,20 +175,20 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
         if len(text) > len(before) and not text.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return text[len(before):]
+            return text[len(before) :]
         return ""
 
     def flush(self) -> str:
         """The held-back tail at the end of generation. A character cut off by max_new_tokens is dropped rather
         than shown as U+FFFD: its remaining bytes were never generated."""
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return text[len(before):].rstrip("\ufffd")
+        return text[len(before) :].rstrip("\ufffd")
 
 
 def held_back(text: str, stop_strings: list[str]) -> int:
@@ -244,8 +258,10 @@ class _RowText:
             r.finish_reason, self.done = "stop", True
             return ""
         self.text += self.decoder.push(token)
-        hit = min((i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stop_strings) if i >= 0),
-                  default=-1)
+        hit = min(
+            (i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stop_strings) if i >= 0),
+            default=-1,
+        )
         if hit >= 0:
             self.text = self.text[:hit]
             r.finish_reason, self.done = "stop", True
@@ -260,7 +276,7 @@ class _RowText:
         return self._show(len(self.text))
 
     def _show(self, end: int) -> str:
-        piece = self.text[self.shown:end] if end > self.shown else ""
+        piece = self.text[self.shown : end] if end > self.shown else ""
         self.shown = max(self.shown, end)
         self.result.text += piece
         return piece
@@ -320,8 +336,9 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-                        quantize: str = "none"):
+    def from_pretrained(
+        cls, path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto", quantize: str = "none"
+    ):
         """Load a checkpoint directory (save_pretrained output, or an exported Llama folder) and its tokenizer.
 
         adapter: a PEFT-format LoRA directory, merged into the base weights at load (no LoRA cost per token).
@@ -329,9 +346,11 @@ class Engine:
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
         from transformers import AutoTokenizer
 
-
-        if adapter is None and not os.path.isfile(os.path.join(path, "config.json")) and \
-                os.path.isfile(os.path.join(path, "adapter_config.json")):
+        if (
+            adapter is None
+            and not os.path.isfile(os.path.join(path, "config.json"))
+            and os.path.isfile(os.path.join(path, "adapter_config.json"))
+        ):
             with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
                 path, adapter = json.load(f)["base_model_name_or_path"], path
         # The one device/dtype policy (model/runtime.py): the same answer as training on this device.
@@ -355,8 +374,7 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-                 **changes) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None, **changes) -> list[list[int]]:
         """Generate for a batch of prompts (token id lists of any lengths; left-padded internally).
 
         sampling (default SamplingParams(): greedy) with any of its fields changed by keyword, e.g.
@@ -388,13 +406,22 @@ class Engine:
         request's TextStream. Per row: max_new_tokens, stop ids and stop strings. Shared, taken from the first
         row: temperature, top_k, top_p, repetition_penalty and seed (one generator draws for the whole batch)."""
         first = samplings[0]
-        shared = first.replace(max_new_tokens=max(s.max_new_tokens for s in samplings), stop_token_ids=(),
-                               stop_strings=())
+        shared = first.replace(
+            max_new_tokens=max(s.max_new_tokens for s in samplings), stop_token_ids=(), stop_strings=()
+        )
         retired: set[int] = set()
         steps = self._steps(prompts, shared, text_stops=False, retired=retired)
         results = [TextStream(len(p)) for p in prompts]
-        rows = [_RowText(self.tokenizer, r, self.stop_token_ids if s.stop_token_ids is None else s.stop_token_ids,
-                         s.stop_strings, s.max_new_tokens) for r, s in zip(results, samplings)]
+        rows = [
+            _RowText(
+                self.tokenizer,
+                r,
+                self.stop_token_ids if s.stop_token_ids is None else s.stop_token_ids,
+                s.stop_strings,
+                s.max_new_tokens,
+            )
+            for r, s in zip(results, samplings)
+        ]
         return BatchStream(results, self._stream_rows(steps, rows, retired), retired)
 
     @staticmethod
@@ -423,8 +450,9 @@ class Engine:
 
     # --- chat -------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict], max_new_tokens: int = 256,
-                    max_conversation_tokens: int | None = None) -> list[int]:
+    def chat_prompt(
+        self, messages: list[dict], max_new_tokens: int = 256, max_conversation_tokens: int | None = None
+    ) -> list[int]:
         """The ChatML ids of messages plus the assistant header (dataset/chat_data.py chatml_pieces: special-token
         text inside content stays text, so a message cannot forge a turn).
 
@@ -465,8 +493,9 @@ class Engine:
 
     # --- the decode loop --------------------------------------------------------------------------------
 
-    def _steps(self, prompts: list[list[int]], params: SamplingParams, text_stops: bool = True,
-               retired: set[int] | None = None):
+    def _steps(
+        self, prompts: list[list[int]], params: SamplingParams, text_stops: bool = True, retired: set[int] | None = None
+    ):
         """Generator: after each forward, yields [(row, token)] for the rows still running. The caller may add
         rows to retired between steps (its own stop rules); they are not yielded again.
 
@@ -498,7 +527,7 @@ class Engine:
                     if token in stop_ids:
                         continue
                     if decoders is not None:
-                        texts[row] = (texts[row] + decoders[row].push(token))[-4 * max(map(len, stop_strings)):]
+                        texts[row] = (texts[row] + decoders[row].push(token))[-4 * max(map(len, stop_strings)) :]
                         if any(s in texts[row] for s in stop_strings):
                             continue
                     still.append(row)
@@ -516,8 +545,8 @@ class Engine:
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         keep = torch.zeros((B, total_len), dtype=torch.bool)  # True = a real token in that cache slot
         for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding: every row ends at slot P-1
-            keep[i, P - len(p):] = True
+            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)  # left padding: every row ends at slot P-1
+            keep[i, P - len(p) :] = True
         keep[:, P:] = True  # generated slots are all real
         ids, keep = ids.to(dev), keep.to(dev)
         # Positions count real tokens only, as transformers does, so a padded row sees the same RoPE phases.
@@ -527,8 +556,14 @@ class Engine:
         # (B, 1, P, P) bool mask: causal and not padding; each slot sees itself so no row is all-False (NaN).
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         mask = (causal[None] & keep[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions[:, :P],
-                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask[:, None],
+            position_ids=positions[:, :P],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=dev)
@@ -536,9 +571,15 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
-        return {"cache": cache, "keep": keep, "positions": positions, "logits": logits, "seen": seen,
-                "unpadded": all(len(p) == P for p in prompts),
-                "generator": generator}
+        return {
+            "cache": cache,
+            "keep": keep,
+            "positions": positions,
+            "logits": logits,
+            "seen": seen,
+            "unpadded": all(len(p) == P for p in prompts),
+            "generator": generator,
+        }
 
     def _sample(self, state: dict, params: SamplingParams) -> list[int]:
         nxt = sample_next(state["logits"], state["seen"], params, state["generator"])
@@ -553,10 +594,15 @@ class Engine:
         # Finished rows keep decoding (their output is ignored): cheaper than reshaping the batch and cache.
         # (B, 1, 1, t+1): the query sees every real slot so far; without padding it sees all, and no mask lets
         # SDPA take its fastest kernel.
-        mask = None if state["unpadded"] else state["keep"][:, None, None, :t + 1]
-        state["logits"] = self.model(input_ids=state["next"][:, None], attention_mask=mask,
-                                     position_ids=state["positions"][:, t:t + 1], cache=cache, use_cache=True,
-                                     logits_to_keep=1).logits[:, -1]
+        mask = None if state["unpadded"] else state["keep"][:, None, None, : t + 1]
+        state["logits"] = self.model(
+            input_ids=state["next"][:, None],
+            attention_mask=mask,
+            position_ids=state["positions"][:, t : t + 1],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         return self._sample(state, params)
 
 

@@ -78,48 +78,85 @@ def data_licenses(data_dir: str) -> list[str]:
     return sorted({s["license"] for s in sources if isinstance(s, dict) and s.get("license")})
 
 
-def write_model_card(path: str, *, config, stage: str, training: dict, evaluation: dict | None = None,
-                     licenses: list[str] | None = None, base_model: str = "") -> str:
+def write_model_card(
+    path: str,
+    *,
+    config,
+    stage: str,
+    training: dict,
+    evaluation: dict | None = None,
+    licenses: list[str] | None = None,
+    base_model: str = "",
+) -> str:
     """README.md in `path`: YAML front matter for the Hub, then what the model is, how it was trained, eval numbers,
     the data licenses known, and how to load it. `training` holds plain facts (steps, tokens, data, lr...)."""
     licenses = licenses or []
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [milli-chat, chinese, llama-like]", "language: [zh, en]"]
+    front = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [milli-chat, chinese, llama-like]",
+        "language: [zh, en]",
+    ]
     if base_model:
         front.append(f"base_model: {base_model}")
     front.append("license: other  # set this to what your data allows (see 'Data' below)")
     front.append("---")
-    arch = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query / "
-            f"{config.num_key_value_heads} key-value heads, vocab {config.vocab_size}, context "
-            f"{config.max_position_embeddings}, RoPE theta {config.rope_theta:g}"
-            + (f", mixture of {config.num_experts} experts" if getattr(config, "use_moe", False) else ""))
+    arch = (
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query / "
+        f"{config.num_key_value_heads} key-value heads, vocab {config.vocab_size}, context "
+        f"{config.max_position_embeddings}, RoPE theta {config.rope_theta:g}"
+        + (f", mixture of {config.num_experts} experts" if getattr(config, "use_moe", False) else "")
+    )
     lines = front + [
-        "", f"# {os.path.basename(os.path.normpath(path))}", "",
+        "",
+        f"# {os.path.basename(os.path.normpath(path))}",
+        "",
         f"A Milli-Chat model (~{_parameters(config)} parameters, a Llama-style decoder: RMSNorm, RoPE, grouped-query "
-        f"attention, SwiGLU), the output of the `{stage}` stage.", "", f"Architecture: {arch}.", "",
-        "## Training", ""]
+        f"attention, SwiGLU), the output of the `{stage}` stage.",
+        "",
+        f"Architecture: {arch}.",
+        "",
+        "## Training",
+        "",
+    ]
     lines += [f"- {key}: {value}" for key, value in training.items()]
     lines += ["", "## Evaluation", ""]
     if evaluation:
-        lines += [f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
-                  for key, value in evaluation.items()]
+        lines += [
+            f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
+            for key, value in evaluation.items()
+        ]
     else:
         lines.append("Not evaluated yet: `python main.py --stage eval init_from=<this folder>`.")
     lines += ["", "## Data", ""]
     if licenses:
-        lines.append("Licenses recorded for the training data: " + "; ".join(licenses) + ". The model's own license "
-                     "must respect them (share-alike and non-commercial terms carry over).")
+        lines.append(
+            "Licenses recorded for the training data: " + "; ".join(licenses) + ". The model's own license "
+            "must respect them (share-alike and non-commercial terms carry over)."
+        )
     else:
-        lines.append("No license fields were recorded for the data this stage saw: check the licenses of your sources "
-                     "before you publish the model.")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
-              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # code ships in the folder",
-              "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"你好\"}], add_generation_prompt=True,",
-              "                              return_tensors=\"pt\")",
-              "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
-              "```", "", "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`).",
-              ""]
+        lines.append(
+            "No license fields were recorded for the data this stage saw: check the licenses of your sources "
+            "before you publish the model."
+        )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # code ships in the folder",
+        'ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,',
+        '                              return_tensors="pt")',
+        "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`).",
+        "",
+    ]
     card = os.path.join(path, "README.md")
     with open(card, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -58,14 +58,16 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
 
-def add_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float,
-             use_rslora: bool = False) -> list[str]:
+def add_lora(
+    model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, use_rslora: bool = False
+) -> list[str]:
     """Freeze the whole model, then wrap every nn.Linear whose last name is in targets (PEFT's matching of a
     target list). Returns the wrapped module names; a target that matches nothing is an error."""
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    names = [
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
     unmatched = set(targets) - {n.rsplit(".", 1)[-1] for n in names}
     if unmatched:
         raise ValueError(f"lora_targets {sorted(unmatched)} match no linear layer of the model")
@@ -82,21 +84,47 @@ def add_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights under PEFT's saved key names."""
-    return {PEFT_PREFIX + name: p.detach().float().cpu().contiguous()
-            for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    return {
+        PEFT_PREFIX + name: p.detach().float().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    }
 
 
-def save_adapter(model: nn.Module, path: str, base_model: str, targets: list[str], r: int, alpha: float,
-                 dropout: float, use_rslora: bool = False) -> None:
+def save_adapter(
+    model: nn.Module,
+    path: str,
+    base_model: str,
+    targets: list[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool = False,
+) -> None:
     """adapter_config.json + adapter_model.safetensors, as PeftModel.save_pretrained writes them (fp32: the
     adapter is small, and fp32 keeps the resumed run bit-exact)."""
     os.makedirs(path, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-              "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets),
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": False,
-              "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
-              "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-              "revision": None}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
     with open(os.path.join(path, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     save_file(adapter_state_dict(model), os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -111,25 +139,32 @@ def read_adapter_config(adapter_dir: str) -> dict:
     {"r", "lora_alpha", "use_rslora", "target_modules" (a list), "lora_dropout", "base_model_name_or_path"}."""
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
         cfg = json.load(f)
-    unsupported = {"peft_type": cfg.get("peft_type", "LORA") != "LORA", "use_dora": bool(cfg.get("use_dora")),
-                   "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern")),
-                   "modules_to_save": bool(cfg.get("modules_to_save")),
-                   "bias": cfg.get("bias", "none") != "none", "lora_bias": bool(cfg.get("lora_bias")),
-                   "target_parameters": bool(cfg.get("target_parameters")),
-                   "layer_replication": bool(cfg.get("layer_replication")),
-                   "layers_to_transform": cfg.get("layers_to_transform") is not None,
-                   # nn.Linear stores W as (out, in); fan_in_fan_out is for GPT-2's transposed Conv1D only.
-                   "fan_in_fan_out": bool(cfg.get("fan_in_fan_out"))}
+    unsupported = {
+        "peft_type": cfg.get("peft_type", "LORA") != "LORA",
+        "use_dora": bool(cfg.get("use_dora")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "bias": cfg.get("bias", "none") != "none",
+        "lora_bias": bool(cfg.get("lora_bias")),
+        "target_parameters": bool(cfg.get("target_parameters")),
+        "layer_replication": bool(cfg.get("layer_replication")),
+        "layers_to_transform": cfg.get("layers_to_transform") is not None,
+        # nn.Linear stores W as (out, in); fan_in_fan_out is for GPT-2's transposed Conv1D only.
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+    }
     if any(unsupported.values()):
         names = ", ".join(k for k, bad in unsupported.items() if bad)
-        raise ValueError(f"{adapter_dir}: adapter option(s) not supported here: {names} (plain LoRA and rsLoRA "
-                         f"only)")
+        raise ValueError(f"{adapter_dir}: adapter option(s) not supported here: {names} (plain LoRA and rsLoRA only)")
     targets = cfg["target_modules"]
-    return {"r": cfg["r"], "lora_alpha": cfg.get("lora_alpha", 8),  # 8 is PEFT's default lora_alpha
-            "use_rslora": bool(cfg.get("use_rslora", False)),
-            "target_modules": [targets] if isinstance(targets, str) else list(targets),
-            "lora_dropout": cfg.get("lora_dropout", 0.0),
-            "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+    return {
+        "r": cfg["r"],
+        "lora_alpha": cfg.get("lora_alpha", 8),  # 8 is PEFT's default lora_alpha
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "target_modules": [targets] if isinstance(targets, str) else list(targets),
+        "lora_dropout": cfg.get("lora_dropout", 0.0),
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+    }
 
 
 def _module_key(key: str) -> str:
@@ -154,8 +189,10 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], whe
     mine = {n for n in params if ".lora_A." in n or ".lora_B." in n}
     theirs = {_module_key(k) for k in weights}
     if mine != theirs:
-        raise ValueError(f"{where}: adapter does not match the model (missing {sorted(mine - theirs)[:3]}, "
-                         f"unexpected {sorted(theirs - mine)[:3]})")
+        raise ValueError(
+            f"{where}: adapter does not match the model (missing {sorted(mine - theirs)[:3]}, "
+            f"unexpected {sorted(theirs - mine)[:3]})"
+        )
     with torch.no_grad():
         for key, value in weights.items():
             params[_module_key(key)].copy_(value)

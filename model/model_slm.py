@@ -24,8 +24,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.utils import logging
 
-from .attention import (AttentionPlan, attend, attention_plan, device_capability, document_block_mask,
-                        document_mask, flex_attention_available)
+from .attention import (
+    AttentionPlan,
+    attend,
+    attention_plan,
+    device_capability,
+    document_block_mask,
+    document_mask,
+    flex_attention_available,
+)
 from .configuration_slm import SLMConfig
 
 logger = logging.get_logger(__name__)
@@ -105,8 +112,9 @@ class SLMAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, position_embeddings, attention_mask=None, cache: Cache | None = None,
-                plan: AttentionPlan | None = None):
+    def forward(
+        self, x, position_embeddings, attention_mask=None, cache: Cache | None = None, plan: AttentionPlan | None = None
+    ):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -119,8 +127,16 @@ class SLMAttention(nn.Module):
         # query sees all keys; is_causal would wrongly align it with the first key (SDPA's causal mask is top-left).
         is_causal = attention_mask is None and T > 1
         if plan is None:  # called on its own, not through SLMModel (which plans once for all layers)
-            plan = attention_plan(device_capability(q.device), q.dtype, attention_mask is not None, is_causal,
-                                  self.num_heads, self.num_kv_heads, self.head_dim, dropout=dropout > 0)
+            plan = attention_plan(
+                device_capability(q.device),
+                q.dtype,
+                attention_mask is not None,
+                is_causal,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                dropout=dropout > 0,
+            )
         # The plan says whether the kernel takes the kv heads as they are (enable_gqa: no copy of k and v, which
         # matters for a whole cache per decode step) or needs them expanded to the query heads first.
         y = attend(q, k, v, plan, attention_mask, is_causal, dropout)
@@ -157,7 +173,8 @@ class SLMMoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(
-            SLMMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts))
+            SLMMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
         self.shared_experts = None
         if config.num_shared_experts > 0:
             width = config.moe_intermediate_size * config.num_shared_experts
@@ -223,8 +240,9 @@ class SLMDecoderLayer(GradientCheckpointingLayer):
         self.use_moe = config.use_moe
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, plan=None):
-        x = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                           attention_mask, cache, plan)
+        x = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, plan
+        )
         if self.use_moe:
             y, aux_loss = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -298,8 +316,17 @@ class SLMModel(SLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
-                inputs_embeds=None, use_cache: bool | None = None, document_ids=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: Cache | None = None,
+        inputs_embeds=None,
+        use_cache: bool | None = None,
+        document_ids=None,
+        **kwargs,
+    ):
         """document_ids (B, T): packed rows, a number per document (0 = padding); attention stays inside each
         document. Pass the per-document position_ids with them (collate_chat makes both), so that RoPE sees what
         it sees for each document alone."""
@@ -327,11 +354,19 @@ class SLMModel(SLMPreTrainedModel):
         cfg = self.config
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         dropout = self.training and cfg.attention_dropout > 0
-        plan = attention_plan(device_capability(x.device), dtype, mask is not None, mask is None and T > 1,
-                              cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                              documents=document_ids is not None,
-                              flex_available=document_ids is not None and flex_attention_available(x.device),
-                              requires_grad=torch.is_grad_enabled(), dropout=dropout)
+        plan = attention_plan(
+            device_capability(x.device),
+            dtype,
+            mask is not None,
+            mask is None and T > 1,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            documents=document_ids is not None,
+            flex_available=document_ids is not None and flex_attention_available(x.device),
+            requires_grad=torch.is_grad_enabled(),
+            dropout=dropout,
+        )
         if plan.documents == "flex":
             mask = document_block_mask(document_ids.to(x.device))  # built once, shared by every layer
         elif plan.documents == "mask":
@@ -339,8 +374,9 @@ class SLMModel(SLMPreTrainedModel):
         position_embeddings = self.rotary_emb(x, position_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x, layer_aux = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
-                                 plan=plan)
+            x, layer_aux = layer(
+                x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache, plan=plan
+            )
             aux_loss = aux_loss + layer_aux
         return self.norm(x), cache, aux_loss
 
@@ -375,10 +411,22 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
-                inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int = 0,
-                num_items_in_batch: int | torch.Tensor | None = None, shift_labels=None, loss_chunk: int = 0,
-                document_ids=None, **kwargs) -> SLMCausalLMOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: Cache | None = None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels=None,
+        loss_chunk: int = 0,
+        document_ids=None,
+        **kwargs,
+    ) -> SLMCausalLMOutput:
         """labels: token ids aligned with input_ids (the shift happens here), -100 where no loss is wanted.
         shift_labels: targets already shifted (position t holds the token after t), as the pretraining stream
         yields them; then every position is predicted and none is lost to the shift.
@@ -387,23 +435,26 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
         loss_chunk: with labels, compute the loss from the hidden states this many tokens at a time, so the
         (tokens x vocab) logits never exist whole (see ChunkedLinearCrossEntropy); logits are then not returned.
         document_ids: packed rows (see SLMModel.forward); the weights are a plain Llama's either way."""
-        hidden, cache, aux_loss = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
-                                             use_cache, document_ids)
+        hidden, cache, aux_loss = self.model(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, document_ids
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # generation needs only the last position's logits
         has_labels = labels is not None or shift_labels is not None
         logits = loss = None
         if has_labels and loss_chunk > 0 and type(self.lm_head) is nn.Linear:  # a LoRA-wrapped head: plain path
-            loss = chunked_causal_lm_loss(hidden, self.lm_head.weight, labels, num_items_in_batch, shift_labels,
-                                          loss_chunk)
+            loss = chunked_causal_lm_loss(
+                hidden, self.lm_head.weight, labels, num_items_in_batch, shift_labels, loss_chunk
+            )
         else:
             logits = self.lm_head(hidden)
             if has_labels:
                 loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
         if has_labels and self.config.use_moe:
             loss = loss + self.config.router_aux_loss_coef * aux_loss
-        return SLMCausalLMOutput(loss=loss, logits=logits, cache=cache,
-                                 aux_loss=aux_loss if self.config.use_moe else None)
+        return SLMCausalLMOutput(
+            loss=loss, logits=logits, cache=cache, aux_loss=aux_loss if self.config.use_moe else None
+        )
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None, shift_labels=None):
@@ -414,8 +465,12 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, shift_labels=None):
         targets = shift_labels
     logits = logits.float()  # fp32 softmax: bf16 log-probs are too coarse for a stable loss
     targets = targets.to(logits.device)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum" if num_items_in_batch is not None else "mean")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum" if num_items_in_batch is not None else "mean",
+    )
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     return loss
@@ -501,12 +556,24 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
         finally:
             logging.set_verbosity(verbosity)
         if any(k.startswith("score.") for k in info["missing_keys"]):
-            logger.warning(f"score head is new (not in the checkpoint): initialised N(0, "
-                           f"{model.config.initializer_range}); the decoder weights were loaded, lm_head dropped")
+            logger.warning(
+                f"score head is new (not in the checkpoint): initialised N(0, "
+                f"{model.config.initializer_range}); the decoder weights were loaded, lm_head dropped"
+            )
         return (model, info) if kwargs.get("output_loading_info") else model
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, last_index=None, **kwargs) -> SequenceClassifierOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        last_index=None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
         """last_index (B,): where each row's last real token sits, counted on the host (collate_pairs). With it
         and right padding no attention_mask is needed: under causal attention the real tokens never see the pads
         after them, so the mask-free (flash) kernel gives the scores the padding mask gives."""
@@ -526,8 +593,11 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
         pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
         loss = None
         if labels is not None:
-            loss = F.mse_loss(pooled.squeeze(-1).float(), labels.float()) if self.num_labels == 1 else \
-                F.cross_entropy(pooled.float(), labels)
+            loss = (
+                F.mse_loss(pooled.squeeze(-1).float(), labels.float())
+                if self.num_labels == 1
+                else F.cross_entropy(pooled.float(), labels)
+            )
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=cache)
 
 

@@ -46,8 +46,9 @@ class QuantLinear(nn.Module):
             q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         else:
             if self.in_features % group_size != 0 or group_size % 2 != 0:
-                raise ValueError(f"int4 needs in_features ({self.in_features}) divisible by an even group_size "
-                                 f"({group_size})")
+                raise ValueError(
+                    f"int4 needs in_features ({self.in_features}) divisible by an even group_size ({group_size})"
+                )
             self.group_size = group_size
             groups = w.view(self.out_features, -1, group_size)  # (out, in/g, g)
             scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7  # (out, in/g)
@@ -75,8 +76,10 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -89,9 +92,11 @@ def check_quantize_device(mode: str, device: torch.device | str) -> None:
     if mode not in MODES:
         raise ValueError(f"quantize must be one of {MODES}, got '{mode}'")
     if mode != "none" and torch.device(device).type != "cpu":
-        raise ValueError(f"quantize={mode} runs on the CPU only: on {torch.device(device).type} it would dequantize "
-                         f"every weight on each forward (slower than no quantization). Use quantize=none (the GPU "
-                         f"runs bf16/fp16), or export GGUF q8_0/q4_0 (scripts/export_gguf.py) for llama.cpp")
+        raise ValueError(
+            f"quantize={mode} runs on the CPU only: on {torch.device(device).type} it would dequantize "
+            f"every weight on each forward (slower than no quantization). Use quantize=none (the GPU "
+            f"runs bf16/fp16), or export GGUF q8_0/q4_0 (scripts/export_gguf.py) for llama.cpp"
+        )
 
 
 def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 32, skip: tuple = ("lm_head",)) -> nn.Module:
@@ -104,8 +109,11 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 32, s
     if mode == "none":
         return model
     bits = 8 if mode == "int8" else 4
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.split(".")[-1] not in skip]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.split(".")[-1] not in skip
+    ]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -56,8 +56,9 @@ def dtype_from_name(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_dtype(name: str | torch.dtype, device: torch.device, capability: tuple[int, int] | None = None
-                  ) -> torch.dtype:
+def resolve_dtype(
+    name: str | torch.dtype, device: torch.device, capability: tuple[int, int] | None = None
+) -> torch.dtype:
     """The compute dtype for `device`: auto (policy above) or an explicit name. `capability` overrides the
     device's own (tests fake GPUs with it). Asking for bf16 where it is only emulated works but warns."""
     if isinstance(name, torch.dtype):
@@ -67,11 +68,13 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, capability: tup
         capability = cuda_capability(device)
     if dtype is None:
         return auto_dtype(device.type, capability)
-    if dtype == torch.bfloat16 and device.type == "cuda" and capability is not None and \
-            tuple(capability) < BF16_NATIVE:
-        warnings.warn(f"dtype=bf16 on a GPU of compute capability {capability[0]}.{capability[1]}: bf16 is emulated "
-                      f"there (several times slower than fp16, and torch.compile falls back to eager); dtype=auto "
-                      f"picks fp16", stacklevel=2)
+    if dtype == torch.bfloat16 and device.type == "cuda" and capability is not None and tuple(capability) < BF16_NATIVE:
+        warnings.warn(
+            f"dtype=bf16 on a GPU of compute capability {capability[0]}.{capability[1]}: bf16 is emulated "
+            f"there (several times slower than fp16, and torch.compile falls back to eager); dtype=auto "
+            f"picks fp16",
+            stacklevel=2,
+        )
     return dtype
 
 
@@ -101,17 +104,29 @@ def check_checkpoint_dir(path: str, what: str = "checkpoint") -> None:
     if os.path.isfile(os.path.join(path, "config.json")):
         return
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        raise FileNotFoundError(f"{what} '{path}' holds a LoRA adapter, not a full model: merge it first with "
-                                f"`python scripts/merge_lora.py --adapter {path} --out DIR`, or load it as an adapter")
-    hint = " (it looks like a run directory: use its final/ or a step_*/ inside)" if \
-        os.path.isdir(os.path.join(path, "final")) else ""
+        raise FileNotFoundError(
+            f"{what} '{path}' holds a LoRA adapter, not a full model: merge it first with "
+            f"`python scripts/merge_lora.py --adapter {path} --out DIR`, or load it as an adapter"
+        )
+    hint = (
+        " (it looks like a run directory: use its final/ or a step_*/ inside)"
+        if os.path.isdir(os.path.join(path, "final"))
+        else ""
+    )
     raise FileNotFoundError(f"{what} '{path}' has no config.json{hint}")
 
 
-def load_pretrained(path: str, kind: str = "causal", *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | str = torch.float32, frozen: bool = False):
+def load_pretrained(
+    path: str,
+    kind: str = "causal",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    frozen: bool = False,
+):
     """A saved model (ours, or an exported Llama) as a causal LM or as a one-score sequence classifier (reward
-    model / critic), moved to `device`. dtype="auto" keeps the dtype the weights were saved in. frozen=True: eval mode, no gradients (references, reward models, teachers).
+    model / critic), moved to `device`. dtype="auto" keeps the dtype the weights were saved in.
+    frozen=True: eval mode, no gradients (references, reward models, teachers).
 
     Training keeps fp32 weights (the optimizer's master copy) and runs them under autocast; a frozen model that
     must agree with the policy (a DPO/PPO/GRPO reference) is loaded the same way, so log pi - log ref is exactly 0

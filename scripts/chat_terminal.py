@@ -60,8 +60,10 @@ class ChatSession:
             stream.close()
         self.history.append({"role": "assistant", "content": stream.text})
         note = " (stopped)" if interrupted else ""
-        write(f"\n[{stream.completion_tokens} tokens, {stream.tokens_per_s:.1f} tokens/s, "
-              f"first token {1000 * (stream.ttft_s or 0):.0f} ms]{note}")
+        write(
+            f"\n[{stream.completion_tokens} tokens, {stream.tokens_per_s:.1f} tokens/s, "
+            f"first token {1000 * (stream.ttft_s or 0):.0f} ms]{note}"
+        )
         return stream
 
 
@@ -101,8 +103,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    return CHAT_SAMPLING.replace(**{k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                                  "repetition_penalty", "seed")})
+    return CHAT_SAMPLING.replace(
+        **{
+            k: getattr(args, k)
+            for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+        }
+    )
 
 
 def main():
@@ -110,14 +116,17 @@ def main():
     parser.add_argument("--model", required=True, help="checkpoint directory (save_pretrained output or Llama folder)")
     parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged at load")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                        help="weight-only quantization of the linear layers (CPU inference)")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization of the linear layers (CPU inference)",
+    )
     parser.add_argument("--system", default="", help="system prompt")
     add_sampling_args(parser)
     args = parser.parse_args()
 
-    engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device,
-                                    quantize=args.quantize)
+    engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device, quantize=args.quantize)
     chat_loop(ChatSession(engine, args.system, sampling_from_args(args)))
 
 

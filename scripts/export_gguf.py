@@ -2,7 +2,8 @@
 Export a dense SLM checkpoint as one GGUF file for llama.cpp, ollama, LM Studio and other GGML runtimes.
 
     pip install gguf                  # the llama.cpp project's pure-Python GGUF writer (only this script needs it)
-    python scripts/export_gguf.py --model out/sft/final --out out/export/milli-chat-f16.gguf [--dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0]
+    python scripts/export_gguf.py --model out/sft/final --out out/export/milli-chat-f16.gguf \
+        [--dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0]
     llama-cli -m out/export/milli-chat-f16.gguf -cnv       # chat with the template stored in the file
     llama-server -m out/export/milli-chat-f16.gguf --port 8080   # OpenAI-compatible server
 
@@ -56,9 +57,17 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor) for every weight, in llama.cpp's layout."""
     cfg = model.config
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     out = [("token_embd.weight", model.model.embed_tokens.weight)]
     for i, layer in enumerate(model.model.layers):
         for hf_name, gguf_name in names.items():
@@ -119,14 +128,18 @@ def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
 
     if dtype not in GGUF_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got '{dtype}'")
-    file_type, qtype = (getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}"),
-                        getattr(gguf.GGMLQuantizationType, dtype.upper()))
+    file_type, qtype = (
+        getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}"),
+        getattr(gguf.GGMLQuantizationType, dtype.upper()),
+    )
     src = load_pretrained(model_dir)
     cfg = src.config
     if getattr(cfg, "use_moe", False):
-        raise ValueError("this checkpoint uses mixture-of-experts layers; GGUF export supports dense models only "
-                         "(our MoE's ungated shared experts match no llama.cpp architecture). Distill it into a "
-                         "dense model first: python main.py --stage distill teacher_from=" + model_dir)
+        raise ValueError(
+            "this checkpoint uses mixture-of-experts layers; GGUF export supports dense models only "
+            "(our MoE's ungated shared experts match no llama.cpp architecture). Distill it into a "
+            "dense model first: python main.py --stage distill teacher_from=" + model_dir
+        )
     if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         raise ValueError(f"{model_dir} has no tokenizer.json: a GGUF file must carry its tokenizer")
     tok, tokens, types, merges = tokenizer_metadata(model_dir)

@@ -27,8 +27,12 @@ def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
 
     src = load_pretrained(model_dir, dtype="auto")
     config = slm_to_llama_config(src.config)
-    torch_dtype = {"auto": next(src.parameters()).dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
-                   "fp16": torch.float16}[dtype]
+    torch_dtype = {
+        "auto": next(src.parameters()).dtype,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+    }[dtype]
     with torch.device("meta"):
         dst = LlamaForCausalLM(config)
     # Same parameter names on both sides: a strict load proves the architectures match key for key.
@@ -77,8 +81,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="SLM checkpoint directory (e.g. out/sft/final)")
     parser.add_argument("--out", required=True, help="directory for the Llama folder")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="weight dtype of the export (auto = as saved)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weight dtype of the export (auto = as saved)",
+    )
     args = parser.parse_args()
     try:
         export_llama(args.model, args.out, args.dtype)

@@ -48,8 +48,9 @@ def _task(name: str, subject: str, data_files: dict, shots: int, by_option: bool
         "target_delimiter": "",  # our prompt ends in "答案：" and the choice follows it directly
         "fewshot_delimiter": "\n\n",
         "num_fewshot": shots,
-        "metric_list": [{"metric": "acc_bytes" if by_option else "acc", "aggregation": "mean",
-                         "higher_is_better": True}],
+        "metric_list": [
+            {"metric": "acc_bytes" if by_option else "acc", "aggregation": "mean", "higher_is_better": True}
+        ],
         "metadata": {"version": 1.0},
     }
     if shots:
@@ -58,8 +59,9 @@ def _task(name: str, subject: str, data_files: dict, shots: int, by_option: bool
     return task
 
 
-def write_lm_eval_task(mc_dir: str, out_dir: str, mc_split: str = "test", subjects: str = "", shots: int = 0,
-                       max_questions: int = 0) -> list[str]:
+def write_lm_eval_task(
+    mc_dir: str, out_dir: str, mc_split: str = "test", subjects: str = "", shots: int = 0, max_questions: int = 0
+) -> list[str]:
     """Write the task folder; returns the subject names. Subjects without a dev file are zero-shot (as in eval)."""
     _, files = mc_subject_files(mc_dir, mc_split)
     dev_files = mc_subject_files(mc_dir, "dev")[1] if shots > 0 and os.path.isdir(os.path.join(mc_dir, "dev")) else {}
@@ -89,9 +91,13 @@ def write_lm_eval_task(mc_dir: str, out_dir: str, mc_split: str = "test", subjec
             groups[group].append(name)
     for group, tasks in groups.items():
         metric = "acc_bytes" if group == "milli_mc_option" else "acc"
-        spec = {"group": group, "task": tasks, "metadata": {"version": 1.0},
-                # weighted by questions, as the eval stage's overall accuracy
-                "aggregate_metric_list": [{"metric": metric, "aggregation": "mean", "weight_by_size": True}]}
+        spec = {
+            "group": group,
+            "task": tasks,
+            "metadata": {"version": 1.0},
+            # weighted by questions, as the eval stage's overall accuracy
+            "aggregate_metric_list": [{"metric": metric, "aggregation": "mean", "weight_by_size": True}],
+        }
         with open(os.path.join(out_dir, f"{group}.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(spec, f, allow_unicode=True, sort_keys=False)
     return wanted
@@ -107,13 +113,16 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="folder for the task (pass it to lm_eval --include_path)")
     args = parser.parse_args()
     try:
-        subjects = write_lm_eval_task(args.mc_dir, args.out, args.mc_split, args.subjects, args.shots,
-                                      args.max_questions)
+        subjects = write_lm_eval_task(
+            args.mc_dir, args.out, args.mc_split, args.subjects, args.shots, args.max_questions
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(subjects)} subjects to {args.out}: lm_eval --include_path {args.out} --tasks milli_mc "
-          f"(answer letter) or milli_mc_option (option text)")
+    print(
+        f"wrote {len(subjects)} subjects to {args.out}: lm_eval --include_path {args.out} --tasks milli_mc "
+        f"(answer letter) or milli_mc_option (option text)"
+    )
     return 0
 
 

@@ -40,8 +40,9 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     # The adapter dir carries the tokenizer it was trained with; fall back to the base model's.
     tok_dir = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer.json")) else model_dir
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out_dir)
-    print(f"merged {n} LoRA layers of {adapter_dir} into {model_dir} -> {out_dir} "
-          f"({str(dtype).removeprefix('torch.')})")
+    print(
+        f"merged {n} LoRA layers of {adapter_dir} into {model_dir} -> {out_dir} ({str(dtype).removeprefix('torch.')})"
+    )
     return out_dir
 
 

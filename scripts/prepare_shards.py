@@ -32,12 +32,24 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
     ap.add_argument("--bucket_mb", type=float, default=64, help="shuffle buckets; peak RAM is about one bucket")
     ap.add_argument("--batch_mb", type=float, default=1, help="text tokenised at once (with at most 512 documents)")
-    ap.add_argument("--text_column", default="", help="JSONL field / parquet column with the text; default: text, "
-                    "content")
+    ap.add_argument(
+        "--text_column", default="", help="JSONL field / parquet column with the text; default: text, content"
+    )
     args = ap.parse_args()
     try:
-        prepare(args.tokenizer, args.inputs, args.out_dir, args.shard_mb, args.val_tokens, args.seed, args.workers,
-                args.dtype, args.bucket_mb, batch_mb=args.batch_mb, text_column=args.text_column)
+        prepare(
+            args.tokenizer,
+            args.inputs,
+            args.out_dir,
+            args.shard_mb,
+            args.val_tokens,
+            args.seed,
+            args.workers,
+            args.dtype,
+            args.bucket_mb,
+            batch_mb=args.batch_mb,
+            text_column=args.text_column,
+        )
     except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional reader (pyarrow)
         sys.exit(f"error: {e}")
 

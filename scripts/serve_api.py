@@ -131,8 +131,9 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
         raise ApiError(400, "request body must be a JSON object")
     model = body.get("model")
     if model is not None and model_name is not None and model != model_name:
-        raise ApiError(404, f"The model {model!r} does not exist (this server has {model_name!r})", "model",
-                       "model_not_found")
+        raise ApiError(
+            404, f"The model {model!r} does not exist (this server has {model_name!r})", "model", "model_not_found"
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required and must be a non-empty list", "messages")
@@ -151,8 +152,9 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
             except BadRecord as e:
                 raise ApiError(400, str(e), f"messages[{i}].tool_calls") from None
     if any(m["role"] == "system" for m in clean[1:]) or clean[-1]["role"] == "assistant":
-        raise ApiError(400, "one optional system message first, and the last message must not be the assistant's",
-                       "messages")
+        raise ApiError(
+            400, "one optional system message first, and the last message must not be the assistant's", "messages"
+        )
     tools = _tools(body)
     if tools:  # the template's tools= rides on the system message (dataset/chat_data.py chatml_pieces)
         if clean[0]["role"] != "system":
@@ -185,8 +187,13 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
         seed=_number(body, "seed", defaults.seed, -(1 << 63), (1 << 63) - 1, True),
         stop_strings=stop,
     )
-    return {"messages": clean, "sampling": sampling, "stream": bool(stream), "include_usage": bool(include_usage),
-            "tools": bool(tools)}
+    return {
+        "messages": clean,
+        "sampling": sampling,
+        "stream": bool(stream),
+        "include_usage": bool(include_usage),
+        "tools": bool(tools),
+    }
 
 
 def _tools(body: dict) -> list[dict]:
@@ -211,10 +218,18 @@ def tool_call_message(text: str) -> tuple[dict, str | None]:
     if parsed is None:
         return {"role": "assistant", "content": text}, None
     content, calls = parsed
-    return {"role": "assistant", "content": content or None, "tool_calls": [
-        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-        for c in calls]}, "tool_calls"
+    return {
+        "role": "assistant",
+        "content": content or None,
+        "tool_calls": [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
+            }
+            for c in calls
+        ],
+    }, "tool_calls"
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +245,11 @@ class Job:
 
 def batch_key(s: SamplingParams) -> tuple:
     """Requests with equal keys can share a batch: the sampler's settings are one per batch."""
-    return ("greedy", s.repetition_penalty) if s.temperature <= 0 else \
-        (s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+    return (
+        ("greedy", s.repetition_penalty)
+        if s.temperature <= 0
+        else (s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+    )
 
 
 class Worker(threading.Thread):
@@ -259,8 +277,7 @@ class Worker(threading.Thread):
                 while not self.pending and not self.stopping:
                     self.cond.wait()
                 deadline = time.monotonic() + self.limits.batch_wait_s
-                while not self.stopping and len(self.pending) < self.limits.max_batch and \
-                        time.monotonic() < deadline:
+                while not self.stopping and len(self.pending) < self.limits.max_batch and time.monotonic() < deadline:
                     self.cond.wait(max(0.0, deadline - time.monotonic()))
                 if self.stopping:
                     return
@@ -332,7 +349,7 @@ def _host_name(value: str) -> str:
     """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'Example.org' -> 'example.org'."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -341,8 +358,10 @@ def _page_csp(page: bytes) -> str:
     this server: an injected script, a foreign script or a frame around the page are all refused."""
     scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
     hashes = " ".join(f"'sha256-{b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
-    return (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -393,8 +412,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         allowed = self.server.allowed_hosts
         host = self.headers.get("Host")
         if host is not None and _host_name(host) not in allowed:
-            raise ApiError(403, f"Host {host!r} is not served here (start the server with --allowed_hosts)",
-                           code="forbidden_host")
+            raise ApiError(
+                403, f"Host {host!r} is not served here (start the server with --allowed_hosts)", code="forbidden_host"
+            )
         origin = self.headers.get("Origin")
         if origin is not None:
             parts = urlsplit(origin)
@@ -433,9 +453,20 @@ class ChatHandler(BaseHTTPRequestHandler):
                     self.wfile.write(self.server.page)
             elif self.path == "/v1/models":
                 self._check_key()
-                self._send_json(200, {"object": "list", "data": [
-                    {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                     "owned_by": "milli-chat"}]})
+                self._send_json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": self.server.model_name,
+                                "object": "model",
+                                "created": self.server.created,
+                                "owned_by": "milli-chat",
+                            }
+                        ],
+                    },
+                )
             else:
                 raise ApiError(404, f"no route {self.path}", code="not_found")
         except ApiError as e:
@@ -446,8 +477,10 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _not_allowed(self):
         self._drain_body()
         self.close_connection = True
-        self._send_error(ApiError(405, f"{self.command} is not supported here", code="method_not_allowed"),
-                         {"Allow": "GET, HEAD, POST"})
+        self._send_error(
+            ApiError(405, f"{self.command} is not supported here", code="method_not_allowed"),
+            {"Allow": "GET, HEAD, POST"},
+        )
 
     do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed  # no CORS: a preflight gets no permission
 
@@ -461,12 +494,14 @@ class ChatHandler(BaseHTTPRequestHandler):
             req = parse_chat_request(raw, self.server.defaults, self.server.model_name)
             engine = self.server.engine
             try:
-                prompt = engine.chat_prompt(req["messages"], req["sampling"].max_new_tokens,
-                                            self.server.limits.max_conversation_tokens)
+                prompt = engine.chat_prompt(
+                    req["messages"], req["sampling"].max_new_tokens, self.server.limits.max_conversation_tokens
+                )
             except ValueError as e:
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
-            sampling = req["sampling"].replace(max_new_tokens=min(req["sampling"].max_new_tokens,
-                                                                  engine.max_context - len(prompt)))
+            sampling = req["sampling"].replace(
+                max_new_tokens=min(req["sampling"].max_new_tokens, engine.max_context - len(prompt))
+            )
             job = Job(prompt, sampling)
             if not self.server.worker.submit(job):
                 raise ApiError(429, "the server is busy: too many requests are waiting", code="rate_limit_exceeded")
@@ -575,8 +610,11 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _usage(stream) -> dict:
-        return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
-                "total_tokens": stream.prompt_tokens + stream.completion_tokens}
+        return {
+            "prompt_tokens": stream.prompt_tokens,
+            "completion_tokens": stream.completion_tokens,
+            "total_tokens": stream.prompt_tokens + stream.completion_tokens,
+        }
 
     def _complete(self, job: Job, tools: bool = False):
         self.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -587,11 +625,20 @@ class ChatHandler(BaseHTTPRequestHandler):
             elif kind == "error":
                 self._send_error(ApiError(500, value))
                 return
-        message, finish = tool_call_message("".join(pieces)) if tools else \
-            ({"role": "assistant", "content": "".join(pieces)}, None)
-        self._send_json(200, {**self._common(), "object": "chat.completion", "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or value.finish_reason}],
-            "usage": self._usage(value)})
+        message, finish = (
+            tool_call_message("".join(pieces)) if tools else ({"role": "assistant", "content": "".join(pieces)}, None)
+        )
+        self._send_json(
+            200,
+            {
+                **self._common(),
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or value.finish_reason}
+                ],
+                "usage": self._usage(value),
+            },
+        )
 
     def _stream(self, job: Job, include_usage: bool, tools: bool = False):
         """Server-sent chunks as tokens come. With tools the reply is held back until it ends (a <tool_call> block
@@ -603,9 +650,11 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.end_headers()  # HTTP/1.0: closing the connection ends the body, no length needed
 
         def send(delta: dict, finish=None, usage=None, choices=True):
-            chunk = {**self._common(), "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                     if choices else []}
+            chunk = {
+                **self._common(),
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+            }
             if usage is not None:
                 chunk["usage"] = usage
             self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
@@ -652,9 +701,11 @@ class ChatServer(ThreadingHTTPServer):
             body = json.dumps(ApiError(503, "too many connections", code="server_busy").body()).encode()
             try:
                 request.settimeout(1.0)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                                % (self.limits.retry_after_s, len(body), body))
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (self.limits.retry_after_s, len(body), body)
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -672,9 +723,17 @@ class ChatServer(ThreadingHTTPServer):
             self.slots.release()
 
 
-def make_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                model_name: str = "milli-chat", defaults: SamplingParams = CHAT_SAMPLING, quiet: bool = False,
-                limits: ServerLimits | None = None, allowed_hosts: tuple[str, ...] = ()) -> ChatServer:
+def make_server(
+    engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str = "milli-chat",
+    defaults: SamplingParams = CHAT_SAMPLING,
+    quiet: bool = False,
+    limits: ServerLimits | None = None,
+    allowed_hosts: tuple[str, ...] = (),
+) -> ChatServer:
     """Build the server and start its worker; the caller runs serve_forever() (port 0 = any free port).
     allowed_hosts: names besides the loopback ones (and the bound address) that Host and Origin may carry."""
     limits = limits or ServerLimits()
@@ -704,8 +763,12 @@ def main():
     parser.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument("--allowed_hosts", default="", help="comma-separated names clients may use besides loopback")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                        help="weight-only quantization of the linear layers (CPU inference)")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization of the linear layers (CPU inference)",
+    )
     add_sampling_args(parser)  # the defaults of a request that omits them, the same as the terminal chat's
     for f in dataclasses.fields(ServerLimits):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
@@ -713,12 +776,19 @@ def main():
 
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it")
-    engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device,
-                                    quantize=args.quantize)
+    engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device, quantize=args.quantize)
     name = os.path.basename(os.path.normpath(args.model))
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
-    server = make_server(engine, args.host, args.port, args.api_key, name, sampling_from_args(args), limits=limits,
-                         allowed_hosts=tuple(args.allowed_hosts.split(",")))
+    server = make_server(
+        engine,
+        args.host,
+        args.port,
+        args.api_key,
+        name,
+        sampling_from_args(args),
+        limits=limits,
+        allowed_hosts=tuple(args.allowed_hosts.split(",")),
+    )
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port} (web chat at /, API at /v1) - Ctrl-C to stop")
     try:

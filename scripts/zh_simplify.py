@@ -29,13 +29,22 @@ def main() -> None:
     ap.add_argument("--output", default="", help="output .jsonl")
     ap.add_argument("--min_chars", type=int, default=FilterConfig.min_chars)
     ap.add_argument("--min_cjk_ratio", type=float, default=FilterConfig.min_cjk_ratio)
-    ap.add_argument("--max_doc_chars", type=int, default=FilterConfig.max_doc_chars,
-                    help="plain text is cut into documents about this long; none is kept over 5x this")
-    ap.add_argument("--engine", choices=["auto", "zhconv", "zhconv-rs"], default="auto",
-                    help="auto = zhconv-rs if installed, else zhconv")
+    ap.add_argument(
+        "--max_doc_chars",
+        type=int,
+        default=FilterConfig.max_doc_chars,
+        help="plain text is cut into documents about this long; none is kept over 5x this",
+    )
+    ap.add_argument(
+        "--engine",
+        choices=["auto", "zhconv", "zhconv-rs"],
+        default="auto",
+        help="auto = zhconv-rs if installed, else zhconv",
+    )
     ap.add_argument("--workers", type=int, default=0, help="0 = all cores")
-    ap.add_argument("--text_column", default="", help="JSONL field / parquet column with the text; default: text, "
-                    "content")
+    ap.add_argument(
+        "--text_column", default="", help="JSONL field / parquet column with the text; default: text, content"
+    )
     ap.add_argument("--compare_engines", action="store_true", help="only measure zhconv against zhconv-rs")
     args = ap.parse_args()
     try:

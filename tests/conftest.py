@@ -16,10 +16,18 @@ torch.set_num_threads(1)
 # a tiny tokenizer (vocab 512, special tokens 0-3, ChatML template), trained once per test session
 
 
-_ZH = "我们今天学习数学和语言。人工智能是计算机科学的一个分支。春眠不觉晓，处处闻啼鸟。北京是中国的首都。天气很好，我们去公园散步吧。"
-_ZH += "床前明月光，疑是地上霜。举头望明月，低头思故乡。机器学习需要大量的数据和计算资源。小明每天早上七点起床，然后去学校上课。"
-_EN = ["the model learns", "language is data", "hello world", "a small chat model", "tokens per second",
-       "training on the laptop", "Beijing is a big city", "machine learning needs data"]
+_ZH = "我们今天学习数学和语言。人工智能是计算机科学的一个分支。春眠不觉晓，处处闻啼鸟。北京是中国的首都。天气很好，我们去公园散步吧。"  # noqa: E501
+_ZH += "床前明月光，疑是地上霜。举头望明月，低头思故乡。机器学习需要大量的数据和计算资源。小明每天早上七点起床，然后去学校上课。"  # noqa: E501
+_EN = [
+    "the model learns",
+    "language is data",
+    "hello world",
+    "a small chat model",
+    "tokens per second",
+    "training on the laptop",
+    "Beijing is a big city",
+    "machine learning needs data",
+]
 
 
 def tiny_corpus_lines(n: int = 300, seed: int = 0) -> list[str]:
@@ -28,7 +36,7 @@ def tiny_corpus_lines(n: int = 300, seed: int = 0) -> list[str]:
     lines = []
     for _ in range(n):
         i = rng.randrange(len(_ZH) - 12)
-        lines.append(f"{_ZH[i:i + rng.randrange(6, 24)]} {rng.choice(_EN)} {rng.randrange(1000)}。")
+        lines.append(f"{_ZH[i : i + rng.randrange(6, 24)]} {rng.choice(_EN)} {rng.randrange(1000)}。")
     return lines
 
 

@@ -27,9 +27,17 @@ def write_shards(tokenizer, texts: list[str], out_dir: str, n_shards: int = 3, v
         chunk.tofile(os.path.join(out_dir, name))
         shards.append({"file": name, "tokens": int(len(chunk))})
     val.tofile(os.path.join(out_dir, "val.bin"))
-    meta = {"format": SHARD_FORMAT, "dtype": "uint16", "vocab_size": len(tokenizer),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "eos_id": tokenizer.eos_token_id, "seed": 0,
-            "sources": [], "train_shards": shards, "val_shard": {"file": "val.bin", "tokens": int(len(val))}}
+    meta = {
+        "format": SHARD_FORMAT,
+        "dtype": "uint16",
+        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+        "seed": 0,
+        "sources": [],
+        "train_shards": shards,
+        "val_shard": {"file": "val.bin", "tokens": int(len(val))},
+    }
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
     return out_dir
@@ -74,15 +82,28 @@ def tiny_checkpoint(tokenizer_dir: str, path: str, layers: int = 2, seed: int = 
 
 def pretrain_corpus(n: int = 600) -> list[str]:
     rng = random.Random(0)
-    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
+    words = [
+        "北京是中国的首都。",
+        "今天天气很好。",
+        "我们学习数学。",
+        "春眠不觉晓。",
+        "hello world.",
+        "人工智能是科学。",
+    ]
     return ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(n)]
 
 
 # Eight short conversations in the tiny tokenizer's vocabulary; the last one tests placeholder filling.
-PAIRS = [("中国的首都是哪里？", "北京是中国的首都。"), ("春眠不觉晓的下一句？", "处处闻啼鸟。"),
-         ("人工智能是什么？", "人工智能是计算机科学的一个分支。"), ("今天天气怎么样？", "天气很好，我们去公园散步吧。"),
-         ("我们今天学习什么？", "我们今天学习数学和语言。"), ("hello world", "the model learns"),
-         ("a small chat model", "tokens per second"), ("你是谁？", "我是{{name}}。")]
+PAIRS = [
+    ("中国的首都是哪里？", "北京是中国的首都。"),
+    ("春眠不觉晓的下一句？", "处处闻啼鸟。"),
+    ("人工智能是什么？", "人工智能是计算机科学的一个分支。"),
+    ("今天天气怎么样？", "天气很好，我们去公园散步吧。"),
+    ("我们今天学习什么？", "我们今天学习数学和语言。"),
+    ("hello world", "the model learns"),
+    ("a small chat model", "tokens per second"),
+    ("你是谁？", "我是{{name}}。"),
+]
 
 
 def write_chat_file(path, n_copies: int = 1) -> str:
@@ -98,9 +119,25 @@ def make_pretrain_cfg(tiny_tokenizer_dir, shards, out_dir, **overrides):
     """A 12-step tiny pretraining run over the `shards` fixture; overrides change any key."""
     from trainer.pretrain import Config
 
-    base = dict(model_config="tiny", tokenizer_dir=tiny_tokenizer_dir, data_dir=shards, out_dir=str(out_dir),
-                max_steps=12, batch_size=4, global_batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, log_every=1,
-                eval_every=6, eval_batches=2, save_every=4, keep_last=10, sample_tokens=0, seed=7)
+    base = dict(
+        model_config="tiny",
+        tokenizer_dir=tiny_tokenizer_dir,
+        data_dir=shards,
+        out_dir=str(out_dir),
+        max_steps=12,
+        batch_size=4,
+        global_batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=6,
+        eval_batches=2,
+        save_every=4,
+        keep_last=10,
+        sample_tokens=0,
+        seed=7,
+    )
     return Config(**{**base, **overrides})
 
 

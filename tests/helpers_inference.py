@@ -21,8 +21,10 @@ def mixed_lines(n: int = 300, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
-        words = [rng.choice(_EN) if rng.random() < 0.5 else "".join(rng.sample(_ZH, rng.randint(1, 4)))
-                 for _ in range(rng.randint(3, 10))]
+        words = [
+            rng.choice(_EN) if rng.random() < 0.5 else "".join(rng.sample(_ZH, rng.randint(1, 4)))
+            for _ in range(rng.randint(3, 10))
+        ]
         lines.append(" ".join(words))
     return lines
 
@@ -35,11 +37,16 @@ def build_tokenizer(vocab_size: int = 450):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(mixed_lines(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                                   chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", chat_template=CHAT_TEMPLATE
+    )
 
 
 def build_model(tokenizer, seed: int = 0, **overrides):

@@ -33,17 +33,31 @@ def thirdparty_env(name: str, module: str, tmp_path) -> dict:
     on PYTHONPATH, every hub offline, caches under tmp_path."""
     folder = require_thirdparty(name, module)
     paths = [folder, str(ROOT)] if folder else [str(ROOT)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"),
-           "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
     return env
 
 
 def run_thirdparty(name: str, module: str, script: str, args: list[str], tmp_path, timeout: int = 600) -> dict:
     """Run tests/<script> with `args` in a fresh process; it writes its JSON answer to the path given last."""
     out = tmp_path / f"{Path(script).stem}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args, str(out)], cwd=ROOT,
-                          env=thirdparty_env(name, module, tmp_path), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / script), *args, str(out)],
+        cwd=ROOT,
+        env=thirdparty_env(name, module, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text(encoding="utf-8"))

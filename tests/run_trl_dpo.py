@@ -24,17 +24,29 @@ tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 losses = {}
 for loss_type in ("sigmoid", "ipo"):
     with tempfile.TemporaryDirectory() as run_dir:
-        args = DPOConfig(output_dir=run_dir, beta=float(beta), loss_type=[loss_type], use_cpu=True, bf16=False,
-                         per_device_train_batch_size=len(pairs), report_to="none", max_length=None)
+        args = DPOConfig(
+            output_dir=run_dir,
+            beta=float(beta),
+            loss_type=[loss_type],
+            use_cpu=True,
+            bf16=False,
+            per_device_train_batch_size=len(pairs),
+            report_to="none",
+            max_length=None,
+        )
         # TRL needs a train set to build the trainer; the loss below is computed on our ids, not on these. A
         # file-backed set: `datasets` pickles in-memory tables to fingerprint them, which fails under pyarrow 26.
         train_file = os.path.join(run_dir, "train.jsonl")
         with open(train_file, "w", encoding="utf-8") as f:
             f.write(json.dumps({"prompt": "问", "chosen": "好", "rejected": "坏"}, ensure_ascii=False) + "\n")
         train = load_dataset("json", data_files=train_file, split="train")
-        trainer = DPOTrainer(model=LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
-                             ref_model=LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32), args=args,
-                             train_dataset=train, processing_class=tokenizer)
+        trainer = DPOTrainer(
+            model=LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+            ref_model=LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32),
+            args=args,
+            train_dataset=train,
+            processing_class=tokenizer,
+        )
         batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(pairs)
         trainer.model.eval()
         with torch.no_grad():

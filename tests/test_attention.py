@@ -190,11 +190,11 @@ def pack_three():
     docs = [torch.randint(0, 128, (n,)) for n in lengths]
     T = 40
     ids = torch.zeros(1, T, dtype=torch.long)
-    ids[0, :sum(lengths)] = torch.cat(docs)
+    ids[0, : sum(lengths)] = torch.cat(docs)
     positions = torch.zeros(1, T, dtype=torch.long)
-    positions[0, :sum(lengths)] = torch.cat([torch.arange(n) for n in lengths])
+    positions[0, : sum(lengths)] = torch.cat([torch.arange(n) for n in lengths])
     document_ids = torch.zeros(1, T, dtype=torch.long)
-    document_ids[0, :sum(lengths)] = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])
+    document_ids[0, : sum(lengths)] = torch.cat([torch.full((n,), k + 1) for k, n in enumerate(lengths)])
     return docs, ids, positions, document_ids
 
 
@@ -214,9 +214,10 @@ def test_three_packed_conversations_get_their_own_logits(tiny, monkeypatch, docu
     assert {p.documents for p in seen} == {documents}
     start = 0
     for d, logits in zip(docs, alone):
-        torch.testing.assert_close(packed[0, start:start + len(d)], logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packed[0, start:start + len(d)], dense[0, start:start + len(d)], atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(packed[0, start : start + len(d)], logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            packed[0, start : start + len(d)], dense[0, start : start + len(d)], atol=1e-5, rtol=1e-5
+        )
         start += len(d)
 
 
@@ -243,4 +244,5 @@ def test_document_mask_is_block_diagonal_causal():
     assert m.sum(-1).min() >= 1  # no empty row (SDPA gives NaN there)
     with pytest.raises(ValueError, match="document_ids"):
         SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=16))(
-            input_ids=torch.zeros(1, 6, dtype=torch.long), document_ids=ids, attention_mask=torch.ones(1, 6))
+            input_ids=torch.zeros(1, 6, dtype=torch.long), document_ids=ids, attention_mask=torch.ones(1, 6)
+        )

@@ -17,8 +17,7 @@ def test_shard_stream_and_index_batches_satisfy_the_protocol(tiny_tokenizer_dir,
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     data_dir = write_shards(tok, ["北京是中国的首都。今天天气很好。"] * 60, str(tmp_path / "shards"), n_shards=2)
     stream = ShardStream(data_dir, load_meta(data_dir), seq_len=16, global_batch=4, micro_batch=2)
-    assert isinstance(stream, StepBatches) and isinstance(IndexBatches(list(range(8)), 4, 2, collate=list),
-                                                          StepBatches)
+    assert isinstance(stream, StepBatches) and isinstance(IndexBatches(list(range(8)), 4, 2, collate=list), StepBatches)
     assert not isinstance(object(), StepBatches)
 
 
@@ -59,8 +58,10 @@ def test_prefetch_hands_out_the_same_steps_and_saves_the_handed_out_position(tin
     from dataset.shards import load_meta
 
     data = list(range(10))
-    plain, ahead = IndexBatches(data, 4, 2, seed=3, collate=list), PrefetchBatches(
-        IndexBatches(data, 4, 2, seed=3, collate=list))
+    plain, ahead = (
+        IndexBatches(data, 4, 2, seed=3, collate=list),
+        PrefetchBatches(IndexBatches(data, 4, 2, seed=3, collate=list)),
+    )
     assert isinstance(ahead, StepBatches)
     assert collect(ahead, 3) == collect(plain, 3)
     assert ahead.state_dict() == plain.state_dict()  # the position after 3 steps, though step 4 is built
@@ -71,8 +72,9 @@ def test_prefetch_hands_out_the_same_steps_and_saves_the_handed_out_position(tin
     assert collect(resumed, 3) == collect(plain, 3)
     # The build runs off the calling thread.
     threads = []
-    worker = PrefetchBatches(IndexBatches(data, 4, 2, collate=lambda items: threads.append(
-        threading.current_thread()) or items))
+    worker = PrefetchBatches(
+        IndexBatches(data, 4, 2, collate=lambda items: threads.append(threading.current_thread()) or items)
+    )
     worker.next_step()
     assert threads and all(t is not threading.current_thread() for t in threads)
 

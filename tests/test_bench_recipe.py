@@ -30,12 +30,14 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 
 
 def test_summary_compares_each_seed_with_its_own_baseline():
-    runs = [{"recipe": BASELINE, "seed": 0, "curve": [(100, 4.0), (200, 3.0)], "seconds": 60},
-            {"recipe": BASELINE, "seed": 1, "curve": [(100, 4.2), (200, 3.2)], "seconds": 60},
-            {"recipe": "fast", "seed": 0, "curve": [(100, 3.5), (200, 2.5)], "seconds": 30},  # 3.0 at 150
-            {"recipe": "fast", "seed": 1, "curve": [(100, 3.2), (200, 2.6)], "seconds": 30},  # 3.2 at 100
-            {"recipe": "slow", "seed": 0, "curve": [(100, 4.5), (200, 3.5)], "seconds": 30},
-            {"recipe": "slow", "seed": 1, "curve": [(100, 4.5), (200, 3.1)], "seconds": 30}]
+    runs = [
+        {"recipe": BASELINE, "seed": 0, "curve": [(100, 4.0), (200, 3.0)], "seconds": 60},
+        {"recipe": BASELINE, "seed": 1, "curve": [(100, 4.2), (200, 3.2)], "seconds": 60},
+        {"recipe": "fast", "seed": 0, "curve": [(100, 3.5), (200, 2.5)], "seconds": 30},  # 3.0 at 150
+        {"recipe": "fast", "seed": 1, "curve": [(100, 3.2), (200, 2.6)], "seconds": 30},  # 3.2 at 100
+        {"recipe": "slow", "seed": 0, "curve": [(100, 4.5), (200, 3.5)], "seconds": 30},
+        {"recipe": "slow", "seed": 1, "curve": [(100, 4.5), (200, 3.1)], "seconds": 30},
+    ]
     summary = summarise(runs)
     assert summary[BASELINE]["token_ratio"] == [1.0, 1.0]
     assert summary["fast"]["token_ratio"] == pytest.approx([0.75, 0.5])
@@ -47,7 +49,8 @@ def test_summary_compares_each_seed_with_its_own_baseline():
 
 def test_extra_recipes_parse_as_train_config_values():
     assert parse_set(["m20:optimizer=muon,muon_lr_ratio=20,lr=2e-3"]) == {
-        "m20": {"optimizer": "muon", "muon_lr_ratio": 20, "lr": 2e-3}}
+        "m20": {"optimizer": "muon", "muon_lr_ratio": 20, "lr": 2e-3}
+    }
     for bad in ("no_colon", "x:optimiser=muon", "x:lr=fast"):
         with pytest.raises(SystemExit):
             parse_set([bad])
@@ -57,9 +60,24 @@ def test_extra_recipes_parse_as_train_config_values():
 @pytest.mark.skipif(not os.path.isdir(PACK), reason=f"shared data pack not at {PACK}")
 def test_quick_run_prints_curves_and_ratios(tmp_path):
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, "bench/bench_recipe.py", "--quick", "--threads", "1", "--work",
-                             str(tmp_path / "work"), "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/bench_recipe.py",
+            "--quick",
+            "--threads",
+            "1",
+            "--work",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert list(data["summary"]) == list(RECIPES)  # the baseline first, then the others, each trained

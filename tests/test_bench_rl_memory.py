@@ -48,9 +48,31 @@ def test_tracker_leaves_out_an_offloaded_forward():
 @pytest.mark.slow
 def test_options_on_the_tiny_preset(tmp_path, capsys):
     path = tmp_path / "rl_memory.json"
-    rows = main(["--preset", "tiny", "--device", "cpu", "--batch", "4", "--group", "2", "--prompt_tokens", "24",
-                 "--max_new_tokens", "16", "--options", "ppo-shared", "ppo-separate", "ppo-shared-refcpu", "grpo",
-                 "grpo-refcpu", "ppo-shared-ckpt", "--json", str(path)])
+    rows = main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch",
+            "4",
+            "--group",
+            "2",
+            "--prompt_tokens",
+            "24",
+            "--max_new_tokens",
+            "16",
+            "--options",
+            "ppo-shared",
+            "ppo-separate",
+            "ppo-shared-refcpu",
+            "grpo",
+            "grpo-refcpu",
+            "ppo-shared-ckpt",
+            "--json",
+            str(path),
+        ]
+    )
     by = {r["option"]: r for r in rows}
     shared, separate, refcpu = by["ppo-shared"], by["ppo-separate"], by["ppo-shared-refcpu"]
     assert separate["peak_mib"] > shared["peak_mib"]

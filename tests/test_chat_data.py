@@ -33,13 +33,14 @@ from dataset.chat_data import (
 from dataset.preference_data import prompt_ids
 
 SYSTEM = "你是一个乐于助人的助手。"
-SINGLE = [{"role": "user", "content": "中国的首都是哪里？"},
-          {"role": "assistant", "content": "北京是中国的首都。"}]
-MULTI = [{"role": "system", "content": SYSTEM},
-         {"role": "user", "content": "春眠不觉晓的下一句？"},
-         {"role": "assistant", "content": "处处闻啼鸟。"},
-         {"role": "user", "content": "hello world"},
-         {"role": "assistant", "content": "天气很好，我们去公园散步吧。"}]
+SINGLE = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京是中国的首都。"}]
+MULTI = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "春眠不觉晓的下一句？"},
+    {"role": "assistant", "content": "处处闻啼鸟。"},
+    {"role": "user", "content": "hello world"},
+    {"role": "assistant", "content": "天气很好，我们去公园散步吧。"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def as_sharegpt(msgs):
 def as_alpaca(msgs):
     system = [m["content"] for m in msgs if m["role"] == "system"]
     turns = [m["content"] for m in msgs if m["role"] != "system"]
-    pairs = [turns[i:i + 2] for i in range(0, len(turns) - 2, 2)]
+    pairs = [turns[i : i + 2] for i in range(0, len(turns) - 2, 2)]
     record = {"instruction": turns[-2], "input": "", "output": turns[-1]}
     if pairs:
         record["history"] = pairs
@@ -79,8 +80,11 @@ def as_alpaca(msgs):
 
 
 def write(path, records, array=False):
-    text = json.dumps(records, ensure_ascii=False, indent=2) if array else \
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = (
+        json.dumps(records, ensure_ascii=False, indent=2)
+        if array
+        else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
     if str(path).endswith(".gz"):
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.write(text)
@@ -89,9 +93,13 @@ def write(path, records, array=False):
     return str(path)
 
 
-FORMATS = {"conversations": (as_conversations, "jsonl", False), "messages": (as_messages, "jsonl", False),
-           "sharegpt": (as_sharegpt, "jsonl", False), "alpaca_json": (as_alpaca, "json", True),
-           "alpaca_jsonl": (as_alpaca, "jsonl", False)}
+FORMATS = {
+    "conversations": (as_conversations, "jsonl", False),
+    "messages": (as_messages, "jsonl", False),
+    "sharegpt": (as_sharegpt, "jsonl", False),
+    "alpaca_json": (as_alpaca, "json", True),
+    "alpaca_jsonl": (as_alpaca, "jsonl", False),
+}
 
 
 def assert_labels_cover_assistant(tok, messages, ids, labels):
@@ -136,8 +144,17 @@ def test_system_prompt_only_where_none(tmp_path):
 
 
 def test_placeholders_are_filled_or_rejected(tmp_path):
-    path = write(tmp_path / "identity.json", [{"instruction": "你是谁？", "input": "", "output": "我是{{name}}，"
-                                                "由{{author}}开发。代码 {{ item.name }} 不是占位符。"}], True)
+    path = write(
+        tmp_path / "identity.json",
+        [
+            {
+                "instruction": "你是谁？",
+                "input": "",
+                "output": "我是{{name}}，由{{author}}开发。代码 {{ item.name }} 不是占位符。",
+            }
+        ],
+        True,
+    )
     convs, _ = load_conversations(path, {"name": "Milli", "author": "团队"}, log=lambda *a: None)
     assert convs[0][1]["content"] == "我是Milli，由团队开发。代码 {{ item.name }} 不是占位符。"
     with pytest.raises(BadRecord, match=r"identity.json:2: unfilled placeholder .*author"):
@@ -152,12 +169,24 @@ BAD_LINES = [
     ('{"conversations": [{"role": "user", "content": "x"}', "malformed"),
     ('{"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', "unknown role"),
     ('{"conversations": []}', "empty conversation"),
-    (('{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
-      '{"role": "user", "content": "z"}]}'), "last turn not assistant"),
-    (('{"conversations": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}, '
-      '{"role": "assistant", "content": "z"}]}'), "system turn not first"),
-    ('{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}',
-     "empty assistant turn"),
+    (
+        (
+            '{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+            '{"role": "user", "content": "z"}]}'
+        ),
+        "last turn not assistant",
+    ),
+    (
+        (
+            '{"conversations": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}, '
+            '{"role": "assistant", "content": "z"}]}'
+        ),
+        "system turn not first",
+    ),
+    (
+        '{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}',
+        "empty assistant turn",
+    ),
     ('{"conversations": [{"from": "human", "value": "x"}]}', "malformed"),  # another format mid-file
 ]
 
@@ -232,8 +261,7 @@ def test_pack_bins_fit_and_cover_everything():
 
 
 def test_length_buckets_are_few_and_hold_the_row():
-    assert [length_bucket(n, 1024) for n in (1, 128, 129, 256, 300, 513, 1024)] == [128, 128, 256, 256, 512, 1024,
-                                                                                    1024]
+    assert [length_bucket(n, 1024) for n in (1, 128, 129, 256, 300, 513, 1024)] == [128, 128, 256, 256, 512, 1024, 1024]
     assert [length_bucket(n, 100) for n in (1, 13, 17, 26, 51, 100)] == [16, 16, 32, 32, 56, 100]  # multiples of 8
     assert length_bucket(70, 64) == 72  # over seq_len (never in training): rounded up, not cut
     for seq_len in (32, 100, 512, 2048):
@@ -260,8 +288,7 @@ def test_packed_batch_keeps_attention_inside_each_conversation(tok):
     from model import SLMConfig, SLMForCausalLM
     from model.attention import document_mask
 
-    samples = tokenize_conversations([SINGLE, MULTI, SINGLE[:1] + [{"role": "assistant", "content": "好"}]],
-                                     tok, 512)
+    samples = tokenize_conversations([SINGLE, MULTI, SINGLE[:1] + [{"role": "assistant", "content": "好"}]], tok, 512)
     lengths = [len(s[0]) for s in samples]
     data = ChatDataset(samples, seq_len=sum(lengths[:2]), pack=True)
     assert len(data) == 2  # two fill one row exactly, the third gets its own
@@ -270,32 +297,33 @@ def test_packed_batch_keeps_attention_inside_each_conversation(tok):
     assert T % 8 == 0 and batch["num_tokens"] == sum(lengths)
     assert "attention_mask" not in batch  # no (B, 1, T, T) mask is built on the host any more
     a, b = (lengths[1], lengths[0]) if data.groups[0][0] == 1 else (lengths[0], lengths[1])
-    assert torch.equal(batch["position_ids"][0, :a + b], torch.cat([torch.arange(a), torch.arange(b)]))
+    assert torch.equal(batch["position_ids"][0, : a + b], torch.cat([torch.arange(a), torch.arange(b)]))
     assert torch.equal(batch["document_ids"][0], torch.tensor([1] * a + [2] * b + [0] * (T - a - b)))
     assert torch.equal(batch["document_ids"][1], torch.tensor([1] * lengths[2] + [0] * (T - lengths[2])))
     # What the model builds from the ids: block-diagonal causal, padding a block of its own (never an empty row).
     expect = torch.zeros(T, T, dtype=torch.bool)
     expect[:a, :a] = torch.ones(a, a).tril().bool()
-    expect[a:a + b, a:a + b] = torch.ones(b, b).tril().bool()
-    expect[a + b:, a + b:] = torch.ones(T - a - b, T - a - b).tril().bool()
+    expect[a : a + b, a : a + b] = torch.ones(b, b).tril().bool()
+    expect[a + b :, a + b :] = torch.ones(T - a - b, T - a - b).tril().bool()
     assert torch.equal(document_mask(batch["document_ids"])[0, 0], expect)
 
     # The packed row gives each conversation exactly the logits it gets alone.
     torch.manual_seed(0)
     model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok))).eval()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], document_ids=batch["document_ids"],
-                       position_ids=batch["position_ids"]).logits
+        packed = model(
+            input_ids=batch["input_ids"], document_ids=batch["document_ids"], position_ids=batch["position_ids"]
+        ).logits
         for start, i in zip([0, a], data.groups[0]):
             alone = model(input_ids=torch.tensor(samples[i][0], dtype=torch.long)[None]).logits[0]
-            torch.testing.assert_close(packed[0, start:start + len(alone)], alone, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(packed[0, start : start + len(alone)], alone, atol=1e-5, rtol=1e-4)
         # Unpacked rows are right-padded and need no mask: real positions match too.
         plain = collate_chat([ChatDataset(samples, 512)[i] for i in (0, 1)], tok.pad_token_id)
         assert "attention_mask" not in plain and "document_ids" not in plain and "position_ids" not in plain
         logits = model(input_ids=plain["input_ids"]).logits
-        alone = model(input_ids=plain["input_ids"][:1, :lengths[0]]).logits[0]
-        torch.testing.assert_close(logits[0, :lengths[0]], alone, atol=1e-5, rtol=1e-4)
-        assert (plain["labels"][0, lengths[0]:] == IGNORE).all()
+        alone = model(input_ids=plain["input_ids"][:1, : lengths[0]]).logits[0]
+        torch.testing.assert_close(logits[0, : lengths[0]], alone, atol=1e-5, rtol=1e-4)
+        assert (plain["labels"][0, lengths[0] :] == IGNORE).all()
 
 
 def test_collate_bench_ships_ids_not_a_mask(capsys):
@@ -328,8 +356,9 @@ def test_chatml_pieces_equal_the_chat_template(tok):
         convs.append(conv)
     for conv in convs:
         for gen, messages in ((False, conv), (True, conv[:-1])):
-            out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=gen,
-                                          return_assistant_tokens_mask=True)
+            out = tok.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=gen, return_assistant_tokens_mask=True
+            )
             ids, mask = flat(chatml_pieces(tok, messages, add_generation_prompt=gen))
             assert ids == list(out["input_ids"]) and mask == [bool(m) for m in out["assistant_masks"]]
     check_chat_template(tok)
@@ -356,7 +385,9 @@ def test_special_token_text_in_content_stays_text(tok):
 def test_a_template_other_than_chatml_is_refused(tok):
     chatml = tok.chat_template
     try:
-        tok.chat_template = chatml.replace("'<|im_start|>' + message['role'] + '\\n'", "'<|im_start|>' + message['role']")
+        tok.chat_template = chatml.replace(
+            "'<|im_start|>' + message['role'] + '\\n'", "'<|im_start|>' + message['role']"
+        )
         with pytest.raises(ValueError, match="not the ChatML one"):
             check_chatml(tok)
     finally:
@@ -367,13 +398,20 @@ def test_a_template_other_than_chatml_is_refused(tok):
 # -----------------------------------------------------------------------------
 # tool use: template == chatml_pieces, OpenAI and MiniMind tool records, what is trained
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "天气 <b>&</b>",
-                                            "parameters": {"type": "object", "properties": {"city": {}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "天气 <b>&</b>",
+        "parameters": {"type": "object", "properties": {"city": {}}},
+    },
+}
 OLD_CHATML = (  # the template tokenizers were saved with before tools existed
     "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
 
 
 def random_tool_conversation(rng) -> list[dict]:
@@ -383,10 +421,14 @@ def random_tool_conversation(rng) -> list[dict]:
     for _ in range(rng.randint(1, 3)):
         conv.append({"role": "user", "content": text()})
         n = rng.randint(0, 2)
-        calls = [{"name": "get_weather", "arguments": rng.choice([{"city": text()}, {}, '{"city": "上海"}'])}
-                 for _ in range(n)]
+        calls = [
+            {"name": "get_weather", "arguments": rng.choice([{"city": text()}, {}, '{"city": "上海"}'])}
+            for _ in range(n)
+        ]
         calls = [{"id": "c", "type": "function", "function": c} if rng.random() < 0.5 else c for c in calls]
-        conv.append({"role": "assistant", "content": text() if n else text() + "x", **({"tool_calls": calls} if n else {})})
+        conv.append(
+            {"role": "assistant", "content": text() if n else text() + "x", **({"tool_calls": calls} if n else {})}
+        )
         conv += [{"role": "tool", "content": text()} for _ in range(n)]
         if n:
             conv.append({"role": "assistant", "content": text() + "y"})
@@ -401,8 +443,14 @@ def test_tool_conversations_tokenize_as_the_template(tok):
         conv = random_tool_conversation(rng)
         plain = [{k: v for k, v in m.items() if k != "tools"} for m in conv]
         for gen, messages, end in ((False, conv, plain), (True, conv[:-1], plain[:-1])):
-            out = tok.apply_chat_template(end, tools=conv[0]["tools"], tokenize=True, return_dict=True,
-                                          add_generation_prompt=gen, return_assistant_tokens_mask=not gen)
+            out = tok.apply_chat_template(
+                end,
+                tools=conv[0]["tools"],
+                tokenize=True,
+                return_dict=True,
+                add_generation_prompt=gen,
+                return_assistant_tokens_mask=not gen,
+            )
             ids, mask = flat(chatml_pieces(tok, messages, add_generation_prompt=gen))
             assert ids == list(out["input_ids"])
             if not gen:
@@ -412,12 +460,15 @@ def test_tool_conversations_tokenize_as_the_template(tok):
 
 def test_without_tools_the_template_renders_as_before(tok):
     rng = random.Random(1)
-    convs = [SINGLE, MULTI] + [[{k: v for k, v in m.items() if k not in ("tools", "tool_calls")} for m in c
-                                if m["role"] != "tool"] for c in (random_tool_conversation(rng) for _ in range(30))]
+    convs = [SINGLE, MULTI] + [
+        [{k: v for k, v in m.items() if k not in ("tools", "tool_calls")} for m in c if m["role"] != "tool"]
+        for c in (random_tool_conversation(rng) for _ in range(30))
+    ]
     for conv in convs:
         for gen in (False, True):
-            assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen) == \
-                tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, chat_template=OLD_CHATML)
+            assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen) == tok.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=gen, chat_template=OLD_CHATML
+            )
 
 
 def test_old_template_passes_plain_checks_and_fails_the_tool_probe(tok):
@@ -431,52 +482,104 @@ def test_old_template_passes_plain_checks_and_fails_the_tool_probe(tok):
         tok.chat_template = new
 
 
-OPENAI_TOOL_RECORD = {"tools": [WEATHER], "messages": [
-    {"role": "user", "content": [{"type": "text", "text": "北京"}, {"type": "text", "text": "天气？"}]},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "晴"},
-    {"role": "assistant", "content": [{"type": "text", "text": "北京晴。"}]}]}
-MINIMIND_TOOL_RECORD = {"conversations": [
-    {"role": "system", "content": "你是助手", "tools": json.dumps([WEATHER["function"]], ensure_ascii=False)},
-    {"role": "user", "content": "北京天气？"},
-    {"role": "assistant", "content": "", "tool_calls": "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"北京\"}}]"},
-    {"role": "tool", "content": "晴"},
-    {"role": "assistant", "content": "北京晴。"}]}
-MINIMIND_FUNCTIONS_RECORD = {"conversations": [  # MiniMind's earlier tool data: system "functions", a list
-    {"role": "system", "content": "你是助手", "functions": [WEATHER["function"]]}, *MINIMIND_TOOL_RECORD["conversations"][1:]]}
+OPENAI_TOOL_RECORD = {
+    "tools": [WEATHER],
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "北京"}, {"type": "text", "text": "天气？"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "北京"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "晴"},
+        {"role": "assistant", "content": [{"type": "text", "text": "北京晴。"}]},
+    ],
+}
+MINIMIND_TOOL_RECORD = {
+    "conversations": [
+        {"role": "system", "content": "你是助手", "tools": json.dumps([WEATHER["function"]], ensure_ascii=False)},
+        {"role": "user", "content": "北京天气？"},
+        {"role": "assistant", "content": "", "tool_calls": '[{"name": "get_weather", "arguments": {"city": "北京"}}]'},
+        {"role": "tool", "content": "晴"},
+        {"role": "assistant", "content": "北京晴。"},
+    ]
+}
+MINIMIND_FUNCTIONS_RECORD = {
+    "conversations": [  # MiniMind's earlier tool data: system "functions", a list
+        {"role": "system", "content": "你是助手", "functions": [WEATHER["function"]]},
+        *MINIMIND_TOOL_RECORD["conversations"][1:],
+    ]
+}
 CALL = [{"name": "get_weather", "arguments": {"city": "北京"}}]
 
 
-@pytest.mark.parametrize("record", [OPENAI_TOOL_RECORD, MINIMIND_TOOL_RECORD, MINIMIND_FUNCTIONS_RECORD],
-                         ids=["openai", "minimind_tools", "minimind_functions"])
+@pytest.mark.parametrize(
+    "record",
+    [OPENAI_TOOL_RECORD, MINIMIND_TOOL_RECORD, MINIMIND_FUNCTIONS_RECORD],
+    ids=["openai", "minimind_tools", "minimind_functions"],
+)
 def test_tool_records_load_and_train_the_call_not_the_response(tok, tmp_path, record):
     path = write(tmp_path / "tools.jsonl", [record])
     (conv,), stats = load_conversations(path, system_prompt="默认系统", log=lambda *a: None)
     assert not [k for k in stats if k.startswith("skip")]
     system = "默认系统" if record is OPENAI_TOOL_RECORD else "你是助手"  # the system turn made for the tools gets it
-    assert conv == [{"role": "system", "content": system, "tools": [WEATHER]},
-                    {"role": "user", "content": "北京天气？"}, {"role": "assistant", "content": "", "tool_calls": CALL},
-                    {"role": "tool", "content": "晴"}, {"role": "assistant", "content": "北京晴。"}]
+    assert conv == [
+        {"role": "system", "content": system, "tools": [WEATHER]},
+        {"role": "user", "content": "北京天气？"},
+        {"role": "assistant", "content": "", "tool_calls": CALL},
+        {"role": "tool", "content": "晴"},
+        {"role": "assistant", "content": "北京晴。"},
+    ]
     ids, labels = tokenize_conversation(tok, conv)
     trained = labels != IGNORE
     runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(trained.astype(int))) + 1)
     assert [tok.decode(ids[r]) for r in runs if trained[r[0]]] == [
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>', "北京晴。<|im_end|>"]
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>',
+        "北京晴。<|im_end|>",
+    ]
     assert "<tool_response>\n晴\n</tool_response>" in tok.decode(ids) and "# Tools" in tok.decode(ids)
 
 
-@pytest.mark.parametrize("turns, reason", [
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "unsupported content"),
-    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}], "tool turn without a call"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
-        {"function": {"name": "f", "arguments": "{not json"}}]}], "malformed"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": "[{\"arguments\": {}}]"}],
-     "malformed"),
-], ids=["image", "orphan_tool", "bad_arguments", "no_name"])
+@pytest.mark.parametrize(
+    "turns, reason",
+    [
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "unsupported content"),
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}], "tool turn without a call"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}],
+                },
+            ],
+            "malformed",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "", "tool_calls": '[{"arguments": {}}]'},
+            ],
+            "malformed",
+        ),
+    ],
+    ids=["image", "orphan_tool", "bad_arguments", "no_name"],
+)
 def test_bad_tool_records_are_refused(tmp_path, turns, reason):
-    path = write(tmp_path / "bad.jsonl", [{"messages": [{"role": "system", "content": "s"}]},
-                                          {"messages": turns + [{"role": "assistant", "content": "b"}]}])
+    path = write(
+        tmp_path / "bad.jsonl",
+        [
+            {"messages": [{"role": "system", "content": "s"}]},
+            {"messages": turns + [{"role": "assistant", "content": "b"}]},
+        ],
+    )
     _, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
     assert stats[f"skip:{reason}"] == 1
 

@@ -1,6 +1,6 @@
 """Tests for scripts/chat_terminal.py: command handling and the chat loop driven in-process (no subprocess start-up).
 
-    python -m pytest tests/test_chat_terminal.py
+python -m pytest tests/test_chat_terminal.py
 """
 
 import argparse

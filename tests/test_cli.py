@@ -53,8 +53,14 @@ def test_precedence_and_coercion(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("lr: 0.5\nsteps: 20\nname: from_yaml\n")
     cfg = load_config(Demo, str(yaml_file), ["steps=30", "compile=true", "batch_size=auto", "maybe=none"])
-    assert (cfg.lr, cfg.steps, cfg.name, cfg.compile, cfg.batch_size, cfg.maybe) == (0.5, 30, "from_yaml", True,
-                                                                                      "auto", None)
+    assert (cfg.lr, cfg.steps, cfg.name, cfg.compile, cfg.batch_size, cfg.maybe) == (
+        0.5,
+        30,
+        "from_yaml",
+        True,
+        "auto",
+        None,
+    )
     assert load_config(Demo, None, ["steps=1e3", "batch_size=8"]).steps == 1000
     assert load_config(Demo, None, ["batch_size=8"]).batch_size == 8
     for bad in (["steps=2.5"], ["compile=maybe"], ["lr=fast"], ["nope=1"], ["steps"]):
@@ -88,11 +94,16 @@ def test_keys_a_stage_never_reads_are_refused_from_yaml_and_command_line(stage, 
             load_config(cls, str(yaml_file))
         assert getattr(load_config(cls), key) == fields[key]  # the default is still there for the code
     # The ones the issue names, and what must stay accepted where it is read.
-    expected = {"pretrain": {"data_path"}, "sft": {"data_dir", "model_config"}, "lora": {"data_dir", "model_config"},
-                "dpo": {"data_dir", "model_config", "loss_chunk"}, "reward": {"data_dir", "model_config", "loss_chunk"},
-                "ppo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
-                "grpo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
-                "distill": {"loss_chunk"}}
+    expected = {
+        "pretrain": {"data_path"},
+        "sft": {"data_dir", "model_config"},
+        "lora": {"data_dir", "model_config"},
+        "dpo": {"data_dir", "model_config", "loss_chunk"},
+        "reward": {"data_dir", "model_config", "loss_chunk"},
+        "ppo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
+        "grpo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
+        "distill": {"loss_chunk"},
+    }
     assert set(cls.unused) == expected[stage]
     unit = {"dpo": "pairs", "reward": "pairs", "ppo": "replies", "grpo": "replies"}.get(stage, "sequences")
     assert cls.batch_unit == unit
@@ -107,10 +118,17 @@ def test_main_refuses_an_unused_key_before_running():
 def test_dash_dash_key_value_overrides_equal_key_value():
     from trainer.config import parse_overrides
 
-    assert parse_overrides(["--lr", "3e-4", "steps=30", "--name=a=b", "--max-steps", "-1", "--compile",
-                            "--maybe", "--batch_size", "8"]) == {
-        "lr": "3e-4", "steps": "30", "name": "a=b", "max_steps": "-1", "compile": "true", "maybe": "true",
-        "batch_size": "8"}
+    assert parse_overrides(
+        ["--lr", "3e-4", "steps=30", "--name=a=b", "--max-steps", "-1", "--compile", "--maybe", "--batch_size", "8"]
+    ) == {
+        "lr": "3e-4",
+        "steps": "30",
+        "name": "a=b",
+        "max_steps": "-1",
+        "compile": "true",
+        "maybe": "true",
+        "batch_size": "8",
+    }
     # a key=value after a bare flag is the next override, not the flag's value
     assert parse_overrides(["--compile", "steps=3"]) == {"compile": "true", "steps": "3"}
     flags = load_config(Demo, None, ["--steps", "30", "--compile", "--name", "y", "--batch-size", "auto"])
@@ -148,20 +166,32 @@ class Trainerish:
     warmup_steps: int = 0
 
 
-@pytest.mark.parametrize("key, target", [
-    ("gradient_accumulation_steps", "global_batch_size"), ("learning_rate", "lr"),
-    ("per_device_train_batch_size", "batch_size"), ("num_train_epochs", "max_steps"), ("epochs", "max_steps"),
-    ("output_dir", "out_dir"), ("model_name_or_path", "init_from"), ("max_seq_length", "seq_len"),
-    ("max_length", "seq_len"), ("warmup_ratio", "warmup_steps"), ("max_stepz", "max_steps"),
-    ("bach_size", "batch_size")])
+@pytest.mark.parametrize(
+    "key, target",
+    [
+        ("gradient_accumulation_steps", "global_batch_size"),
+        ("learning_rate", "lr"),
+        ("per_device_train_batch_size", "batch_size"),
+        ("num_train_epochs", "max_steps"),
+        ("epochs", "max_steps"),
+        ("output_dir", "out_dir"),
+        ("model_name_or_path", "init_from"),
+        ("max_seq_length", "seq_len"),
+        ("max_length", "seq_len"),
+        ("warmup_ratio", "warmup_steps"),
+        ("max_stepz", "max_steps"),
+        ("bach_size", "batch_size"),
+    ],
+)
 def test_unknown_key_hints_the_key_that_does_the_same(key, target):
     with pytest.raises(ConfigError) as err:
         load_config(Trainerish, None, [f"{key}=1"])
     message = str(err.value)
     assert f"did you mean {target}?" in message
     hinted = message.split("did you mean ")[1]
-    assert all(other not in hinted.split("?")[0] for other in ("gradient_checkpointing", "lr_schedule")
-               if other != target)
+    assert all(
+        other not in hinted.split("?")[0] for other in ("gradient_checkpointing", "lr_schedule") if other != target
+    )
     if key == "gradient_accumulation_steps":
         assert "batch_size x accumulation" in message
 
@@ -179,19 +209,22 @@ def test_no_hint_when_nothing_is_close():
 # Config values are checked up front, in one place (trainer/config.py validate), naming the key and the choices
 
 
-@pytest.mark.parametrize("stage, override, message", [
-    ("pretrain", "lr_schedule=bogus", "lr_schedule must be cosine, wsd or constant, got 'bogus'"),
-    ("pretrain", "batch_size=0", "config key 'batch_size': must be >= 1, got 0"),
-    ("pretrain", "batch_size=many", "config key 'batch_size': expected a number or auto, got 'many'"),
-    ("pretrain", "seq_len=0", "config key 'seq_len': must be >= 1, got 0"),
-    ("pretrain", "dtype=int3", "dtype must be auto, bf16, fp16 or fp32, got 'int3'"),
-    ("pretrain", "device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    ("pretrain", "min_lr_ratio=1.5", "config key 'min_lr_ratio': must be in [0, 1], got 1.5"),
-    ("sft", "on_bad_record=ignore", "on_bad_record must be skip or error, got 'ignore'"),
-    ("dpo", "loss_type=kto", "loss_type must be sigmoid, ipo or hinge, got 'kto'"),
-    ("grpo", "top_p=1.5", "config key 'top_p': must be in [0, 1], got 1.5"),
-    ("eval", "quantize=int2", "quantize must be none, int8 or int4, got 'int2'"),
-])
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("pretrain", "lr_schedule=bogus", "lr_schedule must be cosine, wsd or constant, got 'bogus'"),
+        ("pretrain", "batch_size=0", "config key 'batch_size': must be >= 1, got 0"),
+        ("pretrain", "batch_size=many", "config key 'batch_size': expected a number or auto, got 'many'"),
+        ("pretrain", "seq_len=0", "config key 'seq_len': must be >= 1, got 0"),
+        ("pretrain", "dtype=int3", "dtype must be auto, bf16, fp16 or fp32, got 'int3'"),
+        ("pretrain", "device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("pretrain", "min_lr_ratio=1.5", "config key 'min_lr_ratio': must be in [0, 1], got 1.5"),
+        ("sft", "on_bad_record=ignore", "on_bad_record must be skip or error, got 'ignore'"),
+        ("dpo", "loss_type=kto", "loss_type must be sigmoid, ipo or hinge, got 'kto'"),
+        ("grpo", "top_p=1.5", "config key 'top_p': must be in [0, 1], got 1.5"),
+        ("eval", "quantize=int2", "quantize must be none, int8 or int4, got 'int2'"),
+    ],
+)
 def test_bad_values_fail_before_anything_runs(stage, override, message, tmp_path):
     out = run_main("--stage", stage, f"out_dir={tmp_path / 'run'}", override)
     assert out.returncode == 2 and message in out.stderr and "error: config key '" in out.stderr, out.stderr[-2000:]
@@ -213,16 +246,27 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
 
 
 def test_missing_paths_are_named_before_a_model_is_built(tmp_path):
-    out = run_main("--stage", "sft", f"init_from={tmp_path / 'nope'}", f"tokenizer_dir={tmp_path / 'no_tok'}",
-                   f"out_dir={tmp_path / 'run'}")
+    out = run_main(
+        "--stage",
+        "sft",
+        f"init_from={tmp_path / 'nope'}",
+        f"tokenizer_dir={tmp_path / 'no_tok'}",
+        f"out_dir={tmp_path / 'run'}",
+    )
     assert out.returncode == 2 and f"init_from '{tmp_path / 'nope'}' is not a directory" in out.stderr
     assert "tokenizer" not in out.stderr.split("init_from")[0] and "Traceback" not in out.stderr
-    out = run_main("--stage", "pretrain", f"data_dir={tmp_path / 'no_shards'}", f"tokenizer_dir={tmp_path}",
-                   f"out_dir={tmp_path / 'run'}")
+    out = run_main(
+        "--stage",
+        "pretrain",
+        f"data_dir={tmp_path / 'no_shards'}",
+        f"tokenizer_dir={tmp_path}",
+        f"out_dir={tmp_path / 'run'}",
+    )
     assert out.returncode == 2 and f"config key 'data_dir': '{tmp_path / 'no_shards'}' does not exist" in out.stderr
     out = run_main("--stage", "pretrain", f"resume={tmp_path / 'step_000009'}", f"out_dir={tmp_path / 'run'}")
-    assert out.returncode == 2 and "config key 'resume': must be auto, never or an existing step_* directory" \
-        in out.stderr
+    assert (
+        out.returncode == 2 and "config key 'resume': must be auto, never or an existing step_* directory" in out.stderr
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -18,16 +18,27 @@ from torch._dynamo.utils import counters
 from transformers import AutoTokenizer
 
 from dataset.chat_data import length_bucket
-from tests.helpers import write_shards
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, write_chat_file, write_shards
 from tests.helpers_preference import toy_pairs, write_pairs
-from tests.helpers import write_chat_file
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
-COMMON = dict(batch_size=4, global_batch_size=8, seq_len=32, lr=1e-3, warmup_steps=0, lr_schedule="constant",
-              eval_every=0, save_every=0, log_every=100, device="cpu", dtype="fp32", seed=0, compile=True)
+COMMON = dict(
+    batch_size=4,
+    global_batch_size=8,
+    seq_len=32,
+    lr=1e-3,
+    warmup_steps=0,
+    lr_schedule="constant",
+    eval_every=0,
+    save_every=0,
+    log_every=100,
+    device="cpu",
+    dtype="fp32",
+    seed=0,
+    compile=True,
+)
 
 
 @pytest.fixture
@@ -67,7 +78,7 @@ def first_steps(trainer) -> list[int]:
     assert graphs_after[-1] == len(set(lengths)), (graphs_after, lengths)
     seen = []
     for step in range(STEPS):
-        seen += lengths[step * trainer.accum_steps:(step + 1) * trainer.accum_steps]
+        seen += lengths[step * trainer.accum_steps : (step + 1) * trainer.accum_steps]
         assert graphs_after[step] == len(set(seen)), (graphs_after, lengths)
     return lengths
 
@@ -78,8 +89,14 @@ def test_pretrain_one_graph(tiny_tokenizer_dir, tmp_path, aot_eager):
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     shards = write_shards(tok, corpus(200), str(tmp_path / "shards"), n_shards=1)
-    cfg = Config(model_config="tiny", tokenizer_dir=tiny_tokenizer_dir, data_dir=shards, out_dir=str(tmp_path / "o"),
-                 sample_tokens=0, **COMMON)
+    cfg = Config(
+        model_config="tiny",
+        tokenizer_dir=tiny_tokenizer_dir,
+        data_dir=shards,
+        out_dir=str(tmp_path / "o"),
+        sample_tokens=0,
+        **COMMON,
+    )
     assert set(first_steps(PretrainTrainer(cfg))) == {32}
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -92,12 +109,32 @@ def test_moe_pretrain_one_graph(tiny_tokenizer_dir, tmp_path, aot_eager):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     shards = write_shards(tok, corpus(200), str(tmp_path / "shards"), n_shards=1)
     preset = tmp_path / "tiny_moe.json"
-    preset.write_text(json.dumps({
-        "vocab_size": len(tok), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True, "use_moe": True,
-        "num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1, "moe_intermediate_size": 64}))
-    cfg = Config(model_config=str(preset), tokenizer_dir=tiny_tokenizer_dir, data_dir=shards,
-                 out_dir=str(tmp_path / "o"), sample_tokens=0, **COMMON)
+    preset.write_text(
+        json.dumps(
+            {
+                "vocab_size": len(tok),
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+                "tie_word_embeddings": True,
+                "use_moe": True,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "num_shared_experts": 1,
+                "moe_intermediate_size": 64,
+            }
+        )
+    )
+    cfg = Config(
+        model_config=str(preset),
+        tokenizer_dir=tiny_tokenizer_dir,
+        data_dir=shards,
+        out_dir=str(tmp_path / "o"),
+        sample_tokens=0,
+        **COMMON,
+    )
     assert set(first_steps(PretrainTrainer(cfg))) == {32}
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -107,8 +144,15 @@ def test_sft_one_graph_per_bucket(checkpoint, tmp_path, aot_eager, pack):
     from trainer.sft import Config, SFTTrainer
 
     data = write_chat_file(tmp_path / "chat.jsonl", n_copies=4)
-    cfg = Config(init_from=checkpoint, out_dir=str(tmp_path / "o"), data_path=data, pack=pack, val_samples=0,
-                 placeholders="name=Milli-Chat", **COMMON)
+    cfg = Config(
+        init_from=checkpoint,
+        out_dir=str(tmp_path / "o"),
+        data_path=data,
+        pack=pack,
+        val_samples=0,
+        placeholders="name=Milli-Chat",
+        **COMMON,
+    )
     lengths = first_steps(SFTTrainer(cfg))
     assert all(T == length_bucket(T, cfg.seq_len) for T in lengths)  # only bucket lengths reach the model
 
@@ -136,8 +180,9 @@ def _compiled_ddp_worker(rank: int, port: int, tokenizer_dir: str, shards: str, 
     import logging
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     torch.set_num_threads(1)
     torch.compile = functools.partial(torch.compile, backend="aot_eager")  # this spawned process only
     records = []
@@ -148,16 +193,19 @@ def _compiled_ddp_worker(rank: int, port: int, tokenizer_dir: str, shards: str, 
     ddp_log.addHandler(handler)
     from trainer.pretrain import Config, PretrainTrainer
 
-    cfg = Config(model_config="tiny", tokenizer_dir=tokenizer_dir, data_dir=shards, out_dir=out_dir,
-                 sample_tokens=0, **COMMON)
+    cfg = Config(
+        model_config="tiny", tokenizer_dir=tokenizer_dir, data_dir=shards, out_dir=out_dir, sample_tokens=0, **COMMON
+    )
     os.makedirs(out_dir, exist_ok=True)
     trainer = PretrainTrainer(cfg)
     trainer.prepare()
     wrapping = [type(trainer.model).__name__, type(trainer.model.module).__name__]
     losses = [float(trainer.train_step()["loss"]) for _ in range(2)]
     weights = trainer.raw_model.model.layers[0].mlp.up_proj.weight.detach()
-    torch.save({"wrapping": wrapping, "losses": losses, "weights": weights, "log": records},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"wrapping": wrapping, "losses": losses, "weights": weights, "log": records},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     torch.distributed.destroy_process_group()
 
 
@@ -176,8 +224,13 @@ def test_ddp_wraps_the_compiled_module_and_dynamo_splits_at_its_buckets(tiny_tok
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_compiled_ddp_worker, args=(port, tiny_tokenizer_dir, shards, str(tmp_path / "o")),
-                             nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _compiled_ddp_worker,
+        args=(port, tiny_tokenizer_dir, shards, str(tmp_path / "o")),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.time() + 400
     while not ctx.join(timeout=5):
         if time.time() > deadline:

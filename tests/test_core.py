@@ -18,8 +18,11 @@ def stage_trainers() -> list[type]:
     classes = []
     for name in STAGES:
         module = importlib.import_module(f"trainer.{name}")
-        classes += [c for _, c in inspect.getmembers(module, inspect.isclass)
-                    if issubclass(c, Trainer) and c is not Trainer and c.__module__ == module.__name__]
+        classes += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, Trainer) and c is not Trainer and c.__module__ == module.__name__
+        ]
     return classes
 
 
@@ -35,10 +38,26 @@ def overridden_hooks() -> dict[str, list[str]]:
 
 def test_every_hook_a_stage_overrides_is_documented_with_keyword_only_arguments():
     hooks = overridden_hooks()
-    assert {"build_data", "compute_loss", "count_loss_items", "count_tokens", "setup", "build_model", "should_save",
-            "on_eval", "next_step", "train_step", "extra_state", "load_extra_state", "trainable_parameters",
-            "extra_eval_metrics", "save_pretrained_to", "read_checkpoint_weights", "load_checkpoint_weights",
-            "next_stage_hint"} <= set(hooks)
+    assert {
+        "build_data",
+        "compute_loss",
+        "count_loss_items",
+        "count_tokens",
+        "setup",
+        "build_model",
+        "should_save",
+        "on_eval",
+        "next_step",
+        "train_step",
+        "extra_state",
+        "load_extra_state",
+        "trainable_parameters",
+        "extra_eval_metrics",
+        "save_pretrained_to",
+        "read_checkpoint_weights",
+        "load_checkpoint_weights",
+        "next_stage_hint",
+    } <= set(hooks)
     for name in hooks:
         assert f"{name}(" in Trainer.__doc__, f"{name} is overridden by {hooks[name]} but not in Trainer's docstring"
         for cls in [Trainer] + [c for c in stage_trainers() if name in vars(c)]:
@@ -59,16 +78,28 @@ def test_gpu_peak_flops_matches_whole_names_and_follows_the_dtype():
     from trainer.common import gpu_peak_flops
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    expected = {("NVIDIA H100 80GB HBM3", bf16): 989e12, ("NVIDIA H100 PCIe", bf16): 756e12,
-                ("NVIDIA H100 NVL", bf16): 835e12, ("NVIDIA H200", bf16): 989e12,
-                ("NVIDIA A100-SXM4-80GB", bf16): 312e12, ("NVIDIA A100 80GB PCIe", fp16): 312e12,
-                ("NVIDIA A100-SXM4-40GB", fp32): 156e12,  # TF32
-                ("NVIDIA L40S", bf16): 362e12, ("NVIDIA L40", bf16): 181e12, ("NVIDIA L4", bf16): 121e12,
-                ("NVIDIA GeForce RTX 4090", bf16): 165e12, ("NVIDIA GeForce RTX 3090", fp16): 71e12,
-                ("Tesla T4", fp16): 65e12, ("Tesla T4", fp32): 8.1e12, ("Tesla V100-SXM2-16GB", fp16): 125e12,
-                ("Tesla V100-PCIE-32GB", fp16): 112e12,
-                ("Tesla T4", bf16): None, ("Tesla V100-SXM2-16GB", bf16): None,  # emulated bf16: no peak, no MFU
-                ("NVIDIA GeForce GTX 1080", fp16): None, ("NVIDIA RTX A6000", bf16): None}  # unknown: no MFU
+    expected = {
+        ("NVIDIA H100 80GB HBM3", bf16): 989e12,
+        ("NVIDIA H100 PCIe", bf16): 756e12,
+        ("NVIDIA H100 NVL", bf16): 835e12,
+        ("NVIDIA H200", bf16): 989e12,
+        ("NVIDIA A100-SXM4-80GB", bf16): 312e12,
+        ("NVIDIA A100 80GB PCIe", fp16): 312e12,
+        ("NVIDIA A100-SXM4-40GB", fp32): 156e12,  # TF32
+        ("NVIDIA L40S", bf16): 362e12,
+        ("NVIDIA L40", bf16): 181e12,
+        ("NVIDIA L4", bf16): 121e12,
+        ("NVIDIA GeForce RTX 4090", bf16): 165e12,
+        ("NVIDIA GeForce RTX 3090", fp16): 71e12,
+        ("Tesla T4", fp16): 65e12,
+        ("Tesla T4", fp32): 8.1e12,
+        ("Tesla V100-SXM2-16GB", fp16): 125e12,
+        ("Tesla V100-PCIE-32GB", fp16): 112e12,
+        ("Tesla T4", bf16): None,
+        ("Tesla V100-SXM2-16GB", bf16): None,  # emulated bf16: no peak, no MFU
+        ("NVIDIA GeForce GTX 1080", fp16): None,
+        ("NVIDIA RTX A6000", bf16): None,
+    }  # unknown: no MFU
     got = {key: gpu_peak_flops(*key) for key in expected}
     assert got == expected
 

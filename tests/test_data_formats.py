@@ -37,8 +37,15 @@ from dataset.text_sources import iter_documents
 ROOT = Path(__file__).resolve().parents[1]
 
 TEXTS = [f"第{i}篇文档：我们今天学习数学和语言。" + "人工智能是计算机科学的一个分支。" * (i % 3) for i in range(40)]
-CONVS = [{"conversations": [{"role": "user", "content": f"问题{i}：中国的首都是哪里？"},
-                            {"role": "assistant", "content": f"北京是中国的首都。{i}"}]} for i in range(12)]
+CONVS = [
+    {
+        "conversations": [
+            {"role": "user", "content": f"问题{i}：中国的首都是哪里？"},
+            {"role": "assistant", "content": f"北京是中国的首都。{i}"},
+        ]
+    }
+    for i in range(12)
+]
 PAIRS = [{"prompt": f"问题{i}？", "chosen": f"好的回答{i}", "rejected": f"坏的回答{i}"} for i in range(12)]
 
 
@@ -60,8 +67,12 @@ def write_tables(tmp_path, rows, name: str) -> dict:
     pytest.importorskip("pyarrow.ipc")  # the submodules pa.ipc and pa.parquet exist once imported
     pytest.importorskip("pyarrow.parquet")
     table = pa.Table.from_pylist(rows)
-    out = {"parquet": str(tmp_path / f"{name}.parquet"), "arrow_file": str(tmp_path / f"{name}_file.arrow"),
-           "arrow_stream": str(tmp_path / f"{name}_stream.arrow"), "dir": str(tmp_path / f"{name}_saved")}
+    out = {
+        "parquet": str(tmp_path / f"{name}.parquet"),
+        "arrow_file": str(tmp_path / f"{name}_file.arrow"),
+        "arrow_stream": str(tmp_path / f"{name}_stream.arrow"),
+        "dir": str(tmp_path / f"{name}_saved"),
+    }
     pa.parquet.write_table(table, out["parquet"], row_group_size=max(1, len(rows) // 2))
     with pa.ipc.new_file(out["arrow_file"], table.schema) as w:
         for batch in table.to_batches(max_chunksize=5):
@@ -154,8 +165,11 @@ def test_tokenizer_from_parquet_equals_tokenizer_from_jsonl(tmp_path):
     jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
     parquet = write_tables(tmp_path, [{"body": r["text"]} for r in rows], "a")["parquet"]
     run(Config(data_path=jsonl, vocab_size=300, out_dir=str(tmp_path / "t1"), min_frequency=1, seed=0))
-    run(Config(data_path=parquet, text_column="body", vocab_size=300, out_dir=str(tmp_path / "t2"),
-               min_frequency=1, seed=0))
+    run(
+        Config(
+            data_path=parquet, text_column="body", vocab_size=300, out_dir=str(tmp_path / "t2"), min_frequency=1, seed=0
+        )
+    )
     a = json.loads((tmp_path / "t1" / "tokenizer.json").read_text())["model"]
     b = json.loads((tmp_path / "t2" / "tokenizer.json").read_text())["model"]
     assert a["vocab"] == b["vocab"] and a["merges"] == b["merges"] and len(a["vocab"]) == 300
@@ -212,14 +226,27 @@ def test_bad_table_rows_are_named_by_row(tmp_path):
     assert len(convs) == 5 and stats["skip:unknown role"] == 1
 
 
-FIREFLY = [{"conversation_id": i, "category": "Brainstorming",
-            "conversation": [{"human": f"你好{i}", "assistant": f"你好！有什么可以帮你？{i}"},
-                             {"human": "讲个笑话", "assistant": "从前有一座山。"}], "dataset": "moss"}
-           for i in range(6)]
-FIREFLY_AS_MESSAGES = [[{"role": "user", "content": f"你好{i}"},
-                        {"role": "assistant", "content": f"你好！有什么可以帮你？{i}"},
-                        {"role": "user", "content": "讲个笑话"},
-                        {"role": "assistant", "content": "从前有一座山。"}] for i in range(6)]
+FIREFLY = [
+    {
+        "conversation_id": i,
+        "category": "Brainstorming",
+        "conversation": [
+            {"human": f"你好{i}", "assistant": f"你好！有什么可以帮你？{i}"},
+            {"human": "讲个笑话", "assistant": "从前有一座山。"},
+        ],
+        "dataset": "moss",
+    }
+    for i in range(6)
+]
+FIREFLY_AS_MESSAGES = [
+    [
+        {"role": "user", "content": f"你好{i}"},
+        {"role": "assistant", "content": f"你好！有什么可以帮你？{i}"},
+        {"role": "user", "content": "讲个笑话"},
+        {"role": "assistant", "content": "从前有一座山。"},
+    ]
+    for i in range(6)
+]
 
 
 def test_firefly_pairs_load_as_they_are_and_columns_maps_other_schemas(tmp_path):
@@ -232,13 +259,19 @@ def test_firefly_pairs_load_as_they_are_and_columns_maps_other_schemas(tmp_path)
     cols = parse_columns("conversation=messages,human=user,assistant=assistant")
     assert load_conversations(jsonl, log=quiet, columns=cols)[0] == FIREFLY_AS_MESSAGES
     # a schema no reader knows: {"dialog": [{"q", "a"}], "persona"} -> pairs with a system turn
-    odd = [{"dialog": [{"q": m[0]["content"], "a": m[1]["content"]}, {"q": m[2]["content"], "a": m[3]["content"]}],
-            "persona": "你是助手。"} for m in FIREFLY_AS_MESSAGES]
+    odd = [
+        {
+            "dialog": [{"q": m[0]["content"], "a": m[1]["content"]}, {"q": m[2]["content"], "a": m[3]["content"]}],
+            "persona": "你是助手。",
+        }
+        for m in FIREFLY_AS_MESSAGES
+    ]
     odd_path = write_jsonl(tmp_path / "odd.jsonl", odd)
     with pytest.raises(BadRecord, match="unknown format"):
         load_conversations(odd_path, log=quiet)
-    mapped, _ = load_conversations(odd_path, log=quiet,
-                                   columns=parse_columns("dialog=conversations, q=user, a=assistant, persona=system"))
+    mapped, _ = load_conversations(
+        odd_path, log=quiet, columns=parse_columns("dialog=conversations, q=user, a=assistant, persona=system")
+    )
     assert mapped == [[{"role": "system", "content": "你是助手。"}] + m for m in FIREFLY_AS_MESSAGES]
     # ... and the same mapping on preference data and on table rows
     prefs = [{"question": p["prompt"], "good": p["chosen"], "bad": p["rejected"]} for p in PAIRS]
@@ -248,8 +281,9 @@ def test_firefly_pairs_load_as_they_are_and_columns_maps_other_schemas(tmp_path)
     assert load_pairs(write_tables(tmp_path, prefs, "q")["arrow_stream"], log=quiet, columns=pcols)[0] == want
     # firefly-train-1.1M's {kind, input, target}, as config/recipes/README.md documents it, read as Alpaca
     ff = write_jsonl(tmp_path / "ff.jsonl", [{"kind": "Poem", "input": "写一首诗", "target": "床前明月光。"}])
-    assert load_conversations(ff, log=quiet, columns=parse_columns("input=instruction,target=output"))[0] == \
-        [[{"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "床前明月光。"}]]
+    assert load_conversations(ff, log=quiet, columns=parse_columns("input=instruction,target=output"))[0] == [
+        [{"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "床前明月光。"}]
+    ]
     for bad in ("conversation", "=x", "a="):
         with pytest.raises(ValueError, match="is not source=target"):
             parse_columns(bad)
@@ -267,9 +301,23 @@ def test_sft_stage_trains_on_a_mapped_parquet_file_from_the_command_line(pretrai
     rows = [{"dialog": [{"q": m[0]["content"], "a": m[1]["content"]}]} for m in FIREFLY_AS_MESSAGES]
     data = write_tables(tmp_path, rows, "odd")["parquet"]
     out = tmp_path / "sft"
-    rc = main.main(["--stage", "sft", f"init_from={pretrained_dir}", f"data_path={data}", f"out_dir={out}",
-                    "columns=dialog=conversations,q=user,a=assistant", "seq_len=64", "batch_size=2",
-                    "global_batch_size=2", "max_steps=2", "val_samples=0", "device=cpu", "log_every=1"])
+    rc = main.main(
+        [
+            "--stage",
+            "sft",
+            f"init_from={pretrained_dir}",
+            f"data_path={data}",
+            f"out_dir={out}",
+            "columns=dialog=conversations,q=user,a=assistant",
+            "seq_len=64",
+            "batch_size=2",
+            "global_batch_size=2",
+            "max_steps=2",
+            "val_samples=0",
+            "device=cpu",
+            "log_every=1",
+        ]
+    )
     assert rc == 0 and (out / "final" / "model.safetensors").is_file()
     assert f"[data] {data}: 6 conversations (pairs)" in capsys.readouterr().out
 
@@ -316,16 +364,20 @@ def test_binary_inputs_are_named_for_what_they_are(tmp_path):
 
 
 def test_raw_wikipedia_dumps_are_refused_with_the_command_to_run(tmp_path):
-    dump = ('<?xml version="1.0" encoding="utf-8"?>\n<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/">\n'
-            "  <siteinfo><sitename>维基百科</sitename></siteinfo>\n  <page><title>数学</title><id>13</id>\n"
-            "    <revision><text>'''数学'''是[[科学]]。{{Infobox}}</text></revision></page>\n</mediawiki>\n")
+    dump = (
+        '<?xml version="1.0" encoding="utf-8"?>\n<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/">\n'
+        "  <siteinfo><sitename>维基百科</sitename></siteinfo>\n  <page><title>数学</title><id>13</id>\n"
+        "    <revision><text>'''数学'''是[[科学]]。{{Infobox}}</text></revision></page>\n</mediawiki>\n"
+    )
     xml = tmp_path / "zhwiki-latest-pages-articles.xml"
     xml.write_text(dump, encoding="utf-8")
     bz = tmp_path / "zhwiki-latest-pages-articles.xml.bz2"
     # long enough that bzip2's first block (900 KB) ends far past the first 4 KB of the compressed file
     rng = np.random.default_rng(0)
-    pages = "".join(f"<page><title>{i}</title><text>{''.join(map(chr, rng.integers(0x4E00, 0x5600, 300)))}</text>"
-                    f"</page>\n" for i in range(1500))
+    pages = "".join(
+        f"<page><title>{i}</title><text>{''.join(map(chr, rng.integers(0x4E00, 0x5600, 300)))}</text></page>\n"
+        for i in range(1500)
+    )
     bz.write_bytes(bz2.compress(dump.replace("</mediawiki>", pages + "</mediawiki>").encode()))
     assert bz.stat().st_size > 100_000
     renamed = tmp_path / "dump.txt"  # by content, not by name
@@ -359,8 +411,11 @@ def test_missing_pyarrow_says_pip_install(tmp_path, monkeypatch):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
-    for read in (lambda: next(iter_documents(tables["parquet"])), lambda: next(iter_documents(tables["dir"])),
-                 lambda: load_conversations(conv, on_bad="skip")):
+    for read in (
+        lambda: next(iter_documents(tables["parquet"])),
+        lambda: next(iter_documents(tables["dir"])),
+        lambda: load_conversations(conv, on_bad="skip"),
+    ):
         with pytest.raises(ImportError, match=r"needs pyarrow: pip install pyarrow"):
             read()
 
@@ -430,14 +485,20 @@ def test_weight_zero_assistant_turn_is_context_only(tiny_tokenizer_dir, tmp_path
     from dataset.chat_data import tokenize_conversation, tokenize_conversations
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    msgs = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "春眠不觉晓的下一句？"},
-            {"role": "assistant", "content": "处处闻啼鸟。"}, {"role": "user", "content": "hello world"},
-            {"role": "assistant", "content": "天气很好，我们去公园散步吧。"}]
-    records = [{"messages": [*msgs[:2], {**msgs[2], "weight": 0}, msgs[3], {**msgs[4], "weight": 1}]},
-               {"messages": [*msgs[:2], {**msgs[2], "weight": 1}, *msgs[3:]]},
-               {"messages": [*msgs[:2], {**msgs[2], "weight": 0}, msgs[3], {**msgs[4], "weight": 0}]},
-               {"messages": [*msgs[:2], {**msgs[2], "weight": 0.5}, *msgs[3:]]},
-               {"messages": [msgs[0], {**msgs[1], "weight": 0}, *msgs[2:]]}]
+    msgs = [
+        {"role": "system", "content": "你是助手。"},
+        {"role": "user", "content": "春眠不觉晓的下一句？"},
+        {"role": "assistant", "content": "处处闻啼鸟。"},
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "天气很好，我们去公园散步吧。"},
+    ]
+    records = [
+        {"messages": [*msgs[:2], {**msgs[2], "weight": 0}, msgs[3], {**msgs[4], "weight": 1}]},
+        {"messages": [*msgs[:2], {**msgs[2], "weight": 1}, *msgs[3:]]},
+        {"messages": [*msgs[:2], {**msgs[2], "weight": 0}, msgs[3], {**msgs[4], "weight": 0}]},
+        {"messages": [*msgs[:2], {**msgs[2], "weight": 0.5}, *msgs[3:]]},
+        {"messages": [msgs[0], {**msgs[1], "weight": 0}, *msgs[2:]]},
+    ]
     path = write_jsonl(tmp_path / "openai.jsonl", records)
     convs, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
     assert len(convs) == 2 and stats["skip:no trained assistant turn"] == 1 and stats["skip:malformed"] == 2
@@ -445,8 +506,8 @@ def test_weight_zero_assistant_turn_is_context_only(tiny_tokenizer_dir, tmp_path
     first, second = _runs(labels_all)
     ids_w, labels_w = tokenize_conversation(tok, convs[0])
     assert np.array_equal(ids_w, ids_all)  # the reply is still there as context
-    assert (labels_w[first[0]:first[1]] == -100).all()
-    assert np.array_equal(labels_w[second[0]:second[1]], labels_all[second[0]:second[1]])
+    assert (labels_w[first[0] : first[1]] == -100).all()
+    assert np.array_equal(labels_w[second[0] : second[1]], labels_all[second[0] : second[1]])
     assert (labels_w != -100).sum() == second[1] - second[0]
     # weight 1 is the same as no weight, through the whole SFT tokenizing path too
     (ids_a, la), (ids_b, lb) = tokenize_conversations(convs, tok, seq_len=512)
@@ -482,8 +543,7 @@ def test_special_token_strings_in_pretraining_text_stay_text(tiny_tokenizer_dir,
     stream = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
     assert not special_ids & set(stream.tolist())
     docs = {tuple(d) for d in np.split(stream, np.flatnonzero(stream == tok.eos_token_id) + 1) if len(d)}
-    want = tuple(tok.encode(SPECIAL_DOCS[0], add_special_tokens=False, split_special_tokens=True)) + \
-        (tok.eos_token_id,)
+    want = tuple(tok.encode(SPECIAL_DOCS[0], add_special_tokens=False, split_special_tokens=True)) + (tok.eos_token_id,)
     assert want in docs and tok.decode(list(want[:-1])) == SPECIAL_DOCS[0]
     # eval's perplexity text is tokenised the same way
     assert not special_ids & set(ppl_windows(path, tok, 16, 0).flatten().tolist())
@@ -503,20 +563,50 @@ def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
     parquet = write_tables(tmp_path, [{"body": t} for t in TEXTS], "a")["parquet"]
     fc = FilterConfig(min_chars=4)
     a = simplify([jsonl], str(tmp_path / "a.out.jsonl"), fc, engine="zhconv", workers=1, quiet=True)
-    b = simplify([parquet], str(tmp_path / "b.out.jsonl"), fc, engine="zhconv", workers=1, quiet=True,
-                 text_fields=("body",))
+    b = simplify(
+        [parquet], str(tmp_path / "b.out.jsonl"), fc, engine="zhconv", workers=1, quiet=True, text_fields=("body",)
+    )
     texts = [read_texts(tmp_path / "a.out.jsonl"), read_texts(tmp_path / "b.out.jsonl")]
     assert texts[0] == texts[1] and len(texts[0]) == len(TEXTS) and a["docs_out"] == b["docs_out"]
     # the command line names the column and reports a missing one without a traceback
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "scripts/zh_simplify.py", "--input", parquet, "--output",
-                        str(tmp_path / "c.jsonl"), "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "scripts/zh_simplify.py",
+            "--input",
+            parquet,
+            "--output",
+            str(tmp_path / "c.jsonl"),
+            "--workers",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "no column 'text' or 'content'" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "scripts/zh_simplify.py", "--input", parquet, "--output",
-                        str(tmp_path / "c.jsonl"), "--workers", "1", "--text_column", "body", "--engine", "zhconv"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "scripts/zh_simplify.py",
+            "--input",
+            parquet,
+            "--output",
+            str(tmp_path / "c.jsonl"),
+            "--workers",
+            "1",
+            "--text_column",
+            "body",
+            "--engine",
+            "zhconv",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert read_texts(tmp_path / "c.jsonl") == texts[0]
 
@@ -531,7 +621,7 @@ def test_tables_are_streamed_not_loaded_whole(tmp_path):
     pa.parquet.write_table(pa.Table.from_pylist(rows), path, row_group_size=100)
     del rows
     base, peak, n = pa.total_allocated_bytes(), 0, 0
-    for d in iter_documents(path):
+    for _ in iter_documents(path):
         n += 1
         if n % 50 == 0:
             peak = max(peak, pa.total_allocated_bytes() - base)

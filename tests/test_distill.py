@@ -41,22 +41,49 @@ def setup(tiny_tokenizer_dir, tmp_path_factory):
     shards = write_shards(tok, tiny_corpus_lines(400, seed=3), str(root / "shards"), n_shards=1)
     # The teacher: the tiny preset, briefly pretrained so its predictions carry structure a student can learn.
     # The student: a random, smaller model (2 layers).
-    teacher_run = PretrainConfig(model_config="tiny", tokenizer_dir=tiny_tokenizer_dir, data_dir=shards,
-                                 out_dir=str(root / "teacher_run"), max_steps=20, batch_size=8, seq_len=32, lr=3e-3,
-                                 warmup_steps=2, log_every=20, eval_every=0, save_every=0, sample_tokens=0, seed=0)
+    teacher_run = PretrainConfig(
+        model_config="tiny",
+        tokenizer_dir=tiny_tokenizer_dir,
+        data_dir=shards,
+        out_dir=str(root / "teacher_run"),
+        max_steps=20,
+        batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=20,
+        eval_every=0,
+        save_every=0,
+        sample_tokens=0,
+        seed=0,
+    )
     run_trainer(PretrainTrainer, teacher_run)
     teacher = str(root / "teacher_run" / "final")
     student = save_model(root / "student", tok, 1, num_hidden_layers=2)
     held_out = [tok.encode(line) for line in tiny_corpus_lines(40, seed=99)]
     windows = torch.tensor([ids[:12] for ids in held_out if len(ids) >= 12])
-    return {"root": root, "tok": tok, "teacher": teacher, "student": student, "shards": shards,
-            "windows": windows}
+    return {"root": root, "tok": tok, "teacher": teacher, "student": student, "shards": shards, "windows": windows}
 
 
 def base_cfg(s, out_dir, **overrides) -> Config:
-    values = dict(teacher_from=s["teacher"], init_from=s["student"], out_dir=str(out_dir), max_steps=15,
-                  batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, log_every=5, eval_every=0, eval_batches=2,
-                  save_every=0, sample_tokens=0, temperature=1.0, alpha=1.0, seed=0)
+    values = dict(
+        teacher_from=s["teacher"],
+        init_from=s["student"],
+        out_dir=str(out_dir),
+        max_steps=15,
+        batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=5,
+        eval_every=0,
+        eval_batches=2,
+        save_every=0,
+        sample_tokens=0,
+        temperature=1.0,
+        alpha=1.0,
+        seed=0,
+    )
     return Config(**{**values, **overrides})
 
 
@@ -75,8 +102,10 @@ def test_student_gets_closer_to_teacher_on_shards(setup, tmp_path):
 def test_chat_data_distillation_runs_on_the_core(setup, tmp_path):
     s = setup
     data = tmp_path / "chat.jsonl"
-    records = [{"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": line}]}
-               for i, line in enumerate(tiny_corpus_lines(24, seed=5))]
+    records = [
+        {"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": line}]}
+        for i, line in enumerate(tiny_corpus_lines(24, seed=5))
+    ]
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     cfg = base_cfg(s, tmp_path / "chat", data_path=str(data), max_steps=3, val_samples=0, seq_len=96)
     trainer = run_trainer(ChatDistillTrainer, cfg)
@@ -101,11 +130,22 @@ def test_packed_chat_rows_give_a_student_equal_to_its_teacher_zero_kl(setup, tmp
     # (B, 1, T, T) mask: with the same weights (lr=0) both must see exactly the same conversations.
     s = setup
     data = tmp_path / "chat.jsonl"
-    records = [{"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": line}]}
-               for i, line in enumerate(tiny_corpus_lines(24, seed=6))]
+    records = [
+        {"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": line}]}
+        for i, line in enumerate(tiny_corpus_lines(24, seed=6))
+    ]
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
-    cfg = base_cfg(s, tmp_path / "packed", data_path=str(data), max_steps=1, val_samples=0, seq_len=96, pack=True,
-                   init_from=s["teacher"], lr=0.0)
+    cfg = base_cfg(
+        s,
+        tmp_path / "packed",
+        data_path=str(data),
+        max_steps=1,
+        val_samples=0,
+        seq_len=96,
+        pack=True,
+        init_from=s["teacher"],
+        lr=0.0,
+    )
     trainer = run_trainer(ChatDistillTrainer, cfg)
     batch = trainer.to_device(trainer.train_data.next_step()[0])
     assert int(batch["document_ids"].max()) > 1  # several conversations share a row

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics
-from tests.helpers import tiny_checkpoint
+from tests.helpers import read_metrics, tiny_checkpoint
 from tests.helpers_preference import toy_pairs, write_pairs
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 
@@ -31,10 +30,25 @@ def policy_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
 def dpo_config(init_from: str, out_dir, data_path: str, **overrides):
     from trainer.dpo import Config
 
-    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
-            "batch_size": 8, "global_batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "lr_schedule": "constant",
-            "beta": 0.1, "val_samples": 0, "eval_every": 0, "save_every": 0, "log_every": 1, "device": "cpu",
-            "dtype": "fp32", "seed": 0}
+    base = {
+        "init_from": init_from,
+        "out_dir": str(out_dir),
+        "data_path": data_path,
+        "seq_len": 64,
+        "batch_size": 8,
+        "global_batch_size": 8,
+        "lr": 2e-3,
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "beta": 0.1,
+        "val_samples": 0,
+        "eval_every": 0,
+        "save_every": 0,
+        "log_every": 1,
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+    }
     return Config(**{**base, **overrides})
 
 
@@ -54,11 +68,16 @@ def test_the_four_formats_read_to_the_same_pairs(tmp_path, tiny_tokenizer_dir):
 
     pairs = toy_pairs(6)
     formats = (("messages", ".jsonl"), ("ranking", ".json"), ("strings", ".jsonl"), ("hh", ".jsonl.gz"))
-    loaded = [load_pairs(write_pairs(str(tmp_path / f"p_{fmt}{ext}"), pairs, fmt), log=lambda *a: None)[0]
-              for fmt, ext in formats]
+    loaded = [
+        load_pairs(write_pairs(str(tmp_path / f"p_{fmt}{ext}"), pairs, fmt), log=lambda *a: None)[0]
+        for fmt, ext in formats
+    ]
     assert all(x == loaded[0] for x in loaded) and len(loaded[0]) == len(set(pairs))
-    assert loaded[0][0] == {"prompt": [{"role": "user", "content": pairs[0][0]}], "chosen": pairs[0][1],
-                            "rejected": pairs[0][2]}
+    assert loaded[0][0] == {
+        "prompt": [{"role": "user", "content": pairs[0][0]}],
+        "chosen": pairs[0][1],
+        "rejected": pairs[0][2],
+    }
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     samples = tokenize_pairs(loaded[0][:2], tok, seq_len=64)
     batch = collate_pairs([PairDataset(samples)[i] for i in range(2)], pad_id=tok.pad_token_id)
@@ -83,8 +102,9 @@ def test_bad_records_are_counted_or_raise(tmp_path):
 
     path = tmp_path / "bad.jsonl"
     good = '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
-    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "a"}\n{"chosen": "x"}\n' + good + good,
-                    encoding="utf-8")
+    path.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "a"}\n{"chosen": "x"}\n' + good + good, encoding="utf-8"
+    )
     pairs, stats = load_pairs(str(path), on_bad="skip", log=lambda *a: None)
     assert len(pairs) == 1 and stats["skip:identical replies"] == 1 and stats["skip:unknown format"] == 1
     assert stats["skip:duplicate"] == 1
@@ -109,6 +129,7 @@ def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path, capsy
     # The policy itself now prefers the chosen replies more than the reference does, on held-out pairs too.
     batch = trainer.val_batches[0]
     from trainer.logprobs import sequence_logprobs
+
     with torch.no_grad():
         pi = sequence_logprobs(trainer.raw_model, batch["input_ids"], batch["loss_mask"]).chunk(2)
         ref = sequence_logprobs(trainer.ref, batch["input_ids"], batch["loss_mask"]).chunk(2)
@@ -137,9 +158,26 @@ def test_dpo_on_the_shared_preference_files(policy_dir, tmp_path):
 
     files = ",".join(str(p) for p in sorted(SHARED_DPO.iterdir()))
     out = tmp_path / "dpo_real"
-    rc = main.main(["--stage", "dpo", "--config", "config/dpo.yaml", f"init_from={policy_dir}",
-                    f"data_path={files}", f"out_dir={out}", "max_samples=12", "seq_len=128", "batch_size=4",
-                    "global_batch_size=4", "max_steps=3", "val_samples=4", "eval_batches=1", "device=cpu", "log_every=1"])
+    rc = main.main(
+        [
+            "--stage",
+            "dpo",
+            "--config",
+            "config/dpo.yaml",
+            f"init_from={policy_dir}",
+            f"data_path={files}",
+            f"out_dir={out}",
+            "max_samples=12",
+            "seq_len=128",
+            "batch_size=4",
+            "global_batch_size=4",
+            "max_steps=3",
+            "val_samples=4",
+            "eval_batches=1",
+            "device=cpu",
+            "log_every=1",
+        ]
+    )
     assert rc == 0 and (out / "final" / "model.safetensors").is_file()
     train = read_metrics(str(out))
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -160,18 +198,32 @@ def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tok
     from trainer.dpo import DPOTrainer, dpo_loss
 
     ref_dir = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "ref"), seed=1)
-    two_pairs = [("中国的首都是哪里？", "北京是中国的首都。", "处处闻啼鸟。"),
-                 ("今天天气怎么样？", "天气很好。", "床前明月光，疑是地上霜。")]  # replies of different lengths
+    two_pairs = [
+        ("中国的首都是哪里？", "北京是中国的首都。", "处处闻啼鸟。"),
+        ("今天天气怎么样？", "天气很好。", "床前明月光，疑是地上霜。"),
+    ]  # replies of different lengths
     data = write_pairs(str(tmp_path / "pairs.jsonl"), two_pairs, "strings")
     beta = 0.5
     ours = {}
     for loss_type in ("sigmoid", "ipo"):
-        trainer = DPOTrainer(dpo_config(policy_dir, tmp_path / loss_type, data, ref_from=ref_dir, beta=beta,
-                                        loss_type=loss_type, batch_size=2, global_batch_size=2, max_steps=1))
+        trainer = DPOTrainer(
+            dpo_config(
+                policy_dir,
+                tmp_path / loss_type,
+                data,
+                ref_from=ref_dir,
+                beta=beta,
+                loss_type=loss_type,
+                batch_size=2,
+                global_batch_size=2,
+                max_steps=1,
+            )
+        )
         trainer.prepare()
         samples, _ = read_pair_samples(data, trainer.tokenizer, 64)
-        batch = trainer.to_device(collate_pairs([PairDataset(samples)[i] for i in range(2)],
-                                                pad_id=trainer.tokenizer.pad_token_id))
+        batch = trainer.to_device(
+            collate_pairs([PairDataset(samples)[i] for i in range(2)], pad_id=trainer.tokenizer.pad_token_id)
+        )
         trainer.model.eval()
         with torch.no_grad():
             ours[loss_type] = float(trainer.compute_loss(batch=batch, num_items=2)[0])
@@ -182,13 +234,19 @@ def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tok
         assert s["chosen_mask"][start:].all() and s["rejected_mask"][start:].all()
         assert list(s["chosen_ids"][:start]) == list(s["rejected_ids"][:start])
         assert not s["rejected_mask"][:start].any()
-        pairs.append({"prompt_ids": s["chosen_ids"][:start].tolist(),
-                      "chosen_ids": s["chosen_ids"][start:].tolist(), "rejected_ids": s["rejected_ids"][start:].tolist()})
+        pairs.append(
+            {
+                "prompt_ids": s["chosen_ids"][:start].tolist(),
+                "chosen_ids": s["chosen_ids"][start:].tolist(),
+                "rejected_ids": s["rejected_ids"][start:].tolist(),
+            }
+        )
     (tmp_path / "ids.json").write_text(json.dumps(pairs))
     policy_llama = export_llama(policy_dir, str(tmp_path / "policy_llama"), "fp32")
     ref_llama = export_llama(ref_dir, str(tmp_path / "ref_llama"), "fp32")
-    trl = run_thirdparty("trl", "trl", "run_trl_dpo.py", [policy_llama, ref_llama, str(tmp_path / "ids.json"),
-                                                          str(beta)], tmp_path)
+    trl = run_thirdparty(
+        "trl", "trl", "run_trl_dpo.py", [policy_llama, ref_llama, str(tmp_path / "ids.json"), str(beta)], tmp_path
+    )
     assert ours["sigmoid"] == pytest.approx(trl["sigmoid"], abs=1e-5)
     assert ours["ipo"] == pytest.approx(trl["ipo"], abs=1e-5)
     assert ours["sigmoid"] != pytest.approx(math.log(2), abs=1e-3)  # the policy is not its reference
@@ -227,6 +285,7 @@ def test_batch_size_auto_probes_pairs_and_the_reference(policy_dir, tmp_path, mo
     assert (trainer.micro_batch, trainer.accum_steps) == (4, 8)
     # Trials of 1, 2, 4, 8 pairs: the policy with gradients, then the reference without; then 16 pairs fail.
     policy, ref = trainer.raw_model, trainer.ref
-    assert calls[:9] == [(r, grad, m) for r in (2, 4, 8, 16) for grad, m in ((True, policy), (False, ref))] + \
-        [(32, True, policy)]
+    assert calls[:9] == [(r, grad, m) for r in (2, 4, 8, 16) for grad, m in ((True, policy), (False, ref))] + [
+        (32, True, policy)
+    ]
     assert all(p.grad is None for p in trainer.raw_model.parameters())

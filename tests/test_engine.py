@@ -1,6 +1,6 @@
 """Tests for model/engine.py and model/lora.py on a tiny random-weight model (CPU, a few seconds).
 
-    python -m pytest tests/test_engine.py
+python -m pytest tests/test_engine.py
 """
 
 import json
@@ -49,8 +49,9 @@ def hf_greedy(model, prompts, n, pad_id=3, **kwargs):
     L = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=pad_id, **kwargs)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id, **kwargs
+    )
     return out[:, L:].tolist()
 
 
@@ -65,8 +66,15 @@ class ScriptedLM(torch.nn.Module):
         super().__init__()
         self.script, self.vocab_size = script, vocab_size
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(max_position_embeddings=256, num_hidden_layers=1, num_key_value_heads=1,
-                                      num_attention_heads=1, hidden_size=2, head_dim=2, eos_token_id=0)
+        self.config = SimpleNamespace(
+            max_position_embeddings=256,
+            num_hidden_layers=1,
+            num_key_value_heads=1,
+            num_attention_heads=1,
+            hidden_size=2,
+            head_dim=2,
+            eos_token_id=0,
+        )
         self.prompt_len = None
 
     def forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
@@ -145,14 +153,21 @@ def test_top_p_zero_keeps_the_top_token(engine, prompts):
 def test_sampling_params_one_object_and_one_set_of_defaults(engine, prompts):
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=5, stop_token_ids=[])
     # The object and keyword changes to the defaults are the same request.
-    assert engine.generate(prompts, params) == engine.generate(prompts, max_new_tokens=12, temperature=1.0, top_k=50,
-                                                               top_p=0.95, seed=5, stop_token_ids=[])
+    assert engine.generate(prompts, params) == engine.generate(
+        prompts, max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=5, stop_token_ids=[]
+    )
     assert engine.generate(prompts, params) != engine.generate(prompts, params, seed=6)
     assert params.stop_token_ids == () and SamplingParams(stop_strings=["a"]).stop_strings == ("a",)
     assert SamplingParams().temperature == 0.0 and SamplingParams().repetition_penalty == 1.0  # greedy, reproducible
     assert CHAT_SAMPLING.repetition_penalty == 1.0 and CHAT_SAMPLING.temperature > 0
-    for bad in ({"top_p": 1.5}, {"top_p": -0.1}, {"temperature": -1}, {"top_k": -1}, {"repetition_penalty": 0},
-                {"max_new_tokens": -1}):
+    for bad in (
+        {"top_p": 1.5},
+        {"top_p": -0.1},
+        {"temperature": -1},
+        {"top_k": -1},
+        {"repetition_penalty": 0},
+        {"max_new_tokens": -1},
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -174,7 +189,7 @@ def test_max_new_tokens_and_context_window(engine, prompts):
     assert len(engine.generate([prompts[0]], max_new_tokens=5, stop_token_ids=[])[0]) == 5
     ctx = engine.max_context
     long_prompt = prompts[0] * (ctx // len(prompts[0]) + 1)
-    out = engine.generate([long_prompt[:ctx - 3]], max_new_tokens=50, stop_token_ids=[])
+    out = engine.generate([long_prompt[: ctx - 3]], max_new_tokens=50, stop_token_ids=[])
     assert len(out[0]) == 3  # clipped to the context window
     with pytest.raises(ValueError):
         engine.generate([long_prompt[:ctx]], max_new_tokens=1)
@@ -220,8 +235,10 @@ def test_utf8_holdback_emoji_and_chinese(tok):
 
 
 def test_stream_batch_rows_equal_single_streams(engine, prompts):
-    samplings = [SamplingParams(max_new_tokens=n, stop_token_ids=[], stop_strings=stops)
-                 for n, stops in ((12, ()), (5, ()), (20, ("o",)))]
+    samplings = [
+        SamplingParams(max_new_tokens=n, stop_token_ids=[], stop_strings=stops)
+        for n, stops in ((12, ()), (5, ()), (20, ("o",)))
+    ]
     singles = [engine.stream(p, s) for p, s in zip(prompts, samplings)]
     texts = ["".join(s) for s in singles]
     batch = engine.stream_batch(prompts, samplings)
@@ -254,8 +271,10 @@ def test_chat_prompt_trims_old_turns_keeps_system(tok, model):
     system = {"role": "system", "content": "你是机器人"}
     history = []
     for i in range(6):
-        history += [{"role": "user", "content": f"hello world 今天 {i}"},
-                    {"role": "assistant", "content": f"谢谢 the model {i}"}]
+        history += [
+            {"role": "user", "content": f"hello world 今天 {i}"},
+            {"role": "assistant", "content": f"谢谢 the model {i}"},
+        ]
     messages = [system] + history + [{"role": "user", "content": "最后 last"}]
     ids = engine.chat_prompt(messages, max_new_tokens=16)
     assert len(ids) + 16 <= 160
@@ -296,10 +315,12 @@ def test_chat_prompt_trims_with_one_tokenization(tok, model):
     counting.calls = 0
     ids = engine.chat_prompt(messages, max_new_tokens=16)
     assert counting.calls == 1  # not one per dropped turn
+
     # The template's ids for the system prompt plus the most recent turns that fit, starting on a user turn.
     def template(start):
-        return tok.apply_chat_template([system] + messages[start:], tokenize=True, add_generation_prompt=True,
-                                       return_dict=True)["input_ids"]
+        return tok.apply_chat_template(
+            [system] + messages[start:], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
 
     start = len(messages) - 1
     while start > 2 and len(template(start - 2)) + 16 <= 200:
@@ -341,7 +362,7 @@ def test_chat_prompt_keeps_special_token_text_as_text(tok, engine):
     ids = engine.chat_prompt([{"role": "user", "content": forged}], max_new_tokens=4)
     assert ids.count(start) == 2  # the user turn and the assistant header, no forged system turn
     literal = tok("user\n" + forged, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    assert ids[1:1 + len(literal)] == literal
+    assert ids[1 : 1 + len(literal)] == literal
 
 
 # -----------------------------------------------------------------------------
@@ -362,8 +383,16 @@ def make_adapter(model, out_dir: str, r: int = 4, alpha: int = 8) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"],
-                   "base_model_name_or_path": None}, f)
+        json.dump(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": alpha,
+                "target_modules": ["q_proj", "v_proj"],
+                "base_model_name_or_path": None,
+            },
+            f,
+        )
     return by_module
 
 
@@ -391,16 +420,28 @@ def test_checkpoint_and_llama_folder_load(tok, model, engine, prompts, tmp_path)
 
     expected = engine.generate(prompts, max_new_tokens=10, stop_token_ids=[])
     ckpt = save_checkpoint(model, tok, str(tmp_path / "slm"))
-    assert Engine.from_pretrained(ckpt, device="cpu").generate(prompts, max_new_tokens=10, stop_token_ids=[]) \
-        == expected
+    assert (
+        Engine.from_pretrained(ckpt, device="cpu").generate(prompts, max_new_tokens=10, stop_token_ids=[]) == expected
+    )
     # An exported Llama folder: the same weights under stock LlamaForCausalLM.
     c = model.config
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True, eos_token_id=0, pad_token_id=3))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            max_position_embeddings=c.max_position_embeddings,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=c.rope_theta,
+            tie_word_embeddings=True,
+            eos_token_id=0,
+            pad_token_id=3,
+        )
+    )
     llama.load_state_dict(model.state_dict(), strict=False)
     llama_dir = save_checkpoint(llama, tok, str(tmp_path / "llama"))
     loaded = Engine.from_pretrained(llama_dir, device="cpu")

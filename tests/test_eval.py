@@ -49,8 +49,12 @@ def checkpoints(tiny_tokenizer_dir, tmp_path_factory):
     text = root / "val.jsonl"
     text.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in tiny_corpus_lines(60, seed=4)))
     prompts = root / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "北京是哪个国家的首都？", "reference": "中国。"}, ensure_ascii=False) + "\n"
-                       + json.dumps({"prompt": "hello"}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "北京是哪个国家的首都？", "reference": "中国。"}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"prompt": "hello"})
+        + "\n"
+    )
     return {"root": root, "tok": tok, "paths": paths, "text": str(text), "prompts": str(prompts)}
 
 
@@ -82,10 +86,25 @@ def test_perplexity_and_bits_per_byte(checkpoints):
 @pytest.mark.slow
 def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
     out = tmp_path / "out"
-    rc = main.main(["--stage", "eval", f"init_from={','.join(checkpoints['paths'])}", "names=base,other",
-                    f"ppl_data={checkpoints['text']}", "seq_len=64", f"mc_dir={CMMLU}", f"subjects={SUBJECTS}",
-                    "shots=2", "mc_max_questions=4", "mc_score=both", f"prompts={checkpoints['prompts']}",
-                    "max_new_tokens=4", "batch_size=8", f"out_dir={out}"])
+    rc = main.main(
+        [
+            "--stage",
+            "eval",
+            f"init_from={','.join(checkpoints['paths'])}",
+            "names=base,other",
+            f"ppl_data={checkpoints['text']}",
+            "seq_len=64",
+            f"mc_dir={CMMLU}",
+            f"subjects={SUBJECTS}",
+            "shots=2",
+            "mc_max_questions=4",
+            "mc_score=both",
+            f"prompts={checkpoints['prompts']}",
+            "max_new_tokens=4",
+            "batch_size=8",
+            f"out_dir={out}",
+        ]
+    )
     assert rc == 0
     results = json.loads((out / "eval.json").read_text())["results"]
     assert [r["name"] for r in results] == ["base", "other"]
@@ -101,8 +120,16 @@ def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
 
 
 def test_zero_shot_quantized_run(checkpoints, tmp_path):
-    res = run(Config(init_from=checkpoints["paths"][0], mc_dir=CMMLU, subjects="arts", mc_max_questions=4,
-                     quantize="int8", out_dir=str(tmp_path)))
+    res = run(
+        Config(
+            init_from=checkpoints["paths"][0],
+            mc_dir=CMMLU,
+            subjects="arts",
+            mc_max_questions=4,
+            quantize="int8",
+            out_dir=str(tmp_path),
+        )
+    )
     assert res[0]["quantize"] == "int8" and res[0]["mc"]["shots"] == 0 and "acc_letter" in res[0]["mc"]["overall"]
 
 
@@ -121,8 +148,13 @@ def toy_questions(n: int, seed: int, passage: bool = False) -> list[dict]:
         a, b = rng.randrange(10, 50), rng.randrange(10, 50)
         options = rng.sample([a + b, a + b + 1, a + b - 2, a + b + 10], 4)
         text = "".join(tiny_corpus_lines(10, seed=seed * 100 + i)) if passage else ""
-        rows.append({"question": f"{text}{a}加{b}等于多少？", "options": [str(o) for o in options],
-                     "answer": LETTERS[options.index(a + b)]})
+        rows.append(
+            {
+                "question": f"{text}{a}加{b}等于多少？",
+                "options": [str(o) for o in options],
+                "answer": LETTERS[options.index(a + b)],
+            }
+        )
     return rows
 
 
@@ -159,7 +191,8 @@ def test_ceval_layout_reads_as_published_and_scores_like_cmmlu(checkpoints, ceva
     assert layout == "ceval" and sorted(files) == sorted(CEVAL_SUBJECTS)
     assert mc_subject_files(ceval_and_cmmlu["cmmlu"], "test")[0] == "cmmlu"
     assert read_mc_csv(files["computer_network"]) == read_mc_csv(
-        f"{ceval_and_cmmlu['cmmlu']}/test/computer_network.csv")
+        f"{ceval_and_cmmlu['cmmlu']}/test/computer_network.csv"
+    )
     common = {"init_from": checkpoints["paths"][0], "shots": 2, "mc_score": "both", "device": "cpu", "dtype": "fp32"}
     ceval = run(Config(mc_dir=ceval_and_cmmlu["ceval"], mc_split="val", out_dir=str(tmp_path / "a"), **common))
     cmmlu = run(Config(mc_dir=ceval_and_cmmlu["cmmlu"], mc_split="test", out_dir=str(tmp_path / "b"), **common))
@@ -169,8 +202,15 @@ def test_ceval_layout_reads_as_published_and_scores_like_cmmlu(checkpoints, ceva
 
 def test_ceval_test_split_without_answers_is_refused(checkpoints, ceval_and_cmmlu, tmp_path):
     with pytest.raises(ValueError, match="mc_split=val"):
-        run(Config(init_from=checkpoints["paths"][0], mc_dir=ceval_and_cmmlu["ceval"], mc_split="test",
-                   out_dir=str(tmp_path), device="cpu"))
+        run(
+            Config(
+                init_from=checkpoints["paths"][0],
+                mc_dir=ceval_and_cmmlu["ceval"],
+                mc_split="test",
+                out_dir=str(tmp_path),
+                device="cpu",
+            )
+        )
 
 
 def test_published_cmmlu_pack_layout(tmp_path):
@@ -191,10 +231,20 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
     llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
     mc = {"mc_dir": ceval_and_cmmlu["ceval"], "mc_split": "val", "shots": 1}
     write_lm_eval_task(mc["mc_dir"], str(tmp_path / "task"), mc["mc_split"], shots=mc["shots"], max_questions=4)
-    theirs = run_thirdparty("lm_eval", "lm_eval", "run_lm_eval.py",
-                            [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path)
-    ours = run(Config(init_from=checkpoints["paths"][0], mc_score="both", mc_max_questions=4, device="cpu",
-                      dtype="fp32", out_dir=str(tmp_path / "ours"), **mc))[0]["mc"]
+    theirs = run_thirdparty(
+        "lm_eval", "lm_eval", "run_lm_eval.py", [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path
+    )
+    ours = run(
+        Config(
+            init_from=checkpoints["paths"][0],
+            mc_score="both",
+            mc_max_questions=4,
+            device="cpu",
+            dtype="fp32",
+            out_dir=str(tmp_path / "ours"),
+            **mc,
+        )
+    )[0]["mc"]
     model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
     tok, max_len = checkpoints["tok"], model.config.max_position_embeddings
     for subject in CEVAL_SUBJECTS:
@@ -203,8 +253,10 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
         prompts = [mc_prompt(subject, shots, q) for q in questions]
         overflow = [len(tok.encode(p, add_special_tokens=False)) >= max_len for p in prompts]
         assert all(overflow) == (subject == "chinese_reading") and any(overflow) == all(overflow)
-        for task, mode, conts in ((f"milli_mc_{subject}", "letter", lambda q: list(LETTERS)),
-                                  (f"milli_mc_option_{subject}", "option", lambda q: q["options"])):
+        for task, mode, conts in (
+            (f"milli_mc_{subject}", "letter", lambda q: list(LETTERS)),
+            (f"milli_mc_option_{subject}", "option", lambda q: q["options"]),
+        ):
             # The same log-likelihoods from the same prompt text (lm-eval builds its own from the task file).
             requests = [continuation_request(tok, p, conts(q)) for p, q in zip(prompts, questions)]
             ours_lls = score_requests(model, requests, 8, "cpu", tok.pad_token_id or 0)
@@ -214,14 +266,16 @@ def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmml
                 assert a == pytest.approx(b, abs=1e-4), task
             # ... and so the same choice per question as the eval stage made (acc = lm-eval's acc / acc_bytes).
             norm = [[1] * 4 if mode == "letter" else [len(o.encode("utf-8")) for o in q["options"]] for q in questions]
-            chosen = "".join(LETTERS[max(range(4), key=lambda i, ll=ll, n=n: ll[i] / n[i])]
-                             for ll, n in zip(theirs_lls, norm))
+            chosen = "".join(
+                LETTERS[max(range(4), key=lambda i, ll=ll, n=n: ll[i] / n[i])] for ll, n in zip(theirs_lls, norm)
+            )
             assert chosen == ours["subjects"][subject][f"chosen_{mode}"], task
             metric = "acc,none" if mode == "letter" else "acc_bytes,none"
             assert theirs["results"][task][metric] == ours["subjects"][subject][f"acc_{mode}"]
     assert theirs["results"]["milli_mc"]["acc,none"] == pytest.approx(ours["overall"]["acc_letter"], abs=1e-12)
-    assert theirs["results"]["milli_mc_option"]["acc_bytes,none"] == pytest.approx(ours["overall"]["acc_option"],
-                                                                                  abs=1e-12)
+    assert theirs["results"]["milli_mc_option"]["acc_bytes,none"] == pytest.approx(
+        ours["overall"]["acc_option"], abs=1e-12
+    )
 
 
 def test_unknown_header_names_both_published_ones(tmp_path):

@@ -27,8 +27,9 @@ def exported(tiny_tokenizer_dir, tmp_path_factory):
     model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), initializer_range=0.1)).eval()
     model.save_pretrained(root / "slm")
     tok.save_pretrained(root / "slm")
-    files = {dt: export_gguf(str(root / "slm"), str(root / f"model-{dt}.gguf"), dt)
-             for dt in ("f16", "q8_0", "q5_0", "q4_0")}
+    files = {
+        dt: export_gguf(str(root / "slm"), str(root / f"model-{dt}.gguf"), dt) for dt in ("f16", "q8_0", "q5_0", "q4_0")
+    }
     return {"dir": str(root / "slm"), "model": model, "tok": tok, "files": files}
 
 
@@ -44,8 +45,20 @@ def test_tensors_and_metadata(exported):
         reader = gguf.GGUFReader(path)
         tensors = {t.name: t for t in reader.tensors}
         expected = {"token_embd.weight", "output_norm.weight"} | {
-            f"blk.{i}.{n}.weight" for i in range(cfg.num_hidden_layers) for n in
-            ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")}
+            f"blk.{i}.{n}.weight"
+            for i in range(cfg.num_hidden_layers)
+            for n in (
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "attn_norm",
+                "ffn_norm",
+            )
+        }
         assert set(tensors) == expected  # tied embeddings: no output.weight, llama.cpp reuses token_embd
         hd, kv = cfg.head_dim, cfg.num_key_value_heads
         assert list(tensors["token_embd.weight"].shape) == [cfg.hidden_size, cfg.vocab_size]  # ggml order: (in, out)
@@ -112,8 +125,9 @@ def llama_cpp_style_logits(w: dict, cfg, ids: list[int]) -> torch.Tensor:
     return norm(x, w["output_norm.weight"]) @ w.get("output.weight", w["token_embd.weight"]).T
 
 
-@pytest.mark.parametrize("dtype,tol,rel", [("f16", 5e-3, 2e-3), ("q8_0", 0.1, 0.06), ("q5_0", None, 0.4),
-                                           ("q4_0", None, 0.75)])
+@pytest.mark.parametrize(
+    "dtype,tol,rel", [("f16", 5e-3, 2e-3), ("q8_0", 0.1, 0.06), ("q5_0", None, 0.4), ("q4_0", None, 0.75)]
+)
 def test_llama_cpp_style_forward_matches_our_model(exported, dtype, tol, rel):
     """Low-bit files are judged by the relative error of the whole logit matrix (this random-weight model has no
     margin for a per-logit bound at 4-5 bits; a wrong layout is uncorrelated, relative error ~1.4).
@@ -148,8 +162,9 @@ def test_low_bit_tensors_are_the_gguf_quantization_of_ours(exported, dtype):
 
 def test_moe_is_refused(tmp_path, tiny_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    moe = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), use_moe=True, num_experts=2,
-                                               num_experts_per_tok=1))
+    moe = SLMForCausalLM(
+        SLMConfig.from_preset("tiny", vocab_size=len(tok), use_moe=True, num_experts=2, num_experts_per_tok=1)
+    )
     moe.save_pretrained(tmp_path / "moe")
     tok.save_pretrained(tmp_path / "moe")
     with pytest.raises(ValueError, match="dense models only"):
@@ -166,8 +181,7 @@ def test_llama_cpp_tokenizes_and_decodes_like_our_engine(exported, dtype):
     from model.engine import Engine
 
     tok = exported["tok"]
-    llm = llama_cpp.Llama(model_path=exported["files"][dtype], n_ctx=256, logits_all=False, verbose=False,
-                          n_threads=2)
+    llm = llama_cpp.Llama(model_path=exported["files"][dtype], n_ctx=256, logits_all=False, verbose=False, n_threads=2)
     for text in TEXTS:
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == tok.encode(text)
     assert llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)[0] == 1
@@ -189,6 +203,6 @@ def test_llama_cpp_tokenizes_and_decodes_like_our_engine(exported, dtype):
             # follow llama.cpp's own continuation (teacher forcing).
             assert theirs[0] == ours[0]
             with torch.no_grad():
-                logits = exported["model"](torch.tensor([ids + theirs])).logits[0, len(ids) - 1:-1]
+                logits = exported["model"](torch.tensor([ids + theirs])).logits[0, len(ids) - 1 : -1]
             top3 = logits.topk(3, dim=-1).indices.tolist()
             assert all(t in top for t, top in zip(theirs, top3))

@@ -25,14 +25,20 @@ def test_export_gives_llama_with_same_logits(tmp_path, tiny_tokenizer_dir, overr
     model = tiny_model(len(tok), **overrides).eval()
     model.save_pretrained(tmp_path / "slm")
     tok.save_pretrained(tmp_path / "slm")
-    subprocess.run([sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "slm"), "--out",
-                    str(tmp_path / "llama")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "slm"), "--out", str(tmp_path / "llama")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
     # A fresh interpreter without our package imported: stock transformers only, no trust_remote_code.
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
-            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'llama')!r}, dtype=torch.float32);"
-            f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'llama')!r});"
-            "print(type(m).__name__, len(t))")
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'llama')!r}, dtype=torch.float32);"
+        f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'llama')!r});"
+        "print(type(m).__name__, len(t))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["LlamaForCausalLM", str(len(tok))]
     llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
@@ -50,8 +56,12 @@ def test_export_gives_llama_with_same_logits(tmp_path, tiny_tokenizer_dir, overr
 def test_export_refuses_moe(tmp_path):
     model = tiny_model(512, use_moe=True, num_experts=2, num_experts_per_tok=1)
     model.save_pretrained(tmp_path / "moe")
-    out = subprocess.run([sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "moe"), "--out",
-                          str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "moe"), "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "mixture-of-experts" in out.stderr
 
 
@@ -76,8 +86,9 @@ print(json.dumps({"class": type(model).__name__, "rope_theta": model.config.rope
 """
 
 
-@pytest.mark.skipif(TF4 is None, reason="transformers 4.x not installed in .tf4/ (pip install --target .tf4 "
-                                        "transformers==4.57.6)")
+@pytest.mark.skipif(
+    TF4 is None, reason="transformers 4.x not installed in .tf4/ (pip install --target .tf4 transformers==4.57.6)"
+)
 def test_export_loads_exactly_in_transformers_4(tmp_path, tiny_tokenizer_dir):
     """Under 4.x the export must give the same logits, greedy tokens, token ids and chat prompt as our model: a
     tokenizer class 4.x knows, and rope_theta where 4.x reads it (else 4.x silently uses 10000)."""
@@ -87,19 +98,30 @@ def test_export_loads_exactly_in_transformers_4(tmp_path, tiny_tokenizer_dir):
     model = tiny_model(len(tok)).eval()
     model.save_pretrained(tmp_path / "slm")
     tok.save_pretrained(tmp_path / "slm")
-    subprocess.run([sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "slm"), "--out",
-                    str(tmp_path / "llama")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/export_llama.py", "--model", str(tmp_path / "slm"), "--out", str(tmp_path / "llama")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     text = "北京是中国的首都。hello world 123"
     ids = tok.encode(text)
     env = {**os.environ, "PYTHONPATH": str(TF4)}
-    out = subprocess.run([sys.executable, "-c", TF4_CHECK, str(tmp_path / "llama"), json.dumps(ids)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", TF4_CHECK, str(tmp_path / "llama"), json.dumps(ids)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
     assert theirs["class"] == "LlamaForCausalLM" and theirs["rope_theta"] == model.config.rope_theta
     assert theirs["ids"] == ids
-    assert theirs["chat"] == tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
-                                                     add_generation_prompt=True)
+    assert theirs["chat"] == tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
+    )
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
         greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=3)[0].tolist()

@@ -1,10 +1,10 @@
 """parallel=fsdp (FSDP2, weights/grads/optimizer state sharded over processes) on CPU with 2 gloo processes: the
 same losses, evaluation and final weights as one process, and checkpoints that resume across the two layouts."""
 
+import json
 import os
 import subprocess
 import sys
-import json
 
 import pytest
 import torch
@@ -18,11 +18,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_main(out_dir, args: list[str], processes: int = 1, check: bool = True):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     # A rank that skipped a forward the others ran would hang its collective: the timeout turns that into a failure.
-    result = subprocess.run([*launcher, "main.py", *args, f"out_dir={out_dir}"], cwd=ROOT, capture_output=True,
-                            text=True, env=ENV, timeout=300)
+    result = subprocess.run(
+        [*launcher, "main.py", *args, f"out_dir={out_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -33,9 +42,25 @@ def eval_losses(out_dir) -> list[float]:
 
 
 def test_pretrain_fsdp_matches_one_process_and_resumes_across_layouts(tiny_tokenizer_dir, shards, tmp_path):
-    args = ["--stage", "pretrain", f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny",
-            "batch_size=2", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
-            "lr_schedule=constant", "eval_every=3", "eval_batches=3", "sample_tokens=4", "save_every=0", "seed=7"]
+    args = [
+        "--stage",
+        "pretrain",
+        f"tokenizer_dir={tiny_tokenizer_dir}",
+        f"data_dir={shards}",
+        "model_config=tiny",
+        "batch_size=2",
+        "global_batch_size=8",
+        "seq_len=32",
+        "lr=3e-3",
+        "warmup_steps=2",
+        "log_every=1",
+        "lr_schedule=constant",
+        "eval_every=3",
+        "eval_batches=3",
+        "sample_tokens=4",
+        "save_every=0",
+        "seed=7",
+    ]
     five, seven = [*args, "max_steps=5"], [*args, "max_steps=7"]
     run_main(tmp_path / "one", five)
     sharded = run_main(tmp_path / "fsdp", [*five, "parallel=fsdp"], processes=2)
@@ -63,9 +88,25 @@ def test_pretrain_fsdp_matches_one_process_and_resumes_across_layouts(tiny_token
 
 def test_sft_fsdp_matches_one_process(pretrained_dir, tmp_path):
     data = write_chat_file(tmp_path / "chat.jsonl", n_copies=4)
-    args = ["--stage", "sft", f"init_from={pretrained_dir}", f"data_path={data}", "seq_len=64", "batch_size=2",
-            "global_batch_size=8", "lr=3e-3", "warmup_steps=0", "lr_schedule=constant", "val_samples=8",
-            "eval_every=2", "save_every=0", "log_every=1", "max_steps=4", "dtype=fp32", "seed=0"]
+    args = [
+        "--stage",
+        "sft",
+        f"init_from={pretrained_dir}",
+        f"data_path={data}",
+        "seq_len=64",
+        "batch_size=2",
+        "global_batch_size=8",
+        "lr=3e-3",
+        "warmup_steps=0",
+        "lr_schedule=constant",
+        "val_samples=8",
+        "eval_every=2",
+        "save_every=0",
+        "log_every=1",
+        "max_steps=4",
+        "dtype=fp32",
+        "seed=0",
+    ]
     run_main(tmp_path / "one", args)
     run_main(tmp_path / "fsdp", [*args, "parallel=fsdp"], processes=2)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
@@ -73,12 +114,26 @@ def test_sft_fsdp_matches_one_process(pretrained_dir, tmp_path):
 
 
 def test_fsdp_refused_where_not_built(tiny_tokenizer_dir, shards, tmp_path):
-    args = ["--stage", "pretrain", f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny",
-            "batch_size=2", "seq_len=32", "max_steps=1", "sample_tokens=0", "parallel=fsdp"]
+    args = [
+        "--stage",
+        "pretrain",
+        f"tokenizer_dir={tiny_tokenizer_dir}",
+        f"data_dir={shards}",
+        "model_config=tiny",
+        "batch_size=2",
+        "seq_len=32",
+        "max_steps=1",
+        "sample_tokens=0",
+        "parallel=fsdp",
+    ]
     fp16 = run_main(tmp_path / "fp16", [*args, "dtype=fp16"], processes=2, check=False)
     assert fp16.returncode != 0 and "parallel=fsdp needs bf16 or fp32" in fp16.stderr
     bad = run_main(tmp_path / "bad", [*args[:-1], "parallel=zero3"], check=False)
     assert bad.returncode != 0 and "parallel must be ddp or fsdp" in bad.stderr
-    lora = run_main(tmp_path / "lora", ["--stage", "lora", f"init_from={tmp_path / 'bad'}", "parallel=fsdp"],
-                    processes=2, check=False)
+    lora = run_main(
+        tmp_path / "lora",
+        ["--stage", "lora", f"init_from={tmp_path / 'bad'}", "parallel=fsdp"],
+        processes=2,
+        check=False,
+    )
     assert lora.returncode != 0 and "parallel=fsdp is built for the pretrain and sft stages" in lora.stderr

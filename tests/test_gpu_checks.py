@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_checks_smoke_run(tmp_path):
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", "bench/gpu_checks.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_checks.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text()
     for part in ("attention", "trainer_fp16", "trainer_bf16", "trainer_small", "vs_llama", "trainer_base"):

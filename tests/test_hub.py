@@ -34,21 +34,46 @@ def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> str:
         for _ in range(8):
             msgs = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": REPLY}]
             f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
-    cfg = Config(init_from=base, data_path=str(data), out_dir=str(root / "sft"), seq_len=64, batch_size=8,
-                 global_batch_size=8, lr=3e-3, warmup_steps=0, lr_schedule="constant", weight_decay=0.0,
-                 val_samples=0, eval_every=0, save_every=0, log_every=20, max_steps=40, device="cpu", dtype="fp32",
-                 seed=0)
+    cfg = Config(
+        init_from=base,
+        data_path=str(data),
+        out_dir=str(root / "sft"),
+        seq_len=64,
+        batch_size=8,
+        global_batch_size=8,
+        lr=3e-3,
+        warmup_steps=0,
+        lr_schedule="constant",
+        weight_decay=0.0,
+        val_samples=0,
+        eval_every=0,
+        save_every=0,
+        log_every=20,
+        max_steps=40,
+        device="cpu",
+        dtype="fp32",
+        seed=0,
+    )
     run_trainer(SFTTrainer, cfg)
     return os.path.join(cfg.out_dir, "final")
 
 
 def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_model):
     files = set(os.listdir(chat_model))
-    assert {"config.json", "generation_config.json", "model.safetensors", "configuration_slm.py", "model_slm.py",
-            "tokenizer.json", "README.md"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "configuration_slm.py",
+        "model_slm.py",
+        "tokenizer.json",
+        "README.md",
+    } <= files
     config = json.load(open(os.path.join(chat_model, "config.json")))
-    assert config["auto_map"] == {"AutoConfig": "configuration_slm.SLMConfig",
-                                  "AutoModelForCausalLM": "model_slm.SLMForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_slm.SLMConfig",
+        "AutoModelForCausalLM": "model_slm.SLMForCausalLM",
+    }
     gen = json.load(open(os.path.join(chat_model, "generation_config.json")))
     assert gen["eos_token_id"] == [0, 2] and gen["pad_token_id"] == 3  # <|endoftext|>, <|im_end|>; <|pad|>
     for name in files:
@@ -94,8 +119,9 @@ def test_stock_transformers_in_a_fresh_process(chat_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
-    proc = subprocess.run([sys.executable, str(script), chat_model], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), chat_model], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     tok = AutoTokenizer.from_pretrained(chat_model)

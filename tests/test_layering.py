@@ -32,18 +32,30 @@ def imported_packages(source: str, package: str) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             found.append((node.lineno, package if node.level else node.module.split(".")[0]))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             found.append((node.lineno, node.args[0].value.split(".")[0]))
     return found
 
 
 def test_the_checker_sees_every_kind_of_import():
-    source = ("import os\nfrom . import x\n\ndef f():\n    from main import STAGES\n    import scripts.zh_simplify\n"
-              "    importlib.import_module('trainer.sft')\n")
-    assert imported_packages(source, "dataset") == [(1, "os"), (2, "dataset"), (5, "main"), (6, "scripts"),
-                                                    (7, "trainer")]
+    source = (
+        "import os\nfrom . import x\n\ndef f():\n    from main import STAGES\n    import scripts.zh_simplify\n"
+        "    importlib.import_module('trainer.sft')\n"
+    )
+    assert imported_packages(source, "dataset") == [
+        (1, "os"),
+        (2, "dataset"),
+        (5, "main"),
+        (6, "scripts"),
+        (7, "trainer"),
+    ]
 
 
 FILES = sorted(p for layer in FORBIDDEN for p in (ROOT / layer).rglob("*.py"))
@@ -52,8 +64,11 @@ FILES = sorted(p for layer in FORBIDDEN for p in (ROOT / layer).rglob("*.py"))
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(ROOT)) for p in FILES])
 def test_library_imports_point_downwards(path):
     layer = path.relative_to(ROOT).parts[0]
-    wrong = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
-             for line, name in imported_packages(path.read_text(encoding="utf-8"), layer) if name in FORBIDDEN[layer]]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line}: imports {name}"
+        for line, name in imported_packages(path.read_text(encoding="utf-8"), layer)
+        if name in FORBIDDEN[layer]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -63,11 +78,19 @@ SHIPPED = ("configuration_slm.py", "model_slm.py", "attention.py")
 def test_the_model_code_that_ships_with_checkpoints_imports_no_project_package():
     for name in SHIPPED:
         source = (ROOT / "model" / name).read_text(encoding="utf-8")
-        outside = [(line, pkg) for line, pkg in imported_packages(source, "model")
-                   if pkg in FORBIDDEN["model"] | {"dataset", "model"} and pkg != "model"]
-        absolute = [n.module for n in ast.walk(ast.parse(source))
-                    if isinstance(n, ast.ImportFrom) and not n.level and n.module.split(".")[0] == "model"]
-        assert outside == [] and absolute == [], f"{name}: only relative imports of its siblings ({outside}, {absolute})"
+        outside = [
+            (line, pkg)
+            for line, pkg in imported_packages(source, "model")
+            if pkg in FORBIDDEN["model"] | {"dataset", "model"} and pkg != "model"
+        ]
+        absolute = [
+            n.module
+            for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.ImportFrom) and not n.level and n.module.split(".")[0] == "model"
+        ]
+        assert outside == [] and absolute == [], (
+            f"{name}: only relative imports of its siblings ({outside}, {absolute})"
+        )
 
 
 PROJECT = {"model", "dataset", "trainer", "scripts", "bench"}
@@ -89,6 +112,8 @@ def nested_project_imports(source: str, package: str) -> list[int]:
 
 def test_project_imports_are_at_the_top_of_every_library_and_script_file():
     files = sorted(p for d in ("model", "dataset", "trainer", "scripts", "bench") for p in (ROOT / d).glob("*.py"))
-    nested = {str(p.relative_to(ROOT)): nested_project_imports(p.read_text(encoding="utf-8"), p.parent.name)
-              for p in files + [ROOT / "main.py"]}
+    nested = {
+        str(p.relative_to(ROOT)): nested_project_imports(p.read_text(encoding="utf-8"), p.parent.name)
+        for p in files + [ROOT / "main.py"]
+    }
     assert {f: lines for f, lines in nested.items() if lines} == {}

@@ -16,12 +16,14 @@ from trainer.common import logger_setup_problem
 def installed(monkeypatch):
     """Pretend wandb and swanlab are installed (they are not test dependencies)."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name in ("wandb", "swanlab") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name in ("wandb", "swanlab") else real(name, *a)
+    )
 
 
-@pytest.mark.parametrize("kind,key,mode", [("wandb", "WANDB_API_KEY", "WANDB_MODE"),
-                                           ("swanlab", "SWANLAB_API_KEY", "SWANLAB_MODE")])
+@pytest.mark.parametrize(
+    "kind,key,mode", [("wandb", "WANDB_API_KEY", "WANDB_MODE"), ("swanlab", "SWANLAB_API_KEY", "SWANLAB_MODE")]
+)
 def test_no_key_is_an_error_that_names_the_offline_mode(installed, tmp_path, kind, key, mode):
     problem = logger_setup_problem(kind, {}, str(tmp_path))
     assert problem and f"{mode}=offline" in problem and key in problem and "tensorboard" in problem

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics
-from tests.helpers import SHARED_SFT, tiny_checkpoint, write_chat_file
+from tests.helpers import SHARED_SFT, read_metrics, tiny_checkpoint, write_chat_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -30,11 +29,28 @@ def base_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
 def lora_config(init_from: str, out_dir, data_path: str, **overrides):
     from trainer.lora import Config
 
-    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
-            "batch_size": 4, "global_batch_size": 8, "lr": 1e-2, "warmup_steps": 0, "lr_schedule": "constant",
-            "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "val_samples": 0, "eval_every": 0,
-            "save_every": 2, "log_every": 20, "device": "cpu", "dtype": "fp32", "placeholders": "name=Milli-Chat",
-            "seed": 0}
+    base = {
+        "init_from": init_from,
+        "out_dir": str(out_dir),
+        "data_path": data_path,
+        "seq_len": 64,
+        "batch_size": 4,
+        "global_batch_size": 8,
+        "lr": 1e-2,
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "lora_r": 4,
+        "lora_alpha": 8.0,
+        "lora_dropout": 0.1,
+        "val_samples": 0,
+        "eval_every": 0,
+        "save_every": 2,
+        "log_every": 20,
+        "device": "cpu",
+        "dtype": "fp32",
+        "placeholders": "name=Milli-Chat",
+        "seed": 0,
+    }
     return Config(**{**base, **overrides})
 
 
@@ -71,8 +87,7 @@ def test_only_adapters_train_and_the_base_is_untouched(base_dir, trained):
     assert all(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)  # B left zero init: it trained
     # Every base weight equals the checkpoint it came from, bit for bit.
     base = load_file(str(Path(base_dir) / "model.safetensors"))
-    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
-             if ".lora_" not in k}
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
     assert set(base) <= set(state)
     assert all(torch.equal(base[k], state[k]) for k in base)
 
@@ -84,15 +99,18 @@ def test_adapter_is_saved_in_peft_format_and_resumes_exactly(trained):
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert sorted(config["target_modules"]) == sorted(TARGETS)
     weights = load_file(str(final / "adapter_model.safetensors"))
-    assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
-               for k in weights)
+    assert all(
+        k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+        for k in weights
+    )
     assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight" in weights
     assert not (final / "model.safetensors").exists() and (final / "tokenizer.json").is_file()
     assert trained["resumed"].step == 4
     resumed = load_file(str(root / "resumed" / "final" / "adapter_model.safetensors"))
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
-    assert [r["loss"] for r in read_metrics(str(root / "straight"))][-1] == \
-        [r["loss"] for r in read_metrics(str(root / "resumed"))][-1]
+    assert [r["loss"] for r in read_metrics(str(root / "straight"))][-1] == [
+        r["loss"] for r in read_metrics(str(root / "resumed"))
+    ][-1]
 
 
 def test_merge_and_peft_give_our_logits(base_dir, trained, tmp_path):
@@ -124,21 +142,31 @@ def test_auto_peft_loads_the_adapter_from_another_directory(base_dir, trained, t
     from model.lora import load_adapter
 
     adapter = str(trained["root"] / "straight" / "final")
-    assert os.path.isabs(json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
-                         ["base_model_name_or_path"])
+    assert os.path.isabs(
+        json.loads(open(os.path.join(adapter, "adapter_config.json")).read())["base_model_name_or_path"]
+    )
     ids = [1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]
-    code = ("import json, sys, torch; from peft import AutoPeftModelForCausalLM;"
-            "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32);"
-            "assert 'model' not in sys.modules;"
-            "print(json.dumps(m.eval()(input_ids=torch.tensor([json.loads(sys.argv[2])])).logits[0].tolist()))")
+    code = (
+        "import json, sys, torch; from peft import AutoPeftModelForCausalLM;"
+        "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32);"
+        "assert 'model' not in sys.modules;"
+        "print(json.dumps(m.eval()(input_ids=torch.tensor([json.loads(sys.argv[2])])).logits[0].tolist()))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code, adapter, json.dumps(ids)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code, adapter, json.dumps(ids)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     with torch.no_grad():
         ours = load_adapter(load_base(base_dir), adapter).eval()(input_ids=torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(torch.tensor(json.loads(out.stdout.strip().splitlines()[-1])), ours, atol=1e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(json.loads(out.stdout.strip().splitlines()[-1])), ours, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_lora_on_the_shared_real_data(base_dir, tmp_path):
@@ -146,13 +174,35 @@ def test_lora_on_the_shared_real_data(base_dir, tmp_path):
         pytest.skip(f"shared SFT data not found at {SHARED_SFT}")
     import main
 
-    files = ",".join(str(SHARED_SFT / f) for f in ("llamafactory_alpaca_zh_demo.json",
-                                                  "medicalgpt_sharegpt_zh_1K_format.jsonl",
-                                                  "llamafactory_identity.json"))
+    files = ",".join(
+        str(SHARED_SFT / f)
+        for f in (
+            "llamafactory_alpaca_zh_demo.json",
+            "medicalgpt_sharegpt_zh_1K_format.jsonl",
+            "llamafactory_identity.json",
+        )
+    )
     out = tmp_path / "lora_real"
-    rc = main.main(["--stage", "lora", "--config", "config/lora.yaml", f"init_from={base_dir}", f"data_path={files}",
-                    f"out_dir={out}", "max_samples=30", "seq_len=256", "batch_size=2", "global_batch_size=4",
-                    "max_steps=2", "val_samples=8", "eval_batches=2", "device=cpu", "log_every=1"])
+    rc = main.main(
+        [
+            "--stage",
+            "lora",
+            "--config",
+            "config/lora.yaml",
+            f"init_from={base_dir}",
+            f"data_path={files}",
+            f"out_dir={out}",
+            "max_samples=30",
+            "seq_len=256",
+            "batch_size=2",
+            "global_batch_size=4",
+            "max_steps=2",
+            "val_samples=8",
+            "eval_batches=2",
+            "device=cpu",
+            "log_every=1",
+        ]
+    )
     assert rc == 0 and (out / "final" / "adapter_model.safetensors").is_file()
     assert all(0 < r["loss"] < 20 for r in read_metrics(str(out)))
 
@@ -170,8 +220,9 @@ def peft_adapter(base_dir: str, out_dir, **lora_kwargs) -> str:
     """An adapter written by PEFT itself, with random (non-zero) A and B so that it changes the model."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                             init_lora_weights=False, **lora_kwargs)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **lora_kwargs
+    )
     peft.get_peft_model(load_base(base_dir), config).save_pretrained(str(out_dir))
     return str(out_dir)
 
@@ -215,14 +266,14 @@ def test_peft_rslora_adapter_reads_the_same_in_stage_engine_and_peft(base_dir, t
     ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]])
     theirs = logits_of(peft.PeftModel.from_pretrained(load_base(base_dir), adapter), ids)
     assert not torch.allclose(theirs, logits_of(load_base(base_dir), ids), atol=1e-3)
-    torch.testing.assert_close(logits_of(load_adapter(load_base(base_dir), adapter), ids), theirs,
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits_of(load_adapter(load_base(base_dir), adapter), ids), theirs, atol=1e-6, rtol=1e-5)
     merged = Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32).model
     torch.testing.assert_close(logits_of(merged, ids), theirs, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("feature", [{"alpha_pattern": {"q_proj": 32}}, {"rank_pattern": {"v_proj": 2}},
-                                     {"use_dora": True}])
+@pytest.mark.parametrize(
+    "feature", [{"alpha_pattern": {"q_proj": 32}}, {"rank_pattern": {"v_proj": 2}}, {"use_dora": True}]
+)
 def test_adapter_features_we_do_not_implement_fail_in_every_reader(base_dir, tmp_path, feature):
     """Per-module ranks/alphas and DoRA change the update in ways a plain B A merge does not reproduce: both the
     unmerged loader and the engine's merge refuse them instead of computing other logits than PEFT."""

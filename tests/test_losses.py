@@ -14,8 +14,9 @@ def test_dpo_sigmoid_loss_matches_the_paper_and_is_log2_at_the_reference():
     from trainer.dpo import dpo_loss
 
     # h = (-3 - -4) - (-5 - -4.5) = 1.5; loss = -log sigmoid(0.1 * 1.5) = log(1 + e^-0.15)
-    losses, r_c, r_r = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]),
-                                torch.tensor([-4.5]), beta=0.1)
+    losses, r_c, r_r = dpo_loss(
+        torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]), beta=0.1
+    )
     assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.15)), abs=1e-6)
     assert r_c.item() == pytest.approx(0.1) and r_r.item() == pytest.approx(-0.05)
     pi = torch.tensor([-7.0, -2.0, -11.5])
@@ -29,8 +30,9 @@ def test_dpo_variants_ipo_label_smoothing_hinge():
     args = (torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]))
     # IPO averages each reply's log-ratio over its tokens: chosen 1/2 per token, rejected -0.5/5 -> h' = 0.6,
     # (h' - 1/(2 beta))^2 = (0.6 - 1)^2. Summed log-ratios (h = 1.5) would give 0.25 and grow with reply length.
-    ipo, _, _ = dpo_loss(*args, beta=0.5, loss_type="ipo", chosen_tokens=torch.tensor([2]),
-                         rejected_tokens=torch.tensor([5]))
+    ipo, _, _ = dpo_loss(
+        *args, beta=0.5, loss_type="ipo", chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([5])
+    )
     assert ipo.item() == pytest.approx(0.16)
     with pytest.raises(ValueError, match="reply lengths"):
         dpo_loss(*args, beta=0.5, loss_type="ipo")

@@ -17,8 +17,15 @@ from model import SLMConfig, SLMForCausalLM, SLMForSequenceClassification
 
 def tiny(**overrides) -> SLMConfig:
     # initializer_range 0.2 gives random weights with peaked, varied logits, so greedy paths differ per prompt.
-    base = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=128, initializer_range=0.2)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+    )
     return SLMConfig(**{**base, **overrides})
 
 
@@ -61,7 +68,7 @@ def test_kv_cache_matches_full_forward(overrides):
     cache = DynamicCache(config=model.config)
     pieces = [model(ids[:, :12], cache=cache, use_cache=True).logits]
     for t in range(12, 20):
-        pieces.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+        pieces.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
 
 
@@ -75,7 +82,7 @@ def test_left_padded_batch_generate_equals_unbatched(overrides):
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=3)
     for row, prompt in enumerate(prompts):
         single = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=3)
-        assert batched[row, width:].tolist() == single[0, len(prompt):].tolist()
+        assert batched[row, width:].tolist() == single[0, len(prompt) :].tolist()
     outputs = {tuple(batched[r, width:].tolist()) for r in range(3)}
     assert len(outputs) > 1  # the test would be vacuous if every prompt produced the same tokens
 
@@ -162,7 +169,8 @@ def test_moe_routes_to_several_experts_and_aux_loss():
     used = set()
     for layer in model.model.layers:
         hook = layer.mlp.gate.register_forward_hook(
-            lambda m, i, o: used.update(o.topk(2, dim=-1).indices.flatten().tolist()))
+            lambda m, i, o: used.update(o.topk(2, dim=-1).indices.flatten().tolist())
+        )
         model(ids)
         hook.remove()
     assert len(used) > 1
@@ -224,8 +232,10 @@ def _moe_ddp_worker(rank: int, port: int, out_dir: str):
         ddp(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    torch.save({"seen": seen, "expert0": model.model.layers[0].mlp.experts[0].up_proj.weight.detach()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"seen": seen, "expert0": model.model.layers[0].mlp.experts[0].up_proj.weight.detach()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -248,17 +258,21 @@ def test_moe_under_ddp_when_an_expert_gets_no_token(tmp_path):
 
 def test_dense_path_has_no_moe_parts():
     model = make()
-    assert not any("experts" in name or "gate." in name and "gate_proj" not in name
-                   for name, _ in model.named_parameters())
+    assert not any(
+        "experts" in name or "gate." in name and "gate_proj" not in name for name, _ in model.named_parameters()
+    )
     assert model(torch.tensor([[4, 5, 6]])).aux_loss is None
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"hidden_size": 65, "num_attention_heads": 4}, "divisible by num_attention_heads"),
-    ({"num_attention_heads": 8, "num_key_value_heads": 3}, "must divide num_attention_heads"),
-    ({"use_moe": True, "num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
-    ({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 15}, "even"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden_size": 65, "num_attention_heads": 4}, "divisible by num_attention_heads"),
+        ({"num_attention_heads": 8, "num_key_value_heads": 3}, "must divide num_attention_heads"),
+        ({"use_moe": True, "num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
+        ({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 15}, "even"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SLMConfig(**kwargs)

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import SLMConfig, SLMForCausalLM
-from tests.helpers import read_metrics
-from tests.helpers import ROOT, losses, make_pretrain_cfg
+from tests.helpers import ROOT, losses, make_pretrain_cfg, read_metrics
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
@@ -20,8 +19,15 @@ from trainer.optim import MuonWithAdamW, build_optimizer, split_parameters
 from trainer.pretrain import PretrainTrainer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj"]
+PROJECTIONS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def groups_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, set[str]]:
@@ -35,8 +41,9 @@ def groups_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[
 
 
 def norms(n_layers: int) -> set[str]:
-    return {f"model.layers.{i}.{n}.weight" for i in range(n_layers)
-            for n in ("input_layernorm", "post_attention_layernorm")} | {"model.norm.weight"}
+    return {
+        f"model.layers.{i}.{n}.weight" for i in range(n_layers) for n in ("input_layernorm", "post_attention_layernorm")
+    } | {"model.norm.weight"}
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -62,11 +69,15 @@ def test_groups_by_name_dense(tied):
 
 
 def test_groups_by_name_moe():
-    model = SLMForCausalLM(SLMConfig.from_preset("moe", num_hidden_layers=2, hidden_size=64,
-                                                 num_attention_heads=4, moe_intermediate_size=32))
+    model = SLMForCausalLM(
+        SLMConfig.from_preset(
+            "moe", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, moe_intermediate_size=32
+        )
+    )
     cfg = model.config
-    found = groups_of(build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"),
-                                      torch.device("cpu")), model)
+    found = groups_of(
+        build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"), torch.device("cpu")), model
+    )
     mlps = [f"mlp.experts.{e}.{p}" for e in range(cfg.num_experts) for p in ("gate_proj", "up_proj", "down_proj")]
     mlps += [f"mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
     attn = [p for p in PROJECTIONS if p.startswith("self_attn")]
@@ -135,8 +146,9 @@ def test_state_dict_round_trip_keeps_lr_scales_and_both_states():
     kinds = {tuple(sorted(s)) for s in saved["state"].values()}
     assert kinds == {("momentum_buffer",), ("exp_avg", "exp_avg_sq", "step")}
     # a new run with another muon_lr_ratio loads it: the moments come back, the lr scales are this run's
-    other = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon", lr=1e-3, muon_lr_ratio=5.0),
-                            torch.device("cpu"))
+    other = build_optimizer(
+        list(model.named_parameters()), TrainConfig(optimizer="muon", lr=1e-3, muon_lr_ratio=5.0), torch.device("cpu")
+    )
     other.load_state_dict(saved)
     assert [g["lr_scale"] for g in other.param_groups] == [5.0, 1.0, 1.0]
     q = model.model.layers[0].self_attn.q_proj.weight
@@ -191,19 +203,54 @@ def test_muon_fp16_grad_scaler_on_cpu(tiny_tokenizer_dir, shards, tmp_path):
 
 
 def main_args(tiny_tokenizer_dir, shards) -> list[str]:
-    return [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
-            "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
-            "eval_every=0", "eval_batches=2", "sample_tokens=0", "save_every=0", "seed=7", "optimizer=muon"]
+    return [
+        f"tokenizer_dir={tiny_tokenizer_dir}",
+        f"data_dir={shards}",
+        "model_config=tiny",
+        "max_steps=5",
+        "batch_size=4",
+        "global_batch_size=8",
+        "seq_len=32",
+        "lr=3e-3",
+        "warmup_steps=2",
+        "log_every=1",
+        "eval_every=0",
+        "eval_batches=2",
+        "sample_tokens=0",
+        "save_every=0",
+        "seed=7",
+        "optimizer=muon",
+    ]
 
 
 @pytest.mark.slow
 def test_muon_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     args = main_args(tiny_tokenizer_dir, shards)
-    subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
-                   cwd=ROOT, check=True, capture_output=True, env=ENV)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'two'}", *args],
-                         cwd=ROOT, capture_output=True, text=True, env=ENV)
+    subprocess.run(
+        [sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "main.py",
+            "--stage",
+            "pretrain",
+            f"out_dir={tmp_path / 'two'}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert "processes 2" in two.stdout
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
@@ -215,9 +262,25 @@ def test_muon_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
 @pytest.mark.slow
 def test_muon_refused_under_fsdp(tiny_tokenizer_dir, shards, tmp_path):
     args = [*main_args(tiny_tokenizer_dir, shards), "batch_size=2", "max_steps=1", "parallel=fsdp"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'fsdp'}", *args], cwd=ROOT,
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "main.py",
+            "--stage",
+            "pretrain",
+            f"out_dir={tmp_path / 'fsdp'}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode != 0 and "optimizer=muon cannot run under parallel=fsdp" in result.stderr
 
 
@@ -230,8 +293,20 @@ def test_muon_defaults_beat_adamw_defaults_at_equal_steps(tiny_tokenizer_dir, sh
     """Tiny preset, the same data, seed and schedule; only `optimizer` differs (each with its own defaults)."""
     results = {}
     for name in ("adamw", "muon"):
-        cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / name, optimizer=name, lr=TrainConfig.lr, max_steps=40,
-                       warmup_steps=4, seq_len=64, eval_every=0, eval_batches=4, save_every=0, log_every=10)
+        cfg = make_pretrain_cfg(
+            tiny_tokenizer_dir,
+            shards,
+            tmp_path / name,
+            optimizer=name,
+            lr=TrainConfig.lr,
+            max_steps=40,
+            warmup_steps=4,
+            seq_len=64,
+            eval_every=0,
+            eval_batches=4,
+            save_every=0,
+            log_every=10,
+        )
         run_trainer(PretrainTrainer, cfg)
         results[name] = read_metrics(cfg.out_dir, "eval")[-1]["loss"]
     assert results["muon"] < results["adamw"], results

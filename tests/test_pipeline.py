@@ -11,15 +11,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {"n_docs": 300, "device": "cpu", "tokenizer": {"vocab_size": 600},
-        "shards": {"shard_mb": 0.02, "val_tokens": 2000},
-        "pretrain": {"model_config": "tiny", "vocab_size": 600, "max_steps": 6, "batch_size": 4, "seq_len": 64,
-                     "warmup_steps": 1, "log_every": 3, "eval_every": 0, "eval_batches": 1, "sample_tokens": 0},
-        "sft": {"max_steps": 4, "batch_size": 4, "seq_len": 48, "warmup_steps": 1, "log_every": 2, "eval_batches": 1},
-        "lora": {"max_steps": 3, "batch_size": 4, "seq_len": 48, "warmup_steps": 1, "log_every": 3,
-                 "eval_batches": 1},
-        "dpo": {"max_steps": 2, "batch_size": 2, "seq_len": 48, "warmup_steps": 1, "log_every": 1,
-                "eval_batches": 1}}
+TINY = {
+    "n_docs": 300,
+    "device": "cpu",
+    "tokenizer": {"vocab_size": 600},
+    "shards": {"shard_mb": 0.02, "val_tokens": 2000},
+    "pretrain": {
+        "model_config": "tiny",
+        "vocab_size": 600,
+        "max_steps": 6,
+        "batch_size": 4,
+        "seq_len": 64,
+        "warmup_steps": 1,
+        "log_every": 3,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "sample_tokens": 0,
+    },
+    "sft": {"max_steps": 4, "batch_size": 4, "seq_len": 48, "warmup_steps": 1, "log_every": 2, "eval_batches": 1},
+    "lora": {"max_steps": 3, "batch_size": 4, "seq_len": 48, "warmup_steps": 1, "log_every": 3, "eval_batches": 1},
+    "dpo": {"max_steps": 2, "batch_size": 2, "seq_len": 48, "warmup_steps": 1, "log_every": 1, "eval_batches": 1},
+}
 
 
 @pytest.mark.slow
@@ -28,13 +40,22 @@ def test_demo_pipeline_runs_every_stage_and_skips_when_done(tmp_path):
 
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "demo")}, allow_unicode=True))
-    first = subprocess.run([sys.executable, "main.py", "--stage", "all", "--config", str(cfg)], cwd=ROOT,
-                           capture_output=True, text=True)
+    first = subprocess.run(
+        [sys.executable, "main.py", "--stage", "all", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "demo"
-    for marker in ("corpus/clean.jsonl", "tokenizer/tokenizer.json", "shards/meta.json", "pretrain/final/config.json",
-                   "sft/final/config.json", "lora/final/adapter_config.json", "dpo/final/config.json",
-                   "eval/eval.json", "summary.json"):
+    for marker in (
+        "corpus/clean.jsonl",
+        "tokenizer/tokenizer.json",
+        "shards/meta.json",
+        "pretrain/final/config.json",
+        "sft/final/config.json",
+        "lora/final/adapter_config.json",
+        "dpo/final/config.json",
+        "eval/eval.json",
+        "summary.json",
+    ):
         assert (out / marker).exists(), marker
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["held_out_accuracy"]) == {"pretrain", "sft", "dpo", "lora"}
@@ -42,6 +63,10 @@ def test_demo_pipeline_runs_every_stage_and_skips_when_done(tmp_path):
     # the cleaning stage simplified the traditional characters and resolved the conversion markup
     clean = (out / "corpus" / "clean.jsonl").read_text(encoding="utf-8")
     assert "這" not in clean and "-{" not in clean and "软件" in clean
-    second = subprocess.run([sys.executable, "main.py", "--stage", "all", "--config", str(cfg),
-                             "stages=corpus,tokenizer,shards,pretrain"], cwd=ROOT, capture_output=True, text=True)
+    second = subprocess.run(
+        [sys.executable, "main.py", "--stage", "all", "--config", str(cfg), "stages=corpus,tokenizer,shards,pretrain"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert second.returncode == 0 and second.stdout.count("skipped; force=true redoes it") == 4

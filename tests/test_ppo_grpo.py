@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics
-from tests.helpers import tiny_checkpoint
+from tests.helpers import read_metrics, tiny_checkpoint
 from tests.helpers_preference import PROMPTS
 
 RULE = "token_ids:100-163"
@@ -28,18 +27,36 @@ def policy_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in PROMPTS[:4]),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in PROMPTS[:4]), encoding="utf-8"
+    )
     return str(path)
 
 
 def rl_config(stage: str, init_from: str, out_dir, data_path: str, **overrides):
     import importlib
 
-    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
-            "batch_size": 32, "global_batch_size": 32, "num_generations": 8, "max_new_tokens": 8, "lr": 3e-3,
-            "warmup_steps": 0, "lr_schedule": "constant", "reward_rules": RULE, "kl_coef": 0.05, "device": "cpu",
-            "dtype": "fp32", "save_every": 0, "eval_every": 0, "log_every": 1, "seed": 0}
+    base = {
+        "init_from": init_from,
+        "out_dir": str(out_dir),
+        "data_path": data_path,
+        "seq_len": 64,
+        "batch_size": 32,
+        "global_batch_size": 32,
+        "num_generations": 8,
+        "max_new_tokens": 8,
+        "lr": 3e-3,
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "reward_rules": RULE,
+        "kl_coef": 0.05,
+        "device": "cpu",
+        "dtype": "fp32",
+        "save_every": 0,
+        "eval_every": 0,
+        "log_every": 1,
+        "seed": 0,
+    }
     return importlib.import_module(f"trainer.{stage}").Config(**{**base, **overrides})
 
 
@@ -87,8 +104,19 @@ def test_ppo_raises_a_rule_reward_through_the_engine(policy_dir, prompts_file, t
     calls = count_engine_calls(monkeypatch)
     out = tmp_path / "ppo"
     # PPO moves less per rollout than GRPO here (clipped epochs, a value head learning from scratch): higher lr.
-    run(rl_config("ppo", policy_dir, out, prompts_file, max_steps=32, ppo_epochs=2, rollout_minibatches=1,
-                  target_kl=0.0, lr=1e-2))
+    run(
+        rl_config(
+            "ppo",
+            policy_dir,
+            out,
+            prompts_file,
+            max_steps=32,
+            ppo_epochs=2,
+            rollout_minibatches=1,
+            target_kl=0.0,
+            lr=1e-2,
+        )
+    )
     before, after = assert_learned(out)
     print(f"PPO reward {before:.3f} -> {after:.3f}")
     assert calls == [32] * 16  # 2 optimizer steps (epochs) per rollout

@@ -50,10 +50,26 @@ def _docs(tokens):
 
 def test_format_and_determinism(tiny_tokenizer_dir, sources, tmp_path):
     a, b = sources
-    meta = ps.prepare(tiny_tokenizer_dir, [a + ":1", b + ":0.5"], str(tmp_path / "s1"), shard_mb=0.002,
-                      val_tokens=300, seed=7, quiet=True, bucket_mb=0.01)
-    ps.prepare(tiny_tokenizer_dir, [a + ":1", b + ":0.5"], str(tmp_path / "s2"), shard_mb=0.002, val_tokens=300,
-               seed=7, quiet=True, bucket_mb=0.01)
+    meta = ps.prepare(
+        tiny_tokenizer_dir,
+        [a + ":1", b + ":0.5"],
+        str(tmp_path / "s1"),
+        shard_mb=0.002,
+        val_tokens=300,
+        seed=7,
+        quiet=True,
+        bucket_mb=0.01,
+    )
+    ps.prepare(
+        tiny_tokenizer_dir,
+        [a + ":1", b + ":0.5"],
+        str(tmp_path / "s2"),
+        shard_mb=0.002,
+        val_tokens=300,
+        seed=7,
+        quiet=True,
+        bucket_mb=0.01,
+    )
     m = load_meta(str(tmp_path / "s1"))
     assert m["dtype"] == "uint16" and m["vocab_size"] == 512 and m["eos_id"] == 0 and len(m["train_shards"]) > 1
     files = sorted(os.listdir(tmp_path / "s1"))
@@ -62,8 +78,16 @@ def test_format_and_determinism(tiny_tokenizer_dir, sources, tmp_path):
         if f.endswith(".bin"):
             assert (tmp_path / "s1" / f).read_bytes() == (tmp_path / "s2" / f).read_bytes(), f
     # another seed shuffles differently
-    ps.prepare(tiny_tokenizer_dir, [a + ":1", b + ":0.5"], str(tmp_path / "s3"), shard_mb=0.002, val_tokens=300,
-               seed=8, quiet=True, bucket_mb=0.01)
+    ps.prepare(
+        tiny_tokenizer_dir,
+        [a + ":1", b + ":0.5"],
+        str(tmp_path / "s3"),
+        shard_mb=0.002,
+        val_tokens=300,
+        seed=8,
+        quiet=True,
+        bucket_mb=0.01,
+    )
     assert (tmp_path / "s1" / "train_00000.bin").read_bytes() != (tmp_path / "s3" / "train_00000.bin").read_bytes()
     # every document ends with EOS, and the stream decodes back to the source texts
     stream = np.concatenate([open_shard(str(tmp_path / "s1"), e, m["dtype"]) for e in m["train_shards"]])
@@ -75,8 +99,9 @@ def test_weights_and_val_held_out_by_documents(tiny_tokenizer_dir, sources, tmp_
     from transformers import AutoTokenizer
 
     a, b = sources
-    meta = ps.prepare(tiny_tokenizer_dir, [a + ":2.5", b + ":0.3"], str(tmp_path / "s"), val_tokens=400, seed=1,
-                      quiet=True)
+    meta = ps.prepare(
+        tiny_tokenizer_dir, [a + ":2.5", b + ":0.3"], str(tmp_path / "s"), val_tokens=400, seed=1, quiet=True
+    )
     sa, sb = meta["sources"]
     assert sa["weight"] == 2.5 and sb["weight"] == 0.3
     val_docs = meta["val_documents"]
@@ -132,8 +157,21 @@ def test_fingerprint_mismatch_and_bad_inputs(tiny_tokenizer_dir, sources, tmp_pa
 @pytest.mark.slow
 def test_cli(tiny_tokenizer_dir, sources, tmp_path):
     a, b = sources
-    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir, "--inputs",
-           a + ":0.8", b + ":0.2", "--out_dir", str(tmp_path / "s"), "--val_tokens", "100", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "prepare_shards.py"),
+        "--tokenizer",
+        tiny_tokenizer_dir,
+        "--inputs",
+        a + ":0.8",
+        b + ":0.2",
+        "--out_dir",
+        str(tmp_path / "s"),
+        "--val_tokens",
+        "100",
+        "--workers",
+        "2",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout and "MB/s" in r.stdout
@@ -155,12 +193,22 @@ def _assert_same_output(d1, d2):
 @pytest.mark.slow
 def test_rerun_after_sigkill_gives_the_shards_of_a_clean_run(tiny_tokenizer_dir, tmp_path):
     # ~4 MB: large enough that phase 1 is still running when the poll below sees the bucket folder appear.
-    src = _write_jsonl(tmp_path / "big.jsonl", [f"第{i}篇：我们今天学习数学和语言，机器学习需要数据。{i * 7919} hello"
-                                                * (3 + i % 5) for i in range(8000)])
+    src = _write_jsonl(
+        tmp_path / "big.jsonl",
+        [f"第{i}篇：我们今天学习数学和语言，机器学习需要数据。{i * 7919} hello" * (3 + i % 5) for i in range(8000)],
+    )
     out = tmp_path / "killed"
     args = dict(shard_mb=0.05, val_tokens=2000, workers=1, bucket_mb=0.5)
-    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir,
-           "--inputs", src, "--out_dir", str(out)] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "prepare_shards.py"),
+        "--tokenizer",
+        tiny_tokenizer_dir,
+        "--inputs",
+        src,
+        "--out_dir",
+        str(out),
+    ] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(120_000):  # at most ~10 minutes: a guard against a hang, not a timing assertion
@@ -182,8 +230,11 @@ def test_rerun_after_sigkill_gives_the_shards_of_a_clean_run(tiny_tokenizer_dir,
 def test_rerun_after_a_reported_error(tiny_tokenizer_dir, sources, tmp_path):
     a, b = sources
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("".join(json.dumps({"text": f"好文档{i}"}, ensure_ascii=False) + "\n" for i in range(50))
-                   + '{"text": "broken"\n', encoding="utf-8")
+    bad.write_text(
+        "".join(json.dumps({"text": f"好文档{i}"}, ensure_ascii=False) + "\n" for i in range(50))
+        + '{"text": "broken"\n',
+        encoding="utf-8",
+    )
     out = tmp_path / "s"
     with pytest.raises(ValueError, match=r"bad\.jsonl:51: malformed JSON"):  # fails in phase 1, buckets written
         ps.prepare(tiny_tokenizer_dir, [a, str(bad)], str(out), val_tokens=300, quiet=True, bucket_mb=0.01)

@@ -16,6 +16,7 @@ from trainer.common import TrainingStopped
 from trainer.core import run_trainer
 from trainer.pretrain import PretrainTrainer
 
+
 def test_loss_decreases_and_run_dir_is_complete(tiny_tokenizer_dir, shards, tmp_path):
     cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=30, sample_tokens=4, eval_every=15)
     run_trainer(PretrainTrainer, cfg)
@@ -33,8 +34,12 @@ def test_loss_decreases_and_run_dir_is_complete(tiny_tokenizer_dir, shards, tmp_
     assert (run / "final" / "tokenizer.json").exists()
     # metrics.jsonl -> PNG
     pytest.importorskip("matplotlib")
-    subprocess.run([sys.executable, "scripts/plot_metrics.py", str(run / "metrics.jsonl"), "--out",
-                    str(tmp_path / "loss.png")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/plot_metrics.py", str(run / "metrics.jsonl"), "--out", str(tmp_path / "loss.png")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
@@ -67,8 +72,17 @@ def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, tmp_p
 def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
     meta = json.loads((Path(shards) / "meta.json").read_text())
     per_shard = (meta["train_shards"][0]["tokens"] - 1) // (16 * 64)
-    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=per_shard + 2, save_every=0, eval_every=0,
-                   global_batch_size=16, batch_size=16, seq_len=64)
+    cfg = make_pretrain_cfg(
+        tiny_tokenizer_dir,
+        shards,
+        tmp_path / "run",
+        max_steps=per_shard + 2,
+        save_every=0,
+        eval_every=0,
+        global_batch_size=16,
+        batch_size=16,
+        seq_len=64,
+    )
     run_trainer(PretrainTrainer, cfg)
     saved = sorted(p.name for p in Path(cfg.out_dir).glob("step_*"))
     assert f"step_{per_shard:06d}" in saved  # written when shard 0 ran out, without save_every
@@ -101,7 +115,9 @@ def test_accumulation_equals_large_batch(tiny_tokenizer_dir, shards, tmp_path):
 
 def test_chunked_loss_trains_the_same(tiny_tokenizer_dir, shards, tmp_path):
     plain = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "plain", max_steps=4, eval_every=2)
-    chunked = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "chunked", max_steps=4, eval_every=2, loss_chunk=48)
+    chunked = make_pretrain_cfg(
+        tiny_tokenizer_dir, shards, tmp_path / "chunked", max_steps=4, eval_every=2, loss_chunk=48
+    )
     run_trainer(PretrainTrainer, plain)
     run_trainer(PretrainTrainer, chunked)
     assert losses(chunked.out_dir) == pytest.approx(losses(plain.out_dir), rel=1e-5)
@@ -123,30 +139,70 @@ def test_batch_size_auto_probes_and_keeps_the_global_batch(tiny_tokenizer_dir, s
 
     monkeypatch.setattr(SLMForCausalLM, "forward", limited)
     monkeypatch.setattr(PretrainTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
-    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "auto", batch_size="auto",
-                                       global_batch_size=64, max_steps=1))
+    trainer = PretrainTrainer(
+        make_pretrain_cfg(
+            tiny_tokenizer_dir, shards, tmp_path / "auto", batch_size="auto", global_batch_size=64, max_steps=1
+        )
+    )
     trainer.prepare()
     assert (trainer.micro_batch, trainer.accum_steps, trainer.global_batch) == (8, 8, 64)
     assert all(p.grad is None for p in trainer.raw_model.parameters())  # the probe leaves no gradients behind
     # When everything up to the per-process target fits, there is no need for headroom.
-    trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "fits", batch_size="auto",
-                                       global_batch_size=16, max_steps=1))
+    trainer = PretrainTrainer(
+        make_pretrain_cfg(
+            tiny_tokenizer_dir, shards, tmp_path / "fits", batch_size="auto", global_batch_size=16, max_steps=1
+        )
+    )
     trainer.prepare()
     assert (trainer.micro_batch, trainer.accum_steps) == (16, 1)
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
-    args = [f"tokenizer_dir={tiny_tokenizer_dir}", f"data_dir={shards}", "model_config=tiny", "max_steps=5",
-            "batch_size=4", "global_batch_size=8", "seq_len=32", "lr=3e-3", "warmup_steps=2", "log_every=1",
-            "lr_schedule=constant",  # the schedule then does not depend on max_steps (the resume below extends it)
-            "eval_every=0", "eval_batches=3", "sample_tokens=0", "save_every=0", "seed=7"]  # 3 val batches, 2 ranks
+    args = [
+        f"tokenizer_dir={tiny_tokenizer_dir}",
+        f"data_dir={shards}",
+        "model_config=tiny",
+        "max_steps=5",
+        "batch_size=4",
+        "global_batch_size=8",
+        "seq_len=32",
+        "lr=3e-3",
+        "warmup_steps=2",
+        "log_every=1",
+        "lr_schedule=constant",  # the schedule then does not depend on max_steps (the resume below extends it)
+        "eval_every=0",
+        "eval_batches=3",
+        "sample_tokens=0",
+        "save_every=0",
+        "seed=7",
+    ]  # 3 val batches, 2 ranks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
-                   cwd=ROOT, check=True, capture_output=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'two'}", *args],
-                         cwd=ROOT, capture_output=True, text=True, env=env)
+    subprocess.run(
+        [sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "main.py",
+            "--stage",
+            "pretrain",
+            f"out_dir={tmp_path / 'two'}",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     evals = [[r["loss"] for r in read_metrics(str(tmp_path / d), split="eval")] for d in ("one", "two")]
@@ -157,8 +213,13 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     # a 1-process run that was never interrupted (pretraining has no dropout, so the RNG layout does not matter).
     longer = [a for a in args if not a.startswith("max_steps=")] + ["max_steps=7"]
     for name in ("two", "straight"):
-        subprocess.run([sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / name}", *longer],
-                       cwd=ROOT, check=True, capture_output=True, env=env)
+        subprocess.run(
+            [sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / name}", *longer],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            env=env,
+        )
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "straight"), abs=1e-4)
     state = torch.load(tmp_path / "two" / "step_000007" / "trainer_state.pt", weights_only=False)
     assert len(state["rng"]) == 1 and state["data"]["offset"] == 7 * 8 * 32
@@ -267,8 +328,9 @@ def test_a_corrupted_checkpoint_is_skipped_or_refused(tiny_tokenizer_dir, shards
     run_trainer(PretrainTrainer, only)
     flip_one_byte(Path(only.out_dir) / "step_000004" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"step_000004/model.safetensors: SHA-256 differs"):
-        PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, only.out_dir,
-                                 resume=str(Path(only.out_dir) / "step_000004"))).prepare()
+        PretrainTrainer(
+            make_pretrain_cfg(tiny_tokenizer_dir, shards, only.out_dir, resume=str(Path(only.out_dir) / "step_000004"))
+        ).prepare()
     # A checkpoint from before checksums (no manifest) still resumes, with a note that says so.
     (run / "step_000004" / "checksums.json").unlink()
     shutil_rmtree(run / "step_000008")

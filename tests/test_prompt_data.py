@@ -32,8 +32,13 @@ RECORDS = [
 def test_every_format_becomes_a_prompt_ending_with_user(tiny_tokenizer_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     prompts = load_prompts(write_jsonl(tmp_path / "p.jsonl", RECORDS), tok, max_prompt_tokens=512, log=lambda *a: None)
-    assert [p["prompt"][-1]["content"] for p in prompts] == \
-        ["中国的首都是哪里？", "你好", "今天天气怎么样？", "人工智能是什么？", "hello world"]
+    assert [p["prompt"][-1]["content"] for p in prompts] == [
+        "中国的首都是哪里？",
+        "你好",
+        "今天天气怎么样？",
+        "人工智能是什么？",
+        "hello world",
+    ]
     assert all(p["prompt"][-1]["role"] == "user" for p in prompts)
     assert prompts[1]["prompt"][0] == {"role": "system", "content": "你是助手。"}
     assert [p["answer"] for p in prompts] == ["北京", None, None, "计算机科学的一个分支。", None]
@@ -43,8 +48,13 @@ def test_every_format_becomes_a_prompt_ending_with_user(tiny_tokenizer_dir, tmp_
 def test_bad_long_and_capped_records(tiny_tokenizer_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     long_prompt = "人工智能是计算机科学的一个分支。" * 20
-    rows = [{"prompt": "你好"}, {"prompt": long_prompt}, {"messages": [{"role": "assistant", "content": "嗯"}]},
-            {"prompt": "学校上课吗？"}, {"prompt": "明月在哪里？"}]
+    rows = [
+        {"prompt": "你好"},
+        {"prompt": long_prompt},
+        {"messages": [{"role": "assistant", "content": "嗯"}]},
+        {"prompt": "学校上课吗？"},
+        {"prompt": "明月在哪里？"},
+    ]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     logged = []
     limit = len(prompt_ids(tok, [{"role": "user", "content": long_prompt}])) - 1

@@ -43,8 +43,9 @@ def test_quantized_model_logits_and_size(tiny, mode, max_rel):
     with torch.no_grad():
         ref, out = model(ids).logits, q(ids).logits
     assert (out - ref).abs().max() < max_rel * ref.abs().max()
-    linear_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    linear_bytes = sum(
+        m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
     saved = weight_bytes(model) - weight_bytes(q)
     assert saved > (0.7 if mode == "int8" else 0.8) * linear_bytes
 

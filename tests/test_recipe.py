@@ -40,12 +40,18 @@ def test_recipe_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-@pytest.mark.parametrize("env, message", [({"STOP_AFTER": "pretrian"}, "STOP_AFTER=pretrian is not one of"),
-                                          ({"DATA": "/nonexistent/data"}, "/nonexistent/data/pretrain/zh not found")])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"STOP_AFTER": "pretrian"}, "STOP_AFTER=pretrian is not one of"),
+        ({"DATA": "/nonexistent/data"}, "/nonexistent/data/pretrain/zh not found"),
+    ],
+)
 def test_recipe_script_rejects_bad_settings_before_doing_anything(tmp_path, env, message):
     out = tmp_path / "recipe"
-    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OUT": str(out), **env})
+    result = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OUT": str(out), **env}
+    )
     assert result.returncode == 2 and message in result.stderr
     assert not out.exists()
 
@@ -54,16 +60,19 @@ def test_recipe_folder_is_complete():
     recipe = ROOT / "config" / "recipes" / "small_gpu"
     for name in ("pretrain", "sft", "dpo", "eval"):
         assert (recipe / f"{name}.yaml").is_file(), name
-    prompts = [json.loads(line) for line in (recipe / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    prompts = [
+        json.loads(line) for line in (recipe / "prompts.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     assert len(prompts) >= 10 and all(p["prompt"] for p in prompts)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_every_config_key_is_a_field_of_its_stage(path):
     stage = stage_of(path)
-    assert stage in STAGES, (f"{path.relative_to(ROOT)}: no stage named '{stage}' in trainer/stages.py STAGES; name the file "
-                             f"after its stage (or teach tests/test_recipe.py where it belongs)")
+    assert stage in STAGES, (
+        f"{path.relative_to(ROOT)}: no stage named '{stage}' in trainer/stages.py STAGES; name the file "
+        f"after its stage (or teach tests/test_recipe.py where it belongs)"
+    )
     module = importlib.import_module(STAGES[stage][0])
     cfg = load_config(module.Config, str(path))  # raises ConfigError naming an unknown key or a badly typed value
     if stage != "all":

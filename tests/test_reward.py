@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import read_metrics
-from tests.helpers import tiny_checkpoint
+from tests.helpers import read_metrics, tiny_checkpoint
 from tests.helpers_preference import toy_pairs, write_pairs
 
 SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
@@ -26,10 +25,25 @@ def sft_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
 def reward_config(init_from: str, out_dir, data_path: str, **overrides):
     from trainer.reward import Config
 
-    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
-            "batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "warmup_steps": 0, "lr_schedule": "constant",
-            "val_samples": 16, "eval_every": 0, "eval_batches": 4, "save_every": 0, "log_every": 5,
-            "device": "cpu", "dtype": "fp32", "seed": 0}
+    base = {
+        "init_from": init_from,
+        "out_dir": str(out_dir),
+        "data_path": data_path,
+        "seq_len": 64,
+        "batch_size": 8,
+        "global_batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "val_samples": 16,
+        "eval_every": 0,
+        "eval_batches": 4,
+        "save_every": 0,
+        "log_every": 5,
+        "device": "cpu",
+        "dtype": "fp32",
+        "seed": 0,
+    }
     return Config(**{**base, **overrides})
 
 
@@ -52,9 +66,22 @@ def test_reward_model_beats_chance_on_held_out_pairs_and_serves_rl(sft_dir, tmp_
     from trainer.ppo import Config as PPOConfig
     from trainer.ppo import run as run_ppo
 
-    common = {"init_from": sft_dir, "data_path": str(prompts), "reward_from": str(out / "final"), "seq_len": 64,
-              "batch_size": 8, "global_batch_size": 8, "max_new_tokens": 6, "max_steps": 2, "device": "cpu",
-              "dtype": "fp32", "save_every": 0, "eval_every": 0, "log_every": 1, "seed": 0}
+    common = {
+        "init_from": sft_dir,
+        "data_path": str(prompts),
+        "reward_from": str(out / "final"),
+        "seq_len": 64,
+        "batch_size": 8,
+        "global_batch_size": 8,
+        "max_new_tokens": 6,
+        "max_steps": 2,
+        "device": "cpu",
+        "dtype": "fp32",
+        "save_every": 0,
+        "eval_every": 0,
+        "log_every": 1,
+        "seed": 0,
+    }
     run_grpo(GRPOConfig(out_dir=str(tmp_path / "grpo"), num_generations=4, reward_rules="length:4", **common))
     run_ppo(PPOConfig(out_dir=str(tmp_path / "ppo"), critic="separate", rollout_minibatches=1, **common))
     for stage in ("grpo", "ppo"):
@@ -69,10 +96,26 @@ def test_reward_on_the_shared_preference_files(sft_dir, tmp_path):
 
     files = ",".join(str(p) for p in sorted(SHARED_DPO.iterdir()))
     out = tmp_path / "rm_real"
-    rc = main.main(["--stage", "reward", "--config", "config/reward.yaml", f"init_from={sft_dir}",
-                    f"data_path={files}", f"out_dir={out}", "max_samples=12", "seq_len=128", "batch_size=4",
-                    "global_batch_size=4", "max_steps=3", "val_samples=8", "eval_batches=2", "device=cpu",
-                    "log_every=1"])
+    rc = main.main(
+        [
+            "--stage",
+            "reward",
+            "--config",
+            "config/reward.yaml",
+            f"init_from={sft_dir}",
+            f"data_path={files}",
+            f"out_dir={out}",
+            "max_samples=12",
+            "seq_len=128",
+            "batch_size=4",
+            "global_batch_size=4",
+            "max_steps=3",
+            "val_samples=8",
+            "eval_batches=2",
+            "device=cpu",
+            "log_every=1",
+        ]
+    )
     assert rc == 0 and (out / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(str(out))] == [1, 2, 3]
     assert 0 <= read_metrics(str(out), split="eval")[-1]["accuracy"] <= 1

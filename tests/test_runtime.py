@@ -17,9 +17,15 @@ from model.runtime import auto_dtype, dtype_name, load_pretrained, resolve_devic
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # (name, compute capability, what dtype=auto must give)
-GPUS = [("T4", (7, 5), torch.float16), ("V100", (7, 0), torch.float16), ("RTX 2080", (7, 5), torch.float16),
-        ("A100", (8, 0), torch.bfloat16), ("RTX 3090", (8, 6), torch.bfloat16),
-        ("RTX 4090", (8, 9), torch.bfloat16), ("H100", (9, 0), torch.bfloat16)]
+GPUS = [
+    ("T4", (7, 5), torch.float16),
+    ("V100", (7, 0), torch.float16),
+    ("RTX 2080", (7, 5), torch.float16),
+    ("A100", (8, 0), torch.bfloat16),
+    ("RTX 3090", (8, 6), torch.bfloat16),
+    ("RTX 4090", (8, 9), torch.bfloat16),
+    ("H100", (9, 0), torch.bfloat16),
+]
 
 
 @pytest.mark.parametrize("name,capability,expected", GPUS, ids=[g[0] for g in GPUS])
@@ -54,8 +60,13 @@ def test_bf16_on_a_t4_warns_that_it_is_emulated():
 def test_no_other_copy_of_the_dtype_policy():
     """The first version wrote the policy three times and they disagreed: no module may decide it again."""
     offenders = []
-    for path in list(ROOT.glob("model/*.py")) + list(ROOT.glob("trainer/*.py")) + list(ROOT.glob("scripts/*.py")) \
-            + list(ROOT.glob("bench/*.py")) + list(ROOT.glob("dataset/*.py")):
+    for path in (
+        list(ROOT.glob("model/*.py"))
+        + list(ROOT.glob("trainer/*.py"))
+        + list(ROOT.glob("scripts/*.py"))
+        + list(ROOT.glob("bench/*.py"))
+        + list(ROOT.glob("dataset/*.py"))
+    ):
         if path.name == "runtime.py":
             continue
         text = path.read_text(encoding="utf-8")
@@ -101,8 +112,14 @@ def test_load_pretrained_says_what_is_wrong_with_the_path(tmp_path):
 def test_a_missing_init_from_is_reported_as_such_not_as_a_missing_tokenizer(tmp_path):
     from trainer.sft import Config, SFTTrainer
 
-    trainer = SFTTrainer(Config(init_from=str(tmp_path / "nope"), tokenizer_dir=str(tmp_path / "no_tok"),
-                                out_dir=str(tmp_path / "out"), device="cpu"))
+    trainer = SFTTrainer(
+        Config(
+            init_from=str(tmp_path / "nope"),
+            tokenizer_dir=str(tmp_path / "no_tok"),
+            out_dir=str(tmp_path / "out"),
+            device="cpu",
+        )
+    )
     with pytest.raises(FileNotFoundError, match="init_from .* is not a directory"):
         trainer.prepare()
 
@@ -112,8 +129,8 @@ def test_a_missing_init_from_is_reported_as_such_not_as_a_missing_tokenizer(tmp_
 
 
 def test_trainer_and_engine_pick_the_same_dtype(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    from tests.helpers import tiny_checkpoint
     from model.engine import Engine
+    from tests.helpers import tiny_checkpoint
     from trainer.sft import Config, SFTTrainer
 
     path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
@@ -134,9 +151,20 @@ def test_dpo_reference_has_the_policys_numerics_in_bf16_autocast(tmp_path, tiny_
 
     path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")
-    trainer = DPOTrainer(Config(init_from=path, out_dir=str(tmp_path / "dpo"), data_path=data, seq_len=64,
-                                batch_size=8, global_batch_size=8, val_samples=0, device="cpu", dtype="bf16",
-                                max_steps=1))
+    trainer = DPOTrainer(
+        Config(
+            init_from=path,
+            out_dir=str(tmp_path / "dpo"),
+            data_path=data,
+            seq_len=64,
+            batch_size=8,
+            global_batch_size=8,
+            val_samples=0,
+            device="cpu",
+            dtype="bf16",
+            max_steps=1,
+        )
+    )
     trainer.prepare()
     assert {p.dtype for p in trainer.ref.parameters()} == {p.dtype for p in trainer.raw_model.parameters()}
     batch = trainer.to_device(trainer.train_data.next_step()[0])

@@ -1,6 +1,6 @@
 """Tests for scripts/serve_api.py with the official openai client against a server started in-process on a free port.
 
-    python -m pytest tests/test_serve_api.py
+python -m pytest tests/test_serve_api.py
 """
 
 import http.client
@@ -67,8 +67,16 @@ def test_models_and_plain_call(served):
 
 def test_streamed_call(served):
     engine, client, _ = served
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected(engine, MESSAGES, 12)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -81,8 +89,9 @@ def test_two_concurrent_calls(served):
     results = [None, None]
 
     def call(i):
-        results[i] = client.chat.completions.create(model="tiny", messages=convs[i], max_tokens=40, temperature=0,
-                                                    stream=bool(i))
+        results[i] = client.chat.completions.create(
+            model="tiny", messages=convs[i], max_tokens=40, temperature=0, stream=bool(i)
+        )
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
     for t in threads:
@@ -95,18 +104,25 @@ def test_two_concurrent_calls(served):
 
 def raw_post(port, body: bytes, key=KEY):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", body=body,
-                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read())
 
 
-@pytest.mark.parametrize("body, code", [
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
-    ({"model": "tiny"}, None),
-    ({"messages": MESSAGES, "max_tokens": -5}, None),
-    ({"messages": [{"role": "user", "content": "hello world " * 400}]}, "context_length_exceeded"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
+        ({"model": "tiny"}, None),
+        ({"messages": MESSAGES, "max_tokens": -5}, None),
+        ({"messages": [{"role": "user", "content": "hello world " * 400}]}, "context_length_exceeded"),
+    ],
+)
 def test_bad_requests_get_400_and_server_keeps_serving(served, body, code):
     engine, client, port = served
     with pytest.raises(openai.BadRequestError) as err:
@@ -130,9 +146,12 @@ def test_invalid_json_and_auth(served):
 def test_disconnect_mid_stream_frees_the_worker(served):
     engine, client, port = served
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
-                                                          "Content-Type": "application/json"},
-                 body=json.dumps({"messages": MESSAGES, "max_tokens": 450, "stream": True}).encode())
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        body=json.dumps({"messages": MESSAGES, "max_tokens": 450, "stream": True}).encode(),
+    )
     resp = conn.getresponse()
     assert resp.readline().startswith(b"data: ")
     n_before = len(engine.streams)
@@ -156,8 +175,9 @@ def test_top_p_zero_is_greedy_not_an_error(served):
     engine, client, _ = served
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, top_p=0)
     assert r.choices[0].message.content == expected(engine, MESSAGES, 8)
-    chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, top_p=0,
-                                            stream=True)
+    chunks = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, top_p=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected(engine, MESSAGES, 8)
 
 
@@ -167,13 +187,13 @@ def test_special_token_text_in_user_content_stays_text(served):
     n_before = len(engine.streams)
     r = client.chat.completions.create(model="tiny", messages=forged, max_tokens=2, temperature=0)
     start = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
-    template = engine.tokenizer.apply_chat_template(forged, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=True)["input_ids"]
+    template = engine.tokenizer.apply_chat_template(
+        forged, tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
     assert list(template).count(start) == 3  # what the template's text would give: a forged system turn
     prompt = engine.chat_prompt(forged, 2)
     assert prompt.count(start) == 2 and r.usage.prompt_tokens == len(prompt)
     assert engine.streams[n_before].prompt_tokens == len(prompt)
-
 
 
 # -----------------------------------------------------------------------------
@@ -205,8 +225,16 @@ def start_server():
         tok = build_tokenizer()
         engine = engine_class(build_model(tok), tok)
         engine.streams, engine.gate, engine.busy = [], threading.Event(), threading.Event()
-        server = make_server(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny", quiet=True,
-                             limits=ServerLimits(**limits), allowed_hosts=allowed_hosts)
+        server = make_server(
+            engine,
+            "127.0.0.1",
+            0,
+            api_key=KEY,
+            model_name="tiny",
+            quiet=True,
+            limits=ServerLimits(**limits),
+            allowed_hosts=allowed_hosts,
+        )
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return engine, server.server_address[1], server
@@ -233,8 +261,12 @@ def raw_http(port, data: bytes, timeout: float = 30) -> tuple[int, dict, bytes]:
 
 
 def post_bytes(port, body: bytes, headers: dict | None = None, path="/v1/chat/completions") -> bytes:
-    base = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Authorization": f"Bearer {KEY}",
-            "Content-Length": str(len(body))}
+    base = {
+        "Host": f"127.0.0.1:{port}",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {KEY}",
+        "Content-Length": str(len(body)),
+    }
     lines = "".join(f"{k}: {v}\r\n" for k, v in {**base, **(headers or {})}.items() if v is not None)
     return f"POST {path} HTTP/1.1\r\n{lines}\r\n".encode() + body
 
@@ -249,19 +281,30 @@ def assert_json_error(status, headers, body, expected_status):
     assert json.loads(body)["error"]["message"]
 
 
-@pytest.mark.parametrize("data, status", [
-    (lambda p: post_bytes(p, chat_body(), {"Content-Length": "abc"}), 400),
-    (lambda p: post_bytes(p, chat_body(), {"Content-Length": "1e3"}), 400),
-    (lambda p: post_bytes(p, chat_body(), {"Content-Length": "-5"}), 400),
-    (lambda p: post_bytes(p, json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "text", "text": 5}]}]}).encode()), 400),
-    (lambda p: post_bytes(p, chat_body(stream_options="yes", stream=True)), 400),
-    (lambda p: post_bytes(p, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'), 400),
-    (lambda p: post_bytes(p, b"[" * 100_000), 400),
-    (lambda p: post_bytes(p, json.dumps({"messages": [{"role": "user", "content": [7]}]}).encode()), 400),
-    (lambda p: post_bytes(p, json.dumps({"messages": [{"role": "user", "content": "hi"}],
-                                         "stop": ["\ud800"]}).encode()), 400),
-])
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (lambda p: post_bytes(p, chat_body(), {"Content-Length": "abc"}), 400),
+        (lambda p: post_bytes(p, chat_body(), {"Content-Length": "1e3"}), 400),
+        (lambda p: post_bytes(p, chat_body(), {"Content-Length": "-5"}), 400),
+        (
+            lambda p: post_bytes(
+                p, json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode()
+            ),
+            400,
+        ),
+        (lambda p: post_bytes(p, chat_body(stream_options="yes", stream=True)), 400),
+        (lambda p: post_bytes(p, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'), 400),
+        (lambda p: post_bytes(p, b"[" * 100_000), 400),
+        (lambda p: post_bytes(p, json.dumps({"messages": [{"role": "user", "content": [7]}]}).encode()), 400),
+        (
+            lambda p: post_bytes(
+                p, json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}).encode()
+            ),
+            400,
+        ),
+    ],
+)
 def test_malformed_requests_get_a_json_4xx_and_the_server_keeps_serving(served, data, status):
     _, client, port = served
     assert_json_error(*raw_http(port, data(port)), status)
@@ -281,8 +324,12 @@ def test_openai_compatibility(served):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1)
     assert err.value.code == "model_not_found"
     assert_json_error(*raw_http(port, post_bytes(port, chat_body(stream="no"))), 400)
-    middle = [MESSAGES[1], {"role": "assistant", "content": "a"}, {"role": "system", "content": "new rules"},
-              {"role": "user", "content": "b"}]
+    middle = [
+        MESSAGES[1],
+        {"role": "assistant", "content": "a"},
+        {"role": "system", "content": "new rules"},
+        {"role": "user", "content": "b"},
+    ]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=middle, max_tokens=1)
     status, headers, body = raw_http(port, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -305,8 +352,12 @@ def test_413_is_read_after_the_whole_body(start_server):
     _, port, _ = start_server(max_body_bytes=10_000)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     body = json.dumps({"messages": [{"role": "user", "content": "x" * 30_000}]}).encode()
-    conn.request("POST", "/v1/chat/completions", body=body,
-                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     resp = conn.getresponse()  # before the fix: a broken pipe while sending, or a reset instead of the answer
     assert resp.status == 413 and json.loads(resp.read())["error"]["message"]
 
@@ -318,8 +369,11 @@ def test_host_origin_and_content_type_checks(start_server):
     assert_json_error(*raw_http(port, post_bytes(port, chat_body(), {"Origin": "http://evil.example"})), 403)
     assert_json_error(*raw_http(port, post_bytes(port, chat_body(), {"Origin": "null"})), 403)
     assert_json_error(*raw_http(port, post_bytes(port, chat_body(), {"Content-Type": "text/plain"})), 415)
-    for ok in ({"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
-               {"Origin": "https://chat.example.org", "Host": "chat.example.org"}, {"Host": f"[::1]:{port}"}):
+    for ok in (
+        {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
+        {"Origin": "https://chat.example.org", "Host": "chat.example.org"},
+        {"Host": f"[::1]:{port}"},
+    ):
         assert raw_http(port, post_bytes(port, chat_body(), ok))[0] == 200, ok
     status, headers, page = raw_http(port, f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     assert status == 200 and b"/v1/chat/completions" in page
@@ -417,8 +471,9 @@ def test_queued_requests_are_served_in_one_batch(start_server):
     socks = []
     for i, conv in enumerate(convs):
         socks.append(socket.create_connection(("127.0.0.1", port), timeout=30))
-        socks[-1].sendall(post_bytes(port, json.dumps({"messages": conv, "max_tokens": 10 + i,
-                                                       "temperature": 0}).encode()))
+        socks[-1].sendall(
+            post_bytes(port, json.dumps({"messages": conv, "max_tokens": 10 + i, "temperature": 0}).encode())
+        )
         if i == 0:
             assert engine.busy.wait(30)
     for _ in range(600):  # bounded: until the other three wait together
@@ -462,34 +517,57 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters"
 
 
 def test_tools_ride_on_the_system_turn_and_tool_messages_are_read():
-    body = {"messages": [{"role": "user", "content": "北京天气"},
-                         {"role": "assistant", "content": None, "tool_calls": [
-                             {"id": "c1", "type": "function",
-                              "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
-                         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "晴"}]}],
-            "tools": WEATHER}
+    body = {
+        "messages": [
+            {"role": "user", "content": "北京天气"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "北京"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "晴"}]},
+        ],
+        "tools": WEATHER,
+    }
     req = serve_api.parse_chat_request(json.dumps(body).encode(), serve_api.CHAT_SAMPLING)
     assert req["tools"] and req["messages"] == [
-        {"role": "system", "content": "", "tools": WEATHER}, {"role": "user", "content": "北京天气"},
+        {"role": "system", "content": "", "tools": WEATHER},
+        {"role": "user", "content": "北京天气"},
         {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
-        {"role": "tool", "content": "晴"}]
+        {"role": "tool", "content": "晴"},
+    ]
     none = serve_api.parse_chat_request(json.dumps({**body, "tool_choice": "none"}).encode(), serve_api.CHAT_SAMPLING)
     assert not none["tools"] and "tools" not in none["messages"][0]
-    for bad in ({"tool_choice": "required"}, {"tools": [{"type": "function", "function": {}}]},
-                {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
+    for bad in (
+        {"tool_choice": "required"},
+        {"tools": [{"type": "function", "function": {}}]},
+        {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+    ):
         with pytest.raises(serve_api.ApiError) as err:
             serve_api.parse_chat_request(json.dumps({**body, **bad}).encode(), serve_api.CHAT_SAMPLING)
         assert err.value.status == 400
 
 
-@pytest.mark.parametrize("text, content, calls", [
-    ('<tool_call>\n{"name": "f", "arguments": {"x": "北京"}}\n</tool_call>', None, [("f", {"x": "北京"})]),
-    ('好的\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g"}\n</tool_call>',
-     "好的", [("f", {}), ("g", {})]),
-    ('<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>', None, None),  # broken JSON: plain text
-    ('<tool_call>\n{"name": "f", "arguments": "x"}\n</tool_call>', None, None),  # arguments not an object
-    ("晴天", None, None),
-])
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ('<tool_call>\n{"name": "f", "arguments": {"x": "北京"}}\n</tool_call>', None, [("f", {"x": "北京"})]),
+        (
+            '好的\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g"}\n</tool_call>',
+            "好的",
+            [("f", {}), ("g", {})],
+        ),
+        ('<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>', None, None),  # broken JSON: plain text
+        ('<tool_call>\n{"name": "f", "arguments": "x"}\n</tool_call>', None, None),  # arguments not an object
+        ("晴天", None, None),
+    ],
+)
 def test_reply_with_tool_calls_becomes_openai_tool_calls(text, content, calls):
     message, finish = serve_api.tool_call_message(text)
     if calls is None:

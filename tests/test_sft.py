@@ -13,13 +13,30 @@ from safetensors.torch import load_file
 
 from tests.helpers import PAIRS, SHARED_SFT, read_metrics, write_chat_file
 
+
 def sft_config(init_from: str, out_dir, data_path: str, **overrides):
     from trainer.sft import Config
 
-    base = {"init_from": init_from, "out_dir": str(out_dir), "data_path": data_path, "seq_len": 64,
-            "batch_size": 8, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 0, "lr_schedule": "constant",
-            "weight_decay": 0.0, "val_samples": 0, "eval_every": 0, "save_every": 0, "log_every": 20,
-            "device": "cpu", "dtype": "fp32", "placeholders": "name=Milli-Chat", "seed": 0}
+    base = {
+        "init_from": init_from,
+        "out_dir": str(out_dir),
+        "data_path": data_path,
+        "seq_len": 64,
+        "batch_size": 8,
+        "global_batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 0,
+        "lr_schedule": "constant",
+        "weight_decay": 0.0,
+        "val_samples": 0,
+        "eval_every": 0,
+        "save_every": 0,
+        "log_every": 20,
+        "device": "cpu",
+        "dtype": "fp32",
+        "placeholders": "name=Milli-Chat",
+        "seed": 0,
+    }
     return Config(**{**base, **overrides})
 
 
@@ -65,14 +82,35 @@ def test_sft_on_the_shared_real_data(pretrained_dir, tmp_path):
         pytest.skip(f"shared SFT data not found at {SHARED_SFT}")
     import main
 
-    files = ",".join(str(SHARED_SFT / f) for f in ("llamafactory_alpaca_zh_demo.json",
-                                                  "medicalgpt_sharegpt_zh_1K_format.jsonl",
-                                                  "llamafactory_identity.json"))
+    files = ",".join(
+        str(SHARED_SFT / f)
+        for f in (
+            "llamafactory_alpaca_zh_demo.json",
+            "medicalgpt_sharegpt_zh_1K_format.jsonl",
+            "llamafactory_identity.json",
+        )
+    )
     out = tmp_path / "sft_real"
-    rc = main.main(["--stage", "sft", "--config", "config/sft.yaml", f"init_from={pretrained_dir}",
-                    f"data_path={files}", f"out_dir={out}", "max_samples=30", "seq_len=256", "batch_size=2",
-                    "global_batch_size=4", "max_steps=3", "val_samples=8", "eval_batches=2", "device=cpu",
-                    "log_every=1"])
+    rc = main.main(
+        [
+            "--stage",
+            "sft",
+            "--config",
+            "config/sft.yaml",
+            f"init_from={pretrained_dir}",
+            f"data_path={files}",
+            f"out_dir={out}",
+            "max_samples=30",
+            "seq_len=256",
+            "batch_size=2",
+            "global_batch_size=4",
+            "max_steps=3",
+            "val_samples=8",
+            "eval_batches=2",
+            "device=cpu",
+            "log_every=1",
+        ]
+    )
     assert rc == 0 and (out / "final" / "model.safetensors").is_file()
     train, evals = read_metrics(str(out)), read_metrics(str(out), split="eval")
     assert [r["step"] for r in train] == [1, 2, 3] and all(0 < r["loss"] < 20 for r in train)

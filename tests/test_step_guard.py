@@ -19,8 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer
 
 from dataset.batches import PrefetchBatches
-from tests.helpers import read_metrics, write_shards
-from tests.helpers import tiny_checkpoint
+from tests.helpers import read_metrics, tiny_checkpoint, write_shards
 from tests.helpers_preference import toy_pairs, write_pairs
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
@@ -31,23 +30,52 @@ from trainer.pretrain import Config, PretrainTrainer
 def shards(tiny_tokenizer_dir, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     rng = random.Random(0)
-    words = ["北京是中国的首都。", "今天天气很好。", "我们学习数学。", "春眠不觉晓。", "hello world.", "人工智能是科学。"]
+    words = [
+        "北京是中国的首都。",
+        "今天天气很好。",
+        "我们学习数学。",
+        "春眠不觉晓。",
+        "hello world.",
+        "人工智能是科学。",
+    ]
     texts = ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(600)]
     return write_shards(tok, texts, str(tmp_path_factory.mktemp("shards")), n_shards=3)
 
 
 def make_cfg(tokenizer_dir, shards, out_dir, **overrides) -> Config:
-    base = {"model_config": "tiny", "tokenizer_dir": tokenizer_dir, "data_dir": shards, "out_dir": str(out_dir),
-            "max_steps": 12, "batch_size": 4, "global_batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2,
-            "log_every": 1, "eval_every": 6, "eval_batches": 2, "save_every": 4, "keep_last": 10,
-            "sample_tokens": 0, "seed": 7}
+    base = {
+        "model_config": "tiny",
+        "tokenizer_dir": tokenizer_dir,
+        "data_dir": shards,
+        "out_dir": str(out_dir),
+        "max_steps": 12,
+        "batch_size": 4,
+        "global_batch_size": 8,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "eval_every": 6,
+        "eval_batches": 2,
+        "save_every": 4,
+        "keep_last": 10,
+        "sample_tokens": 0,
+        "seed": 7,
+    }
     return Config(**{**base, **overrides})
 
 
 def fp16_cfg(tokenizer_dir, shards, out_dir, **overrides):
     # 2**24 overflows the tiny model's fp16 gradients at once: the scale must halve its way down first.
-    base = {"device": "cpu", "dtype": "fp16", "fp16_init_scale": 2.0 ** 24, "max_steps": 8, "eval_every": 0,
-            "save_every": 0, "lr_schedule": "constant"}
+    base = {
+        "device": "cpu",
+        "dtype": "fp16",
+        "fp16_init_scale": 2.0**24,
+        "max_steps": 8,
+        "eval_every": 0,
+        "save_every": 0,
+        "lr_schedule": "constant",
+    }
     return make_cfg(tokenizer_dir, shards, out_dir, **{**base, **overrides})
 
 
@@ -59,7 +87,7 @@ def test_fp16_overflow_skips_steps_lowers_the_scale_and_resumes_exactly(tiny_tok
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     skipped = [r["skipped_steps"] for r in rows]
     assert skipped[0] == 1 and skipped == sorted(skipped) and 0 < skipped[-1] < 8  # counted, and some steps ran
-    assert rows[-1]["loss_scale"] == 2.0 ** 24 / 2 ** skipped[-1]  # halved once per skipped step
+    assert rows[-1]["loss_scale"] == 2.0**24 / 2 ** skipped[-1]  # halved once per skipped step
     assert trainer.scaler is trainer.guard.scaler and trainer.scaler.get_scale() == rows[-1]["loss_scale"]
     start = PretrainTrainer(fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "init"))
     start.prepare()
@@ -89,11 +117,13 @@ def test_too_many_skips_in_a_row_stop_with_the_state_saved(tiny_tokenizer_dir, s
     assert "step_000002" in str(err.value) and (Path(cfg.out_dir) / "step_000002" / "trainer_state.pt").exists()
     # Resumed with a higher limit, the run goes on (the saved state holds no run of skips that stops it again),
     # with the lowered scale and the skip count of the first run.
-    trainer = run_trainer(PretrainTrainer, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "skips", max_steps=4,
-                                                    max_skipped_steps=100, log_every=1))
+    trainer = run_trainer(
+        PretrainTrainer,
+        fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "skips", max_steps=4, max_skipped_steps=100, log_every=1),
+    )
     rows = read_metrics(cfg.out_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and trainer.step == 4
-    assert rows[2]["skipped_steps"] == 3 and rows[2]["loss_scale"] == 2.0 ** 24 / 2 ** 3
+    assert rows[2]["skipped_steps"] == 3 and rows[2]["loss_scale"] == 2.0**24 / 2**3
 
 
 class NanAtStep3(PretrainTrainer):
@@ -103,8 +133,7 @@ class NanAtStep3(PretrainTrainer):
 
 
 @pytest.mark.parametrize("log_every", [1, 4])
-def test_a_nan_loss_is_never_applied_and_stops_on_the_next_log_step(tiny_tokenizer_dir, shards, tmp_path,
-                                                                    log_every):
+def test_a_nan_loss_is_never_applied_and_stops_on_the_next_log_step(tiny_tokenizer_dir, shards, tmp_path, log_every):
     """fp32: the NaN step (step 3) is skipped on the device; the stop comes on the first log step after it, and
     the state saved there is finite and went through only finite updates (compare with a clean run's step 2)."""
     cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "nan", save_every=2, log_every=log_every)
@@ -153,8 +182,9 @@ def counting(trainer_cls):
             super().prepare()
             keys = ("params", "lr", "weight_decay", "lr_scale")  # lr_scale: per-group peak lr, where the core has it
             groups = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
-            self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                               fused=True)
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=True
+            )
 
         def train_step(self):
             self.reads, self.moved = ScalarReads(), False
@@ -197,8 +227,16 @@ def assert_no_reads(trainer):
 
 
 def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_path):
-    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "pre", max_steps=4, batch_size=2, log_every=100,
-                   eval_every=0, save_every=0)  # 4 micro-batches per step
+    cfg = make_cfg(
+        tiny_tokenizer_dir,
+        shards,
+        tmp_path / "pre",
+        max_steps=4,
+        batch_size=2,
+        log_every=100,
+        eval_every=0,
+        save_every=0,
+    )  # 4 micro-batches per step
     assert_no_reads(run_trainer(counting(PretrainTrainer), cfg))
     fp16 = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", max_steps=4, log_every=100)
     trainer = run_trainer(counting(PretrainTrainer), fp16)
@@ -206,9 +244,21 @@ def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_pa
     assert read_metrics(fp16.out_dir)[-1]["skipped_steps"] > 0  # overflows were skipped without a host read
 
 
-STAGE_DEFAULTS = {"seq_len": 64, "global_batch_size": 8, "batch_size": 2, "max_steps": 3, "lr": 1e-3,
-                  "warmup_steps": 0, "val_samples": 0, "eval_every": 0, "save_every": 0, "log_every": 100,
-                  "device": "cpu", "dtype": "fp32", "seed": 0}
+STAGE_DEFAULTS = {
+    "seq_len": 64,
+    "global_batch_size": 8,
+    "batch_size": 2,
+    "max_steps": 3,
+    "lr": 1e-3,
+    "warmup_steps": 0,
+    "val_samples": 0,
+    "eval_every": 0,
+    "save_every": 0,
+    "log_every": 100,
+    "device": "cpu",
+    "dtype": "fp32",
+    "seed": 0,
+}
 
 
 def test_sft_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
@@ -218,12 +268,17 @@ def test_sft_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
     init = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "init"))
     data = tmp_path / "chat.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for user, reply in [("你好", "你好！我是一个小模型。"), ("北京是哪里？", "北京是中国的首都。"), ("hello", "hello world.")] * 8:
+        for user, reply in [
+            ("你好", "你好！我是一个小模型。"),
+            ("北京是哪里？", "北京是中国的首都。"),
+            ("hello", "hello world."),
+        ] * 8:
             msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
             f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
     for pack in (False, True):
-        cfg = SFTConfig(init_from=init, data_path=str(data), out_dir=str(tmp_path / f"sft_{pack}"), pack=pack,
-                        **STAGE_DEFAULTS)
+        cfg = SFTConfig(
+            init_from=init, data_path=str(data), out_dir=str(tmp_path / f"sft_{pack}"), pack=pack, **STAGE_DEFAULTS
+        )
         assert_no_reads(run_trainer(counting(SFTTrainer), cfg))
 
 

@@ -15,8 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset.text_sources import (LONG_DOC_FACTOR, FilterConfig, clean_text, dedup_key, iter_corpus, iter_documents,
-                                  iter_lines, keep_document, make_converter, resolve_mw_markup, split_document)
+from dataset.text_sources import (
+    LONG_DOC_FACTOR,
+    FilterConfig,
+    clean_text,
+    dedup_key,
+    iter_corpus,
+    iter_documents,
+    iter_lines,
+    keep_document,
+    make_converter,
+    resolve_mw_markup,
+    split_document,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = ROOT.parent / "shared" / "data" / "pretrain"
@@ -30,7 +41,7 @@ def _clean(text: str) -> str:
 # readers: every input kind
 
 
-WIKI = '<doc id="1" url="u" title="数学">\n数学\n\n数学是一门学科。\n</doc>\n<doc id="2" url="u" title="物理">\n物理学\n</doc>\n'
+WIKI = '<doc id="1" url="u" title="数学">\n数学\n\n数学是一门学科。\n</doc>\n<doc id="2" url="u" title="物理">\n物理学\n</doc>\n'  # noqa: E501
 
 
 def test_wikiextractor_plain_and_gz(tmp_path):
@@ -44,8 +55,9 @@ def test_wikiextractor_plain_and_gz(tmp_path):
 
 
 def test_wikiextractor_json_jsonl_txt(tmp_path):
-    (tmp_path / "wiki_00").write_text(json.dumps({"id": "1", "title": "甲", "text": "甲乙丙"}, ensure_ascii=False)
-                                      + "\n", encoding="utf-8")
+    (tmp_path / "wiki_00").write_text(
+        json.dumps({"id": "1", "title": "甲", "text": "甲乙丙"}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     assert [d["text"] for d in iter_documents(str(tmp_path / "wiki_00"))] == ["甲乙丙"]
     (tmp_path / "a.jsonl").write_text('{"content": "政府工作报告"}\n\n{"text": "第二"}\n', encoding="utf-8")
     assert [d["text"] for d in iter_documents(str(tmp_path / "a.jsonl"))] == ["政府工作报告", "第二"]
@@ -57,8 +69,10 @@ def test_wikiextractor_json_jsonl_txt(tmp_path):
 
 
 def test_json_squad_and_poetry(tmp_path):
-    squad = {"version": "1", "data": [{"title": "t", "paragraphs": [{"context": "段落一", "qas": []},
-                                                                    {"context": "段落二", "qas": []}]}]}
+    squad = {
+        "version": "1",
+        "data": [{"title": "t", "paragraphs": [{"context": "段落一", "qas": []}, {"context": "段落二", "qas": []}]}],
+    }
     (tmp_path / "s.json").write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
     assert [d["text"] for d in iter_documents(str(tmp_path / "s.json"))] == ["段落一", "段落二"]
     poems = [{"title": "静夜思", "author": "李白", "paragraphs": ["床前明月光，", "疑是地上霜。"], "id": "x"}]
@@ -70,12 +84,15 @@ def test_json_squad_and_poetry(tmp_path):
 # bad input: clear errors that name the file and line
 
 
-@pytest.mark.parametrize("content,match", [
-    (b'{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: malformed JSON"),
-    (b'{"text": "ok"}\n{"body": "x"}\n', r"bad\.jsonl:2: no string field 'text' or 'content'"),
-    (b'{"text": "ok"}\n{"text": "\xb9\xfa"}\n', r"bad\.jsonl:2: not valid UTF-8"),
-    (b"\n  \n", r"bad\.jsonl: empty source"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b'{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: malformed JSON"),
+        (b'{"text": "ok"}\n{"body": "x"}\n', r"bad\.jsonl:2: no string field 'text' or 'content'"),
+        (b'{"text": "ok"}\n{"text": "\xb9\xfa"}\n', r"bad\.jsonl:2: not valid UTF-8"),
+        (b"\n  \n", r"bad\.jsonl: empty source"),
+    ],
+)
 def test_bad_input_errors(tmp_path, content, match):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(content)
@@ -136,12 +153,27 @@ def test_filters_and_dedup():
 
 def test_zh_simplify_script(tmp_path):
     (tmp_path / "a.txt").write_text("這是第一篇文章，內容已經足夠長了。\n", encoding="utf-8")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "这是第一篇文章，内容已经足够长了。"}, ensure_ascii=False)
-                                      + '\n{"text": "短"}\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "这是第一篇文章，内容已经足够长了。"}, ensure_ascii=False) + '\n{"text": "短"}\n',
+        encoding="utf-8",
+    )
     out = tmp_path / "out.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "zh_simplify.py"), "--input", str(tmp_path / "a.txt"),
-                        str(tmp_path / "b.jsonl"), "--output", str(out), "--workers", "2"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "zh_simplify.py"),
+            "--input",
+            str(tmp_path / "a.txt"),
+            str(tmp_path / "b.jsonl"),
+            "--output",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [x["text"] for x in rows] == ["这是第一篇文章，内容已经足够长了。"]
@@ -188,13 +220,29 @@ def test_long_line_is_read_in_pieces_with_its_line_number(tmp_path):
 
 def test_zh_simplify_splits_a_huge_jsonl_document(tmp_path):
     rng = np.random.default_rng(1)
-    text = "".join("".join(rng.choice(list("的一是不了人我在有他这为之大来以个中上们到说和地也子时道出"), 30)) + "。"
-                   for _ in range(2000))  # one 62,000-character document
+    text = "".join(
+        "".join(rng.choice(list("的一是不了人我在有他这为之大来以个中上们到说和地也子时道出"), 30)) + "。"
+        for _ in range(2000)
+    )  # one 62,000-character document
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "zh_simplify.py"), "--input", str(tmp_path / "a.jsonl"),
-                        "--output", str(out), "--max_doc_chars", "1000", "--workers", "1"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "zh_simplify.py"),
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            "--output",
+            str(out),
+            "--max_doc_chars",
+            "1000",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x)["text"] for x in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 62_000 // (LONG_DOC_FACTOR * 1000) and all(len(x) <= LONG_DOC_FACTOR * 1000 for x in rows)
@@ -223,9 +271,12 @@ print(json.dumps({"growth": peak() - before, "stats": stats}))
 def test_zh_simplify_memory_is_bounded_on_a_50mb_line(tmp_path):
     # Already-simplified characters with a full stop every 37, so cleaning changes nothing and the output can be
     # compared with the input character for character.
-    alphabet = "的一是不了人我在有他这为之大来以个中上们到说和地也子时道出而要于就下得可你年生自会那后能对着事其所去行家十"
-    codes = np.array([ord(c) for c in alphabet], dtype=np.uint32)[np.random.default_rng(0).integers(0, len(alphabet),
-                                                                                                    17_000_000)]
+    alphabet = (
+        "的一是不了人我在有他这为之大来以个中上们到说和地也子时道出而要于就下得可你年生自会那后能对着事其所去行家十"
+    )
+    codes = np.array([ord(c) for c in alphabet], dtype=np.uint32)[
+        np.random.default_rng(0).integers(0, len(alphabet), 17_000_000)
+    ]
     codes[36::37] = ord("。")
     text = codes.astype("<u4").tobytes().decode("utf-32-le")
     src, out = tmp_path / "one_line.txt", tmp_path / "clean.jsonl"
@@ -235,7 +286,9 @@ def test_zh_simplify_memory_is_bounded_on_a_50mb_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["growth"] < 8 * size, f"peak RSS grew by {report['growth'] / 1e6:.0f} MB for a {size / 1e6:.0f} MB line"
+    assert report["growth"] < 8 * size, (
+        f"peak RSS grew by {report['growth'] / 1e6:.0f} MB for a {size / 1e6:.0f} MB line"
+    )
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     limit = LONG_DOC_FACTOR * FilterConfig().max_doc_chars
     assert len(rows) > 1 and all(len(x["text"]) <= limit for x in rows)  # split ...

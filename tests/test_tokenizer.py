@@ -22,11 +22,21 @@ def tok(tiny_tokenizer_dir):
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
-@pytest.mark.parametrize("text", [
-    "你好，世界！Hello, world.", "emoji 👍🏽👨‍👩‍👧 ok", "𠀀𪚥龘 rare Han, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Здравствуйте, مرحبا, こんにちは, 안녕",
-    "  leading and trailing spaces  \n\n\ttabs\r\n", "e\u0301 (decomposed) vs é", "\x00\u200b\ufeff control", "",
-    "<|endoftext|> is text here", "数学" * 300,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "你好，世界！Hello, world.",
+        "emoji 👍🏽👨‍👩‍👧 ok",
+        "𠀀𪚥龘 rare Han, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+        "Здравствуйте, مرحبا, こんにちは, 안녕",
+        "  leading and trailing spaces  \n\n\ttabs\r\n",
+        "e\u0301 (decomposed) vs é",
+        "\x00\u200b\ufeff control",
+        "",
+        "<|endoftext|> is text here",
+        "数学" * 300,
+    ],
+)
 def test_round_trip(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
@@ -41,11 +51,16 @@ def test_special_token_ids(tok):
 
 
 def test_chat_template_and_assistant_mask(tok):
-    msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
-            {"role": "assistant", "content": "你好！"}]
+    msgs = [
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == ("<|im_start|>system\n你是助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
-                    "<|im_start|>assistant\n你好！<|im_end|>\n")
+    assert text == (
+        "<|im_start|>system\n你是助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+        "<|im_start|>assistant\n你好！<|im_end|>\n"
+    )
     prompt = tok.apply_chat_template(msgs[:2], add_generation_prompt=True, tokenize=False)
     assert prompt.endswith("<|im_start|>assistant\n")
     out = tok.apply_chat_template(msgs, return_assistant_tokens_mask=True, return_dict=True)
@@ -65,7 +80,7 @@ def test_pre_tokenizer_is_qwen2(tiny_tokenizer_dir):
 def test_report_written(tiny_tokenizer_dir):
     rep = json.load(open(os.path.join(tiny_tokenizer_dir, "tokenizer_report.json"), encoding="utf-8"))
     assert rep["vocab_size"] == 512 and rep["single_cjk_tokens"] > 20
-    (src, r), = rep["heldout"].items()  # one source file; its held-out documents were not trained on
+    ((src, r),) = rep["heldout"].items()  # one source file; its held-out documents were not trained on
     assert r["docs"] > 0 and r["chars_per_token"] > 1.0 and r["bytes_per_token"] > 1.5
 
 
@@ -97,8 +112,16 @@ def test_real_pack_compression(tmp_path):
     poetry = PACK / "zh" / "chinese_poetry_songci_ci.song.json.gz"
     if not wiki.exists():
         pytest.skip("shared data pack not present")
-    rep = run(Config(data_path=f"{wiki},{poetry}", vocab_size=600, out_dir=str(tmp_path), max_bytes=1_500_000,
-                     heldout_every=20, heldout_max_bytes=100_000))
+    rep = run(
+        Config(
+            data_path=f"{wiki},{poetry}",
+            vocab_size=600,
+            out_dir=str(tmp_path),
+            max_bytes=1_500_000,
+            heldout_every=20,
+            heldout_max_bytes=100_000,
+        )
+    )
     assert rep["fed_bytes"] <= 1_500_000 + 200_000  # the sample stops at max_bytes (plus one document)
     for name in (wiki.name, poetry.name):
         assert rep["heldout"][name]["cjk_chars_per_token"] > 0.4

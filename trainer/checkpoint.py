@@ -43,8 +43,13 @@ CHECKSUMS_FILE = "checksums.json"
 # What an RNG state needs beyond torch's default weights_only vocabulary: np.random.get_state() is a tuple holding
 # a uint32 ndarray. Both spellings of NumPy's array rebuilder, so checkpoints from NumPy 1.x and 2.x load alike.
 _RECONSTRUCT = np.array(0).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core.* in NumPy 1.x)
-SAFE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _RECONSTRUCT,
-                (_RECONSTRUCT, "numpy.core.multiarray._reconstruct")]
+SAFE_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    _RECONSTRUCT,
+    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+]
 _SAFE_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
 
 
@@ -76,16 +81,21 @@ def full_optimizer_state(model, optimizer, *, fsdp: bool, master: bool) -> dict 
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                    cpu_offload=True))
+        state = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return state if master else None
     return optimizer.state_dict() if master else None
 
 
 def gather_rng_states(device: torch.device, *, distributed: bool, world_size: int) -> list[dict]:
     """Every rank's Python, NumPy, torch and CUDA generator states, in rank order (collective when distributed)."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
     if not distributed:
         return [rng]
     rngs = [None] * world_size
@@ -97,8 +107,15 @@ def gather_rng_states(device: torch.device, *, distributed: bool, world_size: in
 # Writing
 
 
-def save_pretrained(model, tokenizer, path: str, *, state: dict | None = None, dtype: torch.dtype | None = None,
-                    architecture: str | None = None) -> None:
+def save_pretrained(
+    model,
+    tokenizer,
+    path: str,
+    *,
+    state: dict | None = None,
+    dtype: torch.dtype | None = None,
+    architecture: str | None = None,
+) -> None:
     """Weights (+ config) and the tokenizer into `path`, loadable with from_pretrained alone. `model` is the bare
     model, never a compiled/DDP wrapper (no `_orig_mod.` / `module.` prefixes); `state` is the full state dict
     (full_model_state) where the model is sharded; `architecture` names the class when `model` is FSDP's
@@ -176,8 +193,9 @@ def verify_checksums(path: str) -> bool:
         if not os.path.isfile(file):
             raise CheckpointError(f"{file}: listed in {CHECKSUMS_FILE} but missing")
         if sha256_file(file) != expected:
-            raise CheckpointError(f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was "
-                                  f"corrupted after the save)")
+            raise CheckpointError(
+                f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was corrupted after the save)"
+            )
     return True
 
 
@@ -211,8 +229,9 @@ def resume_candidates(out_dir: str, resume: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out_dir, "step_[0-9]*[0-9]")), reverse=True)
 
 
-def newest_readable(out_dir: str, resume: str, *, read_weights: Callable[[str], dict],
-                    stage: str) -> tuple[str, dict, dict] | None:
+def newest_readable(
+    out_dir: str, resume: str, *, read_weights: Callable[[str], dict], stage: str
+) -> tuple[str, dict, dict] | None:
     """(path, trainer state, weights) of the checkpoint to resume from, or None. Everything is verified and read
     before anything is restored, so a torn, corrupted or code-carrying checkpoint is skipped whole (resume=auto)
     or is an error (an explicit path)."""
@@ -246,10 +265,12 @@ def read_state(path: str) -> dict:
             foreign = []
         if not foreign:  # not a refusal: a torn or garbled file
             raise
-        raise CheckpointError(f"{file}: refused, it is not plain checkpoint data: it asks to import "
-                              f"{', '.join(foreign[:5])}, which would run code while loading (a checkpoint from "
-                              f"an untrusted source, or from code that saved other objects); it was not "
-                              f"loaded") from None
+        raise CheckpointError(
+            f"{file}: refused, it is not plain checkpoint data: it asks to import "
+            f"{', '.join(foreign[:5])}, which would run code while loading (a checkpoint from "
+            f"an untrusted source, or from code that saved other objects); it was not "
+            f"loaded"
+        ) from None
 
 
 def read_weights(path: str) -> dict:
@@ -263,14 +284,16 @@ def load_model_weights(model, weights: dict, *, fsdp: bool, where: str) -> None:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        missing, unexpected = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
-                                                                                           strict=False))
+        missing, unexpected = set_model_state_dict(
+            model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
     else:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
     if missing or unexpected:
-        raise ValueError(f"{where}: weights do not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
+        raise ValueError(
+            f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def load_optimizer_state(model, optimizer, state: dict, *, fsdp: bool) -> None:
@@ -286,8 +309,10 @@ def load_optimizer_state(model, optimizer, state: dict, *, fsdp: bool) -> None:
     if not by_name:  # positions follow the optimizer's groups, which list parameters in model order
         names = {id(p): n for n, p in model.named_parameters()}
         position = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-        saved = {"state": {position[i]: v for i, v in saved["state"].items()},
-                 "param_groups": [{**g, "params": [position[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        saved = {
+            "state": {position[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [position[i] for i in g["params"]]} for g in saved["param_groups"]],
+        }
     set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
 
 
@@ -332,14 +357,39 @@ def truncate_metrics(out_dir: str, step: int) -> None:
 # The model card of final/
 
 
-def write_card(path: str, cfg, *, stage: str, step: int, tokens_seen: int, global_batch: int, dtype: torch.dtype,
-               world_size: int, model_config, evaluation: dict | None) -> None:
+def write_card(
+    path: str,
+    cfg,
+    *,
+    stage: str,
+    step: int,
+    tokens_seen: int,
+    global_batch: int,
+    dtype: torch.dtype,
+    world_size: int,
+    model_config,
+    evaluation: dict | None,
+) -> None:
     """README.md in `path` (model/hub.py write_model_card) from the run's facts, readable by other accounts."""
-    training = {"stage": stage, "optimizer steps": step, "tokens seen": f"{tokens_seen:,}",
-                "global batch": f"{global_batch} {cfg.batch_unit} x {cfg.seq_len} tokens", "peak lr": cfg.lr,
-                "optimizer": cfg.optimizer, "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
-                "data": cfg.data_dir or cfg.data_path or "(see the stage config)",
-                "compute dtype": dtype_name(dtype), "processes": world_size}
-    write_model_card(path, config=model_config, stage=stage, training=training, evaluation=evaluation or None,
-                     licenses=data_licenses(cfg.data_dir), base_model=cfg.init_from)
+    training = {
+        "stage": stage,
+        "optimizer steps": step,
+        "tokens seen": f"{tokens_seen:,}",
+        "global batch": f"{global_batch} {cfg.batch_unit} x {cfg.seq_len} tokens",
+        "peak lr": cfg.lr,
+        "optimizer": cfg.optimizer,
+        "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
+        "data": cfg.data_dir or cfg.data_path or "(see the stage config)",
+        "compute dtype": dtype_name(dtype),
+        "processes": world_size,
+    }
+    write_model_card(
+        path,
+        config=model_config,
+        stage=stage,
+        training=training,
+        evaluation=evaluation or None,
+        licenses=data_licenses(cfg.data_dir),
+        base_model=cfg.init_from,
+    )
     make_readable(path)

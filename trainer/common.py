@@ -37,8 +37,10 @@ def load_tokenizer(*, init_from: str, tokenizer_dir: str):
         check_checkpoint_dir(init_from, "init_from")
     path = init_from if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")) else tokenizer_dir
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer_dir '{tokenizer_dir}' does not exist: train one with "
-                                f"`python main.py --stage tokenizer` or point tokenizer_dir at one")
+        raise FileNotFoundError(
+            f"tokenizer_dir '{tokenizer_dir}' does not exist: train one with "
+            f"`python main.py --stage tokenizer` or point tokenizer_dir at one"
+        )
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -48,9 +50,11 @@ class TrainingStopped(RuntimeError):
 
 def status_line(stage: str, step: int, max_steps: int, values: dict, stage_metrics: list[str]) -> str:
     """The log line of a training step (without the ETA), from the values metrics.jsonl gets."""
-    line = (f"[{stage}] step {step:05d}/{max_steps:05d} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-            f"gnorm {values['grad_norm']:.2f} | skipped {values['skipped_steps']} | dt {values['dt_ms']:.0f}ms | "
-            f"tok/s {values['tok_per_s']:,.0f}")
+    line = (
+        f"[{stage}] step {step:05d}/{max_steps:05d} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+        f"gnorm {values['grad_norm']:.2f} | skipped {values['skipped_steps']} | dt {values['dt_ms']:.0f}ms | "
+        f"tok/s {values['tok_per_s']:,.0f}"
+    )
     if "loss_scale" in values:  # fp16
         line += f" | scale {values['loss_scale']:.0f}"
     if "mfu" in values:
@@ -75,10 +79,22 @@ class NullLogger:
 # Where each hosted logger finds its credentials, and the modes in which it needs none (offline runs sync later:
 # `wandb sync DIR`, `swanlab sync DIR`; tensorboard is always local).
 LOGGER_CREDENTIALS = {
-    "wandb": {"key": "WANDB_API_KEY", "mode": "WANDB_MODE", "offline": ("offline", "dryrun", "disabled"),
-              "netrc": ".netrc", "host": "api.wandb.ai", "login": "wandb login"},
-    "swanlab": {"key": "SWANLAB_API_KEY", "mode": "SWANLAB_MODE", "offline": ("offline", "local", "disabled"),
-                "netrc": ".swanlab/.netrc", "host": "", "login": "swanlab login"},
+    "wandb": {
+        "key": "WANDB_API_KEY",
+        "mode": "WANDB_MODE",
+        "offline": ("offline", "dryrun", "disabled"),
+        "netrc": ".netrc",
+        "host": "api.wandb.ai",
+        "login": "wandb login",
+    },
+    "swanlab": {
+        "key": "SWANLAB_API_KEY",
+        "mode": "SWANLAB_MODE",
+        "offline": ("offline", "local", "disabled"),
+        "netrc": ".swanlab/.netrc",
+        "host": "",
+        "login": "swanlab login",
+    },
 }
 
 
@@ -95,8 +111,10 @@ def logger_setup_problem(kind: str, env: dict, home: str) -> str | None:
     netrc = os.path.join(home, c["netrc"])
     if os.path.isfile(netrc) and c["host"] in open(netrc, encoding="utf-8", errors="replace").read():
         return None
-    return (f"logger={kind}: no API key ({c['key']} unset and no `{c['login']}` done). Log in, or train offline "
-            f"with {c['mode']}=offline (sync the run later), or use logger=tensorboard (always local)")
+    return (
+        f"logger={kind}: no API key ({c['key']} unset and no `{c['login']}` done). Log in, or train offline "
+        f"with {c['mode']}=offline (sync the run later), or use logger=tensorboard (always local)"
+    )
 
 
 class ExternalLogger:
@@ -107,12 +125,15 @@ class ExternalLogger:
             raise ValueError(problem)
         if kind == "wandb":
             import wandb
+
             self.run = wandb.init(project=project, name=run_name, config=config)
         elif kind == "swanlab":
             import swanlab
+
             self.run = swanlab.init(project=project, experiment_name=run_name, config=config)
         elif kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
+
             self.run = SummaryWriter(log_dir)
         else:
             raise ValueError(f"logger must be none, wandb, swanlab or tensorboard, got '{kind}'")
@@ -141,9 +162,14 @@ _SXM_H100 = {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}
 _NVL_H100 = {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}
 _A100 = {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}
 GPU_PEAK_FLOPS = [
-    (("H100", "NVL"), _NVL_H100), (("H100", "PCIE"), {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
-    (("H100",), _SXM_H100), (("H200", "NVL"), _NVL_H100), (("H200",), _SXM_H100), (("H800",), _SXM_H100),
-    (("A100",), _A100), (("A800",), _A100),
+    (("H100", "NVL"), _NVL_H100),
+    (("H100", "PCIE"), {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    (("H100",), _SXM_H100),
+    (("H200", "NVL"), _NVL_H100),
+    (("H200",), _SXM_H100),
+    (("H800",), _SXM_H100),
+    (("A100",), _A100),
+    (("A800",), _A100),
     (("L40S",), {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
     (("L40",), {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
     (("L4",), {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
@@ -152,7 +178,8 @@ GPU_PEAK_FLOPS = [
     (("RTX", "4090"), {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),  # fp32 accumulation
     (("RTX", "3090"), {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
     (("T4",), {"fp16": 65e12, "fp32": 8.1e12}),
-    (("V100", "PCIE"), {"fp16": 112e12, "fp32": 14e12}), (("V100",), {"fp16": 125e12, "fp32": 15.7e12}),
+    (("V100", "PCIE"), {"fp16": 112e12, "fp32": 14e12}),
+    (("V100",), {"fp16": 125e12, "fp32": 15.7e12}),
 ]
 
 

@@ -128,8 +128,10 @@ def parse_overrides(args: list[str]) -> dict:
 # what the user must know to translate the value. Checked before the spelling match, which would pair
 # gradient_accumulation_steps with gradient_checkpointing, a different thing.
 KEY_ALIASES = {
-    "gradient_accumulation_steps": ("global_batch_size", ("global_batch_size = batch_size x accumulation steps x "
-                                                          "processes; the accumulation follows from it")),
+    "gradient_accumulation_steps": (
+        "global_batch_size",
+        ("global_batch_size = batch_size x accumulation steps x processes; the accumulation follows from it"),
+    ),
     "learning_rate": ("lr", ""),
     "per_device_train_batch_size": ("batch_size", "micro-batch per process"),
     "train_batch_size": ("batch_size", "micro-batch per process"),
@@ -180,8 +182,10 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
         for key, value in data.items():
             if key in unused:
                 stage = cls.__module__.rsplit(".", 1)[-1]
-                raise ConfigError(f"config key '{key}' ({where}) is not used by stage {stage} "
-                                  f"({cls.__module__}.{cls.__qualname__}): {unused[key]}; remove it")
+                raise ConfigError(
+                    f"config key '{key}' ({where}) is not used by stage {stage} "
+                    f"({cls.__module__}.{cls.__qualname__}): {unused[key]}; remove it"
+                )
             if key not in fields:
                 hint = did_you_mean(key, list(fields))
                 raise ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
@@ -201,6 +205,7 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
 @dataclass(frozen=True)
 class Bound:
     """A numeric range; None = unbounded on that side."""
+
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -246,15 +251,17 @@ def validate(cfg, *, paths: bool = True) -> None:
         value = getattr(cfg, key)
         if value not in allowed:
             names = [str(a) for a in allowed]
-            raise ConfigError(f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got "
-                              f"{value!r}")
+            raise ConfigError(
+                f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}"
+            )
     for key, bound in _table(cls, "bounds").items():
         value = getattr(cfg, key)
         if key == "batch_size" and value == "auto":
             continue
         if isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
+            )
         if not bound.holds(value):
             raise ConfigError(f"config key '{key}': must be {bound}, got {value!r}")
     for key in _table(cls, "devices"):
@@ -266,8 +273,9 @@ def validate(cfg, *, paths: bool = True) -> None:
                 raise ConfigError(f"config key '{key}': {e}") from None
     resume = getattr(cfg, "resume", "auto")
     if resume == "" or (paths and resume not in ("auto", "never") and not os.path.isdir(resume)):
-        raise MissingPathError(f"config key 'resume': must be auto, never or an existing step_* directory, got "
-                               f"{resume!r}")
+        raise MissingPathError(
+            f"config key 'resume': must be auto, never or an existing step_* directory, got {resume!r}"
+        )
     if paths:
         for key, kind in _table(cls, "paths").items():
             _check_path(cfg, key, kind)
@@ -287,8 +295,10 @@ def _check_path(cfg, key: str, kind: str) -> None:
         init_from = getattr(cfg, "init_from", "")
         brought = bool(init_from) and os.path.isfile(os.path.join(init_from, "tokenizer.json"))
         if kind == "tokenizer" and not brought and not os.path.isdir(value):
-            raise FileNotFoundError(f"'{value}' does not exist: train one with `python main.py --stage tokenizer` "
-                                    f"or point tokenizer_dir at one")
+            raise FileNotFoundError(
+                f"'{value}' does not exist: train one with `python main.py --stage tokenizer` "
+                f"or point tokenizer_dir at one"
+            )
         if kind == "checkpoint":
             check_checkpoint_dir(value, key)
         if kind == "files":
@@ -324,15 +334,32 @@ class TrainConfig:
     unused: ClassVar[dict[str, str]] = {}
     batch_unit: ClassVar[str] = "sequences"
     # What validate() checks; a subclass declares only its own entries (the tables merge over the hierarchy).
-    choices: ClassVar[dict[str, tuple]] = {"lr_schedule": ("cosine", "wsd", "constant"), "dtype": ("auto", *DTYPES),
-                                           "parallel": ("ddp", "fsdp"),
-                                           "logger": ("none", "wandb", "swanlab", "tensorboard")}
+    choices: ClassVar[dict[str, tuple]] = {
+        "lr_schedule": ("cosine", "wsd", "constant"),
+        "dtype": ("auto", *DTYPES),
+        "parallel": ("ddp", "fsdp"),
+        "logger": ("none", "wandb", "swanlab", "tensorboard"),
+    }
     bounds: ClassVar[dict[str, Bound]] = {
-        "max_steps": at_least(1), "batch_size": at_least(1), "global_batch_size": at_least(0), "seq_len": at_least(1),
-        "lr": at_least(0), "min_lr_ratio": between(0, 1), "warmup_steps": at_least(0), "decay_ratio": between(0, 1),
-        "weight_decay": at_least(0), "beta1": between(0, 1, high_open=True), "beta2": between(0, 1, high_open=True),
-        "grad_clip": at_least(0), "loss_chunk": at_least(0), "log_every": at_least(1), "eval_every": at_least(0),
-        "eval_batches": at_least(0), "save_every": at_least(0), "keep_last": at_least(0)}
+        "max_steps": at_least(1),
+        "batch_size": at_least(1),
+        "global_batch_size": at_least(0),
+        "seq_len": at_least(1),
+        "lr": at_least(0),
+        "min_lr_ratio": between(0, 1),
+        "warmup_steps": at_least(0),
+        "decay_ratio": between(0, 1),
+        "weight_decay": at_least(0),
+        "beta1": between(0, 1, high_open=True),
+        "beta2": between(0, 1, high_open=True),
+        "grad_clip": at_least(0),
+        "loss_chunk": at_least(0),
+        "log_every": at_least(1),
+        "eval_every": at_least(0),
+        "eval_batches": at_least(0),
+        "save_every": at_least(0),
+        "keep_last": at_least(0),
+    }
     devices: ClassVar[tuple[str, ...]] = ("device",)
     paths: ClassVar[dict[str, str]] = {"init_from": "checkpoint", "tokenizer_dir": "tokenizer"}
     # --- what to train, on what ---

@@ -24,12 +24,21 @@ from model import SLMConfig, SLMForCausalLM
 from model.hub import make_readable, set_generation_defaults
 from model.runtime import autocast_context, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer import checkpoint, parallel
-from trainer.common import (ExternalLogger, NullLogger, TrainingStopped, device_peak_flops,
-                            flops_per_token, load_tokenizer, move_to, print0, probe_micro_batch, status_line)
+from trainer.common import (
+    ExternalLogger,
+    NullLogger,
+    TrainingStopped,
+    device_peak_flops,
+    flops_per_token,
+    load_tokenizer,
+    move_to,
+    print0,
+    probe_micro_batch,
+    status_line,
+)
 from trainer.config import TrainConfig, config_to_dict, format_config, save_config, validate
 from trainer.guard import StepGuard
 from trainer.optim import build_optimizer, lr_at
-
 
 # -----------------------------------------------------------------------------
 # The Trainer
@@ -81,8 +90,13 @@ class Trainer:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def compute_loss(self, *, batch, num_items) -> tuple[torch.Tensor, dict]:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         labels=batch["labels"], num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
+            num_items_in_batch=num_items,
+            loss_chunk=self.cfg.loss_chunk,
+        )
         return out.loss, {}
 
     def count_tokens(self, *, batch) -> int:
@@ -122,8 +136,14 @@ class Trainer:
     def save_pretrained_to(self, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
         """Weights (+ config) and tokenizer, loadable with from_pretrained alone; `state` is the full state dict
         (checkpoint.full_model_state) where the model is sharded."""
-        checkpoint.save_pretrained(self.raw_model, self.tokenizer, path, state=state, dtype=dtype,
-                                   architecture=self.model_class_name if self.fsdp else None)
+        checkpoint.save_pretrained(
+            self.raw_model,
+            self.tokenizer,
+            path,
+            state=state,
+            dtype=dtype,
+            architecture=self.model_class_name if self.fsdp else None,
+        )
         make_readable(path)  # safetensors writes 0600; a docker/ollama service account must be able to read it
 
     def read_checkpoint_weights(self, *, path: str) -> dict:
@@ -144,11 +164,14 @@ class Trainer:
     def in_memory_batches(self, train, val, collate) -> tuple[IndexBatches, list | None]:
         """build_data's result for datasets in memory: train through IndexBatches (exact resume), evaluate on
         up to eval_batches micro-batches of val."""
-        train_data = IndexBatches(train, self.global_batch, self.micro_batch, self.rank, self.world_size,
-                                  self.cfg.seed, collate)
+        train_data = IndexBatches(
+            train, self.global_batch, self.micro_batch, self.rank, self.world_size, self.cfg.seed, collate
+        )
         rows = min(len(val), self.cfg.eval_batches * self.micro_batch) if val is not None else 0
-        val_batches = [collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
-                       for i in range(0, rows, self.micro_batch)]
+        val_batches = [
+            collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
+            for i in range(0, rows, self.micro_batch)
+        ]
         return train_data, val_batches or None
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -169,8 +192,9 @@ class Trainer:
             print0(f"[{self.stage}] parallel=fsdp: one process has nothing to shard over; training unsharded")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.fsdp:  # fail before anything is built
-            parallel.check_fsdp(supported=self.supports_fsdp, stage=self.stage, dtype=self.dtype,
-                                batch_size=cfg.batch_size)
+            parallel.check_fsdp(
+                supported=self.supports_fsdp, stage=self.stage, dtype=self.dtype, batch_size=cfg.batch_size
+            )
         self.autocast = autocast_context(self.device, self.dtype)
         self.guard = StepGuard(self.device, self.dtype, cfg.fp16_init_scale)  # fp16 loss scaling + skipped steps
         self.scaler = self.guard.scaler  # the GradScaler itself, for code that inspects the scale
@@ -206,14 +230,18 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.raw_model.activation_checkpointing_enable()
         if cfg.seq_len > self.raw_model.config.max_position_embeddings:
-            raise ValueError(f"seq_len={cfg.seq_len} is over the model's max_position_embeddings="
-                             f"{self.raw_model.config.max_position_embeddings}")
+            raise ValueError(
+                f"seq_len={cfg.seq_len} is over the model's max_position_embeddings="
+                f"{self.raw_model.config.max_position_embeddings}"
+            )
         self.setup()
         self.micro_batch = self._resolve_micro_batch()
         self.global_batch = cfg.global_batch_size or self.micro_batch * self.world_size
         if self.global_batch % (self.micro_batch * self.world_size) != 0:
-            raise ValueError(f"global_batch_size={self.global_batch} must be a multiple of batch_size x processes "
-                             f"= {self.micro_batch} x {self.world_size}")
+            raise ValueError(
+                f"global_batch_size={self.global_batch} must be a multiple of batch_size x processes "
+                f"= {self.micro_batch} x {self.world_size}"
+            )
         self.accum_steps = self.global_batch // (self.micro_batch * self.world_size)
         self.train_data, self.val_batches = self.build_data()
         if cfg.prefetch:  # collation off the critical path; pinned so that to_device's copies are asynchronous
@@ -242,14 +270,21 @@ class Trainer:
             save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
         self.resume()
         if self.master and cfg.logger != "none":
-            self.logger = ExternalLogger(cfg.logger, "milli-chat", cfg.run_name or os.path.basename(cfg.out_dir),
-                                         config_to_dict(cfg), cfg.out_dir)
+            self.logger = ExternalLogger(
+                cfg.logger,
+                "milli-chat",
+                cfg.run_name or os.path.basename(cfg.out_dir),
+                config_to_dict(cfg),
+                cfg.out_dir,
+            )
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         n_train = sum(p.numel() for p in self.trainable_parameters())
         print0(f"[{self.stage}] config:\n{format_config(cfg)}")
-        print0(f"[{self.stage}] {n_params:,} parameters ({n_train:,} trainable) | device {self.device} | dtype "
-               f"{dtype_name(self.dtype)} | processes {self.world_size} | micro-batch "
-               f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch} {cfg.batch_unit}")
+        print0(
+            f"[{self.stage}] {n_params:,} parameters ({n_train:,} trainable) | device {self.device} | dtype "
+            f"{dtype_name(self.dtype)} | processes {self.world_size} | micro-batch "
+            f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch} {cfg.batch_unit}"
+        )
 
     def _resolve_micro_batch(self) -> int:
         bs = self.cfg.batch_size
@@ -264,8 +299,9 @@ class Trainer:
 
     def _probe_micro_batch(self) -> int:
         target = (self.cfg.global_batch_size // self.world_size) if self.cfg.global_batch_size else 512  # per rank
-        best = probe_micro_batch(lambda n: self.probe_step(micro_batch=n), model=self.raw_model, target=target,
-                                 device=self.device)
+        best = probe_micro_batch(
+            lambda n: self.probe_step(micro_batch=n), model=self.raw_model, target=target, device=self.device
+        )
         print0(f"[{self.stage}] batch_size=auto: micro-batch {best} (largest power of two that fit, with headroom)")
         return best
 
@@ -307,8 +343,7 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         # Weight every loss item of the whole step (all micro-batches, all ranks) equally. Both counts are taken
         # from the host batches, before to_device: on device tensors each int() would wait for the GPU.
-        num_items = torch.tensor(float(sum(self.count_loss_items(batch=b) for b in micro_batches)),
-                                 device=self.device)
+        num_items = torch.tensor(float(sum(self.count_loss_items(batch=b) for b in micro_batches)), device=self.device)
         tokens = sum(self.count_tokens(batch=b) for b in micro_batches)
         if self.distributed:
             dist.all_reduce(num_items)
@@ -354,9 +389,11 @@ class Trainer:
             return
         self.guard.forget_runs()
         path = self.save_checkpoint()
-        raise TrainingStopped(f"[{self.stage}] {why}; the last good state (step {self.step}, non-finite steps "
-                              f"skipped) is saved in {path}. Lower lr, raise warmup_steps, or check the data, "
-                              f"then resume.")
+        raise TrainingStopped(
+            f"[{self.stage}] {why}; the last good state (step {self.step}, non-finite steps "
+            f"skipped) is saved in {path}. Lower lr, raise warmup_steps, or check the data, "
+            f"then resume."
+        )
 
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -376,8 +413,9 @@ class Trainer:
             n = self.count_loss_items(batch=batch) if index < len(self.val_batches) else 0  # on the host batch
             batch = self.to_device(batch)
             with self.autocast:
-                loss, metrics = self.compute_loss(batch=batch,
-                                                  num_items=torch.tensor(float(max(n, 1)), device=self.device))
+                loss, metrics = self.compute_loss(
+                    batch=batch, num_items=torch.tensor(float(max(n, 1)), device=self.device)
+                )
             loss_sum += loss.float() * n
             items += n
             for key, value in metrics.items():
@@ -399,7 +437,7 @@ class Trainer:
         cfg = self.cfg
         values = {k: float(v) for k, v in metrics.items()}  # .item() syncs with the GPU: only at log steps
         values.update(self.guard.log_values())  # skipped_steps (+ loss_scale in fp16)
-        recent = step_times[-cfg.log_every:]
+        recent = step_times[-cfg.log_every :]
         dt = sum(recent) / len(recent)
         tok_per_s = step_tokens / dt
         steady = step_times[3:] or step_times  # leave out compile/warm-up steps from the ETA
@@ -407,8 +445,13 @@ class Trainer:
         values.update({"tok_per_s": tok_per_s, "dt_ms": dt * 1000, "tokens_seen": self.tokens_seen})
         if self.peak_flops:
             values["mfu"] = self.flops_per_token * tok_per_s / (self.peak_flops * self.world_size)
-        line = status_line(self.stage, self.step, cfg.max_steps, values,
-                           stage_metrics=[k for k in metrics if k not in ("loss", "lr", "grad_norm")])
+        line = status_line(
+            self.stage,
+            self.step,
+            cfg.max_steps,
+            values,
+            stage_metrics=[k for k in metrics if k not in ("loss", "lr", "grad_norm")],
+        )
         if self.device.type == "cuda":
             values["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         print0(line + f" | eta {eta_min:.1f}m")
@@ -422,24 +465,38 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         self.logger.log({f"{prefix}/{k}": v for k, v in values.items()}, self.step)
         if prefix != "train":
-            print0(f"[{self.stage}] step {self.step:05d} {prefix}: " + " | ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+            print0(
+                f"[{self.stage}] step {self.step:05d} {prefix}: "
+                + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            )
 
     # ---- checkpoints: when and what; the I/O is trainer/checkpoint.py --------------------------------------
     def save_checkpoint(self) -> str:
         """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
         rngs = checkpoint.gather_rng_states(self.device, distributed=self.distributed, world_size=self.world_size)
         weights = checkpoint.full_model_state(self.raw_model, fsdp=self.fsdp, master=self.master)
-        optimizer = checkpoint.full_optimizer_state(self.raw_model, self.optimizer, fsdp=self.fsdp,
-                                                    master=self.master)
+        optimizer = checkpoint.full_optimizer_state(self.raw_model, self.optimizer, fsdp=self.fsdp, master=self.master)
         path = checkpoint.step_dir(self.cfg.out_dir, self.step)
         if self.master:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "stage": self.stage,
-                     "optimizer": optimizer, "optimizer_by_name": self.fsdp, "scaler": self.guard.state_dict(),
-                     "data": self.train_data.state_dict(), "rng": rngs, "world_size": self.world_size,
-                     "global_batch": self.global_batch, "extra": self.extra_state()}
-            checkpoint.write_checkpoint(path, state=state, keep_last=self.cfg.keep_last,
-                                        write_weights=lambda tmp: self.save_pretrained_to(path=tmp, state=weights))
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "stage": self.stage,
+                "optimizer": optimizer,
+                "optimizer_by_name": self.fsdp,
+                "scaler": self.guard.state_dict(),
+                "data": self.train_data.state_dict(),
+                "rng": rngs,
+                "world_size": self.world_size,
+                "global_batch": self.global_batch,
+                "extra": self.extra_state(),
+            }
+            checkpoint.write_checkpoint(
+                path,
+                state=state,
+                keep_last=self.cfg.keep_last,
+                write_weights=lambda tmp: self.save_pretrained_to(path=tmp, state=weights),
+            )
             print0(f"[{self.stage}] saved {path}")
         if self.distributed:
             dist.barrier()
@@ -454,17 +511,30 @@ class Trainer:
 
         def write(tmp: str) -> None:
             self.save_pretrained_to(path=tmp, dtype=dtype, state=weights)
-            checkpoint.write_card(tmp, self.cfg, stage=self.stage, step=self.step, tokens_seen=self.tokens_seen,
-                                  global_batch=self.global_batch, dtype=self.dtype, world_size=self.world_size,
-                                  model_config=self.raw_model.config, evaluation=getattr(self, "last_eval", None))
+            checkpoint.write_card(
+                tmp,
+                self.cfg,
+                stage=self.stage,
+                step=self.step,
+                tokens_seen=self.tokens_seen,
+                global_batch=self.global_batch,
+                dtype=self.dtype,
+                world_size=self.world_size,
+                model_config=self.raw_model.config,
+                evaluation=getattr(self, "last_eval", None),
+            )
 
         path = checkpoint.write_final(self.cfg.out_dir, write_weights=write)
         print0(f"[{self.stage}] final weights in {path}{self.next_stage_hint(path=path)}")
 
     def resume(self):
         """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
-        found = checkpoint.newest_readable(self.cfg.out_dir, self.cfg.resume, stage=self.stage,
-                                           read_weights=lambda path: self.read_checkpoint_weights(path=path))
+        found = checkpoint.newest_readable(
+            self.cfg.out_dir,
+            self.cfg.resume,
+            stage=self.stage,
+            read_weights=lambda path: self.read_checkpoint_weights(path=path),
+        )
         if found is None:
             return
         path, state, weights = found
@@ -473,8 +543,10 @@ class Trainer:
         self.guard.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if state["global_batch"] != self.global_batch:
-            print0(f"[{self.stage}] WARNING: global batch changed from {state['global_batch']} to "
-                   f"{self.global_batch}; the data position stays exact in tokens but the run is no longer the same")
+            print0(
+                f"[{self.stage}] WARNING: global batch changed from {state['global_batch']} to "
+                f"{self.global_batch}; the data position stays exact in tokens but the run is no longer the same"
+            )
         self.train_data.load_state_dict(state["data"])
         self.load_extra_state(state=state.get("extra", {}))
         if not checkpoint.restore_rng(state["rng"], rank=self.rank, world_size=self.world_size, device=self.device):

@@ -34,7 +34,8 @@ class Config(sft.Config, pretrain.Config):
     batch_unit: ClassVar[str] = "sequences"
     # Both data sources and a student architecture are read here (not SFT's unused keys); the loss is its own.
     unused: ClassVar[dict[str, str]] = {
-        "loss_chunk": "the distillation loss needs the student's full logits for the KL term"}
+        "loss_chunk": "the distillation loss needs the student's full logits for the KL term"
+    }
     bounds: ClassVar[dict[str, Bound]] = {"temperature": above(0), "alpha": between(0, 1)}
     paths: ClassVar[dict[str, str]] = {"teacher_from": "checkpoint"}  # data_dir, data_path: from the parents
     teacher_from: str = ""  # teacher checkpoint dir (same tokenizer); required
@@ -66,8 +67,10 @@ class DistillMixin:
         self.teacher = load_pretrained(cfg.teacher_from, device=self.device, frozen=True)
         # Distilling logits position by position only makes sense when both models mean the same token by an id.
         if self.teacher.config.vocab_size != self.raw_model.config.vocab_size:
-            raise ValueError(f"teacher vocab_size {self.teacher.config.vocab_size} != student "
-                             f"{self.raw_model.config.vocab_size}: distillation needs a shared tokenizer")
+            raise ValueError(
+                f"teacher vocab_size {self.teacher.config.vocab_size} != student "
+                f"{self.raw_model.config.vocab_size}: distillation needs a shared tokenizer"
+            )
         try:
             from transformers import AutoTokenizer
 
@@ -75,8 +78,10 @@ class DistillMixin:
         except (OSError, ValueError):
             teacher_tok = None  # a teacher folder without tokenizer files: the vocab size check has to do
         if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(self.tokenizer):
-            raise ValueError(f"{cfg.teacher_from}'s tokenizer differs from the student's: distillation needs the "
-                             f"same token ids on both sides")
+            raise ValueError(
+                f"{cfg.teacher_from}'s tokenizer differs from the student's: distillation needs the "
+                f"same token ids on both sides"
+            )
         n = sum(p.numel() for p in self.teacher.parameters())
         print0(f"[distill] teacher {cfg.teacher_from}: {n:,} parameters | T={cfg.temperature} alpha={cfg.alpha}")
 
@@ -93,8 +98,11 @@ class DistillMixin:
         student = out.logits[valid].float()  # (N, V) only the positions that count
         teacher = teacher_logits[valid].float()
         t = self.cfg.temperature
-        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                      reduction="sum") * t * t
+        kl = (
+            F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum")
+            * t
+            * t
+        )
         ce = F.cross_entropy(student, targets[valid], reduction="sum")
         loss = (self.cfg.alpha * kl + (1 - self.cfg.alpha) * ce) / num_items
         if out.aux_loss is not None:  # an MoE student still needs its load balancing

@@ -52,10 +52,15 @@ class Config(TrainConfig):
     unused: ClassVar[dict[str, str]] = {
         "data_dir": "preference pairs come from data_path",
         "model_config": "the architecture comes from init_from's config.json",
-        "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy"}
+        "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy",
+    }
     choices: ClassVar[dict[str, tuple]] = {"loss_type": ("sigmoid", "ipo", "hinge"), "on_bad_record": ("skip", "error")}
-    bounds: ClassVar[dict[str, Bound]] = {"beta": above(0), "label_smoothing": between(0, 0.5, high_open=True),
-                                          "val_samples": at_least(0), "max_samples": at_least(0)}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "beta": above(0),
+        "label_smoothing": between(0, 0.5, high_open=True),
+        "val_samples": at_least(0),
+        "max_samples": at_least(0),
+    }
     devices: ClassVar[tuple[str, ...]] = ("ref_device",)
     paths: ClassVar[dict[str, str]] = {"data_path": "files", "ref_from": "checkpoint"}
     init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
@@ -77,10 +82,17 @@ class Config(TrainConfig):
     max_samples: int = 0  # usable pairs read per file; 0 = all
 
 
-def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequence log-probs (B,) each -> (per-pair losses (B,), chosen rewards (B,), rejected rewards (B,)).
     chosen_tokens / rejected_tokens: reply lengths in tokens (B,), which IPO averages the log-ratios over."""
     chosen = pi_chosen - ref_chosen  # log-ratio of the chosen reply
@@ -115,8 +127,15 @@ class DPOTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                           cfg.max_samples, print0, parse_columns(cfg.columns))
+        samples, stats = read_pair_samples(
+            cfg.data_path,
+            self.tokenizer,
+            cfg.seq_len,
+            cfg.on_bad_record,
+            cfg.max_samples,
+            print0,
+            parse_columns(cfg.columns),
+        )
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
         train, val = PairDataset(train), PairDataset(val)
         # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
@@ -127,8 +146,10 @@ class DPOTrainer(Trainer):
                 data.ref_logps = self.reference_logps(data, collate)
             self.ref = None  # freed: training needs only the policy now
         skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
-        print0(f"[dpo] {stats['records']:,} records -> {len(train):,} train + {len(val):,} val pairs | "
-               f"{skipped or 'nothing skipped'}")
+        print0(
+            f"[dpo] {stats['records']:,} records -> {len(train):,} train + {len(val):,} val pairs | "
+            f"{skipped or 'nothing skipped'}"
+        )
         return self.in_memory_batches(train, val, collate)
 
     @torch.no_grad()
@@ -145,8 +166,9 @@ class DPOTrainer(Trainer):
     def probe_step(self, *, micro_batch: int) -> None:
         """batch_size=auto counts pairs: 2 rows each through the policy, then the reference's forward of them
         while the policy's activations are still held (as in compute_loss), unless it is precomputed."""
-        ids = torch.randint(0, self.raw_model.config.vocab_size, (2 * micro_batch, self.cfg.seq_len),
-                            device=self.device)
+        ids = torch.randint(
+            0, self.raw_model.config.vocab_size, (2 * micro_batch, self.cfg.seq_len), device=self.device
+        )
         mask = torch.ones(ids.shape[0], ids.shape[1] - 1, device=self.device)
         with self.autocast:
             pi = sequence_logprobs(self.raw_model, ids, mask)
@@ -172,10 +194,23 @@ class DPOTrainer(Trainer):
         pi_c, pi_r = pi.chunk(2)
         ref_c, ref_r = ref.chunk(2)
         n_c, n_r = batch["loss_mask"].sum(-1).chunk(2)  # reply tokens of each side
-        losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
-                                    chosen_tokens=n_c, rejected_tokens=n_r)
-        metrics = {"reward_acc": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean(),
-                   "chosen_reward": r_c.mean(), "rejected_reward": r_r.mean()}
+        losses, r_c, r_r = dpo_loss(
+            pi_c,
+            pi_r,
+            ref_c,
+            ref_r,
+            cfg.beta,
+            cfg.loss_type,
+            cfg.label_smoothing,
+            chosen_tokens=n_c,
+            rejected_tokens=n_r,
+        )
+        metrics = {
+            "reward_acc": (r_c > r_r).float().mean(),
+            "margin": (r_c - r_r).mean(),
+            "chosen_reward": r_c.mean(),
+            "rejected_reward": r_r.mean(),
+        }
         return losses.sum() / num_items, metrics
 
 

@@ -42,12 +42,22 @@ from trainer.train_tokenizer import token_byte_lengths
 @dataclass
 class Config:
     # What validate() checks (trainer/config.py).
-    choices: ClassVar[dict[str, tuple]] = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8", "int4"),
-                                           "mc_score": ("letter", "option", "both")}
+    choices: ClassVar[dict[str, tuple]] = {
+        "dtype": ("auto", *DTYPES),
+        "quantize": ("none", "int8", "int4"),
+        "mc_score": ("letter", "option", "both"),
+    }
     bounds: ClassVar[dict[str, Bound]] = {
-        "batch_size": at_least(1), "seq_len": at_least(1), "ppl_max_tokens": at_least(0), "shots": at_least(0),
-        "mc_max_questions": at_least(0), "max_new_tokens": at_least(1), "temperature": at_least(0),
-        "top_k": at_least(0), "top_p": between(0, 1)}
+        "batch_size": at_least(1),
+        "seq_len": at_least(1),
+        "ppl_max_tokens": at_least(0),
+        "shots": at_least(0),
+        "mc_max_questions": at_least(0),
+        "max_new_tokens": at_least(1),
+        "temperature": at_least(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1),
+    }
     devices: ClassVar[tuple[str, ...]] = ("device",)
     paths: ClassVar[dict[str, str]] = {"init_from": "dirs"}  # model or LoRA adapter dirs
     init_from: str = "out/sft/final"  # checkpoint dir; comma-separated dirs are compared in one table
@@ -88,7 +98,6 @@ def load_engine(path: str, cfg: Config):
     """The checkpoint through the one loading path (model/engine.py), quantized if asked."""
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.disable_progress_bar()
     return Engine.from_pretrained(path, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
 
@@ -101,7 +110,6 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int, text_column
     """(N, seq_len + 1) token windows, non-overlapping, from a shard dir's val shard or from text files."""
     import numpy as np
 
-
     max_windows = max_tokens // seq_len if max_tokens > 0 else 1 << 40
     if os.path.isfile(os.path.join(spec, "meta.json")):
         windows = val_windows(spec, load_meta(spec), seq_len, max_windows)
@@ -112,14 +120,15 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int, text_column
     for path in expand_paths(spec):
         for doc in iter_documents(path, (text_column,) if text_column else TEXT_FIELDS):
             # special-token strings stay text, as the shard writer tokenises pretraining text
-            ids += tokenizer.encode(doc["text"], add_special_tokens=False, split_special_tokens=True) + \
-                [tokenizer.eos_token_id]
+            ids += tokenizer.encode(doc["text"], add_special_tokens=False, split_special_tokens=True) + [
+                tokenizer.eos_token_id
+            ]
             if max_tokens > 0 and len(ids) > max_tokens + 1:
                 break
     n = min((len(ids) - 1) // seq_len, max_windows)
     if n == 0:
         raise ValueError(f"{spec}: fewer than {seq_len + 1} tokens; lower seq_len")
-    flat = torch.tensor(ids[:n * seq_len + 1])
+    flat = torch.tensor(ids[: n * seq_len + 1])
     return flat.unfold(0, seq_len + 1, seq_len)  # window i = tokens [i*T, (i+1)*T]
 
 
@@ -127,7 +136,7 @@ def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int, text_column
 def perplexity(model, tokenizer, windows: torch.Tensor, batch_size: int, device) -> dict:
     nats, targets = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size].to(device)
+        batch = windows[i : i + batch_size].to(device)
         # num_items_in_batch=1 turns the mean into a sum over every target of the batch.
         loss = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], num_items_in_batch=1).loss
         nats += float(loss)
@@ -135,8 +144,13 @@ def perplexity(model, tokenizer, windows: torch.Tensor, batch_size: int, device)
     byte_lengths = torch.tensor(token_byte_lengths(tokenizer))
     n_bytes = int(byte_lengths[windows[:, 1:].clamp(max=len(byte_lengths) - 1)].sum())
     loss = nats / targets
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bpb": nats / (math.log(2) * max(1, n_bytes)),
-            "tokens": targets, "bytes": n_bytes}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50)),
+        "bpb": nats / (math.log(2) * max(1, n_bytes)),
+        "tokens": targets,
+        "bytes": n_bytes,
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -156,12 +170,13 @@ def mc_subject_files(mc_dir: str, split: str) -> tuple[str, dict[str, str]]:
     <split>/<subject>_<split>.csv (val/computer_network_val.csv). The layout is read off the file names."""
     split_dir = os.path.join(mc_dir, split)
     if not os.path.isdir(split_dir):
-        raise FileNotFoundError(f"mc_dir: {split_dir} is not a folder (expected <mc_dir>/{split}/*.csv, as CMMLU "
-                                f"and C-Eval are published)")
+        raise FileNotFoundError(
+            f"mc_dir: {split_dir} is not a folder (expected <mc_dir>/{split}/*.csv, as CMMLU and C-Eval are published)"
+        )
     names = sorted(f[:-4] for f in os.listdir(split_dir) if f.endswith(".csv"))
     suffix = f"_{split}"
     if names and all(n.endswith(suffix) for n in names):
-        return "ceval", {n[:-len(suffix)]: os.path.join(split_dir, n + ".csv") for n in names}
+        return "ceval", {n[: -len(suffix)]: os.path.join(split_dir, n + ".csv") for n in names}
     return "cmmlu", {n: os.path.join(split_dir, n + ".csv") for n in names}
 
 
@@ -172,21 +187,30 @@ def read_mc_csv(path: str) -> list[dict]:
         by_role = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
         missing = [role for role in MC_COLUMNS if role not in by_role]
         if missing:
-            raise ValueError(f"{path}: header {reader.fieldnames} lacks {missing}; expected CMMLU's "
-                             f"',Question,A,B,C,D,Answer' or C-Eval's 'id,question,A,B,C,D,answer[,explanation]'")
+            raise ValueError(
+                f"{path}: header {reader.fieldnames} lacks {missing}; expected CMMLU's "
+                f"',Question,A,B,C,D,Answer' or C-Eval's 'id,question,A,B,C,D,answer[,explanation]'"
+            )
         col = {role: by_role[role] for role in MC_COLUMNS}
         records = list(reader)
     if records and not any((r[col["answer"]] or "").strip() for r in records):
         # C-Eval's test split is published without answers (they are scored on its website).
-        raise ValueError(f"{path}: no answers in this file (C-Eval publishes its test split without them); "
-                         f"score the val split instead: mc_split=val (shots still come from dev/)")
+        raise ValueError(
+            f"{path}: no answers in this file (C-Eval publishes its test split without them); "
+            f"score the val split instead: mc_split=val (shots still come from dev/)"
+        )
     rows = []
     for i, row in enumerate(records):
         answer = (row[col["answer"]] or "").strip().upper()
         if answer not in LETTERS:
             raise ValueError(f"{path}: row {i + 1} has answer '{answer}', expected one of A-D")
-        rows.append({"question": row[col["question"]].strip(),
-                     "options": [row[col[k.lower()]].strip() for k in LETTERS], "answer": answer})
+        rows.append(
+            {
+                "question": row[col["question"]].strip(),
+                "options": [row[col[k.lower()]].strip() for k in LETTERS],
+                "answer": answer,
+            }
+        )
     return rows
 
 
@@ -246,10 +270,10 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
     scores = [[0.0] * len(conts) for _, conts in requests]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     for b0 in range(0, len(order), batch_size):
-        idx = order[b0:b0 + batch_size]
+        idx = order[b0 : b0 + batch_size]
         ids = torch.full((len(idx), max(len(rows[i][0]) for i in idx)), pad_id, dtype=torch.long)
         for b, i in enumerate(idx):
-            ids[b, :len(rows[i][0])] = torch.tensor(rows[i][0])
+            ids[b, : len(rows[i][0])] = torch.tensor(rows[i][0])
         # Right padding needs no mask: causal attention never lets a real token see the pads after it.
         logits = model(input_ids=ids.to(device)).logits
         for b, i in enumerate(idx):
@@ -264,8 +288,7 @@ def score_requests(model, requests: list[tuple[list[int], list]], batch_size: in
     return scores
 
 
-def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: list[dict], cfg: Config,
-                 device) -> dict:
+def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: list[dict], cfg: Config, device) -> dict:
     """Accuracy of one subject under the letter and/or option-text scoring."""
     modes = ["letter", "option"] if cfg.mc_score == "both" else [cfg.mc_score]
     requests, owners = [], []  # owners[k] = (mode, question index) of requests[k]
@@ -279,8 +302,9 @@ def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: l
     best = {}  # (mode, qi) -> index of the chosen option
     for (mode, qi), option_scores in zip(owners, scores):
         if mode == "option":  # longer options collect more negative log-prob: compare per byte
-            option_scores = [s / max(1, len(o.encode("utf-8"))) for s, o in zip(option_scores,
-                                                                               questions[qi]["options"])]
+            option_scores = [
+                s / max(1, len(o.encode("utf-8"))) for s, o in zip(option_scores, questions[qi]["options"])
+            ]
         best[(mode, qi)] = max(range(len(option_scores)), key=option_scores.__getitem__)
     result = {"n": len(questions)}
     for mode in modes:
@@ -305,11 +329,17 @@ def eval_multiple_choice(model, tokenizer, cfg: Config, device) -> dict:
     for subject in wanted:
         questions = read_mc_csv(files[subject])
         if cfg.mc_max_questions > 0:
-            questions = questions[:cfg.mc_max_questions]
-        shots = read_mc_csv(dev_files[subject])[:cfg.shots] if subject in dev_files else []
+            questions = questions[: cfg.mc_max_questions]
+        shots = read_mc_csv(dev_files[subject])[: cfg.shots] if subject in dev_files else []
         subjects[subject] = eval_subject(model, tokenizer, subject, questions, shots, cfg, device)
-        print0(f"[eval]   {subject}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in subjects[subject].items() if k[:7] != "chosen_"))
+        print0(
+            f"[eval]   {subject}: "
+            + ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in subjects[subject].items()
+                if k[:7] != "chosen_"
+            )
+        )
     total = sum(r["n"] for r in subjects.values())
     overall = {"n": total}
     for key in [k for k in next(iter(subjects.values())) if k.startswith("acc_")]:
@@ -333,20 +363,30 @@ def read_prompts(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{n}: no 'prompt' field")
             if rec.get("input"):
                 prompt += "\n" + rec["input"]
-            items.append({"prompt": prompt, "reference": rec.get("reference") or rec.get("answer") or
-                          rec.get("output") or ""})
+            items.append(
+                {"prompt": prompt, "reference": rec.get("reference") or rec.get("answer") or rec.get("output") or ""}
+            )
     return items
 
 
 def generate_answers(engine, items: list[dict], cfg: Config) -> list[str]:
     use_chat = cfg.chat and bool(getattr(engine.tokenizer, "chat_template", None))
-    prompts = [engine.chat_prompt([{"role": "user", "content": it["prompt"]}], cfg.max_new_tokens) if use_chat
-               else engine.encode(it["prompt"]) for it in items]
-    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
+    prompts = [
+        engine.chat_prompt([{"role": "user", "content": it["prompt"]}], cfg.max_new_tokens)
+        if use_chat
+        else engine.encode(it["prompt"])
+        for it in items
+    ]
+    sampling = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty,
+    )
     answers = []
     for i in range(0, len(prompts), cfg.batch_size):
-        out = engine.generate(prompts[i:i + cfg.batch_size], sampling.replace(seed=cfg.seed + i))
+        out = engine.generate(prompts[i : i + cfg.batch_size], sampling.replace(seed=cfg.seed + i))
         answers += [engine.decode(ids).strip() for ids in out]
     return answers
 
@@ -365,25 +405,43 @@ def markdown_summary(results: list[dict]) -> str:
     first = results[0]
     if "ppl" in first:
         for key, fmt in (("ppl", "{:.2f}"), ("bpb", "{:.4f}"), ("loss", "{:.4f}")):
-            row(f"{key} ({first['ppl']['tokens']:,} tokens)" if key == "ppl" else key,
-                [fmt.format(r["ppl"][key]) for r in results])
+            row(
+                f"{key} ({first['ppl']['tokens']:,} tokens)" if key == "ppl" else key,
+                [fmt.format(r["ppl"][key]) for r in results],
+            )
     if "mc" in first:
         for key in [k for k in first["mc"]["overall"] if k.startswith("acc_")]:
-            row(f"mc {key} overall, {first['mc']['shots']}-shot (n={first['mc']['overall']['n']})",
-                [f"{100 * r['mc']['overall'][key]:.1f}" for r in results])
-        lines += ["", "## Multiple choice per subject (accuracy %)", "",
-                  "| subject | n | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+            row(
+                f"mc {key} overall, {first['mc']['shots']}-shot (n={first['mc']['overall']['n']})",
+                [f"{100 * r['mc']['overall'][key]:.1f}" for r in results],
+            )
+        lines += [
+            "",
+            "## Multiple choice per subject (accuracy %)",
+            "",
+            "| subject | n | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
         for subject, res in first["mc"]["subjects"].items():
             key = next(k for k in res if k.startswith("acc_"))
-            lines.append(f"| {subject} | {res['n']} | " + " | ".join(
-                f"{100 * r['mc']['subjects'][subject][key]:.1f}" for r in results) + " |")
+            lines.append(
+                f"| {subject} | {res['n']} | "
+                + " | ".join(f"{100 * r['mc']['subjects'][subject][key]:.1f}" for r in results)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def markdown_generations(items: list[dict], results: list[dict], cfg: Config) -> str:
-    lines = ["# Generation report", "",
-             (f"Sampling: temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, repetition_penalty "
-              f"{cfg.repetition_penalty}, max_new_tokens {cfg.max_new_tokens}, chat template {cfg.chat}."), ""]
+    lines = [
+        "# Generation report",
+        "",
+        (
+            f"Sampling: temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, repetition_penalty "
+            f"{cfg.repetition_penalty}, max_new_tokens {cfg.max_new_tokens}, chat template {cfg.chat}."
+        ),
+        "",
+    ]
     for i, item in enumerate(items):
         lines += [f"## {i + 1}. {item['prompt'][:60]}", "", "**Prompt**", "", _quote(item["prompt"]), ""]
         for r in results:
@@ -404,15 +462,21 @@ def _quote(text: str) -> str:
 def evaluate_checkpoint(path: str, name: str, cfg: Config, items: list[dict]) -> dict:
     engine = load_engine(path, cfg)
     model, tokenizer, device = engine.model, engine.tokenizer, engine.device
-    result = {"name": name, "path": path,
-              "parameters": sum(p.numel() for p in model.parameters()), "quantize": cfg.quantize}
+    result = {
+        "name": name,
+        "path": path,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "quantize": cfg.quantize,
+    }
     print0(f"[eval] {name}: {path} ({result['parameters']:,} parameters, quantize={cfg.quantize})")
     if cfg.ppl_data:
         seq_len = min(cfg.seq_len, model.config.max_position_embeddings)
         windows = ppl_windows(cfg.ppl_data, tokenizer, seq_len, cfg.ppl_max_tokens, cfg.ppl_text_column)
         result["ppl"] = perplexity(model, tokenizer, windows, cfg.batch_size, device)
-        print0(f"[eval]   ppl {result['ppl']['ppl']:.2f} | bpb {result['ppl']['bpb']:.4f} over "
-               f"{result['ppl']['tokens']:,} tokens")
+        print0(
+            f"[eval]   ppl {result['ppl']['ppl']:.2f} | bpb {result['ppl']['bpb']:.4f} over "
+            f"{result['ppl']['tokens']:,} tokens"
+        )
     if cfg.mc_dir:
         result["mc"] = eval_multiple_choice(model, tokenizer, cfg, device)
         print0(f"[eval]   multiple choice overall: {result['mc']['overall']}")

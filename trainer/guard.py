@@ -18,7 +18,7 @@ import torch
 
 
 class StepGuard:
-    def __init__(self, device: torch.device, dtype: torch.dtype, init_scale: float = 2.0 ** 16):
+    def __init__(self, device: torch.device, dtype: torch.dtype, init_scale: float = 2.0**16):
         # Loss scaling only for fp16: bf16 and fp32 have fp32's exponent range.
         self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=dtype == torch.float16)
         zero = torch.zeros((), dtype=torch.int64, device=device)
@@ -57,8 +57,11 @@ class StepGuard:
 
     def read(self) -> dict:
         """The counters on the host (one sync): for log lines, checkpoints and the stop decision."""
-        values = {"skipped_steps": int(self.skipped), "longest_skip_run": int(self.longest),
-                  "first_bad_loss_step": int(self.first_bad_loss)}
+        values = {
+            "skipped_steps": int(self.skipped),
+            "longest_skip_run": int(self.longest),
+            "first_bad_loss_step": int(self.first_bad_loss),
+        }
         if self.scaler.is_enabled():
             values["loss_scale"] = float(self.scaler.get_scale())
         return values
@@ -72,8 +75,10 @@ class StepGuard:
         if seen["first_bad_loss_step"]:
             return f"loss is not finite at step {seen['first_bad_loss_step']}"
         if seen["longest_skip_run"] >= max_skipped_steps:
-            return (f"{seen['longest_skip_run']} steps in a row were skipped for non-finite gradients "
-                    f"(max_skipped_steps={max_skipped_steps})")
+            return (
+                f"{seen['longest_skip_run']} steps in a row were skipped for non-finite gradients "
+                f"(max_skipped_steps={max_skipped_steps})"
+            )
         return None
 
     def forget_runs(self) -> None:
@@ -85,8 +90,12 @@ class StepGuard:
     def state_dict(self) -> dict:
         # `longest` is not saved: a checkpoint is written only while it is below max_skipped_steps, where only the
         # current run (in_a_row) can still decide a stop, so the resumed run decides as the straight one would.
-        return {"scaler": self.scaler.state_dict(), "skipped": int(self.skipped), "in_a_row": int(self.in_a_row),
-                "steps": int(self.steps)}
+        return {
+            "scaler": self.scaler.state_dict(),
+            "skipped": int(self.skipped),
+            "in_a_row": int(self.in_a_row),
+            "steps": int(self.steps),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         scaler = state.get("scaler", state)  # older checkpoints saved GradScaler's alone

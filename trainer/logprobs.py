@@ -14,8 +14,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """(B, T) ids -> (B, T-1) fp32 log p(token t+1 | tokens <= t). logsumexp + gather, never a full log_softmax
     copy of the (B, T, V) logits. The model may live on another device (an offloaded reference)."""
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=None if attention_mask is None else
-                   attention_mask.to(device)).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=input_ids.to(device), attention_mask=None if attention_mask is None else attention_mask.to(device)
+        )
+        .logits[:, :-1]
+        .float()
+    )
     targets = input_ids[:, 1:].to(device)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (picked - logits.logsumexp(-1)).to(input_ids.device)
@@ -34,7 +39,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     if kind == "k1":
         return -log_ratio
     if kind == "k2":
-        return 0.5 * log_ratio ** 2
+        return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.exp(log_ratio) - 1 - log_ratio
     raise ValueError(f"kl estimator must be k1, k2 or k3, got '{kind}'")
@@ -48,4 +53,3 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
-

@@ -40,8 +40,11 @@ from trainer.sft import SFTTrainer
 
 @dataclass
 class Config(SFTConfig):
-    bounds: ClassVar[dict[str, Bound]] = {"lora_r": at_least(1), "lora_alpha": above(0),
-                                          "lora_dropout": between(0, 1, high_open=True)}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "lora_r": at_least(1),
+        "lora_alpha": above(0),
+        "lora_dropout": between(0, 1, high_open=True),
+    }
     out_dir: str = "out/lora"
     lr: float = 5e-4  # adapters start at zero and are small: LoRA takes ~10x full fine-tuning's rate
     weight_decay: float = 0.0  # decaying A and B pulls the update towards zero, i.e. towards the base model
@@ -68,28 +71,32 @@ class LoRATrainer(SFTTrainer):
         self.targets = [t for t in cfg.lora_targets.split(",") if t]
         n_base = sum(p.numel() for p in self.raw_model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in self.raw_model.parameters())
-        wrapped = add_lora(self.raw_model, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                           cfg.lora_rslora)
+        wrapped = add_lora(self.raw_model, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora)
         if cfg.gradient_checkpointing:
             # Recomputed blocks need an input that requires grad, and the frozen embeddings give none.
             self.raw_model.enable_input_require_grads()
         n_train = sum(p.numel() for p in self.trainable_parameters())
         # Training memory of the trainable part: fp32 weight + grad + AdamW's two moments = 16 bytes/param.
         scaling = lora_scaling(cfg.lora_r, cfg.lora_alpha, cfg.lora_rslora)
-        print0(f"[lora] {len(wrapped)} adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
-               f"{'rsLoRA ' if cfg.lora_rslora else ''}scaling {scaling:g}) on {','.join(self.targets)}: "
-               f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of {n_base:,}")
-        print0(f"[lora] memory: frozen base {base_bytes / 2**20:,.1f} MiB + adapter training state "
-               f"{16 * n_train / 2**20:,.1f} MiB (full fine-tuning would need {16 * n_base / 2**20:,.1f} MiB "
-               f"for weights, grads and AdamW)")
+        print0(
+            f"[lora] {len(wrapped)} adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
+            f"{'rsLoRA ' if cfg.lora_rslora else ''}scaling {scaling:g}) on {','.join(self.targets)}: "
+            f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of {n_base:,}"
+        )
+        print0(
+            f"[lora] memory: frozen base {base_bytes / 2**20:,.1f} MiB + adapter training state "
+            f"{16 * n_train / 2**20:,.1f} MiB (full fine-tuning would need {16 * n_base / 2**20:,.1f} MiB "
+            f"for weights, grads and AdamW)"
+        )
 
     # ---- checkpoints hold the adapter, not the (unchanged) base weights ----------------------------------
     def save_pretrained_to(self, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
         cfg = self.cfg  # only the adapters, read from the live model (LoRA never runs sharded, so `state` is unused)
         # An absolute base path (a hub-style name stays as it is), so PEFT finds the base from any working directory.
         base = os.path.abspath(cfg.init_from) if os.path.isdir(cfg.init_from) else cfg.init_from
-        save_adapter(self.raw_model, path, base, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                     cfg.lora_rslora)
+        save_adapter(
+            self.raw_model, path, base, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora
+        )
         self.tokenizer.save_pretrained(path)
         make_readable(path)
 
@@ -106,6 +113,8 @@ class LoRATrainer(SFTTrainer):
 def run(cfg: Config):
     trainer = run_trainer(LoRATrainer, cfg)
     final = os.path.join(cfg.out_dir, "final")
-    print0(f"[lora] the adapter in {final} loads with peft or Engine.from_pretrained('{final}'); for a full "
-           f"model: python scripts/merge_lora.py --model {cfg.init_from} --adapter {final} --out DIR")
+    print0(
+        f"[lora] the adapter in {final} loads with peft or Engine.from_pretrained('{final}'); for a full "
+        f"model: python scripts/merge_lora.py --model {cfg.init_from} --adapter {final} --out DIR"
+    )
     return trainer

@@ -71,8 +71,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
     one state_dict. The two inner optimizers hold the very same group dicts and state dict as this one, so a
     change made through either view (an lr set by the schedule, a state loaded from a checkpoint) is seen by both."""
 
-    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], momentum: float,
-                 betas: tuple[float, float], fused: bool):
+    def __init__(
+        self,
+        muon_groups: list[dict],
+        adamw_groups: list[dict],
+        momentum: float,
+        betas: tuple[float, float],
+        fused: bool,
+    ):
         self.muon = torch.optim.Muon(muon_groups, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(adamw_groups, betas=betas, fused=fused)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
@@ -109,30 +115,42 @@ class MuonWithAdamW(torch.optim.Optimizer):
 # What the Trainer calls
 
 
-def build_optimizer(named_params: list[tuple[str, torch.Tensor]], cfg: TrainConfig,
-                    device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    named_params: list[tuple[str, torch.Tensor]], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """The optimizer for these trainable (name, parameter) pairs, as cfg.optimizer asks. Every group carries
     `lr_scale` (its lr / cfg.lr) and starts at that share of cfg.lr."""
     groups = split_parameters(named_params, cfg.optimizer)
     by_name = dict(named_params)
     fused = device.type == "cuda"
     betas = (cfg.beta1, cfg.beta2)
-    adamw_groups = [{"params": [by_name[n] for n in groups["decay"]], "weight_decay": cfg.weight_decay},
-                    {"params": [by_name[n] for n in groups["no_decay"]], "weight_decay": 0.0}]
+    adamw_groups = [
+        {"params": [by_name[n] for n in groups["decay"]], "weight_decay": cfg.weight_decay},
+        {"params": [by_name[n] for n in groups["no_decay"]], "weight_decay": 0.0},
+    ]
     for group in adamw_groups:
         group.update(lr=cfg.lr, lr_scale=1.0)
     if not groups["muon"]:  # adamw, or nothing Muon could take (a LoRA stage trains only adapters)
         return keep_lr_scales(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=betas, fused=fused))
     sharded = [n for n in groups["muon"] if isinstance(by_name[n], DTensor)]
     if sharded:
-        raise ValueError(f"optimizer=muon cannot run under parallel=fsdp: Newton-Schulz orthogonalises the whole "
-                         f"matrix, and FSDP gives each rank only a shard of it (e.g. {sharded[0]}). Use "
-                         f"parallel=ddp, or optimizer=adamw with fsdp")
-    muon_groups = [{"params": [by_name[n] for n in groups["muon"]], "weight_decay": cfg.weight_decay,
-                    "lr": cfg.lr * cfg.muon_lr_ratio, "lr_scale": cfg.muon_lr_ratio}]
+        raise ValueError(
+            f"optimizer=muon cannot run under parallel=fsdp: Newton-Schulz orthogonalises the whole "
+            f"matrix, and FSDP gives each rank only a shard of it (e.g. {sharded[0]}). Use "
+            f"parallel=ddp, or optimizer=adamw with fsdp"
+        )
+    muon_groups = [
+        {
+            "params": [by_name[n] for n in groups["muon"]],
+            "weight_decay": cfg.weight_decay,
+            "lr": cfg.lr * cfg.muon_lr_ratio,
+            "lr_scale": cfg.muon_lr_ratio,
+        }
+    ]
     adamw_groups = [g for g in adamw_groups if g["params"]]
-    return keep_lr_scales(MuonWithAdamW(muon_groups, adamw_groups, momentum=cfg.muon_momentum, betas=betas,
-                                        fused=fused))
+    return keep_lr_scales(
+        MuonWithAdamW(muon_groups, adamw_groups, momentum=cfg.muon_momentum, betas=betas, fused=fused)
+    )
 
 
 def keep_lr_scales(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -15,8 +15,9 @@ def init_process_group(device_name: str) -> tuple[int, int, torch.device]:
     backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if backend == "nccl" else \
-        torch.device("cpu")
+    device = (
+        torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if backend == "nccl" else torch.device("cpu")
+    )
     if backend == "nccl":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
@@ -27,8 +28,10 @@ def check_fsdp(*, supported: bool, stage: str, dtype: torch.dtype, batch_size) -
     if not supported:
         raise ValueError(f"parallel=fsdp is built for the pretrain and sft stages; use parallel=ddp for {stage}")
     if dtype == torch.float16:
-        raise ValueError("parallel=fsdp needs bf16 or fp32 (fp16's loss scaling would have to agree across "
-                         "shards); use dtype=bf16 or parallel=ddp")
+        raise ValueError(
+            "parallel=fsdp needs bf16 or fp32 (fp16's loss scaling would have to agree across "
+            "shards); use dtype=bf16 or parallel=ddp"
+        )
     if batch_size == "auto":
         raise ValueError("parallel=fsdp needs an explicit batch_size (the probe runs on one unsharded GPU)")
 
@@ -54,5 +57,6 @@ def wrap_ddp(model, device: torch.device):
 
     # broadcast_buffers=False: our only buffers are RoPE frequencies, the same on every rank, and DDP would
     # otherwise broadcast them before every forward.
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+    )

@@ -66,13 +66,19 @@ def run_stage(name: str, overrides: dict):
 def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
     """Greedy answers to the never-seen numbers; exact match with the digit-by-digit reading."""
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
-    prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16)
-               for n in held_out]
+    prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16) for n in held_out]
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))  # greedy
     # The answer is its first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
     # <|im_end|> embedding much) still gets credit for a right reading followed by more text.
-    answers = [engine.decode(o).replace("<|im_end|>", "\n").replace("<|endoftext|>", "\n").split("\n")[0]
-               .split("。")[0].strip() for o in outputs]
+    answers = [
+        engine.decode(o)
+        .replace("<|im_end|>", "\n")
+        .replace("<|endoftext|>", "\n")
+        .split("\n")[0]
+        .split("。")[0]
+        .strip()
+        for o in outputs
+    ]
     correct = sum(a == task_answer(n) for a, n in zip(answers, held_out))
     return correct, len(held_out), list(zip(held_out, answers))[:3]
 
@@ -89,8 +95,10 @@ def run(cfg: Config):
     if unknown:
         raise ValueError(f"unknown pipeline stage(s) {sorted(unknown)}; choose from {ALL_STAGES}")
     os.makedirs(root, exist_ok=True)
-    p = {name: os.path.join(root, name) for name in ("data", "tokenizer", "shards", "pretrain", "sft", "lora", "dpo",
-                                                     "eval")}
+    p = {
+        name: os.path.join(root, name)
+        for name in ("data", "tokenizer", "shards", "pretrain", "sft", "lora", "dpo", "eval")
+    }
     p["corpus"] = os.path.join(root, "corpus", "clean.jsonl")
     timings, scores = [], {}
     data_paths_file = os.path.join(p["data"], "paths.json")
@@ -123,15 +131,24 @@ def run(cfg: Config):
 
     # 2. cleaning: traditional -> simplified, markup and debris removed, deduplicated
     def clean():
-        stats = simplify([data["corpus_jsonl"], data["corpus_wiki"]], p["corpus"],
-                         FilterConfig(min_chars=8, min_cjk_ratio=0.1), quiet=True)
+        stats = simplify(
+            [data["corpus_jsonl"], data["corpus_wiki"]],
+            p["corpus"],
+            FilterConfig(min_chars=8, min_cjk_ratio=0.1),
+            quiet=True,
+        )
         print_summary(stats, p["corpus"])
 
     stage("corpus", p["corpus"], clean)
 
     # 3. tokenizer
-    stage("tokenizer", os.path.join(p["tokenizer"], "tokenizer.json"), lambda: run_stage(
-        "tokenizer", {"vocab_size": 1024, **cfg.tokenizer, "data_path": p["corpus"], "out_dir": p["tokenizer"]}))
+    stage(
+        "tokenizer",
+        os.path.join(p["tokenizer"], "tokenizer.json"),
+        lambda: run_stage(
+            "tokenizer", {"vocab_size": 1024, **cfg.tokenizer, "data_path": p["corpus"], "out_dir": p["tokenizer"]}
+        ),
+    )
 
     # 4. shards
     def shards():
@@ -142,25 +159,81 @@ def run(cfg: Config):
 
     common = {"device": cfg.device, "seed": cfg.seed}
     # 5-8. training stages, each starting from the previous one's final/
-    stage("pretrain", os.path.join(p["pretrain"], "final", "config.json"), lambda: run_stage("pretrain", {
-        **common, **cfg.pretrain, "tokenizer_dir": p["tokenizer"], "data_dir": p["shards"], "out_dir": p["pretrain"]}))
-    stage("sft", os.path.join(p["sft"], "final", "config.json"), lambda: run_stage("sft", {
-        **common, **cfg.sft, "init_from": os.path.join(p["pretrain"], "final"), "data_path": data["sft"],
-        "out_dir": p["sft"]}))
-    stage("lora", os.path.join(p["lora"], "final", "adapter_config.json"), lambda: run_stage("lora", {
-        **common, **cfg.lora, "init_from": os.path.join(p["pretrain"], "final"), "data_path": data["sft"],
-        "out_dir": p["lora"]}))
-    stage("dpo", os.path.join(p["dpo"], "final", "config.json"), lambda: run_stage("dpo", {
-        **common, **cfg.dpo, "init_from": os.path.join(p["sft"], "final"), "data_path": data["dpo"],
-        "out_dir": p["dpo"]}))
+    stage(
+        "pretrain",
+        os.path.join(p["pretrain"], "final", "config.json"),
+        lambda: run_stage(
+            "pretrain",
+            {
+                **common,
+                **cfg.pretrain,
+                "tokenizer_dir": p["tokenizer"],
+                "data_dir": p["shards"],
+                "out_dir": p["pretrain"],
+            },
+        ),
+    )
+    stage(
+        "sft",
+        os.path.join(p["sft"], "final", "config.json"),
+        lambda: run_stage(
+            "sft",
+            {
+                **common,
+                **cfg.sft,
+                "init_from": os.path.join(p["pretrain"], "final"),
+                "data_path": data["sft"],
+                "out_dir": p["sft"],
+            },
+        ),
+    )
+    stage(
+        "lora",
+        os.path.join(p["lora"], "final", "adapter_config.json"),
+        lambda: run_stage(
+            "lora",
+            {
+                **common,
+                **cfg.lora,
+                "init_from": os.path.join(p["pretrain"], "final"),
+                "data_path": data["sft"],
+                "out_dir": p["lora"],
+            },
+        ),
+    )
+    stage(
+        "dpo",
+        os.path.join(p["dpo"], "final", "config.json"),
+        lambda: run_stage(
+            "dpo",
+            {
+                **common,
+                **cfg.dpo,
+                "init_from": os.path.join(p["sft"], "final"),
+                "data_path": data["dpo"],
+                "out_dir": p["dpo"],
+            },
+        ),
+    )
 
     # 9. evaluation: the eval stage's report, plus the demo's own skill check on every model
-    models = [(name, os.path.join(p[name], "final")) for name in ("pretrain", "sft", "dpo")
-              if os.path.exists(os.path.join(p[name], "final", "config.json"))]
+    models = [
+        (name, os.path.join(p[name], "final"))
+        for name in ("pretrain", "sft", "dpo")
+        if os.path.exists(os.path.join(p[name], "final", "config.json"))
+    ]
 
     def evaluate():
-        run_stage("eval", {**cfg.eval, "init_from": ",".join(path for _, path in models),
-                           "ppl_data": os.path.join(p["shards"]), "prompts": data["prompts"], "out_dir": p["eval"]})
+        run_stage(
+            "eval",
+            {
+                **cfg.eval,
+                "init_from": ",".join(path for _, path in models),
+                "ppl_data": os.path.join(p["shards"]),
+                "prompts": data["prompts"],
+                "out_dir": p["eval"],
+            },
+        )
 
     stage("eval", os.path.join(p["eval"], "eval.json"), evaluate)
     if "eval" in stages or "chat" in stages:
@@ -187,14 +260,22 @@ def run(cfg: Config):
     banner("summary")
     for name, seconds, status in timings:
         print(f"  {name:<10} {status:<8} {seconds:7.1f}s")
-    print(f"\n  artifacts under {root}/: tokenizer/, shards/, pretrain/final, sft/final, lora/final (adapter), "
-          f"dpo/final, eval/")
+    print(
+        f"\n  artifacts under {root}/: tokenizer/, shards/, pretrain/final, sft/final, lora/final (adapter), "
+        f"dpo/final, eval/"
+    )
     final = models[-1][1] if models else os.path.join(p["sft"], "final")
     print(f"  chat:   python scripts/chat_terminal.py --model {final}")
-    print(f"          python scripts/chat_terminal.py --model {os.path.join(p['pretrain'], 'final')} "
-          f"--adapter {os.path.join(p['lora'], 'final')}")
+    print(
+        f"          python scripts/chat_terminal.py --model {os.path.join(p['pretrain'], 'final')} "
+        f"--adapter {os.path.join(p['lora'], 'final')}"
+    )
     print(f"  serve:  python scripts/serve_api.py --model {final}")
     with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"timings": timings, "held_out_accuracy": {k: [c, t] for k, (c, t, _) in scores.items()}}, f,
-                  ensure_ascii=False, indent=1)
+        json.dump(
+            {"timings": timings, "held_out_accuracy": {k: [c, t] for k, (c, t, _) in scores.items()}},
+            f,
+            ensure_ascii=False,
+            indent=1,
+        )
     return scores

@@ -50,8 +50,12 @@ class Config(RLConfig):
     # batch_size / global_batch_size count sampled replies (num_generations per prompt, 1 by default)
     batch_unit: ClassVar[str] = "replies"
     choices: ClassVar[dict[str, tuple]] = {"critic": ("shared", "separate")}
-    bounds: ClassVar[dict[str, Bound]] = {"gamma": between(0, 1), "lam": between(0, 1), "vf_coef": at_least(0),
-                                          "clip_value": at_least(0)}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "gamma": between(0, 1),
+        "lam": between(0, 1),
+        "vf_coef": at_least(0),
+        "clip_value": at_least(0),
+    }
     paths: ClassVar[dict[str, str]] = {"critic_from": "checkpoint"}
     out_dir: str = "out/ppo"
     ppo_epochs: int = 4
@@ -67,8 +71,9 @@ class Config(RLConfig):
     critic_from: str = ""  # separate critic's checkpoint; "" = reward_from, else init_from
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over (N, T) per-target tensors; mask marks each row's reply, one
     contiguous span (the value after a reply's last token is 0: the episode ends there). -> (advantages,
     returns), both 0 outside the reply."""

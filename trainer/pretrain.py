@@ -51,19 +51,24 @@ class PretrainTrainer(Trainer):
         cfg = self.cfg
         meta = load_meta(cfg.data_dir)
         check_meta(meta, cfg.data_dir, self.raw_model.config.vocab_size, tokenizer_fingerprint(self.tokenizer))
-        stream = ShardStream(cfg.data_dir, meta, cfg.seq_len, self.global_batch, self.micro_batch, self.rank,
-                             self.world_size)
+        stream = ShardStream(
+            cfg.data_dir, meta, cfg.seq_len, self.global_batch, self.micro_batch, self.rank, self.world_size
+        )
         tokens_needed = cfg.max_steps * self.global_batch * cfg.seq_len
         epochs = tokens_needed / max(1, stream.tokens_per_epoch())
-        print0(f"[pretrain] {len(meta['train_shards'])} shards, {stream.tokens_per_epoch():,} usable tokens; "
-               f"{cfg.max_steps} steps x {self.global_batch * cfg.seq_len:,} tokens = {epochs:.2f} epochs")
+        print0(
+            f"[pretrain] {len(meta['train_shards'])} shards, {stream.tokens_per_epoch():,} usable tokens; "
+            f"{cfg.max_steps} steps x {self.global_batch * cfg.seq_len:,} tokens = {epochs:.2f} epochs"
+        )
         windows = val_windows(cfg.data_dir, meta, cfg.seq_len, cfg.eval_batches * self.micro_batch)
         if windows is None:
             print0("[pretrain] no validation shard (or it is shorter than seq_len): evaluation is skipped")
             return stream, None
         windows = torch.from_numpy(windows.astype("int64"))
-        val_batches = [(windows[i:i + self.micro_batch, :-1], windows[i:i + self.micro_batch, 1:])
-                       for i in range(0, len(windows), self.micro_batch)]
+        val_batches = [
+            (windows[i : i + self.micro_batch, :-1], windows[i : i + self.micro_batch, 1:])
+            for i in range(0, len(windows), self.micro_batch)
+        ]
         # Bits per byte needs the bytes behind every target token of the validation set.
         byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
         targets = windows[:, 1:]
@@ -100,8 +105,9 @@ class PretrainTrainer(Trainer):
         engine = Engine(self.raw_model, self.tokenizer, device=self.device)  # restores train mode afterwards
         prompts = [p for p in self.cfg.sample_prompts.split(",") if p]
         with self.autocast:
-            outputs = engine.generate([self.tokenizer.encode(p) for p in prompts],
-                                      max_new_tokens=self.cfg.sample_tokens, stop_token_ids=[])
+            outputs = engine.generate(
+                [self.tokenizer.encode(p) for p in prompts], max_new_tokens=self.cfg.sample_tokens, stop_token_ids=[]
+            )
         for prompt, out in zip(prompts, outputs):
             print0(f"[pretrain] sample: {prompt}|{self.tokenizer.decode(out)!r}")
 

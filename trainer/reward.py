@@ -42,10 +42,14 @@ class Config(TrainConfig):
     unused: ClassVar[dict[str, str]] = {
         "data_dir": "preference pairs come from data_path",
         "model_config": "the architecture comes from init_from's config.json",
-        "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy"}
+        "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy",
+    }
     choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
-    bounds: ClassVar[dict[str, Bound]] = {"center_coef": at_least(0), "val_samples": at_least(0),
-                                          "max_samples": at_least(0)}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "center_coef": at_least(0),
+        "val_samples": at_least(0),
+        "max_samples": at_least(0),
+    }
     paths: ClassVar[dict[str, str]] = {"data_path": "files"}
     init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
     out_dir: str = "out/reward"
@@ -77,8 +81,15 @@ class RewardTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        samples, stats = read_pair_samples(cfg.data_path, self.tokenizer, cfg.seq_len, cfg.on_bad_record,
-                                           cfg.max_samples, print0, parse_columns(cfg.columns))
+        samples, stats = read_pair_samples(
+            cfg.data_path,
+            self.tokenizer,
+            cfg.seq_len,
+            cfg.on_bad_record,
+            cfg.max_samples,
+            print0,
+            parse_columns(cfg.columns),
+        )
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
         train, val = PairDataset(train), PairDataset(val)
         # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
@@ -99,8 +110,12 @@ class RewardTrainer(Trainer):
         scores = self.model(input_ids=batch["input_ids"], last_index=batch["last_index"]).logits[:, 0]
         r_c, r_r = scores.float().chunk(2)  # rows are [chosen; rejected]
         losses = bradley_terry_loss(r_c, r_r, self.cfg.center_coef)
-        metrics = {"accuracy": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean().detach(),
-                   "chosen_score": r_c.mean().detach(), "rejected_score": r_r.mean().detach()}
+        metrics = {
+            "accuracy": (r_c > r_r).float().mean(),
+            "margin": (r_c - r_r).mean().detach(),
+            "chosen_score": r_c.mean().detach(),
+            "rejected_score": r_r.mean().detach(),
+        }
         return losses.sum() / num_items, metrics
 
 

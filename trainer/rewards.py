@@ -35,6 +35,7 @@ def register_rule(name: str):
     def wrap(fn):
         RULES[name] = fn
         return fn
+
     return wrap
 
 
@@ -70,7 +71,7 @@ def rule_exact(c: Completion, arg: str) -> float:
 def rule_repetition(c: Completion, arg: str) -> float:
     """Minus the share of repeated token n-grams (n = arg, default 3): 0 for no repetition, towards -1 for loops."""
     n = int(arg or 3)
-    grams = [tuple(c.ids[i:i + n]) for i in range(len(c.ids) - n + 1)]
+    grams = [tuple(c.ids[i : i + n]) for i in range(len(c.ids) - n + 1)]
     return -(1 - len(set(grams)) / len(grams)) if grams else 0.0
 
 

@@ -31,12 +31,22 @@ class RLConfig(TrainConfig):
         "model_config": "the policy's architecture comes from init_from's config.json",
         "loss_chunk": "the policy loss needs per-token log-probs from the full logits",
         "eval_every": "rollout stages have no validation set (rollout statistics are logged every step)",
-        "eval_batches": "rollout stages have no validation set"}
+        "eval_batches": "rollout stages have no validation set",
+    }
     choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
     bounds: ClassVar[dict[str, Bound]] = {
-        "max_new_tokens": at_least(1), "temperature": at_least(0), "top_k": at_least(0), "top_p": between(0, 1),
-        "num_generations": at_least(1), "rollout_minibatches": at_least(1), "ppo_epochs": at_least(1),
-        "clip_eps": at_least(0), "kl_coef": at_least(0), "target_kl": at_least(0), "max_samples": at_least(0)}
+        "max_new_tokens": at_least(1),
+        "temperature": at_least(0),
+        "top_k": at_least(0),
+        "top_p": between(0, 1),
+        "num_generations": at_least(1),
+        "rollout_minibatches": at_least(1),
+        "ppo_epochs": at_least(1),
+        "clip_eps": at_least(0),
+        "kl_coef": at_least(0),
+        "target_kl": at_least(0),
+        "max_samples": at_least(0),
+    }
     devices: ClassVar[tuple[str, ...]] = ("ref_device",)
     paths: ClassVar[dict[str, str]] = {"data_path": "files", "ref_from": "checkpoint", "reward_from": "checkpoint"}
     init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
@@ -75,10 +85,12 @@ class RolloutTrainer(Trainer):
         self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
         ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
         # Frozen models keep fp32 weights and run under the policy's autocast, so their numbers match the policy's.
-        self.ref = load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True) \
-            if cfg.init_from else None
-        self.reward_model = load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) \
-            if cfg.reward_from else None
+        self.ref = (
+            load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True) if cfg.init_from else None
+        )
+        self.reward_model = (
+            load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) if cfg.reward_from else None
+        )
         self.rules = parse_rules(cfg.reward_rules)
         if self.reward_model is None and not self.rules:
             raise ValueError("no reward: set reward_from (a reward model) and/or reward_rules")
@@ -90,15 +102,27 @@ class RolloutTrainer(Trainer):
         cfg = self.cfg
         per_rollout = self.global_batch * cfg.rollout_minibatches
         if per_rollout % (cfg.num_generations * self.world_size):
-            raise ValueError(f"global_batch_size x rollout_minibatches = {per_rollout} must be a multiple of "
-                             f"num_generations x processes = {cfg.num_generations} x {self.world_size}")
-        prompts = load_prompts(cfg.data_path, self.tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.on_bad_record,
-                               cfg.max_samples, print0, parse_columns(cfg.columns))
+            raise ValueError(
+                f"global_batch_size x rollout_minibatches = {per_rollout} must be a multiple of "
+                f"num_generations x processes = {cfg.num_generations} x {self.world_size}"
+            )
+        prompts = load_prompts(
+            cfg.data_path,
+            self.tokenizer,
+            cfg.seq_len - cfg.max_new_tokens,
+            cfg.on_bad_record,
+            cfg.max_samples,
+            print0,
+            parse_columns(cfg.columns),
+        )
         n_prompts = per_rollout // cfg.num_generations
-        print0(f"[{self.stage}] {len(prompts):,} prompts | a rollout = {n_prompts} prompts x {cfg.num_generations} "
-               f"replies, trained for {cfg.ppo_epochs} epoch(s) x {cfg.rollout_minibatches} minibatch(es)")
-        return IndexBatches(prompts, n_prompts, n_prompts // self.world_size, self.rank, self.world_size, cfg.seed,
-                            collate=list), None
+        print0(
+            f"[{self.stage}] {len(prompts):,} prompts | a rollout = {n_prompts} prompts x {cfg.num_generations} "
+            f"replies, trained for {cfg.ppo_epochs} epoch(s) x {cfg.rollout_minibatches} minibatch(es)"
+        )
+        return IndexBatches(
+            prompts, n_prompts, n_prompts // self.world_size, self.rank, self.world_size, cfg.seed, collate=list
+        ), None
 
     # ---- rollouts --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,39 +132,59 @@ class RolloutTrainer(Trainer):
         G = cfg.num_generations
         prompts = [p for p in prompts for _ in range(G)]  # groups are contiguous rows
         with self.autocast:
-            sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + 7919 * self.step + self.rank)
+            sampling = SamplingParams(
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                seed=cfg.seed + 7919 * self.step + self.rank,
+            )
             replies = self.engine.generate([p["ids"] for p in prompts], sampling)
         rows = [p["ids"] + r for p, r in zip(prompts, replies)]
         T = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), T), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(prompts, replies)):
-            input_ids[i, :len(rows[i])] = torch.tensor(rows[i])
-            attention_mask[i, :len(rows[i])] = 1
-            mask[i, len(p["ids"]):len(rows[i])] = True
-        buf = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
-               "mask": mask[:, 1:].float().to(self.device)}  # (N, T-1): targets that are reply tokens
+        for i, p in enumerate(prompts):
+            input_ids[i, : len(rows[i])] = torch.tensor(rows[i])
+            attention_mask[i, : len(rows[i])] = 1
+            mask[i, len(p["ids"]) : len(rows[i])] = True
+        buf = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "mask": mask[:, 1:].float().to(self.device),
+        }  # (N, T-1): targets that are reply tokens
         stops = set(self.engine.stop_token_ids)
-        completions = [Completion(self.engine.decode(r), r, p["prompt"], p["answer"], bool(r) and r[-1] in stops)
-                       for p, r in zip(prompts, replies)]
-        rewards = rule_rewards(self.rules, completions).to(self.device) if self.rules else \
-            torch.zeros(len(rows), device=self.device)
+        completions = [
+            Completion(self.engine.decode(r), r, p["prompt"], p["answer"], bool(r) and r[-1] in stops)
+            for p, r in zip(prompts, replies)
+        ]
+        rewards = (
+            rule_rewards(self.rules, completions).to(self.device)
+            if self.rules
+            else torch.zeros(len(rows), device=self.device)
+        )
         with self.autocast:
             if self.reward_model is not None:
-                rewards = rewards + self.reward_model(input_ids=buf["input_ids"],
-                                                      attention_mask=buf["attention_mask"]).logits[:, 0].float()
+                rewards = (
+                    rewards
+                    + self.reward_model(input_ids=buf["input_ids"], attention_mask=buf["attention_mask"])
+                    .logits[:, 0]
+                    .float()
+                )
             buf["old_logps"] = token_logprobs(self.model, buf["input_ids"])
-            buf["ref_logps"] = token_logprobs(self.ref, buf["input_ids"]) if self.ref is not None else \
-                buf["old_logps"].clone()
+            buf["ref_logps"] = (
+                token_logprobs(self.ref, buf["input_ids"]) if self.ref is not None else buf["old_logps"].clone()
+            )
         buf["rewards"] = rewards
         self.score_rollout(buf)
         lengths = buf["mask"].sum(-1)
-        self.rollout_stats = {"reward": rewards.mean(), "reward_std": rewards.std() if len(rows) > 1 else
-                              rewards.new_zeros(()), "response_len": lengths.mean(),
-                              "kl_ref": (kl_estimate(buf["old_logps"], buf["ref_logps"], "k1") * buf["mask"]).sum(-1)
-                              .mean()}
+        self.rollout_stats = {
+            "reward": rewards.mean(),
+            "reward_std": rewards.std() if len(rows) > 1 else rewards.new_zeros(()),
+            "response_len": lengths.mean(),
+            "kl_ref": (kl_estimate(buf["old_logps"], buf["ref_logps"], "k1") * buf["mask"]).sum(-1).mean(),
+        }
         return buf
 
     def score_rollout(self, buf: dict) -> None:
@@ -154,12 +198,19 @@ class RolloutTrainer(Trainer):
             n = len(buf["input_ids"])
             per_step = n // cfg.rollout_minibatches
             for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(n, device=self.device) if cfg.rollout_minibatches > 1 else \
-                    torch.arange(n, device=self.device)
+                order = (
+                    torch.randperm(n, device=self.device)
+                    if cfg.rollout_minibatches > 1
+                    else torch.arange(n, device=self.device)
+                )
                 for s in range(0, n, per_step):
-                    rows = order[s:s + per_step]
-                    self.queue.append([{k: v[rows[m:m + self.micro_batch]] for k, v in buf.items()}
-                                       for m in range(0, per_step, self.micro_batch)])
+                    rows = order[s : s + per_step]
+                    self.queue.append(
+                        [
+                            {k: v[rows[m : m + self.micro_batch]] for k, v in buf.items()}
+                            for m in range(0, per_step, self.micro_batch)
+                        ]
+                    )
         return self.queue.pop(0)
 
     def train_step(self) -> tuple[dict, int]:
@@ -185,8 +236,10 @@ class RolloutTrainer(Trainer):
         loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
         mask = batch["mask"]
         with torch.no_grad():
-            stats = {"clip_frac": masked_mean(((ratio - 1).abs() > eps).float(), mask),
-                     "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}  # k3 of KL(old || new)
+            stats = {
+                "clip_frac": masked_mean(((ratio - 1).abs() > eps).float(), mask),
+                "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            }  # k3 of KL(old || new)
         return loss, stats
 
     # ---- checkpoint: an unfinished rollout buffer resumes exactly --------------------------------------------
@@ -196,4 +249,3 @@ class RolloutTrainer(Trainer):
     def load_extra_state(self, *, state: dict) -> None:
         self.queue = [[self.to_device(b) for b in step] for step in state.get("queue", [])]
         self.rollout_stats = state.get("rollout_stats", {})
-

@@ -33,7 +33,8 @@ class Config(TrainConfig):
     batch_unit: ClassVar[str] = "sequences"
     unused: ClassVar[dict[str, str]] = {
         "data_dir": "chat data comes from data_path",
-        "model_config": "the architecture comes from init_from's config.json"}
+        "model_config": "the architecture comes from init_from's config.json",
+    }
     choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error"), "truncation": ("turns", "tokens")}
     bounds: ClassVar[dict[str, Bound]] = {"val_samples": at_least(0), "max_samples": at_least(0)}
     paths: ClassVar[dict[str, str]] = {"data_path": "files"}
@@ -63,9 +64,16 @@ class SFTTrainer(Trainer):
         if not cfg.init_from:
             print0(f"[{self.stage}] WARNING: init_from is empty: fine-tuning a randomly initialised model")
         stats = Counter()
-        conversations, _ = load_conversations(cfg.data_path, parse_placeholders(cfg.placeholders), cfg.system_prompt,
-                                              cfg.on_bad_record, max_samples=cfg.max_samples, stats=stats, log=print0,
-                                              columns=parse_columns(cfg.columns))
+        conversations, _ = load_conversations(
+            cfg.data_path,
+            parse_placeholders(cfg.placeholders),
+            cfg.system_prompt,
+            cfg.on_bad_record,
+            max_samples=cfg.max_samples,
+            stats=stats,
+            log=print0,
+            columns=parse_columns(cfg.columns),
+        )
         samples = tokenize_conversations(conversations, self.tokenizer, cfg.seq_len, cfg.truncation, stats)
         train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))  # at most 10% held out
         train = ChatDataset(train, cfg.seq_len, pack=cfg.pack)
@@ -80,21 +88,30 @@ class SFTTrainer(Trainer):
         trained = sum(int((lab != -100).sum()) for _, lab in train.samples)
         tokens = sum(len(ids) for ids, _ in train.samples)
         skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
-        print0(f"[{self.stage}] {stats['records']:,} records -> {len(train.samples):,} train + {len(val):,} val "
-               f"conversations | {tokens:,} tokens, {100 * trained / max(1, tokens):.0f}% of them trained | "
-               f"{skipped or 'nothing skipped'}")
+        print0(
+            f"[{self.stage}] {stats['records']:,} records -> {len(train.samples):,} train + {len(val):,} val "
+            f"conversations | {tokens:,} tokens, {100 * trained / max(1, tokens):.0f}% of them trained | "
+            f"{skipped or 'nothing skipped'}"
+        )
         if cfg.pack:
-            print0(f"[{self.stage}] packed into {len(train):,} sequences of <= {cfg.seq_len} tokens "
-                   f"({100 * train.fill_ratio(cfg.seq_len):.0f}% full)")
+            print0(
+                f"[{self.stage}] packed into {len(train):,} sequences of <= {cfg.seq_len} tokens "
+                f"({100 * train.fill_ratio(cfg.seq_len):.0f}% full)"
+            )
         epochs = cfg.max_steps * self.global_batch / len(train)
         print0(f"[{self.stage}] {cfg.max_steps} steps x {self.global_batch} sequences = {epochs:.2f} epochs")
         return batches
 
     def compute_loss(self, *, batch, num_items):
         # document_ids/position_ids are present only for packed rows (see collate_chat); no batch has a mask.
-        out = self.model(input_ids=batch["input_ids"], document_ids=batch.get("document_ids"),
-                         position_ids=batch.get("position_ids"), labels=batch["labels"],
-                         num_items_in_batch=num_items, loss_chunk=self.cfg.loss_chunk)
+        out = self.model(
+            input_ids=batch["input_ids"],
+            document_ids=batch.get("document_ids"),
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+            num_items_in_batch=num_items,
+            loss_chunk=self.cfg.loss_chunk,
+        )
         return out.loss, {}
 
     def count_tokens(self, *, batch) -> int:

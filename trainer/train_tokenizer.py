@@ -37,7 +37,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # i
 # Tools follow Qwen2.5's format, the one llama.cpp's and vLLM's `hermes` tool parsers read: with `tools`, the system
 # turn lists them in <tools>; an assistant's tool_calls become <tool_call> JSON blocks (trained, inside generation);
 # `tool` messages become one user turn of <tool_response> blocks. Without tools the output is plain ChatML.
-# dataset/chat_data.py chatml_pieces writes the same ids (check_chatml compares them); dataset/tool_calls.py has the text.
+# dataset/chat_data.py chatml_pieces writes the same ids (check_chatml compares them);
+# dataset/tool_calls.py has the text.
 CHAT_TEMPLATE = (
     "{%- if tools -%}{{ '<|im_start|>system\\n' }}"
     "{%- if messages[0]['role'] == 'system' and messages[0]['content'] -%}{{ messages[0]['content'] + '\\n\\n' }}"
@@ -61,8 +62,10 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 # Qwen2's pre-tokenizer regex, one of the few that llama.cpp re-implements (LLAMA_VOCAB_PRE_TYPE_QWEN2)
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass
@@ -108,7 +111,7 @@ def han_pieces(text: str, piece: int):
     """The Han pieces split_han_runs makes (runs cut every `piece` characters)."""
     for m in _HAN_RUN.finditer(text):
         s = m.group(0)
-        yield from (s[i:i + piece] for i in range(0, len(s), piece))
+        yield from (s[i : i + piece] for i in range(0, len(s), piece))
 
 
 def _as_pairs(p: str, common: set) -> str:
@@ -116,12 +119,12 @@ def _as_pairs(p: str, common: set) -> str:
     left in no kept pair is fed alone (its bytes still count). A pair seen once can never reach min_frequency=2."""
     out, covered = [], -1
     for j in range(len(p) - 1):
-        if p[j:j + 2] in common:
+        if p[j : j + 2] in common:
             if covered < j:
-                out.extend(p[covered + 1:j])  # characters between kept pairs
-            out.append(p[j:j + 2])
+                out.extend(p[covered + 1 : j])  # characters between kept pairs
+            out.append(p[j : j + 2])
             covered = j + 1
-    out.extend(p[covered + 1:])
+    out.extend(p[covered + 1 :])
     return "\n".join(out)
 
 
@@ -140,7 +143,7 @@ def split_han_runs(text: str, piece: int, common: set | None = None) -> str:
             return s
         out = []
         for i in range(0, len(s), piece):
-            p = s[i:i + piece]
+            p = s[i : i + piece]
             out.append(_as_pairs(p, common) if rare(p) else p)
         return "\n".join(out)
 
@@ -158,7 +161,7 @@ def common_pieces(cfg: "Config", paths: list[str], stats: dict) -> set:
     for text in _sample(cfg, paths, {}, {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}):
         long = [p for p in han_pieces(text, cfg.han_piece_chars) if len(p) >= 3]
         counts.update(long)
-        pairs.update(p[j:j + 2] for p in long for j in range(len(p) - 1))
+        pairs.update(p[j : j + 2] for p in long for j in range(len(p) - 1))
     common = {p for p, c in counts.items() if c >= 2}
     stats["distinct_long_pieces"], stats["common_long_pieces"] = len(counts), len(common)
     del counts
@@ -213,10 +216,12 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE())  # no unk: byte-level covers every byte, so any string encodes
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     # No normalizer (Qwen2 has NFC): decode(encode(x)) must give back x byte for byte, NFC or not.
     return tok
@@ -227,9 +232,14 @@ def wrap(tok):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )
 
 
 def update_chat_template(path: str) -> None:
@@ -291,9 +301,15 @@ def compression(tok, texts: list[str]) -> dict:
     chars = sum(len(t) for t in texts)
     cjk = sum(count_cjk(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"docs": len(texts), "chars": chars, "cjk_chars": cjk, "tokens": tokens,
-            "chars_per_token": round(chars / max(tokens, 1), 3), "cjk_chars_per_token": round(cjk / max(tokens, 1), 3),
-            "bytes_per_token": round(nbytes / max(tokens, 1), 3)}
+    return {
+        "docs": len(texts),
+        "chars": chars,
+        "cjk_chars": cjk,
+        "tokens": tokens,
+        "chars_per_token": round(chars / max(tokens, 1), 3),
+        "cjk_chars_per_token": round(cjk / max(tokens, 1), 3),
+        "bytes_per_token": round(nbytes / max(tokens, 1), 3),
+    }
 
 
 def check_trained_size(trained: int, cfg: Config) -> None:
@@ -301,8 +317,10 @@ def check_trained_size(trained: int, cfg: Config) -> None:
     asked. Far fewer (under half) is an error, before anything is written; a few fewer is a warning."""
     if trained >= cfg.vocab_size:
         return
-    why = (f"the tokenizer trained only {trained} of the vocab_size={cfg.vocab_size} entries asked: the corpus is "
-           f"too small (no pair left that occurs min_frequency={cfg.min_frequency} times)")
+    why = (
+        f"the tokenizer trained only {trained} of the vocab_size={cfg.vocab_size} entries asked: the corpus is "
+        f"too small (no pair left that occurs min_frequency={cfg.min_frequency} times)"
+    )
     if trained < cfg.vocab_size // 2:
         raise ConfigError(f"{why}; give more text in data_path or set vocab_size <= {trained}")
     print(f"tokenizer: WARNING: {why}; the vocabulary has {trained} entries")
@@ -326,8 +344,12 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     tok = build_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=list(byte_level_alphabet().values()), show_progress=False)
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=list(byte_level_alphabet().values()),
+        show_progress=False,
+    )
     heldout: dict = {}
     stats = {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}
     common = common_pieces(cfg, paths, stats) if cfg.rare_pieces_as_pairs else None
@@ -338,9 +360,11 @@ def run(cfg: Config) -> dict:
         raise ValueError(f"no training text in {cfg.data_path} (all documents held out or empty)")
     check_trained_size(tok.get_vocab_size(), cfg)
     if stats.get("special_docs"):
-        print(f"note: {stats['special_docs']:,} training documents carry special-token strings "
-              f"({', '.join(SPECIAL_TOKENS)}); the tokenizer learned them as plain text (the shard stage encodes "
-              f"them as text too; the special ids are only for the chat template)")
+        print(
+            f"note: {stats['special_docs']:,} training documents carry special-token strings "
+            f"({', '.join(SPECIAL_TOKENS)}); the tokenizer learned them as plain text (the shard stage encodes "
+            f"them as text too; the special ids are only for the chat template)"
+        )
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, f"special token {name} got id {tok.token_to_id(name)}, expected {i}"
 
@@ -357,18 +381,28 @@ def run(cfg: Config) -> dict:
                 break
         heldout["eval:" + os.path.basename(p)] = held
     report = {
-        "vocab_size": tok.get_vocab_size(), "single_cjk_tokens": single_cjk_entries(tok.get_vocab()),
-        "train_seconds": round(train_s, 1), "fed_bytes": stats["fed_bytes"], "fed_docs": stats["fed_docs"],
-        "skipped_bytes": stats["skipped_bytes"], "distinct_long_pieces": stats.get("distinct_long_pieces"),
-        "common_long_pieces": stats.get("common_long_pieces"), "distinct_pairs": stats.get("distinct_pairs"),
-        "common_pairs": stats.get("common_pairs"), "heldout": {k: compression(tok, v) for k, v in heldout.items() if v},
+        "vocab_size": tok.get_vocab_size(),
+        "single_cjk_tokens": single_cjk_entries(tok.get_vocab()),
+        "train_seconds": round(train_s, 1),
+        "fed_bytes": stats["fed_bytes"],
+        "fed_docs": stats["fed_docs"],
+        "skipped_bytes": stats["skipped_bytes"],
+        "distinct_long_pieces": stats.get("distinct_long_pieces"),
+        "common_long_pieces": stats.get("common_long_pieces"),
+        "distinct_pairs": stats.get("distinct_pairs"),
+        "common_pairs": stats.get("common_pairs"),
+        "heldout": {k: compression(tok, v) for k, v in heldout.items() if v},
         "config": asdict(cfg),
     }
     with open(os.path.join(cfg.out_dir, "tokenizer_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
-    print(f"tokenizer: vocab {report['vocab_size']} | {report['single_cjk_tokens']} single-CJK tokens | trained on "
-          f"{stats['fed_bytes'] / 1e6:.1f} MB in {train_s:.1f}s -> {cfg.out_dir}")
+    print(
+        f"tokenizer: vocab {report['vocab_size']} | {report['single_cjk_tokens']} single-CJK tokens | trained on "
+        f"{stats['fed_bytes'] / 1e6:.1f} MB in {train_s:.1f}s -> {cfg.out_dir}"
+    )
     for name, r in report["heldout"].items():
-        print(f"  held-out {name:48s} {r['chars']:>9,} chars | {r['chars_per_token']:.3f} chars/tok | "
-              f"{r['cjk_chars_per_token']:.3f} CJK/tok | {r['bytes_per_token']:.2f} bytes/tok")
+        print(
+            f"  held-out {name:48s} {r['chars']:>9,} chars | {r['chars_per_token']:.3f} chars/tok | "
+            f"{r['cjk_chars_per_token']:.3f} CJK/tok | {r['bytes_per_token']:.2f} bytes/tok"
+        )
     return report
