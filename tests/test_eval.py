@@ -13,25 +13,24 @@ import torch
 from transformers import AutoTokenizer
 
 import main
+from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
 from model import SLMConfig, SLMForCausalLM
 from scripts.export_llama import export_llama
 from scripts.lm_eval_task import write_lm_eval_task
 from tests.conftest import tiny_corpus_lines
+from tests.helpers import SHARED_DATA
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 from trainer.eval import (
-    LETTERS,
     Config,
     continuation_request,
     mc_prompt,
-    mc_subject_files,
     perplexity,
     ppl_windows,
-    read_mc_csv,
     run,
     score_requests,
 )
 
-CMMLU = "/work/shared/data/eval/cmmlu"  # read-only shared data (data README section 5); never copied here
+CMMLU = str(SHARED_DATA / "eval" / "cmmlu")  # read-only shared data (data README section 5); never copied here
 SUBJECTS = "arts,anatomy"
 
 

@@ -393,3 +393,95 @@ def write_card(
         base_model=cfg.init_from,
     )
     make_readable(path)
+
+
+# -----------------------------------------------------------------------------
+# What the Trainer's save_checkpoint / export_final / resume do, given the trainer (its model, optimizer, guard,
+# data position and hooks): the one place that knows what a checkpoint holds.
+
+
+def save_trainer(trainer) -> str:
+    """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
+    rngs = gather_rng_states(trainer.device, distributed=trainer.distributed, world_size=trainer.world_size)
+    weights = full_model_state(trainer.raw_model, fsdp=trainer.fsdp, master=trainer.master)
+    optimizer = full_optimizer_state(trainer.raw_model, trainer.optimizer, fsdp=trainer.fsdp, master=trainer.master)
+    path = step_dir(trainer.cfg.out_dir, trainer.step)
+    if trainer.master:
+        state = {
+            "step": trainer.step,
+            "tokens_seen": trainer.tokens_seen,
+            "stage": trainer.stage,
+            "optimizer": optimizer,
+            "optimizer_by_name": trainer.fsdp,
+            "scaler": trainer.guard.state_dict(),
+            "data": trainer.train_data.state_dict(),
+            "rng": rngs,
+            "world_size": trainer.world_size,
+            "global_batch": trainer.global_batch,
+            "extra": trainer.extra_state(),
+        }
+        write_checkpoint(
+            path,
+            state=state,
+            keep_last=trainer.cfg.keep_last,
+            write_weights=lambda tmp: trainer.save_pretrained_to(path=tmp, state=weights),
+        )
+        print0(f"[{trainer.stage}] saved {path}")
+    if trainer.distributed:
+        dist.barrier()
+    return path
+
+
+def export_trainer(trainer) -> None:
+    """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage."""
+    weights = full_model_state(trainer.raw_model, fsdp=trainer.fsdp, master=trainer.master)  # collective
+    if not trainer.master:
+        return
+    dtype = trainer.dtype if trainer.dtype != torch.float16 else torch.bfloat16
+
+    def write(tmp: str) -> None:
+        trainer.save_pretrained_to(path=tmp, dtype=dtype, state=weights)
+        write_card(
+            tmp,
+            trainer.cfg,
+            stage=trainer.stage,
+            step=trainer.step,
+            tokens_seen=trainer.tokens_seen,
+            global_batch=trainer.global_batch,
+            dtype=trainer.dtype,
+            world_size=trainer.world_size,
+            model_config=trainer.raw_model.config,
+            evaluation=getattr(trainer, "last_eval", None),
+        )
+
+    path = write_final(trainer.cfg.out_dir, write_weights=write)
+    print0(f"[{trainer.stage}] final weights in {path}{trainer.next_stage_hint(path=path)}")
+
+
+def resume_trainer(trainer) -> None:
+    """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
+    found = newest_readable(
+        trainer.cfg.out_dir,
+        trainer.cfg.resume,
+        stage=trainer.stage,
+        read_weights=lambda path: trainer.read_checkpoint_weights(path=path),
+    )
+    if found is None:
+        return
+    path, state, weights = found
+    trainer.load_checkpoint_weights(path=path, weights=weights)
+    load_optimizer_state(trainer.raw_model, trainer.optimizer, state, fsdp=trainer.fsdp)
+    trainer.guard.load_state_dict(state["scaler"])
+    trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
+    if state["global_batch"] != trainer.global_batch:
+        print0(
+            f"[{trainer.stage}] WARNING: global batch changed from {state['global_batch']} to "
+            f"{trainer.global_batch}; the data position stays exact in tokens but the run is no longer the same"
+        )
+    trainer.train_data.load_state_dict(state["data"])
+    trainer.load_extra_state(state=state.get("extra", {}))
+    if not restore_rng(state["rng"], rank=trainer.rank, world_size=trainer.world_size, device=trainer.device):
+        trainer._seed(trainer.cfg.seed + trainer.step)  # another number of processes: reseed deterministically
+    if trainer.master:
+        truncate_metrics(trainer.cfg.out_dir, trainer.step)
+    print0(f"[{trainer.stage}] resumed from {path} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")

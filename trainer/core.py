@@ -470,90 +470,18 @@ class Trainer:
                 + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             )
 
-    # ---- checkpoints: when and what; the I/O is trainer/checkpoint.py --------------------------------------
+    # ---- checkpoints: when is decided in fit(); what and how is trainer/checkpoint.py -------------------------
     def save_checkpoint(self) -> str:
         """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
-        rngs = checkpoint.gather_rng_states(self.device, distributed=self.distributed, world_size=self.world_size)
-        weights = checkpoint.full_model_state(self.raw_model, fsdp=self.fsdp, master=self.master)
-        optimizer = checkpoint.full_optimizer_state(self.raw_model, self.optimizer, fsdp=self.fsdp, master=self.master)
-        path = checkpoint.step_dir(self.cfg.out_dir, self.step)
-        if self.master:
-            state = {
-                "step": self.step,
-                "tokens_seen": self.tokens_seen,
-                "stage": self.stage,
-                "optimizer": optimizer,
-                "optimizer_by_name": self.fsdp,
-                "scaler": self.guard.state_dict(),
-                "data": self.train_data.state_dict(),
-                "rng": rngs,
-                "world_size": self.world_size,
-                "global_batch": self.global_batch,
-                "extra": self.extra_state(),
-            }
-            checkpoint.write_checkpoint(
-                path,
-                state=state,
-                keep_last=self.cfg.keep_last,
-                write_weights=lambda tmp: self.save_pretrained_to(path=tmp, state=weights),
-            )
-            print0(f"[{self.stage}] saved {path}")
-        if self.distributed:
-            dist.barrier()
-        return path
+        return checkpoint.save_trainer(self)
 
     def export_final(self):
         """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage."""
-        weights = checkpoint.full_model_state(self.raw_model, fsdp=self.fsdp, master=self.master)  # collective
-        if not self.master:
-            return
-        dtype = self.dtype if self.dtype != torch.float16 else torch.bfloat16
-
-        def write(tmp: str) -> None:
-            self.save_pretrained_to(path=tmp, dtype=dtype, state=weights)
-            checkpoint.write_card(
-                tmp,
-                self.cfg,
-                stage=self.stage,
-                step=self.step,
-                tokens_seen=self.tokens_seen,
-                global_batch=self.global_batch,
-                dtype=self.dtype,
-                world_size=self.world_size,
-                model_config=self.raw_model.config,
-                evaluation=getattr(self, "last_eval", None),
-            )
-
-        path = checkpoint.write_final(self.cfg.out_dir, write_weights=write)
-        print0(f"[{self.stage}] final weights in {path}{self.next_stage_hint(path=path)}")
+        checkpoint.export_trainer(self)
 
     def resume(self):
         """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
-        found = checkpoint.newest_readable(
-            self.cfg.out_dir,
-            self.cfg.resume,
-            stage=self.stage,
-            read_weights=lambda path: self.read_checkpoint_weights(path=path),
-        )
-        if found is None:
-            return
-        path, state, weights = found
-        self.load_checkpoint_weights(path=path, weights=weights)
-        checkpoint.load_optimizer_state(self.raw_model, self.optimizer, state, fsdp=self.fsdp)
-        self.guard.load_state_dict(state["scaler"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        if state["global_batch"] != self.global_batch:
-            print0(
-                f"[{self.stage}] WARNING: global batch changed from {state['global_batch']} to "
-                f"{self.global_batch}; the data position stays exact in tokens but the run is no longer the same"
-            )
-        self.train_data.load_state_dict(state["data"])
-        self.load_extra_state(state=state.get("extra", {}))
-        if not checkpoint.restore_rng(state["rng"], rank=self.rank, world_size=self.world_size, device=self.device):
-            self._seed(self.cfg.seed + self.step)  # another number of processes: reseed deterministically
-        if self.master:
-            checkpoint.truncate_metrics(self.cfg.out_dir, self.step)
-        print0(f"[{self.stage}] resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        checkpoint.resume_trainer(self)
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:

@@ -21,7 +21,6 @@ generation report. Not training, so a plain function runner rather than a Traine
 Several init_from paths are compared in one table. Writes eval.json, eval.md and generations.md into out_dir.
 """
 
-import csv
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from typing import ClassVar
 
 import torch
 
+from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
 from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 from model.engine import Engine, SamplingParams
@@ -155,63 +155,6 @@ def perplexity(model, tokenizer, windows: torch.Tensor, batch_size: int, device)
 
 # -----------------------------------------------------------------------------
 # Multiple choice
-
-
-LETTERS = ("A", "B", "C", "D")
-
-
-# The published headers, by column role: CMMLU `,Question,A,B,C,D,Answer` (an unnamed index column first), C-Eval
-# `id,question,A,B,C,D,answer[,explanation]`. Matched without case, so either file reads as it was downloaded.
-MC_COLUMNS = ("question", "a", "b", "c", "d", "answer")
-
-
-def mc_subject_files(mc_dir: str, split: str) -> tuple[str, dict[str, str]]:
-    """(layout, {subject: csv path}) of one split: CMMLU's <split>/<subject>.csv or C-Eval's
-    <split>/<subject>_<split>.csv (val/computer_network_val.csv). The layout is read off the file names."""
-    split_dir = os.path.join(mc_dir, split)
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(
-            f"mc_dir: {split_dir} is not a folder (expected <mc_dir>/{split}/*.csv, as CMMLU and C-Eval are published)"
-        )
-    names = sorted(f[:-4] for f in os.listdir(split_dir) if f.endswith(".csv"))
-    suffix = f"_{split}"
-    if names and all(n.endswith(suffix) for n in names):
-        return "ceval", {n[: -len(suffix)]: os.path.join(split_dir, n + ".csv") for n in names}
-    return "cmmlu", {n: os.path.join(split_dir, n + ".csv") for n in names}
-
-
-def read_mc_csv(path: str) -> list[dict]:
-    """Rows of a CMMLU or C-Eval CSV (header detected) as {"question", "options": [4], "answer": "A".."D"}."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        by_role = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
-        missing = [role for role in MC_COLUMNS if role not in by_role]
-        if missing:
-            raise ValueError(
-                f"{path}: header {reader.fieldnames} lacks {missing}; expected CMMLU's "
-                f"',Question,A,B,C,D,Answer' or C-Eval's 'id,question,A,B,C,D,answer[,explanation]'"
-            )
-        col = {role: by_role[role] for role in MC_COLUMNS}
-        records = list(reader)
-    if records and not any((r[col["answer"]] or "").strip() for r in records):
-        # C-Eval's test split is published without answers (they are scored on its website).
-        raise ValueError(
-            f"{path}: no answers in this file (C-Eval publishes its test split without them); "
-            f"score the val split instead: mc_split=val (shots still come from dev/)"
-        )
-    rows = []
-    for i, row in enumerate(records):
-        answer = (row[col["answer"]] or "").strip().upper()
-        if answer not in LETTERS:
-            raise ValueError(f"{path}: row {i + 1} has answer '{answer}', expected one of A-D")
-        rows.append(
-            {
-                "question": row[col["question"]].strip(),
-                "options": [row[col[k.lower()]].strip() for k in LETTERS],
-                "answer": answer,
-            }
-        )
-    return rows
 
 
 def mc_header(subject: str) -> str:
