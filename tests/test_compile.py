@@ -200,7 +200,7 @@ def _compiled_ddp_worker(rank: int, port: int, tokenizer_dir: str, shards: str, 
     trainer = PretrainTrainer(cfg)
     trainer.prepare()
     wrapping = [type(trainer.model).__name__, type(trainer.model.module).__name__]
-    losses = [float(trainer.train_step()["loss"]) for _ in range(2)]
+    losses = [float(trainer.train_step()[0]["loss"]) for _ in range(2)]
     weights = trainer.raw_model.model.layers[0].mlp.up_proj.weight.detach()
     torch.save(
         {"wrapping": wrapping, "losses": losses, "weights": weights, "log": records},
