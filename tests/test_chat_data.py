@@ -584,6 +584,7 @@ def test_bad_tool_records_are_refused(tmp_path, turns, reason):
     assert stats[f"skip:{reason}"] == 1
 
 
+@pytest.mark.slow
 def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokenizer_dir, tmp_path):
     import shutil
     import subprocess

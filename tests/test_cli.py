@@ -17,6 +17,7 @@ def run_main(*args):
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 def test_help_lists_built_stages_only():
     out = run_main("--help")
     assert out.returncode == 0
@@ -26,6 +27,7 @@ def test_help_lists_built_stages_only():
         assert (f"  {name} " in out.stdout) == built, name
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 def test_unknown_stage_fails_with_message():
     out = run_main("--stage", "pretrian")
     assert out.returncode == 2 and "unknown stage 'pretrian'" in out.stderr
@@ -209,6 +211,7 @@ def test_no_hint_when_nothing_is_close():
 # Config values are checked up front, in one place (trainer/config.py validate), naming the key and the choices
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 @pytest.mark.parametrize(
     "stage, override, message",
     [
@@ -231,12 +234,14 @@ def test_bad_values_fail_before_anything_runs(stage, override, message, tmp_path
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 def test_negative_max_steps_writes_nothing(tmp_path):
     out = run_main("--stage", "pretrain", f"out_dir={tmp_path / 'run'}", "max_steps=-5")
     assert out.returncode == 2 and "config key 'max_steps': must be >= 1, got -5" in out.stderr
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 3e-4\nmax_steps: 10\nwarmup_steps: [1, 2\nseed: 3\n")
@@ -245,6 +250,7 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 def test_missing_paths_are_named_before_a_model_is_built(tmp_path):
     out = run_main(
         "--stage",
@@ -270,6 +276,7 @@ def test_missing_paths_are_named_before_a_model_is_built(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # runs main.py in a fresh interpreter
 def test_a_corpus_too_small_for_the_vocab_fails_clearly(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("你好" * 100, encoding="utf-8")
