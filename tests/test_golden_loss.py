@@ -17,23 +17,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import read_metrics, write_shards
+from tests.helpers import pretrain_corpus, read_metrics, write_shards
 
 GOLDEN = Path(__file__).resolve().parent / "assets" / "losses" / "tiny_pretrain_sft.json"
 REL_TOL = 2e-3  # loose: thread counts and BLAS builds move the last digits, a real change moves far more
-
-
-def corpus(n: int = 400) -> list[str]:
-    rng = random.Random(0)
-    words = [
-        "北京是中国的首都。",
-        "今天天气很好。",
-        "我们学习数学。",
-        "春眠不觉晓。",
-        "hello world.",
-        "人工智能是科学。",
-    ]
-    return ["".join(rng.choice(words) for _ in range(rng.randrange(2, 6))) for _ in range(n)]
 
 
 def conversations(n: int = 32) -> list[dict]:
@@ -53,7 +40,7 @@ def run_curves(tokenizer_dir: str, root: Path) -> dict:
     from trainer.sft import SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shards = write_shards(tok, corpus(), str(root / "shards"), n_shards=2)
+    shards = write_shards(tok, pretrain_corpus(400), str(root / "shards"), n_shards=2)
     pre = PretrainConfig(
         model_config="tiny",
         tokenizer_dir=tokenizer_dir,
