@@ -54,6 +54,9 @@ part() {  # part NAME SECONDS COMMAND...: time-limited, log in $out/NAME.log, RE
     [ "$limit" -gt 0 ] && seconds=$limit
     echo "== $name (limit $seconds s): $*" | tee -a "$summary"
     local start=$SECONDS
+    # create the log before the part starts: the redirect below happens in the child, and a tail that starts first
+    # finds no file and gives up, losing every RESULT line of a fast part
+    : >"$out/$name.log"
     timeout "$seconds" "$@" >"$out/$name.log" 2>&1 &
     local pid=$!
     # print each result the moment the part writes it
