@@ -5,6 +5,7 @@ Token efficiency of training recipes: what a token teaches, not how fast it goes
     python bench/bench_recipe.py --quick            # smoke run: a tiny model, a few steps (~1-2 minutes)
     python bench/bench_recipe.py --device cuda --preset small --steps 2000 --seeds 0 1
     python bench/bench_recipe.py --recipes ours-adamw ours-muon --set muon-x20:optimizer=muon,muon_lr_ratio=20
+    python bench/bench_recipe.py --recipes ours-muon --sft_lrs 3e-5 1e-4 3e-4 1e-3   # then the SFT lr sweep
 
 Every recipe trains the same model from the same seed on the same shards for the same number of tokens, through
 the real PretrainTrainer (trainer/pretrain.py), so what is measured is what `main.py --stage pretrain` runs. The
@@ -24,6 +25,10 @@ Recipes (a recipe is a set of TrainConfig overrides on top of the shared ones):
     minimind     MiniMind's pretraining: AdamW with torch's default betas (0.9, 0.999) and weight decay 0.01,
                  lr 5e-4, cosine to lr/10, no warmup
     plus the variants in VARIANTS and any --set name:key=value,key=value.
+
+SFT learning rate (--sft_lrs): the --sft_from recipe's pretrained model (first seed) is fine-tuned with
+config/sft.yaml's recipe on its chat files from the shared pack (../shared/data/sft), once per lr, for --sft_steps
+steps on the benchmark's batch and sequence length; printed: the validation loss (assistant tokens, nats) per lr.
 """
 
 import os
@@ -43,12 +48,15 @@ import torch
 from trainer.config import ConfigError, load_config, parse_overrides
 from trainer.core import run_trainer
 from trainer.pretrain import Config, PretrainTrainer
+from trainer.sft import Config as SFTConfig
+from trainer.sft import SFTTrainer
 from trainer.train_tokenizer import Config as TokenizerConfig
 from trainer.train_tokenizer import run as train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench", "_work", "recipe")
 PACK = os.path.join(os.path.dirname(ROOT), "shared", "data", "pretrain", "zh")
+SFT_PACK = os.path.join(os.path.dirname(ROOT), "shared", "data", "sft")
 BASELINE = "ours-adamw"
 
 # Modern prose (wiki paragraphs, reports, essays) plus vernacular novels: about 4M Chinese characters.
@@ -123,9 +131,15 @@ RECIPE_KEYS = (
     "muon_lr_ratio",
     "muon_momentum",
 )
+# Issue 15 point 4: what else might pay at this scale, each tried against ours-muon (a "model" entry changes the
+# benchmark model's SLMConfig, e.g. its init; the trained model stays a stock Llama either way).
 VARIANTS = {
     "ours-muon-wsd": dict(optimizer="muon", lr_schedule="wsd"),
     "ours-adamw-wsd": dict(lr_schedule="wsd"),
+    "muon-no-warmup": dict(optimizer="muon", warmup_steps=0),
+    "muon-warmup-x3": dict(optimizer="muon", warmup_share=3),
+    "muon-no-embed-decay": dict(optimizer="muon", decay_embeddings=False),
+    "muon-zero-init": dict(optimizer="muon", model=dict(residual_init="zero")),
 }
 
 # -----------------------------------------------------------------------------
@@ -224,8 +238,9 @@ def eval_records(out_dir: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["split"] == "eval"]
 
 
-def train_recipe(name: str, settings: dict, seed: int, out_dir: str) -> dict:
-    """One run; returns its eval curve as (tokens seen, bpb) points and the wall time."""
+def train_recipe(name: str, settings: dict, seed: int, out_dir: str, keep_final: bool = False) -> dict:
+    """One run; returns its eval curve as (tokens seen, bpb) points and the wall time. The weights are deleted
+    afterwards, but for final/ with keep_final."""
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     cfg = Config(**{**settings, "seed": seed, "out_dir": out_dir})
@@ -236,7 +251,7 @@ def train_recipe(name: str, settings: dict, seed: int, out_dir: str) -> dict:
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     curve = [(r["step"] * tokens_per_step, r["bpb"]) for r in eval_records(out_dir)]
     for step_dir in os.listdir(out_dir):  # the weights are not needed afterwards
-        if step_dir.startswith(("step_", "final")):
+        if step_dir.startswith("step_") or step_dir == "final" and not keep_final:
             shutil.rmtree(os.path.join(out_dir, step_dir), ignore_errors=True)
     return {"recipe": name, "seed": seed, "curve": curve, "seconds": seconds}
 
@@ -300,6 +315,47 @@ def print_report(runs: list[dict], summary: dict, header: str) -> None:
         )
 
 
+def sft_sweep(pretrained: str, lrs: list[float], steps: int, size: dict, args, work: str) -> list[dict]:
+    """config/sft.yaml's recipe from `pretrained`, once per lr: [{lr, curve: [(step, val loss)], seconds}]."""
+    yaml_cfg = load_config(SFTConfig, os.path.join(ROOT, "config", "sft.yaml"), [])
+    files = [os.path.join(SFT_PACK, os.path.basename(p.strip())) for p in yaml_cfg.data_path.split(",")]
+    results = []
+    for lr in lrs:
+        out_dir = os.path.join(work, "sft", f"lr{lr:g}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        cfg = load_config(
+            SFTConfig,
+            os.path.join(ROOT, "config", "sft.yaml"),
+            [
+                f"init_from={pretrained}",
+                f"out_dir={out_dir}",
+                f"data_path={','.join(files)}",
+                f"lr={lr}",
+                f"max_steps={steps}",
+                f"warmup_steps={round(steps * yaml_cfg.warmup_steps / yaml_cfg.max_steps)}",
+                f"seq_len={size['seq_len']}",
+                f"batch_size={size['batch']}",
+                f"global_batch_size={size['batch']}",
+                f"eval_every={max(1, steps // 4)}",
+                f"eval_batches={size['eval_batches']}",
+                f"device={args.device}",
+                "compile=false",
+                "save_every=0",
+                "resume=never",
+                f"log_every={max(1, steps // 4)}",
+            ],
+        )
+        start = time.time()
+        with open(os.path.join(out_dir, "train.log"), "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+            run_trainer(SFTTrainer, cfg)
+        curve = [(r["step"], r["loss"]) for r in eval_records(out_dir)]
+        shutil.rmtree(os.path.join(out_dir, "final"), ignore_errors=True)
+        results.append({"lr": lr, "curve": curve, "seconds": time.time() - start})
+        print(f"[bench] sft lr {lr:g}: val loss {curve[-1][1]:.4f} in {time.time() - start:.0f}s", flush=True)
+    return results
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -337,6 +393,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--work", default=WORK, help="data and runs (git-ignored)")
     ap.add_argument("--json", default="", help="also write the curves and the summary here")
+    ap.add_argument("--sft_lrs", nargs="*", type=float, default=[], help="SFT learning rates to sweep")
+    ap.add_argument("--sft_from", default="ours-muon", help="the recipe whose pretrained model the SFT sweep tunes")
+    ap.add_argument("--sft_steps", type=int, default=200, help="SFT steps per lr")
     args = ap.parse_args()
     if not os.path.isdir(PACK):
         print(f"[bench] the shared data pack is not at {PACK}: nothing to benchmark (see ../shared/data/README.md)")
@@ -349,6 +408,8 @@ def main():
     names = args.recipes or [*RECIPES, *extra]
     if BASELINE not in names:
         names = [BASELINE, *names]
+    if args.sft_lrs and args.sft_from not in names:
+        names.append(args.sft_from)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; known: {', '.join(known)}")
@@ -369,9 +430,20 @@ def main():
     runs = []
     for seed in args.seeds:
         for name in names:
-            run = train_recipe(
-                name, {**settings, **known[name]}, seed, os.path.join(args.work, "runs", name, f"seed{seed}")
-            )
+            recipe = dict(known[name])
+            if "warmup_share" in recipe:  # a multiple of the shared warmup
+                recipe["warmup_steps"] = round(settings["warmup_steps"] * recipe.pop("warmup_share"))
+            if "model" in recipe:  # the benchmark model with some SLMConfig fields changed
+                if args.preset:
+                    raise SystemExit(f"recipe {name} changes the benchmark model; it cannot run with --preset")
+                with open(model_config, encoding="utf-8") as f:
+                    fields = {**json.load(f), **recipe.pop("model")}
+                recipe["model_config"] = os.path.join(data_dir, f"model_{name}.json")
+                with open(recipe["model_config"], "w", encoding="utf-8") as f:
+                    json.dump(fields, f)
+            run_dir = os.path.join(args.work, "runs", name, f"seed{seed}")
+            keep = bool(args.sft_lrs) and name == args.sft_from and seed == args.seeds[0]
+            run = train_recipe(name, {**settings, **recipe}, seed, run_dir, keep_final=keep)
             runs.append(run)
             print(
                 f"[bench] {name} seed {seed}: final bpb {run['curve'][-1][1]:.4f} in {run['seconds']:.0f}s", flush=True
@@ -385,10 +457,27 @@ def main():
         f"{args.steps} steps x {settings['global_batch_size']} x {settings['seq_len']} = {tokens:,} tokens, "
         f"seeds {args.seeds}, device {args.device}, torch {torch.__version__}",
     )
+    sft = []
+    if args.sft_lrs:
+        pretrained = os.path.join(args.work, "runs", args.sft_from, f"seed{args.seeds[0]}", "final")
+        sft = sft_sweep(pretrained, args.sft_lrs, args.sft_steps, size, args, args.work)
+        print(
+            f"\n## SFT lr sweep: config/sft.yaml from {args.sft_from} (seed {args.seeds[0]}), {args.sft_steps} steps\n"
+        )
+        print("| lr | " + " | ".join(f"val loss @ step {s}" for s, _ in sft[0]["curve"]) + " |")
+        print("|---|" + "---|" * len(sft[0]["curve"]))
+        for r in sft:
+            print(f"| {r['lr']:g} | " + " | ".join(f"{loss:.4f}" for _, loss in r["curve"]) + " |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
-                {"runs": runs, "summary": summary, "recipes": {n: known[n] for n in names}, "settings": settings},
+                {
+                    "runs": runs,
+                    "summary": summary,
+                    "recipes": {n: known[n] for n in names},
+                    "settings": settings,
+                    "sft": sft,
+                },
                 f,
                 indent=1,
             )

@@ -33,6 +33,8 @@ class SLMConfig(PreTrainedConfig):
     attention_bias: bool = False  # Llama has no biases in the projections
     attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
     initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
+    residual_init: str = "scaled"  # o_proj/down_proj (they write into the residual stream): "scaled" = normal with
+    #                                std / sqrt(2 * layers) (GPT-2) | "zero" = zeros (modded-nanogpt); init only
     use_cache: bool = True  # generate() keeps a KV cache
     # --- special tokens (ids fixed by trainer/train_tokenizer.py) --------------------------------
     bos_token_id: int | None = None  # no BOS: documents are separated by <|endoftext|>
@@ -90,6 +92,8 @@ class SLMConfig(PreTrainedConfig):
 
     def _check_shapes(self):
         """Reject shapes the model cannot build, with a plain ValueError that says why."""
+        if self.residual_init not in ("scaled", "zero"):
+            raise ValueError(f"residual_init must be 'scaled' or 'zero', got {self.residual_init!r}")
         for name in (
             "vocab_size",
             "hidden_size",

@@ -264,10 +264,14 @@ class SLMPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             # GPT-2's residual scaling: the projections that write into the residual stream get
-            # std / sqrt(2 * layers), so the stream's variance does not grow with depth.
-            name = getattr(module, "_slm_name", "")
-            scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if name in ("o_proj", "down_proj") else 1.0
-            init.normal_(module.weight, mean=0.0, std=std * scale)
+            # std / sqrt(2 * layers), so the stream's variance does not grow with depth; or zeros, so every
+            # block starts as the identity (residual_init="zero").
+            writes_residual = getattr(module, "_slm_name", "") in ("o_proj", "down_proj")
+            if writes_residual and self.config.residual_init == "zero":
+                init.zeros_(module.weight)
+            else:
+                scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if writes_residual else 1.0
+                init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -71,6 +71,15 @@ def test_quick_run_prints_curves_and_ratios(tmp_path):
             str(tmp_path / "work"),
             "--json",
             str(out),
+            "--recipes",
+            *RECIPES,
+            "muon-zero-init",
+            "muon-no-embed-decay",
+            "--sft_lrs",
+            "1e-4",
+            "3e-4",
+            "--sft_steps",
+            "4",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -80,7 +89,7 @@ def test_quick_run_prints_curves_and_ratios(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert list(data["summary"]) == list(RECIPES)  # the baseline first, then the others, each trained
+    assert list(data["summary"]) == [*RECIPES, "muon-zero-init", "muon-no-embed-decay"]  # the baseline first
     assert data["recipes"]["ours-muon"] == {"optimizer": "muon"}
     assert data["settings"]["lr"] == load_config(Config, str(ROOT / "config" / "pretrain.yaml")).lr  # the yaml's
     settings = data["settings"]
@@ -92,6 +101,14 @@ def test_quick_run_prints_curves_and_ratios(tmp_path):
     assert data["summary"][BASELINE]["token_ratio"] == [1.0]
     curves = {r["recipe"]: r["curve"] for r in data["runs"]}
     assert curves["ours-muon"] != curves["ours-adamw"] != curves["minimind"]  # the recipes really differ
+    assert curves["muon-zero-init"] != curves["ours-muon"] != curves["muon-no-embed-decay"]  # so do the variants
+    model = json.loads((tmp_path / "work" / "quick" / "model_muon-zero-init.json").read_text())
+    assert model["residual_init"] == "zero" and model["hidden_size"] == 64
+    # the SFT sweep: each lr fine-tuned the kept ours-muon model and was evaluated at the end
+    assert [r["lr"] for r in data["sft"]] == [1e-4, 3e-4]
+    assert all(r["curve"][-1][0] == 4 and 0 < r["curve"][-1][1] < 20 for r in data["sft"])
+    assert data["sft"][0]["curve"] != data["sft"][1]["curve"]
+    assert "## SFT lr sweep" in result.stdout and "| 0.0003 |" in result.stdout
     for name in RECIPES:
         assert f"| {name} | 0 |" in result.stdout  # the curve table, one row per recipe and seed
     assert f"tokens to {BASELINE}'s final bpb" in result.stdout

@@ -272,11 +272,25 @@ def test_dense_path_has_no_moe_parts():
         ({"num_attention_heads": 8, "num_key_value_heads": 3}, "must divide num_attention_heads"),
         ({"use_moe": True, "num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok"),
         ({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 15}, "even"),
+        ({"residual_init": "ones"}, "residual_init"),
     ],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SLMConfig(**kwargs)
+
+
+def test_zero_residual_init_starts_every_block_as_the_identity():
+    model = SLMForCausalLM(SLMConfig.from_preset("tiny", residual_init="zero"))
+    for name, param in model.named_parameters():
+        writes_residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+        assert (param.abs().sum() == 0) == writes_residual, name
+    ids = torch.tensor([[4, 5, 6, 7]])
+    inner = model.model
+    expected = model.lm_head(inner.norm(inner.embed_tokens(ids)))  # no block adds anything yet
+    torch.testing.assert_close(model(ids).logits, expected)
+    default = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    assert all(p.abs().sum() > 0 for n, p in default.named_parameters() if n.endswith("o_proj.weight"))
 
 
 def test_presets_load_strictly(tmp_path):

@@ -66,6 +66,13 @@ def test_groups_by_name_dense(tied):
     found = groups_of(adamw, model)
     assert not found["muon"] and found["no_decay"] == norms(n)
     assert len(found["decay"]) == 7 * n + (1 if tied else 2)
+    # decay_embeddings=false moves the embedding and the head (only those) to the group without decay
+    for optimizer_name in ("muon", "adamw"):
+        cfg = TrainConfig(optimizer=optimizer_name, decay_embeddings=False)
+        found = groups_of(build_optimizer(list(model.named_parameters()), cfg, torch.device("cpu")), model)
+        embeddings = {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
+        assert found["no_decay"] == norms(n) | embeddings
+        assert not found["decay"] & embeddings and len(found["decay"]) == (0 if optimizer_name == "muon" else 7 * n)
 
 
 def test_groups_by_name_moe():

@@ -380,6 +380,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     decay_ratio: float = 0.2  # wsd: share of steps spent in the final linear decay
     weight_decay: float = 0.1  # decay on matrices (not on norms or biases), AdamW's and Muon's
+    decay_embeddings: bool = True  # false: no weight decay on the token embedding and the output head
     beta1: float = 0.9  # AdamW betas (under optimizer=muon: of the embeddings, head, norms)
     beta2: float = 0.95
     optimizer: str = "adamw"  # adamw | muon: Muon for the hidden matrices, AdamW for the rest (trainer/optim.py)

@@ -45,16 +45,24 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
     return param.ndim == 2 and ".layers." in name and name.endswith("_proj.weight")
 
 
-def split_parameters(named_params: list[tuple[str, torch.Tensor]], optimizer: str) -> dict[str, list[str]]:
+def is_embedding(name: str) -> bool:
+    """The token embedding or the output head (one tensor when tied)."""
+    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+def split_parameters(
+    named_params: list[tuple[str, torch.Tensor]], optimizer: str, decay_embeddings: bool = True
+) -> dict[str, list[str]]:
     """{"muon": [...], "decay": [...], "no_decay": [...]}: parameter names per group. "decay" is AdamW with weight
-    decay (matrices: embeddings, head, router, adapters), "no_decay" AdamW without (norms, biases, other vectors)."""
+    decay (matrices: embeddings, head, router, adapters), "no_decay" AdamW without (norms, biases, other vectors;
+    the embedding and head too when decay_embeddings is false)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
     groups = {"muon": [], "decay": [], "no_decay": []}
     for name, param in named_params:
         if optimizer == "muon" and is_hidden_matrix(name, param):
             groups["muon"].append(name)
-        elif param.dim() >= 2:
+        elif param.dim() >= 2 and (decay_embeddings or not is_embedding(name)):
             groups["decay"].append(name)
         else:
             groups["no_decay"].append(name)
@@ -120,7 +128,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer for these trainable (name, parameter) pairs, as cfg.optimizer asks. Every group carries
     `lr_scale` (its lr / cfg.lr) and starts at that share of cfg.lr."""
-    groups = split_parameters(named_params, cfg.optimizer)
+    groups = split_parameters(named_params, cfg.optimizer, cfg.decay_embeddings)
     by_name = dict(named_params)
     fused = device.type == "cuda"
     betas = (cfg.beta1, cfg.beta2)
