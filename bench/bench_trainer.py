@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from dataset.shards import SHARD_FORMAT, tokenizer_fingerprint  # noqa: E402
+from dataset.shard_writer import write_token_shards  # noqa: E402
 from model import SLMConfig  # noqa: E402
 from trainer.core import run_trainer  # noqa: E402
 from trainer.pretrain import Config as PretrainConfig  # noqa: E402
@@ -56,28 +56,11 @@ def make_tokenizer(work: str) -> str:
 
 def make_shards(tokenizer, work: str, tokens: int) -> str:
     """Random ids of the tokenizer's vocabulary in the shard format (ids, not text: the stream reads ids)."""
-    out = os.path.join(work, "shards")
-    os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(0)
     n_special = 4
-    train = rng.integers(n_special, len(tokenizer), tokens, dtype=np.uint16)
-    val = rng.integers(n_special, len(tokenizer), max(tokens // 20, 4096), dtype=np.uint16)
-    train.tofile(os.path.join(out, "train_00000.bin"))
-    val.tofile(os.path.join(out, "val.bin"))
-    meta = {
-        "format": SHARD_FORMAT,
-        "dtype": "uint16",
-        "vocab_size": len(tokenizer),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "eos_id": tokenizer.eos_token_id,
-        "seed": 0,
-        "sources": [],
-        "train_shards": [{"file": "train_00000.bin", "tokens": int(len(train))}],
-        "val_shard": {"file": "val.bin", "tokens": int(len(val))},
-    }
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return out
+    train = rng.integers(n_special, len(tokenizer), tokens)
+    val = rng.integers(n_special, len(tokenizer), max(tokens // 20, 4096))
+    return write_token_shards(os.path.join(work, "shards"), tokenizer, [train], val)
 
 
 def make_chats(work: str, n: int, seq_len: int) -> str:

@@ -318,9 +318,7 @@ def prepare(
                 "tokenised_as": "text",
             },
         }
-        with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=1)
-        os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))  # last: marks completion
+        write_meta(out_dir, meta)
     except BaseException:
         remove_partial_output(out_dir)
         raise
@@ -332,3 +330,36 @@ def prepare(
             f"{(stats['tokens'] + stats['val_tokens']) / dt:,.0f} tokens/s"
         )
     return meta
+
+
+def write_meta(out_dir: str, meta: dict) -> None:
+    """meta.json, atomically and last: its presence is what marks the directory as complete."""
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+
+
+def write_token_shards(out_dir: str, tokenizer, train_parts: list[np.ndarray], val: np.ndarray) -> str:
+    """Shards of token ids already in memory (synthetic data in tests and benchmarks), in the very format prepare()
+    writes: one train shard per part, val.bin, meta.json. Returns out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = dtype_for_vocab(len(tokenizer))
+    shards = []
+    for i, part in enumerate(train_parts):
+        name = f"train_{i:05d}.bin"
+        np.asarray(part, dtype=dtype).tofile(os.path.join(out_dir, name))
+        shards.append({"file": name, "tokens": int(len(part))})
+    np.asarray(val, dtype=dtype).tofile(os.path.join(out_dir, "val.bin"))
+    meta = {
+        "format": SHARD_FORMAT,
+        "dtype": dtype,
+        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+        "seed": 0,
+        "sources": [],
+        "train_shards": shards,
+        "val_shard": {"file": "val.bin", "tokens": int(len(val))},
+    }
+    write_meta(out_dir, meta)
+    return out_dir

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset.shards import SHARD_FORMAT, tokenizer_fingerprint
+from dataset.shard_writer import write_token_shards
 
 
 def write_shards(tokenizer, texts: list[str], out_dir: str, n_shards: int = 3, val_fraction: float = 0.1) -> str:
@@ -17,30 +17,9 @@ def write_shards(tokenizer, texts: list[str], out_dir: str, n_shards: int = 3, v
     ids = []
     for text in texts:
         ids += tokenizer.encode(text) + [tokenizer.eos_token_id]
-    arr = np.array(ids, dtype=np.uint16)
-    os.makedirs(out_dir, exist_ok=True)
+    arr = np.array(ids, dtype=np.int64)
     n_val = int(len(arr) * val_fraction)
-    val, train = arr[:n_val], arr[n_val:]
-    shards = []
-    for i, chunk in enumerate(np.array_split(train, n_shards)):
-        name = f"train_{i:05d}.bin"
-        chunk.tofile(os.path.join(out_dir, name))
-        shards.append({"file": name, "tokens": int(len(chunk))})
-    val.tofile(os.path.join(out_dir, "val.bin"))
-    meta = {
-        "format": SHARD_FORMAT,
-        "dtype": "uint16",
-        "vocab_size": len(tokenizer),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "eos_id": tokenizer.eos_token_id,
-        "seed": 0,
-        "sources": [],
-        "train_shards": shards,
-        "val_shard": {"file": "val.bin", "tokens": int(len(val))},
-    }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return out_dir
+    return write_token_shards(out_dir, tokenizer, np.array_split(arr[n_val:], n_shards), arr[:n_val])
 
 
 def read_metrics(out_dir: str, split: str = "train") -> list[dict]:
