@@ -44,8 +44,9 @@ import subprocess
 import time
 
 import torch
+import yaml
 
-from trainer.config import ConfigError, load_config, parse_overrides
+from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides
 from trainer.core import run_trainer
 from trainer.pretrain import Config, PretrainTrainer
 from trainer.sft import Config as SFTConfig
@@ -238,17 +239,42 @@ def eval_records(out_dir: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["split"] == "eval"]
 
 
+def finished_run(cfg: Config, keep_final: bool) -> bool:
+    """Whether cfg.out_dir holds a finished run of exactly this config (config.yaml, the last evaluation), so a
+    rerun of the benchmark (another seed, one more variant) reuses it: a run is deterministic on CPU."""
+    path = os.path.join(cfg.out_dir, "config.yaml")
+    if not os.path.isfile(path) or keep_final and not os.path.isdir(os.path.join(cfg.out_dir, "final")):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            done = yaml.safe_load(f)
+        records = eval_records(cfg.out_dir)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return done == config_to_dict(cfg) and bool(records) and records[-1]["step"] == cfg.max_steps
+
+
 def train_recipe(name: str, settings: dict, seed: int, out_dir: str, keep_final: bool = False) -> dict:
     """One run; returns its eval curve as (tokens seen, bpb) points and the wall time. The weights are deleted
-    afterwards, but for final/ with keep_final."""
+    afterwards, but for final/ with keep_final. A finished run of the same config in out_dir is reused."""
+    cfg = Config(**{**settings, "seed": seed, "out_dir": out_dir})
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    if finished_run(cfg, keep_final):
+        records = eval_records(out_dir)
+        seconds = records[-1]["time"] - os.path.getmtime(os.path.join(out_dir, "config.yaml"))
+        print(f"[bench] {name} seed {seed}: reusing the finished run in {out_dir}", flush=True)
+        return {
+            "recipe": name,
+            "seed": seed,
+            "curve": [(r["step"] * tokens_per_step, r["bpb"]) for r in records],
+            "seconds": seconds,
+        }
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
-    cfg = Config(**{**settings, "seed": seed, "out_dir": out_dir})
     start = time.time()
     with open(os.path.join(out_dir, "train.log"), "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
         run_trainer(PretrainTrainer, cfg)
     seconds = time.time() - start
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
     curve = [(r["step"] * tokens_per_step, r["bpb"]) for r in eval_records(out_dir)]
     for step_dir in os.listdir(out_dir):  # the weights are not needed afterwards
         if step_dir.startswith("step_") or step_dir == "final" and not keep_final:

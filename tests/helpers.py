@@ -1,9 +1,12 @@
 """Test helpers (plain functions; fixtures live in conftest.py): the one tiny-model builder, token shards written
-straight in dataset/shards.py's format (independent of prepare_shards), chat files, metrics readers."""
+straight in the shard format (dataset/shard_writer.py write_token_shards, independent of prepare_shards), chat files,
+metrics readers, main.py in a subprocess, a short fine-tune."""
 
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +125,57 @@ def make_pretrain_cfg(tiny_tokenizer_dir, shards, out_dir, **overrides):
 
 def losses(out_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(str(out_dir))]
+
+
+# -----------------------------------------------------------------------------
+# Running stages: main.py in a subprocess (one process or torchrun), a short fine-tune in this one
+
+
+def run_main_py(out_dir, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`python main.py ARGS out_dir=OUT_DIR`, under torchrun with `processes` > 1 (gloo on CPU), one thread each."""
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
+    # A rank that skipped a forward the others ran would hang its collective: the timeout turns that into a failure.
+    result = subprocess.run(
+        [*launcher, "main.py", *args, f"out_dir={out_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def fine_tune(init_from: str, data_path: str, out_dir: str, seq_len: int, batch: int, max_steps: int) -> str:
+    """SFT at a high constant lr until a tiny model has memorised `data_path`; returns its final/ folder."""
+    from trainer.core import run_trainer
+    from trainer.sft import Config, SFTTrainer
+
+    cfg = Config(
+        init_from=init_from,
+        data_path=str(data_path),
+        out_dir=str(out_dir),
+        seq_len=seq_len,
+        batch_size=batch,
+        global_batch_size=batch,
+        lr=3e-3,
+        warmup_steps=0,
+        lr_schedule="constant",
+        weight_decay=0.0,
+        val_samples=0,
+        eval_every=0,
+        save_every=0,
+        log_every=20,
+        max_steps=max_steps,
+        device="cpu",
+        dtype="fp32",
+        seed=0,
+    )
+    run_trainer(SFTTrainer, cfg)
+    return os.path.join(cfg.out_dir, "final")

@@ -60,6 +60,7 @@ def test_extra_recipes_parse_as_train_config_values():
 @pytest.mark.skipif(not os.path.isdir(PACK), reason=f"shared data pack not at {PACK}")
 def test_quick_run_prints_curves_and_ratios(tmp_path):
     out = tmp_path / "result.json"
+    quick = [sys.executable, "bench/bench_recipe.py", "--quick", "--threads", "1", "--work", str(tmp_path / "work")]
     result = subprocess.run(
         [
             sys.executable,
@@ -112,3 +113,16 @@ def test_quick_run_prints_curves_and_ratios(tmp_path):
     for name in RECIPES:
         assert f"| {name} | 0 |" in result.stdout  # the curve table, one row per recipe and seed
     assert f"tokens to {BASELINE}'s final bpb" in result.stdout
+    # a second run reuses finished runs of the same config instead of training them again
+    again = subprocess.run(
+        [*quick, "--recipes", "ours-muon", "--json", str(tmp_path / "again.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing the finished run") == 2  # the baseline and ours-muon
+    rerun = {r["recipe"]: r["curve"] for r in json.loads((tmp_path / "again.json").read_text())["runs"]}
+    assert rerun == {"ours-adamw": curves["ours-adamw"], "ours-muon": curves["ours-muon"]}

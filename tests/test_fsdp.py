@@ -2,39 +2,14 @@
 same losses, evaluation and final weights as one process, and checkpoints that resume across the two layouts."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, losses, read_metrics, write_chat_file
+from tests.helpers import losses, read_metrics, run_main_py, write_chat_file
 
 pytestmark = pytest.mark.slow  # subprocesses and fresh interpreters: seconds each
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_main(out_dir, args: list[str], processes: int = 1, check: bool = True):
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        if processes > 1
-        else [sys.executable]
-    )
-    # A rank that skipped a forward the others ran would hang its collective: the timeout turns that into a failure.
-    result = subprocess.run(
-        [*launcher, "main.py", *args, f"out_dir={out_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def eval_losses(out_dir) -> list[float]:
@@ -62,8 +37,8 @@ def test_pretrain_fsdp_matches_one_process_and_resumes_across_layouts(tiny_token
         "seed=7",
     ]
     five, seven = [*args, "max_steps=5"], [*args, "max_steps=7"]
-    run_main(tmp_path / "one", five)
-    sharded = run_main(tmp_path / "fsdp", [*five, "parallel=fsdp"], processes=2)
+    run_main_py(tmp_path / "one", five)
+    sharded = run_main_py(tmp_path / "fsdp", [*five, "parallel=fsdp"], processes=2)
     assert "processes 2" in sharded.stdout and "sample:" in sharded.stdout  # samples ran on both ranks
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     # 3 validation batches over 2 ranks: the rank without a third batch repeats one with weight 0
@@ -79,9 +54,9 @@ def test_pretrain_fsdp_matches_one_process_and_resumes_across_layouts(tiny_token
 
     # Resume across layouts: the FSDP checkpoint with 1 process, the 1-process one under FSDP. Both must continue
     # like a 1-process run that was never stopped (optimizer moments included, or the losses would drift).
-    run_main(tmp_path / "straight", seven)
-    run_main(tmp_path / "fsdp", seven)
-    run_main(tmp_path / "one", [*seven, "parallel=fsdp"], processes=2)
+    run_main_py(tmp_path / "straight", seven)
+    run_main_py(tmp_path / "fsdp", seven)
+    run_main_py(tmp_path / "one", [*seven, "parallel=fsdp"], processes=2)
     for name in ("fsdp", "one"):
         assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "straight"), abs=1e-4), name
 
@@ -107,8 +82,8 @@ def test_sft_fsdp_matches_one_process(pretrained_dir, tmp_path):
         "dtype=fp32",
         "seed=0",
     ]
-    run_main(tmp_path / "one", args)
-    run_main(tmp_path / "fsdp", [*args, "parallel=fsdp"], processes=2)
+    run_main_py(tmp_path / "one", args)
+    run_main_py(tmp_path / "fsdp", [*args, "parallel=fsdp"], processes=2)
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     assert eval_losses(tmp_path / "fsdp") == pytest.approx(eval_losses(tmp_path / "one"), abs=1e-4)
 
@@ -126,11 +101,11 @@ def test_fsdp_refused_where_not_built(tiny_tokenizer_dir, shards, tmp_path):
         "sample_tokens=0",
         "parallel=fsdp",
     ]
-    fp16 = run_main(tmp_path / "fp16", [*args, "dtype=fp16"], processes=2, check=False)
+    fp16 = run_main_py(tmp_path / "fp16", [*args, "dtype=fp16"], processes=2, check=False)
     assert fp16.returncode != 0 and "parallel=fsdp needs bf16 or fp32" in fp16.stderr
-    bad = run_main(tmp_path / "bad", [*args[:-1], "parallel=zero3"], check=False)
+    bad = run_main_py(tmp_path / "bad", [*args[:-1], "parallel=zero3"], check=False)
     assert bad.returncode != 0 and "parallel must be ddp or fsdp" in bad.stderr
-    lora = run_main(
+    lora = run_main_py(
         tmp_path / "lora",
         ["--stage", "lora", f"init_from={tmp_path / 'bad'}", "parallel=fsdp"],
         processes=2,

@@ -23,9 +23,7 @@ REPLY = "北京是中国的首都。"
 @pytest.fixture(scope="module")
 def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> str:
     """A tiny model fine-tuned until it answers 中国的首都是哪里？ with REPLY and then ends its turn."""
-    from tests.helpers import tiny_checkpoint
-    from trainer.core import run_trainer
-    from trainer.sft import Config, SFTTrainer
+    from tests.helpers import fine_tune, tiny_checkpoint
 
     root = tmp_path_factory.mktemp("hub")
     base = tiny_checkpoint(tiny_tokenizer_dir, str(root / "base"))
@@ -34,28 +32,7 @@ def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> str:
         for _ in range(8):
             msgs = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": REPLY}]
             f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
-    cfg = Config(
-        init_from=base,
-        data_path=str(data),
-        out_dir=str(root / "sft"),
-        seq_len=64,
-        batch_size=8,
-        global_batch_size=8,
-        lr=3e-3,
-        warmup_steps=0,
-        lr_schedule="constant",
-        weight_decay=0.0,
-        val_samples=0,
-        eval_every=0,
-        save_every=0,
-        log_every=20,
-        max_steps=40,
-        device="cpu",
-        dtype="fp32",
-        seed=0,
-    )
-    run_trainer(SFTTrainer, cfg)
-    return os.path.join(cfg.out_dir, "final")
+    return fine_tune(base, data, root / "sft", seq_len=64, batch=8, max_steps=40)
 
 
 def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_model):

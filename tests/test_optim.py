@@ -1,9 +1,6 @@
 """optimizer=adamw | muon (trainer/optim.py): which parameter gets which optimizer (by name), per-group lrs under the
 schedule, GradScaler, exact resume, DDP == one process, the FSDP refusal, and Muon learning faster than AdamW."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from model import SLMConfig, SLMForCausalLM
-from tests.helpers import ROOT, losses, make_pretrain_cfg, read_metrics
+from tests.helpers import losses, make_pretrain_cfg, read_metrics, run_main_py
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
 from trainer.optim import MuonWithAdamW, build_optimizer, split_parameters
 from trainer.pretrain import PretrainTrainer
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROJECTIONS = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -232,33 +228,9 @@ def main_args(tiny_tokenizer_dir, shards) -> list[str]:
 
 @pytest.mark.slow
 def test_muon_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
-    args = main_args(tiny_tokenizer_dir, shards)
-    subprocess.run(
-        [sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env=ENV,
-    )
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "main.py",
-            "--stage",
-            "pretrain",
-            f"out_dir={tmp_path / 'two'}",
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    assert two.returncode == 0, two.stderr[-2000:]
+    args = ["--stage", "pretrain", *main_args(tiny_tokenizer_dir, shards)]
+    run_main_py(tmp_path / "one", args)
+    two = run_main_py(tmp_path / "two", args, processes=2)
     assert "processes 2" in two.stdout
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     ours, ref = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("two", "one"))
@@ -268,26 +240,8 @@ def test_muon_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
 
 @pytest.mark.slow
 def test_muon_refused_under_fsdp(tiny_tokenizer_dir, shards, tmp_path):
-    args = [*main_args(tiny_tokenizer_dir, shards), "batch_size=2", "max_steps=1", "parallel=fsdp"]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "main.py",
-            "--stage",
-            "pretrain",
-            f"out_dir={tmp_path / 'fsdp'}",
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    args = ["--stage", "pretrain", *main_args(tiny_tokenizer_dir, shards), "batch_size=2", "max_steps=1"]
+    result = run_main_py(tmp_path / "fsdp", [*args, "parallel=fsdp"], processes=2, check=False)
     assert result.returncode != 0 and "optimizer=muon cannot run under parallel=fsdp" in result.stderr
 
 

@@ -2,7 +2,6 @@
 DDP equivalence, metrics and plot, and the error cases."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, losses, make_pretrain_cfg, read_metrics
+from tests.helpers import ROOT, losses, make_pretrain_cfg, read_metrics, run_main_py
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
 from trainer.pretrain import PretrainTrainer
@@ -177,33 +176,8 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
         "save_every=0",
         "seed=7",
     ]  # 3 val batches, 2 ranks
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / 'one'}", *args],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env=env,
-    )
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "main.py",
-            "--stage",
-            "pretrain",
-            f"out_dir={tmp_path / 'two'}",
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert two.returncode == 0, two.stderr[-2000:]
+    run_main_py(tmp_path / "one", ["--stage", "pretrain", *args])
+    run_main_py(tmp_path / "two", ["--stage", "pretrain", *args], processes=2)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
     evals = [[r["loss"] for r in read_metrics(str(tmp_path / d), split="eval")] for d in ("one", "two")]
     assert len(evals[0]) == 1 and evals[1] == pytest.approx(evals[0], abs=1e-4)
@@ -213,13 +187,7 @@ def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
     # a 1-process run that was never interrupted (pretraining has no dropout, so the RNG layout does not matter).
     longer = [a for a in args if not a.startswith("max_steps=")] + ["max_steps=7"]
     for name in ("two", "straight"):
-        subprocess.run(
-            [sys.executable, "main.py", "--stage", "pretrain", f"out_dir={tmp_path / name}", *longer],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            env=env,
-        )
+        run_main_py(tmp_path / name, ["--stage", "pretrain", *longer])
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "straight"), abs=1e-4)
     state = torch.load(tmp_path / "two" / "step_000007" / "trainer_state.pt", weights_only=False)
     assert len(state["rng"]) == 1 and state["data"]["offset"] == 7 * 8 * 32

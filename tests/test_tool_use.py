@@ -6,7 +6,6 @@ and the server (scripts/serve_api.py) hands the call to the official openai clie
 """
 
 import json
-import os
 import threading
 
 import pytest
@@ -55,8 +54,7 @@ def served(tiny_tokenizer_dir, tmp_path_factory):
     from model import SLMConfig, SLMForCausalLM
     from model.engine import Engine
     from scripts.serve_api import make_server
-    from trainer.core import run_trainer
-    from trainer.sft import Config, SFTTrainer
+    from tests.helpers import fine_tune
 
     root = tmp_path_factory.mktemp("tools")
     base = str(root / "base")  # a random tiny model; 1024 positions, as the tools block alone is ~500 tokens here
@@ -69,28 +67,8 @@ def served(tiny_tokenizer_dir, tmp_path_factory):
     data = root / "weather.jsonl"
     with open(data, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(weather_record(city), ensure_ascii=False) + "\n" for city in CITIES)
-    cfg = Config(
-        init_from=base,
-        data_path=str(data),
-        out_dir=str(root / "sft"),
-        seq_len=768,
-        batch_size=4,
-        global_batch_size=4,
-        lr=3e-3,
-        warmup_steps=0,
-        lr_schedule="constant",
-        weight_decay=0.0,
-        val_samples=0,
-        eval_every=0,
-        save_every=0,
-        log_every=20,
-        max_steps=80,
-        device="cpu",
-        dtype="fp32",
-        seed=0,
-    )
-    run_trainer(SFTTrainer, cfg)
-    engine = Engine.from_pretrained(os.path.join(cfg.out_dir, "final"), device="cpu")
+    final = fine_tune(base, data, root / "sft", seq_len=768, batch=4, max_steps=80)
+    engine = Engine.from_pretrained(final, device="cpu")
     server = make_server(engine, "127.0.0.1", 0, model_name="tiny", quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
