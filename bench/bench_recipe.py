@@ -293,9 +293,9 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], baseline_name: str = BASELINE) -> dict:
     """Per recipe: final bpb and the token ratio to the same seed's baseline final bpb (mean, min, max)."""
-    baseline = {r["seed"]: r for r in runs if r["recipe"] == BASELINE}
+    baseline = {r["seed"]: r for r in runs if r["recipe"] == baseline_name}
     summary = {}
     for name in dict.fromkeys(r["recipe"] for r in runs):
         mine = [r for r in runs if r["recipe"] == name]
@@ -316,7 +316,7 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def print_report(runs: list[dict], summary: dict, header: str) -> None:
+def print_report(runs: list[dict], summary: dict, header: str, baseline_name: str = BASELINE) -> None:
     print(f"\n{header}\n")
     points = [t for t, _ in runs[0]["curve"]]
     print("| recipe | seed | " + " | ".join(f"bpb @ {t:,} tok" for t in points) + " |")
@@ -324,7 +324,7 @@ def print_report(runs: list[dict], summary: dict, header: str) -> None:
     for r in runs:
         print(f"| {r['recipe']} | {r['seed']} | " + " | ".join(f"{b:.4f}" for _, b in r["curve"]) + " |")
     print(
-        f"\n| recipe | final bpb (mean, min-max) | tokens to {BASELINE}'s final bpb (x its budget; mean, "
+        f"\n| recipe | final bpb (mean, min-max) | tokens to {baseline_name}'s final bpb (x its budget; mean, "
         f"min-max) | minutes |"
     )
     print("|---|---|---|---|")
@@ -412,6 +412,7 @@ def main():
     )
     ap.add_argument("--set", nargs="*", default=[], help="extra recipes: name:key=value,key=value (TrainConfig)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--baseline", default=BASELINE, help="the recipe token ratios are measured against (always run)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (the token budget)")
     ap.add_argument("--preset", default="", help="a model preset (e.g. small) instead of the benchmark model")
     ap.add_argument("--device", default="cpu")
@@ -432,8 +433,8 @@ def main():
     extra = parse_set(args.set)
     known = {**RECIPES, **VARIANTS, **extra}
     names = args.recipes or [*RECIPES, *extra]
-    if BASELINE not in names:
-        names = [BASELINE, *names]
+    if args.baseline not in names:
+        names = [args.baseline, *names]
     if args.sft_lrs and args.sft_from not in names:
         names.append(args.sft_from)
     unknown = [n for n in names if n not in known]
@@ -474,7 +475,7 @@ def main():
             print(
                 f"[bench] {name} seed {seed}: final bpb {run['curve'][-1][1]:.4f} in {run['seconds']:.0f}s", flush=True
             )
-    summary = summarise(runs)
+    summary = summarise(runs, args.baseline)
     tokens = args.steps * settings["global_batch_size"] * settings["seq_len"]
     print_report(
         runs,
@@ -482,6 +483,7 @@ def main():
         f"## bench_recipe: model {args.preset or size['model']}, vocab {size['vocab']}, "
         f"{args.steps} steps x {settings['global_batch_size']} x {settings['seq_len']} = {tokens:,} tokens, "
         f"seeds {args.seeds}, device {args.device}, torch {torch.__version__}",
+        args.baseline,
     )
     sft = []
     if args.sft_lrs:

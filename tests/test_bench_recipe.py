@@ -45,6 +45,8 @@ def test_summary_compares_each_seed_with_its_own_baseline():
     assert summary["fast"]["final_bpb_mean"] == pytest.approx(2.55)
     assert summary["slow"]["token_ratio"][0] is None and summary["slow"]["token_ratio_mean"] is None
     assert summary["fast"]["seconds"] == 60
+    against_fast = summarise(runs, baseline_name="fast")  # --baseline: any recipe can be the reference
+    assert against_fast["fast"]["token_ratio"] == [1.0, 1.0] and against_fast[BASELINE]["token_ratio"] == [None, None]
 
 
 def test_extra_recipes_parse_as_train_config_values():
