@@ -385,7 +385,8 @@ class TrainConfig:
     beta2: float = 0.95
     optimizer: str = "adamw"  # adamw | muon: Muon for the hidden matrices, AdamW for the rest (trainer/optim.py)
     muon_lr_ratio: float = 10.0  # muon: the hidden matrices' peak lr as a multiple of lr (the AdamW groups keep
-    #                              lr); Muon scales it per matrix by 0.2*sqrt(max(out, in)) (trainer/optim.py)
+    #                              lr); Muon scales it per matrix by 0.2*sqrt(max(out, in)) (trainer/optim.py); 10
+    #                              suits short runs, config/pretrain.yaml's long ones use 5 (bench/RESULTS.md)
     muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 = off
     # --- system ---

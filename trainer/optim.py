@@ -11,10 +11,11 @@ Learning rates. Muon's step is an orthogonal matrix whose entries have RMS ~ 1/s
 scales its lr per matrix by 0.2 * sqrt(max(out, in)) (adjust_lr_fn="match_rms_adamw", from Moonlight, "Muon is
 Scalable for LLM Training"), which gives every matrix, whatever its shape or the model's width, an update of RMS
 0.2 x lr: the RMS of a steady-state AdamW step. An AdamW step early in training is closer to lr itself (m/sqrt(v)
-starts near +-1), so at our run lengths the matrices need a larger lr: muon_lr_ratio x lr (its default comes from
-bench/bench_recipe.py). The AdamW groups keep lr. Keller Jordan's and nanochat's sqrt(max(1, out/in)) instead ties
-the update's RMS to the width and needs a Muon lr tuned per model size; match_rms_adamw lets one ratio serve
-every preset.
+starts near +-1), so at our run lengths the matrices need a larger lr: muon_lr_ratio x lr. How much larger falls
+as runs grow (bench/bench_recipe.py, bench/RESULTS.md: 10-20 is best at 40 steps, 5 and below at 400), so
+TrainConfig's default of 10 suits short runs and the pretraining configs set 5. The AdamW groups keep lr. Keller
+Jordan's and nanochat's sqrt(max(1, out/in)) instead ties the update's RMS to the width and needs a Muon lr tuned
+per model size; match_rms_adamw lets one ratio serve every preset.
 
 Parallel runs: under DDP every rank orthogonalises every matrix from the same all-reduced gradient, so all ranks
 take the same step (nanochat's DistMuon splits that work by matrix instead; not needed at our sizes). Under FSDP a
