@@ -131,6 +131,28 @@ def losses(out_dir) -> list[float]:
 # Running stages: main.py in a subprocess (one process or torchrun), a short fine-tune in this one
 
 
+def pretrain_args(tokenizer_dir: str, shards: str, **overrides) -> list[str]:
+    """key=value arguments of a 5-step tiny pretraining for main.py (the multi-process tests' shared setting)."""
+    settings = dict(
+        tokenizer_dir=tokenizer_dir,
+        data_dir=shards,
+        model_config="tiny",
+        max_steps=5,
+        batch_size=4,
+        global_batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=0,
+        eval_batches=2,
+        sample_tokens=0,
+        save_every=0,
+        seed=7,
+    )
+    return [f"{key}={value}" for key, value in {**settings, **overrides}.items()]
+
+
 def run_main_py(out_dir, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """`python main.py ARGS out_dir=OUT_DIR`, under torchrun with `processes` > 1 (gloo on CPU), one thread each."""
     launcher = (

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import SLMConfig, SLMForCausalLM
-from tests.helpers import losses, make_pretrain_cfg, read_metrics, run_main_py
+from tests.helpers import losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
@@ -206,24 +206,7 @@ def test_muon_fp16_grad_scaler_on_cpu(tiny_tokenizer_dir, shards, tmp_path):
 
 
 def main_args(tiny_tokenizer_dir, shards) -> list[str]:
-    return [
-        f"tokenizer_dir={tiny_tokenizer_dir}",
-        f"data_dir={shards}",
-        "model_config=tiny",
-        "max_steps=5",
-        "batch_size=4",
-        "global_batch_size=8",
-        "seq_len=32",
-        "lr=3e-3",
-        "warmup_steps=2",
-        "log_every=1",
-        "eval_every=0",
-        "eval_batches=2",
-        "sample_tokens=0",
-        "save_every=0",
-        "seed=7",
-        "optimizer=muon",
-    ]
+    return pretrain_args(tiny_tokenizer_dir, shards, optimizer="muon")
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, losses, make_pretrain_cfg, read_metrics, run_main_py
+from tests.helpers import ROOT, losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
 from trainer.pretrain import PretrainTrainer
@@ -158,24 +158,9 @@ def test_batch_size_auto_probes_and_keeps_the_global_batch(tiny_tokenizer_dir, s
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_tokenizer_dir, shards, tmp_path):
-    args = [
-        f"tokenizer_dir={tiny_tokenizer_dir}",
-        f"data_dir={shards}",
-        "model_config=tiny",
-        "max_steps=5",
-        "batch_size=4",
-        "global_batch_size=8",
-        "seq_len=32",
-        "lr=3e-3",
-        "warmup_steps=2",
-        "log_every=1",
-        "lr_schedule=constant",  # the schedule then does not depend on max_steps (the resume below extends it)
-        "eval_every=0",
-        "eval_batches=3",
-        "sample_tokens=0",
-        "save_every=0",
-        "seed=7",
-    ]  # 3 val batches, 2 ranks
+    # a constant lr: the schedule then does not depend on max_steps (the resume below extends it); 3 val batches
+    # over 2 ranks
+    args = pretrain_args(tiny_tokenizer_dir, shards, lr_schedule="constant", eval_batches=3)
     run_main_py(tmp_path / "one", ["--stage", "pretrain", *args])
     run_main_py(tmp_path / "two", ["--stage", "pretrain", *args], processes=2)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
