@@ -377,12 +377,30 @@ def _content(value, where: str, what: str) -> str:
     return "".join(texts)
 
 
+def _json_text(text: str, where: str, what: str):
+    """json.loads of a JSON text inside a record, its failures as BadRecord ("[[[[..." overflows the parser's stack)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord(where, "malformed", f"{what} is not valid JSON: {e.msg}") from None
+    except RecursionError:
+        raise BadRecord(where, "malformed", f"{what} is nested too deeply") from None
+
+
+def _check_renderable(value, where: str, what: str) -> None:
+    """value must dump to the UTF-8 JSON the template writes into the prompt: a lone surrogate ("\\ud800" is valid
+    JSON) is no text the tokenizer can encode, and a structure nested past the recursion limit cannot be dumped."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord(where, "malformed", f"{what} is not valid Unicode (a lone surrogate)") from None
+    except RecursionError:
+        raise BadRecord(where, "malformed", f"{what} is nested too deeply") from None
+
+
 def _json_list(value, where: str, what: str) -> list:
     if isinstance(value, str):  # MiniMind stores tools and tool_calls as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRecord(where, "malformed", f"{what} is not valid JSON: {e.msg}") from None
+        value = _json_text(value, where, what)
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise BadRecord(where, "malformed", f"{what} must be a list of objects")
     return value
@@ -397,6 +415,7 @@ def tools_of(value, where: str) -> list[dict]:
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
             raise BadRecord(where, "malformed", "a tool without a function name")
         tools.append({"type": "function", "function": fn})
+    _check_renderable(tools, where, "tools")
     return tools
 
 
@@ -411,13 +430,11 @@ def tool_calls_of(value, where: str) -> list[dict]:
             raise BadRecord(where, "malformed", "a tool call without a function name")
         args = fn.get("arguments") or {}
         if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError as e:
-                raise BadRecord(where, "malformed", f"tool call arguments are not valid JSON: {e.msg}") from None
+            args = _json_text(args, where, "tool call arguments")
         if not isinstance(args, dict):
             raise BadRecord(where, "malformed", "tool call arguments must be a JSON object")
         calls.append({"name": fn["name"], "arguments": args})
+    _check_renderable(calls, where, "tool_calls")
     return calls
 
 

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import hashlib
 import hmac
+import io
 import json
 import os
 import queue
@@ -37,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from base64 import b64encode
 from collections import Counter, deque
@@ -59,12 +61,15 @@ POLL_S = 0.05  # how often a waiting handler checks that its client is still the
 @dataclasses.dataclass
 class ServerLimits:
     max_body_bytes: int = 1 << 20  # a larger request is answered 413 (after its body has been read and dropped)
+    drain_factor: float = 4.0  # an error's unread body up to this x max_body_bytes is read and dropped (so the
+    # client, still sending, reads the answer); a larger one is cut off
     max_conversation_tokens: int = 32768  # a longer conversation (before trimming to the context) is refused
     max_queue: int = 64  # requests waiting for the model; one more is answered 429 with Retry-After
     max_batch: int = 32  # requests generated together in one batch
     batch_wait_s: float = 0.02  # a batch waits this long for more requests, so ones arriving together share it
     max_generation_s: float = 300.0  # a request generating longer is ended (finish_reason "length")
-    read_timeout_s: float = 10.0  # the longest wait for a client's bytes; its whole body must come in this time
+    read_timeout_s: float = 10.0  # the longest wait for a client's bytes; its request line and headers, then its
+    # body, must each come in this time (a client trickling bytes cannot hold a connection slot longer)
     max_connections: int = 64  # connections served at once; one more is answered 503 and closed
     retry_after_s: int = 2  # the Retry-After of a 429 or 503
 
@@ -345,6 +350,32 @@ class ClientGone(Exception):
     pass
 
 
+class DeadlineReader(io.RawIOBase):
+    """The connection's bytes for the handler's rfile. Each recv waits at most per_read_s, and none goes past
+    deadline (when set): a per-recv timeout alone lets a client that sends one byte in time hold the thread forever.
+    The deadline covers the request line and headers, then the body (ChatHandler.handle_one_request, parse_request);
+    past it a read raises TimeoutError, which closes the connection."""
+
+    def __init__(self, sock: socket.socket, per_read_s: float):
+        self.sock, self.per_read_s = sock, per_read_s
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        wait = self.per_read_s
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError("the client took longer than read_timeout_s to send its request")
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.per_read_s)  # writes keep the plain per-operation timeout
+
+
 def _host_name(value: str) -> str:
     """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'Example.org' -> 'example.org'."""
     value = value.strip().lower()
@@ -370,10 +401,26 @@ class ChatHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.limits.read_timeout_s  # every read and write on the socket waits at most this
         super().setup()
+        self.rfile.close()  # socketserver's plain socket file, replaced by one whose reads have a deadline
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + self.server.limits.read_timeout_s  # request line + headers
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # reads the headers
+        self.reader.deadline = time.monotonic() + self.server.limits.read_timeout_s  # the body has its own time
+        return ok
 
     def log_message(self, fmt, *args):
         if not self.server.quiet:
             super().log_message(fmt, *args)
+
+    def send_response(self, code, message=None):
+        self.responded = True  # from here on an error can no longer be answered with its own status
+        super().send_response(code, message)
 
     def end_headers(self):
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -440,7 +487,30 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     # --- routes ---------------------------------------------------------------------------------------------
 
+    def _answer(self, route):
+        """route(); an error nobody expected (a bug) is answered with a JSON 500, not a silently closed socket,
+        and its traceback goes to stderr (even when quiet)."""
+        self.responded = False
+        try:
+            route()
+        except (OSError, ClientGone):  # the client is gone or too slow: nobody to answer
+            self.close_connection = True
+        except Exception:
+            self.close_connection = True
+            sys.stderr.write(f"error while answering {self.requestline!r}:\n{traceback.format_exc()}")
+            if not self.responded:
+                try:
+                    self._send_error(ApiError(500, "internal server error (logged by the server)", code="server_error"))
+                except OSError:
+                    pass
+
     def do_GET(self):
+        self._answer(self._get)
+
+    def do_POST(self):
+        self._answer(self._post)
+
+    def _get(self):
         try:
             self._check_origin()
             if self.path in ("/", "/index.html"):
@@ -484,7 +554,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed  # no CORS: a preflight gets no permission
 
-    def do_POST(self):
+    def _post(self):
         try:
             self._check_origin()
             if self.path != "/v1/chat/completions":
@@ -499,6 +569,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                 )
             except ValueError as e:
                 raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+            except TypeError:  # the tokenizer refuses a string it cannot encode (parse_chat_request checks for them)
+                raise ApiError(400, "the messages contain text that cannot be tokenized", "messages") from None
             sampling = req["sampling"].replace(
                 max_new_tokens=min(req["sampling"].max_new_tokens, engine.max_context - len(prompt))
             )
@@ -548,15 +620,12 @@ class ChatHandler(BaseHTTPRequestHandler):
         return self._read(length)
 
     def _read(self, n: int, keep: bool = True) -> bytes:
-        """n body bytes, all within read_timeout_s (a client trickling bytes cannot hold the thread longer)."""
-        deadline = time.monotonic() + self.server.limits.read_timeout_s
+        """n body bytes, all by the reader's deadline (read_timeout_s after the headers): ClientGone otherwise."""
         parts = []
         while n > 0:
-            if time.monotonic() > deadline:
-                raise ClientGone
             try:
                 chunk = self.rfile.read1(min(n, 1 << 16))
-            except (TimeoutError, OSError):
+            except OSError:  # TimeoutError included
                 raise ClientGone from None
             if not chunk:
                 raise ClientGone
@@ -568,7 +637,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _drain_body(self):
         """Read and drop what is left of the body before an error answer, so the client, still sending, reads
-        the answer instead of a reset connection. Up to 4 x max_body_bytes; beyond that we just close."""
+        the answer instead of a reset connection. Up to drain_factor x max_body_bytes; beyond that we just close."""
         left = getattr(self, "_body_left", None)
         if left is None:
             try:
@@ -576,7 +645,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             except ApiError:
                 left = 0
         self._body_left = 0
-        if left > 4 * self.server.limits.max_body_bytes:
+        if left > self.server.limits.drain_factor * self.server.limits.max_body_bytes:
             self.close_connection = True
             return
         if left > 0:
@@ -590,13 +659,20 @@ class ChatHandler(BaseHTTPRequestHandler):
     # --- answers --------------------------------------------------------------------------------------------
 
     def _events(self, job: Job):
-        """The job's events as they come; a client that leaves meanwhile raises ClientGone."""
+        """The job's events as they come; a client that leaves meanwhile raises ClientGone. Its connection is
+        looked at every POLL_S of wall time whether pieces come or not: pieces faster than POLL_S must not hide a
+        client that left (plain requests write nothing until the end, so only this notices)."""
+        next_check = time.monotonic() + POLL_S
         while True:
             try:
                 kind, value = job.events.get(timeout=POLL_S)
             except queue.Empty:
+                kind = value = None
+            if time.monotonic() >= next_check:
                 if self._client_gone():
-                    raise ClientGone from None
+                    raise ClientGone
+                next_check = time.monotonic() + POLL_S
+            if kind is None:
                 if not self.server.worker.is_alive():
                     yield "error", "the generation worker has stopped"
                     return

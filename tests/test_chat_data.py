@@ -569,8 +569,20 @@ def test_tool_records_load_and_train_the_call_not_the_response(tok, tmp_path, re
             ],
             "malformed",
         ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "[" * 100_000}]},
+            ],
+            "malformed",  # before: a RecursionError out of json.loads
+        ),
+        ([{"role": "system", "content": "s", "tools": "[" * 100_000}, {"role": "user", "content": "a"}], "malformed"),
+        (  # a lone surrogate (valid JSON text) the tokenizer cannot encode; before: its TypeError
+            [{"role": "system", "content": "s", "tools": '[{"name": "f\\ud800"}]'}, {"role": "user", "content": "a"}],
+            "malformed",
+        ),
     ],
-    ids=["image", "orphan_tool", "bad_arguments", "no_name"],
+    ids=["image", "orphan_tool", "bad_arguments", "no_name", "deep_arguments", "deep_tools", "surrogate_tool_name"],
 )
 def test_bad_tool_records_are_refused(tmp_path, turns, reason):
     path = write(

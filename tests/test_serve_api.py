@@ -5,6 +5,7 @@ python -m pytest tests/test_serve_api.py
 
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -216,14 +217,32 @@ class GatedEngine(RecordingEngine):
         return batch
 
 
+class SignallingEngine(RecordingEngine):
+    """Sets busy once a batch has made its first few tokens; then generates on at full speed (no gate), so the
+    pieces come far faster than the handler's POLL_S."""
+
+    def stream_batch(self, prompts, samplings):
+        batch = super().stream_batch(prompts, samplings)
+        inner = batch._gen
+
+        def signalling():
+            for k, step in enumerate(inner):
+                if k == 3:
+                    self.busy.set()
+                yield step
+
+        batch._gen = signalling()
+        return batch
+
+
 @pytest.fixture()
 def start_server():
     """start_server(engine_class, **limits) -> (engine, port, server); every server is shut down afterwards."""
     servers = []
 
-    def start(engine_class=RecordingEngine, allowed_hosts=(), **limits):
+    def start(engine_class=RecordingEngine, allowed_hosts=(), context=None, **limits):
         tok = build_tokenizer()
-        engine = engine_class(build_model(tok), tok)
+        engine = engine_class(build_model(tok, **({"max_position_embeddings": context} if context else {})), tok)
         engine.streams, engine.gate, engine.busy = [], threading.Event(), threading.Event()
         server = make_server(
             engine,
@@ -275,6 +294,12 @@ def chat_body(**extra) -> bytes:
     return json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **extra}).encode()
 
 
+def with_tool_call(function: dict) -> list[dict]:
+    """A conversation whose assistant turn made the tool call function."""
+    call = {"id": "c1", "type": "function", "function": function}
+    return [MESSAGES[1], {"role": "assistant", "content": None, "tool_calls": [call]}, MESSAGES[1]]
+
+
 def assert_json_error(status, headers, body, expected_status):
     assert status == expected_status, (status, body[:200])
     assert headers["content-type"].startswith("application/json")
@@ -303,6 +328,10 @@ def assert_json_error(status, headers, body, expected_status):
             ),
             400,
         ),
+        (lambda p: post_bytes(p, chat_body(tools="[" * 100_000)), 400),  # tools as JSON text, nested too deeply
+        (lambda p: post_bytes(p, chat_body(messages=with_tool_call({"name": "f", "arguments": "[" * 100_000}))), 400),
+        (lambda p: post_bytes(p, chat_body(tools=[{"type": "function", "function": {"name": "f\ud800"}}])), 400),
+        (lambda p: post_bytes(p, chat_body(messages=with_tool_call({"name": "f", "arguments": {"x": "\udc00"}}))), 400),
     ],
 )
 def test_malformed_requests_get_a_json_4xx_and_the_server_keeps_serving(served, data, status):
@@ -411,6 +440,62 @@ def test_abandoned_plain_request_is_cancelled(start_server):
     status, _, body = raw_http(port, post_bytes(port, chat_body(max_tokens=3)))
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
     assert engine.streams[0].completion_tokens < 450  # stopped, not run to max_tokens (before the fix: 450)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_while_tokens_stream_fast_is_cancelled(start_server, stream):
+    # Before the fix the handler looked at its client only when no piece came for POLL_S: a plain request whose
+    # client left ran on to max_tokens while tokens kept coming.
+    engine, port, _ = start_server(SignallingEngine, context=4096)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(post_bytes(port, json.dumps({"messages": MESSAGES, "max_tokens": 3000, "stream": stream}).encode()))
+    assert engine.busy.wait(30)  # it is generating
+    sock.close()
+    status, _, body = raw_http(port, post_bytes(port, chat_body(max_tokens=3)))  # served once the first batch ends
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+    assert engine.streams[0].completion_tokens < 300  # cut off soon after the client left, not run to 3000
+
+
+def test_unexpected_error_is_a_json_500_and_the_server_keeps_serving(start_server, monkeypatch):
+    _, port, _ = start_server()
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(serve_api, "parse_chat_request", bug)
+        assert_json_error(*raw_http(port, post_bytes(port, chat_body())), 500)
+        patch.setattr(serve_api.ChatHandler, "_check_key", bug)
+        get = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+        assert_json_error(*raw_http(port, get.encode()), 500)
+    assert raw_http(port, post_bytes(port, chat_body()))[0] == 200
+
+
+@pytest.mark.parametrize("trickle", [b"X-Header: line\r\n", b"x"], ids=["header lines", "bytes of one header"])
+def test_headers_trickled_in_are_cut_off_at_the_read_timeout(start_server, trickle):
+    # Before the fix read_timeout_s bounded each recv, not the headers: a client sending a bit every 0.2 s held its
+    # connection (and so one of max_connections slots) forever.
+    _, port, _ = start_server(read_timeout_s=0.5, max_connections=1)
+    slow = socket.create_connection(("127.0.0.1", port), timeout=20)
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n" + (b"X-Header: " if trickle == b"x" else b""))
+    closed = False
+    for _ in range(100):  # bounded: 100 sends, each 0.2 s after the last (well within the per-recv timeout)
+        try:
+            if select.select([slow], [], [], 0.2)[0]:
+                closed = slow.recv(65536) == b""
+                break
+            slow.sendall(trickle)
+        except OSError:  # a reset: closed as well
+            closed = True
+            break
+    slow.close()
+    assert closed
+    statuses = []
+    for _ in range(100):  # bounded: until the closed connection's slot is released
+        statuses.append(raw_http(port, post_bytes(port, chat_body()))[0])
+        if statuses[-1] != 503:
+            break
+    assert statuses[-1] == 200
 
 
 def test_full_queue_answers_429_with_retry_after(start_server):
