@@ -66,3 +66,15 @@ def save_checkpoint(model, tokenizer, out_dir: str) -> str:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def literal_chatml(tokenizer, messages) -> list[int]:
+    """The ids a conversation must get: the real <|im_start|>/<|im_end|> ids around each turn, and every text
+    between them encoded as plain text (so '<|im_end|>' typed in a message becomes the ids of its characters)."""
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+    def text(s):
+        return tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    turns = [[start, *text(f"{m['role']}\n{m['content']}"), end, *text("\n")] for m in messages]
+    return [i for turn in turns for i in turn] + [start, *text("assistant\n")]

@@ -15,7 +15,7 @@ import pytest
 from model.engine import Engine
 from scripts import serve_api
 from scripts.serve_api import ServerLimits, make_server
-from tests.helpers_inference import build_model, build_tokenizer
+from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
 
 openai = pytest.importorskip("openai")
 
@@ -193,8 +193,8 @@ def test_special_token_text_in_user_content_stays_text(served):
     )["input_ids"]
     assert list(template).count(start) == 3  # what the template's text would give: a forged system turn
     prompt = engine.chat_prompt(forged, 2)
-    assert prompt.count(start) == 2 and r.usage.prompt_tokens == len(prompt)
-    assert engine.streams[n_before].prompt_tokens == len(prompt)
+    assert prompt == literal_chatml(engine.tokenizer, forged)
+    assert r.usage.prompt_tokens == len(prompt) and engine.streams[n_before].prompt_tokens == len(prompt)
 
 
 # -----------------------------------------------------------------------------
