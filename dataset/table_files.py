@@ -7,7 +7,7 @@ other binary input apart from text before a text reader tries to decode it.
         for row_no, row in iter_rows(path, columns=["text"]):   # row: a dict, like one JSON line
             ...
     else:
-        check_text_input(path)   # ValueError for zip/bz2/xz/zstd/sqlite/..., a raw Wikipedia dump, UTF-16
+        check_text_input(path)   # ValueError for zip/bz2/xz/zstd/sqlite/..., a raw Wikipedia dump, UTF-16, LFS pointers
 
 Tables are read with pyarrow, an optional dependency (`pip install pyarrow`): the one library `datasets` itself
 reads these files with, without the rest of `datasets` (fsspec, the Hub client, pandas...). They are streamed and
@@ -221,6 +221,11 @@ def check_text_input(path: str) -> None:
             raise ValueError(wiki_dump_hint(path))
     if _is_mediawiki(raw):
         raise ValueError(wiki_dump_hint(path))
+    if raw.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise ValueError(
+            f"{path}: a Git LFS pointer (the placeholder a clone without git-lfs leaves), not the data; fetch the "
+            f"file itself: `git lfs install && git lfs pull` in the clone, or `huggingface-cli download`"
+        )
     for magic, what, todo in _MAGIC:
         if raw.startswith(magic):
             raise ValueError(f"{path}: {what}, not text; {todo.replace('FILE', path)}")

@@ -33,6 +33,7 @@ from dataset.chat_data import (
 from dataset.preference_data import load_pairs
 from dataset.text_sources import expand_paths as text_expand_paths
 from dataset.text_sources import iter_documents
+from tests.helpers import write_saved_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,18 +80,7 @@ def write_tables(tmp_path, rows, name: str) -> dict:
             w.write_batch(batch)
     with pa.ipc.new_stream(out["arrow_stream"], table.schema) as w:
         w.write_table(table, max_chunksize=5)
-    os.makedirs(out["dir"])
-    half = len(rows) // 2
-    files = []
-    for k, part in enumerate((table.slice(0, half), table.slice(half))):
-        fname = f"data-{k:05d}-of-00002.arrow"
-        with pa.ipc.new_stream(os.path.join(out["dir"], fname), table.schema) as w:
-            w.write_table(part)
-        files.append({"filename": fname})
-    with open(os.path.join(out["dir"], "state.json"), "w") as f:
-        json.dump({"_data_files": files, "_split": "train"}, f)
-    with open(os.path.join(out["dir"], "dataset_info.json"), "w") as f:
-        json.dump({"features": {}}, f)
+    write_saved_dataset(out["dir"], table, n_files=2)
     return out
 
 
@@ -351,6 +341,11 @@ def _binaries(tmp_path) -> dict:
     out["UTF-16 text"] = tmp_path / "u16.txt"
     (tmp_path / "blob.bin").write_bytes(b"\x01\x02\x00\x00\xc8\x00" * 50)
     out["binary file"] = tmp_path / "blob.bin"
+    # what `git clone` of a Hub repo leaves without git-lfs, under the data file's own name
+    (tmp_path / "train.parquet").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 6517\n", encoding="utf-8"
+    )
+    out["Git LFS pointer"] = tmp_path / "train.parquet"
     return out
 
 
