@@ -140,13 +140,34 @@ def test_shards_from_parquet_equal_shards_from_jsonl(tiny_tokenizer_dir, tmp_pat
         outs[kind] = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
     assert len(outs["jsonl"]) > len(TEXTS)
     assert np.array_equal(outs["parquet"], outs["jsonl"]) and np.array_equal(outs["dir"], outs["jsonl"])
-    # the column option reaches the shard writer (and its command line)
-    other = write_tables(tmp_path, [{"body": t} for t in TEXTS], "b")["parquet"]
-    out = str(tmp_path / "s_col")
-    sw.prepare(tiny_tokenizer_dir, [other], out, shard_mb=0.001, val_tokens=0, seed=3, quiet=True, text_column="body")
-    meta = load_meta(out)
-    col = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
-    assert np.array_equal(col, outs["jsonl"])
+
+
+@pytest.mark.slow
+def test_prepare_shards_command_line_reads_another_column(tiny_tokenizer_dir, tmp_path):
+    """scripts/prepare_shards.py --text_column: a parquet file whose text is in "body" gives the shards of the
+    JSONL with "text"; without the flag it exits naming the columns and the flag."""
+    import subprocess
+    import sys
+
+    from dataset.shards import load_meta, open_shard
+
+    def shards(out) -> np.ndarray:
+        meta = load_meta(out)
+        return np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
+
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
+    parquet = write_tables(tmp_path, [{"id": i, "body": t} for i, t in enumerate(TEXTS)], "b")["parquet"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir]
+    cmd += ["--shard_mb", "0.001", "--val_tokens", "0", "--seed", "3", "--workers", "1"]
+    runs = {}
+    for name, extra in (("jsonl", [jsonl]), ("body", [parquet, "--text_column", "body"]), ("none", [parquet])):
+        out = str(tmp_path / f"s_{name}")
+        runs[name] = subprocess.run([*cmd, "--out_dir", out, "--inputs", *extra], capture_output=True, text=True)
+    assert runs["jsonl"].returncode == 0 and runs["body"].returncode == 0, runs["body"].stderr
+    assert np.array_equal(shards(str(tmp_path / "s_body")), shards(str(tmp_path / "s_jsonl")))
+    assert runs["none"].returncode != 0
+    assert "no column 'text' or 'content' (columns: id, body)" in runs["none"].stderr, runs["none"].stderr
+    assert "--text_column" in runs["none"].stderr
 
 
 def test_tokenizer_from_parquet_equals_tokenizer_from_jsonl(tmp_path):
