@@ -7,7 +7,7 @@ other binary input apart from text before a text reader tries to decode it.
         for row_no, row in iter_rows(path, columns=["text"]):   # row: a dict, like one JSON line
             ...
     else:
-        check_text_input(path)   # ValueError for zip/bz2/xz/zstd/sqlite/..., a raw Wikipedia dump, UTF-16
+        check_text_input(path)   # ValueError for zip/bz2/xz/zstd/sqlite/..., a raw Wikipedia dump, UTF-16, LFS pointers
 
 Tables are read with pyarrow, an optional dependency (`pip install pyarrow`): the one library `datasets` itself
 reads these files with, without the rest of `datasets` (fsspec, the Hub client, pandas...). They are streamed and
@@ -124,6 +124,32 @@ def _slices(batches):
             yield batch.slice(start, step)
 
 
+def _is_json(arrow_type, field=None) -> bool:
+    """Arrow's canonical JSON type (arrow.json: JSON text per value), also when this pyarrow does not know it and
+    keeps it as its storage type, naming it in the field's metadata."""
+    if getattr(arrow_type, "extension_name", None) == "arrow.json":
+        return True
+    return bool(field is not None and field.metadata and field.metadata.get(b"ARROW:extension:name") == b"arrow.json")
+
+
+def _json_decoder(pa, arrow_type, field=None):
+    """A function that parses every arrow.json value inside a converted value of `arrow_type`, or None when the type
+    holds none. `datasets` 5 stores a column whose rows differ in shape as JSON (a list of messages where some carry
+    tool_calls or a weight: list<arrow.json>), which to_pylist gives as text, not as the dicts JSONL gives."""
+    if _is_json(arrow_type, field):
+        return lambda v: None if v is None else json.loads(v)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        inner = _json_decoder(pa, arrow_type.value_type, arrow_type.value_field)
+        return None if inner is None else lambda v: None if v is None else [inner(x) for x in v]
+    if pa.types.is_struct(arrow_type):
+        fields = [arrow_type.field(i) for i in range(arrow_type.num_fields)]
+        inner = {f.name: d for f in fields if (d := _json_decoder(pa, f.type, f)) is not None}
+        if not inner:
+            return None
+        return lambda v: None if v is None else {k: inner[k](x) if k in inner else x for k, x in v.items()}
+    return None
+
+
 def column_names(path: str) -> list[str]:
     """The column names of a table file or folder (its schema, nothing else is read)."""
     pa, kind = _pyarrow(), _table_kind(path)
@@ -139,16 +165,22 @@ def column_names(path: str) -> list[str]:
 
 def iter_rows(path: str, columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
     """(row number from 1, row as a dict of Python values) for every row of a table file or save_to_disk folder;
-    nested columns (lists of structs, e.g. a conversation) come out as lists of dicts, as json.loads gives them."""
+    nested columns (lists of structs, e.g. a conversation) come out as lists of dicts, as json.loads gives them, and
+    so do Arrow JSON values (what `datasets` 5 writes for rows of different shapes), parsed."""
     pa, kind = _pyarrow(), _table_kind(path)
     if kind is None:
         raise ValueError(f"{path}: not a parquet or Arrow file")
     files = [(p, _table_kind(p)) for p in _dir_files(path)] if kind == "dir" else [(path, kind)]
     n = 0
     for file, file_kind in files:
+        decoders = None  # {column: parse its JSON values}, from the file's schema
         try:
             for batch in _batches(pa, file, file_kind, columns):
+                if decoders is None:
+                    decoders = {f.name: d for f in batch.schema if (d := _json_decoder(pa, f.type, f)) is not None}
                 for row in batch.to_pylist():
+                    for name, decode in decoders.items():
+                        row[name] = decode(row[name])
                     n += 1
                     yield n, row
         except (pa.ArrowInvalid, OSError) as e:
@@ -221,6 +253,11 @@ def check_text_input(path: str) -> None:
             raise ValueError(wiki_dump_hint(path))
     if _is_mediawiki(raw):
         raise ValueError(wiki_dump_hint(path))
+    if raw.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise ValueError(
+            f"{path}: a Git LFS pointer (the placeholder a clone without git-lfs leaves), not the data; fetch the "
+            f"file itself: `git lfs install && git lfs pull` in the clone, or `huggingface-cli download`"
+        )
     for magic, what, todo in _MAGIC:
         if raw.startswith(magic):
             raise ValueError(f"{path}: {what}, not text; {todo.replace('FILE', path)}")

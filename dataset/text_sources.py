@@ -217,7 +217,8 @@ def _read_table(path: str, text_fields: tuple[str, ...]) -> Iterator[dict]:
     if field is None:
         raise ValueError(
             f"{path}: no column {' or '.join(repr(k) for k in text_fields)} (columns: "
-            f"{', '.join(names[:12])}); set text_column= to the one that holds the text"
+            f"{', '.join(names[:12])}); name the one that holds the text: text_column= (ppl_text_column= in eval, "
+            f"--text_column in scripts/prepare_shards.py)"
         )
     extra = [k for k in ("title", "source") if k in names and k != field]  # read only what a document keeps
     for row_no, row in iter_rows(path, [field] + extra):

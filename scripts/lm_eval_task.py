@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import yaml  # noqa: E402
 
-from trainer.eval import LETTERS, format_question, mc_header, mc_subject_files, read_mc_csv  # noqa: E402
+from trainer.eval import LETTERS, format_question, mc_header, mc_subject_files, read_mc_questions  # noqa: E402
 
 
 def _write_jsonl(path: str, questions: list[dict]) -> None:
@@ -64,7 +64,7 @@ def write_lm_eval_task(
 ) -> list[str]:
     """Write the task folder; returns the subject names. Subjects without a dev file are zero-shot (as in eval)."""
     _, files = mc_subject_files(mc_dir, mc_split)
-    dev_files = mc_subject_files(mc_dir, "dev")[1] if shots > 0 and os.path.isdir(os.path.join(mc_dir, "dev")) else {}
+    dev_files = mc_subject_files(mc_dir, "dev", required=False)[1] if shots > 0 else {}
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] or sorted(files)
     missing = sorted(set(wanted) - set(files))
     if missing:
@@ -73,14 +73,14 @@ def write_lm_eval_task(
     os.makedirs(out_dir, exist_ok=True)
     groups = {"milli_mc": [], "milli_mc_option": []}
     for subject in wanted:
-        questions = read_mc_csv(files[subject])
+        questions = read_mc_questions(files[subject])
         if max_questions > 0:
             questions = questions[:max_questions]
         data_files = {"test": os.path.join(out_dir, f"{subject}.jsonl")}
         _write_jsonl(data_files["test"], questions)
         k = 0
         if subject in dev_files:
-            dev = read_mc_csv(dev_files[subject])[:shots]
+            dev = read_mc_questions(dev_files[subject])[:shots]
             data_files["dev"] = os.path.join(out_dir, f"{subject}_dev.jsonl")
             _write_jsonl(data_files["dev"], dev)
             k = len(dev)

@@ -1,6 +1,6 @@
 """Test helpers (plain functions; fixtures live in conftest.py): the one tiny-model builder, token shards written
 straight in the shard format (dataset/shard_writer.py write_token_shards, independent of prepare_shards), chat files,
-metrics readers, main.py in a subprocess, a short fine-tune."""
+save_to_disk folders, metrics readers, main.py in a subprocess, a short fine-tune."""
 
 import json
 import os
@@ -95,6 +95,26 @@ def write_chat_file(path, n_copies: int = 1) -> str:
                 msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
                 f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
     return str(path)
+
+
+def write_saved_dataset(folder, table, n_files: int = 2) -> str:
+    """A pyarrow table as a `datasets` save_to_disk folder, laid out as `datasets` writes one: the rows in n_files
+    Arrow IPC streams data-0000k-of-0000n.arrow, listed in state.json, beside dataset_info.json."""
+    import pyarrow.ipc
+
+    os.makedirs(folder)
+    step = -(-table.num_rows // n_files)  # ceil: every file but the last has `step` rows
+    files = []
+    for k in range(n_files):
+        name = f"data-{k:05d}-of-{n_files:05d}.arrow"
+        with pyarrow.ipc.new_stream(os.path.join(folder, name), table.schema) as w:
+            w.write_table(table.slice(k * step, step))
+        files.append({"filename": name})
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump({"_data_files": files, "_split": "train"}, f)
+    with open(os.path.join(folder, "dataset_info.json"), "w") as f:
+        json.dump({"features": {}}, f)
+    return str(folder)
 
 
 def make_pretrain_cfg(tiny_tokenizer_dir, shards, out_dir, **overrides):

@@ -1,4 +1,4 @@
-"""Run a third-party package (lm-eval, TRL) in a fresh process, from its own install folder.
+"""Run a third-party package (lm-eval, TRL, datasets) in a fresh process, from its own install folder.
 
 Such packages pull dependencies (datasets, pandas, pyarrow) the project does not need, so CI installs them beside
 the environment, not into it: `pip install --no-deps --target $MILLI_THIRDPARTY/<name> <the missing packages>`
@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 THIRDPARTY = os.environ.get("MILLI_THIRDPARTY", "/opt/thirdparty")
+# `datasets` has no folder of its own: TRL's (.ci/thirdparty_trl.txt) holds it and all it needs, at no extra install.
+DATASETS_FOLDER = "trl"
 
 
 def require_thirdparty(name: str, module: str) -> str:

@@ -2,7 +2,8 @@
 Data formats people download, in every stage that reads files: Hugging Face `datasets` files (parquet, Arrow IPC
 file and stream, save_to_disk folders) give the same records as the equivalent JSONL; Firefly-style pair turns and
 the columns= key mapping; binary inputs and raw Wikipedia dumps refused by what they are; the missing-pyarrow
-message; bad bytes and truncated .gz in the chat/preference readers named by file and line.
+message; bad bytes and truncated .gz in the chat/preference readers named by file and line; files written by the
+`datasets` library itself (a fresh process, skipped without it), Arrow JSON columns included.
 
     python -m pytest tests/test_data_formats.py
 """
@@ -33,6 +34,7 @@ from dataset.chat_data import (
 from dataset.preference_data import load_pairs
 from dataset.text_sources import expand_paths as text_expand_paths
 from dataset.text_sources import iter_documents
+from tests.helpers import write_saved_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,18 +81,7 @@ def write_tables(tmp_path, rows, name: str) -> dict:
             w.write_batch(batch)
     with pa.ipc.new_stream(out["arrow_stream"], table.schema) as w:
         w.write_table(table, max_chunksize=5)
-    os.makedirs(out["dir"])
-    half = len(rows) // 2
-    files = []
-    for k, part in enumerate((table.slice(0, half), table.slice(half))):
-        fname = f"data-{k:05d}-of-00002.arrow"
-        with pa.ipc.new_stream(os.path.join(out["dir"], fname), table.schema) as w:
-            w.write_table(part)
-        files.append({"filename": fname})
-    with open(os.path.join(out["dir"], "state.json"), "w") as f:
-        json.dump({"_data_files": files, "_split": "train"}, f)
-    with open(os.path.join(out["dir"], "dataset_info.json"), "w") as f:
-        json.dump({"features": {}}, f)
+    write_saved_dataset(out["dir"], table, n_files=2)
     return out
 
 
@@ -149,13 +140,36 @@ def test_shards_from_parquet_equal_shards_from_jsonl(tiny_tokenizer_dir, tmp_pat
         outs[kind] = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
     assert len(outs["jsonl"]) > len(TEXTS)
     assert np.array_equal(outs["parquet"], outs["jsonl"]) and np.array_equal(outs["dir"], outs["jsonl"])
-    # the column option reaches the shard writer (and its command line)
-    other = write_tables(tmp_path, [{"body": t} for t in TEXTS], "b")["parquet"]
-    out = str(tmp_path / "s_col")
-    sw.prepare(tiny_tokenizer_dir, [other], out, shard_mb=0.001, val_tokens=0, seed=3, quiet=True, text_column="body")
-    meta = load_meta(out)
-    col = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
-    assert np.array_equal(col, outs["jsonl"])
+
+
+@pytest.mark.slow
+def test_prepare_shards_command_line_reads_another_column(tiny_tokenizer_dir, tmp_path):
+    """scripts/prepare_shards.py --text_column: a parquet file whose text is in "body" gives the shards of the
+    JSONL with "text"; without the flag it exits naming the columns and the flag."""
+    import subprocess
+    import sys
+
+    import dataset.shard_writer as sw
+    from dataset.shards import load_meta, open_shard
+
+    def shards(out) -> np.ndarray:
+        meta = load_meta(out)
+        return np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
+
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
+    parquet = write_tables(tmp_path, [{"id": i, "body": t} for i, t in enumerate(TEXTS)], "b")["parquet"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "prepare_shards.py"), "--tokenizer", tiny_tokenizer_dir]
+    cmd += ["--shard_mb", "0.001", "--val_tokens", "0", "--seed", "3", "--workers", "1"]
+    runs = {}
+    for name, extra in (("body", [parquet, "--text_column", "body"]), ("none", [parquet])):
+        out = str(tmp_path / f"s_{name}")
+        runs[name] = subprocess.run([*cmd, "--out_dir", out, "--inputs", *extra], capture_output=True, text=True)
+    assert runs["body"].returncode == 0, runs["body"].stderr
+    sw.prepare(tiny_tokenizer_dir, [jsonl], str(tmp_path / "s_jsonl"), shard_mb=0.001, val_tokens=0, seed=3, quiet=True)
+    assert np.array_equal(shards(str(tmp_path / "s_body")), shards(str(tmp_path / "s_jsonl")))
+    assert runs["none"].returncode != 0
+    assert "no column 'text' or 'content' (columns: id, body)" in runs["none"].stderr, runs["none"].stderr
+    assert "--text_column" in runs["none"].stderr
 
 
 def test_tokenizer_from_parquet_equals_tokenizer_from_jsonl(tmp_path):
@@ -351,6 +365,11 @@ def _binaries(tmp_path) -> dict:
     out["UTF-16 text"] = tmp_path / "u16.txt"
     (tmp_path / "blob.bin").write_bytes(b"\x01\x02\x00\x00\xc8\x00" * 50)
     out["binary file"] = tmp_path / "blob.bin"
+    # what `git clone` of a Hub repo leaves without git-lfs, under the data file's own name
+    (tmp_path / "train.parquet").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 6517\n", encoding="utf-8"
+    )
+    out["Git LFS pointer"] = tmp_path / "train.parquet"
     return out
 
 
@@ -628,7 +647,156 @@ def test_tables_are_streamed_not_loaded_whole(tmp_path):
     assert n == 6000 and 0 < peak < 3_000_000, peak  # about two batches of BATCH_BYTES; the table is 17 MB
 
 
+def test_json_columns_are_parsed_like_jsonl(tmp_path):
+    """Arrow JSON values (what `datasets` 5 writes for a column whose rows differ in shape, e.g. messages of which
+    some carry tool_calls) come out as the dicts JSONL gives, at any depth; older pyarrow, which does not know the
+    type, keeps it as a string field naming arrow.json in its metadata, and that is parsed too."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from dataset.table_files import _json_decoder, iter_rows
+
+    if not hasattr(pa, "json_"):
+        pytest.skip("pyarrow < 19 has no JSON type to write")
+
+    def as_json(texts):
+        return pa.ExtensionArray.from_storage(pa.json_(), pa.array(texts, pa.string()))
+
+    turns = [json.dumps(m, ensure_ascii=False) for conv in CONVS for m in conv["conversations"]]
+    offsets = np.cumsum([0] + [len(conv["conversations"]) for conv in CONVS])
+    sources = [json.dumps({"lang": "zh", "n": i}) for i in range(len(CONVS))]
+    notes = pa.array([f"n{i}" for i in range(len(CONVS))])
+    table = pa.table(
+        {
+            "conversations": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), as_json(turns)),
+            "meta": pa.StructArray.from_arrays([as_json(sources), notes], names=["source", "note"]),
+        }
+    )
+    pq.write_table(table, tmp_path / "j.parquet")
+    rows = [row for _, row in iter_rows(str(tmp_path / "j.parquet"))]
+    assert [{"conversations": r["conversations"]} for r in rows] == CONVS
+    assert rows[3]["meta"] == {"source": {"lang": "zh", "n": 3}, "note": "n3"}
+    assert (
+        load_conversations(str(tmp_path / "j.parquet"), log=lambda *a: None)[0]
+        == load_conversations(write_jsonl(tmp_path / "j.jsonl", CONVS), log=lambda *a: None)[0]
+    )
+    old = pa.field("item", pa.string(), metadata={b"ARROW:extension:name": b"arrow.json"})
+    assert _json_decoder(pa, pa.list_(old))(['{"a": [1, null]}', None]) == [{"a": [1, None]}, None]
+
+
 def test_utf8_text_with_a_stray_nul_byte_is_still_text(tmp_path):
     path = tmp_path / "nul.txt"
     path.write_bytes("第一段文字\x00还是文字。\n".encode())
     assert [d["text"] for d in iter_documents(str(path))] == ["第一段文字\x00还是文字。\n"]
+
+
+# -----------------------------------------------------------------------------
+# files written by the `datasets` library itself, in a fresh process (skipped when it is not installed)
+
+OPENAI_CHATS = [
+    {
+        "messages": [
+            *([{"role": "system", "content": "你是一个乐于助人的助手。"}] if i % 3 == 0 else []),
+            {"role": "user", "content": f"问题{i}：中国的首都是哪里？"},
+            # weight on one turn only: every other turn of the set gets a null weight in the table
+            {"role": "assistant", "content": f"北京。{i}", **({"weight": 0} if i % 4 == 1 else {})},
+            {"role": "user", "content": "为什么？"},
+            {"role": "assistant", "content": f"因为它是首都。{i}"},
+        ]
+    }
+    for i in range(10)
+]
+SHAREGPT_CHATS = [
+    {
+        **({"system": "请简洁地回答。"} if i % 2 else {}),  # a null system in every other row of the table
+        "conversations": [{"from": "human", "value": f"你好{i}"}, {"from": "gpt", "value": f"你好！{i}"}],
+    }
+    for i in range(8)
+]
+
+
+@pytest.mark.slow
+def test_files_written_by_the_datasets_library_read_as_their_jsonl(tiny_tokenizer_dir, tmp_path):
+    """Chat, preference, pretraining text and C-Eval questions: `datasets` loads the JSONL/CSV, writes parquet
+    (to_parquet) and save_to_disk folders (a split, and a DatasetDict), and every reader of ours gives from them
+    what it gives from the JSONL/CSV (SFT conversations, DPO pairs, documents, shards, multiple choice)."""
+    import dataset.shard_writer as sw
+    from dataset.mc_data import mc_subject_files, read_mc_questions
+    from dataset.shards import load_meta, open_shard
+    from tests.helpers_thirdparty import DATASETS_FOLDER, require_thirdparty, run_thirdparty
+
+    require_thirdparty(DATASETS_FOLDER, "datasets")
+    quiet = lambda *a: None
+    sets = {
+        "openai": OPENAI_CHATS,
+        "sharegpt": SHAREGPT_CHATS,
+        "pairs": PAIRS,
+        "text": [{"id": i, "text": t, "title": f"标题{i}"} for i, t in enumerate(TEXTS)],
+    }
+    jobs, files = [], {}
+    for name, rows in sets.items():
+        files[name] = {
+            "jsonl": write_jsonl(tmp_path / f"{name}.jsonl", rows),
+            "parquet": str(tmp_path / f"{name}.parquet"),
+            "saved": str(tmp_path / f"{name}_saved"),
+            "dict": str(tmp_path / f"{name}_dict"),
+        }
+        f = files[name]
+        jobs.append(
+            {
+                "builder": "json",
+                "data_files": {"train": f["jsonl"]},
+                "parquet": {"train": f["parquet"]},
+                "saved": {"train": f["saved"]},
+                "saved_dict": f["dict"],
+            }
+        )
+    # C-Eval as published (CSV, numeric options that pandas reads as integers) -> its Hub layout and a DatasetDict
+    mc = {split: tmp_path / "ceval" / split / f"logic_{split}.csv" for split in ("val", "dev")}
+    for k, path in enumerate(mc.values()):
+        path.parent.mkdir(parents=True)
+        rows = [f"{i},{i}加{k}等于多少？,{i + k},{i + k + 1},{i + k + 2},{i + k + 3},{'ABCD'[i % 4]}" for i in range(5)]
+        path.write_text("id,question,A,B,C,D,answer\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "hub" / "logic").mkdir(parents=True)
+    jobs.append(
+        {
+            "builder": "csv",
+            "data_files": {split: str(p) for split, p in mc.items()},
+            "parquet": {split: str(tmp_path / "hub" / "logic" / f"{split}-00000-of-00001.parquet") for split in mc},
+            "saved_dict": str(tmp_path / "saved_subjects" / "logic"),
+        }
+    )
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    written = run_thirdparty(
+        DATASETS_FOLDER, "datasets", "run_datasets_write.py", [str(tmp_path / "jobs.json")], tmp_path
+    )
+    assert written["rows"][0] == {"train": len(OPENAI_CHATS)} and written["rows"][-1] == {"val": 5, "dev": 5}
+
+    tables = lambda f: (f["parquet"], f["saved"], os.path.join(f["dict"], "train"))
+    for name in ("openai", "sharegpt"):
+        want, _ = load_conversations(files[name]["jsonl"], on_bad="error", log=quiet)
+        assert len(want) == len(sets[name])
+        for path in tables(files[name]):
+            assert load_conversations(path, on_bad="error", log=quiet)[0] == want, path
+    openai, _ = load_conversations(files["openai"]["parquet"], on_bad="error", log=quiet)
+    assert sum(m.get("weight") == 0 for conv in openai for m in conv) == 3  # weight 0 kept, nulls read as no weight
+    want_pairs = load_pairs(files["pairs"]["jsonl"], log=quiet)[0]
+    for path in tables(files["pairs"]):
+        assert load_pairs(path, log=quiet)[0] == want_pairs, path
+    docs = lambda p: [(d["text"], d["title"], d["line"]) for d in iter_documents(p)]
+    for path in tables(files["text"]):
+        assert docs(path) == docs(files["text"]["jsonl"]), path
+    shards = {}
+    for kind, path in (("jsonl", files["text"]["jsonl"]), ("parquet", files["text"]["parquet"])):
+        out = str(tmp_path / f"shards_{kind}")
+        sw.prepare(tiny_tokenizer_dir, [path], out, shard_mb=0.001, val_tokens=0, seed=3, quiet=True)
+        meta = load_meta(out)
+        shards[kind] = np.concatenate([np.asarray(open_shard(out, s, meta["dtype"])) for s in meta["train_shards"]])
+    assert np.array_equal(shards["parquet"], shards["jsonl"])
+    with pytest.raises(ValueError, match=r"DatasetDict saved with save_to_disk \(splits: train\)"):
+        load_conversations(files["openai"]["dict"], log=quiet)
+    for mc_dir in (tmp_path / "hub", tmp_path / "saved_subjects"):
+        for split, path in mc.items():
+            layout, sources = mc_subject_files(str(mc_dir), split)
+            assert layout == f"<subject>/{split}" and list(sources) == ["logic"]
+            assert read_mc_questions(sources["logic"]) == read_mc_questions([str(path)]), (mc_dir, split)

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dataset.chat_data import BadRecord
 from model import SLMConfig, SLMForCausalLM
 from tests.conftest import tiny_corpus_lines
 from tests.helpers import write_shards
+from trainer.config import ConfigError
 from trainer.core import run_trainer
 from trainer.distill import ChatDistillTrainer, Config, ShardDistillTrainer, run
 from trainer.pretrain import Config as PretrainConfig
@@ -151,3 +153,28 @@ def test_packed_chat_rows_give_a_student_equal_to_its_teacher_zero_kl(setup, tmp
     assert int(batch["document_ids"].max()) > 1  # several conversations share a row
     _, metrics = trainer.compute_loss(batch=batch, num_items=torch.tensor(float(trainer.count_loss_items(batch=batch))))
     assert abs(float(metrics["kl"])) < 1e-6
+
+
+def test_chat_distillation_maps_columns_from_the_command_line_and_refuses_them_with_shards(setup, tmp_path):
+    """columns= reaches distillation's chat reader as it does SFT's (a parquet file of another schema trains); with
+    data_dir (shards), where no chat key is read, it is refused instead of doing nothing."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    import main
+
+    s = setup
+    rows = [{"dialog": [{"q": f"问题{i}", "a": line}]} for i, line in enumerate(tiny_corpus_lines(12, seed=7))]
+    data = tmp_path / "odd.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    common = [f"teacher_from={s['teacher']}", f"init_from={s['student']}", "device=cpu", "seq_len=96"]
+    args = ["--stage", "distill", *common, f"data_path={data}", f"out_dir={tmp_path / 'run'}", "max_steps=1"]
+    args += ["batch_size=4", "global_batch_size=4", "val_samples=0", "log_every=1", "save_every=0", "eval_every=0"]
+    with pytest.raises(BadRecord, match="unknown format"):  # the schema, unmapped
+        main.main(args)
+    assert main.main([*args, "columns=dialog=conversations,q=user,a=assistant"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    shards = ["--stage", "distill", *common, f"data_dir={s['shards']}", f"out_dir={tmp_path / 'x'}"]
+    assert main.main([*shards, "columns=dialog=conversations"]) != 0
+    with pytest.raises(ConfigError, match=r"columns, pack: read from chat data \(data_path\) only.*data_dir=''"):
+        run(base_cfg(s, tmp_path / "y", data_dir=s["shards"], columns="dialog=conversations", pack=True))

@@ -9,11 +9,12 @@ model distilled into a small dense one, which can then be exported (scripts/expo
 Loss per target token: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, where _T are
 the softmaxes at temperature T (T^2 keeps the soft term's gradient scale independent of T).
 Data: pretraining shards (data_dir, as --stage pretrain) or chat data (data_path, as --stage sft: only assistant
-tokens count). The student starts from init_from, or from model_config when init_from is empty. Loop,
+tokens count; SFT's data keys apply, e.g. columns=dialog=conversations,q=user,a=assistant maps another schema, and
+are refused with data_dir). The student starts from init_from, or from model_config when init_from is empty. Loop,
 checkpoints and resume are the shared core's; only the data choice and the loss live here.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -24,7 +25,7 @@ from model.attention import document_mask
 from model.runtime import load_pretrained
 from trainer import pretrain, sft
 from trainer.common import print0
-from trainer.config import Bound, above, between
+from trainer.config import Bound, ConfigError, above, between
 from trainer.core import run_trainer
 
 
@@ -128,7 +129,27 @@ class ChatDistillTrainer(DistillMixin, sft.SFTTrainer):
         return batch["input_ids"], batch.get("document_ids"), batch.get("position_ids"), targets
 
 
+# The keys only the chat-data path reads (SFT's data keys): with data_dir they would do nothing.
+CHAT_DATA_KEYS = (
+    "columns",
+    "system_prompt",
+    "placeholders",
+    "on_bad_record",
+    "truncation",
+    "pack",
+    "val_samples",
+    "max_samples",
+)
+
+
 def run(cfg: Config):
     if not cfg.data_dir and not cfg.data_path:
         raise ValueError("give data_dir (token shards) or data_path (chat files)")
+    defaults = {f.name: f.default for f in fields(Config)}
+    chat_only = [k for k in CHAT_DATA_KEYS if getattr(cfg, k) != defaults[k]]
+    if cfg.data_dir and chat_only:
+        raise ConfigError(
+            f"{', '.join(chat_only)}: read from chat data (data_path) only, and data_dir={cfg.data_dir} (token "
+            f"shards) is used; remove them, or set data_dir='' to distill on data_path"
+        )
     return run_trainer(ShardDistillTrainer if cfg.data_dir else ChatDistillTrainer, cfg)

@@ -9,27 +9,33 @@ generation report. Not training, so a plain function runner rather than a Traine
 
 - ppl_data: a shard directory (its val shard is read) or text/JSONL/JSON files, comma-separated. Bits per byte
   (nats/token -> bits/UTF-8 byte) compares models whose tokenizers differ.
-- mc_dir: CMMLU or C-Eval as published, layout and header detected. CMMLU: <mc_split>/<subject>.csv and
-  dev/<subject>.csv, header ,Question,A,B,C,D,Answer (score mc_split=test). C-Eval: val/<subject>_val.csv and
-  dev/<subject>_dev.csv, header id,question,A,B,C,D,answer[,explanation] (score mc_split=val: its test split has no
-  answers and is refused). Each question is scored by the log-likelihood of the answer letter after "答案：" and/or
-  of the option text (normalised by its UTF-8 bytes); `shots` dev questions of the same subject go first as
-  examples. scripts/lm_eval_task.py writes the same questions and prompts as an lm-eval-harness task, so a Llama
-  export (scripts/export_llama.py) scored there gets the same accuracy.
-- prompts: JSONL of {"prompt": ..., "reference": ...} (reference optional), answered through model/engine.py with
-  its sampling settings (chat template applied when chat=true).
+- mc_dir: CMMLU or C-Eval as published, layout and header detected (dataset/mc_data.py). CMMLU:
+  <mc_split>/<subject>.csv and dev/<subject>.csv, header ,Question,A,B,C,D,Answer (score mc_split=test). C-Eval:
+  val/<subject>_val.csv and dev/<subject>_dev.csv, header id,question,A,B,C,D,answer[,explanation] (score
+  mc_split=val: its test split has no answers and is refused). The same as parquet/Arrow files or save_to_disk
+  folders, and the Hugging Face repos' subject folders (ceval/ceval-exam: <subject>/val-*.parquet, dev-*.parquet).
+  Each question is scored by the log-likelihood of the answer letter after "答案：" and/or of the option text
+  (normalised by its UTF-8 bytes); `shots` dev questions of the same subject go first as examples.
+  scripts/lm_eval_task.py writes the same questions and prompts as an lm-eval-harness task, so a Llama export
+  (scripts/export_llama.py) scored there gets the same accuracy.
+- prompts: records {"prompt": ..., "reference": ...} (reference optional; question/instruction+input and
+  answer/output read too) in JSONL, JSON, parquet/Arrow or save_to_disk data, comma-separated or globs, read by the
+  shared record reader (dataset/chat_data.py: a bad record stops the run naming file and line), answered through
+  model/engine.py with its sampling settings (chat template applied when chat=true).
 Several init_from paths are compared in one table. Writes eval.json, eval.md and generations.md into out_dir.
 """
 
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
+from dataset.chat_data import BadRecord, usable_records
+from dataset.mc_data import LETTERS, mc_subject_files, read_mc_questions
 from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 from model.engine import Engine, SamplingParams
@@ -73,14 +79,16 @@ class Config:
     seq_len: int = 512  # window length (capped at the model's context)
     ppl_max_tokens: int = 200_000  # tokens scored at most (0 = all)
     # --- multiple choice (CMMLU or C-Eval as published: layout and header detected) ---
-    mc_dir: str = ""  # folder with one subfolder per split (dev/ + test/ or val/), one CSV per subject; "" = skip
+    mc_dir: str = (
+        ""  # CMMLU/C-Eval: split folders of subject CSV/parquet files, or the Hub's subject folders; "" = skip
+    )
     mc_split: str = "test"  # the split scored: test for CMMLU, val for C-Eval (its test has no answers); shots: dev/
-    subjects: str = ""  # comma-separated subject names; "" = every CSV in the split
+    subjects: str = ""  # comma-separated subject names; "" = every subject of the split
     shots: int = 0  # dev questions shown before each question (0 = zero-shot)
     mc_score: str = "letter"  # letter | option | both: what is scored (both reports two accuracies)
     mc_max_questions: int = 0  # questions per subject (0 = all): quick runs
     # --- generation report ---
-    prompts: str = ""  # JSONL of {"prompt", "reference"?}; "" = skip
+    prompts: str = ""  # records {"prompt", "reference"?}: JSONL/JSON/parquet/Arrow files, comma-separated; "" = skip
     chat: bool = True  # wrap prompts in the tokenizer's chat template (off for base models)
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy (reproducible reports)
@@ -260,20 +268,21 @@ def eval_subject(model, tokenizer, subject: str, questions: list[dict], shots: l
 
 def eval_multiple_choice(model, tokenizer, cfg: Config, device) -> dict:
     layout, files = mc_subject_files(cfg.mc_dir, cfg.mc_split)
-    dev_files = {}
-    if cfg.shots > 0 and os.path.isdir(os.path.join(cfg.mc_dir, "dev")):
-        dev_files = mc_subject_files(cfg.mc_dir, "dev")[1]
+    dev_files = mc_subject_files(cfg.mc_dir, "dev", required=False)[1] if cfg.shots > 0 else {}
     wanted = [s.strip() for s in cfg.subjects.split(",") if s.strip()] or sorted(files)
     missing = sorted(set(wanted) - set(files))
     if missing:
-        raise FileNotFoundError(f"mc_dir: no {missing} in {os.path.join(cfg.mc_dir, cfg.mc_split)}")
+        have = ", ".join(sorted(files))
+        raise FileNotFoundError(
+            f"mc_dir: no subject {missing} in split '{cfg.mc_split}' of {cfg.mc_dir} (it has {have})"
+        )
     print0(f"[eval]   multiple choice: {len(wanted)} subjects of {cfg.mc_dir} ({layout} layout, {cfg.mc_split} split)")
     subjects = {}
     for subject in wanted:
-        questions = read_mc_csv(files[subject])
+        questions = read_mc_questions(files[subject])
         if cfg.mc_max_questions > 0:
             questions = questions[: cfg.mc_max_questions]
-        shots = read_mc_csv(dev_files[subject])[: cfg.shots] if subject in dev_files else []
+        shots = read_mc_questions(dev_files[subject])[: cfg.shots] if subject in dev_files else []
         subjects[subject] = eval_subject(model, tokenizer, subject, questions, shots, cfg, device)
         print0(
             f"[eval]   {subject}: "
@@ -294,21 +303,28 @@ def eval_multiple_choice(model, tokenizer, cfg: Config, device) -> dict:
 # Generation report
 
 
-def read_prompts(path: str) -> list[dict]:
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            prompt = rec.get("prompt") or rec.get("question") or rec.get("instruction")
-            if not prompt:
-                raise ValueError(f"{path}:{n}: no 'prompt' field")
-            if rec.get("input"):
-                prompt += "\n" + rec["input"]
-            items.append(
-                {"prompt": prompt, "reference": rec.get("reference") or rec.get("answer") or rec.get("output") or ""}
+def read_prompts(paths: str) -> list[dict]:
+    """The generation report's prompts -> [{"prompt", "reference"}], through the record reader every data stage
+    uses (any file it reads; a bad record stops the run naming file:line, as a report missing a prompt would
+    mislead)."""
+
+    def to_item(record, where: str) -> dict:
+        if not isinstance(record, dict):
+            raise BadRecord(where, "malformed", f"a record is {type(record).__name__}, not an object")
+        prompt = record.get("prompt") or record.get("question") or record.get("instruction")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRecord(
+                where, "no prompt", f"expected a 'prompt' (or question/instruction) string, got keys {sorted(record)}"
             )
+        extra = record.get("input") or ""
+        reference = record.get("reference") or record.get("answer") or record.get("output") or ""
+        if not isinstance(extra, str) or not isinstance(reference, str):
+            raise BadRecord(where, "malformed", "input and reference/answer/output must be strings")
+        return {"prompt": prompt + ("\n" + extra if extra else ""), "reference": reference}
+
+    items, stats = [], Counter()
+    for path in expand_paths(paths):
+        items += usable_records(path, to_item, "error", stats, print0)
     return items
 
 
