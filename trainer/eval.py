@@ -32,11 +32,11 @@ import torch
 from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
 from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
+from dataset.tokenizer import token_byte_lengths
 from model.engine import Engine, SamplingParams
 from model.runtime import DTYPES
 from trainer.common import print0
 from trainer.config import Bound, at_least, between, config_to_dict, validate
-from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 from dataset.table_files import is_dataset_dir
 from dataset.text_sources import TEXT_FIELDS, count_cjk, input_bytes, is_cjk, iter_documents
+from dataset.tokenizer import byte_level_alphabet
 from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
 from trainer.errors import ConfigError
 
@@ -250,33 +251,6 @@ def update_chat_template(path: str) -> None:
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
-
-
-def byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in (ByteLevel uses
-    it): printable bytes map to themselves, the others to code points 256 and up, in byte order."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def token_byte_lengths(tokenizer) -> list[int]:
-    """UTF-8 bytes each token id stands for (0 for special tokens): turns a loss in nats/token into bits/byte,
-    which compares models with different tokenizers (pretraining's evaluation and the eval stage). A list, not a
-    tensor: this module trains tokenizers without importing torch."""
-    byte_of = {c: b for b, c in byte_level_alphabet().items()}
-    special = set(tokenizer.all_special_ids)
-    lengths = [0] * len(tokenizer)
-    for token, idx in tokenizer.get_vocab().items():
-        if idx not in special and idx < len(lengths):
-            lengths[idx] = sum(1 for c in token if c in byte_of)
-    return lengths
 
 
 def single_cjk_entries(vocab: dict) -> int:
