@@ -12,10 +12,11 @@ pre-token, and distinct sentences never repeat). The saved tokenizer uses Qwen2'
 llama.cpp knows, so a GGUF export reproduces our ids; a token can never be longer than a training piece, which
 at 6400-32000 entries costs nothing (Chinese words are 1-4 characters). (3) A piece of 3-4 characters that occurs
 only once in the sample is fed as its overlapping pairs that occur at least twice (`rare_pieces_as_pairs`): pieces
-cut at fixed offsets are ~88% unique even in real text, and the trainer spends ~750 bytes of Rust state per distinct
-pre-token (a 32-byte symbol per byte, the word counts, the pair -> words index). On the 43 MB pack this cut the peak
-from 2.6 to 1.4 GB with equal held-out compression (bench/RESULTS.md). (4) Text goes to the trainer <= 64 KB at a
-time: one huge string costs its pre-tokenizer ~100 bytes per byte. (3) costs one extra read of the sample.
+cut at fixed offsets are mostly unique even in real text, and the trainer keeps Rust state for every distinct
+pre-token (a 32-byte symbol per byte, the word counts, the pair -> words index). (4) Text goes to the trainer <= 64 KB
+at a time: the pre-tokenizer builds per-byte offset tables for each string it is given. (3) costs one extra read of
+the sample. What (3) and (4) save, with equal held-out compression: bench/RESULTS.md, "bench/bench_data.py, after the
+memory fixes" (Tokenizer memory).
 Held-out documents (every `heldout_every`-th by content hash) are never fed to the trainer; the report in
 `out_dir/tokenizer_report.json` measures compression on them, per source file.
 """
@@ -133,7 +134,7 @@ def split_han_runs(text: str, piece: int, common: set | None = None) -> str:
     """Put a newline inside Han runs longer than `piece`, so no pre-token the trainer counts is longer than that.
     With `common` (pieces and pairs seen at least twice), a piece of 3+ characters not in it is replaced by its
     overlapping pairs that are (see _as_pairs): the trainer sees the adjacent-character pairs that can be merged,
-    but a piece that occurs once no longer costs it a word entry (~1 KB of Rust bookkeeping per distinct pre-token)."""
+    but a piece that occurs once no longer costs it a word entry (the Rust trainer's state per distinct pre-token)."""
 
     def rare(p: str) -> bool:
         return common is not None and len(p) >= 3 and p not in common
@@ -153,7 +154,7 @@ def split_han_runs(text: str, piece: int, common: set | None = None) -> str:
 
 def common_pieces(cfg: "Config", paths: list[str], stats: dict) -> set:
     """First pass over the same sample: the Han pieces of 3+ characters that occur at least twice. Real Chinese
-    cut at fixed offsets gives mostly unique 4-character pieces (89% of distinct pieces occur once in the pack), and
+    cut at fixed offsets gives mostly unique 4-character pieces (bench/RESULTS.md counts them in the pack), and
     the BPE trainer's memory grows with distinct pre-tokens, not with bytes."""
     from collections import Counter
 
@@ -175,8 +176,8 @@ def split_documents(cfg: Config, paths: list[str], heldout: dict, stats: dict, c
     """Yield the training text (sampled, Han runs cut) and fill `heldout` {source: [docs]} on the way."""
     for text in _sample(cfg, paths, heldout, stats):
         text = split_han_runs(text, cfg.han_piece_chars, common)
-        # one huge string costs the Rust pre-tokenizer ~100 bytes per byte (offset tables), so feed <= 64 KB at a time,
-        # cut after a newline (pre-tokens never span one)
+        # the Rust pre-tokenizer builds offset tables per byte of each string (bench/RESULTS.md: Tokenizer memory),
+        # so feed <= 64 KB at a time, cut after a newline (pre-tokens never span one)
         while len(text) > 65536:
             cut = text.rfind("\n", 0, 65536) + 1 or 65536
             yield text[:cut]
