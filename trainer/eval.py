@@ -82,11 +82,13 @@ class Config:
     # --- generation report ---
     prompts: str = ""  # JSONL of {"prompt", "reference"?}; "" = skip
     chat: bool = True  # wrap prompts in the tokenizer's chat template (off for base models)
+    # Sampling: model/engine.py SamplingParams' defaults (greedy, unpenalised: reproducible reports), except the
+    # length: a report answers every prompt for every checkpoint, so its cap is half SamplingParams' 256.
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy (reproducible reports)
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    temperature: float = SamplingParams.temperature  # 0 = greedy
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    repetition_penalty: float = SamplingParams.repetition_penalty
     seed: int = 0
 
 

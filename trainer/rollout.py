@@ -56,10 +56,14 @@ class RLConfig(TrainConfig):
     ref_device: str = ""  # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
     reward_from: str = ""  # reward model dir (trainer/reward.py final/); "" = rules only
     reward_rules: str = ""  # rule rewards (trainer/rewards.py), added to the reward model's score
+    # Sampling of rollouts, passed to model/engine.py as SamplingParams. Not its greedy defaults: the policy gradient
+    # needs replies drawn from the policy itself (temperature 1), and a reply cap of half SamplingParams' 256,
+    # since prompts get seq_len - max_new_tokens and every optimizer step samples, scores and trains on the replies
+    # (config/ppo.yaml and grpo.yaml set 256 with seq_len 512).
     max_new_tokens: int = 128  # reply length cap in rollouts
-    temperature: float = 1.0  # sampling temperature of rollouts (1.0 = the policy's own distribution)
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 1.0  # 1.0 = the policy's own distribution
+    top_k: int = SamplingParams.top_k  # 0 = off
+    top_p: float = SamplingParams.top_p  # 1 = off
     num_generations: int = 1  # replies sampled per prompt (GRPO's G)
     rollout_minibatches: int = 1  # a rollout holds global_batch_size x this many replies
     ppo_epochs: int = 1  # passes over each rollout; optimizer steps per rollout = ppo_epochs x rollout_minibatches
