@@ -56,7 +56,8 @@ class Trainer:
           reply tokens or replies (PPO/GRPO)
       count_tokens(*, batch) -> int: tokens processed, for tok/s and tokens_seen
     models
-      load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config
+      load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config (only where the
+          Config takes model_config; elsewhere an empty init_from is refused in __init__)
       setup(): after the policy is built: frozen reference, reward model, teacher, value head, LoRA adapters
       probe_step(*, micro_batch): batch_size=auto's trial: forward+backward of that many batch units of random
           data at seq_len (DPO: 2 rows per pair plus the reference's forward)
@@ -73,8 +74,8 @@ class Trainer:
           read_checkpoint_weights(*, path) -> dict, load_checkpoint_weights(*, path, weights): reading it back
       next_stage_hint(*, path) -> str: the end-of-run line about final/
     class attributes: stage (log prefix, checkpoint metadata), supports_fsdp; RolloutTrainer adds token_level and
-    its own hook score_rollout(buf). Helpers a stage calls: to_device, autocast; for data held in memory,
-    dataset/batches.py held_out_split and in_memory_batches.
+    its own hook score_rollout(buf), PairTrainer (DPO, reward) read_pairs(). Helpers a stage calls: to_device,
+    autocast; for data held in memory, dataset/batches.py held_out_split and in_memory_batches.
     """
 
     stage = "train"  # used in log lines and checkpoint metadata
