@@ -88,7 +88,7 @@ class RolloutTrainer(Trainer):
         cfg = self.cfg
         self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
         self.ref = load_reference(cfg, self.device)
-        # fp32 weights under the policy's autocast, like the reference: scores computed as the policy computes.
+        # The reward model is frozen the same way: fp32 weights under the policy's autocast.
         self.reward_model = (
             load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) if cfg.reward_from else None
         )
