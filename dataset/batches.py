@@ -2,8 +2,9 @@
 What the training loop draws its data from: one optimizer step's micro-batches at a time, resumable exactly.
 
 Two kinds satisfy StepBatches: ShardStream (dataset/shards.py, token shards read in order, for pretraining) and
-IndexBatches (below, shuffled samples held in memory: chat, preference pairs, RL prompts). The loop knows only
-the protocol, so a new data format needs a class with these three methods and nothing in trainer/core.py.
+IndexBatches (below, shuffled samples held in memory: chat, preference pairs, RL prompts; held_out_split and
+in_memory_batches build them for the stages whose data sits in memory). The loop knows only the protocol, so a new
+data format needs a class with these three methods and nothing in trainer/core.py.
 """
 
 import copy
@@ -73,6 +74,43 @@ class IndexBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._permutation(self.epoch)
+
+
+# -----------------------------------------------------------------------------
+# Datasets held in memory (chat, preference pairs): a held-out split and the step batches over the rest
+
+HELD_OUT_SHARE = 10  # at most 1/10 of the samples are held out, whatever val_samples asks
+
+
+def held_out_split(samples: list, val_samples: int, seed: int) -> tuple[list, list]:
+    """(train, val): min(val_samples, len // HELD_OUT_SHARE) samples held out, drawn by seed, so the split is the
+    same on every rank and on resume. One rule for SFT, DPO and the reward model, so a preference file is split
+    the same way for DPO and for the reward model trained on it (with the same seed, the held-out pairs of one are
+    never the training pairs of the other). val_samples is sized for real data (100-200); the cap keeps a small
+    file mostly for training, where a bigger held-out share would buy a steadier metric with training data."""
+    n_val = min(val_samples, len(samples) // HELD_OUT_SHARE)
+    order = np.random.default_rng(seed).permutation(len(samples))
+    return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+
+
+def in_memory_batches(
+    train,
+    val,
+    collate,
+    *,
+    global_batch: int,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    eval_batches: int,
+) -> tuple[IndexBatches, list | None]:
+    """A Trainer's build_data result for datasets in memory: train through IndexBatches (exact resume), and up to
+    eval_batches collated micro-batches of val (None when there is nothing to evaluate)."""
+    train_data = IndexBatches(train, global_batch, micro_batch, rank, world_size, seed, collate)
+    rows = min(len(val), eval_batches * micro_batch) if val is not None else 0
+    val_batches = [collate([val[j] for j in range(i, min(i + micro_batch, rows))]) for i in range(0, rows, micro_batch)]
+    return train_data, val_batches or None
 
 
 class PrefetchBatches:

@@ -198,7 +198,7 @@ def prepare(
 
         # phase 1: read -> weight -> tokenise in batches -> scatter copies into buckets (val documents go to val.bin)
         def flush(batch: list[tuple[bytes, str, int, bool]], sm: dict) -> None:
-            # _fast: ids only, no offsets (an Encoding with offsets costs ~70 bytes per token, ~25x the text)
+            # _fast: ids only, no offsets (an Encoding with offsets costs many times the text: bench/RESULTS.md)
             enc = tok.encode_batch_fast([b[1] for b in batch], add_special_tokens=False)
             for (key, _, copies, is_val), e in zip(batch, enc):
                 ids = np.empty(len(e.ids) + 1, dtype=np_dtype)

@@ -417,7 +417,8 @@ def resolve_mw_markup(text: str) -> str:
 
 def make_converter(engine: str = "auto"):
     """Traditional -> simplified (zh-cn) converter. zhconv-rs (Rust, same MediaWiki+OpenCC tables, newer version)
-    is ~15x faster than pure-Python zhconv; see bench/RESULTS.md for how far their outputs agree."""
+    is faster than pure-Python zhconv; bench/RESULTS.md ("zhconv vs zhconv-rs") has how much and how far their
+    outputs agree."""
     if engine in ("auto", "zhconv-rs"):
         try:
             from zhconv_rs import zhconv as _rs

@@ -16,8 +16,6 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 """
 
 import dataclasses
-import json
-import os
 import threading
 import time
 
@@ -25,7 +23,7 @@ import torch
 
 from dataset.chat_data import chatml_pieces, check_chatml
 from model.hub import stop_token_ids
-from model.lora import merge_lora_weights
+from model.lora import adapter_base_model, is_adapter_dir, merge_lora_weights
 from model.quantize import check_quantize_device, quantize_model
 from model.runtime import load_pretrained, resolve_device, resolve_dtype
 
@@ -346,13 +344,8 @@ class Engine:
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
         from transformers import AutoTokenizer
 
-        if (
-            adapter is None
-            and not os.path.isfile(os.path.join(path, "config.json"))
-            and os.path.isfile(os.path.join(path, "adapter_config.json"))
-        ):
-            with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
-                path, adapter = json.load(f)["base_model_name_or_path"], path
+        if adapter is None and is_adapter_dir(path):
+            path, adapter = adapter_base_model(path), path
         # The one device/dtype policy (model/runtime.py): the same answer as training on this device.
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -451,7 +444,10 @@ class Engine:
     # --- chat -------------------------------------------------------------------------------------------
 
     def chat_prompt(
-        self, messages: list[dict], max_new_tokens: int = 256, max_conversation_tokens: int | None = None
+        self,
+        messages: list[dict],
+        max_new_tokens: int = SamplingParams.max_new_tokens,
+        max_conversation_tokens: int | None = None,
     ) -> list[int]:
         """The ChatML ids of messages plus the assistant header (dataset/chat_data.py chatml_pieces: special-token
         text inside content stays text, so a message cannot forge a turn).

@@ -3,9 +3,10 @@ LoRA adapters and their on-disk format (PEFT's), in one place: the layer and how
 the unmerged loader and the merge. The LoRA stage (trainer/lora.py) trains and saves with it; the engine
 (Engine.from_pretrained(path, adapter=DIR)) and scripts/merge_lora.py merge with it.
 
-    from model.lora import load_adapter, merge_lora_weights
+    from model.lora import adapter_base_model, load_adapter, merge_lora_weights
     load_adapter(model, "out/lora/run1/final")         # adapters added, unmerged (eval or further training)
     merge_lora_weights(model, "out/lora/run1/final")   # W += scale * B @ A: a plain model again, no cost per token
+    adapter_base_model("out/lora/run1/final")          # the base it was trained on, from adapter_config.json
 
 Each adapted nn.Linear computes y = W x + scale * B A dropout(x), with A (r, in), B (out, r) and
 scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (rank-stabilized LoRA, Kalajdzievski 2023: the
@@ -165,6 +166,22 @@ def read_adapter_config(adapter_dir: str) -> dict:
         "lora_dropout": cfg.get("lora_dropout", 0.0),
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
     }
+
+
+def is_adapter_dir(path: str) -> bool:
+    """A folder that holds only a PEFT adapter (adapter_config.json and no config.json of a full model)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def adapter_base_model(adapter_dir: str) -> str:
+    """The base model an adapter was trained on (base_model_name_or_path), read and checked by read_adapter_config,
+    so an adapter that no reader here supports is refused before its base is loaded."""
+    base = read_adapter_config(adapter_dir)["base_model_name_or_path"]
+    if not base:
+        raise ValueError(
+            f"{adapter_dir}: {ADAPTER_CONFIG} names no base_model_name_or_path; give the base model explicitly"
+        )
+    return base
 
 
 def _module_key(key: str) -> str:

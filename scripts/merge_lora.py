@@ -16,9 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run directly: repo root importable
 
 import argparse
-import json
 
-from model.lora import merge_lora_weights  # noqa: E402
+from model.lora import adapter_base_model, merge_lora_weights  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
 
 
@@ -28,9 +27,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if not model_dir:
-        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
-            model_dir = json.load(f)["base_model_name_or_path"]
+    model_dir = model_dir or adapter_base_model(adapter_dir)
     # Merge in fp32 (a bf16 add would round the small update away), then save in the base's own dtype.
     dtype = AutoConfig.from_pretrained(model_dir).dtype or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -8,9 +8,13 @@ takes keyword-only arguments, and the shared loop knows nothing about any one ki
 import importlib
 import inspect
 
-from trainer.core import Trainer
+import pytest
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "reward", "ppo", "grpo", "distill", "rollout")
+from trainer.common import MetricsLog
+from trainer.core import Trainer
+from trainer.errors import ConfigError
+
+STAGES = ("pretrain", "sft", "lora", "dpo", "reward", "ppo", "grpo", "distill", "rollout", "pairs")
 PRIVATE_HELPERS = {"policy_loss", "score_rollout", "make_rollout", "reference_logps", "unpack", "values"}
 
 
@@ -67,9 +71,32 @@ def test_every_hook_a_stage_overrides_is_documented_with_keyword_only_arguments(
 
 
 def test_the_loop_knows_no_kind_of_data_and_passes_no_state_on_the_side():
-    loop = inspect.getsource(Trainer.fit) + inspect.getsource(Trainer.train_step) + inspect.getsource(Trainer.log_step)
+    loop = (
+        inspect.getsource(Trainer.fit) + inspect.getsource(Trainer.train_step) + inspect.getsource(MetricsLog.log_step)
+    )
     assert "shard_done" not in loop  # pretraining's per-shard checkpoint is its own should_save
     assert "self._" not in loop.replace("self._stop_on_nonfinite", "")  # e.g. no _step_tokens between methods
+
+
+FROM_A_CHECKPOINT = ("sft", "lora", "dpo", "reward", "ppo", "grpo")  # their Config refuses model_config
+
+
+@pytest.mark.parametrize("stage", FROM_A_CHECKPOINT)
+def test_a_stage_without_an_architecture_of_its_own_needs_init_from(stage):
+    """A stage whose Config refuses model_config builds its model from init_from only: an empty init_from is a
+    ConfigError before anything is loaded, not a random model of the default preset."""
+    module = importlib.import_module(f"trainer.{stage}")
+    trainer_cls = next(c for c in stage_trainers() if c.__module__ == module.__name__)
+    assert "model_config" in module.Config.unused
+    with pytest.raises(ConfigError, match=f"init_from is empty: stage {trainer_cls.stage} starts from a saved model"):
+        trainer_cls(module.Config(init_from="", device="cpu"))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "distill"])
+def test_stages_with_a_model_config_may_start_from_random_weights(stage):
+    module = importlib.import_module(f"trainer.{stage}")
+    trainer_cls = next(c for c in stage_trainers() if c.__module__ == module.__name__)
+    assert trainer_cls(module.Config(init_from="", device="cpu")).cfg.init_from == ""
 
 
 def test_gpu_peak_flops_matches_whole_names_and_follows_the_dtype():

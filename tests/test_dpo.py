@@ -126,6 +126,8 @@ def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path, capsy
     assert train[-1]["chosen_reward"] > train[0]["chosen_reward"]
     evals = read_metrics(str(out), split="eval")
     assert evals[-1]["reward_acc"] == 1.0 and evals[-1]["loss"] < 0.5 * math.log(2)
+    card = (out / "final" / "README.md").read_text(encoding="utf-8")  # final/'s card lists the last evaluation
+    assert f"- reward_acc: {evals[-1]['reward_acc']:.4f}" in card and f"- loss: {evals[-1]['loss']:.4f}" in card
     # The policy itself now prefers the chosen replies more than the reference does, on held-out pairs too.
     batch = trainer.val_batches[0]
     from trainer.logprobs import sequence_logprobs

@@ -131,6 +131,28 @@ def test_merge_and_peft_give_our_logits(base_dir, trained, tmp_path):
         torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-5)
 
 
+def test_an_adapter_dir_alone_loads_on_its_base_and_a_missing_base_is_named(base_dir, tmp_path):
+    """Engine.from_pretrained(adapter dir) and scripts/merge_lora.py without --model find the base through
+    model/lora.py's reader (adapter_base_model); an adapter that names no base is a clear ValueError."""
+    from model.engine import Engine
+    from model.lora import add_lora, save_adapter
+    from scripts.merge_lora import merge
+
+    model = load_base(base_dir)
+    add_lora(model, ["q_proj"], 2, 4.0, 0.0)
+    save_adapter(model, str(tmp_path / "named"), base_dir, ["q_proj"], 2, 4.0, 0.0)
+    save_adapter(model, str(tmp_path / "nameless"), "", ["q_proj"], 2, 4.0, 0.0)
+    engine = Engine.from_pretrained(str(tmp_path / "named"), device="cpu", dtype="fp32")
+    assert engine.model.config.num_hidden_layers == model.config.num_hidden_layers
+    merged = merge("", str(tmp_path / "named"), str(tmp_path / "merged"))
+    assert os.path.isfile(os.path.join(merged, "config.json"))
+    nameless = str(tmp_path / "nameless")
+    with pytest.raises(ValueError, match="names no base_model_name_or_path"):
+        Engine.from_pretrained(nameless, device="cpu", dtype="fp32")
+    with pytest.raises(ValueError, match="names no base_model_name_or_path"):
+        merge("", nameless, str(tmp_path / "merged_nameless"))
+
+
 @pytest.mark.slow
 def test_auto_peft_loads_the_adapter_from_another_directory(base_dir, trained, tmp_path):
     """The adapter names its base by absolute path, and the base carries its code (auto_map): stock PEFT in a fresh

@@ -130,7 +130,7 @@ def test_real_pack_compression(tmp_path):
 
 def test_token_byte_lengths_add_up_to_the_utf8_bytes(tok):
     """Bits per byte (pretraining's eval, the eval stage) divide by these: they must be the text's true size."""
-    from trainer.train_tokenizer import byte_level_alphabet, token_byte_lengths
+    from dataset.tokenizer import byte_level_alphabet, token_byte_lengths
 
     alphabet = byte_level_alphabet()
     assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256  # a byte <-> char bijection
@@ -139,7 +139,8 @@ def test_token_byte_lengths_add_up_to_the_utf8_bytes(tok):
     for text in ("北京是中国的首都。", "hello world 123", "春眠不觉晓，处处闻啼鸟 🙂"):
         ids = tok.encode(text, add_special_tokens=False)
         assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")), text
-    # The tokenizer stage keeps its memory small: importing it (bits per byte included) does not load torch.
+    # The tokenizer stage keeps its memory small: importing it (and the byte table of dataset/tokenizer.py that it
+    # shares with bits per byte) does not load torch.
     import subprocess
     import sys
 

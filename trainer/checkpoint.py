@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from model.hub import data_licenses, make_readable, write_model_card
 from model.runtime import dtype_name
-from trainer.common import print0
+from trainer.common import print0, seed_rngs
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
@@ -432,8 +432,9 @@ def save_trainer(trainer) -> str:
     return path
 
 
-def export_trainer(trainer) -> None:
-    """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage."""
+def export_trainer(trainer, *, evaluation: dict | None = None) -> None:
+    """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage; its model card
+    lists `evaluation` (the run's last evaluation)."""
     weights = full_model_state(trainer.raw_model, fsdp=trainer.fsdp, master=trainer.master)  # collective
     if not trainer.master:
         return
@@ -451,7 +452,7 @@ def export_trainer(trainer) -> None:
             dtype=trainer.dtype,
             world_size=trainer.world_size,
             model_config=trainer.raw_model.config,
-            evaluation=getattr(trainer, "last_eval", None),
+            evaluation=evaluation,
         )
 
     path = write_final(trainer.cfg.out_dir, write_weights=write)
@@ -481,7 +482,7 @@ def resume_trainer(trainer) -> None:
     trainer.train_data.load_state_dict(state["data"])
     trainer.load_extra_state(state=state.get("extra", {}))
     if not restore_rng(state["rng"], rank=trainer.rank, world_size=trainer.world_size, device=trainer.device):
-        trainer._seed(trainer.cfg.seed + trainer.step)  # another number of processes: reseed deterministically
+        seed_rngs(trainer.cfg.seed + trainer.step, rank=trainer.rank)  # another number of processes: reseed
     if trainer.master:
         truncate_metrics(trainer.cfg.out_dir, trainer.step)
     print0(f"[{trainer.stage}] resumed from {path} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")

@@ -1,12 +1,17 @@
 """
-Small things every stage and the training core share: rank-0 printing, the external loggers, the error that stops
-a run, the FLOPs arithmetic behind MFU and the batch_size=auto memory probe (nanochat's common.py).
+Small things every stage and the training core share: rank-0 printing, seeding, what a run logs (status lines,
+metrics.jsonl, the external loggers), the error that stops a run, the FLOPs arithmetic behind MFU and the
+batch_size=auto memory probe (nanochat's common.py).
 """
 
 import importlib.util
+import json
 import os
+import random
+import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from model.runtime import check_checkpoint_dir
@@ -16,6 +21,15 @@ def print0(*args, **kwargs):
     """Print on rank 0 only (every process runs the same code under torchrun)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def seed_rngs(seed: int, *, rank: int) -> None:
+    """Seed this process's Python, NumPy and torch generators with seed + rank (ranks draw different dropout masks
+    and samples). The Trainer seeds with cfg.seed at start; a resume that cannot restore every rank's saved states
+    (another number of processes) reseeds with cfg.seed + step, so it is still deterministic."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
 
 
 def move_to(batch, device: torch.device):
@@ -44,6 +58,12 @@ def load_tokenizer(*, init_from: str, tokenizer_dir: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def skipped_records(stats: dict) -> str:
+    """What a data reader's counts say it left out ("skip:<reason>" and "truncated"), for a stage's data line."""
+    skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
+    return str(skipped) if skipped else "nothing skipped"
+
+
 class TrainingStopped(RuntimeError):
     """Raised when training cannot go on (e.g. a NaN loss); the message says where the last good state is."""
 
@@ -63,7 +83,76 @@ def status_line(stage: str, step: int, max_steps: int, values: dict, stage_metri
 
 
 # -----------------------------------------------------------------------------
-# Loggers: metrics.jsonl is always written (trainer/core.py); these mirror it to an external service
+# What a run logs: metrics.jsonl always (MetricsLog), mirrored to an external service when one is asked for
+
+
+class MetricsLog:
+    """Where a run's numbers go: one JSON object per line in out_dir/metrics.jsonl (rank 0 only; a resume cuts it
+    back to the checkpoint's step, trainer/checkpoint.py), the same values to the external logger, and a printed
+    line. The Trainer decides when to log; this decides what a line holds."""
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        out_dir: str,
+        master: bool,
+        logger,
+        max_steps: int,
+        log_every: int,
+        flops_per_token: float,
+        peak_flops: float | None,
+        world_size: int,
+        device: torch.device,
+    ):
+        self.stage, self.out_dir, self.master, self.logger = stage, out_dir, master, logger
+        self.max_steps, self.log_every = max_steps, log_every
+        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
+        self.device = device
+
+    def log_step(
+        self, metrics: dict, *, step: int, step_times: list, step_tokens: int, tokens_seen: int, guard_values: dict
+    ) -> None:
+        """A training step's status line and record: the step's metrics (tensors), throughput, MFU and ETA from the
+        step times (seconds), and the StepGuard's counts."""
+        values = {k: float(v) for k, v in metrics.items()}  # .item() syncs with the GPU: only at log steps
+        values.update(guard_values)
+        recent = step_times[-self.log_every :]
+        dt = sum(recent) / len(recent)
+        tok_per_s = step_tokens / dt
+        steady = step_times[3:] or step_times  # leave out compile/warm-up steps from the ETA
+        eta_min = (self.max_steps - step) * (sum(steady) / len(steady)) / 60
+        values.update({"tok_per_s": tok_per_s, "dt_ms": dt * 1000, "tokens_seen": tokens_seen})
+        if self.peak_flops:
+            values["mfu"] = self.flops_per_token * tok_per_s / (self.peak_flops * self.world_size)
+        line = status_line(
+            self.stage,
+            step,
+            self.max_steps,
+            values,
+            stage_metrics=[k for k in metrics if k not in ("loss", "lr", "grad_norm")],
+        )
+        if self.device.type == "cuda":
+            values["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        print0(line + f" | eta {eta_min:.1f}m")
+        self.write(values, step=step)
+
+    def write(self, values: dict, *, step: int, split: str = "train") -> None:
+        """One record of `values` for `split` (train, eval); non-training splits are also printed."""
+        if not values or not self.master:
+            return
+        record = {"step": step, "split": split, "time": time.time(), **values}
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.logger.log({f"{split}/{k}": v for k, v in values.items()}, step)
+        if split != "train":
+            print0(
+                f"[{self.stage}] step {step:05d} {split}: "
+                + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            )
+
+    def finish(self) -> None:
+        self.logger.finish()
 
 
 class NullLogger:

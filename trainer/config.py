@@ -396,7 +396,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer
     #                        state sharded over the GPUs, for a model that does not fit one; pretrain and sft)
-    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory for one more forward
     loss_chunk: int = 0  # >0: cross-entropy from hidden states this many tokens at a time, never all logits at once
     #                      (less memory at big micro-batches, one extra output matmul); 0 = plain loss
     seed: int = 1337

@@ -3,29 +3,28 @@ The one training core: every stage (pretrain, SFT, LoRA, DPO, reward, PPO, GRPO,
 
 A stage subclasses Trainer and fills in its data and its loss through the hooks listed in Trainer's docstring.
 Everything else is here, once: device and dtype, seeding, DDP or FSDP, AdamW, warmup + cosine/WSD schedule,
-gradient accumulation weighted by loss items across the whole step, clipping, logging (+ metrics.jsonl) and
-evaluation. When to checkpoint is decided here; how a checkpoint is written and read back (atomic step_* dirs,
-exact resume, the final/ export that the next stage loads with init_from) is trainer/checkpoint.py.
+gradient accumulation weighted by loss items across the whole step, clipping and evaluation. When to log and when
+to checkpoint is decided here; what a log line and metrics.jsonl hold is trainer/common.py's MetricsLog, and how a
+checkpoint is written and read back (atomic step_* dirs, exact resume, the final/ export that the next stage loads
+with init_from) is trainer/checkpoint.py.
 """
 
-import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.batches import IndexBatches, PrefetchBatches, StepBatches
+from dataset.batches import PrefetchBatches, StepBatches
 from model import SLMConfig, SLMForCausalLM
 from model.hub import make_readable, set_generation_defaults
 from model.runtime import autocast_context, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer import checkpoint, parallel
 from trainer.common import (
     ExternalLogger,
+    MetricsLog,
     NullLogger,
     TrainingStopped,
     device_peak_flops,
@@ -34,9 +33,10 @@ from trainer.common import (
     move_to,
     print0,
     probe_micro_batch,
-    status_line,
+    seed_rngs,
 )
 from trainer.config import TrainConfig, config_to_dict, format_config, save_config, validate
+from trainer.errors import ConfigError
 from trainer.guard import StepGuard
 from trainer.optim import build_optimizer, lr_at
 
@@ -56,7 +56,8 @@ class Trainer:
           reply tokens or replies (PPO/GRPO)
       count_tokens(*, batch) -> int: tokens processed, for tok/s and tokens_seen
     models
-      load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config
+      load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config (only where the
+          Config takes model_config; elsewhere an empty init_from is refused in __init__)
       setup(): after the policy is built: frozen reference, reward model, teacher, value head, LoRA adapters
       probe_step(*, micro_batch): batch_size=auto's trial: forward+backward of that many batch units of random
           data at seq_len (DPO: 2 rows per pair plus the reference's forward)
@@ -73,7 +74,8 @@ class Trainer:
           read_checkpoint_weights(*, path) -> dict, load_checkpoint_weights(*, path, weights): reading it back
       next_stage_hint(*, path) -> str: the end-of-run line about final/
     class attributes: stage (log prefix, checkpoint metadata), supports_fsdp; RolloutTrainer adds token_level and
-    its own hook score_rollout(buf). Helpers a stage calls: split_held_out, in_memory_batches, to_device, autocast.
+    its own hook score_rollout(buf), PairTrainer (DPO, reward) read_pairs(). Helpers a stage calls: to_device,
+    autocast; for data held in memory, dataset/batches.py held_out_split and in_memory_batches.
     """
 
     stage = "train"  # used in log lines and checkpoint metadata
@@ -155,27 +157,16 @@ class Trainer:
     def next_stage_hint(self, *, path: str) -> str:
         return f" (next stage: init_from={path})"
 
-    # ---- data helpers for stages whose samples sit in memory (chat, preference pairs) ------------------
-    def split_held_out(self, samples: list, n_val: int) -> tuple[list, list]:
-        """(train, val): the held-out split is drawn by seed, the same on every rank and on resume."""
-        order = np.random.default_rng(self.cfg.seed).permutation(len(samples))
-        return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
-
-    def in_memory_batches(self, train, val, collate) -> tuple[IndexBatches, list | None]:
-        """build_data's result for datasets in memory: train through IndexBatches (exact resume), evaluate on
-        up to eval_batches micro-batches of val."""
-        train_data = IndexBatches(
-            train, self.global_batch, self.micro_batch, self.rank, self.world_size, self.cfg.seed, collate
-        )
-        rows = min(len(val), self.cfg.eval_batches * self.micro_batch) if val is not None else 0
-        val_batches = [
-            collate([val[j] for j in range(i, min(i + self.micro_batch, rows))])
-            for i in range(0, rows, self.micro_batch)
-        ]
-        return train_data, val_batches or None
-
     # ---- setup ---------------------------------------------------------------------------------------
     def __init__(self, cfg: TrainConfig):
+        # The values first, on every path into the Trainer (run_trainer, tests and benchmarks that build one):
+        # choices such as parallel and batch_size's "auto" are checked there, not again below.
+        validate(cfg, paths=False)
+        if not cfg.init_from and "model_config" in type(cfg).unused:
+            raise ConfigError(
+                f"init_from is empty: stage {self.stage} starts from a saved model (its architecture and tokenizer "
+                f"come from init_from's config.json); give a checkpoint dir, e.g. an earlier stage's final/"
+            )
         self.cfg = cfg
         # One process per device under torchrun, with DDP or FSDP (self.fsdp) over them.
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -185,8 +176,6 @@ class Trainer:
             self.rank, self.world_size = 0, 1
             self.device = resolve_device(cfg.device)
         self.master = self.rank == 0
-        if cfg.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be ddp or fsdp, got '{cfg.parallel}'")
         self.fsdp = self.distributed and cfg.parallel == "fsdp"
         if cfg.parallel == "fsdp" and not self.distributed:
             print0(f"[{self.stage}] parallel=fsdp: one process has nothing to shard over; training unsharded")
@@ -198,16 +187,11 @@ class Trainer:
         self.autocast = autocast_context(self.device, self.dtype)
         self.guard = StepGuard(self.device, self.dtype, cfg.fp16_init_scale)  # fp16 loss scaling + skipped steps
         self.scaler = self.guard.scaler  # the GradScaler itself, for code that inspects the scale
-        self._seed(cfg.seed)
+        seed_rngs(cfg.seed, rank=self.rank)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.step, self.tokens_seen, self.logger = 0, 0, NullLogger()
-
-    def _seed(self, seed: int):
-        random.seed(seed + self.rank)
-        np.random.seed(seed + self.rank)
-        torch.manual_seed(seed + self.rank)
+        self.step, self.tokens_seen = 0, 0
 
     def load_tokenizer(self):
         return load_tokenizer(init_from=self.cfg.init_from, tokenizer_dir=self.cfg.tokenizer_dir)
@@ -263,20 +247,26 @@ class Trainer:
             self.model = torch.compile(self.model, dynamic=False)
         if self.distributed and not self.fsdp:
             self.model = parallel.wrap_ddp(self.model, self.device)
-        self.peak_flops = device_peak_flops(self.device, self.dtype)
-        self.flops_per_token = flops_per_token(self.raw_model, cfg.seq_len)
         if self.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
         self.resume()
-        if self.master and cfg.logger != "none":
-            self.logger = ExternalLogger(
-                cfg.logger,
-                "milli-chat",
-                cfg.run_name or os.path.basename(cfg.out_dir),
-                config_to_dict(cfg),
-                cfg.out_dir,
-            )
+        logger = NullLogger()
+        if self.master and cfg.logger != "none":  # after resume: a resumed run's metrics.jsonl is cut back first
+            run_name = cfg.run_name or os.path.basename(cfg.out_dir)
+            logger = ExternalLogger(cfg.logger, "milli-chat", run_name, config_to_dict(cfg), cfg.out_dir)
+        self.metrics_log = MetricsLog(
+            stage=self.stage,
+            out_dir=cfg.out_dir,
+            master=self.master,
+            logger=logger,
+            max_steps=cfg.max_steps,
+            log_every=cfg.log_every,
+            flops_per_token=flops_per_token(self.raw_model, cfg.seq_len),
+            peak_flops=device_peak_flops(self.device, self.dtype),
+            world_size=self.world_size,
+            device=self.device,
+        )
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         n_train = sum(p.numel() for p in self.trainable_parameters())
         print0(f"[{self.stage}] config:\n{format_config(cfg)}")
@@ -287,11 +277,8 @@ class Trainer:
         )
 
     def _resolve_micro_batch(self) -> int:
-        bs = self.cfg.batch_size
-        if isinstance(bs, int):
-            return bs
-        if bs != "auto":
-            raise ValueError(f"batch_size must be an integer or 'auto', got {bs!r}")
+        if self.cfg.batch_size != "auto":  # validate() let through only an integer >= 1 or "auto"
+            return self.cfg.batch_size
         if self.device.type != "cuda":
             print0(f"[{self.stage}] batch_size=auto probes GPU memory; on {self.device.type} it uses 8")
             return 8
@@ -311,11 +298,12 @@ class Trainer:
         self.model.train()
         step_times = []
         t_last = time.time()
+        evaluation = {}  # the newest, for final/'s model card
         while True:
             last = self.step >= cfg.max_steps
             if last or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step > 0):
-                self.last_eval = self.evaluate()
-                self.log_values(self.last_eval, prefix="eval")
+                evaluation = self.evaluate()
+                self.metrics_log.write(evaluation, step=self.step, split="eval")
             if last:
                 break
             metrics, tokens = self.train_step()
@@ -325,14 +313,21 @@ class Trainer:
             t_last = t_now
             log, save = self.step % cfg.log_every == 0 or self.step == cfg.max_steps, self.should_save()
             if log:
-                self.log_step(metrics, step_times, tokens)
+                self.metrics_log.log_step(
+                    metrics,
+                    step=self.step,
+                    step_times=step_times,
+                    step_tokens=tokens,
+                    tokens_seen=self.tokens_seen,
+                    guard_values=self.guard.log_values(),  # skipped_steps (+ loss_scale in fp16)
+                )
             if log or save:
                 self.stop_if_diverged()  # reads the guard's device counters: host syncs only on these steps
             if save and self.step < cfg.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
-        self.export_final()
-        self.logger.finish()
+        self.export_final(evaluation=evaluation)
+        self.metrics_log.finish()
 
     def train_step(self) -> tuple[dict, int]:
         """One optimizer step: accumulate over micro-batches, clip, update. Returns (tensors to log, tokens this
@@ -432,52 +427,15 @@ class Trainer:
         self.on_eval()
         return result
 
-    # ---- logging -------------------------------------------------------------------------------------------
-    def log_step(self, metrics: dict, step_times: list, step_tokens: int):
-        cfg = self.cfg
-        values = {k: float(v) for k, v in metrics.items()}  # .item() syncs with the GPU: only at log steps
-        values.update(self.guard.log_values())  # skipped_steps (+ loss_scale in fp16)
-        recent = step_times[-cfg.log_every :]
-        dt = sum(recent) / len(recent)
-        tok_per_s = step_tokens / dt
-        steady = step_times[3:] or step_times  # leave out compile/warm-up steps from the ETA
-        eta_min = (cfg.max_steps - self.step) * (sum(steady) / len(steady)) / 60
-        values.update({"tok_per_s": tok_per_s, "dt_ms": dt * 1000, "tokens_seen": self.tokens_seen})
-        if self.peak_flops:
-            values["mfu"] = self.flops_per_token * tok_per_s / (self.peak_flops * self.world_size)
-        line = status_line(
-            self.stage,
-            self.step,
-            cfg.max_steps,
-            values,
-            stage_metrics=[k for k in metrics if k not in ("loss", "lr", "grad_norm")],
-        )
-        if self.device.type == "cuda":
-            values["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-        print0(line + f" | eta {eta_min:.1f}m")
-        self.log_values(values)
-
-    def log_values(self, values: dict, prefix: str = "train"):
-        if not values or not self.master:
-            return
-        record = {"step": self.step, "split": prefix, "time": time.time(), **values}
-        with open(os.path.join(self.cfg.out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        self.logger.log({f"{prefix}/{k}": v for k, v in values.items()}, self.step)
-        if prefix != "train":
-            print0(
-                f"[{self.stage}] step {self.step:05d} {prefix}: "
-                + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-            )
-
     # ---- checkpoints: when is decided in fit(); what and how is trainer/checkpoint.py -------------------------
     def save_checkpoint(self) -> str:
         """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
         return checkpoint.save_trainer(self)
 
-    def export_final(self):
-        """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage."""
-        checkpoint.export_trainer(self)
+    def export_final(self, *, evaluation: dict | None = None):
+        """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage; its model
+        card lists `evaluation` (the last one's numbers)."""
+        checkpoint.export_trainer(self, evaluation=evaluation)
 
     def resume(self):
         """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
@@ -487,8 +445,7 @@ class Trainer:
 def run_trainer(trainer_cls, cfg) -> Trainer:
     """What a stage's run(cfg) calls: check the config (values, then, after the device and parallel checks of
     __init__, the paths; before any model is built), build, train, and tear down the process group."""
-    validate(cfg, paths=False)
-    trainer = trainer_cls(cfg)
+    trainer = trainer_cls(cfg)  # validates the values first
     try:
         validate(cfg)
         trainer.prepare()

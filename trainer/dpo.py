@@ -22,25 +22,17 @@ Reference: ref_from (default init_from), frozen. precompute_ref=true runs it onc
 and then frees it, so only the policy (and its optimizer) is in memory during training.
 """
 
-import copy
-import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from dataset.chat_data import parse_columns
-from dataset.preference_data import (
-    PairDataset,
-    collate_pairs,
-    read_pair_samples,
-)
-from model.runtime import load_pretrained
-from trainer.common import print0
+from dataset.preference_data import PairDataset
 from trainer.config import Bound, TrainConfig, above, at_least, between
-from trainer.core import Trainer, run_trainer
-from trainer.logprobs import sequence_logprobs
+from trainer.core import run_trainer
+from trainer.logprobs import load_reference, sequence_logprobs
+from trainer.pairs import PairTrainer
 
 # -----------------------------------------------------------------------------
 
@@ -112,45 +104,19 @@ def dpo_loss(
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PairTrainer):
     stage = "dpo"
 
     def setup(self):
-        cfg = self.cfg
-        ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
-        if cfg.ref_from or cfg.init_from:
-            # fp32 weights under the policy's autocast, like the policy: log pi - log ref is exactly 0 at step 0.
-            self.ref = load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True)
-        else:
-            print0("[dpo] WARNING: no init_from/ref_from: the reference is the random initial policy")
-            self.ref = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        self.ref = load_reference(self.cfg, self.device)
 
-    def build_data(self):
-        cfg = self.cfg
-        samples, stats = read_pair_samples(
-            cfg.data_path,
-            self.tokenizer,
-            cfg.seq_len,
-            cfg.on_bad_record,
-            cfg.max_samples,
-            print0,
-            parse_columns(cfg.columns),
-        )
-        train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))
-        train, val = PairDataset(train), PairDataset(val)
-        # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
-        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id, seq_len=cfg.seq_len)
-
-        if cfg.precompute_ref:
+    def read_pairs(self):
+        train, val, collate = super().read_pairs()
+        if self.cfg.precompute_ref:
             for data in (train, val):
                 data.ref_logps = self.reference_logps(data, collate)
             self.ref = None  # freed: training needs only the policy now
-        skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
-        print0(
-            f"[dpo] {stats['records']:,} records -> {len(train):,} train + {len(val):,} val pairs | "
-            f"{skipped or 'nothing skipped'}"
-        )
-        return self.in_memory_batches(train, val, collate)
+        return train, val, collate
 
     @torch.no_grad()
     def reference_logps(self, data: PairDataset, collate) -> torch.Tensor:
@@ -172,16 +138,10 @@ class DPOTrainer(Trainer):
         mask = torch.ones(ids.shape[0], ids.shape[1] - 1, device=self.device)
         with self.autocast:
             pi = sequence_logprobs(self.raw_model, ids, mask)
-            if self.ref is not None and not self.cfg.precompute_ref:
+            if not self.cfg.precompute_ref:
                 with torch.no_grad():
                     sequence_logprobs(self.ref, ids, mask)
         pi.sum().backward()
-
-    def count_loss_items(self, *, batch) -> int:
-        return batch["num_pairs"]
-
-    def count_tokens(self, *, batch) -> int:
-        return batch["num_tokens"]  # counted on the host by collate_pairs
 
     def compute_loss(self, *, batch, num_items):
         cfg = self.cfg

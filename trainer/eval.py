@@ -38,11 +38,11 @@ from dataset.chat_data import BadRecord, usable_records
 from dataset.mc_data import LETTERS, mc_subject_files, read_mc_questions
 from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
+from dataset.tokenizer import token_byte_lengths
 from model.engine import Engine, SamplingParams
 from model.runtime import DTYPES
 from trainer.common import print0
 from trainer.config import Bound, at_least, between, config_to_dict, validate
-from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass
@@ -90,11 +90,13 @@ class Config:
     # --- generation report ---
     prompts: str = ""  # records {"prompt", "reference"?}: JSONL/JSON/parquet/Arrow files, comma-separated; "" = skip
     chat: bool = True  # wrap prompts in the tokenizer's chat template (off for base models)
+    # Sampling: model/engine.py SamplingParams' defaults (greedy, unpenalised: reproducible reports), except the
+    # length: a report answers every prompt for every checkpoint, so its cap is half SamplingParams' 256.
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy (reproducible reports)
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    temperature: float = SamplingParams.temperature  # 0 = greedy
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    repetition_penalty: float = SamplingParams.repetition_penalty
     seed: int = 0
 
 

@@ -1,13 +1,27 @@
 """
 Log-probabilities of a policy and of its frozen reference, and the KL and masking math built on them. Shared by
 DPO (sequence log-probs of chosen and rejected replies) and by the rollout stages PPO and GRPO (per-token
-log-probs, KL estimators, masked means over reply tokens). Not a stage itself.
+log-probs, KL estimators, masked means over reply tokens), which also load their reference the same way
+(load_reference). Not a stage itself.
 """
 
 import torch
 
+from model.runtime import load_pretrained
+
 # -----------------------------------------------------------------------------
-# Log-probabilities (the frozen reference is loaded by model/runtime.py load_pretrained(..., frozen=True))
+# The frozen reference
+
+
+def load_reference(cfg, device: torch.device):
+    """The frozen reference of DPO, PPO and GRPO: ref_from, else init_from, on ref_device ("" = `device`, the
+    policy's). Its weights stay fp32 and run under the policy's autocast, as the policy's own do, so
+    log pi - log ref is exactly 0 at step 0. cfg: a stage Config with ref_from, init_from and ref_device."""
+    return load_pretrained(cfg.ref_from or cfg.init_from, device=cfg.ref_device or device, frozen=True)
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ class Config(SFTConfig):
         "lora_dropout": between(0, 1, high_open=True),
     }
     out_dir: str = "out/lora"
-    lr: float = 5e-4  # adapters start at zero and are small: LoRA takes ~10x full fine-tuning's rate
+    lr: float = 5e-4  # adapters start at zero and are small (not swept; full SFT's sweep: bench/RESULTS.md)
     weight_decay: float = 0.0  # decaying A and B pulls the update towards zero, i.e. towards the base model
     lora_r: int = 16  # rank of each adapter
     lora_alpha: float = 32.0  # the update is scaled by lora_alpha / lora_r (lora_alpha / sqrt(lora_r) with rsLoRA)

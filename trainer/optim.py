@@ -12,7 +12,7 @@ scales its lr per matrix by 0.2 * sqrt(max(out, in)) (adjust_lr_fn="match_rms_ad
 Scalable for LLM Training"), which gives every matrix, whatever its shape or the model's width, an update of RMS
 0.2 x lr: the RMS of a steady-state AdamW step. An AdamW step early in training is closer to lr itself (m/sqrt(v)
 starts near +-1), so at our run lengths the matrices need a larger lr: muon_lr_ratio x lr. How much larger falls
-as runs grow (bench/bench_recipe.py, bench/RESULTS.md: 10-20 is best at 40 steps, 5 and below at 400), so
+as runs grow (bench/bench_recipe.py; the sweep is in bench/RESULTS.md, "Learning rates: the sweep"), so
 TrainConfig's default of 10 suits short runs and the pretraining configs set 5. The AdamW groups keep lr. Keller
 Jordan's and nanochat's sqrt(max(1, out/in)) instead ties the update's RMS to the width and needs a Muon lr tuned
 per model size; match_rms_adamw lets one ratio serve every preset.

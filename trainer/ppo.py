@@ -22,12 +22,13 @@ Memory on a small GPU (four models: actor, critic, reference, reward):
     critic=separate   a full critic from critic_from (default: reward_from, else init_from). A smaller model works
                       too (any checkpoint with the same tokenizer), which is the "smaller critic" option.
     ref_device=cpu    keep the frozen reference in CPU memory; its log-probs are computed there once per rollout.
-    frozen models (reference, reward) are held in the training dtype (bf16 on GPU): no fp32 copy, no optimizer.
-Measured with bench/bench_rl_memory.py (bench/RESULTS.md, "Preference alignment memory"; so far on CPU, fp32, small
-preset, 8 replies of ~211 tokens per step): a separate critic peaks at 1.65x the shared head, a half-depth critic at
-1.30x; ref_device=cpu saves only the reference's weights (0.91x), because the peak is in the update's backward, not in
-the rollout. What cuts the peak most is what cuts activations: gradient_checkpointing=true (0.55x) and a smaller
-micro-batch (batch_size 2 of global_batch_size 8: 0.61x). During training the peak is logged as peak_mem_gb on CUDA.
+    frozen models (reference, reward) keep fp32 weights, like the policy's master copy, and run under its autocast
+    (model/runtime.py load_pretrained), so log pi - log ref is exactly 0 at the start; they have no gradients and
+    no optimizer state.
+How much each option saves is measured by bench/bench_rl_memory.py (bench/RESULTS.md, "Preference alignment
+memory"): the peak is in the update's backward, not in the rollout, so what cuts activations (gradient_checkpointing
+=true, a batch_size below global_batch_size) cuts it most, and ref_device=cpu saves only the reference's weights.
+During training the peak is logged as peak_mem_gb on CUDA.
 Single process only: the value head / critic is outside the DDP wrapper, so its gradients would not be averaged.
 """
 

@@ -16,12 +16,12 @@ from typing import ClassVar
 import torch
 
 from dataset.shards import ShardStream, check_meta, load_meta, tokenizer_fingerprint, val_windows
+from dataset.tokenizer import token_byte_lengths
 from model import SLMConfig, SLMForCausalLM
 from model.engine import Engine
 from trainer.common import print0
 from trainer.config import Bound, TrainConfig, at_least
 from trainer.core import Trainer, run_trainer
-from trainer.train_tokenizer import token_byte_lengths
 
 
 @dataclass

@@ -13,24 +13,16 @@ a centred reward needs no baseline in PPO). Evaluation reports the pairwise accu
 Its final/ loads with AutoModelForSequenceClassification and is what PPO/GRPO take as reward_from.
 """
 
-import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from dataset.chat_data import parse_columns
-from dataset.preference_data import (
-    PairDataset,
-    collate_pairs,
-    read_pair_samples,
-)
-from model import SLMConfig, SLMForSequenceClassification
 from model.runtime import load_pretrained
-from trainer.common import print0
 from trainer.config import Bound, TrainConfig, at_least
-from trainer.core import Trainer, run_trainer
+from trainer.core import run_trainer
+from trainer.pairs import PairTrainer
 
 # -----------------------------------------------------------------------------
 
@@ -70,39 +62,11 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_
     return -F.logsigmoid(r_chosen - r_rejected) + center_coef * (r_chosen + r_rejected) ** 2
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(PairTrainer):
     stage = "reward"
 
     def build_model(self):
-        if self.cfg.init_from:
-            return load_pretrained(self.cfg.init_from, "score")
-        print0("[reward] WARNING: init_from is empty: training a reward model from a random decoder")
-        return SLMForSequenceClassification(SLMConfig.from_preset(self.cfg.model_config, num_labels=1))
-
-    def build_data(self):
-        cfg = self.cfg
-        samples, stats = read_pair_samples(
-            cfg.data_path,
-            self.tokenizer,
-            cfg.seq_len,
-            cfg.on_bad_record,
-            cfg.max_samples,
-            print0,
-            parse_columns(cfg.columns),
-        )
-        train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 5))
-        train, val = PairDataset(train), PairDataset(val)
-        # Padded to a few fixed lengths (length_bucket): with compile=true, one graph per length, not per batch.
-        collate = functools.partial(collate_pairs, pad_id=self.tokenizer.pad_token_id, seq_len=cfg.seq_len)
-
-        print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")
-        return self.in_memory_batches(train, val, collate)
-
-    def count_loss_items(self, *, batch) -> int:
-        return batch["num_pairs"]
-
-    def count_tokens(self, *, batch) -> int:
-        return batch["num_tokens"]  # counted on the host by collate_pairs
+        return load_pretrained(self.cfg.init_from, "score")  # init_from's decoder, a new one-score head
 
     def compute_loss(self, *, batch, num_items):
         # No attention mask: rows are right-padded and attention is causal, so the score at each row's last real

@@ -18,7 +18,7 @@ from model.runtime import load_pretrained
 from trainer.common import print0
 from trainer.config import Bound, TrainConfig, at_least, between
 from trainer.core import Trainer
-from trainer.logprobs import kl_estimate, masked_mean, token_logprobs
+from trainer.logprobs import kl_estimate, load_reference, masked_mean, token_logprobs
 from trainer.rewards import Completion, parse_rules, rule_rewards
 
 # -----------------------------------------------------------------------------
@@ -56,10 +56,14 @@ class RLConfig(TrainConfig):
     ref_device: str = ""  # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
     reward_from: str = ""  # reward model dir (trainer/reward.py final/); "" = rules only
     reward_rules: str = ""  # rule rewards (trainer/rewards.py), added to the reward model's score
+    # Sampling of rollouts, passed to model/engine.py as SamplingParams. Not its greedy defaults: the policy gradient
+    # needs replies drawn from the policy itself (temperature 1), and a reply cap of half SamplingParams' 256,
+    # since prompts get seq_len - max_new_tokens and every optimizer step samples, scores and trains on the replies
+    # (config/ppo.yaml and grpo.yaml set 256 with seq_len 512).
     max_new_tokens: int = 128  # reply length cap in rollouts
-    temperature: float = 1.0  # sampling temperature of rollouts (1.0 = the policy's own distribution)
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 1.0  # 1.0 = the policy's own distribution
+    top_k: int = SamplingParams.top_k  # 0 = off
+    top_p: float = SamplingParams.top_p  # 1 = off
     num_generations: int = 1  # replies sampled per prompt (GRPO's G)
     rollout_minibatches: int = 1  # a rollout holds global_batch_size x this many replies
     ppo_epochs: int = 1  # passes over each rollout; optimizer steps per rollout = ppo_epochs x rollout_minibatches
@@ -83,11 +87,8 @@ class RolloutTrainer(Trainer):
     def setup(self):
         cfg = self.cfg
         self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
-        ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
-        # Frozen models keep fp32 weights and run under the policy's autocast, so their numbers match the policy's.
-        self.ref = (
-            load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True) if cfg.init_from else None
-        )
+        self.ref = load_reference(cfg, self.device)
+        # The reward model is frozen the same way: fp32 weights under the policy's autocast.
         self.reward_model = (
             load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) if cfg.reward_from else None
         )
@@ -96,7 +97,9 @@ class RolloutTrainer(Trainer):
             raise ValueError("no reward: set reward_from (a reward model) and/or reward_rules")
         if self.reward_model is not None and self.reward_model.config.vocab_size != self.raw_model.config.vocab_size:
             raise ValueError("the reward model and the policy must share the tokenizer (vocab sizes differ)")
-        self.queue = []  # optimizer steps still to take on the current rollout (lists of micro-batches)
+        # The current rollout: the optimizer steps still to take on it (lists of micro-batches) and its statistics,
+        # which every one of those steps logs. Both are part of the checkpoint (extra_state).
+        self.queue, self.rollout_stats = [], {}
 
     def build_data(self):
         cfg = self.cfg
@@ -126,8 +129,9 @@ class RolloutTrainer(Trainer):
 
     # ---- rollouts --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def make_rollout(self, prompts: list[dict]) -> dict:
-        """Sample replies, score them, and compute what the loss needs before the policy changes."""
+    def make_rollout(self, prompts: list[dict]) -> tuple[dict, dict]:
+        """Sample replies, score them, and compute what the loss needs before the policy changes. Returns (the
+        buffer of (N, ...) tensors the loss reads, the rollout's statistics to log)."""
         cfg = self.cfg
         G = cfg.num_generations
         prompts = [p for p in prompts for _ in range(G)]  # groups are contiguous rows
@@ -173,19 +177,17 @@ class RolloutTrainer(Trainer):
                     .float()
                 )
             buf["old_logps"] = token_logprobs(self.model, buf["input_ids"])
-            buf["ref_logps"] = (
-                token_logprobs(self.ref, buf["input_ids"]) if self.ref is not None else buf["old_logps"].clone()
-            )
+            buf["ref_logps"] = token_logprobs(self.ref, buf["input_ids"])
         buf["rewards"] = rewards
         self.score_rollout(buf)
         lengths = buf["mask"].sum(-1)
-        self.rollout_stats = {
+        stats = {
             "reward": rewards.mean(),
             "reward_std": rewards.std() if len(rows) > 1 else rewards.new_zeros(()),
             "response_len": lengths.mean(),
             "kl_ref": (kl_estimate(buf["old_logps"], buf["ref_logps"], "k1") * buf["mask"]).sum(-1).mean(),
         }
-        return buf
+        return buf, stats
 
     def score_rollout(self, buf: dict) -> None:
         raise NotImplementedError
@@ -194,7 +196,7 @@ class RolloutTrainer(Trainer):
         if not self.queue:
             cfg = self.cfg
             (prompts,) = self.train_data.next_step()
-            buf = self.make_rollout(prompts)
+            buf, self.rollout_stats = self.make_rollout(prompts)
             n = len(buf["input_ids"])
             per_step = n // cfg.rollout_minibatches
             for _ in range(cfg.ppo_epochs):
@@ -244,7 +246,7 @@ class RolloutTrainer(Trainer):
 
     # ---- checkpoint: an unfinished rollout buffer resumes exactly --------------------------------------------
     def extra_state(self) -> dict:
-        return {"queue": self.queue, "rollout_stats": getattr(self, "rollout_stats", {})}
+        return {"queue": self.queue, "rollout_stats": self.rollout_stats}
 
     def load_extra_state(self, *, state: dict) -> None:
         self.queue = [[self.to_device(b) for b in step] for step in state.get("queue", [])]

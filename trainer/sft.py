@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
+from dataset.batches import held_out_split, in_memory_batches
 from dataset.chat_data import (
     ChatDataset,
     collate_chat,
@@ -22,7 +23,7 @@ from dataset.chat_data import (
     parse_placeholders,
     tokenize_conversations,
 )
-from trainer.common import print0
+from trainer.common import print0, skipped_records
 from trainer.config import Bound, TrainConfig, at_least
 from trainer.core import Trainer, run_trainer
 
@@ -61,8 +62,6 @@ class SFTTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        if not cfg.init_from:
-            print0(f"[{self.stage}] WARNING: init_from is empty: fine-tuning a randomly initialised model")
         stats = Counter()
         conversations, _ = load_conversations(
             cfg.data_path,
@@ -75,7 +74,7 @@ class SFTTrainer(Trainer):
             columns=parse_columns(cfg.columns),
         )
         samples = tokenize_conversations(conversations, self.tokenizer, cfg.seq_len, cfg.truncation, stats)
-        train, val = self.split_held_out(samples, min(cfg.val_samples, len(samples) // 10))  # at most 10% held out
+        train, val = held_out_split(samples, cfg.val_samples, cfg.seed)
         train = ChatDataset(train, cfg.seq_len, pack=cfg.pack)
         pad_id = self.tokenizer.pad_token_id
 
@@ -84,14 +83,23 @@ class SFTTrainer(Trainer):
             return collate_chat(items, pad_id, seq_len=cfg.seq_len)
 
         # The validation set is never packed: the loss is the same, the code simpler.
-        batches = self.in_memory_batches(train, ChatDataset(val, cfg.seq_len) if val else None, collate)
+        batches = in_memory_batches(
+            train,
+            ChatDataset(val, cfg.seq_len) if val else None,
+            collate,
+            global_batch=self.global_batch,
+            micro_batch=self.micro_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=cfg.seed,
+            eval_batches=cfg.eval_batches,
+        )
         trained = sum(int((lab != -100).sum()) for _, lab in train.samples)
         tokens = sum(len(ids) for ids, _ in train.samples)
-        skipped = {k: v for k, v in sorted(stats.items()) if ":" in k or k == "truncated"}
         print0(
             f"[{self.stage}] {stats['records']:,} records -> {len(train.samples):,} train + {len(val):,} val "
             f"conversations | {tokens:,} tokens, {100 * trained / max(1, tokens):.0f}% of them trained | "
-            f"{skipped or 'nothing skipped'}"
+            f"{skipped_records(stats)}"
         )
         if cfg.pack:
             print0(

@@ -12,10 +12,11 @@ pre-token, and distinct sentences never repeat). The saved tokenizer uses Qwen2'
 llama.cpp knows, so a GGUF export reproduces our ids; a token can never be longer than a training piece, which
 at 6400-32000 entries costs nothing (Chinese words are 1-4 characters). (3) A piece of 3-4 characters that occurs
 only once in the sample is fed as its overlapping pairs that occur at least twice (`rare_pieces_as_pairs`): pieces
-cut at fixed offsets are ~88% unique even in real text, and the trainer spends ~750 bytes of Rust state per distinct
-pre-token (a 32-byte symbol per byte, the word counts, the pair -> words index). On the 43 MB pack this cut the peak
-from 2.6 to 1.4 GB with equal held-out compression (bench/RESULTS.md). (4) Text goes to the trainer <= 64 KB at a
-time: one huge string costs its pre-tokenizer ~100 bytes per byte. (3) costs one extra read of the sample.
+cut at fixed offsets are mostly unique even in real text, and the trainer keeps Rust state for every distinct
+pre-token (a 32-byte symbol per byte, the word counts, the pair -> words index). (4) Text goes to the trainer <= 64 KB
+at a time: the pre-tokenizer builds per-byte offset tables for each string it is given. (3) costs one extra read of
+the sample. What (3) and (4) save, with equal held-out compression: bench/RESULTS.md, "bench/bench_data.py, after the
+memory fixes" (Tokenizer memory).
 Held-out documents (every `heldout_every`-th by content hash) are never fed to the trainer; the report in
 `out_dir/tokenizer_report.json` measures compression on them, per source file.
 """
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 from dataset.table_files import is_dataset_dir
 from dataset.text_sources import TEXT_FIELDS, count_cjk, input_bytes, is_cjk, iter_documents
+from dataset.tokenizer import byte_level_alphabet
 from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
 from trainer.errors import ConfigError
 
@@ -132,7 +134,7 @@ def split_han_runs(text: str, piece: int, common: set | None = None) -> str:
     """Put a newline inside Han runs longer than `piece`, so no pre-token the trainer counts is longer than that.
     With `common` (pieces and pairs seen at least twice), a piece of 3+ characters not in it is replaced by its
     overlapping pairs that are (see _as_pairs): the trainer sees the adjacent-character pairs that can be merged,
-    but a piece that occurs once no longer costs it a word entry (~1 KB of Rust bookkeeping per distinct pre-token)."""
+    but a piece that occurs once no longer costs it a word entry (the Rust trainer's state per distinct pre-token)."""
 
     def rare(p: str) -> bool:
         return common is not None and len(p) >= 3 and p not in common
@@ -152,7 +154,7 @@ def split_han_runs(text: str, piece: int, common: set | None = None) -> str:
 
 def common_pieces(cfg: "Config", paths: list[str], stats: dict) -> set:
     """First pass over the same sample: the Han pieces of 3+ characters that occur at least twice. Real Chinese
-    cut at fixed offsets gives mostly unique 4-character pieces (89% of distinct pieces occur once in the pack), and
+    cut at fixed offsets gives mostly unique 4-character pieces (bench/RESULTS.md counts them in the pack), and
     the BPE trainer's memory grows with distinct pre-tokens, not with bytes."""
     from collections import Counter
 
@@ -174,8 +176,8 @@ def split_documents(cfg: Config, paths: list[str], heldout: dict, stats: dict, c
     """Yield the training text (sampled, Han runs cut) and fill `heldout` {source: [docs]} on the way."""
     for text in _sample(cfg, paths, heldout, stats):
         text = split_han_runs(text, cfg.han_piece_chars, common)
-        # one huge string costs the Rust pre-tokenizer ~100 bytes per byte (offset tables), so feed <= 64 KB at a time,
-        # cut after a newline (pre-tokens never span one)
+        # the Rust pre-tokenizer builds offset tables per byte of each string (bench/RESULTS.md: Tokenizer memory),
+        # so feed <= 64 KB at a time, cut after a newline (pre-tokens never span one)
         while len(text) > 65536:
             cut = text.rfind("\n", 0, 65536) + 1 or 65536
             yield text[:cut]
@@ -250,33 +252,6 @@ def update_chat_template(path: str) -> None:
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
-
-
-def byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map that byte-level BPE vocabularies are written in (ByteLevel uses
-    it): printable bytes map to themselves, the others to code points 256 and up, in byte order."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def token_byte_lengths(tokenizer) -> list[int]:
-    """UTF-8 bytes each token id stands for (0 for special tokens): turns a loss in nats/token into bits/byte,
-    which compares models with different tokenizers (pretraining's evaluation and the eval stage). A list, not a
-    tensor: this module trains tokenizers without importing torch."""
-    byte_of = {c: b for b, c in byte_level_alphabet().items()}
-    special = set(tokenizer.all_special_ids)
-    lengths = [0] * len(tokenizer)
-    for token, idx in tokenizer.get_vocab().items():
-        if idx not in special and idx < len(lengths):
-            lengths[idx] = sum(1 for c in token if c in byte_of)
-    return lengths
 
 
 def single_cjk_entries(vocab: dict) -> int:
