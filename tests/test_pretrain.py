@@ -393,6 +393,21 @@ def test_a_corrupted_checkpoint_is_skipped_or_refused(tiny_tokenizer_dir, shards
     assert trainer.step == 4 and "has no checksums.json (written before checksums)" in capsys.readouterr().out
 
 
+def test_a_corrupted_final_is_refused_by_the_next_stage(tiny_tokenizer_dir, shards, tmp_path):
+    from trainer.config import ConfigError, validate
+
+    run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "base", max_steps=2))
+    final = tmp_path / "base" / "final"
+    sums = json.loads((final / "checksums.json").read_text())["sha256"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(sums)
+    next_stage = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "next", init_from=str(final), max_steps=2)
+    validate(next_stage)  # intact: accepted
+    flip_one_byte(final / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"config key 'init_from': {final}/model.safetensors: SHA-256 differs"):
+        run_trainer(PretrainTrainer, next_stage)
+    assert not (tmp_path / "next").exists()  # refused before anything was built or written
+
+
 def shutil_rmtree(path: Path) -> None:
     import shutil
 

@@ -30,6 +30,7 @@ import yaml
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
 from trainer.bounds import Bound, above, at_least, between  # noqa: F401 (re-exported: the stages import them from here)
+from trainer.checkpoint import CheckpointError, verify_checksums
 from trainer.errors import ConfigError, MissingPathError  # torch-free, for the tokenizer; imported from here too
 
 OPTIMIZERS = ("adamw", "muon")  # trainer/optim.py builds them
@@ -253,9 +254,10 @@ def validate(cfg, *, paths: bool = True) -> None:
 
 
 def _check_path(cfg, key: str, kind: str) -> None:
-    """kind: dir | dirs (comma-separated) | checkpoint (a saved model dir) | files (data files, globs, folders)
-    | tokenizer (a tokenizer folder, needed only when init_from brings none). An empty value is not checked: it
-    means "none" or "the default" to the stage."""
+    """kind: dir | dirs (comma-separated) | checkpoint (a saved model dir; its files verified against its
+    checksums.json when it has one) | files (data files, globs, folders) | tokenizer (a tokenizer folder, needed
+    only when init_from brings none). An empty value is not checked: it means "none" or "the default" to the
+    stage."""
     value = getattr(cfg, key)
     if not value:
         return
@@ -277,6 +279,11 @@ def _check_path(cfg, key: str, kind: str) -> None:
     except (FileNotFoundError, ValueError) as e:
         message = str(e)
         raise MissingPathError(message if message.startswith(key) else f"config key '{key}': {message}") from None
+    if kind == "checkpoint":
+        try:  # a final/ or step_*/ whose bytes changed since the save fails here, naming the file
+            verify_checksums(value)
+        except CheckpointError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def config_to_dict(cfg) -> dict:
