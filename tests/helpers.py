@@ -173,22 +173,22 @@ def pretrain_args(tokenizer_dir: str, shards: str, **overrides) -> list[str]:
     return [f"{key}={value}" for key, value in {**settings, **overrides}.items()]
 
 
-def run_main_py(out_dir, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """`python main.py ARGS out_dir=OUT_DIR`, under torchrun with `processes` > 1 (gloo on CPU), one thread each."""
+def main_py_command(out_dir, args: list[str], processes: int = 1) -> tuple[list[str], dict]:
+    """(command, environment) of `python main.py ARGS out_dir=OUT_DIR`, under torchrun with `processes` > 1 (gloo
+    on CPU), one thread each; run from ROOT."""
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         if processes > 1
         else [sys.executable]
     )
+    return [*launcher, "main.py", *args, f"out_dir={out_dir}"], {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_main_py(out_dir, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """main_py_command run to its end; check=True asserts it succeeded."""
+    command, env = main_py_command(out_dir, args, processes)
     # A rank that skipped a forward the others ran would hang its collective: the timeout turns that into a failure.
-    result = subprocess.run(
-        [*launcher, "main.py", *args, f"out_dir={out_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -1,7 +1,10 @@
 """main.py and the config system: stage listing, unknown stage/key errors, typing and precedence."""
 
+import inspect
+import re
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,5 +298,100 @@ def test_every_stage_default_is_valid_and_every_table_names_a_field():
         cls = importlib.import_module(module).Config
         validate(load_config(cls), paths=False)
         fields = {f.name for f in dataclasses.fields(cls)}
-        for table in ("choices", "bounds", "devices", "paths"):
+        for table in ("choices", "bounds", "devices", "paths", "unchecked"):
             assert set(_table(cls, table)) <= fields, (name, table)  # a typo would check nothing
+
+
+# The keys added after the tables were written, in process (load_config is what main.py runs first).
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("pretrain", "optimizer=bogus", "config key 'optimizer': optimizer must be adamw or muon, got 'bogus'"),
+        ("sft", "muon_momentum=-3", "config key 'muon_momentum': must be in [0, 1), got -3.0"),
+        ("pretrain", "muon_momentum=1", "config key 'muon_momentum': must be in [0, 1), got 1.0"),
+        ("pretrain", "muon_lr_ratio=-1", "config key 'muon_lr_ratio': must be > 0, got -1.0"),
+        ("pretrain", "fp16_init_scale=0", "config key 'fp16_init_scale': must be > 0, got 0.0"),
+        ("dpo", "max_skipped_steps=-1", "config key 'max_skipped_steps': must be >= 1, got -1"),
+        ("pretrain", "seed=-1", "config key 'seed': must be in [0, 2147483647], got -1"),
+        ("grpo", "num_generations=1", "config key 'num_generations': must be >= 2, got 1"),
+        ("ppo", "num_generations=0", "config key 'num_generations': must be >= 1, got 0"),
+        ("grpo", "clip_eps=0", "config key 'clip_eps': must be > 0, got 0.0"),
+        ("ppo", "clip_value=0", "config key 'clip_value': must be > 0, got 0.0"),
+        ("eval", "repetition_penalty=0", "config key 'repetition_penalty': must be > 0, got 0.0"),
+        ("tokenizer", "vocab_size=100", "config key 'vocab_size': must be >= 261, got 100"),
+        ("tokenizer", "heldout_every=1", "config key 'heldout_every': must be >= 2, got 1"),
+        ("all", "n_docs=0", "config key 'n_docs': must be >= 1, got 0"),
+    ],
+)
+def test_late_keys_are_checked_by_load_config(stage, override, message):
+    import importlib
+
+    cls = importlib.import_module(STAGES[stage][0]).Config
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, None, [override])
+    assert str(err.value) == message
+
+
+def test_a_config_made_in_code_is_checked_before_a_model_is_built():
+    from trainer import grpo
+
+    with pytest.raises(ConfigError, match="'num_generations': must be >= 2, got 1"):
+        grpo.run(grpo.Config(num_generations=1))  # the default paths do not exist: nothing was read or built
+
+
+# -----------------------------------------------------------------------------
+# A guard against the next key: every field a value can be wrong for is in a table, or says why any value will do
+
+# Fields validate() checks with a rule of its own rather than a table entry.
+OWN_RULES = {"resume": "auto | never | an existing step_* directory"}
+_STR_FIELD = re.compile(r'^ +(\w+): str = "([^"]*)" *(?:# *(.*))?$', re.M)
+_BARE_WORD = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def vocabulary_fields(cls) -> set[str]:
+    """str fields of cls (its bases too) that take one of a fixed vocabulary: a bare-word default ("cosine",
+    "auto") or a trailing comment that lists alternatives ("sigmoid | ipo | hinge")."""
+    found = set()
+    for klass in cls.__mro__[:-1]:  # not object
+        for name, default, comment in _STR_FIELD.findall(inspect.getsource(klass)):
+            if _BARE_WORD.fullmatch(default) or " | " in comment:
+                found.add(name)
+    return found
+
+
+def test_vocabulary_fields_finds_the_enums():
+    from trainer import eval as eval_stage
+    from trainer import pretrain
+
+    assert {"optimizer", "lr_schedule", "dtype", "parallel", "logger", "device", "resume"} <= vocabulary_fields(
+        pretrain.Config
+    )
+    assert {"quantize", "mc_score", "mc_split"} <= vocabulary_fields(eval_stage.Config)
+    assert not {"out_dir", "data_dir", "init_from", "sample_prompts", "run_name"} & vocabulary_fields(pretrain.Config)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_field_is_checked_or_listed_as_unchecked(stage):
+    import dataclasses
+    import importlib
+
+    from trainer.config import _table
+
+    cls = importlib.import_module(STAGES[stage][0]).Config
+    hints = typing.get_type_hints(cls)
+    bounds, unchecked = _table(cls, "bounds"), _table(cls, "unchecked")
+    enums = set(_table(cls, "choices")) | set(_table(cls, "devices")) | set(OWN_RULES)
+    assert all(unchecked.values()), "an unchecked field says why any value will do"
+    assert not (set(bounds) | enums) & set(unchecked), "a field is either checked or unchecked"
+    for f in dataclasses.fields(cls):
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)  # batch_size: int | str
+        if int in kinds or float in kinds:
+            assert f.name in bounds or f.name in unchecked, (
+                f"{cls.__module__}.Config.{f.name} is a number without a `bounds` entry: add its valid range, "
+                f"or list it in `unchecked` with the reason every value is valid"
+            )
+    for name in vocabulary_fields(cls):
+        assert name in enums or name in unchecked, (
+            f"{cls.__module__}.Config.{name} takes one of a fixed vocabulary: add a `choices` entry, "
+            f"or list it in `unchecked` with the reason"
+        )

@@ -2,15 +2,25 @@
 DDP equivalence, metrics and plot, and the error cases."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py
+from tests.helpers import (
+    ROOT,
+    losses,
+    main_py_command,
+    make_pretrain_cfg,
+    pretrain_args,
+    read_metrics,
+    run_main_py,
+)
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
 from trainer.pretrain import PretrainTrainer
@@ -66,6 +76,96 @@ def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, tmp_p
     a = load_file(Path(straight.out_dir) / "final" / "model.safetensors")
     b = load_file(Path(crashed.out_dir) / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# Real crashes: main.py killed with SIGKILL (no handler, no cleanup, no flush) at the moments that can tear state
+
+
+def newest_complete_step(out_dir: Path) -> int:
+    steps = [int(p.name[5:]) for p in out_dir.glob("step_*") if p.name[5:].isdigit()]
+    return max(steps, default=0)
+
+
+def last_logged_step(out_dir: Path) -> int:
+    try:
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, ValueError, KeyError):  # not written yet, or caught mid-append
+        return 0
+
+
+def inside_a_checkpoint_write(out_dir: Path, resumed_from: int, started: float) -> str | None:
+    """A step_*.tmp folder being written, once the run has a checkpoint of its own to fall back to."""
+    if newest_complete_step(out_dir) > resumed_from and any(out_dir.glob("step_*.tmp")):
+        return "inside a checkpoint write"
+    return None
+
+
+def after_a_metrics_append(out_dir: Path, resumed_from: int, started: float) -> str | None:
+    """A line this process logged (the resume rewrote the file without the later ones) for the second step after
+    the resume point: the step before it was saved, this one not yet, so it must be redone."""
+    metrics = out_dir / "metrics.jsonl"
+    appended = metrics.exists() and metrics.stat().st_mtime > started
+    return "after a metrics append" if appended and last_logged_step(out_dir) >= resumed_from + 2 else None
+
+
+def start_main_py(out_dir: Path, args: list[str]) -> subprocess.Popen:
+    """main.py in the background, its stderr into OUT_DIR.stderr beside out_dir (read by finish)."""
+    command, env = main_py_command(out_dir, args)
+    with open(f"{out_dir}.stderr", "w") as stderr:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def finish(proc: subprocess.Popen, out_dir: Path) -> None:
+    assert proc.wait(timeout=300) == 0, Path(f"{out_dir}.stderr").read_text()[-3000:]
+
+
+def run_and_kill(out_dir: Path, args: list[str], kill_when) -> str | None:
+    """main.py until kill_when(out_dir, resumed_from, started) names a moment, then SIGKILL; the moment, or None if
+    the run ended first (it must then have succeeded)."""
+    resumed_from, started = newest_complete_step(out_dir), time.time()
+    proc = start_main_py(out_dir, args)
+    try:
+        while proc.poll() is None:
+            moment = kill_when(out_dir, resumed_from, started)
+            if moment:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return moment
+            time.sleep(0.001)
+    finally:
+        if proc.poll() is None:  # the test failed while it ran
+            proc.kill()
+            proc.wait()
+    finish(proc, out_dir)
+    return None
+
+
+@pytest.mark.slow  # three main.py processes one after the other, a fourth beside them
+def test_sigkilled_run_resumes_byte_identical(tiny_tokenizer_dir, shards, tmp_path):
+    """SIGKILL inside a checkpoint write (step_*.tmp on disk), then right after a metrics.jsonl append, each rerun
+    with resume=auto: the final losses and final/ weights are those of a run never interrupted, byte for byte. A
+    checkpoint every step keeps a write in progress most of the time, so the first moment comes early."""
+    args = ["--stage", "pretrain", *pretrain_args(tiny_tokenizer_dir, shards, max_steps=10, save_every=1)]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    reference = start_main_py(straight, args)  # on the other core meanwhile
+    try:
+        crashed.mkdir()
+        moments = [
+            run_and_kill(crashed, args, kill_when) for kill_when in (inside_a_checkpoint_write, after_a_metrics_append)
+        ]
+        assert moments == ["inside a checkpoint write", "after a metrics append"]
+        assert run_and_kill(crashed, args, lambda *_: None) is None  # resume=auto, to the end
+        finish(reference, straight)
+    finally:
+        reference.kill()  # a no-op once it has ended
+        reference.wait()
+    records = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(str(crashed))]
+    assert [step for step, _, _ in records] == list(range(1, 11))  # every step once: the redone ones replaced
+    assert records == [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(str(straight))]
+    final = "final/model.safetensors"
+    assert (crashed / final).read_bytes() == (straight / final).read_bytes()
 
 
 def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
@@ -291,6 +391,21 @@ def test_a_corrupted_checkpoint_is_skipped_or_refused(tiny_tokenizer_dir, shards
     trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, run, max_steps=8))
     trainer.prepare()
     assert trainer.step == 4 and "has no checksums.json (written before checksums)" in capsys.readouterr().out
+
+
+def test_a_corrupted_final_is_refused_by_the_next_stage(tiny_tokenizer_dir, shards, tmp_path):
+    from trainer.config import ConfigError, validate
+
+    run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "base", max_steps=2))
+    final = tmp_path / "base" / "final"
+    sums = json.loads((final / "checksums.json").read_text())["sha256"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(sums)
+    next_stage = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "next", init_from=str(final), max_steps=2)
+    validate(next_stage)  # intact: accepted
+    flip_one_byte(final / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"config key 'init_from': {final}/model.safetensors: SHA-256 differs"):
+        run_trainer(PretrainTrainer, next_stage)
+    assert not (tmp_path / "next").exists()  # refused before anything was built or written
 
 
 def shutil_rmtree(path: Path) -> None:

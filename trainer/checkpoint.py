@@ -8,7 +8,8 @@ resumes from it.
                            RNG states, the stage's extra state; checksums.json (SHA-256 of every other file),
                            written last
     out_dir/latest         the name of the newest complete step_* directory
-    out_dir/final/         weights only, in the training dtype: the next stage's init_from
+    out_dir/final/         weights only, in the training dtype: the next stage's init_from; checksums.json too,
+                           verified when a stage starts from it (trainer/config.py validate)
 
 A checkpoint is data, not code: trainer_state.pt is read with torch.load(weights_only=True), which builds only
 tensors, containers and plain values, plus the NumPy types of an RNG state (SAFE_GLOBALS); a file that asks for
@@ -206,11 +207,12 @@ def prune_checkpoints(out_dir: str, keep_last: int) -> None:
 
 
 def write_final(out_dir: str, *, write_weights: Callable[[str], None]) -> str:
-    """Rank 0 only: out_dir/final/ through a .tmp dir, replacing an older one whole."""
+    """Rank 0 only: out_dir/final/ (and its checksums.json) through a .tmp dir, replacing an older one whole."""
     path = os.path.join(out_dir, "final")
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_weights(tmp)
+    write_checksums(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path

@@ -10,9 +10,10 @@ A key a stage never reads is refused too (the class's `unused` attribute, see Tr
 would silently do nothing fails instead.
 
 Values are checked up front, in one place: validate(cfg) reads each Config class's declarative tables (`choices`
-for enums, `bounds` for ranges, `devices`, `paths` for what must exist) and raises ConfigError naming the key and
-what is allowed. load_config runs the value checks; run_trainer and the non-training stages' run() run them again
-with the path checks, before any model is built (a Config made in code is checked too).
+for enums, `bounds` for ranges, `devices`, `paths` for what must exist; `unchecked` lists the fields any value
+of whose type is valid, with the reason) and raises ConfigError naming the key and what is allowed. load_config
+runs the value checks; run_trainer and the non-training stages' run() run them again with the path checks, before
+any model is built (a Config made in code is checked too).
 """
 
 import dataclasses
@@ -28,8 +29,11 @@ import yaml
 
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
+from trainer.bounds import Bound, above, at_least, between  # noqa: F401 (re-exported: the stages import them from here)
+from trainer.checkpoint import CheckpointError, verify_checksums
 from trainer.errors import ConfigError, MissingPathError  # torch-free, for the tokenizer; imported from here too
 
+OPTIMIZERS = ("adamw", "muon")  # trainer/optim.py builds them
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _OVERRIDE_PAIR = re.compile(r"[A-Za-z_][\w-]*=")  # `key=value`: the start of the next override
@@ -202,38 +206,6 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
 # Validation: one step, driven by the tables each Config class declares
 
 
-@dataclass(frozen=True)
-class Bound:
-    """A numeric range; None = unbounded on that side."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def holds(self, value) -> bool:
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low}"
-        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-
-
-def at_least(low: float) -> Bound:
-    return Bound(low)
-
-
-def above(low: float) -> Bound:
-    return Bound(low, low_open=True)
-
-
-def between(low: float, high: float, *, high_open: bool = False) -> Bound:
-    return Bound(low, high, high_open=high_open)
-
-
 def _table(cls, name: str) -> dict:
     """A table merged over the class hierarchy: a stage's Config declares only its own entries."""
     merged = {}
@@ -282,9 +254,10 @@ def validate(cfg, *, paths: bool = True) -> None:
 
 
 def _check_path(cfg, key: str, kind: str) -> None:
-    """kind: dir | dirs (comma-separated) | checkpoint (a saved model dir) | files (data files, globs, folders)
-    | tokenizer (a tokenizer folder, needed only when init_from brings none). An empty value is not checked: it
-    means "none" or "the default" to the stage."""
+    """kind: dir | dirs (comma-separated) | checkpoint (a saved model dir; its files verified against its
+    checksums.json when it has one) | files (data files, globs, folders) | tokenizer (a tokenizer folder, needed
+    only when init_from brings none). An empty value is not checked: it means "none" or "the default" to the
+    stage."""
     value = getattr(cfg, key)
     if not value:
         return
@@ -306,6 +279,11 @@ def _check_path(cfg, key: str, kind: str) -> None:
     except (FileNotFoundError, ValueError) as e:
         message = str(e)
         raise MissingPathError(message if message.startswith(key) else f"config key '{key}': {message}") from None
+    if kind == "checkpoint":
+        try:  # a final/ or step_*/ whose bytes changed since the save fails here, naming the file
+            verify_checksums(value)
+        except CheckpointError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def config_to_dict(cfg) -> dict:
@@ -334,7 +312,11 @@ class TrainConfig:
     unused: ClassVar[dict[str, str]] = {}
     batch_unit: ClassVar[str] = "sequences"
     # What validate() checks; a subclass declares only its own entries (the tables merge over the hierarchy).
+    # Every int/float field has a `bounds` entry and every str field with a fixed vocabulary a `choices` (or
+    # `devices`) entry, or it is listed in `unchecked` with the reason any value will do: tests/test_cli.py
+    # fails on a field in none of them, so a new key cannot be forgotten.
     choices: ClassVar[dict[str, tuple]] = {
+        "optimizer": OPTIMIZERS,
         "lr_schedule": ("cosine", "wsd", "constant"),
         "dtype": ("auto", *DTYPES),
         "parallel": ("ddp", "fsdp"),
@@ -352,6 +334,8 @@ class TrainConfig:
         "weight_decay": at_least(0),
         "beta1": between(0, 1, high_open=True),
         "beta2": between(0, 1, high_open=True),
+        "muon_lr_ratio": above(0),  # 0 would freeze every hidden matrix under Muon (lr=0 freezes everything)
+        "muon_momentum": between(0, 1, high_open=True),  # 1 never forgets a gradient
         "grad_clip": at_least(0),
         "loss_chunk": at_least(0),
         "log_every": at_least(1),
@@ -359,7 +343,11 @@ class TrainConfig:
         "eval_batches": at_least(0),
         "save_every": at_least(0),
         "keep_last": at_least(0),
+        "seed": between(0, 2**31 - 1),  # seed + rank goes to np.random.seed, which takes [0, 2**32)
+        "fp16_init_scale": above(0),  # GradScaler's first scale multiplies the loss: 0 zeroes every gradient
+        "max_skipped_steps": at_least(1),  # 0 would stop at the first check, before any step was skipped
     }
+    unchecked: ClassVar[dict[str, str]] = {}  # field -> why every value of its type is valid
     devices: ClassVar[tuple[str, ...]] = ("device",)
     paths: ClassVar[dict[str, str]] = {"init_from": "checkpoint", "tokenizer_dir": "tokenizer"}
     # --- what to train, on what ---

@@ -42,7 +42,7 @@ from dataset.tokenizer import token_byte_lengths
 from model.engine import Engine, SamplingParams
 from model.runtime import DTYPES
 from trainer.common import print0
-from trainer.config import Bound, at_least, between, config_to_dict, validate
+from trainer.config import Bound, above, at_least, between, config_to_dict, validate
 
 
 @dataclass
@@ -63,6 +63,11 @@ class Config:
         "temperature": at_least(0),
         "top_k": at_least(0),
         "top_p": between(0, 1),
+        "repetition_penalty": above(0),  # logits are divided (or multiplied) by it
+    }
+    unchecked: ClassVar[dict[str, str]] = {
+        "mc_split": "a split folder of mc_dir (test, val, ...); a missing one is named when mc_dir is read",
+        "seed": "any integer seeds a torch.Generator (seed + batch index)",
     }
     devices: ClassVar[tuple[str, ...]] = ("device",)
     paths: ClassVar[dict[str, str]] = {"init_from": "dirs"}  # model or LoRA adapter dirs

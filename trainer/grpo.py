@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import torch
 
+from trainer.config import Bound, at_least
 from trainer.core import run_trainer
 from trainer.logprobs import kl_estimate, masked_mean, token_logprobs
 from trainer.rollout import RLConfig, RolloutTrainer
@@ -39,6 +40,7 @@ class Config(RLConfig):
     # batch_size / global_batch_size count sampled replies (num_generations per prompt)
     batch_unit: ClassVar[str] = "replies"
     choices: ClassVar[dict[str, tuple]] = {"loss_norm": ("token", "sequence")}
+    bounds: ClassVar[dict[str, Bound]] = {"num_generations": at_least(2)}  # advantages are relative to the group
     out_dir: str = "out/grpo"
     num_generations: int = 8  # G: replies per prompt
     kl_coef: float = 0.04  # beta of DeepSeekMath
@@ -60,11 +62,7 @@ class GRPOTrainer(RolloutTrainer):
     stage = "grpo"
 
     def setup(self):
-        super().setup()
-        if self.cfg.loss_norm not in ("token", "sequence"):
-            raise ValueError(f"loss_norm must be token or sequence, got '{self.cfg.loss_norm}'")
-        if self.cfg.num_generations < 2:
-            raise ValueError("GRPO needs num_generations >= 2 (advantages are relative to the group)")
+        super().setup()  # loss_norm and num_generations were checked by validate() (the tables above)
         self.token_level = self.cfg.loss_norm == "token"
 
     def score_rollout(self, buf: dict) -> None:

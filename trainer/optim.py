@@ -30,10 +30,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from trainer.config import TrainConfig
-
-OPTIMIZERS = ("adamw", "muon")
-
+from trainer.config import OPTIMIZERS, TrainConfig
 
 # -----------------------------------------------------------------------------
 # Which parameter goes where, decided by name (the HF/Llama module names of model/model_slm.py)

@@ -23,7 +23,7 @@ from dataset.demo_data import task_answer, task_prompt, write_demo_data
 from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
 from model.engine import Engine, SamplingParams
-from trainer.config import load_config, validate
+from trainer.config import Bound, TrainConfig, at_least, load_config, validate
 from trainer.stages import STAGES
 
 ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
@@ -31,7 +31,9 @@ ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
 
 @dataclass
 class Config:
-    devices: ClassVar[tuple[str, ...]] = ("device",)  # what validate() checks (trainer/config.py)
+    # What validate() checks (trainer/config.py); seed is passed on to every training stage, so it gets their bound.
+    devices: ClassVar[tuple[str, ...]] = ("device",)
+    bounds: ClassVar[dict[str, Bound]] = {"seed": TrainConfig.bounds["seed"], "n_docs": at_least(1)}
     out_dir: str = "out/demo"  # every artifact goes under here
     stages: str = ALL_STAGES  # comma-separated subset, in this order
     force: bool = False  # redo stages whose outputs already exist

@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from model.runtime import load_pretrained
-from trainer.config import Bound, at_least, between
+from trainer.config import Bound, above, at_least, between
 from trainer.core import run_trainer
 from trainer.logprobs import kl_estimate, masked_mean, masked_whiten, token_logprobs
 from trainer.rollout import RLConfig, RolloutTrainer
@@ -55,7 +55,7 @@ class Config(RLConfig):
         "gamma": between(0, 1),
         "lam": between(0, 1),
         "vf_coef": at_least(0),
-        "clip_value": at_least(0),
+        "clip_value": above(0),  # 0 pins the clipped value to the old one: the value loss could only grow
     }
     paths: ClassVar[dict[str, str]] = {"critic_from": "checkpoint"}
     out_dir: str = "out/ppo"

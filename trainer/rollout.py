@@ -16,7 +16,7 @@ from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
 from model.runtime import load_pretrained
 from trainer.common import print0
-from trainer.config import Bound, TrainConfig, at_least, between
+from trainer.config import Bound, TrainConfig, above, at_least, between
 from trainer.core import Trainer
 from trainer.logprobs import kl_estimate, load_reference, masked_mean, token_logprobs
 from trainer.rewards import Completion, parse_rules, rule_rewards
@@ -36,13 +36,13 @@ class RLConfig(TrainConfig):
     choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
     bounds: ClassVar[dict[str, Bound]] = {
         "max_new_tokens": at_least(1),
-        "temperature": at_least(0),
+        "temperature": at_least(0),  # 0 = greedy replies (model/engine.py)
         "top_k": at_least(0),
         "top_p": between(0, 1),
         "num_generations": at_least(1),
         "rollout_minibatches": at_least(1),
         "ppo_epochs": at_least(1),
-        "clip_eps": at_least(0),
+        "clip_eps": above(0),  # 0 clips every ratio to 1: the policy could never move past the old one
         "kl_coef": at_least(0),
         "target_kl": at_least(0),
         "max_samples": at_least(0),

@@ -27,14 +27,17 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from dataset.table_files import is_dataset_dir
 from dataset.text_sources import TEXT_FIELDS, count_cjk, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
 from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
+from trainer.bounds import Bound, at_least
 from trainer.errors import ConfigError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
 # ChatML; {% generation %} marks assistant tokens so SFT gets them from return_assistant_tokens_mask=True.
 # Tools follow Qwen2.5's format, the one llama.cpp's and vLLM's `hermes` tool parsers read: with `tools`, the system
 # turn lists them in <tools>; an assistant's tool_calls become <tool_call> JSON blocks (trained, inside generation);
@@ -72,6 +75,16 @@ QWEN2_PATTERN = (
 
 @dataclass
 class Config:
+    # What validate() checks (trainer/config.py, run by load_config; bounds come from a torch-free module).
+    bounds: ClassVar[dict[str, Bound]] = {
+        "vocab_size": at_least(MIN_VOCAB_SIZE),
+        "max_bytes": at_least(1),
+        "han_piece_chars": at_least(1),
+        "min_frequency": at_least(0),  # the BPE trainer's own default is 0 (same as 1)
+        "heldout_every": at_least(2),  # a document is held out with probability 1 / heldout_every: 1 holds out all
+        "heldout_max_bytes": at_least(0),
+    }
+    unchecked: ClassVar[dict[str, str]] = {"seed": "any integer: it is hashed with each document's text"}
     data_path: str = ""  # comma-separated files: .txt, .jsonl, .json (any .gz), parquet/Arrow, save_to_disk folders
     text_column: str = ""  # JSONL field / table column with the text; "" = the first of text, content present
     vocab_size: int = 6400  # total entries, the 4 special tokens included
@@ -314,7 +327,7 @@ def run(cfg: Config) -> dict:
     for p in paths + _split_paths(cfg.eval_path):
         if not (os.path.isfile(p) or is_dataset_dir(p)):
             raise FileNotFoundError(f"{p}: no such file (data_path/eval_path)")
-    if cfg.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+    if cfg.vocab_size < MIN_VOCAB_SIZE:  # validate() refuses it too; a Config made in code is not validated
         raise ValueError(f"vocab_size={cfg.vocab_size} is too small: the byte alphabet alone needs 260 entries")
     t0 = time.time()
     tok = build_tokenizer()
