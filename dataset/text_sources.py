@@ -96,7 +96,9 @@ def input_bytes(path: str) -> int:
     return os.path.getsize(path) * (3 if path.endswith((".gz", ".parquet")) else 1)
 
 
-def _open_binary(path: str):
+def open_binary(path: str):
+    """The file's bytes, read through gzip when its name ends in .gz (streamed either way); every text and record
+    reader opens files here."""
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
@@ -108,7 +110,7 @@ def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[int, str]]:
     incremental decoder keeps a character cut between two pieces whole (it starts the next piece)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     lineno, line_start = 0, True
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             while raw := f.readline(max_line_bytes or -1):
                 lineno += line_start
@@ -250,7 +252,7 @@ def _flatten(obj, out: list[str]) -> None:
 
 def _read_json(path: str) -> Iterator[dict]:
     # A .json file is one document tree, so it is parsed whole: memory is bounded by the largest file, not the corpus.
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         raw = f.read()
     try:
         obj = json.loads(raw.decode("utf-8"))
