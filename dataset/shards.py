@@ -5,7 +5,8 @@ readers that training uses.
 A shard directory holds
     meta.json            {"format": "milli-chat-shards-v1", "dtype": "uint16", "vocab_size": V,
                           "tokenizer_fingerprint": "...", "eos_id": E, "seed": S,
-                          "sources": [{"path": ..., "weight": w, "documents": n, "tokens": t}, ...],
+                          "sources": [{"path": ..., "weight": w, "license": "mit" | null, "license_from": ...,
+                                       "documents": n, "tokens": t}, ...],
                           "train_shards": [{"file": "train_00000.bin", "tokens": N}, ...],
                           "val_shard": {"file": "val.bin", "tokens": N} | null}
     train_00000.bin ...  raw little-endian token ids (no header), documents joined with EOS

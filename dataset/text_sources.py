@@ -40,6 +40,7 @@ from dataset.table_files import (
     dataset_dict_message,
     is_dataset_dict_dir,
     is_dataset_dir,
+    is_dataset_metadata,
     is_table,
     iter_rows,
 )
@@ -54,7 +55,8 @@ def expand_paths(paths: str | list[str]) -> list[str]:
     """The one way every reader (text, chat, preference and prompt data) turns a path setting into files.
 
     `paths` is a list or a comma-separated string of items; each item is a file, a folder (every regular file
-    under it, hidden ones left out) or a glob pattern (its matches, each a file or a folder). Folders and matches
+    under it, hidden ones and a dataset's metadata left out: dataset_info.json, state.json, a README.md dataset card)
+    or a glob pattern (its matches, each a file or a folder). Folders and matches
     are sorted, so runs are reproducible; the items keep their order. A `datasets` save_to_disk folder, named or
     found inside a folder, is one input (its .arrow files are rows of one table, its .json files metadata). An item
     that names nothing raises FileNotFoundError naming it; no files at all raises ValueError."""
@@ -78,7 +80,8 @@ def expand_paths(paths: str | list[str]) -> list[str]:
                         dirs.clear()
                         continue
                     dirs.sort()
-                    out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+                    names = [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+                    out.extend(p for p in names if not is_dataset_metadata(p))
             elif os.path.isfile(p):
                 out.append(p)
             else:
