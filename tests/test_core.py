@@ -69,7 +69,7 @@ def test_every_hook_a_stage_overrides_is_documented_with_keyword_only_arguments(
 def test_the_loop_knows_no_kind_of_data_and_passes_no_state_on_the_side():
     loop = inspect.getsource(Trainer.fit) + inspect.getsource(Trainer.train_step) + inspect.getsource(Trainer.log_step)
     assert "shard_done" not in loop  # pretraining's per-shard checkpoint is its own should_save
-    assert "self._" not in loop.replace("self._stop_on_nonfinite", "")  # e.g. no _step_tokens between methods
+    assert "self._" not in loop  # no private state passed between methods (e.g. a _step_tokens)
 
 
 def test_gpu_peak_flops_matches_whole_names_and_follows_the_dtype():

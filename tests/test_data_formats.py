@@ -14,6 +14,8 @@ import json
 import lzma
 import os
 import sqlite3
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import Counter
@@ -600,10 +602,18 @@ def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
     )
     texts = [read_texts(tmp_path / "a.out.jsonl"), read_texts(tmp_path / "b.out.jsonl")]
     assert texts[0] == texts[1] and len(texts[0]) == len(TEXTS) and a["docs_out"] == b["docs_out"]
-    # the command line names the column and reports a missing one without a traceback
-    import subprocess
-    import sys
 
+
+@pytest.mark.slow
+def test_zh_simplify_command_line_names_the_column(tmp_path):
+    """scripts/zh_simplify.py (two subprocesses): a missing column is reported without a traceback; the column
+    named with --text_column gives what the library gives."""
+    from dataset.corpus import simplify
+    from dataset.text_sources import FilterConfig
+
+    parquet = write_tables(tmp_path, [{"body": t} for t in TEXTS], "a")["parquet"]
+    out = str(tmp_path / "want.jsonl")
+    simplify([parquet], out, FilterConfig(), engine="zhconv", workers=1, quiet=True, text_fields=("body",))
     r = subprocess.run(
         [
             sys.executable,
@@ -640,7 +650,7 @@ def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert read_texts(tmp_path / "c.jsonl") == texts[0]
+    assert read_texts(tmp_path / "c.jsonl") == read_texts(out)
 
 
 def test_tables_are_streamed_not_loaded_whole(tmp_path):

@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model import SLMConfig, SLMForCausalLM
-from tests.conftest import tiny_corpus_lines
-from tests.helpers import write_shards
+from tests.helpers import tiny_corpus_lines, tiny_model, write_shards
 from trainer.core import run_trainer
 from trainer.distill import ChatDistillTrainer, Config, ShardDistillTrainer, run
 from trainer.pretrain import Config as PretrainConfig
@@ -18,8 +16,7 @@ from trainer.pretrain import PretrainTrainer
 
 
 def save_model(path, tok, seed, **overrides):
-    torch.manual_seed(seed)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), **overrides))
+    model = tiny_model(len(tok), seed=seed, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -119,7 +116,7 @@ def test_chat_data_distillation_runs_on_the_core(setup, tmp_path):
 
 def test_refuses_teacher_with_other_vocabulary(setup, tmp_path):
     s = setup
-    other = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(s["tok"]) + 64))
+    other = tiny_model(len(s["tok"]) + 64)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="shared tokenizer"):
         run(base_cfg(s, tmp_path / "x", teacher_from=str(tmp_path / "other"), data_dir=s["shards"]))

@@ -14,11 +14,10 @@ from transformers import AutoTokenizer
 
 import main
 from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
-from model import SLMConfig, SLMForCausalLM
+from model import SLMForCausalLM
 from scripts.export_llama import export_llama
 from scripts.lm_eval_task import write_lm_eval_task
-from tests.conftest import tiny_corpus_lines
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, tiny_corpus_lines, tiny_model
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 from trainer.eval import (
     Config,
@@ -40,8 +39,7 @@ def checkpoints(tiny_tokenizer_dir, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     paths = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), initializer_range=0.05))
+        model = tiny_model(len(tok), seed=seed, initializer_range=0.05)
         model.save_pretrained(root / f"m{seed}")
         tok.save_pretrained(root / f"m{seed}")
         paths.append(str(root / f"m{seed}"))
