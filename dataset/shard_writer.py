@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from dataset.shards import SHARD_FORMAT, dtype_for_vocab, tokenizer_fingerprint
 from dataset.table_files import dataset_card
@@ -231,8 +232,9 @@ def prepare(
     text_column: str = "",
 ) -> dict:
     """text_column: the JSONL field / table column that holds the text; "" = the first of TEXT_FIELDS present."""
-    os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))  # before tokenizers starts
-    from transformers import AutoTokenizer
+    # The tokenizers library makes its thread pool at the first batch encode and reads this then, so setting it here
+    # (after the import) is in time.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))
 
     sources = [src for spec in inputs for src in parse_input(spec)]
     if not os.path.isdir(tokenizer_dir):

@@ -109,7 +109,7 @@ def is_table(path: str) -> bool:
 
 
 def _pyarrow():
-    try:
+    try:  # optional (pip install pyarrow): asked for only when a table is read, with the hint if it is missing
         import pyarrow
         import pyarrow.ipc
         import pyarrow.parquet

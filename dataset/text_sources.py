@@ -34,6 +34,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import zhconv
+
 from dataset.table_files import (
     check_text_input,
     column_names,
@@ -423,15 +425,13 @@ def make_converter(engine: str = "auto"):
     """Traditional -> simplified (zh-cn) converter. zhconv-rs (Rust, same MediaWiki+OpenCC tables, newer version)
     is ~15x faster than pure-Python zhconv; see bench/RESULTS.md for how far their outputs agree."""
     if engine in ("auto", "zhconv-rs"):
-        try:
+        try:  # optional (requirements.txt): the fast engine when installed, else zhconv
             from zhconv_rs import zhconv as _rs
 
             return "zhconv-rs", lambda s: _rs(s, "zh-cn", False)
         except ImportError:
             if engine == "zhconv-rs":
                 raise
-    import zhconv
-
     return "zhconv", lambda s: zhconv.convert(s, "zh-cn")
 
 

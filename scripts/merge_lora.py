@@ -15,18 +15,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run directly: repo root importable
 
-import argparse
-import json
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from model.lora import merge_lora_weights  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
 
 
 def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     if not model_dir:
         with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
