@@ -116,6 +116,7 @@ def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
     assert "北京是哪个国家的首都？" in report and "**Reference**" in report and "**other**" in report
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_zero_shot_quantized_run(checkpoints, tmp_path):
     res = run(
         Config(

@@ -170,6 +170,7 @@ class DiesAtStep4(PretrainTrainer):
         return super().train_step()
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_muon_resume_is_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
     settings = dict(optimizer="muon", max_steps=6, save_every=3, eval_every=0)
     straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight", **settings)
@@ -187,6 +188,7 @@ def test_muon_resume_is_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_muon_fp16_grad_scaler_on_cpu(tiny_tokenizer_dir, shards, tmp_path):
     """fp16 autocast + GradScaler: the logged grad norm is of unscaled gradients (a missed unscale would show the
     scale, 65536x), and training stays finite and learns."""
