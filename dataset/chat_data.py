@@ -45,23 +45,21 @@ real token only sees earlier tokens, which are all real, and padded positions ca
 
 Bad records (malformed JSON or shape, a line that is not UTF-8, unknown role, empty conversation, a system turn
 not first, an empty assistant reply, an unfilled {{placeholder}}, and, when required, a last turn that is not the
-assistant's) raise BadRecord naming file:line with on_bad="error", or are skipped and counted with on_bad="skip". The
-data is never changed silently: the only rewrites are the configured placeholders and system prompt. A truncated
-.gz stops the run naming file and line with on_bad="error"; with "skip" the file ends there with a warning.
+assistant's) raise BadRecord naming file:line with on_bad="error", or are skipped and counted with on_bad="skip"
+(dataset/records.py: the one record reader and its policy, shared with the preference and prompt data). The data is
+never changed silently: the only rewrites are the configured placeholders and system prompt. A truncated .gz stops
+the run naming file and line with on_bad="error"; with "skip" the file ends there with a warning.
 """
 
 import bisect
-import gzip
 import json
 import re
-import zlib
 from collections import Counter
 
 import numpy as np
 import torch
 
-from dataset.table_files import check_text_input, is_table, iter_rows
-from dataset.text_sources import expand_paths
+from dataset.records import BadRecord, UnreadableFile, read_records
 from dataset.tool_calls import tool_call_text, tools_text
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
@@ -73,92 +71,9 @@ ROLES = ("system", "user", "assistant", "tool")
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
 
 
-class BadRecord(ValueError):
-    """A record that cannot be used as it is; the message starts with file:line."""
-
-    def __init__(self, where: str, reason: str, detail: str = ""):
-        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
-        self.where, self.reason, self.detail = where, reason, detail
-
-
-class UnreadableFile(BadRecord):
-    """A record showing that its whole file cannot be read (no format we know): an error even when on_bad=skip."""
-
-
-class TruncatedFile(BadRecord):
-    """The file ends early (a truncated .gz): an error with on_bad=error; with skip, the end of that file."""
-
-
-# -----------------------------------------------------------------------------
-# Reading files: records with their line numbers
-
-
-def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _not_utf8(path: str, line: int, e: UnicodeDecodeError) -> BadRecord:
-    return BadRecord(
-        f"{path}:{line}",
-        "not valid UTF-8",
-        f"{e.reason} at byte {e.start}; convert the file to UTF-8 first (e.g. iconv -f GB18030 -t UTF-8)",
-    )
-
-
-def iter_records(path: str):
-    """Yield (line, record) for a JSON Lines or JSON array file, ("row N", row) for a parquet/Arrow table.
-    Lines are decoded one by one, so a bad byte or broken JSON yields (line, BadRecord) and the file goes on; a
-    truncated .gz yields one TruncatedFile naming the line reached, and ends the file."""
-    if is_table(path):
-        for n, row in iter_rows(path):
-            yield f"row {n}", row
-        return
-    check_text_input(path)  # binary files and raw Wikipedia dumps are refused by what they are
-    n, is_array = 0, False
-    try:
-        with _open_binary(path) as f:
-            is_array = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-            f.seek(0)
-            if is_array:
-                raw = f.read()
-                if raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:  # one JSON document: nothing after a bad byte can be trusted
-                    e2 = _not_utf8(path, raw[: e.start].count(b"\n") + 1, e)
-                    raise UnreadableFile(e2.where, e2.reason, e2.detail) from None
-                yield from _array_records(text, path)
-                return
-            for n, raw in enumerate(f, 1):
-                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # a byte-order mark, which editors on Windows like to add
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield n, _not_utf8(path, n, e)
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, BadRecord(f"{path}:{n}", "malformed", f"invalid JSON: {e.msg} at column {e.colno}")
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or corrupt .gz, raised only when read there
-        if is_array:  # one JSON document: what was read before the cut cannot be trusted either
-            raise UnreadableFile(path, "truncated file", f"{e}; is it a truncated or mislabelled .gz?") from None
-        yield (
-            n + 1,
-            TruncatedFile(
-                f"{path}:{n + 1}",
-                "truncated file",
-                f"cannot read on after line {n} ({e}); is it a truncated or mislabelled .gz?",
-            ),
-        )
-
-
 def parse_columns(spec: str) -> dict:
-    """'conversation=conversations,q=user' -> {'conversation': 'conversations', 'q': 'user'} (see usable_records)."""
+    """'conversation=conversations,q=user' -> {'conversation': 'conversations', 'q': 'user'}, the mapping that
+    dataset/records.py rename_keys applies."""
     mapping = {}
     for pair in [p.strip() for p in spec.split(",") if p.strip()]:
         src, sep, dst = pair.partition("=")
@@ -166,78 +81,6 @@ def parse_columns(spec: str) -> dict:
             raise ValueError(f"columns: '{pair}' is not source=target")
         mapping[src.strip()] = dst.strip()
     return mapping
-
-
-def rename_keys(record, columns: dict):
-    """Rename the keys of a record, of the dicts in its lists (turns) and of its dict values (a {from, value}
-    reply) by `columns`; one level of nesting, which is where every chat and preference schema keeps its turns."""
-    if not columns or not isinstance(record, dict):
-        return record
-
-    def one(d: dict) -> dict:
-        return {columns.get(k, k): v for k, v in d.items()}
-
-    out = {}
-    for k, v in one(record).items():
-        if isinstance(v, list):
-            v = [one(x) if isinstance(x, dict) else x for x in v]
-        elif isinstance(v, dict):
-            v = one(v)
-        out[k] = v
-    return out
-
-
-def usable_records(path: str, convert, on_bad: str, stats: Counter, log=print, columns: dict | None = None):
-    """Yield convert(record, where) for every record of one file that converts. A record that does not (convert or
-    the reader raised BadRecord) stops the run naming file:line when on_bad=error; with on_bad=skip it is
-    counted in stats as "skip:<reason>" and the first few per file are logged, so the cause is findable without
-    flooding the log. stats["records"] counts every record read. `columns` (parse_columns) renames keys first.
-    A truncated file stops the run with on_bad=error; with skip, the file ends there with a warning."""
-    shown = 0
-    for line, record in iter_records(path):
-        where = f"{path}:{line}"
-        if isinstance(record, TruncatedFile):
-            if on_bad == "error":
-                raise record
-            stats["truncated files"] += 1
-            log(f"[data] WARNING: {record}; the rest of {path} is lost")
-            return
-        stats["records"] += 1
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            item = convert(rename_keys(record, columns), where)
-        except BadRecord as e:
-            if on_bad == "error" or isinstance(e, UnreadableFile):
-                raise
-            stats[f"skip:{e.reason}"] += 1
-            if shown < 3:
-                log(f"[data] skipped {e}")
-                shown += 1
-            continue
-        yield item
-
-
-def _array_records(text: str, path: str):
-    """Walk a JSON array element by element (raw_decode), so each record keeps the line it starts on.
-    A syntax error inside an array cannot be skipped (nothing after it can be trusted), so it always raises."""
-    decoder = json.JSONDecoder()
-    space = re.compile(r"\s*")
-    pos = space.match(text, text.index("[") + 1).end()
-    line, counted = 1, 0
-    while pos < len(text) and text[pos] != "]":
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise BadRecord(f"{path}:{e.lineno}", "malformed", f"invalid JSON: {e.msg}") from None
-        line += text.count("\n", counted, pos)
-        counted = pos
-        yield line, record
-        pos = space.match(text, end).end()
-        if pos < len(text) and text[pos] == ",":
-            pos = space.match(text, pos + 1).end()
-        elif pos >= len(text) or text[pos] != "]":
-            raise BadRecord(f"{path}:{1 + text.count(chr(10), 0, pos)}", "malformed", "expected ',' or ']'")
 
 
 # -----------------------------------------------------------------------------
@@ -503,40 +346,43 @@ def load_conversations(
     log=print,
     columns: dict | None = None,
 ) -> tuple[list[list[dict]], Counter]:
-    """Read every file, normalise each record to messages and check it.
+    """Read every file, normalise each record to messages and check it (dataset/records.py read_records: the
+    on_bad policy, skip counts and max_samples, the first max_samples usable conversations of each file).
 
     Returns (conversations, stats); stats counts read records, kept ones and each skip reason ("skip:<reason>").
-    system_prompt becomes the system turn of conversations that have none. max_samples > 0 keeps the first
-    max_samples usable conversations of each file (quick runs and tests). columns renames keys (parse_columns)."""
-    if on_bad not in ("error", "skip"):
-        raise ValueError(f"on_bad must be error or skip, got '{on_bad}'")
-    stats = Counter() if stats is None else stats
+    system_prompt becomes the system turn of conversations that have none. columns renames keys (parse_columns)."""
     placeholders = placeholders or {}
-    conversations = []
-    for path in expand_paths(paths):
-        fmt, kept = None, 0
+    formats: dict[str, str] = {}  # file -> its format, detected from its first readable record
 
-        def convert(record, where):
-            nonlocal fmt
-            if fmt is None:  # the file's format, from its first readable record
+    def convert_file(path: str):
+        def convert(record, where: str) -> list[dict]:
+            if path not in formats:
                 try:
-                    fmt = detect_format(record, where)
+                    formats[path] = detect_format(record, where)
                 except BadRecord as e:  # a file we cannot read at all is an error, never a skip
                     raise UnreadableFile(e.where, e.reason, e.detail) from None
-            messages = to_messages(record, fmt, where)
+            messages = to_messages(record, formats[path], where)
             check_messages(messages, where, require_assistant_last)
-            return fill_placeholders(messages, placeholders, where)
-
-        for messages in usable_records(path, convert, on_bad, stats, log, columns):
+            messages = fill_placeholders(messages, placeholders, where)
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}] + messages
             elif system_prompt and messages[0].get("tools") and not messages[0]["content"]:
                 messages[0]["content"] = system_prompt  # the system turn made only to carry the tools
-            conversations.append(messages)
-            kept += 1
-            if max_samples and kept >= max_samples:
-                break
-        log(f"[data] {path}: {kept:,} conversations ({fmt or 'no usable record'})")
+            return messages
+
+        return convert
+
+    conversations, stats = read_records(
+        paths,
+        convert_file,
+        "conversations",
+        on_bad,
+        max_samples,
+        stats,
+        log,
+        columns,
+        file_note=lambda path: formats.get(path, "no usable record"),
+    )
     stats["conversations"] = len(conversations)
     return conversations, stats
 

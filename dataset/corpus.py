@@ -19,6 +19,7 @@ import time
 from collections import Counter, deque
 
 import numpy as np
+import zhconv
 
 from dataset.text_sources import (
     LONG_DOC_FACTOR,
@@ -207,8 +208,7 @@ def print_summary(stats: Counter, output: str) -> None:
 
 def compare_engines(paths: list[str], max_docs: int = 100_000) -> dict:
     """Convert the same documents with both engines: time, identical documents, and the commonest differences."""
-    import zhconv
-    from zhconv_rs import zhconv as rs
+    from zhconv_rs import zhconv as rs  # optional (requirements.txt); this comparison alone cannot do without it
 
     docs = []
     for path in paths:

@@ -30,16 +30,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from dataset.chat_data import (
-    BadRecord,
-    chatml_pieces,
-    check_messages,
-    length_bucket,
-    to_messages,
-    tokenize_conversation,
-    usable_records,
-)
-from dataset.text_sources import expand_paths
+from dataset.chat_data import chatml_pieces, check_messages, length_bucket, to_messages, tokenize_conversation
+from dataset.records import BadRecord, SkipRecord, read_records
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -125,24 +117,22 @@ def load_pairs(
     log=print,
     columns: dict | None = None,
 ) -> tuple[list[dict], Counter]:
-    """Read every file into pairs; on_bad = error (raise naming file:line) | skip (count by reason).
-    max_samples > 0 keeps the first max_samples usable pairs of each file; columns renames keys first
-    (chat_data.parse_columns)."""
-    stats = Counter() if stats is None else stats
-    pairs, seen = [], set()
-    for path in expand_paths(paths):
-        kept = 0
-        for pair in usable_records(path, record_to_pair, on_bad, stats, log, columns):
-            key = json.dumps(pair, ensure_ascii=False, sort_keys=True)
-            if key in seen:
-                stats["skip:duplicate"] += 1
-                continue
-            seen.add(key)
-            pairs.append(pair)
-            kept += 1
-            if max_samples and kept >= max_samples:
-                break
-        log(f"[data] {path}: {kept:,} preference pairs")
+    """Read every file into pairs (dataset/records.py read_records: on_bad = error, raise naming file:line | skip,
+    count by reason; max_samples > 0 keeps the first max_samples usable pairs of each file); columns renames keys
+    first (chat_data.parse_columns). A pair seen before, in any file, is skipped as a duplicate."""
+    seen = set()
+
+    def convert(record, where: str) -> dict:
+        pair = record_to_pair(record, where)
+        key = json.dumps(pair, ensure_ascii=False, sort_keys=True)
+        if key in seen:
+            raise SkipRecord("duplicate")
+        seen.add(key)
+        return pair
+
+    pairs, stats = read_records(
+        paths, lambda path: convert, "preference pairs", on_bad, max_samples, stats, log, columns
+    )
     stats["pairs"] = len(pairs)
     return pairs, stats
 

@@ -2,9 +2,13 @@
 The shard writer: text sources in, shuffled token shards out (the format and the readers are in dataset/shards.py).
 scripts/prepare_shards.py is its command line; the pipeline (trainer/pipeline.py) calls prepare() directly.
 
-A weight above 1 repeats a source (2.5 = every document twice, half of them a third time); below 1 keeps that
-share of its documents. Which documents are kept, repeated or held out is decided by a seeded hash of each
-document's text, so the same inputs and seed give byte-identical shards.
+An input is `path[:weight][@license]`; the path is a file, a folder or a glob (text_sources.expand_paths), and
+every file it names is one source of meta.json, with the weight and the license. A weight above 1 repeats a source
+(2.5 = every document twice, half of them a third time); below 1 keeps that share of its documents. A license not
+given is read from the source's dataset_info.json or dataset card (source_license); meta.json records it per
+source (null when not known), and the model card lists them (model/hub.py data_licenses).
+Which documents are kept, repeated or held out is decided by a seeded hash of each document's text, so the same
+inputs and seed give byte-identical shards.
 Memory stays flat: documents stream in, are tokenised in batches (the Rust tokenizer uses `workers` threads) and
 scattered into on-disk buckets by a seeded hash; each bucket is then shuffled in memory and cut into shards.
 Peak RAM is the tokenizer plus one bucket (bucket_mb) plus one tokenising batch (bounded in documents and bytes),
@@ -15,18 +19,22 @@ Special-token strings inside the text (MiniMind's pretrain_hq.jsonl wraps every 
 <|im_end|>) are tokenised as the plain text they are, never as the special ids (see prepare()); a note counts them.
 """
 
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from dataset.shards import SHARD_FORMAT, dtype_for_vocab, tokenizer_fingerprint
-from dataset.table_files import is_dataset_dir
-from dataset.text_sources import TEXT_FIELDS, input_bytes, iter_documents
+from dataset.table_files import dataset_card
+from dataset.text_sources import TEXT_FIELDS, expand_paths, input_bytes, iter_documents
 
 BUCKET_DIR = "_buckets.tmp"  # phase 1's scatter files, inside out_dir; gone when a run finishes
 
@@ -35,21 +43,98 @@ BUCKET_DIR = "_buckets.tmp"  # phase 1's scatter files, inside out_dir; gone whe
 # inputs and hashing
 
 
-def parse_input(spec: str) -> tuple[str, float]:
-    """'path[:weight]' -> (path, weight). Only a number after the last ':' is a weight."""
+LICENSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")  # an SPDX id or a Hub license tag: cc-by-sa-4.0, mit, other
+
+
+@dataclass
+class Source:
+    """One input file of a run, with what its --inputs item says about it."""
+
+    path: str
+    weight: float
+    license: str | None  # declared with @LICENSE, else found by source_license, else None (not known)
+    license_from: str  # "--inputs", the file it was read from, or "" when not known
+    spec: str  # the --inputs item that named the file
+
+
+def _split_weight(spec: str) -> tuple[str, float]:
     path, sep, w = spec.rpartition(":")
     if sep:
         try:
-            weight = float(w)
+            return path, float(w)
         except ValueError:
-            path, weight = spec, 1.0
+            pass
+    return spec, 1.0
+
+
+def _names_input(path: str) -> bool:
+    return bool(glob.glob(path)) if glob.has_magic(path) else os.path.exists(path)
+
+
+def _input_root(path: str) -> str:
+    """The folder an --inputs path names or lies in (for a glob, the folder before its first pattern part): where
+    source_license stops looking upwards."""
+    if glob.has_magic(path):
+        parts = path.split(os.sep)
+        return os.sep.join(parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]) or "."
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def parse_input(spec: str) -> list[Source]:
+    """'path[:weight][@license]' -> one Source per file the path names (dataset/text_sources.py expand_paths: a
+    file, a folder, a glob pattern), each with the item's weight and license.
+
+    Only a number after the last ':' is a weight. An '@' followed by a license id at the very end declares the
+    license of every file (`wiki.jsonl:0.8@cc-by-sa-4.0`), unless the spec without the weight names an existing
+    path as written (a file may be called `notes@v2.txt`). Without one, each file's own metadata is read
+    (source_license); None when nothing states it."""
+    declared = None
+    head, at, tail = spec.rpartition("@")
+    if at and head and LICENSE_ID.fullmatch(tail) and not _names_input(_split_weight(spec)[0]):
+        spec_body, declared = head, tail
     else:
-        path, weight = spec, 1.0
-    if not (os.path.isfile(path) or is_dataset_dir(path)):
-        raise FileNotFoundError(f"{path}: no such file (from --inputs {spec})")
+        spec_body = spec
+    path, weight = _split_weight(spec_body)
     if not weight > 0 or math.isinf(weight):
         raise ValueError(f"--inputs {spec}: the weight must be a positive number")
-    return path, weight
+    try:
+        files = expand_paths([path])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (from --inputs {spec})") from None
+    root = _input_root(path)
+    sources = []
+    for f in files:
+        license, found_in = (declared, "--inputs") if declared else source_license(f, root)
+        sources.append(Source(f, weight, license, found_in, spec))
+    return sources
+
+
+def source_license(path: str, root: str) -> tuple[str | None, str]:
+    """(license, the file that states it) for one source, or (None, ""): the "license" of a dataset_info.json
+    (`datasets` writes one into every save_to_disk folder) or the `license:` of a dataset card (README.md whose
+    YAML front matter the Hub reads), looked for in the source's own folder first, then in each parent up to
+    `root`, the folder its --inputs item named (a Hub download's card is at the top of the folder named)."""
+    folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    stop = os.path.abspath(root)
+    while os.path.commonpath([folder, stop]) == stop:  # never above the folder the user named
+        info, card = os.path.join(folder, "dataset_info.json"), os.path.join(folder, "README.md")
+        if os.path.isfile(info):
+            try:
+                with open(info, encoding="utf-8") as f:
+                    found = json.load(f).get("license")
+            except (ValueError, AttributeError):
+                found = None
+            if isinstance(found, str) and found.strip():  # `datasets` writes "" when the builder gave none
+                return found.strip(), info
+        found = (dataset_card(card) or {}).get("license")
+        if isinstance(found, list):  # the Hub allows several: `license: [mit, apache-2.0]`
+            found = ", ".join(str(x) for x in found if x)
+        if found and str(found).strip():
+            return str(found).strip(), card
+        if folder == stop:
+            break
+        folder = os.path.dirname(folder)
+    return None, ""
 
 
 def _unit(key: bytes, salt: str) -> float:
@@ -147,10 +232,11 @@ def prepare(
     text_column: str = "",
 ) -> dict:
     """text_column: the JSONL field / table column that holds the text; "" = the first of TEXT_FIELDS present."""
-    os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))  # before tokenizers starts
-    from transformers import AutoTokenizer
+    # The tokenizers library makes its thread pool at the first batch encode and reads this then, so setting it here
+    # (after the import) is in time.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers or os.cpu_count() or 1))
 
-    sources = [parse_input(s) for s in inputs]
+    sources = [src for spec in inputs for src in parse_input(spec)]
     if not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"--tokenizer {tokenizer_dir}: no such directory (run the tokenizer stage first)")
     hf_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -184,16 +270,16 @@ def prepare(
     try:
         # Bucket count from a size estimate (text bytes ~ token bytes for uint16 at ~3 bytes/token of Chinese): each
         # bucket should hold about bucket_mb, which is what phase 2 loads at once.
-        est = sum(input_bytes(p) * w for p, w in sources)
+        est = sum(input_bytes(src.path) * src.weight for src in sources)
         n_buckets = max(1, min(1024, math.ceil(est / (bucket_mb * 1e6))))
-        est_tokens = sum(input_bytes(p) for p, _ in sources) / 3
+        est_tokens = sum(input_bytes(src.path) for src in sources) / 3
         val_rate = min(0.5, val_tokens / max(est_tokens, 1)) if val_tokens > 0 else 0.0
         tmp_dir = os.path.join(out_dir, BUCKET_DIR)
         os.makedirs(tmp_dir)  # check_out_dir removed any older one
         buckets = [open(os.path.join(tmp_dir, f"{b:04d}"), "wb") for b in range(n_buckets)]
         val_f = open(os.path.join(out_dir, "val.bin.tmp"), "wb")
         stats = {"bytes": 0, "tokens": 0, "val_tokens": 0, "val_docs": 0, "special_docs": 0, "special_strings": 0}
-        src_meta = []
+        src_meta, selected = [], {}  # selected: documents per --inputs item
         t0 = last = time.time()
 
         # phase 1: read -> weight -> tokenise in batches -> scatter copies into buckets (val documents go to val.bin)
@@ -224,8 +310,10 @@ def prepare(
                 stats["tokens"] += copies * len(ids)
 
         try:
-            for path, weight in sources:
+            for i, src in enumerate(sources):
+                path, weight = src.path, src.weight
                 sm = {"path": path, "weight": weight, "documents": 0, "tokens": 0}
+                sm |= {"license": src.license, "license_from": src.license_from}
                 whole, frac = int(weight), weight - int(weight)
                 batch, batch_bytes = [], 0
                 for d in iter_documents(path, text_fields):
@@ -258,9 +346,12 @@ def prepare(
                         )
                 if batch:
                     flush(batch, sm)
-                if sm["documents"] == 0:
-                    raise ValueError(f"{path}: no document selected (weight {weight} too small for its size?)")
                 src_meta.append(sm)
+                # checked per --inputs item, once its last file is read: one small file of a folder may give none
+                selected[src.spec] = selected.get(src.spec, 0) + sm["documents"]
+                last_of_item = i + 1 == len(sources) or sources[i + 1].spec != src.spec
+                if last_of_item and selected[src.spec] == 0:
+                    raise ValueError(f"--inputs {src.spec}: no document selected (weight too small for its size?)")
         finally:
             for f in buckets:
                 f.close()

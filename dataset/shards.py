@@ -5,7 +5,8 @@ readers that training uses.
 A shard directory holds
     meta.json            {"format": "milli-chat-shards-v1", "dtype": "uint16", "vocab_size": V,
                           "tokenizer_fingerprint": "...", "eos_id": E, "seed": S,
-                          "sources": [{"path": ..., "weight": w, "documents": n, "tokens": t}, ...],
+                          "sources": [{"path": ..., "weight": w, "license": "mit" | null, "license_from": ...,
+                                       "documents": n, "tokens": t}, ...],
                           "train_shards": [{"file": "train_00000.bin", "tokens": N}, ...],
                           "val_shard": {"file": "val.bin", "tokens": N} | null}
     train_00000.bin ...  raw little-endian token ids (no header), documents joined with EOS
@@ -18,6 +19,8 @@ import json
 import os
 
 import numpy as np
+import torch
+from transformers import AutoTokenizer
 
 SHARD_FORMAT = "milli-chat-shards-v1"
 
@@ -32,8 +35,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     Shards store it so that training refuses shards made with another tokenizer. We hash the vocabulary
     rather than the tokenizer.json bytes because re-saving a tokenizer may reorder or reformat that file."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     blob = json.dumps(vocab, ensure_ascii=False).encode("utf-8")
@@ -142,8 +143,6 @@ class ShardStream:
 
     def next_step(self) -> list[tuple]:
         """This rank's micro-batches for one optimizer step: a list of (x, y) int64 tensors (micro, T)."""
-        import torch
-
         if self.offset + self.span > self.shards[self.shard_index]["tokens"]:
             self._advance_shard()
         span = self._shard()[self.offset : self.offset + self.span].astype(np.int64)

@@ -24,6 +24,8 @@ import json
 import os
 from collections.abc import Iterator
 
+import yaml
+
 PYARROW_HINT = "pip install pyarrow"
 TABLE_EXTS = (".parquet", ".arrow")
 BATCH_ROWS = 1024  # at most this many rows are converted to Python at once ...
@@ -54,6 +56,34 @@ def dataset_dict_message(path: str) -> str:
     )
 
 
+DATASET_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")  # `datasets` bookkeeping, never rows
+
+
+def dataset_card(path: str) -> dict | None:
+    """The YAML front matter of a Hub dataset card (a README.md that opens with a `---` block: license, language,
+    configs...), or None for any other file, a card without front matter or one whose YAML does not parse."""
+    if os.path.basename(path) != "README.md" or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read(1 << 20)  # the front matter sits at the top of the card
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    front, sep, _ = text[4:].partition("\n---")
+    if not text.startswith("---\n") or not sep:
+        return None
+    try:
+        meta = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_dataset_metadata(path: str) -> bool:
+    """A file that describes a dataset instead of holding it: `datasets`' JSON bookkeeping and the Hub dataset
+    card. A folder given as input leaves them out (text_sources.expand_paths), so a downloaded Hub dataset can be
+    named as it is without its card becoming training text."""
+    return os.path.basename(path) in DATASET_METADATA or dataset_card(path) is not None
+
+
 def _table_kind(path: str) -> str | None:
     """'parquet' | 'arrow_file' | 'arrow_stream' | 'dir' | None, from the content (the name may say nothing)."""
     if is_dataset_dir(path):
@@ -79,7 +109,7 @@ def is_table(path: str) -> bool:
 
 
 def _pyarrow():
-    try:
+    try:  # optional (pip install pyarrow): asked for only when a table is read, with the hint if it is missing
         import pyarrow
         import pyarrow.ipc
         import pyarrow.parquet

@@ -34,12 +34,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import zhconv
+
 from dataset.table_files import (
     check_text_input,
     column_names,
     dataset_dict_message,
     is_dataset_dict_dir,
     is_dataset_dir,
+    is_dataset_metadata,
     is_table,
     iter_rows,
 )
@@ -54,7 +57,8 @@ def expand_paths(paths: str | list[str]) -> list[str]:
     """The one way every reader (text, chat, preference and prompt data) turns a path setting into files.
 
     `paths` is a list or a comma-separated string of items; each item is a file, a folder (every regular file
-    under it, hidden ones left out) or a glob pattern (its matches, each a file or a folder). Folders and matches
+    under it, hidden ones and a dataset's metadata left out: dataset_info.json, state.json, a README.md dataset card)
+    or a glob pattern (its matches, each a file or a folder). Folders and matches
     are sorted, so runs are reproducible; the items keep their order. A `datasets` save_to_disk folder, named or
     found inside a folder, is one input (its .arrow files are rows of one table, its .json files metadata). An item
     that names nothing raises FileNotFoundError naming it; no files at all raises ValueError."""
@@ -78,7 +82,8 @@ def expand_paths(paths: str | list[str]) -> list[str]:
                         dirs.clear()
                         continue
                     dirs.sort()
-                    out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+                    names = [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+                    out.extend(p for p in names if not is_dataset_metadata(p))
             elif os.path.isfile(p):
                 out.append(p)
             else:
@@ -96,7 +101,9 @@ def input_bytes(path: str) -> int:
     return os.path.getsize(path) * (3 if path.endswith((".gz", ".parquet")) else 1)
 
 
-def _open_binary(path: str):
+def open_binary(path: str):
+    """The file's bytes, read through gzip when its name ends in .gz (streamed either way); every text and record
+    reader opens files here."""
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
@@ -108,7 +115,7 @@ def iter_lines(path: str, max_line_bytes: int = 0) -> Iterator[tuple[int, str]]:
     incremental decoder keeps a character cut between two pieces whole (it starts the next piece)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     lineno, line_start = 0, True
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             while raw := f.readline(max_line_bytes or -1):
                 lineno += line_start
@@ -251,7 +258,7 @@ def _flatten(obj, out: list[str]) -> None:
 
 def _read_json(path: str) -> Iterator[dict]:
     # A .json file is one document tree, so it is parsed whole: memory is bounded by the largest file, not the corpus.
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         raw = f.read()
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -420,15 +427,13 @@ def make_converter(engine: str = "auto"):
     is faster than pure-Python zhconv; bench/RESULTS.md ("zhconv vs zhconv-rs") has how much and how far their
     outputs agree."""
     if engine in ("auto", "zhconv-rs"):
-        try:
+        try:  # optional (requirements.txt): the fast engine when installed, else zhconv
             from zhconv_rs import zhconv as _rs
 
             return "zhconv-rs", lambda s: _rs(s, "zh-cn", False)
         except ImportError:
             if engine == "zhconv-rs":
                 raise
-    import zhconv
-
     return "zhconv", lambda s: zhconv.convert(s, "zh-cn")
 
 

@@ -8,6 +8,10 @@ weights). Presets live in config/model/*.json:
     cfg = SLMConfig.from_json_file("config/model/small.json")
 """
 
+import dataclasses
+import json
+import os
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, PreTrainedConfig
 
@@ -71,10 +75,6 @@ class SLMConfig(PreTrainedConfig):
     def from_preset(cls, preset: str, **overrides) -> "SLMConfig":
         """Load a preset JSON (a path, or a name in config/model/) strictly: a misspelled key is an error,
         not a silently ignored attribute."""
-        import dataclasses
-        import json
-        import os
-
         path = preset
         if not os.path.isfile(path):
             path = os.path.join(

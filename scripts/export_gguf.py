@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from model.runtime import load_pretrained  # noqa: E402
 
@@ -92,8 +93,7 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
 
 def tokenizer_metadata(model_dir: str):
     """Tokens, token types and merges from tokenizer.json; special ids and chat template from the HF tokenizer."""
-    import gguf
-    from transformers import AutoTokenizer
+    import gguf  # optional (pip install gguf): only this script needs it, and the tests skip without it
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     with open(os.path.join(model_dir, "tokenizer.json"), encoding="utf-8") as f:
@@ -124,7 +124,7 @@ GGUF_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what the gguf pa
 
 
 def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
-    import gguf
+    import gguf  # optional, as in tokenizer_metadata
 
     if dtype not in GGUF_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got '{dtype}'")

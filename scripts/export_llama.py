@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
 import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from model.configuration_slm import slm_to_llama_config  # noqa: E402
 from model.hub import make_readable  # noqa: E402
@@ -23,8 +24,6 @@ from model.runtime import load_pretrained  # noqa: E402
 
 
 def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     src = load_pretrained(model_dir, dtype="auto")
     config = slm_to_llama_config(src.config)
     torch_dtype = {

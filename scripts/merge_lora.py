@@ -15,17 +15,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run directly: repo root importable
 
-import argparse
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from model.lora import adapter_base_model, merge_lora_weights  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
 
 
 def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     model_dir = model_dir or adapter_base_model(adapter_dir)
     # Merge in fp32 (a bf16 add would round the small update away), then save in the base's own dtype.

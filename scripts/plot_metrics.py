@@ -19,7 +19,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot(paths: list[str], out: str) -> str:
-    try:
+    try:  # optional: training never needs matplotlib, so only plotting asks for it
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no display needed

@@ -4,6 +4,9 @@ Tokenise text sources into shuffled token shards for pretraining (format: datase
     python scripts/prepare_shards.py --tokenizer out/tokenizer --inputs dataset/zh/clean.jsonl:0.8 en.jsonl:0.2 \
         --out_dir dataset/shards --shard_mb 50 --val_tokens 1000000 --seed 1337
 
+Each input is PATH[:WEIGHT][@LICENSE]: a file, a folder or a glob pattern (each file it names is one source), e.g.
+`wiki/:0.5@cc-by-sa-4.0`. A license not given is read from the source's dataset_info.json or Hub dataset card
+(README.md front matter); meta.json records each source's license for the model card.
 A weight above 1 repeats a source (2.5 = every document twice, half of them a third time); below 1 keeps that
 share of its documents; the same inputs and seed give byte-identical shards. Peak RAM is about the tokenizer plus
 one bucket (--bucket_mb), whatever the corpus size. A run that was killed or failed can simply be run again in the
@@ -23,7 +26,7 @@ from dataset.shard_writer import prepare  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="directory written by the tokenizer stage")
-    ap.add_argument("--inputs", nargs="+", required=True, help="FILE[:WEIGHT] ...")
+    ap.add_argument("--inputs", nargs="+", required=True, help="PATH[:WEIGHT][@LICENSE] ... (file, folder or glob)")
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--shard_mb", type=float, default=50)
     ap.add_argument("--val_tokens", type=int, default=1_000_000, help="held-out documents, about this many tokens")

@@ -1,5 +1,6 @@
-"""Test helpers (plain functions; fixtures live in conftest.py): the one tiny-model builder, token shards written
-straight in the shard format (dataset/shard_writer.py write_token_shards, independent of prepare_shards), chat files,
+"""Test helpers (plain functions; fixtures live in conftest.py, and no test module imports another or conftest):
+the one tiny-model builder (tiny_config, tiny_model), token shards written straight in the shard format
+(dataset/shard_writer.py write_token_shards, independent of prepare_shards), the tiny corpus and chat files,
 save_to_disk folders, metrics readers, main.py in a subprocess, a short fine-tune."""
 
 import json
@@ -39,12 +40,20 @@ SHARED_SFT = SHARED_DATA / "sft"
 # The one tiny-model builder
 
 
-def tiny_model(vocab_size: int, seed: int = 0, **overrides):
-    """The tiny preset (config/model/tiny.json) with a fixed seed; overrides change any config field."""
-    from model import SLMConfig, SLMForCausalLM
+def tiny_config(vocab_size: int | None = None, **overrides):
+    """The tiny preset (config/model/tiny.json: 4 layers, hidden 128, 4 query / 2 KV heads, vocab 512); overrides
+    change any config field."""
+    from model import SLMConfig
+
+    return SLMConfig.from_preset("tiny", **({"vocab_size": vocab_size} if vocab_size else {}), **overrides)
+
+
+def tiny_model(vocab_size: int | None = None, seed: int = 0, **overrides):
+    """A causal LM of the tiny preset, its random init fixed by `seed` (tiny_config: overrides change any field)."""
+    from model import SLMForCausalLM
 
     torch.manual_seed(seed)
-    return SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=vocab_size, **overrides))
+    return SLMForCausalLM(tiny_config(vocab_size, **overrides))
 
 
 def tiny_checkpoint(tokenizer_dir: str, path: str, layers: int = 2, seed: int = 0, **overrides) -> str:
@@ -60,6 +69,31 @@ def tiny_checkpoint(tokenizer_dir: str, path: str, layers: int = 2, seed: int = 
 
 # -----------------------------------------------------------------------------
 # Pretraining text and chat files
+
+
+_ZH = "我们今天学习数学和语言。人工智能是计算机科学的一个分支。春眠不觉晓，处处闻啼鸟。北京是中国的首都。天气很好，我们去公园散步吧。"  # noqa: E501
+_ZH += "床前明月光，疑是地上霜。举头望明月，低头思故乡。机器学习需要大量的数据和计算资源。小明每天早上七点起床，然后去学校上课。"  # noqa: E501
+_EN = [
+    "the model learns",
+    "language is data",
+    "hello world",
+    "a small chat model",
+    "tokens per second",
+    "training on the laptop",
+    "Beijing is a big city",
+    "machine learning needs data",
+]
+
+
+def tiny_corpus_lines(n: int = 300, seed: int = 0) -> list[str]:
+    """Deterministic mixed Chinese/English lines: random Chinese spans joined with English phrases (the tiny
+    tokenizer of conftest.py is trained on tiny_corpus_lines())."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        i = rng.randrange(len(_ZH) - 12)
+        lines.append(f"{_ZH[i : i + rng.randrange(6, 24)]} {rng.choice(_EN)} {rng.randrange(1000)}。")
+    return lines
 
 
 def pretrain_corpus(n: int = 600) -> list[str]:

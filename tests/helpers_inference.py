@@ -7,6 +7,7 @@ The tokenizer has the project's special tokens at the project's ids (0 <|endofte
 import os
 import random
 
+from tests.helpers import tiny_model
 from trainer.train_tokenizer import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -51,13 +52,7 @@ def build_tokenizer(vocab_size: int = 450):
 
 def build_model(tokenizer, seed: int = 0, **overrides):
     """The tiny preset with a wide init (std 0.2), so that random-weight greedy outputs are diverse."""
-    import torch
-
-    from model import SLMConfig, SLMForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = SLMConfig.from_preset("tiny", vocab_size=len(tokenizer), initializer_range=0.2, **overrides)
-    return SLMForCausalLM(cfg).eval()
+    return tiny_model(len(tokenizer), seed, **{"initializer_range": 0.2, **overrides}).eval()
 
 
 def save_checkpoint(model, tokenizer, out_dir: str) -> str:

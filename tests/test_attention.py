@@ -11,13 +11,14 @@ import warnings
 import pytest
 import torch
 
-from model import SLMConfig, SLMForCausalLM, attention, model_slm
+from model import attention, model_slm
 from model.attention import (
     AttentionPlan,
     attention_plan,
     device_capability,
     document_mask,
 )
+from tests.helpers import tiny_model
 
 T4, V100, A100, RTX4090, H100 = (7, 5), (7, 0), (8, 0), (8, 9), (9, 0)
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -130,8 +131,7 @@ def test_a_padding_mask_on_a_device_is_never_read():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=128)).eval()  # 4 query heads, 2 kv heads
+    return tiny_model(128).eval()  # 4 query heads, 2 kv heads
 
 
 def spy_plans(monkeypatch, capability=None):
@@ -243,6 +243,4 @@ def test_document_mask_is_block_diagonal_causal():
     assert m[1, 0] and not m[0, 1] and not m[2, 1] and m[4, 2] and not m[5, 4] and m[5, 5]
     assert m.sum(-1).min() >= 1  # no empty row (SDPA gives NaN there)
     with pytest.raises(ValueError, match="document_ids"):
-        SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=16))(
-            input_ids=torch.zeros(1, 6, dtype=torch.long), document_ids=ids, attention_mask=torch.ones(1, 6)
-        )
+        tiny_model(16)(input_ids=torch.zeros(1, 6, dtype=torch.long), document_ids=ids, attention_mask=torch.ones(1, 6))

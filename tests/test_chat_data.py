@@ -285,8 +285,8 @@ def test_collate_pads_to_a_bucket_and_a_packed_dataset_always_gives_document_ids
 
 
 def test_packed_batch_keeps_attention_inside_each_conversation(tok):
-    from model import SLMConfig, SLMForCausalLM
     from model.attention import document_mask
+    from tests.helpers import tiny_model
 
     samples = tokenize_conversations([SINGLE, MULTI, SINGLE[:1] + [{"role": "assistant", "content": "好"}]], tok, 512)
     lengths = [len(s[0]) for s in samples]
@@ -308,8 +308,7 @@ def test_packed_batch_keeps_attention_inside_each_conversation(tok):
     assert torch.equal(document_mask(batch["document_ids"])[0, 0], expect)
 
     # The packed row gives each conversation exactly the logits it gets alone.
-    torch.manual_seed(0)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok))).eval()
+    model = tiny_model(len(tok)).eval()
     with torch.no_grad():
         packed = model(
             input_ids=batch["input_ids"], document_ids=batch["document_ids"], position_ids=batch["position_ids"]

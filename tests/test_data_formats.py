@@ -15,6 +15,8 @@ import json
 import lzma
 import os
 import sqlite3
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import Counter
@@ -24,16 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.chat_data import (
-    BadRecord,
-    TruncatedFile,
-    expand_paths,
-    load_conversations,
-    parse_columns,
-)
+from dataset.chat_data import load_conversations, parse_columns
 from dataset.preference_data import load_pairs
-from dataset.text_sources import expand_paths as text_expand_paths
-from dataset.text_sources import iter_documents
+from dataset.records import BadRecord, TruncatedFile
+from dataset.text_sources import expand_paths, iter_documents
 from tests.helpers import write_saved_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,20 +105,19 @@ def test_text_documents_from_tables_equal_jsonl(tmp_path, kind):
 
 def test_save_to_disk_folder_is_one_input(tmp_path):
     saved = write_tables(tmp_path, [{"text": t} for t in TEXTS], "a")["dir"]
-    assert text_expand_paths([saved]) == [saved]
+    assert expand_paths([saved]) == [saved]
     (tmp_path / "corpus").mkdir()
     os.rename(saved, tmp_path / "corpus" / "saved")
     write_jsonl(tmp_path / "corpus" / "z.jsonl", [{"text": "另一个文件"}])
-    found = text_expand_paths([str(tmp_path / "corpus")])
+    found = expand_paths([str(tmp_path / "corpus")])
     assert found == [str(tmp_path / "corpus" / "z.jsonl"), str(tmp_path / "corpus" / "saved")]  # files, then folders
     assert expand_paths(str(tmp_path / "corpus" / "saved")) == [str(tmp_path / "corpus" / "saved")]
     # a DatasetDict folder holds several splits: the reader asks which, instead of mixing train and test
     os.makedirs(tmp_path / "dd")
     os.rename(tmp_path / "corpus" / "saved", tmp_path / "dd" / "train")
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}')
-    for expand in (text_expand_paths, expand_paths):
-        with pytest.raises(ValueError, match=r"DatasetDict.*splits: train.*dd/train"):
-            expand([str(tmp_path / "dd")])
+    with pytest.raises(ValueError, match=r"DatasetDict.*splits: train.*dd/train"):
+        expand_paths([str(tmp_path / "dd")])
 
 
 def test_shards_from_parquet_equal_shards_from_jsonl(tiny_tokenizer_dir, tmp_path):
@@ -488,6 +483,45 @@ def test_truncated_gz_names_file_and_line(tmp_path):
         load_conversations(str(apath), on_bad="skip", log=lambda *a: None)
 
 
+def test_chat_pair_and_prompt_readers_share_one_record_policy(tiny_tokenizer_dir, tmp_path):
+    """dataset/records.py read_records under all three: the same default (error), the same skip counts logged by
+    each, max_samples per file, folders and globs as paths. A duplicate pair or a too-long prompt is skipped and
+    counted even with on_bad=error (a good record left out, not a bad one)."""
+    from transformers import AutoTokenizer
+
+    from dataset.prompt_data import load_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    readers = {
+        "chat": (CONVS, lambda p, **kw: load_conversations(p, **kw)[0]),
+        "pairs": (PAIRS, lambda p, **kw: load_pairs(p, **kw)[0]),
+        "prompts": (PAIRS, lambda p, **kw: load_prompts(p, tok, 256, **kw)),
+    }
+    for name, (rows, read) in readers.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for part, first in (("a", 0), ("b", 3)):  # three good records per file, a broken line second
+            lines = [json.dumps(r, ensure_ascii=False) for r in rows[first : first + 3]]
+            (folder / f"{part}.jsonl").write_text("\n".join(lines[:1] + ["{broken"] + lines[1:]) + "\n")
+        with pytest.raises(BadRecord, match=rf"{name}/a\.jsonl:2: malformed"):
+            read(str(folder))
+        logs = []
+        assert len(read(str(folder), on_bad="skip", log=logs.append)) == 6
+        assert "[data] 2 records skipped (malformed: 2)" in logs, (name, logs)
+        assert any(f"{name}/b.jsonl: 3 " in m for m in logs), logs
+        assert len(read(str(folder / "*.jsonl"), on_bad="skip", max_samples=2, log=lambda *a: None)) == 4
+    logs = []
+    pairs, stats = load_pairs([str(tmp_path / "pairs" / "a.jsonl")] * 2, on_bad="skip", log=logs.append)
+    assert len(pairs) == 3 and stats["skip:duplicate"] == 3
+    assert "[data] 5 records skipped (duplicate: 3, malformed: 2)" in logs
+    logs = []
+    long = write_jsonl(
+        tmp_path / "long.jsonl", [{"prompt": "你好"}, {"prompt": "人工智能是计算机科学的一个分支。" * 30}]
+    )
+    assert len(load_prompts(long, tok, 64, log=logs.append)) == 1
+    assert "[data] 1 records skipped (prompt too long: 1)" in logs
+
+
 # -----------------------------------------------------------------------------
 # OpenAI "weight": 0 and special-token strings in pretraining text (issue 16.9)
 
@@ -587,10 +621,18 @@ def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
     )
     texts = [read_texts(tmp_path / "a.out.jsonl"), read_texts(tmp_path / "b.out.jsonl")]
     assert texts[0] == texts[1] and len(texts[0]) == len(TEXTS) and a["docs_out"] == b["docs_out"]
-    # the command line names the column and reports a missing one without a traceback
-    import subprocess
-    import sys
 
+
+@pytest.mark.slow
+def test_zh_simplify_command_line_names_the_column(tmp_path):
+    """scripts/zh_simplify.py (two subprocesses): a missing column is reported without a traceback; the column
+    named with --text_column gives what the library gives."""
+    from dataset.corpus import simplify
+    from dataset.text_sources import FilterConfig
+
+    parquet = write_tables(tmp_path, [{"body": t} for t in TEXTS], "a")["parquet"]
+    out = str(tmp_path / "want.jsonl")
+    simplify([parquet], out, FilterConfig(), engine="zhconv", workers=1, quiet=True, text_fields=("body",))
     r = subprocess.run(
         [
             sys.executable,
@@ -627,7 +669,7 @@ def test_corpus_cleaning_reads_tables_like_jsonl(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    assert read_texts(tmp_path / "c.jsonl") == texts[0]
+    assert read_texts(tmp_path / "c.jsonl") == read_texts(out)
 
 
 def test_tables_are_streamed_not_loaded_whole(tmp_path):

@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dataset.chat_data import BadRecord
-from model import SLMConfig, SLMForCausalLM
-from tests.conftest import tiny_corpus_lines
-from tests.helpers import write_shards
+from dataset.records import BadRecord
+from tests.helpers import tiny_corpus_lines, tiny_model, write_shards
 from trainer.config import ConfigError
 from trainer.core import run_trainer
 from trainer.distill import ChatDistillTrainer, Config, ShardDistillTrainer, run
@@ -20,8 +18,7 @@ from trainer.pretrain import PretrainTrainer
 
 
 def save_model(path, tok, seed, **overrides):
-    torch.manual_seed(seed)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), **overrides))
+    model = tiny_model(len(tok), seed=seed, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -38,16 +35,25 @@ def kl_to_teacher(student_dir, teacher_dir, windows) -> float:
 
 @pytest.fixture(scope="module")
 def setup(tiny_tokenizer_dir, tmp_path_factory):
+    """Shards, held-out windows, a random teacher (the tiny preset) and a random, smaller student (2 layers)."""
     root = tmp_path_factory.mktemp("distill")
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     shards = write_shards(tok, tiny_corpus_lines(400, seed=3), str(root / "shards"), n_shards=1)
-    # The teacher: the tiny preset, briefly pretrained so its predictions carry structure a student can learn.
-    # The student: a random, smaller model (2 layers).
+    teacher = save_model(root / "teacher", tok, 0)
+    student = save_model(root / "student", tok, 1, num_hidden_layers=2)
+    held_out = [tok.encode(line) for line in tiny_corpus_lines(40, seed=99)]
+    windows = torch.tensor([ids[:12] for ids in held_out if len(ids) >= 12])
+    return {"root": root, "tok": tok, "teacher": teacher, "student": student, "shards": shards, "windows": windows}
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(setup, tiny_tokenizer_dir) -> str:
+    """The tiny preset briefly pretrained, so its predictions carry structure a student can learn."""
     teacher_run = PretrainConfig(
         model_config="tiny",
         tokenizer_dir=tiny_tokenizer_dir,
-        data_dir=shards,
-        out_dir=str(root / "teacher_run"),
+        data_dir=setup["shards"],
+        out_dir=str(setup["root"] / "teacher_run"),
         max_steps=20,
         batch_size=8,
         seq_len=32,
@@ -60,11 +66,7 @@ def setup(tiny_tokenizer_dir, tmp_path_factory):
         seed=0,
     )
     run_trainer(PretrainTrainer, teacher_run)
-    teacher = str(root / "teacher_run" / "final")
-    student = save_model(root / "student", tok, 1, num_hidden_layers=2)
-    held_out = [tok.encode(line) for line in tiny_corpus_lines(40, seed=99)]
-    windows = torch.tensor([ids[:12] for ids in held_out if len(ids) >= 12])
-    return {"root": root, "tok": tok, "teacher": teacher, "student": student, "shards": shards, "windows": windows}
+    return str(setup["root"] / "teacher_run" / "final")
 
 
 def base_cfg(s, out_dir, **overrides) -> Config:
@@ -89,8 +91,9 @@ def base_cfg(s, out_dir, **overrides) -> Config:
     return Config(**{**values, **overrides})
 
 
-def test_student_gets_closer_to_teacher_on_shards(setup, tmp_path):
-    s = setup
+@pytest.mark.slow  # pretrains the teacher, then distills: over 3 s in the quick suite (pytest -m 'not slow')
+def test_student_gets_closer_to_teacher_on_shards(setup, trained_teacher, tmp_path):
+    s = {**setup, "teacher": trained_teacher}
     before = kl_to_teacher(s["student"], s["teacher"], s["windows"])
     trainer = run_trainer(ShardDistillTrainer, base_cfg(s, tmp_path / "run", data_dir=s["shards"]))
     assert trainer.stage == "distill"
@@ -121,7 +124,7 @@ def test_chat_data_distillation_runs_on_the_core(setup, tmp_path):
 
 def test_refuses_teacher_with_other_vocabulary(setup, tmp_path):
     s = setup
-    other = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(s["tok"]) + 64))
+    other = tiny_model(len(s["tok"]) + 64)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="shared tokenizer"):
         run(base_cfg(s, tmp_path / "x", teacher_from=str(tmp_path / "other"), data_dir=s["shards"]))

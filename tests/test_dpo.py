@@ -112,6 +112,7 @@ def test_bad_records_are_counted_or_raise(tmp_path):
         load_pairs(str(path), on_bad="error", log=lambda *a: None)
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path, capsys):
     from trainer.dpo import run
 
@@ -138,6 +139,7 @@ def test_dpo_starts_at_log2_and_moves_towards_chosen(policy_dir, tmp_path, capsy
     assert ((pi[0] - pi[1]) > (ref[0] - ref[1])).all()
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_dpo_resumes_exactly_with_precomputed_reference(policy_dir, tmp_path):
     from trainer.dpo import run
 

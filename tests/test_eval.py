@@ -13,13 +13,12 @@ import torch
 from transformers import AutoTokenizer
 
 import main
-from dataset.chat_data import BadRecord
 from dataset.mc_data import LETTERS, mc_subject_files, read_mc_questions
-from model import SLMConfig, SLMForCausalLM
+from dataset.records import BadRecord
+from model import SLMForCausalLM
 from scripts.export_llama import export_llama
 from scripts.lm_eval_task import write_lm_eval_task
-from tests.conftest import tiny_corpus_lines
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, tiny_corpus_lines, tiny_model
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 from trainer.eval import (
     Config,
@@ -42,8 +41,7 @@ def checkpoints(tiny_tokenizer_dir, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     paths = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), initializer_range=0.05))
+        model = tiny_model(len(tok), seed=seed, initializer_range=0.05)
         model.save_pretrained(root / f"m{seed}")
         tok.save_pretrained(root / f"m{seed}")
         paths.append(str(root / f"m{seed}"))
@@ -152,6 +150,7 @@ def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
     assert "北京是哪个国家的首都？" in report and "**Reference**" in report and "**other**" in report
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_zero_shot_quantized_run(checkpoints, tmp_path):
     res = run(
         Config(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from model import SLMConfig, SLMForCausalLM
+from tests.helpers import tiny_model
 
 gguf = pytest.importorskip("gguf")
 export_gguf = pytest.importorskip("scripts.export_gguf").export_gguf
@@ -23,8 +23,7 @@ TEXTS = ["北京是中国的首都。", "hello world, the model learns", "混合
 def exported(tiny_tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok), initializer_range=0.1)).eval()
+    model = tiny_model(len(tok), initializer_range=0.1).eval()
     model.save_pretrained(root / "slm")
     tok.save_pretrained(root / "slm")
     files = {
@@ -162,9 +161,7 @@ def test_low_bit_tensors_are_the_gguf_quantization_of_ours(exported, dtype):
 
 def test_moe_is_refused(tmp_path, tiny_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    moe = SLMForCausalLM(
-        SLMConfig.from_preset("tiny", vocab_size=len(tok), use_moe=True, num_experts=2, num_experts_per_tok=1)
-    )
+    moe = tiny_model(len(tok), use_moe=True, num_experts=2, num_experts_per_tok=1)
     moe.save_pretrained(tmp_path / "moe")
     tok.save_pretrained(tmp_path / "moe")
     with pytest.raises(ValueError, match="dense models only"):

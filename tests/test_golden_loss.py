@@ -95,6 +95,7 @@ def run_curves(tokenizer_dir: str, root: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_tiny_loss_curves_match_the_golden_file(tiny_tokenizer_dir, tmp_path):
     curves = run_curves(tiny_tokenizer_dir, tmp_path)
     if os.environ.get("GOLDEN_UPDATE"):

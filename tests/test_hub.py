@@ -35,6 +35,7 @@ def chat_model(tiny_tokenizer_dir, tmp_path_factory) -> str:
     return fine_tune(base, data, root / "sft", seq_len=64, batch=8, max_steps=40)
 
 
+@pytest.mark.slow  # its fixture fine-tunes a model: over 3 s in the quick suite (pytest -m 'not slow')
 def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_model):
     files = set(os.listdir(chat_model))
     assert {

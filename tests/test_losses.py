@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from tests.helpers import tiny_model
+
 
 def test_dpo_sigmoid_loss_matches_the_paper_and_is_log2_at_the_reference():
     from trainer.dpo import dpo_loss
@@ -102,11 +104,9 @@ def test_ppo_gae_matches_hand_computation():
 
 
 def test_sequence_logprobs_sum_over_masked_targets_only():
-    from model import SLMConfig, SLMForCausalLM
     from trainer.logprobs import sequence_logprobs, token_logprobs
 
-    torch.manual_seed(0)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=1)).eval()
+    model = tiny_model(64, num_hidden_layers=1).eval()
     ids = torch.randint(0, 64, (2, 7))
     mask = torch.zeros(2, 6)
     mask[0, 3:] = 1

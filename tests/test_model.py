@@ -13,25 +13,19 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 from model import SLMConfig, SLMForCausalLM, SLMForSequenceClassification
+from tests.helpers import tiny_config, tiny_model
+
+# The tiny preset made smaller still; initializer_range 0.2 gives random weights with peaked, varied logits, so
+# greedy paths differ per prompt.
+SMALLER = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, max_position_embeddings=128, initializer_range=0.2)
 
 
 def tiny(**overrides) -> SLMConfig:
-    # initializer_range 0.2 gives random weights with peaked, varied logits, so greedy paths differ per prompt.
-    base = dict(
-        vocab_size=256,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-    )
-    return SLMConfig(**{**base, **overrides})
+    return tiny_config(**{**SMALLER, **overrides})
 
 
 def make(**overrides) -> SLMForCausalLM:
-    torch.manual_seed(0)
-    return SLMForCausalLM(tiny(**overrides)).eval()
+    return tiny_model(**{**SMALLER, **overrides}).eval()
 
 
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, num_shared_experts=1)
@@ -197,8 +191,10 @@ def test_moe_all_experts_path_equals_routed_path():
 
 
 def test_reward_scores_at_last_index_without_mask_equal_masked_scores():
+    config = tiny()
+    config.num_labels = 1  # a transformers setting, not an SLMConfig field (presets take fields only)
     torch.manual_seed(0)
-    reward = SLMForSequenceClassification(tiny(num_labels=1)).eval()
+    reward = SLMForSequenceClassification(config).eval()
     ids = torch.randint(4, 256, (3, 16))
     lengths = torch.tensor([16, 9, 4])
     mask = (torch.arange(16)[None] < lengths[:, None]).long()
@@ -214,8 +210,7 @@ def _moe_ddp_worker(rank: int, port: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    torch.manual_seed(0)
-    model = SLMForCausalLM(tiny(**MOE)).train()
+    model = tiny_model(**{**SMALLER, **MOE}).train()
     seen = torch.zeros((), dtype=torch.long)  # rows expert 0 received in layer 0 on this rank
 
     def count_rows(module, inputs, output):
@@ -281,7 +276,7 @@ def test_config_validation(kwargs, message):
 
 
 def test_zero_residual_init_starts_every_block_as_the_identity():
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", residual_init="zero"))
+    model = tiny_model(residual_init="zero")
     for name, param in model.named_parameters():
         writes_residual = name.endswith(("o_proj.weight", "down_proj.weight"))
         assert (param.abs().sum() == 0) == writes_residual, name
@@ -289,7 +284,7 @@ def test_zero_residual_init_starts_every_block_as_the_identity():
     inner = model.model
     expected = model.lm_head(inner.norm(inner.embed_tokens(ids)))  # no block adds anything yet
     torch.testing.assert_close(model(ids).logits, expected)
-    default = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    default = tiny_model()
     assert all(p.abs().sum() > 0 for n, p in default.named_parameters() if n.endswith("o_proj.weight"))
 
 

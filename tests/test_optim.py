@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import SLMConfig, SLMForCausalLM
-from tests.helpers import losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py
+from tests.helpers import losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py, tiny_model
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
@@ -44,7 +44,7 @@ def norms(n_layers: int) -> set[str]:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_groups_by_name_dense(tied):
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny", tie_word_embeddings=tied))
+    model = tiny_model(tie_word_embeddings=tied)
     n = model.config.num_hidden_layers
     cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr_ratio=4.0)
     optimizer = build_optimizer(list(model.named_parameters()), cfg, torch.device("cpu"))
@@ -91,7 +91,7 @@ def test_groups_by_name_moe():
 
 
 def test_lora_adapters_stay_on_adamw():
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    model = tiny_model()
     add_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, dropout=0.0)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert split_parameters(trainable, "muon")["muon"] == []
@@ -103,7 +103,7 @@ def test_lora_adapters_stay_on_adamw():
 
 
 def test_unknown_optimizer_is_refused():
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    model = tiny_model()
     with pytest.raises(ValueError, match="optimizer must be one of adamw, muon"):
         build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="lion"), torch.device("cpu"))
 
@@ -113,8 +113,7 @@ def test_unknown_optimizer_is_refused():
 
 
 def test_grad_scaler_unscales_both_halves_and_skips_inf_steps():
-    torch.manual_seed(0)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    model = tiny_model()
     optimizer = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"), torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
@@ -138,8 +137,7 @@ def test_grad_scaler_unscales_both_halves_and_skips_inf_steps():
 
 
 def test_state_dict_round_trip_keeps_lr_scales_and_both_states():
-    torch.manual_seed(0)
-    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    model = tiny_model()
     cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr_ratio=2.0)
     optimizer = build_optimizer(list(model.named_parameters()), cfg, torch.device("cpu"))
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
@@ -172,6 +170,7 @@ class DiesAtStep4(PretrainTrainer):
         return super().train_step()
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_muon_resume_is_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
     settings = dict(optimizer="muon", max_steps=6, save_every=3, eval_every=0)
     straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight", **settings)
@@ -189,6 +188,7 @@ def test_muon_resume_is_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_muon_fp16_grad_scaler_on_cpu(tiny_tokenizer_dir, shards, tmp_path):
     """fp16 autocast + GradScaler: the logged grad norm is of unscaled gradients (a missed unscale would show the
     scale, 65536x), and training stays finite and learns."""

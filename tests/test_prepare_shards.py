@@ -151,7 +151,60 @@ def test_fingerprint_mismatch_and_bad_inputs(tiny_tokenizer_dir, sources, tmp_pa
         ps.prepare(tiny_tokenizer_dir, [str(empty)], str(tmp_path / "s3"), quiet=True)
     with pytest.raises(ValueError, match="weight must be a positive number"):
         ps.parse_input(a + ":-1")
-    assert ps.parse_input(a + ":0.25") == (a, 0.25) and ps.parse_input(a) == (a, 1.0)
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file .*from --inputs .*nope\.jsonl:2"):
+        ps.parse_input(str(tmp_path / "nope.jsonl:2"))
+    assert [(s.path, s.weight) for s in ps.parse_input(a + ":0.25")] == [(a, 0.25)]
+    assert [(s.path, s.weight, s.license) for s in ps.parse_input(a)] == [(a, 1.0, None)]
+
+
+def test_folder_and_glob_inputs_with_their_licenses(tiny_tokenizer_dir, tmp_path):
+    """An input is PATH[:WEIGHT][@LICENSE], the path a file, a folder or a glob (text_sources.expand_paths): each
+    file is one source of meta.json with the item's weight, and its license comes from @, from a dataset_info.json
+    beside it, or from the card of a Hub download (README.md front matter, itself not read as text). model/hub.py
+    data_licenses reads them back for the model card."""
+    from model.hub import data_licenses
+
+    hub = tmp_path / "hub"  # a Hub dataset as downloaded: the card on top, the data below it
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nlicense: cc-by-sa-3.0\nlanguage: [zh]\n---\n# 维基\n", encoding="utf-8")
+    parts = [
+        _write_jsonl(hub / "data" / f"part{k}.jsonl", [f"维基条目{k}-{i}号，春眠不觉晓。" for i in range(40)])
+        for k in (0, 1)
+    ]
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "dataset_info.json").write_text('{"license": "apache-2.0", "features": {}}')
+    local = _write_jsonl(tmp_path / "local" / "x.jsonl", [f"本地文档{i}号，处处闻啼鸟。" for i in range(40)])
+    (tmp_path / "plain").mkdir()
+    plain = _write_jsonl(tmp_path / "plain" / "notes@v2.jsonl", [f"笔记{i}号，我们学习数学。" for i in range(40)])
+    named = _write_jsonl(tmp_path / "plain" / "z.jsonl", [f"命名文档{i}号，人工智能。" for i in range(40)])
+    inputs = [f"{hub}:0.5", str(tmp_path / "local" / "*.jsonl"), plain, f"{named}:2@mit"]
+    out = str(tmp_path / "s")
+    meta = ps.prepare(tiny_tokenizer_dir, inputs, out, shard_mb=0.01, val_tokens=0, quiet=True)
+    got = [(s["path"], s["weight"], s["license"]) for s in meta["sources"]]
+    assert got == [
+        (parts[0], 0.5, "cc-by-sa-3.0"),
+        (parts[1], 0.5, "cc-by-sa-3.0"),
+        (local, 1.0, "apache-2.0"),
+        (plain, 1.0, None),  # an '@' in a file's own name is no license
+        (named, 2.0, "mit"),
+    ]
+    assert [s["license_from"] for s in meta["sources"]] == [str(hub / "README.md")] * 2 + [
+        str(tmp_path / "local" / "dataset_info.json"),
+        "",
+        "--inputs",
+    ]
+    assert 10 < meta["sources"][0]["documents"] < 30 and meta["sources"][4]["documents"] == 80
+    assert data_licenses(out) == ["apache-2.0", "cc-by-sa-3.0", "mit"]
+    # declared beats found; a save_to_disk folder states its own in dataset_info.json
+    assert [s.license for s in ps.parse_input(f"{hub}@other")] == ["other", "other"]
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"")
+    (saved / "dataset_info.json").write_text('{"license": "odc-by"}')
+    assert ps.source_license(str(saved), str(saved)) == ("odc-by", str(saved / "dataset_info.json"))
+    # never above the folder named: the card in tmp_path is not the one of plain/'s files
+    (tmp_path / "README.md").write_text("---\nlicense: gpl-3.0\n---\n")
+    assert ps.parse_input(plain)[0].license is None
 
 
 @pytest.mark.slow

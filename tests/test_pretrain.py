@@ -26,6 +26,7 @@ from trainer.core import run_trainer
 from trainer.pretrain import PretrainTrainer
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_loss_decreases_and_run_dir_is_complete(tiny_tokenizer_dir, shards, tmp_path):
     cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=30, sample_tokens=4, eval_every=15)
     run_trainer(PretrainTrainer, cfg)

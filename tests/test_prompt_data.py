@@ -58,10 +58,10 @@ def test_bad_long_and_capped_records(tiny_tokenizer_dir, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     logged = []
     limit = len(prompt_ids(tok, [{"role": "user", "content": long_prompt}])) - 1
-    kept = load_prompts(path, tok, max_prompt_tokens=limit, log=logged.append)
+    kept = load_prompts(path, tok, max_prompt_tokens=limit, on_bad="skip", log=logged.append)
     assert [p["prompt"][-1]["content"] for p in kept] == ["你好", "学校上课吗？", "明月在哪里？"]
     assert any("2 records skipped" in line for line in logged)
-    capped = load_prompts(f"{path},{path}", tok, max_prompt_tokens=limit, max_samples=2, log=lambda *a: None)
+    capped = load_prompts(f"{path},{path}", tok, limit, on_bad="skip", max_samples=2, log=lambda *a: None)
     assert [p["prompt"][-1]["content"] for p in capped] == ["你好", "学校上课吗？"] * 2  # max_samples is per file
     with pytest.raises(BadRecord, match=r"p\.jsonl:3"):
         load_prompts(path, tok, max_prompt_tokens=limit, on_bad="error", log=lambda *a: None)

@@ -7,15 +7,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from model import SLMConfig, SLMForCausalLM
 from model.quantize import QuantLinear, quantize_model, weight_bytes
+from tests.helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    return SLMForCausalLM(SLMConfig.from_preset("tiny", vocab_size=len(tok))).eval(), tok
+    return tiny_model(len(tok)).eval(), tok
 
 
 @pytest.mark.parametrize("bits,rel_err", [(8, 0.01), (4, 0.15)])

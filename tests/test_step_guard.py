@@ -79,6 +79,7 @@ def fp16_cfg(tokenizer_dir, shards, out_dir, **overrides):
     return make_cfg(tokenizer_dir, shards, out_dir, **{**base, **overrides})
 
 
+@pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_fp16_overflow_skips_steps_lowers_the_scale_and_resumes_exactly(tiny_tokenizer_dir, shards, tmp_path):
     straight = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
     trainer = run_trainer(PretrainTrainer, straight)

@@ -316,6 +316,13 @@ def test_expand_paths_files_folders_patterns_and_errors(tmp_path):
         expand_paths([x, str(tmp_path / "nope.jsonl")])
     with pytest.raises(FileNotFoundError, match=r"z\*.json"):
         expand_paths(str(tmp_path / "z*.json"))
+    # A folder leaves out what describes a dataset (datasets' JSON bookkeeping, a Hub card: README.md with YAML
+    # front matter); a README.md of plain text is data, and a metadata file named on its own is read as asked.
+    (tmp_path / "d" / "dataset_info.json").write_text('{"license": "mit"}')
+    (tmp_path / "d" / "README.md").write_text("---\nlicense: mit\n---\n# card\n")
+    (tmp_path / "d" / "sub" / "README.md").write_text("# 说明\n正文。\n", encoding="utf-8")
+    assert expand_paths([d]) == folder[:2] + [str(tmp_path / "d/sub/README.md")] + folder[2:]
+    assert expand_paths([str(tmp_path / "d" / "README.md")]) == [str(tmp_path / "d" / "README.md")]
     (tmp_path / "empty").mkdir()
     for nothing in ("", " , ", [str(tmp_path / "empty")]):
         with pytest.raises(ValueError, match="no data files"):

@@ -105,6 +105,33 @@ def test_bad_config(tmp_path):
         run(Config(data_path=str(tmp_path / "a.txt"), vocab_size=100, out_dir=str(tmp_path)))
 
 
+def test_folders_and_globs_read_like_the_list_of_their_files(tmp_path):
+    """data_path and eval_path go through text_sources.expand_paths, the path contract of every reader: a folder
+    or a glob trains the tokenizer the list of its files trains, and reports on the same held-out files."""
+    from tests.helpers import pretrain_corpus
+
+    lines = pretrain_corpus(200)
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "held").mkdir()
+    a = tmp_path / "corpus" / "a.jsonl"
+    a.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines[:120]), encoding="utf-8")
+    b = tmp_path / "corpus" / "sub" / "b.txt"
+    b.write_text("\n\n".join(lines[120:180]), encoding="utf-8")
+    (tmp_path / "held" / "h.txt").write_text("\n\n".join(lines[180:]), encoding="utf-8")
+
+    def train(name: str, data_path: str, eval_path: str) -> tuple[str, dict]:
+        out = tmp_path / name
+        cfg = Config(data_path=data_path, eval_path=eval_path, vocab_size=300, out_dir=str(out), min_frequency=1)
+        report = run(cfg)
+        return (out / "tokenizer.json").read_text(encoding="utf-8"), report["heldout"]
+
+    files = train("files", f"{a},{b}", str(tmp_path / "held" / "h.txt"))
+    assert "eval:h.txt" in files[1]
+    assert train("folders", str(tmp_path / "corpus"), str(tmp_path / "held")) == files
+    corpus = tmp_path / "corpus"
+    assert train("globs", f"{corpus}/*.jsonl, {corpus}/*/*.txt", str(tmp_path / "held" / "*.txt")) == files
+
+
 @pytest.mark.slow
 def test_real_pack_compression(tmp_path):
     """A small vocab on a slice of real text: held-out poetry and wiki are measured and compress."""

@@ -48,21 +48,16 @@ def weather_record(city: str) -> dict:
 
 @pytest.fixture(scope="module")
 def served(tiny_tokenizer_dir, tmp_path_factory):
-    import torch
     from transformers import AutoTokenizer
 
-    from model import SLMConfig, SLMForCausalLM
     from model.engine import Engine
     from scripts.serve_api import make_server
-    from tests.helpers import fine_tune
+    from tests.helpers import fine_tune, tiny_model
 
     root = tmp_path_factory.mktemp("tools")
     base = str(root / "base")  # a random tiny model; 1024 positions, as the tools block alone is ~500 tokens here
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    SLMForCausalLM(
-        SLMConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=1024)
-    ).save_pretrained(base)
+    tiny_model(len(tok), num_hidden_layers=2, max_position_embeddings=1024).save_pretrained(base)
     tok.save_pretrained(base)
     data = root / "weather.jsonl"
     with open(data, "w", encoding="utf-8") as f:

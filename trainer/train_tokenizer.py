@@ -29,8 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from dataset.table_files import is_dataset_dir
-from dataset.text_sources import TEXT_FIELDS, count_cjk, input_bytes, is_cjk, iter_documents
+from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
 from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
 from trainer.bounds import Bound, at_least
@@ -85,7 +84,7 @@ class Config:
         "heldout_max_bytes": at_least(0),
     }
     unchecked: ClassVar[dict[str, str]] = {"seed": "any integer: it is hashed with each document's text"}
-    data_path: str = ""  # comma-separated files: .txt, .jsonl, .json (any .gz), parquet/Arrow, save_to_disk folders
+    data_path: str = ""  # comma-separated files, folders or globs: .txt, .jsonl, .json (any .gz), parquet, save_to_disk
     text_column: str = ""  # JSONL field / table column with the text; "" = the first of text, content present
     vocab_size: int = 6400  # total entries, the 4 special tokens included
     out_dir: str = "out/tokenizer"  # where tokenizer.json, tokenizer_config.json and the report go
@@ -95,7 +94,7 @@ class Config:
     min_frequency: int = 2  # a pair must occur this often to be merged
     heldout_every: int = 50  # every N-th document (by content hash) is held out for the report, never trained on
     heldout_max_bytes: int = 2_000_000  # per source file, cap on held-out text kept for the report
-    eval_path: str = ""  # extra comma-separated files to report on (never trained on)
+    eval_path: str = ""  # extra comma-separated files, folders or globs to report on (never trained on)
     seed: int = 1337  # decides the sample and the held-out split
 
 
@@ -314,19 +313,13 @@ def check_trained_size(trained: int, cfg: Config) -> None:
     print(f"tokenizer: WARNING: {why}; the vocabulary has {trained} entries")
 
 
-def _split_paths(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
-
-
 def run(cfg: Config) -> dict:
     from tokenizers import trainers
 
-    paths = _split_paths(cfg.data_path)
-    if not paths:
-        raise ValueError("data_path is empty: give one or more comma-separated text files")
-    for p in paths + _split_paths(cfg.eval_path):
-        if not (os.path.isfile(p) or is_dataset_dir(p)):
-            raise FileNotFoundError(f"{p}: no such file (data_path/eval_path)")
+    if not cfg.data_path.strip():
+        raise ValueError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
+    paths = expand_paths(cfg.data_path)  # the one path contract of every data setting; a missing path raises here
+    eval_paths = expand_paths(cfg.eval_path) if cfg.eval_path.strip() else []
     if cfg.vocab_size < MIN_VOCAB_SIZE:  # validate() refuses it too; a Config made in code is not validated
         raise ValueError(f"vocab_size={cfg.vocab_size} is too small: the byte alphabet alone needs 260 entries")
     t0 = time.time()
@@ -360,7 +353,7 @@ def run(cfg: Config) -> dict:
     fast = wrap(tok)
     fast.save_pretrained(cfg.out_dir)
 
-    for p in _split_paths(cfg.eval_path):  # files never seen in training
+    for p in eval_paths:  # files never seen in training
         held, size = [], 0
         for d in iter_documents(p, _text_fields(cfg)):
             held.append(d["text"])
