@@ -185,3 +185,46 @@ def test_stock_transformers_in_a_fresh_process(chat_model, tmp_path):
     with torch.no_grad():
         ours = engine.model(input_ids=torch.tensor([result["prompt"]])).logits[0, -1]
     assert torch.allclose(ours, torch.tensor(result["logits"]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_the_native_folder(tiny_tokenizer_dir, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=<final/>,trust_remote_code=True` loads a native folder through
+    its auto_map and gives every log-likelihood our eval stage's scorer gives (tests/test_eval.py checks the same on
+    the Llama export, with accuracies)."""
+    from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
+
+    require_thirdparty("lm_eval", "lm_eval")
+    from transformers import AutoTokenizer
+
+    from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
+    from model.runtime import load_pretrained
+    from scripts.lm_eval_task import write_lm_eval_task
+    from tests.helpers import tiny_checkpoint
+    from trainer.eval import continuation_request, mc_prompt, score_requests
+
+    native = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "native"))
+    mc_dir = tmp_path / "cmmlu"  # CMMLU's published layout and header, one subject
+    for split, rows in (
+        ("test", [("北京是哪国的首都？", "中国"), ("一加一等于几？", "二")]),
+        ("dev", [("水是什么？", "液体")]),
+    ):
+        (mc_dir / split).mkdir(parents=True)
+        lines = [",Question,A,B,C,D,Answer"] + [f"{i},{q},{a},甲,乙,丙,A" for i, (q, a) in enumerate(rows)]
+        (mc_dir / split / "arts.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_lm_eval_task(str(mc_dir), str(tmp_path / "task"), "test", shots=1)
+    theirs = run_thirdparty(
+        "lm_eval",
+        "lm_eval",
+        "run_lm_eval.py",
+        [f"{native},trust_remote_code=True", str(tmp_path / "task"), "milli_mc"],
+        tmp_path,
+    )["samples"]["milli_mc_arts"]
+    tok = AutoTokenizer.from_pretrained(native)
+    shots = read_mc_csv(mc_subject_files(str(mc_dir), "dev")[1]["arts"])
+    questions = read_mc_csv(mc_subject_files(str(mc_dir), "test")[1]["arts"])
+    requests = [continuation_request(tok, mc_prompt("arts", shots, q), list(LETTERS)) for q in questions]
+    ours = score_requests(load_pretrained(native).eval(), requests, 8, "cpu", tok.pad_token_id)
+    assert [s["doc_id"] for s in theirs] == [0, 1]
+    for a, b in zip(ours, (s["lls"] for s in theirs)):
+        assert a == pytest.approx(b, abs=1e-5)
