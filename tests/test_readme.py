@@ -90,18 +90,34 @@ def test_ecosystem_section_names_only_what_exists(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ecosystem_transformers_lines_run_verbatim(tiny_tokenizer_dir, tmp_path):
-    """The section's transformers one-liners, run as printed in a fresh interpreter that does not see this repository,
-    on a tiny checkpoint saved where the README says (out/sft/final under the working directory)."""
+def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
+    """The section's transformers one-liners and its openai tools call, run as printed in a fresh interpreter that
+    does not see this repository, on a tiny checkpoint where the README says (out/sft/final under the working
+    directory); the openai line talks to scripts/serve_api.py's server, on a free port instead of 8000."""
+    import threading
+
+    from model.engine import Engine
+    from scripts.serve_api import make_server
     from tests.helpers import tiny_checkpoint
 
-    lines = [argv for argv in ecosystem_commands() if argv[:2] == ["python", "-c"] and "transformers" in argv[2]]
-    assert len(lines) == 3  # pipeline, generate(), TextIteratorStreamer
-    tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "out" / "sft" / "final"))
+    lines = [argv[2] for argv in ecosystem_commands() if argv[:2] == ["python", "-c"]]
+    transformers_lines = [code for code in lines if "from transformers" in code]
+    (openai_line,) = [code for code in lines if "from openai" in code]
+    assert len(transformers_lines) == 3  # pipeline, generate(), TextIteratorStreamer
+    # 1024 positions: the tools block alone is ~500 tokens with this tiny tokenizer
+    final = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "out" / "sft" / "final"), max_position_embeddings=1024)
+    server = make_server(Engine.from_pretrained(final, device="cpu"), "127.0.0.1", 0, model_name="final", quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for argv in lines:
-        proc = subprocess.run(
-            [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, f"{argv[2][:80]}...\n{proc.stderr[-3000:]}"
-        assert proc.stdout.strip(), argv[2][:80]  # it printed a reply
+    try:
+        for code in [*transformers_lines, openai_line.replace(":8000/", f":{port}/")]:
+            proc = subprocess.run(
+                [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert proc.returncode == 0, f"{code[:80]}...\n{proc.stderr[-3000:]}"
+            assert proc.stdout.strip(), code[:80]  # it printed a reply (random weights: any text, or a tool call)
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.worker.stop()
