@@ -13,7 +13,10 @@ What makes a saved folder usable by any Hugging Face tool as it is, outside this
 
 import json
 import os
+import re
 import stat
+
+from dataset.licenses import front_matter
 
 END_OF_TURN = "<|im_end|>"
 
@@ -68,14 +71,21 @@ def _parameters(config) -> str:
     return f"{total / 1e6:.1f}M"
 
 
-def data_licenses(data_dir: str) -> list[str]:
-    """The license fields a shard folder's meta.json records for its sources (empty when none are recorded)."""
-    meta_path = os.path.join(data_dir, "meta.json") if data_dir else ""
-    if not meta_path or not os.path.isfile(meta_path):
+CARD_LICENSES_KEY = "training_data_licenses"  # front matter key: what the next stage's card carries forward
+
+
+def card_licenses(model_dir: str) -> list[str]:
+    """The data licenses a checkpoint's own card records (front matter CARD_LICENSES_KEY): those of everything it
+    was trained on, its base models included, so a fine-tune's card lists its pretraining data's licenses too."""
+    if not model_dir:
         return []
-    with open(meta_path, encoding="utf-8") as f:
-        sources = json.load(f).get("sources", [])
-    return sorted({s["license"] for s in sources if isinstance(s, dict) and s.get("license")})
+    value = front_matter(os.path.join(model_dir, "README.md")).get(CARD_LICENSES_KEY)
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def is_hub_id(name: str) -> bool:
+    """`owner/name` that is no local path: what the Hub's `base_model:` field expects."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name) and not name.startswith(".")
 
 
 def write_model_card(
@@ -89,7 +99,9 @@ def write_model_card(
     base_model: str = "",
 ) -> str:
     """README.md in `path`: YAML front matter for the Hub, then what the model is, how it was trained, eval numbers,
-    the data licenses known, and how to load it. `training` holds plain facts (steps, tokens, data, lr...)."""
+    the data licenses known, and how to load it. `training` holds plain facts (steps, tokens, data, lr...).
+    `base_model` (init_from) goes into the front matter only as a Hub id, which is what the Hub reads there; a local
+    path is named in the text instead."""
     licenses = licenses or []
     front = [
         "---",
@@ -98,9 +110,11 @@ def write_model_card(
         "tags: [milli-chat, chinese, llama-like]",
         "language: [zh, en]",
     ]
-    if base_model:
+    if is_hub_id(base_model):
         front.append(f"base_model: {base_model}")
     front.append("license: other  # set this to what your data allows (see 'Data' below)")
+    if licenses:  # JSON is YAML flow syntax: any license text stays one safely quoted item
+        front.append(f"{CARD_LICENSES_KEY}: {json.dumps(licenses, ensure_ascii=False)}")
     front.append("---")
     arch = (
         f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query / "
@@ -113,7 +127,8 @@ def write_model_card(
         f"# {os.path.basename(os.path.normpath(path))}",
         "",
         f"A Milli-Chat model (~{_parameters(config)} parameters, a Llama-style decoder: RMSNorm, RoPE, grouped-query "
-        f"attention, SwiGLU), the output of the `{stage}` stage.",
+        f"attention, SwiGLU), the output of the `{stage}` stage"
+        + (f", started from the local checkpoint `{base_model}`." if base_model and not is_hub_id(base_model) else "."),
         "",
         f"Architecture: {arch}.",
         "",

@@ -7,7 +7,8 @@ Merge a PEFT-format LoRA adapter (the lora stage's final/ or step_*/) into its b
 W += scale * B @ A in fp32 for every adapted layer (model/lora.merge_lora_weights; scale = lora_alpha / r, or
 lora_alpha / sqrt(r) for rsLoRA), then the weights are saved in the base checkpoint's dtype with its config and
 the tokenizer. The result is an ordinary checkpoint: init_from of the next stage, Engine.from_pretrained,
-scripts/export_llama.py.
+scripts/export_llama.py; like a stage's final/ it stops generation at <|im_end|>, carries a model card (with the
+data licenses the adapter's and the base's cards record) and files other accounts can read.
 """
 
 import os
@@ -21,7 +22,8 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from model.lora import adapter_base_model, merge_lora_weights  # noqa: E402
+from model.hub import card_licenses, make_readable, set_generation_defaults, write_model_card  # noqa: E402
+from model.lora import adapter_base_model, merge_lora_weights, read_adapter_config  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
 
 
@@ -33,10 +35,30 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     merged = load_pretrained(model_dir)
     n = merge_lora_weights(merged, adapter_dir)
-    merged.to(dtype).save_pretrained(out_dir)
     # The adapter dir carries the tokenizer it was trained with; fall back to the base model's.
     tok_dir = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer.json")) else model_dir
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    set_generation_defaults(merged, tokenizer)
+    merged.to(dtype).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    adapter = read_adapter_config(adapter_dir)
+    targets = adapter["target_modules"]
+    write_model_card(
+        out_dir,
+        config=merged.config,
+        stage="lora",
+        training={
+            "LoRA adapter": f"{adapter_dir}, merged into the base weights ({n} layers)",
+            "rank": adapter["r"],
+            "alpha": adapter["lora_alpha"],
+            "rsLoRA": adapter.get("use_rslora", False),
+            "target modules": targets if isinstance(targets, str) else ", ".join(targets),
+            "weights dtype": str(dtype).removeprefix("torch."),
+        },
+        licenses=sorted(set(card_licenses(adapter_dir) + card_licenses(model_dir))),
+        base_model=model_dir,
+    )
+    make_readable(out_dir)  # safetensors writes 0600; a docker/ollama service account must be able to read it
     print(
         f"merged {n} LoRA layers of {adapter_dir} into {model_dir} -> {out_dir} ({str(dtype).removeprefix('torch.')})"
     )

@@ -1,6 +1,6 @@
 """Score a folder with lm-eval-harness (run by tests/test_eval.py in a fresh process, lm-eval on PYTHONPATH).
 
-    python tests/run_lm_eval.py <hf model dir> <task include_path> <task,task> <out.json>
+    python tests/run_lm_eval.py <hf model dir>[,model_arg=value...] <task include_path> <task,task> <out.json>
 
 Writes lm-eval's results and, per task, each question's (doc_id, log-likelihood of every choice)."""
 

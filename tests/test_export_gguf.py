@@ -14,7 +14,9 @@ from transformers import AutoTokenizer
 from tests.helpers import tiny_model
 
 gguf = pytest.importorskip("gguf")
-export_gguf = pytest.importorskip("scripts.export_gguf").export_gguf
+export_script = pytest.importorskip("scripts.export_gguf")
+export_gguf = export_script.export_gguf
+GGUF_TYPES = export_script.GGUF_TYPES  # every --dtype the script offers
 
 TEXTS = ["北京是中国的首都。", "hello world, the model learns", "混合 text 😀👍 与 emoji 🚀，还有数字 12345！\n换行"]
 
@@ -26,9 +28,7 @@ def exported(tiny_tokenizer_dir, tmp_path_factory):
     model = tiny_model(len(tok), initializer_range=0.1).eval()
     model.save_pretrained(root / "slm")
     tok.save_pretrained(root / "slm")
-    files = {
-        dt: export_gguf(str(root / "slm"), str(root / f"model-{dt}.gguf"), dt) for dt in ("f16", "q8_0", "q5_0", "q4_0")
-    }
+    files = {dt: export_gguf(str(root / "slm"), str(root / f"model-{dt}.gguf"), dt) for dt in GGUF_TYPES}
     return {"dir": str(root / "slm"), "model": model, "tok": tok, "files": files}
 
 
@@ -125,7 +125,15 @@ def llama_cpp_style_logits(w: dict, cfg, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "dtype,tol,rel", [("f16", 5e-3, 2e-3), ("q8_0", 0.1, 0.06), ("q5_0", None, 0.4), ("q4_0", None, 0.75)]
+    "dtype,tol,rel",
+    [
+        ("f16", 5e-3, 2e-3),
+        ("q8_0", 0.1, 0.06),
+        ("q5_1", None, 0.4),
+        ("q5_0", None, 0.4),
+        ("q4_1", None, 0.75),
+        ("q4_0", None, 0.75),
+    ],
 )
 def test_llama_cpp_style_forward_matches_our_model(exported, dtype, tol, rel):
     """Low-bit files are judged by the relative error of the whole logit matrix (this random-weight model has no
@@ -145,7 +153,7 @@ def test_llama_cpp_style_forward_matches_our_model(exported, dtype, tol, rel):
             assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-@pytest.mark.parametrize("dtype", ["q5_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["q5_1", "q5_0", "q4_1", "q4_0"])
 def test_low_bit_tensors_are_the_gguf_quantization_of_ours(exported, dtype):
     """Every matrix in the file is exactly what llama.cpp's gguf package makes of our (permuted) weight."""
     from scripts.export_gguf import gguf_tensors

@@ -31,7 +31,9 @@ def test_export_gives_llama_with_same_logits(tmp_path, tiny_tokenizer_dir, overr
         check=True,
         capture_output=True,
     )
-    assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
+    exported = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert exported["model_type"] == "llama"
+    assert exported["rope_theta"] == model.config.rope_theta  # top level, where transformers 4.x reads it
     # A fresh interpreter without our package imported: stock transformers only, no trust_remote_code.
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
@@ -95,7 +97,8 @@ def test_export_loads_exactly_in_transformers_4(tmp_path, tiny_tokenizer_dir):
     import os
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    model = tiny_model(len(tok)).eval()
+    # Our presets' theta, not the tiny preset's 10000: that is 4.x's fallback, so a lost rope_theta would pass unseen.
+    model = tiny_model(len(tok), rope_theta=1e6).eval()
     model.save_pretrained(tmp_path / "slm")
     tok.save_pretrained(tmp_path / "slm")
     subprocess.run(
@@ -117,7 +120,7 @@ def test_export_loads_exactly_in_transformers_4(tmp_path, tiny_tokenizer_dir):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
-    assert theirs["class"] == "LlamaForCausalLM" and theirs["rope_theta"] == model.config.rope_theta
+    assert theirs["class"] == "LlamaForCausalLM" and theirs["rope_theta"] == 1e6
     assert theirs["ids"] == ids
     assert theirs["chat"] == tok.apply_chat_template(
         [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True

@@ -9,6 +9,8 @@ we do not implement are refused by every reader.
 
 import json
 import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,41 @@ def test_an_adapter_dir_alone_loads_on_its_base_and_a_missing_base_is_named(base
         Engine.from_pretrained(nameless, device="cpu", dtype="fp32")
     with pytest.raises(ValueError, match="names no base_model_name_or_path"):
         merge("", nameless, str(tmp_path / "merged_nameless"))
+
+
+def file_modes(path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in Path(path).iterdir() if p.is_file()}
+
+
+def test_merged_and_adapter_folders_are_readable_and_carry_a_card(base_dir, trained, tmp_path):
+    """safetensors writes 0600; every file of an adapter folder and of a merged one must have the mode a plain file
+    gets under the user's umask (0644 under 022), so a docker/ollama service account can read them. The merged
+    folder is an ordinary checkpoint: a card carrying the adapter's data licenses, <|im_end|> as a stop id."""
+    from model.hub import card_licenses
+    from scripts.merge_lora import main as merge_main
+
+    trained_adapter = trained["root"] / "straight" / "final"
+    umask = os.umask(0o022)  # the usual umask, under which 0600 and 0644 differ
+    os.umask(umask)
+    assert set(file_modes(trained_adapter).values()) == {0o666 & ~umask}, file_modes(trained_adapter)
+    adapter = shutil.copytree(trained_adapter, tmp_path / "adapter")
+    card = (adapter / "README.md").read_text(encoding="utf-8")
+    (adapter / "README.md").write_text(  # as if the adapter's data had declared a license
+        card.replace("\n---\n", '\ntraining_data_licenses: ["CC-BY-4.0"]\n---\n', 1), encoding="utf-8"
+    )
+    umask = os.umask(0o022)
+    try:
+        assert merge_main(["--model", base_dir, "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(umask)
+    merged = file_modes(tmp_path / "merged")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "model_slm.py", "README.md"} <= set(merged)
+    assert set(merged.values()) == {0o644}, merged
+    card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    assert "the `lora` stage" in card and "rank: 4" in card and f"local checkpoint `{base_dir}`" in card
+    assert card_licenses(str(tmp_path / "merged")) == ["CC-BY-4.0"]
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [0, 2]
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from model.hub import data_licenses, make_readable, write_model_card
+from dataset.licenses import file_licenses, shard_licenses
+from model.hub import card_licenses, make_readable, write_model_card
 from model.runtime import dtype_name
 from trainer.common import print0, seed_rngs
 
@@ -372,7 +373,10 @@ def write_card(
     model_config,
     evaluation: dict | None,
 ) -> None:
-    """README.md in `path` (model/hub.py write_model_card) from the run's facts, readable by other accounts."""
+    """README.md in `path` (model/hub.py write_model_card) from the run's facts, readable by other accounts. The data
+    licenses are those this stage's data declares (shards' meta.json, the metadata beside data files) plus those
+    init_from's card recorded, so they accumulate along pretrain -> sft -> dpo."""
+    licenses = shard_licenses(cfg.data_dir) + file_licenses(cfg.data_path) + card_licenses(cfg.init_from)
     training = {
         "stage": stage,
         "optimizer steps": step,
@@ -391,7 +395,7 @@ def write_card(
         stage=stage,
         training=training,
         evaluation=evaluation or None,
-        licenses=data_licenses(cfg.data_dir),
+        licenses=sorted(set(licenses)),
         base_model=cfg.init_from,
     )
     make_readable(path)
