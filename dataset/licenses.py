@@ -17,30 +17,13 @@ Nothing found is an empty list (the card then asks the user to check), never an 
 import json
 import os
 
-import yaml
-
+from dataset.table_files import dataset_card
 from dataset.text_sources import expand_paths
 
 
 def front_matter(path: str) -> dict:
-    """The YAML block between the leading `---` lines of a Markdown file (a Hub card); {} when it has none."""
-    if not os.path.isfile(path):
-        return {}
-    lines = []
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        if f.readline().strip() != "---":
-            return {}
-        for line in f:
-            if line.strip() == "---":
-                break
-            lines.append(line)
-        else:
-            return {}  # never closed: not front matter
-    try:
-        meta = yaml.safe_load("".join(lines))
-    except yaml.YAMLError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    """The YAML block between the leading `---` lines of a README.md (a Hub card); {} when it has none."""
+    return dataset_card(path) or {}
 
 
 def _card_licenses(meta: dict) -> list[str]:
@@ -76,6 +59,26 @@ def folder_licenses(folder: str) -> list[str]:
             found += _card_licenses(front_matter(card))
             break
     return found
+
+
+def source_license(path: str, root: str) -> tuple[str | None, str]:
+    """(license, the file that states it) for one shard source, or (None, ""): its dataset_info.json or its dataset
+    card, looked for in the source's own folder first, then in each parent up to `root`, the folder its --inputs
+    item named (a Hub download's card is at the top of the folder named; never above it)."""
+    folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    stop = os.path.abspath(root)
+    while os.path.commonpath([folder, stop]) == stop:
+        for name, read in (
+            ("dataset_info.json", _info_license),
+            ("README.md", lambda p: _card_licenses(front_matter(p))),
+        ):
+            found = read(os.path.join(folder, name))
+            if found:
+                return ", ".join(found), os.path.join(folder, name)
+        if folder == stop:
+            break
+        folder = os.path.dirname(folder)
+    return None, ""
 
 
 def file_licenses(paths: str | list[str]) -> list[str]:

@@ -6,7 +6,7 @@ An input is `path[:weight][@license]`; the path is a file, a folder or a glob (t
 every file it names is one source of meta.json, with the weight and the license. A weight above 1 repeats a source
 (2.5 = every document twice, half of them a third time); below 1 keeps that share of its documents. A license not
 given is read from the source's dataset_info.json or dataset card (source_license); meta.json records it per
-source (null when not known), and the model card lists them (model/hub.py data_licenses).
+source (null when not known), and the model card lists them (dataset/licenses.py shard_licenses).
 Which documents are kept, repeated or held out is decided by a seeded hash of each document's text, so the same
 inputs and seed give byte-identical shards.
 Memory stays flat: documents stream in, are tokenised in batches (the Rust tokenizer uses `workers` threads) and
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import AutoTokenizer
 
+from dataset.licenses import source_license
 from dataset.shards import SHARD_FORMAT, dtype_for_vocab, tokenizer_fingerprint
-from dataset.table_files import dataset_card
 from dataset.text_sources import TEXT_FIELDS, expand_paths, input_bytes, iter_documents
 
 BUCKET_DIR = "_buckets.tmp"  # phase 1's scatter files, inside out_dir; gone when a run finishes
@@ -107,34 +107,6 @@ def parse_input(spec: str) -> list[Source]:
         license, found_in = (declared, "--inputs") if declared else source_license(f, root)
         sources.append(Source(f, weight, license, found_in, spec))
     return sources
-
-
-def source_license(path: str, root: str) -> tuple[str | None, str]:
-    """(license, the file that states it) for one source, or (None, ""): the "license" of a dataset_info.json
-    (`datasets` writes one into every save_to_disk folder) or the `license:` of a dataset card (README.md whose
-    YAML front matter the Hub reads), looked for in the source's own folder first, then in each parent up to
-    `root`, the folder its --inputs item named (a Hub download's card is at the top of the folder named)."""
-    folder = os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-    stop = os.path.abspath(root)
-    while os.path.commonpath([folder, stop]) == stop:  # never above the folder the user named
-        info, card = os.path.join(folder, "dataset_info.json"), os.path.join(folder, "README.md")
-        if os.path.isfile(info):
-            try:
-                with open(info, encoding="utf-8") as f:
-                    found = json.load(f).get("license")
-            except (ValueError, AttributeError):
-                found = None
-            if isinstance(found, str) and found.strip():  # `datasets` writes "" when the builder gave none
-                return found.strip(), info
-        found = (dataset_card(card) or {}).get("license")
-        if isinstance(found, list):  # the Hub allows several: `license: [mit, apache-2.0]`
-            found = ", ".join(str(x) for x in found if x)
-        if found and str(found).strip():
-            return str(found).strip(), card
-        if folder == stop:
-            break
-        folder = os.path.dirname(folder)
-    return None, ""
 
 
 def _unit(key: bytes, salt: str) -> float:

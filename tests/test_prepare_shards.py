@@ -161,8 +161,8 @@ def test_folder_and_glob_inputs_with_their_licenses(tiny_tokenizer_dir, tmp_path
     """An input is PATH[:WEIGHT][@LICENSE], the path a file, a folder or a glob (text_sources.expand_paths): each
     file is one source of meta.json with the item's weight, and its license comes from @, from a dataset_info.json
     beside it, or from the card of a Hub download (README.md front matter, itself not read as text). model/hub.py
-    data_licenses reads them back for the model card."""
-    from model.hub import data_licenses
+    shard_licenses reads them back for the model card."""
+    from dataset.licenses import shard_licenses
 
     hub = tmp_path / "hub"  # a Hub dataset as downloaded: the card on top, the data below it
     (hub / "data").mkdir(parents=True)
@@ -194,7 +194,7 @@ def test_folder_and_glob_inputs_with_their_licenses(tiny_tokenizer_dir, tmp_path
         "--inputs",
     ]
     assert 10 < meta["sources"][0]["documents"] < 30 and meta["sources"][4]["documents"] == 80
-    assert data_licenses(out) == ["apache-2.0", "cc-by-sa-3.0", "mit"]
+    assert shard_licenses(out) == ["apache-2.0", "cc-by-sa-3.0", "mit"]
     # declared beats found; a save_to_disk folder states its own in dataset_info.json
     assert [s.license for s in ps.parse_input(f"{hub}@other")] == ["other", "other"]
     saved = tmp_path / "saved"
