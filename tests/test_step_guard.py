@@ -1,8 +1,10 @@
 """
 The step guard (trainer/guard.py) through the real trainers: fp16 on CPU with a forced overflow skips steps,
-lowers the scale, keeps training and resumes bit-exactly; a non-finite loss stops with a good state saved, also
-when it is noticed only on the next log step; too many skips in a row stop; and no training step of pretrain,
-SFT or DPO reads a device scalar (.item(), bool(), float()) outside the log steps.
+lowers the scale, keeps training and resumes bit-exactly, the optimizer skipping on the device exactly as a host
+read would (AdamW and Muon); a non-finite loss stops with a good state saved, also when it is noticed only on the
+next log step; too many skips in a row stop; and no training step of pretrain (AdamW and Muon), SFT, DPO, reward,
+distill, GRPO or PPO reads a device value (.item(), bool(), float(), a boolean index) outside the log steps, but
+PPO's target_kl check, once per step.
 
     python -m pytest tests/test_step_guard.py
 """
