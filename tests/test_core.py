@@ -131,6 +131,30 @@ def test_gpu_peak_flops_matches_whole_names_and_follows_the_dtype():
     assert got == expected
 
 
+def test_host_values_go_to_a_gpu_from_pinned_memory_without_a_host_wait(monkeypatch):
+    """A pageable copy to CUDA makes the host wait for the GPU; pinned + non_blocking only queues it. CUDA is faked:
+    the test records what the helper asks of the tensor."""
+    import torch
+
+    from trainer.common import host_to_device
+
+    on_cpu = host_to_device(7, torch.device("cpu"))
+    assert on_cpu.dtype == torch.float32 and float(on_cpu) == 7.0 and not on_cpu.is_pinned()
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking: calls.append((device, non_blocking)))
+    host_to_device(7, torch.device("cuda:1"))
+    host_to_device(torch.arange(3), torch.device("cuda"))
+    host_to_device(torch.arange(3), torch.device("cpu"))
+    assert calls == [
+        "pin",
+        (torch.device("cuda:1"), True),
+        "pin",
+        (torch.device("cuda"), True),
+        (torch.device("cpu"), True),
+    ]
+
+
 def test_the_probe_keeps_no_gradients_and_no_peak(monkeypatch):
     """probe_micro_batch on a faked CUDA device: the trials' memory peak is reset once all trials are done, so
     peak_mem_gb reports training; the per-trial cache is emptied; an OOM ends the search."""

@@ -112,14 +112,29 @@ def test_chat_data_distillation_runs_on_the_core(setup, tmp_path):
         for i, line in enumerate(tiny_corpus_lines(24, seed=5))
     ]
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
-    cfg = base_cfg(s, tmp_path / "chat", data_path=str(data), max_steps=3, val_samples=0, seq_len=96)
+    cfg = base_cfg(
+        s, tmp_path / "chat", data_path=str(data), max_steps=3, val_samples=0, seq_len=96, alpha=0.5, temperature=2.0
+    )
     trainer = run_trainer(ChatDistillTrainer, cfg)
     assert isinstance(trainer, ChatDistillTrainer) and (tmp_path / "chat" / "final").is_dir()
     # Only assistant tokens count: a batch's weight is its number of valid labels, and the loss uses exactly those.
     batch = trainer.to_device(trainer.train_data.next_step()[0])
     n = trainer.count_loss_items(batch=batch)
-    _, metrics = trainer.compute_loss(batch=batch, num_items=torch.tensor(float(n)))
+    with torch.no_grad():
+        loss, metrics = trainer.compute_loss(batch=batch, num_items=torch.tensor(float(n)))
+        ids, _, _, targets = trainer.unpack(batch)
+        expected = loss_on_valid_positions(trainer.model(input_ids=ids).logits, trainer.teacher(ids).logits, targets)
     assert 0 < n < batch["input_ids"].numel() and float(metrics["kl"]) > 0
+    torch.testing.assert_close(loss, expected / n, rtol=1e-6, atol=0)
+
+
+def loss_on_valid_positions(student, teacher, targets, t=2.0, alpha=0.5):
+    """The distillation loss (summed) on the positions that have a target, selected by a boolean index: what
+    compute_loss computed before it masked instead (a boolean index waits for the GPU to say how many)."""
+    valid = targets != -100
+    student, teacher = student[valid].float(), teacher[valid].float()
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum")
+    return alpha * kl * t * t + (1 - alpha) * F.cross_entropy(student, targets[valid], reduction="sum")
 
 
 def test_refuses_teacher_with_other_vocabulary(setup, tmp_path):

@@ -1,5 +1,6 @@
 """optimizer=adamw | muon (trainer/optim.py): which parameter gets which optimizer (by name), per-group lrs under the
-schedule, GradScaler, exact resume, DDP == one process, the FSDP refusal, and Muon learning faster than AdamW."""
+schedule, GradScaler, a step skipped on a device flag, exact resume, DDP == one process, the FSDP refusal, and Muon
+learning faster than AdamW."""
 
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tests.helpers import losses, make_pretrain_cfg, pretrain_args, read_metrics
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
-from trainer.optim import MuonWithAdamW, build_optimizer, split_parameters
+from trainer.optim import MuonWithAdamW, SkippableMuon, build_optimizer, split_parameters
 from trainer.pretrain import PretrainTrainer
 
 PROJECTIONS = [
@@ -134,6 +135,45 @@ def test_grad_scaler_unscales_both_halves_and_skips_inf_steps():
     scaler.update()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert scaler.get_scale() == 1024.0 * scaler.get_backoff_factor()
+
+
+def muon_steps(muon_cls, grads_of_step, flags=None):
+    """Two matrices through len(grads_of_step) steps of muon_cls; flags[i] = (found_inf, grad_scale) set on the
+    optimizer before step i as GradScaler does, or None. -> (weights, momentum buffers)."""
+    torch.manual_seed(0)
+    params = [torch.randn(16, 8, requires_grad=True), torch.randn(8, 24, requires_grad=True)]
+    muon = muon_cls([{"params": params, "lr": 0.02, "weight_decay": 0.1}], adjust_lr_fn="match_rms_adamw")
+    for i, grads in enumerate(grads_of_step):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if flags and flags[i]:
+            muon.found_inf, muon.grad_scale = flags[i]
+        muon.step()
+        for name in ("found_inf", "grad_scale"):
+            muon.__dict__.pop(name, None)
+    return [p.detach() for p in params], [muon.state[p]["momentum_buffer"] for p in params]
+
+
+def test_skippable_muon_is_torchs_muon_and_skips_on_a_device_flag():
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(16, 8, generator=g), torch.randn(8, 24, generator=g)] for _ in range(3)]
+    reference = muon_steps(torch.optim.Muon, grads)
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+    # found_inf = 0 on every step: torch's numbers, bit for bit
+    same = muon_steps(SkippableMuon, grads, [(zero, None)] * 3)
+    assert all(torch.equal(a, b) for a, b in zip(reference[0] + reference[1], same[0] + same[1]))
+    # an inf gradient with found_inf = 1 between them: that step changes nothing, weights or momentum
+    inf = [torch.full_like(t, float("inf")) for t in grads[0]]
+    skipped = muon_steps(SkippableMuon, grads[:2] + [inf] + grads[2:], [(zero, None), (zero, None), (one, None), None])
+    assert all(torch.equal(a, b) for a, b in zip(reference[0] + reference[1], skipped[0] + skipped[1]))
+    # gradients still scaled (GradScaler.step without unscale_): divided by grad_scale first
+    scale = torch.tensor(1024.0)
+    scaled = muon_steps(SkippableMuon, [[t * 1024 for t in step] for step in grads], [(zero, scale)] * 3)
+    assert all(torch.equal(a, b) for a, b in zip(reference[0] + reference[1], scaled[0] + scaled[1]))
+    # the combined optimizer can skip by itself where its AdamW half is fused (CPU and CUDA)
+    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))
+    optimizer = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert optimizer._step_supports_amp_scaling and optimizer.adamw.defaults["fused"]
 
 
 def test_state_dict_round_trip_keeps_lr_scales_and_both_states():

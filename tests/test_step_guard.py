@@ -1,8 +1,10 @@
 """
 The step guard (trainer/guard.py) through the real trainers: fp16 on CPU with a forced overflow skips steps,
-lowers the scale, keeps training and resumes bit-exactly; a non-finite loss stops with a good state saved, also
-when it is noticed only on the next log step; too many skips in a row stop; and no training step of pretrain,
-SFT or DPO reads a device scalar (.item(), bool(), float()) outside the log steps.
+lowers the scale, keeps training and resumes bit-exactly, the optimizer skipping on the device exactly as a host
+read would (AdamW and Muon); a non-finite loss stops with a good state saved, also when it is noticed only on the
+next log step; too many skips in a row stop; and no training step of pretrain (AdamW and Muon), SFT, DPO, reward,
+distill, GRPO or PPO reads a device value (.item(), bool(), float(), a boolean index) outside the log steps, but
+PPO's target_kl check, once per step.
 
     python -m pytest tests/test_step_guard.py
 """
@@ -19,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoTokenizer
 
 from dataset.batches import PrefetchBatches
-from tests.helpers import read_metrics, tiny_checkpoint, write_shards
-from tests.helpers_preference import toy_pairs, write_pairs
+from tests.helpers import read_metrics, tiny_checkpoint, write_chat_file, write_shards
+from tests.helpers_preference import PROMPTS, toy_pairs, write_pairs
 from trainer.common import TrainingStopped
 from trainer.core import run_trainer
 from trainer.pretrain import Config, PretrainTrainer
@@ -107,6 +109,32 @@ def test_fp16_overflow_skips_steps_lowers_the_scale_and_resumes_exactly(tiny_tok
     assert all(torch.equal(a, b) for a, b in zip(weights(trainer), weights(resumed)))
 
 
+class SkipsByHostRead(PretrainTrainer):
+    """The guard's other branch: the optimizer says it cannot skip a step by itself, so the host reads the flag."""
+
+    def prepare(self):
+        super().prepare()
+        self.optimizer._step_supports_amp_scaling = False
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_overflow_steps_skipped_on_the_device_match_skipping_by_a_host_read(
+    tiny_tokenizer_dir, shards, tmp_path, optimizer
+):
+    """fp16 with a forced overflow: the optimizer skipping on the device flag (fused AdamW, MuonWithAdamW) gives
+    the same losses, skip counts, scales and weights, bit for bit, as the host deciding whether to step."""
+    on_device = run_trainer(
+        PretrainTrainer, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "dev", optimizer=optimizer)
+    )
+    assert on_device.optimizer._step_supports_amp_scaling  # build_optimizer's optimizer skips by itself
+    by_host = run_trainer(SkipsByHostRead, fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "host", optimizer=optimizer))
+    keys = ("loss", "skipped_steps", "loss_scale", "grad_norm")
+    rows = [[tuple(r[k] for k in keys) for r in read_metrics(str(tmp_path / d))] for d in ("dev", "host")]
+    assert rows[0] == rows[1]
+    assert 0 < rows[0][-1][1] < 8  # some steps were skipped, some trained
+    assert all(torch.equal(a, b) for a, b in zip(weights(on_device), weights(by_host)))
+
+
 def weights(trainer) -> list[torch.Tensor]:
     return [v.detach() for v in trainer.raw_model.state_dict().values()]
 
@@ -155,37 +183,44 @@ def test_a_nan_loss_is_never_applied_and_stops_on_the_next_log_step(tiny_tokeniz
 # No host sync inside a training step
 
 
+def bool_index(args) -> bool:
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+
+
 class ScalarReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (.item(), bool(), int(), float() all end in
-    _local_scalar_dense), except while `paused`. Modes are per thread: a prefetch worker is not counted."""
+    """Counts reads of a tensor's value by the host, except while `paused`: .item(), bool(), int(), float() (all
+    end in _local_scalar_dense), and the ops whose output size depends on the values (nonzero, masked_select,
+    indexing with a boolean mask), for which the host must learn that size from the GPU. Modes are per thread:
+    a prefetch worker is not counted."""
+
+    SIZE_FROM_VALUES = (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default)
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
     def __init__(self):
         super().__init__()
         self.count, self.paused = 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+        reads = (
+            func is torch.ops.aten._local_scalar_dense.default
+            or func in self.SIZE_FROM_VALUES
+            or (func in self.INDEXING and bool_index(args))
+        )
+        if reads and not self.paused:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
 
-def counting(trainer_cls):
-    """trainer_cls whose train_step counts scalar reads; count_* hooks take the host batch by contract (before
-    to_device, so their int() is host arithmetic, not a GPU wait) and are checked for it, not counted."""
+def counting(trainer_cls, host_batches: bool = True):
+    """trainer_cls whose train_step counts scalar reads, with the optimizer build_optimizer gives it (on CPU as on
+    CUDA one that skips a step on a device flag). count_* hooks take the host batch by contract (before to_device,
+    so their int() is host arithmetic, not a GPU wait) and are checked for it, not counted; with host_batches false
+    (PPO/GRPO: the micro-batches are slices of a rollout buffer already on the device, their counts were summed on
+    the host in next_step) the hooks are counted like the rest."""
 
     class Counted(trainer_cls):
         reads = None  # the counter while a training step runs, else None (evaluation is not counted)
         moved = False  # this step's to_device ran already
-
-        def prepare(self):
-            """Then the optimizer CUDA gets: fused AdamW skips a step on a device flag (CPU's default is the
-            unfused one, which GradScaler-style skipping must ask the host about)."""
-            super().prepare()
-            keys = ("params", "lr", "weight_decay", "lr_scale")  # lr_scale: per-group peak lr, where the core has it
-            groups = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
-            self.optimizer = torch.optim.AdamW(
-                groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=True
-            )
 
         def train_step(self):
             self.reads, self.moved = ScalarReads(), False
@@ -195,7 +230,7 @@ def counting(trainer_cls):
             self.reads, self.moved = None, False
             return result
 
-        def next_step(self):
+        def next_step(self):  # the data loader, or a new rollout (sampling reads its tokens: once per rollout)
             return self.host_side(super().next_step)
 
         def to_device(self, batch):
@@ -204,11 +239,13 @@ def counting(trainer_cls):
 
         def count_loss_items(self, *, batch):
             assert not self.moved, "count_loss_items must get the host batch"
-            return self.host_side(functools.partial(super().count_loss_items, batch=batch))
+            count = functools.partial(super().count_loss_items, batch=batch)
+            return self.host_side(count) if host_batches else count()
 
         def count_tokens(self, *, batch):
             assert not self.moved, "count_tokens must get the host batch"
-            return self.host_side(functools.partial(super().count_tokens, batch=batch))
+            count = functools.partial(super().count_tokens, batch=batch)
+            return self.host_side(count) if host_batches else count()
 
         def host_side(self, fn):
             if self.reads is None:
@@ -227,7 +264,8 @@ def assert_no_reads(trainer):
     assert trainer.reads_per_step == [0] * trainer.cfg.max_steps
 
 
-def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the pretraining configs' default
+def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_path, optimizer):
     cfg = make_cfg(
         tiny_tokenizer_dir,
         shards,
@@ -237,9 +275,10 @@ def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_pa
         log_every=100,
         eval_every=0,
         save_every=0,
+        optimizer=optimizer,
     )  # 4 micro-batches per step
     assert_no_reads(run_trainer(counting(PretrainTrainer), cfg))
-    fp16 = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", max_steps=4, log_every=100)
+    fp16 = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", max_steps=4, log_every=100, optimizer=optimizer)
     trainer = run_trainer(counting(PretrainTrainer), fp16)
     assert_no_reads(trainer)
     assert read_metrics(fp16.out_dir)[-1]["skipped_steps"] > 0  # overflows were skipped without a host read
@@ -283,6 +322,21 @@ def test_sft_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
         assert_no_reads(run_trainer(counting(SFTTrainer), cfg))
 
 
+def test_distill_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    """Chat data, where only assistant tokens count: the loss masks the others instead of selecting the rest
+    (a boolean index asks the host how many there are)."""
+    from trainer.distill import ChatDistillTrainer
+    from trainer.distill import Config as DistillConfig
+
+    student = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "student"))
+    teacher = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "teacher"), seed=1)
+    data = write_chat_file(tmp_path / "chat.jsonl", n_copies=4)
+    cfg = DistillConfig(
+        init_from=student, teacher_from=teacher, data_path=data, out_dir=str(tmp_path / "out"), **STAGE_DEFAULTS
+    )
+    assert_no_reads(run_trainer(counting(ChatDistillTrainer), cfg))
+
+
 def test_dpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
     from trainer.dpo import Config as DPOConfig
     from trainer.dpo import DPOTrainer
@@ -291,3 +345,55 @@ def test_dpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")
     cfg = DPOConfig(init_from=init, data_path=data, out_dir=str(tmp_path / "dpo"), **STAGE_DEFAULTS)
     assert_no_reads(run_trainer(counting(DPOTrainer), cfg))
+
+
+def test_reward_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    from trainer.reward import Config as RewardConfig
+    from trainer.reward import RewardTrainer
+
+    init = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "init"))
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(16), "strings")
+    cfg = RewardConfig(init_from=init, data_path=data, out_dir=str(tmp_path / "reward"), **STAGE_DEFAULTS)
+    assert_no_reads(run_trainer(counting(RewardTrainer), cfg))
+
+
+def rl_cfg(stage: str, tiny_tokenizer_dir, tmp_path, **overrides):
+    import importlib
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in PROMPTS[:4]), "utf-8")
+    base = {
+        "init_from": tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "policy")),
+        "data_path": str(prompts),
+        "out_dir": str(tmp_path / stage),
+        "reward_rules": "token_ids:100-163",
+        "max_new_tokens": 8,
+        "lr": 1e-3,
+        **{k: v for k, v in STAGE_DEFAULTS.items() if k not in ("val_samples", "max_steps")},
+        "max_steps": 4,
+    }
+    return importlib.import_module(f"trainer.{stage}").Config(**{**base, **overrides})
+
+
+def test_grpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
+    """The micro-batches are slices of a rollout buffer on the device: their counts come from the host."""
+    from trainer.grpo import GRPOTrainer
+
+    for loss_norm in ("token", "sequence"):
+        cfg = rl_cfg("grpo", tiny_tokenizer_dir, tmp_path / loss_norm, num_generations=4, loss_norm=loss_norm)
+        assert_no_reads(run_trainer(counting(GRPOTrainer, host_batches=False), cfg))
+
+
+def test_ppo_steps_read_only_the_early_stop_kl(tiny_tokenizer_dir, tmp_path):
+    """Two minibatches and two epochs per rollout. target_kl > 0 decides on the host after each optimizer step
+    whether the next one still trains on this rollout: exactly that one read per step, none with target_kl=0."""
+    from trainer.ppo import PPOTrainer
+
+    common = {"num_generations": 1, "rollout_minibatches": 2, "ppo_epochs": 2, "global_batch_size": 2, "batch_size": 1}
+    trainer = run_trainer(
+        counting(PPOTrainer, host_batches=False), rl_cfg("ppo", tiny_tokenizer_dir, tmp_path / "kl", **common)
+    )
+    assert trainer.cfg.target_kl > 0 and trainer.reads_per_step == [1] * trainer.cfg.max_steps
+    cfg = rl_cfg("ppo", tiny_tokenizer_dir, tmp_path / "no_kl", target_kl=0.0, **common)
+    assert_no_reads(run_trainer(counting(PPOTrainer, host_batches=False), cfg))

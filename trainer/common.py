@@ -43,6 +43,17 @@ def move_to(batch, device: torch.device):
     return batch
 
 
+def host_to_device(value, device: torch.device) -> torch.Tensor:
+    """A value the host computed (a Python number, as fp32, or a CPU tensor) on `device`, without the host waiting.
+    torch.tensor(x, device="cuda") copies from pageable memory, which makes the host wait until the GPU has run
+    everything queued before it: a sync that no .item() counter sees. From pinned memory a non_blocking copy is
+    queued on the stream like a kernel (the pinned block is not reused before it ran). Pinned only for CUDA."""
+    host = value if torch.is_tensor(value) else torch.tensor(float(value))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def load_tokenizer(*, init_from: str, tokenizer_dir: str):
     """init_from's tokenizer when it has one (later stages), else tokenizer_dir's (pretraining)."""
     from transformers import AutoTokenizer

@@ -29,6 +29,7 @@ from trainer.common import (
     TrainingStopped,
     device_peak_flops,
     flops_per_token,
+    host_to_device,
     load_tokenizer,
     move_to,
     print0,
@@ -338,7 +339,7 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         # Weight every loss item of the whole step (all micro-batches, all ranks) equally. Both counts are taken
         # from the host batches, before to_device: on device tensors each int() would wait for the GPU.
-        num_items = torch.tensor(float(sum(self.count_loss_items(batch=b) for b in micro_batches)), device=self.device)
+        num_items = host_to_device(sum(self.count_loss_items(batch=b) for b in micro_batches), self.device)
         tokens = sum(self.count_tokens(batch=b) for b in micro_batches)
         if self.distributed:
             dist.all_reduce(num_items)
@@ -408,9 +409,7 @@ class Trainer:
             n = self.count_loss_items(batch=batch) if index < len(self.val_batches) else 0  # on the host batch
             batch = self.to_device(batch)
             with self.autocast:
-                loss, metrics = self.compute_loss(
-                    batch=batch, num_items=torch.tensor(float(max(n, 1)), device=self.device)
-                )
+                loss, metrics = self.compute_loss(batch=batch, num_items=host_to_device(max(n, 1), self.device))
             loss_sum += loss.float() * n
             items += n
             for key, value in metrics.items():

@@ -94,17 +94,17 @@ class DistillMixin:
         teacher_mask = None if document_ids is None else document_mask(document_ids)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, attention_mask=teacher_mask, position_ids=position_ids).logits
-        # (B, T, V) logits predict targets (B, T); -100 marks positions without a target.
+        # (B, T, V) logits predict targets (B, T); -100 marks positions without a target. Every position is
+        # computed and the others are zeroed: selecting the valid rows (logits[valid]) would ask the host how many
+        # there are, a wait for the GPU in every micro-batch.
         valid = targets != -100
-        student = out.logits[valid].float()  # (N, V) only the positions that count
-        teacher = teacher_logits[valid].float()
+        student, teacher = out.logits.float(), teacher_logits.float()
         t = self.cfg.temperature
-        kl = (
-            F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum")
-            * t
-            * t
-        )
-        ce = F.cross_entropy(student, targets[valid], reduction="sum")
+        kl_per_position = F.kl_div(
+            F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="none"
+        ).sum(-1)  # (B, T)
+        kl = torch.where(valid, kl_per_position, 0.0).sum() * t * t
+        ce = F.cross_entropy(student.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         loss = (self.cfg.alpha * kl + (1 - self.cfg.alpha) * ce) / num_items
         if out.aux_loss is not None:  # an MoE student still needs its load balancing
             loss = loss + self.raw_model.config.router_aux_loss_coef * out.aux_loss * valid.sum() / num_items

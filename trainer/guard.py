@@ -41,11 +41,12 @@ class StepGuard:
         loss_ok = torch.isfinite(loss)
         skip = ~(loss_ok & torch.isfinite(grad_norm))
         if getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Fused AdamW (CUDA) skips on a device flag inside its kernel, as GradScaler.step drives it: no sync.
+            # Fused AdamW and MuonWithAdamW (trainer/optim.py) skip on a device flag, as GradScaler.step drives them:
+            # no sync. build_optimizer gives every stage such an optimizer on CUDA and CPU.
             optimizer.grad_scale, optimizer.found_inf = None, skip.float()
             optimizer.step()
             del optimizer.grad_scale, optimizer.found_inf
-        elif not skip.item():  # an optimizer that cannot skip by itself: one sync (free on CPU)
+        elif not skip.item():  # an optimizer that cannot skip by itself (unfused AdamW): one sync per step
             optimizer.step()
         self.scaler.update()  # fp16: halve the scale after an overflow, grow it after growth_interval clean steps
         self.steps += 1

@@ -21,6 +21,11 @@ Parallel runs: under DDP every rank orthogonalises every matrix from the same al
 take the same step (nanochat's DistMuon splits that work by matrix instead; not needed at our sizes). Under FSDP a
 rank holds only a shard of each matrix and Newton-Schulz needs the whole of it: optimizer=muon is refused there.
 
+Skipped steps without a host read (trainer/guard.py): fused AdamW skips a step whose gradients overflowed on a
+device flag inside its kernel, and SkippableMuon does the same for the Muon half, so MuonWithAdamW tells GradScaler
+and the StepGuard it can skip by itself (`_step_supports_amp_scaling`) and the loop never waits for the GPU to
+decide. AdamW is fused wherever torch has the kernel (CUDA and CPU), so the CPU tests run the optimizer a GPU gets.
+
 Each param group carries `lr_scale`, its peak lr as a multiple of cfg.lr; the Trainer sets
 group["lr"] = lr_at(step) * group["lr_scale"] every step, so warmup and decay apply to every group alike.
 """
@@ -29,6 +34,7 @@ import math
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from trainer.config import OPTIMIZERS, TrainConfig
 
@@ -71,11 +77,50 @@ def split_parameters(
 # Muon and AdamW as one torch.optim.Optimizer
 
 
+class SkippableMuon(torch.optim.Muon):
+    """torch.optim.Muon that skips a step on the device, as fused AdamW does. GradScaler and the StepGuard set two
+    attributes before step(): `found_inf` (a 0-dim device tensor, > 0: skip this step) and `grad_scale` (the scale
+    still on the gradients, or None once unscale_ ran). Each matrix's update is torch's (_single_tensor_muon's
+    lines), computed out of place and kept by torch.where, so the step's numbers are torch's bit for bit, and a
+    skipped step leaves weights and momentum buffers as they were without the host ever reading the flag. A
+    0 x update mask would not do: an overflowed gradient is inf, and 0 x inf is NaN. Muon keeps no step count."""
+
+    _step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return super().step(closure)
+        if closure is not None:
+            raise RuntimeError("a closure cannot be used with a device-side skip (GradScaler refuses it too)")
+        skip = None if found_inf is None else found_inf > 0
+        for group in self.param_groups:
+            params, grads, momentum_bufs = [], [], []
+            self._init_group(group, params, grads, momentum_bufs)
+            lr, momentum = group["lr"], group["momentum"]
+            for param, grad, buf in zip(params, grads, momentum_bufs):
+                if grad_scale is not None:
+                    grad = grad / grad_scale
+                new_buf = buf.lerp(grad, 1 - momentum)
+                update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+                update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                new_param = param * (1 - lr * group["weight_decay"])
+                new_param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+                if skip is not None:  # one matrix-sized temporary at a time, not a copy of all the weights
+                    new_buf, new_param = torch.where(skip, buf, new_buf), torch.where(skip, param, new_param)
+                buf.copy_(new_buf)
+                param.copy_(new_param)
+        return None
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon over some groups and torch.optim.AdamW over the others, seen from outside as one optimizer:
     GradScaler.unscale_/step, clip_grad_norm_, zero_grad and the lr schedule walk `param_groups`; checkpoints save
     one state_dict. The two inner optimizers hold the very same group dicts and state dict as this one, so a
-    change made through either view (an lr set by the schedule, a state loaded from a checkpoint) is seen by both."""
+    change made through either view (an lr set by the schedule, a state loaded from a checkpoint) is seen by both.
+    A skip flag set on this optimizer (found_inf, grad_scale: see SkippableMuon) is passed on to both halves; the
+    whole can skip on the device when its AdamW half can, i.e. when that is fused."""
 
     def __init__(
         self,
@@ -85,9 +130,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         betas: tuple[float, float],
         fused: bool,
     ):
-        self.muon = torch.optim.Muon(muon_groups, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+        self.muon = SkippableMuon(muon_groups, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(adamw_groups, betas=betas, fused=fused)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
+        self._step_supports_amp_scaling = getattr(self.adamw, "_step_supports_amp_scaling", False)
         self._share()
         self._built = True
 
@@ -102,8 +148,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
-        self.adamw.step()
+        for half in (self.muon, self.adamw):
+            half.grad_scale, half.found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            try:
+                half.step()
+            finally:
+                del half.grad_scale, half.found_inf
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -128,7 +178,9 @@ def build_optimizer(
     `lr_scale` (its lr / cfg.lr) and starts at that share of cfg.lr."""
     groups = split_parameters(named_params, cfg.optimizer, cfg.decay_embeddings)
     by_name = dict(named_params)
-    fused = device.type == "cuda"
+    # Fused AdamW wherever torch has the kernel: one launch for all parameters on CUDA, and (CUDA and CPU alike) a
+    # step skipped on a device flag instead of a host read (trainer/guard.py).
+    fused = device.type in ("cuda", "cpu")
     betas = (cfg.beta1, cfg.beta2)
     adamw_groups = [
         {"params": [by_name[n] for n in groups["decay"]], "weight_decay": cfg.weight_decay},

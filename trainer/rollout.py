@@ -15,7 +15,7 @@ from dataset.chat_data import parse_columns
 from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
 from model.runtime import load_pretrained
-from trainer.common import print0
+from trainer.common import host_to_device, print0
 from trainer.config import Bound, TrainConfig, above, at_least, between
 from trainer.core import Trainer
 from trainer.logprobs import kl_estimate, load_reference, masked_mean, token_logprobs
@@ -158,6 +158,8 @@ class RolloutTrainer(Trainer):
             "attention_mask": attention_mask.to(self.device),
             "mask": mask[:, 1:].float().to(self.device),
         }  # (N, T-1): targets that are reply tokens
+        # Each row's reply targets and tokens, (N, 2) on the host: next_step sums them per micro-batch.
+        buf["host_counts"] = torch.stack([mask[:, 1:].sum(-1), attention_mask.sum(-1)], dim=1)
         stops = set(self.engine.stop_token_ids)
         completions = [
             Completion(self.engine.decode(r), r, p["prompt"], p["answer"], bool(r) and r[-1] in stops)
@@ -197,36 +199,36 @@ class RolloutTrainer(Trainer):
             cfg = self.cfg
             (prompts,) = self.train_data.next_step()
             buf, self.rollout_stats = self.make_rollout(prompts)
+            counts = buf.pop("host_counts")
             n = len(buf["input_ids"])
             per_step = n // cfg.rollout_minibatches
             for _ in range(cfg.ppo_epochs):
-                order = (
-                    torch.randperm(n, device=self.device)
-                    if cfg.rollout_minibatches > 1
-                    else torch.arange(n, device=self.device)
-                )
+                # The order is drawn on the host, so each micro-batch's counts are host sums (count_loss_items).
+                order = torch.randperm(n) if cfg.rollout_minibatches > 1 else torch.arange(n)
+                order_on_device = host_to_device(order, self.device)
                 for s in range(0, n, per_step):
-                    rows = order[s : s + per_step]
-                    self.queue.append(
-                        [
-                            {k: v[rows[m : m + self.micro_batch]] for k, v in buf.items()}
-                            for m in range(0, per_step, self.micro_batch)
-                        ]
-                    )
+                    micro_batches = []
+                    for m in range(s, s + per_step, self.micro_batch):
+                        micro = {k: v[order_on_device[m : m + self.micro_batch]] for k, v in buf.items()}
+                        reply_tokens, tokens = counts[order[m : m + self.micro_batch]].sum(0).tolist()
+                        micro_batches.append({**micro, "num_reply_tokens": reply_tokens, "num_tokens": tokens})
+                    self.queue.append(micro_batches)
         return self.queue.pop(0)
 
     def train_step(self) -> tuple[dict, int]:
         metrics, tokens = super().train_step()
         metrics.update(self.rollout_stats)
+        # The early stop's one host read per optimizer step (none with target_kl=0, GRPO's default): whether the
+        # next step trains on this rollout or samples a new one is decided on the host, so it waits for this step.
         if self.cfg.target_kl > 0 and float(metrics.get("approx_kl", 0.0)) > 1.5 * self.cfg.target_kl:
             self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
         return metrics, tokens
 
     def count_loss_items(self, *, batch) -> int:
-        return int(batch["mask"].sum()) if self.token_level else len(batch["mask"])
+        return batch["num_reply_tokens"] if self.token_level else len(batch["mask"])  # counted in next_step
 
     def count_tokens(self, *, batch) -> int:
-        return int(batch["attention_mask"].sum())
+        return batch["num_tokens"]
 
     # ---- the clipped policy objective both stages use ------------------------------------------------------
     def policy_loss(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -250,4 +252,7 @@ class RolloutTrainer(Trainer):
 
     def load_extra_state(self, *, state: dict) -> None:
         self.queue = [[self.to_device(b) for b in step] for step in state.get("queue", [])]
+        for b in (b for step in self.queue for b in step):  # a buffer saved before the counts were kept
+            b.setdefault("num_reply_tokens", int(b["mask"].sum()))
+            b.setdefault("num_tokens", int(b["attention_mask"].sum()))
         self.rollout_stats = state.get("rollout_stats", {})
