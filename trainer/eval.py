@@ -28,14 +28,13 @@ Several init_from paths are compared in one table. Writes eval.json, eval.md and
 import json
 import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from dataset.chat_data import BadRecord, usable_records
 from dataset.mc_data import LETTERS, mc_subject_files, read_mc_questions
+from dataset.records import BadRecord, read_records
 from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 from dataset.tokenizer import token_byte_lengths
@@ -329,9 +328,7 @@ def read_prompts(paths: str) -> list[dict]:
             raise BadRecord(where, "malformed", "input and reference/answer/output must be strings")
         return {"prompt": prompt + ("\n" + extra if extra else ""), "reference": reference}
 
-    items, stats = [], Counter()
-    for path in expand_paths(paths):
-        items += usable_records(path, to_item, "error", stats, print0)
+    items, _ = read_records(paths, lambda path: to_item, "prompts", on_bad="error", log=print0)
     return items
 
 
