@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -142,8 +143,7 @@ def flex_attention_available(device: torch.device) -> bool:
         return False
     if not _FLEX_AVAILABLE:
         try:
-            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (torch >= 2.5)
-            from torch.utils._triton import has_triton
+            from torch.utils._triton import has_triton  # private module: where it is missing, so is compiled flex
 
             _FLEX_AVAILABLE.append(has_triton())
         except ImportError:
@@ -161,8 +161,6 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 def document_block_mask(document_ids: torch.Tensor):
     """The same rule as document_mask as a FlexAttention BlockMask: blocks of other documents are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, T = document_ids.shape
 
     def same_document_causal(b, h, q_idx, kv_idx):
@@ -177,8 +175,6 @@ _COMPILED_FLEX = None
 def flex_attention_call(q, k, v, block_mask, enable_gqa: bool):
     """flex_attention, compiled once per process on CUDA (eager flex materialises every score; CPU tests use it)."""
     global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         # Inside a compiled model Inductor fuses it already; on the CPU only tests ask for it.
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)

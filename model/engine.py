@@ -20,6 +20,7 @@ import threading
 import time
 
 import torch
+from transformers import AutoTokenizer
 
 from dataset.chat_data import chatml_pieces, check_chatml
 from model.hub import stop_token_ids
@@ -342,8 +343,6 @@ class Engine:
         adapter: a PEFT-format LoRA directory, merged into the base weights at load (no LoRA cost per token).
         quantize: "none" | "int8" | "int4" weight-only quantization of the linear layers (model/quantize.py).
         A path that itself holds only an adapter is loaded on top of its adapter_config's base model."""
-        from transformers import AutoTokenizer
-
         if adapter is None and is_adapter_dir(path):
             path, adapter = adapter_base_model(path), path
         # The one device/dtype policy (model/runtime.py): the same answer as training on this device.

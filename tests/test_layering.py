@@ -124,28 +124,7 @@ def test_project_imports_are_at_the_top_of_every_library_and_script_file():
 # torch.distributed submodule, a version gate), and then a one-line comment says which, on the import or on the
 # line just above its group. (file, module) pairs not yet fixed, for the merge after the trainer/ and engine refactors;
 # the list only shrinks.
-LAZY_WITHOUT_REASON = {
-    # required packages, to move to the top of the file
-    ("model/engine.py", "transformers"),
-    ("trainer/common.py", "transformers"),
-    ("trainer/core.py", "transformers.utils"),
-    ("trainer/distill.py", "transformers"),
-    ("trainer/eval.py", "transformers.utils"),
-    ("trainer/eval.py", "numpy"),
-    ("trainer/train_tokenizer.py", "collections"),
-    # deliberate, to give their one-line reason
-    ("model/attention.py", "torch.nn.attention.flex_attention"),
-    ("model/attention.py", "torch.utils._triton"),
-    ("trainer/checkpoint.py", "torch.distributed.checkpoint.state_dict"),
-    ("trainer/common.py", "wandb"),
-    ("trainer/common.py", "swanlab"),
-    ("trainer/common.py", "torch.utils.tensorboard"),
-    ("trainer/parallel.py", "torch.distributed.device_mesh"),
-    ("trainer/parallel.py", "torch.distributed.fsdp"),
-    ("trainer/parallel.py", "torch.nn.parallel"),
-    ("trainer/train_tokenizer.py", "tokenizers"),
-    ("trainer/train_tokenizer.py", "transformers"),
-}
+LAZY_WITHOUT_REASON: set[tuple[str, str]] = set()  # (file, module) pairs still to fix; empty: none left
 
 
 def lazy_imports_without_reason(source: str) -> list[tuple[int, str]]:

@@ -71,6 +71,7 @@ def step_dir(out_dir: str, step: int) -> str:
 def full_model_state(model, *, fsdp: bool, master: bool) -> dict | None:
     """The whole state dict on rank 0 (None elsewhere); under FSDP the shards are gathered to CPU."""
     if fsdp:
+        # distributed modules import only where torch was built with them (dist.is_available())
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -81,6 +82,7 @@ def full_model_state(model, *, fsdp: bool, master: bool) -> dict | None:
 def full_optimizer_state(model, optimizer, *, fsdp: bool, master: bool) -> dict | None:
     """Rank 0's optimizer state. Under FSDP it is gathered and keyed by parameter name."""
     if fsdp:
+        # distributed modules import only where torch was built with them (dist.is_available())
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(
@@ -285,6 +287,7 @@ def load_model_weights(model, weights: dict, *, fsdp: bool, where: str) -> None:
     """A full state dict into the model, every key accounted for (a tied lm_head may be absent). Under FSDP
     every rank read the whole file and keeps its shard."""
     if fsdp:
+        # distributed modules import only where torch was built with them (dist.is_available())
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         missing, unexpected = set_model_state_dict(
@@ -307,6 +310,7 @@ def load_optimizer_state(model, optimizer, state: dict, *, fsdp: bool) -> None:
     if not fsdp and not by_name:
         optimizer.load_state_dict(saved)
         return
+    # distributed modules import only where torch was built with them (dist.is_available())
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if not by_name:  # positions follow the optimizer's groups, which list parameters in model order

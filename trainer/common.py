@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from model.runtime import check_checkpoint_dir
 
@@ -56,8 +57,6 @@ def host_to_device(value, device: torch.device) -> torch.Tensor:
 
 def load_tokenizer(*, init_from: str, tokenizer_dir: str):
     """init_from's tokenizer when it has one (later stages), else tokenizer_dir's (pretraining)."""
-    from transformers import AutoTokenizer
-
     if init_from:  # checked first, so a typo in init_from is not reported as a missing tokenizer
         check_checkpoint_dir(init_from, "init_from")
     path = init_from if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")) else tokenizer_dir
@@ -224,15 +223,15 @@ class ExternalLogger:
         if problem:
             raise ValueError(problem)
         if kind == "wandb":
-            import wandb
+            import wandb  # optional: installed only by those who log there
 
             self.run = wandb.init(project=project, name=run_name, config=config)
         elif kind == "swanlab":
-            import swanlab
+            import swanlab  # optional: installed only by those who log there
 
             self.run = swanlab.init(project=project, experiment_name=run_name, config=config)
         elif kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
 
             self.run = SummaryWriter(log_dir)
         else:

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from transformers.utils import logging as hf_logging
 
 from dataset.batches import PrefetchBatches, StepBatches
 from model import SLMConfig, SLMForCausalLM
@@ -206,8 +207,6 @@ class Trainer:
     def prepare(self):
         """Build everything; after this, fit() can run. Separate from __init__ so tests can poke at parts."""
         cfg = self.cfg
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # no tqdm bars from save/load inside the loop
         self.tokenizer = self.load_tokenizer()
         self.raw_model = self.build_model().to(self.device)

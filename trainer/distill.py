@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from dataset.shards import tokenizer_fingerprint
 from model.attention import document_mask
@@ -73,8 +74,6 @@ class DistillMixin:
                 f"{self.raw_model.config.vocab_size}: distillation needs a shared tokenizer"
             )
         try:
-            from transformers import AutoTokenizer
-
             teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher_from)
         except (OSError, ValueError):
             teacher_tok = None  # a teacher folder without tokenizer files: the vocab size check has to do

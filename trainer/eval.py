@@ -31,7 +31,9 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from dataset.mc_data import LETTERS, mc_subject_files, read_mc_questions
 from dataset.records import BadRecord, read_records
@@ -110,8 +112,6 @@ class Config:
 
 def load_engine(path: str, cfg: Config):
     """The checkpoint through the one loading path (model/engine.py), quantized if asked."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     return Engine.from_pretrained(path, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
 
@@ -122,8 +122,6 @@ def load_engine(path: str, cfg: Config):
 
 def ppl_windows(spec: str, tokenizer, seq_len: int, max_tokens: int, text_column: str = "") -> torch.Tensor:
     """(N, seq_len + 1) token windows, non-overlapping, from a shard dir's val shard or from text files."""
-    import numpy as np
-
     max_windows = max_tokens // seq_len if max_tokens > 0 else 1 << 40
     if os.path.isfile(os.path.join(spec, "meta.json")):
         windows = val_windows(spec, load_meta(spec), seq_len, max_windows)

@@ -40,6 +40,7 @@ def shard_model(model, device: torch.device, world_size: int) -> None:
     """FSDP2, in place: each decoder layer is one unit (its weights are gathered just before it runs and freed
     after), the root holds the embeddings, final norm and head. Every rank starts from rank 0's weights, as DDP
     does. Call it before building the optimizer, which must hold the sharded parameters."""
+    # distributed modules import only where torch was built with them (dist.is_available())
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -53,6 +54,7 @@ def shard_model(model, device: torch.device, world_size: int) -> None:
 
 
 def wrap_ddp(model, device: torch.device):
+    # distributed modules import only where torch was built with them (dist.is_available())
     from torch.nn.parallel import DistributedDataParallel
 
     # broadcast_buffers=False: our only buffers are RoPE frequencies, the same on every rank, and DDP would

@@ -26,8 +26,11 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import ClassVar
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
@@ -168,8 +171,6 @@ def common_pieces(cfg: "Config", paths: list[str], stats: dict) -> set:
     """First pass over the same sample: the Han pieces of 3+ characters that occur at least twice. Real Chinese
     cut at fixed offsets gives mostly unique 4-character pieces (bench/RESULTS.md counts them in the pack), and
     the BPE trainer's memory grows with distinct pre-tokens, not with bytes."""
-    from collections import Counter
-
     counts: Counter = Counter()
     pairs: Counter = Counter()
     for text in _sample(cfg, paths, {}, {"fed_bytes": 0, "fed_docs": 0, "skipped_bytes": 0}):
@@ -227,8 +228,6 @@ def _sample(cfg: Config, paths: list[str], heldout: dict, stats: dict):
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     tok = Tokenizer(models.BPE())  # no unk: byte-level covers every byte, so any string encodes
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -243,7 +242,7 @@ def build_tokenizer():
 
 def wrap(tok):
     """The transformers view: special tokens named, chat template stored, so AutoTokenizer needs no extra code."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers imports torch: the stage itself runs without it
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -259,7 +258,7 @@ def wrap(tok):
 def update_chat_template(path: str) -> None:
     """Give a saved tokenizer (out/tokenizer or a checkpoint folder) the current CHAT_TEMPLATE, e.g. one saved before
     tools existed; the vocabulary and every other file stay as they are (scripts/update_chat_template.py)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers imports torch: the stage itself runs without it
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
@@ -314,8 +313,6 @@ def check_trained_size(trained: int, cfg: Config) -> None:
 
 
 def run(cfg: Config) -> dict:
-    from tokenizers import trainers
-
     if not cfg.data_path.strip():
         raise ValueError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
     paths = expand_paths(cfg.data_path)  # the one path contract of every data setting; a missing path raises here
