@@ -57,10 +57,6 @@ def test_every_hook_a_stage_overrides_is_documented_with_keyword_only_arguments(
         "load_extra_state",
         "trainable_parameters",
         "extra_eval_metrics",
-        "save_pretrained_to",
-        "read_checkpoint_weights",
-        "load_checkpoint_weights",
-        "next_stage_hint",
     } <= set(hooks)
     for name in hooks:
         assert f"{name}(" in Trainer.__doc__, f"{name} is overridden by {hooks[name]} but not in Trainer's docstring"

@@ -198,7 +198,7 @@ def test_lm_eval_scores_the_native_folder(tiny_tokenizer_dir, tmp_path):
     require_thirdparty("lm_eval", "lm_eval")
     from transformers import AutoTokenizer
 
-    from dataset.mc_data import LETTERS, mc_subject_files, read_mc_csv
+    from dataset.mc_data import LETTERS, mc_subject_files, read_mc_questions
     from model.runtime import load_pretrained
     from scripts.lm_eval_task import write_lm_eval_task
     from tests.helpers import tiny_checkpoint
@@ -222,8 +222,8 @@ def test_lm_eval_scores_the_native_folder(tiny_tokenizer_dir, tmp_path):
         tmp_path,
     )["samples"]["milli_mc_arts"]
     tok = AutoTokenizer.from_pretrained(native)
-    shots = read_mc_csv(mc_subject_files(str(mc_dir), "dev")[1]["arts"])
-    questions = read_mc_csv(mc_subject_files(str(mc_dir), "test")[1]["arts"])
+    shots = read_mc_questions(mc_subject_files(str(mc_dir), "dev")[1]["arts"])
+    questions = read_mc_questions(mc_subject_files(str(mc_dir), "test")[1]["arts"])
     requests = [continuation_request(tok, mc_prompt("arts", shots, q), list(LETTERS)) for q in questions]
     ours = score_requests(load_pretrained(native).eval(), requests, 8, "cpu", tok.pad_token_id)
     assert [s["doc_id"] for s in theirs] == [0, 1]

@@ -434,7 +434,7 @@ def save_trainer(trainer) -> str:
             path,
             state=state,
             keep_last=trainer.cfg.keep_last,
-            write_weights=lambda tmp: trainer.save_pretrained_to(path=tmp, state=weights),
+            write_weights=lambda tmp: trainer.weights.save(trainer, path=tmp, state=weights),
         )
         print0(f"[{trainer.stage}] saved {path}")
     if trainer.distributed:
@@ -451,7 +451,7 @@ def export_trainer(trainer, *, evaluation: dict | None = None) -> None:
     dtype = trainer.dtype if trainer.dtype != torch.float16 else torch.bfloat16
 
     def write(tmp: str) -> None:
-        trainer.save_pretrained_to(path=tmp, dtype=dtype, state=weights)
+        trainer.weights.save(trainer, path=tmp, dtype=dtype, state=weights)
         write_card(
             tmp,
             trainer.cfg,
@@ -466,7 +466,36 @@ def export_trainer(trainer, *, evaluation: dict | None = None) -> None:
         )
 
     path = write_final(trainer.cfg.out_dir, write_weights=write)
-    print0(f"[{trainer.stage}] final weights in {path}{trainer.next_stage_hint(path=path)}")
+    print0(f"[{trainer.stage}] final weights in {path}{trainer.weights.final_note(path)}")
+
+
+class ModelWeights:
+    """What step_*/ and final/ hold of the model and how a resume reads it back: the whole model, loadable with
+    from_pretrained alone. A stage whose checkpoints hold something else sets its own (LoRA: the adapter only,
+    trainer/lora.py AdapterWeights) as the Trainer's `weights`."""
+
+    def save(self, trainer, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
+        """Weights (+ config) and tokenizer; `state` is the full state dict (full_model_state) where the model is
+        sharded."""
+        save_pretrained(
+            trainer.raw_model,
+            trainer.tokenizer,
+            path,
+            state=state,
+            dtype=dtype,
+            architecture=trainer.model_class_name if trainer.fsdp else None,
+        )
+        make_readable(path)  # safetensors writes 0600; a docker/ollama service account must be able to read it
+
+    def read(self, path: str) -> dict:
+        return read_weights(path)
+
+    def load(self, trainer, *, path: str, weights: dict) -> None:
+        load_model_weights(trainer.raw_model, weights, fsdp=trainer.fsdp, where=path)
+
+    def final_note(self, path: str) -> str:
+        """The end of the run's last line, about final/."""
+        return f" (next stage: init_from={path})"
 
 
 def resume_trainer(trainer) -> None:
@@ -475,12 +504,12 @@ def resume_trainer(trainer) -> None:
         trainer.cfg.out_dir,
         trainer.cfg.resume,
         stage=trainer.stage,
-        read_weights=lambda path: trainer.read_checkpoint_weights(path=path),
+        read_weights=trainer.weights.read,
     )
     if found is None:
         return
     path, state, weights = found
-    trainer.load_checkpoint_weights(path=path, weights=weights)
+    trainer.weights.load(trainer, path=path, weights=weights)
     load_optimizer_state(trainer.raw_model, trainer.optimizer, state, fsdp=trainer.fsdp)
     trainer.guard.load_state_dict(state["scaler"])
     trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]

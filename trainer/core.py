@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from dataset.batches import PrefetchBatches, StepBatches
 from model import SLMConfig, SLMForCausalLM
-from model.hub import make_readable, set_generation_defaults
+from model.hub import set_generation_defaults
 from model.runtime import autocast_context, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer import checkpoint, parallel
 from trainer.common import (
@@ -72,10 +72,8 @@ class Trainer:
       on_eval(): after each evaluation (pretraining prints samples)
       should_save() -> bool: after a step; default every save_every (pretraining: also after every shard)
       extra_state() -> dict, load_extra_state(*, state): stage state in trainer_state.pt (rollout buffer, critic)
-      save_pretrained_to(*, path, dtype, state): what step_*/ and final/ hold (LoRA: the adapter only), and
-          read_checkpoint_weights(*, path) -> dict, load_checkpoint_weights(*, path, weights): reading it back
-      next_stage_hint(*, path) -> str: the end-of-run line about final/
-    class attributes: stage (log prefix, checkpoint metadata), supports_fsdp; RolloutTrainer adds token_level and
+    class attributes: stage (log prefix, checkpoint metadata), supports_fsdp, weights (what step_*/ and final/
+    hold and how a resume reads it: checkpoint.ModelWeights, LoRA's AdapterWeights); RolloutTrainer adds token_level and
     its own hook score_rollout(buf), PairTrainer (DPO, reward) read_pairs(). Helpers a stage calls: to_device,
     autocast; for data held in memory, dataset/batches.py held_out_split and in_memory_batches.
     """
@@ -84,6 +82,7 @@ class Trainer:
     # parallel=fsdp needs every rank to run the same forwards: stages that generate (different lengths per rank)
     # or train adapters keep it off; the ones that set it True are tested against one process.
     supports_fsdp = False
+    weights = checkpoint.ModelWeights()  # what checkpoints hold of the model: all of it
 
     # ---- hooks a stage overrides (see the docstring) -----------------------------------------------------
     def build_data(self) -> tuple[StepBatches, list | None]:
@@ -136,28 +135,6 @@ class Trainer:
 
     def load_extra_state(self, *, state: dict) -> None:
         pass
-
-    def save_pretrained_to(self, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
-        """Weights (+ config) and tokenizer, loadable with from_pretrained alone; `state` is the full state dict
-        (checkpoint.full_model_state) where the model is sharded."""
-        checkpoint.save_pretrained(
-            self.raw_model,
-            self.tokenizer,
-            path,
-            state=state,
-            dtype=dtype,
-            architecture=self.model_class_name if self.fsdp else None,
-        )
-        make_readable(path)  # safetensors writes 0600; a docker/ollama service account must be able to read it
-
-    def read_checkpoint_weights(self, *, path: str) -> dict:
-        return checkpoint.read_weights(path)
-
-    def load_checkpoint_weights(self, *, path: str, weights: dict) -> None:
-        checkpoint.load_model_weights(self.raw_model, weights, fsdp=self.fsdp, where=path)
-
-    def next_stage_hint(self, *, path: str) -> str:
-        return f" (next stage: init_from={path})"
 
     # ---- setup ---------------------------------------------------------------------------------------
     def __init__(self, cfg: TrainConfig):

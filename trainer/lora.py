@@ -60,9 +60,41 @@ class Config(SFTConfig):
 # The stage: SFT's data and loss, adapters instead of full weights
 
 
+class AdapterWeights:
+    """LoRA's checkpoints hold the adapter, not the (unchanged) base weights: PEFT's format (model/lora.py), read
+    back onto the live model at resume (the Trainer's `weights`; checkpoint.ModelWeights is the whole-model one)."""
+
+    def save(self, trainer, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
+        cfg = trainer.cfg  # only the adapters, read from the live model (LoRA never runs sharded: `state` unused)
+        # An absolute base path (a hub-style name stays as it is), so PEFT finds the base from any working directory.
+        base = os.path.abspath(cfg.init_from) if os.path.isdir(cfg.init_from) else cfg.init_from
+        save_adapter(
+            trainer.raw_model,
+            path,
+            base,
+            trainer.targets,
+            cfg.lora_r,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_rslora,
+        )
+        trainer.tokenizer.save_pretrained(path)
+        make_readable(path)
+
+    def read(self, path: str) -> dict:
+        return read_adapter_weights(path)
+
+    def load(self, trainer, *, path: str, weights: dict) -> None:
+        load_adapter_weights(trainer.raw_model, weights, path)
+
+    def final_note(self, path: str) -> str:
+        return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
+
+
 class LoRATrainer(SFTTrainer):
     stage = "lora"
     supports_fsdp = False  # LoRA exists to fit one GPU; adapters over a sharded base are not built
+    weights = AdapterWeights()
 
     def setup(self):
         cfg = self.cfg
@@ -88,26 +120,6 @@ class LoRATrainer(SFTTrainer):
             f"{16 * n_train / 2**20:,.1f} MiB (full fine-tuning would need {16 * n_base / 2**20:,.1f} MiB "
             f"for weights, grads and AdamW)"
         )
-
-    # ---- checkpoints hold the adapter, not the (unchanged) base weights ----------------------------------
-    def save_pretrained_to(self, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
-        cfg = self.cfg  # only the adapters, read from the live model (LoRA never runs sharded, so `state` is unused)
-        # An absolute base path (a hub-style name stays as it is), so PEFT finds the base from any working directory.
-        base = os.path.abspath(cfg.init_from) if os.path.isdir(cfg.init_from) else cfg.init_from
-        save_adapter(
-            self.raw_model, path, base, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora
-        )
-        self.tokenizer.save_pretrained(path)
-        make_readable(path)
-
-    def read_checkpoint_weights(self, *, path: str) -> dict:
-        return read_adapter_weights(path)
-
-    def load_checkpoint_weights(self, *, path: str, weights: dict) -> None:
-        load_adapter_weights(self.raw_model, weights, path)
-
-    def next_stage_hint(self, *, path: str) -> str:
-        return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
 
 
 def run(cfg: Config):
