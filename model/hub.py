@@ -97,15 +97,16 @@ def write_model_card(
     evaluation: dict | None = None,
     licenses: list[str] | None = None,
     base_model: str = "",
+    library_name: str = "transformers",
 ) -> str:
     """README.md in `path`: YAML front matter for the Hub, then what the model is, how it was trained, eval numbers,
     the data licenses known, and how to load it. `training` holds plain facts (steps, tokens, data, lr...).
     `base_model` (init_from) goes into the front matter only as a Hub id, which is what the Hub reads there; a local
-    path is named in the text instead."""
+    path is named in the text instead. `library_name` is what loads the folder: "peft" for an adapter."""
     licenses = licenses or []
     front = [
         "---",
-        "library_name: transformers",
+        f"library_name: {library_name}",
         "pipeline_tag: text-generation",
         "tags: [milli-chat, chinese, llama-like]",
         "language: [zh, en]",

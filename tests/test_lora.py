@@ -172,6 +172,7 @@ def test_merged_and_adapter_folders_are_readable_and_carry_a_card(base_dir, trai
     assert set(file_modes(trained_adapter).values()) == {0o666 & ~umask}, file_modes(trained_adapter)
     adapter = shutil.copytree(trained_adapter, tmp_path / "adapter")
     card = (adapter / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card  # the Hub loads an adapter folder with PEFT
     (adapter / "README.md").write_text(  # as if the adapter's data had declared a license
         card.replace("\n---\n", '\ntraining_data_licenses: ["CC-BY-4.0"]\n---\n', 1), encoding="utf-8"
     )
@@ -184,6 +185,7 @@ def test_merged_and_adapter_folders_are_readable_and_carry_a_card(base_dir, trai
     assert {"model.safetensors", "config.json", "tokenizer.json", "model_slm.py", "README.md"} <= set(merged)
     assert set(merged.values()) == {0o644}, merged
     card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: transformers" in card
     assert "the `lora` stage" in card and "rank: 4" in card and f"local checkpoint `{base_dir}`" in card
     assert card_licenses(str(tmp_path / "merged")) == ["CC-BY-4.0"]
     generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 
 from dataset.licenses import file_licenses, shard_licenses
 from model.hub import card_licenses, make_readable, write_model_card
+from model.lora import is_adapter_dir
 from model.runtime import dtype_name
 from trainer.common import print0, seed_rngs
 
@@ -381,6 +382,7 @@ def write_card(
     licenses are those this stage's data declares (shards' meta.json, the metadata beside data files) plus those
     init_from's card recorded, so they accumulate along pretrain -> sft -> dpo."""
     licenses = shard_licenses(cfg.data_dir) + file_licenses(cfg.data_path) + card_licenses(cfg.init_from)
+    licenses += card_licenses(getattr(cfg, "teacher_from", ""))  # distillation: the teacher's data shaped the student
     training = {
         "stage": stage,
         "optimizer steps": step,
@@ -401,6 +403,7 @@ def write_card(
         evaluation=evaluation or None,
         licenses=sorted(set(licenses)),
         base_model=cfg.init_from,
+        library_name="peft" if is_adapter_dir(path) else "transformers",  # the Hub's loader for the folder
     )
     make_readable(path)
 
