@@ -98,6 +98,17 @@ class RewardTrainer(Trainer):
         print0(f"[reward] {stats['records']:,} records -> {len(train):,} train + {len(val):,} held-out pairs")
         return self.in_memory_batches(train, val, collate)
 
+    def probe_step(self, *, micro_batch: int) -> None:
+        """batch_size=auto counts pairs: 2 rows each, scored at their last token as in compute_loss (the default
+        probe's labels=ids is a language model's target, not a score's)."""
+        ids = torch.randint(
+            0, self.raw_model.config.vocab_size, (2 * micro_batch, self.cfg.seq_len), device=self.device
+        )
+        last_index = torch.full((ids.shape[0],), ids.shape[1] - 1, device=self.device)
+        with self.autocast:
+            scores = self.raw_model(input_ids=ids, last_index=last_index).logits[:, 0]
+        scores.float().sum().backward()
+
     def count_loss_items(self, *, batch) -> int:
         return batch["num_pairs"]
 
