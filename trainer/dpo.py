@@ -36,7 +36,7 @@ from dataset.preference_data import (
     collate_pairs,
     read_pair_samples,
 )
-from model.runtime import load_pretrained
+from model.runtime import frozen_autocast, load_pretrained
 from trainer.common import print0
 from trainer.config import Bound, TrainConfig, above, at_least, between
 from trainer.core import Trainer, run_trainer
@@ -124,6 +124,8 @@ class DPOTrainer(Trainer):
         else:
             print0("[dpo] WARNING: no init_from/ref_from: the reference is the random initial policy")
             self.ref = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        # An offloaded reference (ref_device=cpu while training on cuda) gets the policy's autocast on its device.
+        self.ref_autocast = frozen_autocast(next(self.ref.parameters()).device, self.device, self.dtype)
 
     def build_data(self):
         cfg = self.cfg
@@ -158,7 +160,7 @@ class DPOTrainer(Trainer):
         out = torch.zeros(len(data), 2)
         for s in range(0, len(data), self.micro_batch):
             batch = self.to_device(collate([data[i] for i in range(s, min(s + self.micro_batch, len(data)))]))
-            with self.autocast:
+            with self.autocast, self.ref_autocast:
                 logps = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"]).float().cpu()
             out[batch["index"].cpu()] = torch.stack(logps.chunk(2), dim=1)
         return out
@@ -173,7 +175,7 @@ class DPOTrainer(Trainer):
         with self.autocast:
             pi = sequence_logprobs(self.raw_model, ids, mask)
             if self.ref is not None and not self.cfg.precompute_ref:
-                with torch.no_grad():
+                with torch.no_grad(), self.ref_autocast:
                     sequence_logprobs(self.ref, ids, mask)
         pi.sum().backward()
 
@@ -189,7 +191,7 @@ class DPOTrainer(Trainer):
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self.ref_autocast:
                 ref = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"])
         pi_c, pi_r = pi.chunk(2)
         ref_c, ref_r = ref.chunk(2)

@@ -21,8 +21,10 @@ Memory on a small GPU (four models: actor, critic, reference, reward):
                       features (vf_coef keeps that small).
     critic=separate   a full critic from critic_from (default: reward_from, else init_from). A smaller model works
                       too (any checkpoint with the same tokenizer), which is the "smaller critic" option.
-    ref_device=cpu    keep the frozen reference in CPU memory; its log-probs are computed there once per rollout.
-    frozen models (reference, reward) are held in the training dtype (bf16 on GPU): no fp32 copy, no optimizer.
+    ref_device=cpu    keep the frozen reference in CPU memory; its log-probs are computed there once per rollout,
+                      under the training dtype's CPU autocast (fp32 when training in fp16: CPU fp16 is slow).
+    frozen models (reference, reward) keep fp32 weights under the policy's autocast, without gradients or
+                      optimizer state, so the reference's log-probs equal the policy's at step 0.
 Measured with bench/bench_rl_memory.py (bench/RESULTS.md, "Preference alignment memory"; so far on CPU, fp32, small
 preset, 8 replies of ~211 tokens per step): a separate critic peaks at 1.65x the shared head, a half-depth critic at
 1.30x; ref_device=cpu saves only the reference's weights (0.91x), because the peak is in the update's backward, not in

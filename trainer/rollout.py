@@ -14,7 +14,7 @@ from dataset.batches import IndexBatches
 from dataset.chat_data import parse_columns
 from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
-from model.runtime import load_pretrained
+from model.runtime import frozen_autocast, load_pretrained
 from trainer.common import print0
 from trainer.config import Bound, TrainConfig, at_least, between
 from trainer.core import Trainer
@@ -84,10 +84,12 @@ class RolloutTrainer(Trainer):
         cfg = self.cfg
         self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
         ref_device = torch.device(cfg.ref_device) if cfg.ref_device else self.device
-        # Frozen models keep fp32 weights and run under the policy's autocast, so their numbers match the policy's.
+        # Frozen models keep fp32 weights and run under the policy's autocast, so their numbers match the policy's;
+        # an offloaded reference gets that autocast on its own device (ref_autocast).
         self.ref = (
             load_pretrained(cfg.ref_from or cfg.init_from, device=ref_device, frozen=True) if cfg.init_from else None
         )
+        self.ref_autocast = frozen_autocast(ref_device, self.device, self.dtype)
         self.reward_model = (
             load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) if cfg.reward_from else None
         )
@@ -173,9 +175,11 @@ class RolloutTrainer(Trainer):
                     .float()
                 )
             buf["old_logps"] = token_logprobs(self.model, buf["input_ids"])
-            buf["ref_logps"] = (
-                token_logprobs(self.ref, buf["input_ids"]) if self.ref is not None else buf["old_logps"].clone()
-            )
+            if self.ref is None:
+                buf["ref_logps"] = buf["old_logps"].clone()
+            else:
+                with self.ref_autocast:
+                    buf["ref_logps"] = token_logprobs(self.ref, buf["input_ids"])
         buf["rewards"] = rewards
         self.score_rollout(buf)
         lengths = buf["mask"].sum(-1)
