@@ -24,11 +24,19 @@ sys.path.insert(0, ROOT)  # run from anywhere: repo root on path
 
 import torch  # noqa: E402
 
+from bench.bench_trainer import make_chats, make_data, settings, synthetic_lines  # noqa: E402
+from model import SLMConfig  # noqa: E402
+from trainer.core import run_trainer  # noqa: E402
+from trainer.dpo import Config as DPOConfig  # noqa: E402
+from trainer.dpo import DPOTrainer  # noqa: E402
+from trainer.pretrain import Config as PretrainConfig  # noqa: E402
+from trainer.pretrain import PretrainTrainer  # noqa: E402
+from trainer.sft import Config as SFTConfig  # noqa: E402
+from trainer.sft import SFTTrainer  # noqa: E402
+
 
 def make_pairs(work: str, n: int, seq_len: int) -> str:
     """Preference pairs (MiniMind's messages format) of about a quarter of seq_len tokens a side."""
-    from bench.bench_trainer import synthetic_lines
-
     path = os.path.join(work, "pairs.jsonl")
     lines = synthetic_lines(3 * n, seed=3, longest=max(6, seq_len // 8))
     with open(path, "w", encoding="utf-8") as f:
@@ -83,16 +91,6 @@ def audit_syncs(trainer_cls, cfg, name: str, warmup: int) -> dict:
 
 def audit(args, work: str) -> list[dict]:
     """Pretraining with each optimizer, then packed SFT and DPO from weights that one step of pretraining made."""
-    from bench.bench_trainer import make_chats, make_data, settings
-    from model import SLMConfig
-    from trainer.core import run_trainer
-    from trainer.dpo import Config as DPOConfig
-    from trainer.dpo import DPOTrainer
-    from trainer.pretrain import Config as PretrainConfig
-    from trainer.pretrain import PretrainTrainer
-    from trainer.sft import Config as SFTConfig
-    from trainer.sft import SFTTrainer
-
     tok_dir, shards = make_data(args, work)
     common = settings(args)
     vocab = SLMConfig.from_preset(args.preset).vocab_size
