@@ -1,18 +1,26 @@
 """
 Throughput of the real Trainer, the code users run (not a hand-written loop): pretraining on token shards and packed
-SFT on conversations, made here from synthetic text, for a preset, micro-batch and dtype.
+SFT on conversations, made here from synthetic text, for presets, models, a micro-batch and dtypes.
 
     python bench/bench_trainer.py --preset small --seq_len 512 --batch 32 --steps 30 --dtype fp16   # a T4
     python bench/bench_trainer.py --preset small --seq_len 1024 --batch 64 --steps 30 --compile     # an H100
+    python bench/bench_trainer.py --preset small base --model slm llama --no_sft                   # ours vs Llama
     python bench/bench_trainer.py --smoke                                                          # CPU, seconds
 
 For each run it prints, as soon as it is measured: tokens/s (median over the steps after warm-up), MFU (CUDA, from
-trainer/common.py's peak table), peak memory, skipped (overflow) steps and the last loss; the packed-SFT line gives
-its tokens/s as a ratio to pretraining's in the same run. The data is random but real in every other respect:
-a tokenizer trained by the tokenizer stage, shards in dataset/shards.py's format, chat records read by the SFT stage.
+trainer/common.py's peak table), peak memory, skipped (overflow) steps and the last loss; an interim line of the same
+a few steps after warm-up, so a run cut short by a time limit still reports; the packed-SFT line gives its tokens/s
+as a ratio to pretraining's in the same run. The data is random but real in every other respect: a tokenizer trained
+by the tokenizer stage, shards in dataset/shards.py's format, chat records read by the SFT stage.
+
+--model llama trains transformers' LlamaForCausalLM of the preset's dimensions (slm_to_llama_config, SDPA attention)
+through the same PretrainTrainer, config, batches and compile setting as ours (slm), in the same run, and prints the
+ratio of the two: the issue's "never slower than Llama", measured where users train.
 """
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import random
@@ -23,10 +31,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from dataset.shard_writer import write_token_shards  # noqa: E402
 from model import SLMConfig  # noqa: E402
-from trainer.core import run_trainer  # noqa: E402
+from model.configuration_slm import slm_to_llama_config  # noqa: E402
 from trainer.pretrain import Config as PretrainConfig  # noqa: E402
 from trainer.pretrain import PretrainTrainer  # noqa: E402
 from trainer.sft import Config as SFTConfig  # noqa: E402
@@ -74,9 +83,24 @@ def make_chats(work: str, n: int, seq_len: int) -> str:
     return path
 
 
-def summarize(name: str, out_dir: str, warmup: int) -> dict:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+class LlamaPretrainTrainer(PretrainTrainer):
+    """transformers' LlamaForCausalLM of the preset's dimensions, trained by the same PretrainTrainer as ours."""
+
+    def build_model(self):
+        from transformers import LlamaForCausalLM
+
+        config = slm_to_llama_config(SLMConfig.from_preset(self.cfg.model_config, vocab_size=self.cfg.vocab_size))
+        config._attn_implementation = "sdpa"
+        return LlamaForCausalLM(config)
+
+    def compute_loss(self, *, batch, num_items):
+        x, y = batch
+        # transformers computes a loss only when labels are given; shift_labels=y makes it our next-token target.
+        return self.model(input_ids=x, labels=y, shift_labels=y, num_items_in_batch=num_items).loss, {}
+
+
+def report(name: str, rows: list[dict], warmup: int) -> dict:
+    """One RESULT line from the train rows the Trainer logged (one per step: log_every=1)."""
     steady = rows[warmup:] or rows
     result = {
         "run": name,
@@ -96,86 +120,139 @@ def summarize(name: str, out_dir: str, warmup: int) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def train(trainer_cls, cfg, name: str, warmup: int, keep_final: bool = False) -> dict:
+    """Run one stage and report it: an interim RESULT a few steps after warm-up, the final one at the end.
+    Without keep_final nothing is written to disk at the end (only the metrics are read, and a base model's
+    checkpoint with its optimizer state takes seconds to write)."""
+    trainer = trainer_cls(cfg)
+    rows, log_values = [], trainer.log_values
+    interim_at = warmup + min(5, (cfg.max_steps - warmup) // 2)
+
+    def log_and_report(values: dict, prefix: str = "train"):
+        log_values(values, prefix)
+        if prefix == "train":
+            rows.append(values)
+            if len(rows) == interim_at < cfg.max_steps:
+                report(f"{name} (interim, {len(rows)} steps)", rows, warmup)
+
+    trainer.log_values = log_and_report
+    if not keep_final:
+        trainer.save_checkpoint = trainer.export_final = lambda: None
+    trainer.prepare()
+    trainer.fit()
+    return report(name, rows, warmup)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--preset", nargs="+", default=["small"], help="one run per preset (and model and dtype)")
+    parser.add_argument("--model", nargs="+", default=["slm"], choices=["slm", "llama"], help="ours, Llama's")
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (compile, allocator)")
     parser.add_argument("--dtype", nargs="+", default=["auto"], help="one run per dtype: auto bf16 fp16 fp32")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile_backend",
+        default="inductor",
+        help="aot_eager: dynamo and AOTAutograd without code generation (checks compile=true in seconds on a CPU)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no_sft", action="store_true", help="pretraining only")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, a few steps (checks the script)")
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.preset, args.seq_len, args.batch, args.steps, args.warmup = "tiny", 64, 2, 4, 1
+        args.preset, args.seq_len, args.batch, args.steps, args.warmup = ["tiny"], 64, 2, 4, 1
+    return args
 
+
+def make_data(args, work: str) -> tuple[str, str]:
+    """-> (tokenizer dir, shards dir), enough tokens for every pretraining run of args."""
     from transformers import AutoTokenizer
 
+    tok_dir = make_tokenizer(work)
+    shards = make_shards(
+        AutoTokenizer.from_pretrained(tok_dir), work, tokens=(args.steps + 2) * args.batch * (args.seq_len + 1)
+    )
+    return tok_dir, shards
+
+
+def settings(args) -> dict:
+    """The Trainer settings every run shares: one step per log line, no evaluation, no checkpoint on the way."""
+    return dict(
+        batch_size=args.batch,
+        global_batch_size=args.batch,
+        seq_len=args.seq_len,
+        max_steps=args.steps,
+        lr=3e-4,
+        warmup_steps=2,
+        log_every=1,
+        eval_every=0,
+        eval_batches=0,
+        save_every=0,
+        device=args.device,
+        compile=args.compile,
+        seed=0,
+    )
+
+
+def throughput(args, tok_dir: str, shards: str, work: str, common: dict) -> list[dict]:
+    """Pretraining for each preset x dtype x model, then packed SFT from our model's final weights."""
     results = []
-    vocab = SLMConfig.from_preset(args.preset).vocab_size
-    with tempfile.TemporaryDirectory() as work:
-        tok_dir = make_tokenizer(work)
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        shards = make_shards(tok, work, tokens=(args.steps + 2) * args.batch * (args.seq_len + 1))
-        common = dict(
-            batch_size=args.batch,
-            global_batch_size=args.batch,
-            seq_len=args.seq_len,
-            lr=3e-4,
-            warmup_steps=2,
-            log_every=1,
-            eval_every=0,
-            save_every=0,
-            device=args.device,
-            compile=args.compile,
-            seed=0,
-        )
-        for dtype in args.dtype:
-            out = os.path.join(work, f"pretrain_{dtype}")
+    for preset, dtype in itertools.product(args.preset, args.dtype):
+        vocab = SLMConfig.from_preset(preset).vocab_size
+        tok_per_s = {}
+        for model in args.model:
+            out = os.path.join(work, f"pretrain_{preset}_{dtype}_{model}")
             cfg = PretrainConfig(
-                model_config=args.preset,
+                model_config=preset,
                 tokenizer_dir=tok_dir,
                 data_dir=shards,
                 out_dir=out,
-                max_steps=args.steps,
                 dtype=dtype,
                 vocab_size=vocab,
                 sample_tokens=0,
                 **common,
             )
-            run_trainer(PretrainTrainer, cfg)
-            results.append(
-                summarize(
-                    f"pretrain {args.preset} {dtype} B={args.batch} T={args.seq_len}"
-                    f"{' compiled' if args.compile else ''}",
-                    out,
-                    args.warmup,
-                )
+            name = (
+                f"pretrain {preset}{' llama' if model == 'llama' else ''} {dtype} B={args.batch} "
+                f"T={args.seq_len}{' compiled' if args.compile else ''}"
             )
-            if args.no_sft:
+            sft_follows = model == "slm" and not args.no_sft
+            trainer_cls = LlamaPretrainTrainer if model == "llama" else PretrainTrainer
+            results.append(train(trainer_cls, cfg, name, args.warmup, keep_final=sft_follows))
+            tok_per_s[model] = results[-1]["tok_per_s"]
+            if not sft_follows:
                 continue
-            sft_out = os.path.join(work, f"sft_{dtype}")
             sft = SFTConfig(
                 init_from=os.path.join(out, "final"),
                 data_path=make_chats(work, 8 * args.batch * (args.steps + 1), args.seq_len),
-                out_dir=sft_out,
-                max_steps=args.steps,
+                out_dir=os.path.join(work, f"sft_{preset}_{dtype}"),
                 dtype=dtype,
                 pack=True,
                 val_samples=0,
                 **common,
             )
-            run_trainer(SFTTrainer, sft)
-            packed = summarize(
-                f"packed sft {args.preset} {dtype} B={args.batch} T={args.seq_len}", sft_out, args.warmup
-            )
-            packed["ratio_to_pretrain"] = packed["tok_per_s"] / results[-1]["tok_per_s"]
+            packed = train(SFTTrainer, sft, f"packed sft {preset} {dtype} B={args.batch} T={args.seq_len}", args.warmup)
+            packed["ratio_to_pretrain"] = packed["tok_per_s"] / tok_per_s["slm"]
             print(f"RESULT packed sft / pretrain tokens/s ({dtype}): {packed['ratio_to_pretrain']:.2f}", flush=True)
             results.append(packed)
+        if len(tok_per_s) == 2:
+            ratio = tok_per_s["slm"] / tok_per_s["llama"]
+            print(f"RESULT ours / llama tokens/s ({preset} {dtype}): {ratio:.2f}", flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compile_backend != "inductor":
+        # The Trainer calls torch.compile(model, dynamic=False); this picks the backend, in this process only.
+        torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
+    with tempfile.TemporaryDirectory() as work:
+        tok_dir, shards = make_data(args, work)
+        results = throughput(args, tok_dir, shards, work, settings(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -9,15 +9,22 @@
 #
 # The GPU image may carry an older transformers than requirements.txt asks for: put the wheels in .whl/ (transformers
 # and what it checks at import, e.g. regex, tokenizers, huggingface_hub) and carry it: they go to /tmp/site first.
-# Parts, most wanted first (seconds are each part's own time limit; 470 s in all):
-#   attention     device, capability, the dtype policy's answer, versions; issue 14.3: the SDPA kernel planned for training, packed SFT, prefill and decode shapes, run with
-#                 only that kernel allowed (a wrong plan raises instead of falling back to math silently)
+# Parts, most wanted first (seconds are each part's own time limit; 470 s in all, which leaves the wheels' install
+# and bash their seconds of the 8 minutes):
+#   attention     device, capability, the dtype policy's answer, versions; issue 14.3: the SDPA kernel planned for
+#                 training, packed SFT, prefill and decode shapes, run with only that kernel allowed (a wrong plan
+#                 raises instead of falling back to math silently)
 #   trainer_fp16  issue 14.2: 30 real PretrainTrainer steps in fp16 (overflow steps skipped and counted, no stop) and
 #                 packed SFT in the same run
 #   trainer_bf16  the same in bf16 (where the GPU has it; dtype=auto answers fp16 on a T4, see env)
-#   trainer_small issue 14 goals: small preset tokens/s + MFU through the real Trainer, compiled, best micro-batch
-#   vs_llama      small and base: ours vs transformers' LlamaForCausalLM of the same dims in the same run
+#   trainer_small issue 14 goals: small preset tokens/s + MFU through the real Trainer, compiled
+#   vs_llama      small and base through the same PretrainTrainer: ours vs transformers' LlamaForCausalLM of the same
+#                 dims, same config, batches and compile setting (eager: four cold compiles would not fit)
 #   trainer_base  base preset MFU through the real Trainer, compiled (goal >= 45% on H100)
+#   sync_audit    host syncs per step of pretraining (adamw, muon), packed SFT and DPO (set_sync_debug_mode)
+# Every run also prints an interim RESULT a few steps after its warm-up, so a part cut off by its limit still reports.
+# The smoke run compiles its trainer_small part with the aot_eager backend (dynamo and AOTAutograd, the capture that
+# breaks or recompiles; Inductor's CPU code generation would take minutes there) and skips the sync audit (no CUDA).
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/_work/gpu}
@@ -34,17 +41,19 @@ if [ "${SMOKE:-0}" = 1 ]; then
     attention="--smoke --preset tiny"
     trainer_fp16="--smoke --dtype fp16"
     trainer_bf16="--smoke --dtype bf16"
-    trainer_small="--smoke --no_sft"
-    vs_llama="--presets tiny --seq_len 32 --batch 2 --steps 2 --warmup 1 --rounds 1 --compile no"
+    trainer_small="--smoke --no_sft --compile --compile_backend aot_eager"
+    vs_llama="--smoke --no_sft --model slm llama"
     trainer_base="--smoke --no_sft"
+    sync_audit="--smoke"
     limit=240
 else
     attention="--preset small --batch 16 --seq_len 1024"
     trainer_fp16="--preset small --seq_len 512 --batch 32 --steps 30 --dtype fp16"
     trainer_bf16="--preset small --seq_len 512 --batch 32 --steps 30 --dtype bf16"
     trainer_small="--preset small --seq_len 1024 --batch 64 --steps 40 --warmup 10 --compile --no_sft"
-    vs_llama="--presets small base --seq_len 1024 --batch 32 --steps 15 --warmup 5 --rounds 1 --compile no"
+    vs_llama="--preset small base --model slm llama --seq_len 1024 --batch 32 --steps 15 --warmup 5 --no_sft"
     trainer_base="--preset base --seq_len 1024 --batch 32 --steps 30 --warmup 10 --compile --no_sft"
+    sync_audit="--preset small --seq_len 512 --batch 8 --steps 8 --warmup 3"
     limit=0
 fi
 
@@ -70,9 +79,10 @@ part() {  # part NAME SECONDS COMMAND...: time-limited, log in $out/NAME.log, RE
 }
 
 part attention 40 python3 bench/gpu_attention.py $attention
-part trainer_fp16 80 python3 bench/bench_trainer.py $trainer_fp16
-part trainer_bf16 70 python3 bench/bench_trainer.py $trainer_bf16
-part trainer_small 90 python3 bench/bench_trainer.py $trainer_small
-part vs_llama 70 python3 bench/bench_train.py $vs_llama
-part trainer_base 90 python3 bench/bench_trainer.py $trainer_base
+part trainer_fp16 75 python3 bench/bench_trainer.py $trainer_fp16
+part trainer_bf16 65 python3 bench/bench_trainer.py $trainer_bf16
+part trainer_small 85 python3 bench/bench_trainer.py $trainer_small
+part vs_llama 80 python3 bench/bench_trainer.py $vs_llama
+part trainer_base 85 python3 bench/bench_trainer.py $trainer_base
+part sync_audit 40 python3 bench/sync_audit.py $sync_audit
 echo "done: $summary"

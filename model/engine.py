@@ -548,12 +548,15 @@ class Engine:
         positions = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (B, total_len)
         dtype = next(self.model.parameters()).dtype
         cache = StaticKVCache(self.num_layers, B, self.num_kv_heads, total_len, self.head_dim, dtype, dev)
-        # (B, 1, P, P) bool mask: causal and not padding; each slot sees itself so no row is all-False (NaN).
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        mask = (causal[None] & keep[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        unpadded = all(len(p) == P for p in prompts)
+        mask = None  # nothing padded: the causal kernel needs no mask tensor (and SDPA takes its fastest kernel)
+        if not unpadded:
+            # (B, 1, P, P) bool mask: causal and not padding; each slot sees itself so no row is all-False (NaN).
+            causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+            mask = ((causal[None] & keep[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None])[:, None]
         logits = self.model(
             input_ids=ids,
-            attention_mask=mask[:, None],
+            attention_mask=mask,
             position_ids=positions[:, :P],
             cache=cache,
             use_cache=True,
@@ -572,7 +575,7 @@ class Engine:
             "positions": positions,
             "logits": logits,
             "seen": seen,
-            "unpadded": all(len(p) == P for p in prompts),
+            "unpadded": unpadded,
             "generator": generator,
         }
 

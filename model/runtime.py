@@ -11,6 +11,7 @@ CUDA cores at a fraction of the fp16 tensor-core speed, and Inductor and SDPA's 
 below sm80. Every choice is a pure function of (device type, capability) so tests can fake any GPU on a CPU.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -88,6 +89,20 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
+
+
+def frozen_autocast(device: torch.device, policy_device: torch.device, dtype: torch.dtype):
+    """Autocast for a frozen model (an offloaded reference) on `device` while the policy runs under
+    autocast_context(policy_device, dtype): that autocast covers only its own device type, so a reference on
+    another one (ref_device=cpu while training on cuda) gets the same dtype's autocast on its own device. On the
+    same device type it needs nothing. The one exception: fp16 on a CPU runs fp32, because CPU fp16 matmuls have
+    no fast kernels on most CPUs (many times slower than fp32); such a reference differs from the policy by
+    fp16 rounding only."""
+    if device.type == policy_device.type:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    return autocast_context(device, dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -6,8 +6,10 @@ save_to_disk folders, metrics readers, main.py in a subprocess, a short fine-tun
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,11 +220,31 @@ def main_py_command(out_dir, args: list[str], processes: int = 1) -> tuple[list[
     return [*launcher, "main.py", *args, f"out_dir={out_dir}"], {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_main_py(out_dir, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def run_main_py(
+    out_dir, args: list[str], processes: int = 1, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """main_py_command run to its end; check=True asserts it succeeded."""
     command, env = main_py_command(out_dir, args, processes)
     # A rank that skipped a forward the others ran would hang its collective: the timeout turns that into a failure.
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    # In a session of its own, so a timeout kills torchrun's workers too, not only torchrun.
+    with subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(
+                f"main.py did not finish in {timeout:.0f} s: {' '.join(command)}\n{stderr[-3000:]}"
+            ) from None
+    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -255,3 +277,86 @@ def fine_tune(init_from: str, data_path: str, out_dir: str, seq_len: int, batch:
     )
     run_trainer(SFTTrainer, cfg)
     return os.path.join(cfg.out_dir, "final")
+
+
+# -----------------------------------------------------------------------------
+# Several ranks in this test: spawned processes joined over a file, not a port
+
+
+def spawn_ranks(worker, args: tuple, tmp_path, processes: int = 2, timeout: float = 300) -> list:
+    """Run worker(rank, *args) in `processes` spawned processes of one gloo group and return what each returned.
+
+    The group meets in a file under tmp_path (no port to pick, so none to collide with). A rank is done when its
+    result file is written: it then leaves with os._exit, skipping destroy_process_group and the interpreter's
+    exit, where gloo's threads can hang a finished process. The children are killed once all results are there.
+    A rank that fails or hangs fails the test with every rank's exit code and its error or, after 0.8 x timeout,
+    the stacks of all its threads (faulthandler)."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ranks_dir = Path(tmp_path) / "ranks"
+    ranks_dir.mkdir(parents=True, exist_ok=False)
+    ctx = mp.get_context("spawn")
+    stacks_at = time.time() + 0.8 * timeout  # when a rank still running dumps its stacks
+    children = [
+        ctx.Process(target=_rank_main, args=(rank, processes, str(ranks_dir), stacks_at, worker, args))
+        for rank in range(processes)
+    ]
+    for child in children:
+        child.start()
+    results = [ranks_dir / f"rank{rank}.pt" for rank in range(processes)]
+    deadline = time.monotonic() + timeout
+    try:
+        while not all(path.exists() for path in results):
+            failed = any(child.exitcode not in (None, 0) for child in children)
+            if failed or time.monotonic() > deadline:
+                reports = []
+                for rank, child in enumerate(children):
+                    report = [f"rank {rank}: exit code {child.exitcode}"]
+                    for kind in ("error", "stack"):
+                        path = ranks_dir / f"rank{rank}.{kind}"
+                        if path.exists() and path.stat().st_size:
+                            report.append(path.read_text()[-3000:])
+                    reports.append("\n".join(report))
+                what = "a rank failed" if failed else f"the ranks did not finish in {timeout:.0f} s"
+                pytest.fail(f"{what}\n" + "\n\n".join(reports))
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            child.kill()
+            child.join()
+    return [torch.load(path) for path in results]
+
+
+def _rank_main(rank: int, processes: int, ranks_dir: str, stacks_at: float, worker, args: tuple) -> None:
+    """One spawned rank of spawn_ranks. The result is written to a temporary name and renamed, so the parent
+    never reads half a file."""
+    import faulthandler
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    stack = open(os.path.join(ranks_dir, f"rank{rank}.stack"), "w")
+    faulthandler.dump_traceback_later(max(1.0, stacks_at - time.time()), file=stack)
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.path.join(ranks_dir, 'group')}",
+            rank=rank,
+            world_size=processes,
+            timeout=timedelta(seconds=max(1.0, stacks_at - time.time())),
+        )
+        result = worker(rank, *args)
+        path = os.path.join(ranks_dir, f"rank{rank}.pt")
+        torch.save(result, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        code = 0
+    except BaseException:
+        with open(os.path.join(ranks_dir, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -117,6 +117,21 @@ def test_flex_is_available_only_on_cuda_with_triton(monkeypatch):
     assert not attention.flex_attention_available(torch.device("cuda:0"))
 
 
+def test_the_trainer_reads_the_plans_device_facts_before_compiling(tiny_tokenizer_dir, shards, tmp_path, monkeypatch):
+    """Trainer.prepare reads its device's capability and FlexAttention's availability before torch.compile, so the
+    traced forward finds them cached (on a GPU the first read calls torch.cuda.get_device_properties)."""
+    import trainer.core as core
+    from tests.helpers import make_pretrain_cfg
+    from trainer.pretrain import PretrainTrainer
+
+    events = []
+    monkeypatch.setattr(core, "device_capability", lambda device: events.append(("capability", device.type)))
+    monkeypatch.setattr(core, "flex_attention_available", lambda device: events.append(("flex", device.type)))
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: events.append("compile") or model)
+    PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path, compile=True, device="cpu")).prepare()
+    assert events == [("capability", "cpu"), ("flex", "cpu"), "compile"]
+
+
 def test_a_padding_mask_on_a_device_is_never_read():
     # A meta tensor has no values: reading it (the old bool(mask.all()) host sync) would raise.
     assert model_slm.may_be_padded(torch.ones(2, 8, dtype=torch.long, device="meta"))

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from transformers import AutoTokenizer
 
 from dataset.chat_data import length_bucket
-from tests.helpers import tiny_checkpoint, write_chat_file, write_shards
+from tests.helpers import spawn_ranks, tiny_checkpoint, write_chat_file, write_shards
 from tests.helpers_preference import toy_pairs, write_pairs
 
 pytestmark = pytest.mark.slow
@@ -175,15 +175,13 @@ def test_reward_one_graph_per_bucket(checkpoint, tmp_path, aot_eager):
     assert all(T == length_bucket(T, cfg.seq_len) for T in lengths)
 
 
-def _compiled_ddp_worker(rank: int, port: int, tokenizer_dir: str, shards: str, out_dir: str):
-    """One rank of a 2-process gloo run of the real PretrainTrainer with compile=true."""
+def _compiled_ddp_worker(rank: int, tokenizer_dir: str, shards: str, out_dir: str) -> dict:
+    """One rank of a 2-process gloo run (spawn_ranks' group) of the real PretrainTrainer with compile=true."""
     import logging
     import os
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
-    )
-    torch.set_num_threads(1)
+    # The Trainer joins torchrun's group from these; spawn_ranks has already joined it.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(torch.distributed.get_world_size()))
     torch.compile = functools.partial(torch.compile, backend="aot_eager")  # this spawned process only
     records = []
     handler = logging.Handler(logging.INFO)
@@ -202,42 +200,17 @@ def _compiled_ddp_worker(rank: int, port: int, tokenizer_dir: str, shards: str, 
     wrapping = [type(trainer.model).__name__, type(trainer.model.module).__name__]
     losses = [float(trainer.train_step()[0]["loss"]) for _ in range(2)]
     weights = trainer.raw_model.model.layers[0].mlp.up_proj.weight.detach()
-    torch.save(
-        {"wrapping": wrapping, "losses": losses, "weights": weights, "log": records},
-        os.path.join(out_dir, f"rank{rank}.pt"),
-    )
-    torch.distributed.destroy_process_group()
+    return {"wrapping": wrapping, "losses": losses, "weights": weights, "log": records}
 
 
 def test_ddp_wraps_the_compiled_module_and_dynamo_splits_at_its_buckets(tiny_tokenizer_dir, tmp_path):
     """DDP outside, the compiled module inside (the torch docs' order): dynamo sees the active DDP module and its
     DDPOptimizer splits the graph at DDP's gradient buckets, which is what lets all-reduce overlap backward."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
     from tests.helpers import pretrain_corpus as corpus
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     shards = write_shards(tok, corpus(200), str(tmp_path / "shards"), n_shards=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(
-        _compiled_ddp_worker,
-        args=(port, tiny_tokenizer_dir, shards, str(tmp_path / "o")),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.time() + 400
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("the 2-process compiled run did not finish")
-    ranks = [torch.load(tmp_path / "o" / f"rank{r}.pt") for r in (0, 1)]
+    ranks = spawn_ranks(_compiled_ddp_worker, (tiny_tokenizer_dir, shards, str(tmp_path / "o")), tmp_path, timeout=400)
     for result in ranks:
         assert result["wrapping"] == ["DistributedDataParallel", "OptimizedModule"]
         assert any("DDPOptimizer used bucket cap" in line for line in result["log"]), result["log"]

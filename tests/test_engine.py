@@ -122,6 +122,28 @@ def test_cache_decode_equals_full_reforward(model, prompts):
             logits = model(torch.tensor([seq[-1:]]), cache=cache, use_cache=True).logits[:, -1]
 
 
+def test_unpadded_prefill_passes_no_mask_and_gives_the_masked_logits(engine, model, prompts, monkeypatch):
+    """Prompts of one length prefill without a mask tensor (the mask-free causal kernel): the logits the explicit
+    (B, 1, P, P) causal mask gives, up to the kernels' rounding. A padded batch still passes its mask."""
+    same = [prompts[0], prompts[0][::-1]]
+    P = len(same[0])
+    masks, forward = [], model.forward
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    with torch.no_grad():
+        logits = engine._prefill(same, P + 4, SamplingParams(max_new_tokens=4))["logits"]
+        causal = torch.ones(P, P, dtype=torch.bool).tril().expand(2, 1, P, P)
+        masked = model(input_ids=torch.tensor(same), attention_mask=causal).logits[:, -1]
+        engine._prefill(prompts, max(map(len, prompts)) + 4, SamplingParams(max_new_tokens=4))
+    assert masks[0] is None
+    torch.testing.assert_close(logits, masked, atol=1e-5, rtol=1e-5)  # another SDPA kernel: equal up to rounding
+    assert masks[2] is not None and masks[2].shape[-1] == max(map(len, prompts))
+
+
 def test_repetition_penalty_matches_transformers(engine, model, prompts):
     p = prompts[0]
     ours = engine.generate([p], max_new_tokens=16, stop_token_ids=[], repetition_penalty=1.5)

@@ -1,19 +1,13 @@
 """The SLM model family: shapes, causality, KV cache, generation, save/load, Auto classes, MoE, config checks."""
 
 import logging
-import os
-import socket
-import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 from model import SLMConfig, SLMForCausalLM, SLMForSequenceClassification
-from tests.helpers import tiny_config, tiny_model
+from tests.helpers import spawn_ranks, tiny_config, tiny_model
 
 # The tiny preset made smaller still; initializer_range 0.2 gives random weights with peaked, varied logits, so
 # greedy paths differ per prompt.
@@ -206,10 +200,10 @@ def test_reward_scores_at_last_index_without_mask_equal_masked_scores():
     assert not torch.allclose(masked[1:], at_end[1:], atol=1e-3)
 
 
-def _moe_ddp_worker(rank: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+def _moe_ddp_worker(rank: int) -> dict:
+    """One rank of spawn_ranks' 2-process gloo group: two DDP steps of a MoE model whose expert 0 gets no token
+    of rank 1's batch."""
+    torch.manual_seed(0)
     model = tiny_model(**{**SMALLER, **MOE}).train()
     seen = torch.zeros((), dtype=torch.long)  # rows expert 0 received in layer 0 on this rank
 
@@ -227,27 +221,14 @@ def _moe_ddp_worker(rank: int, port: int, out_dir: str):
         ddp(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    torch.save(
-        {"seen": seen, "expert0": model.model.layers[0].mlp.experts[0].up_proj.weight.detach()},
-        os.path.join(out_dir, f"rank{rank}.pt"),
-    )
-    dist.destroy_process_group()
+    return {"seen": seen, "expert0": model.model.layers[0].mlp.experts[0].up_proj.weight.detach()}
 
 
-@pytest.mark.xfail(strict=False, reason="hung once in two full CI runs (passes alone); under investigation")
 @pytest.mark.slow
 def test_moe_under_ddp_when_an_expert_gets_no_token(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_moe_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):  # raises if a rank failed; a stuck all-reduce ends at the deadline
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("DDP hung: a rank never reduced the gradients of an expert that got no token")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # A stuck all-reduce (a rank that never reduced the gradients of an expert that got no token) fails at the
+    # timeout, with both ranks' stacks.
+    r0, r1 = spawn_ranks(_moe_ddp_worker, (), tmp_path, timeout=240)
     assert int(r1["seen"].sum()) == 0 and int(r0["seen"].sum()) > 0  # the crafted imbalance happened
     assert torch.equal(r0["expert0"], r1["expert0"])  # its gradient was all-reduced: the ranks stay in sync
 

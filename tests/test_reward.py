@@ -119,3 +119,29 @@ def test_reward_on_the_shared_preference_files(sft_dir, tmp_path):
     assert rc == 0 and (out / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(str(out))] == [1, 2, 3]
     assert 0 <= read_metrics(str(out), split="eval")[-1]["accuracy"] <= 1
+
+
+def test_batch_size_auto_probes_pairs_scored_at_the_last_token(sft_dir, tmp_path, monkeypatch):
+    """The CUDA probe, on CPU, with a forward that runs "out of memory" above 16 rows: a reward micro-batch of B
+    pairs is 2B rows, each scored at its last token (no language-model labels, which a score cannot take)."""
+    from model import SLMForSequenceClassification
+    from trainer.reward import RewardTrainer
+
+    forward = SLMForSequenceClassification.forward
+    calls = []
+
+    def limited(self, input_ids=None, **kwargs):
+        calls.append((input_ids.shape[0], kwargs.get("labels") is None, kwargs.get("last_index") is not None))
+        if input_ids.shape[0] > 16:
+            raise torch.OutOfMemoryError("fake: over 16 rows")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(SLMForSequenceClassification, "forward", limited)
+    monkeypatch.setattr(RewardTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
+    data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(64), "strings")
+    trainer = RewardTrainer(reward_config(sft_dir, tmp_path / "auto", data, batch_size="auto", global_batch_size=32))
+    trainer.prepare()
+    # 8 pairs = 16 rows fit, 16 pairs do not: 8 fit, halved for headroom -> 4 pairs, accumulated 8x to 32.
+    assert (trainer.micro_batch, trainer.accum_steps) == (4, 8)
+    assert calls[:5] == [(rows, True, True) for rows in (2, 4, 8, 16, 32)]
+    assert all(p.grad is None for p in trainer.raw_model.parameters())

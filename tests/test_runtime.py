@@ -174,3 +174,62 @@ def test_dpo_reference_has_the_policys_numerics_in_bf16_autocast(tmp_path, tiny_
         bf16_ref = sequence_logprobs(trainer.ref.to(torch.bfloat16), batch["input_ids"], batch["loss_mask"])
     assert torch.equal(pi, ref)
     assert not torch.equal(pi, bf16_ref)  # what the old bf16-weight reference gave
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_rl_reference_has_the_policys_numerics_in_bf16_autocast(stage, tmp_path, tiny_tokenizer_dir):
+    """PPO's and GRPO's frozen reference, like DPO's: the first rollout's KL to it is exactly 0 in bf16 autocast
+    (a bf16-weight reference is not)."""
+    import copy
+    import importlib
+    import json
+
+    from tests.helpers import tiny_checkpoint
+    from tests.helpers_preference import PROMPTS
+    from trainer.logprobs import token_logprobs
+
+    path = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "final"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4]), encoding="utf-8")
+    module = importlib.import_module(f"trainer.{stage}")
+    cfg = module.Config(
+        init_from=path,
+        out_dir=str(tmp_path / stage),
+        data_path=str(prompts),
+        seq_len=64,
+        batch_size=8,
+        global_batch_size=8,
+        num_generations=2,
+        rollout_minibatches=1,
+        max_new_tokens=8,
+        reward_rules="token_ids:100-163",
+        device="cpu",
+        dtype="bf16",
+        max_steps=1,
+    )
+    trainer = getattr(module, f"{stage.upper()}Trainer")(cfg)
+    trainer.prepare()
+    (batch,) = trainer.train_data.next_step()
+    buf = trainer.make_rollout(batch)
+    assert torch.equal(buf["old_logps"], buf["ref_logps"]) and float(trainer.rollout_stats["kl_ref"]) == 0.0
+    with torch.no_grad(), trainer.autocast:
+        bf16_ref = token_logprobs(copy.deepcopy(trainer.ref).to(torch.bfloat16), buf["input_ids"])
+    assert not torch.equal(buf["old_logps"], bf16_ref)  # what a bf16-weight reference would give
+
+
+def test_an_offloaded_reference_gets_the_policys_autocast_on_its_own_device():
+    """The policy's autocast covers its own device type only: a reference kept on the CPU while the policy trains
+    on CUDA runs under a CPU autocast of the same dtype (fp32 for fp16, which has no fast CPU kernels); on the
+    policy's device type the policy's autocast already applies and is left alone."""
+    from model.runtime import autocast_context, frozen_autocast
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    x = torch.ones(2, 2)
+    with frozen_autocast(cpu, cuda, torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+    with frozen_autocast(cpu, cuda, torch.float16):
+        assert (x @ x).dtype == torch.float32
+    with autocast_context(cpu, torch.bfloat16), frozen_autocast(cpu, cpu, torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_context(cpu, torch.float16), frozen_autocast(cpu, cpu, torch.float16):
+        assert (x @ x).dtype == torch.float16  # the policy's own choice on its device, not overridden

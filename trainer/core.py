@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from dataset.batches import PrefetchBatches, StepBatches
 from model import SLMConfig, SLMForCausalLM
+from model.attention import device_capability, flex_attention_available
 from model.hub import set_generation_defaults
 from model.runtime import autocast_context, dtype_name, load_pretrained, resolve_device, resolve_dtype
 from trainer import checkpoint, parallel
@@ -216,6 +217,10 @@ class Trainer:
         named = [(names.get(id(p), f"extra.{i}"), p) for i, p in enumerate(self.trainable_parameters())]
         self.optimizer = build_optimizer(named, cfg, self.device)
         self.model = self.raw_model
+        # The attention plan reads the GPU's capability and whether FlexAttention can run once per process; read
+        # here, before compiling, the traced forward finds both cached instead of calling into torch.cuda.
+        device_capability(self.device)
+        flex_attention_available(self.device)
         if cfg.compile:
             # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
             # compiled module is what DDP wraps, as the torch docs recommend (compile the inner module): its forward

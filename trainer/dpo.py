@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.preference_data import PairDataset
+from model.runtime import frozen_autocast
 from trainer.config import Bound, TrainConfig, above, at_least, between
 from trainer.core import run_trainer
 from trainer.logprobs import load_reference, sequence_logprobs
@@ -109,6 +110,8 @@ class DPOTrainer(PairTrainer):
 
     def setup(self):
         self.ref = load_reference(self.cfg, self.device)
+        # An offloaded reference (ref_device=cpu while training on cuda) gets the policy's autocast on its device.
+        self.ref_autocast = frozen_autocast(next(self.ref.parameters()).device, self.device, self.dtype)
 
     def read_pairs(self):
         train, val, collate = super().read_pairs()
@@ -124,7 +127,7 @@ class DPOTrainer(PairTrainer):
         out = torch.zeros(len(data), 2)
         for s in range(0, len(data), self.micro_batch):
             batch = self.to_device(collate([data[i] for i in range(s, min(s + self.micro_batch, len(data)))]))
-            with self.autocast:
+            with self.autocast, self.ref_autocast:
                 logps = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"]).float().cpu()
             out[batch["index"].cpu()] = torch.stack(logps.chunk(2), dim=1)
         return out
@@ -139,7 +142,7 @@ class DPOTrainer(PairTrainer):
         with self.autocast:
             pi = sequence_logprobs(self.raw_model, ids, mask)
             if not self.cfg.precompute_ref:
-                with torch.no_grad():
+                with torch.no_grad(), self.ref_autocast:
                     sequence_logprobs(self.ref, ids, mask)
         pi.sum().backward()
 
@@ -149,7 +152,7 @@ class DPOTrainer(PairTrainer):
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self.ref_autocast:
                 ref = sequence_logprobs(self.ref, batch["input_ids"], batch["loss_mask"])
         pi_c, pi_r = pi.chunk(2)
         ref_c, ref_r = ref.chunk(2)

@@ -21,7 +21,8 @@ Memory on a small GPU (four models: actor, critic, reference, reward):
                       features (vf_coef keeps that small).
     critic=separate   a full critic from critic_from (default: reward_from, else init_from). A smaller model works
                       too (any checkpoint with the same tokenizer), which is the "smaller critic" option.
-    ref_device=cpu    keep the frozen reference in CPU memory; its log-probs are computed there once per rollout.
+    ref_device=cpu    keep the frozen reference in CPU memory; its log-probs are computed there once per rollout,
+                      under the training dtype's CPU autocast (fp32 when training in fp16: CPU fp16 is slow).
     frozen models (reference, reward) keep fp32 weights, like the policy's master copy, and run under its autocast
     (model/runtime.py load_pretrained), so log pi - log ref is exactly 0 at the start; they have no gradients and
     no optimizer state.

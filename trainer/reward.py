@@ -68,6 +68,17 @@ class RewardTrainer(PairTrainer):
     def build_model(self):
         return load_pretrained(self.cfg.init_from, "score")  # init_from's decoder, a new one-score head
 
+    def probe_step(self, *, micro_batch: int) -> None:
+        """batch_size=auto counts pairs: 2 rows each, scored at their last token as in compute_loss (the default
+        probe's labels=ids is a language model's target, not a score's)."""
+        ids = torch.randint(
+            0, self.raw_model.config.vocab_size, (2 * micro_batch, self.cfg.seq_len), device=self.device
+        )
+        last_index = torch.full((ids.shape[0],), ids.shape[1] - 1, device=self.device)
+        with self.autocast:
+            scores = self.raw_model(input_ids=ids, last_index=last_index).logits[:, 0]
+        scores.float().sum().backward()
+
     def compute_loss(self, *, batch, num_items):
         # No attention mask: rows are right-padded and attention is causal, so the score at each row's last real
         # token (last_index) is the one a padding mask would give, and the mask-free (flash) kernel runs.

@@ -14,7 +14,7 @@ from dataset.batches import IndexBatches
 from dataset.chat_data import parse_columns
 from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
-from model.runtime import load_pretrained
+from model.runtime import frozen_autocast, load_pretrained
 from trainer.common import host_to_device, print0
 from trainer.config import Bound, TrainConfig, above, at_least, between
 from trainer.core import Trainer
@@ -88,6 +88,8 @@ class RolloutTrainer(Trainer):
         cfg = self.cfg
         self.engine = Engine(self.raw_model, self.tokenizer, self.device)  # the live policy weights
         self.ref = load_reference(cfg, self.device)
+        # An offloaded reference (ref_device=cpu while training on cuda) gets the policy's autocast on its device.
+        self.ref_autocast = frozen_autocast(next(self.ref.parameters()).device, self.device, self.dtype)
         # The reward model is frozen the same way: fp32 weights under the policy's autocast.
         self.reward_model = (
             load_pretrained(cfg.reward_from, "score", device=self.device, frozen=True) if cfg.reward_from else None
@@ -179,7 +181,8 @@ class RolloutTrainer(Trainer):
                     .float()
                 )
             buf["old_logps"] = token_logprobs(self.model, buf["input_ids"])
-            buf["ref_logps"] = token_logprobs(self.ref, buf["input_ids"])
+            with self.ref_autocast:
+                buf["ref_logps"] = token_logprobs(self.ref, buf["input_ids"])
         buf["rewards"] = rewards
         self.score_rollout(buf)
         lengths = buf["mask"].sum(-1)
