@@ -210,8 +210,8 @@ def test_rl_reference_has_the_policys_numerics_in_bf16_autocast(stage, tmp_path,
     trainer = getattr(module, f"{stage.upper()}Trainer")(cfg)
     trainer.prepare()
     (batch,) = trainer.train_data.next_step()
-    buf = trainer.make_rollout(batch)
-    assert torch.equal(buf["old_logps"], buf["ref_logps"]) and float(trainer.rollout_stats["kl_ref"]) == 0.0
+    buf, stats = trainer.make_rollout(batch)
+    assert torch.equal(buf["old_logps"], buf["ref_logps"]) and float(stats["kl_ref"]) == 0.0
     with torch.no_grad(), trainer.autocast:
         bf16_ref = token_logprobs(copy.deepcopy(trainer.ref).to(torch.bfloat16), buf["input_ids"])
     assert not torch.equal(buf["old_logps"], bf16_ref)  # what a bf16-weight reference would give
