@@ -125,20 +125,20 @@ def train(trainer_cls, cfg, name: str, warmup: int, keep_final: bool = False) ->
     Without keep_final nothing is written to disk at the end (only the metrics are read, and a base model's
     checkpoint with its optimizer state takes seconds to write)."""
     trainer = trainer_cls(cfg)
-    rows, log_values = [], trainer.log_values
+    if not keep_final:
+        trainer.save_checkpoint = trainer.export_final = lambda **_: None
+    trainer.prepare()
+    rows, write = [], trainer.metrics_log.write  # every logged step's record passes through here
     interim_at = warmup + min(5, (cfg.max_steps - warmup) // 2)
 
-    def log_and_report(values: dict, prefix: str = "train"):
-        log_values(values, prefix)
-        if prefix == "train":
+    def write_and_report(values: dict, *, step: int, split: str = "train"):
+        write(values, step=step, split=split)
+        if split == "train":
             rows.append(values)
             if len(rows) == interim_at < cfg.max_steps:
                 report(f"{name} (interim, {len(rows)} steps)", rows, warmup)
 
-    trainer.log_values = log_and_report
-    if not keep_final:
-        trainer.save_checkpoint = trainer.export_final = lambda: None
-    trainer.prepare()
+    trainer.metrics_log.write = write_and_report
     trainer.fit()
     return report(name, rows, warmup)
 

@@ -77,7 +77,7 @@ def audit_syncs(trainer_cls, cfg, name: str, warmup: int) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
 
     trainer.train_step = audited_step
-    trainer.save_checkpoint = trainer.export_final = lambda: None  # only the counts are read
+    trainer.save_checkpoint = trainer.export_final = lambda **_: None  # only the counts are read
     trainer.prepare()
     trainer.fit()
     where = ", ".join(f"{place} x{n}" for place, n in places.most_common(6)) or "nowhere"
