@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
 from model.engine import CHAT_SAMPLING, Engine, SamplingParams
+from model.runtime import resolve_device, set_cpu_threads
 
 HELP = "命令 commands: /reset 清空对话, /system 文本 设置系统提示, /exit 退出 (Ctrl-C 停止回答 stops an answer)"
 USER_PROMPT, BOT_PROMPT = "\n你 you> ", "模型 bot> "
@@ -168,6 +169,16 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
 
 
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (OMP_NUM_THREADS if set)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """The one CPU thread policy (model/runtime.py set_cpu_threads), when the model runs on the CPU."""
+    if resolve_device(args.device).type == "cpu":
+        set_cpu_threads(args.threads)
+
+
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return CHAT_SAMPLING.replace(
         **{
@@ -193,8 +204,10 @@ def main():
         help="weight-only quantization of the linear layers (CPU inference)",
     )
     parser.add_argument("--system", default="", help="system prompt")
+    add_threads_arg(parser)
     add_sampling_args(parser)
     args = parser.parse_args()
+    apply_threads(args)
 
     model = resolve_model(args.model)
     engine = Engine.from_pretrained(model, adapter=args.adapter, device=args.device, quantize=args.quantize)

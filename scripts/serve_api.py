@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from dataset.chat_data import BadRecord, tool_calls_of, tools_of
 from dataset.tool_calls import parse_tool_calls
 from model.engine import CHAT_SAMPLING, Engine, SamplingParams
-from scripts.chat_terminal import add_sampling_args, resolve_model, sampling_from_args
+from scripts.chat_terminal import add_sampling_args, add_threads_arg, apply_threads, resolve_model, sampling_from_args
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_chat.html")
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for the system message
@@ -850,6 +850,7 @@ def main():
         choices=["none", "int8", "int4"],
         help="weight-only quantization of the linear layers (CPU inference)",
     )
+    add_threads_arg(parser)
     add_sampling_args(parser)  # the defaults of a request that omits them, the same as the terminal chat's
     for f in dataclasses.fields(ServerLimits):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
@@ -858,6 +859,7 @@ def main():
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it")
     model = resolve_model(args.model)
+    apply_threads(args)
     engine = Engine.from_pretrained(model, adapter=args.adapter, device=args.device, quantize=args.quantize)
     # The model's id (/v1/models, the web page): "sft/final" rather than the "final" every stage ends in.
     name = "/".join(os.path.normpath(os.path.abspath(model)).split(os.sep)[-2:])
