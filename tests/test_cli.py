@@ -395,3 +395,21 @@ def test_every_field_is_checked_or_listed_as_unchecked(stage):
             f"{cls.__module__}.Config.{name} takes one of a fixed vocabulary: add a `choices` entry, "
             f"or list it in `unchecked` with the reason"
         )
+
+
+def test_help_does_not_import_torch():
+    """Issue 27.6: `--help` took ~6 s because main.py imported torch first; it answers before any stage import
+    (bench/bench_startup.py measures the time; tests never assert it)."""
+    code = (
+        "import sys, main\ntry:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False"), out.stdout[-300:]
+
+
+@pytest.mark.slow  # runs main.py in a fresh interpreter
+@pytest.mark.parametrize("override", ["data_path=/nonexistent/corpus.jsonl", "data_path="])
+def test_tokenizer_stage_without_its_data_is_one_line_and_exit_2(override, tmp_path):
+    out = run_main("--stage", "tokenizer", override, f"out_dir={tmp_path / 'tok'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: data_path") and out.stderr.count("\n") == 1, out.stderr
