@@ -413,3 +413,25 @@ def test_tokenizer_stage_without_its_data_is_one_line_and_exit_2(override, tmp_p
     out = run_main("--stage", "tokenizer", override, f"out_dir={tmp_path / 'tok'}")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith("error: data_path") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_the_log_shows_only_the_keys_that_differ_from_the_defaults():
+    """Issue 27.6: 205 of the demo's 395 lines were full config dumps; config.yaml keeps the whole config."""
+    from trainer.config import format_config
+    from trainer.sft import Config
+
+    lines = format_config(Config(lr=1e-3, out_dir="out/x")).splitlines()
+    assert lines[:2] == ["  out_dir: 'out/x'", "  lr: 0.001"]  # declaration order
+    assert len(lines) == 3 and "keys at their defaults" in lines[2]
+
+
+def test_a_saved_config_holds_only_what_the_stage_reads_and_reads_back(tmp_path):
+    """Issue 27.6: SFT's config.yaml said `model_config: config/model/small.json` for a tiny model (SFT takes the
+    architecture from init_from, so that default never applied)."""
+    from trainer.config import save_config
+    from trainer.sft import Config
+
+    save_config(Config(lr=1e-3), str(tmp_path / "config.yaml"))
+    text = (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert "model_config" not in text and "lr: 0.001" in text
+    assert load_config(Config, str(tmp_path / "config.yaml"), []).lr == 1e-3
