@@ -17,6 +17,7 @@ def _metrics(path, extra: dict, evals: bool):
     return str(path)
 
 
+@pytest.mark.slow  # matplotlib's first import and three figures
 def test_each_run_has_one_colour_on_both_axes_and_dpo_is_not_nats_per_token(tmp_path):
     sft = _metrics(tmp_path / "sft" / "metrics.jsonl", {}, evals=True)
     dpo = _metrics(tmp_path / "dpo" / "metrics.jsonl", {"margin": 0.1, "reward_acc": 0.9}, evals=True)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -20,6 +22,7 @@ def _run_inner(tmp_path, body: str):
     return proc, [p for p in root.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow  # a pytest in a fresh interpreter
 def test_a_passing_run_leaves_no_files_in_the_temp_folder(tmp_path):
     body = (
         "import pytest\n\n@pytest.fixture(scope='session')\ndef shared(tmp_path_factory):\n"
@@ -31,6 +34,7 @@ def test_a_passing_run_leaves_no_files_in_the_temp_folder(tmp_path):
     assert left == []
 
 
+@pytest.mark.slow  # a pytest in a fresh interpreter
 def test_a_failing_test_keeps_its_folder(tmp_path):
     body = "def test_fails(tmp_path):\n    (tmp_path / 'evidence.txt').write_text('x')\n    assert False\n"
     proc, left = _run_inner(tmp_path, body)
