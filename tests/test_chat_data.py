@@ -19,9 +19,6 @@ from dataset.chat_data import (
     IGNORE,
     BadRecord,
     ChatDataset,
-    chatml_pieces,
-    check_chat_template,
-    check_chatml,
     collate_chat,
     length_bucket,
     load_conversations,
@@ -31,6 +28,7 @@ from dataset.chat_data import (
     truncate,
 )
 from dataset.preference_data import prompt_ids
+from model.chat_format import chatml_pieces, check_chat_template, check_chatml
 
 SYSTEM = "你是一个乐于助人的助手。"
 SINGLE = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京是中国的首都。"}]

@@ -88,7 +88,7 @@ def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_mode
     assert card.startswith("---\nlibrary_name: transformers") and "the `sft` stage" in card
     assert "optimizer steps: 40" in card and "trust_remote_code=True" in card
     # the SFT data's license (dataset_info.json) and the base's pretraining license, carried through init_from
-    from model.hub import card_licenses
+    from dataset.licenses import card_licenses
 
     assert card_licenses(chat_model) == ["Apache 2.0", "CC-BY-SA-4.0"]
     assert "Licenses recorded for the training data: Apache 2.0; CC-BY-SA-4.0." in card
@@ -98,8 +98,7 @@ def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_mode
 
 
 def test_card_reads_licenses_from_shards_and_what_downloads_carry(tmp_path, tiny_tokenizer_dir):
-    from dataset.licenses import file_licenses
-    from model.hub import card_licenses
+    from dataset.licenses import card_licenses, file_licenses
     from tests.helpers import tiny_checkpoint
 
     base = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "base"))

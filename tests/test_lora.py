@@ -163,7 +163,7 @@ def test_merged_and_adapter_folders_are_readable_and_carry_a_card(base_dir, trai
     """safetensors writes 0600; every file of an adapter folder and of a merged one must have the mode a plain file
     gets under the user's umask (0644 under 022), so a docker/ollama service account can read them. The merged
     folder is an ordinary checkpoint: a card carrying the adapter's data licenses, <|im_end|> as a stop id."""
-    from model.hub import card_licenses
+    from dataset.licenses import card_licenses
     from scripts.merge_lora import main as merge_main
 
     trained_adapter = trained["root"] / "straight" / "final"

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from dataset.licenses import file_licenses, shard_licenses
-from model.hub import card_licenses, make_readable, write_model_card
+from dataset.licenses import card_licenses, file_licenses, shard_licenses
+from model.hub import make_readable, write_model_card
 from model.lora import is_adapter_dir
 from model.runtime import dtype_name
 from trainer.common import print0, seed_rngs
