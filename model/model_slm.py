@@ -7,7 +7,7 @@ model.layers.N.self_attn.q_proj, mlp.gate_proj, input_layernorm, model.norm, lm_
 checkpoint is a Llama checkpoint (scripts/export_llama.py only rewrites config.json).
 
     from model import SLMConfig, SLMForCausalLM
-    model = SLMForCausalLM(SLMConfig.from_json_file("config/model/tiny.json"))
+    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))  # config/model/tiny.json, strictly read
     out = model(input_ids, labels=input_ids)       # out.loss, out.logits, out.aux_loss
 """
 

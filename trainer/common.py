@@ -246,7 +246,10 @@ class ExternalLogger:
             self.run.log(values, step=step)
 
     def finish(self):
-        self.run.close() if self.kind == "tensorboard" else self.run.finish()
+        if self.kind == "tensorboard":
+            self.run.close()
+        else:
+            self.run.finish()
 
 
 # -----------------------------------------------------------------------------
