@@ -12,6 +12,7 @@ parsers read). Three views of it must stay equal, and this module holds all thre
     system turn   ... # Tools ... <tools>\\n{tool JSON}\\n...</tools> ... (TOOLS_INTRO, the tools, TOOLS_OUTRO)
     assistant     content\\n<tool_call>\\n{"name": "get_weather", "arguments": {"city": "北京"}}\\n</tool_call>
     tool results  one user turn: \\n<tool_response>\\n...\\n</tool_response> per consecutive tool message
+    content       a string, or OpenAI's content parts: their text parts joined (content_text)
 
 check_chatml and check_chat_template compare the template with chatml_pieces on probe conversations; a change to
 either one fails them (and tests/test_chat_data.py compares both on random conversations). Standard library only:
@@ -82,27 +83,45 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]] | None:
 # trained flags, which are what SFT's labels come from. Tools follow Qwen2.5's format: with `tools`, the system turn
 # lists them in <tools>; an assistant's tool_calls become <tool_call> JSON blocks (trained, inside generation); `tool`
 # messages become one user turn of <tool_response> blocks. Without tools the output is plain ChatML.
+# Content is a string or OpenAI's content parts (content_text). The template renders the same text in transformers,
+# llama-cpp-python (Jinja2 too: tests/test_export_gguf.py, where it is installed) and llama.cpp's C++ engines
+# (common/jinja, which skips the generation tag, and minja before it: compared by hand on 100 random conversations
+# with tools and content parts, December 2026). Keep to what they all run: if/for/set, a namespace, `is string`,
+# `is defined`, tojson; no macros, no other filters.
+
+
+def _content_text(name: str, content: str) -> str:
+    """Jinja setting `name` to content_text(`content`): the loop gathers the text parts in a namespace, since a plain
+    set inside a for loop does not outlive the loop in Jinja."""
+    return (
+        f"{{%- if {content} is string -%}}{{%- set {name} = {content} -%}}{{%- else -%}}"
+        f"{{%- set parts = namespace(text='') -%}}{{%- for part in {content} or [] -%}}"
+        "{%- if part.type == 'text' -%}{%- set parts.text = parts.text + part.text -%}{%- endif -%}"
+        f"{{%- endfor -%}}{{%- set {name} = parts.text -%}}{{%- endif -%}}"
+    )
+
 
 CHAT_TEMPLATE = (
-    "{%- if tools -%}{{ '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] -%}{{ messages[0]['content'] + '\\n\\n' }}"
-    "{%- endif -%}{{ " + repr(TOOLS_INTRO) + " }}{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
+    "{%- if tools -%}{{ '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' -%}"
+    + _content_text("system_text", "messages[0]['content']")
+    + "{%- if system_text -%}{{ system_text + '\\n\\n' }}{%- endif -%}{%- endif -%}"
+    "{{ " + repr(TOOLS_INTRO) + " }}{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
     "{{ " + repr(TOOLS_OUTRO) + " + '<|im_end|>\\n' }}{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' and loop.first and tools -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-    "{%- if message.content -%}{{ message.content }}{%- endif -%}"
+    + _content_text("content", "message['content']")
+    + "{%- if message['role'] == 'system' and loop.first and tools -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}{% generation %}{{ content }}"
     "{%- for call in message.tool_calls or [] -%}{%- set fn = call.function if call.function is defined else call -%}"
-    "{%- if message.content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- if content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
     "{{ '<tool_call>\\n{\"name\": ' + (fn.name | tojson) + ', \"arguments\": ' }}"
     "{%- if fn.arguments is string -%}{{ fn.arguments }}{%- else -%}{{ (fn.arguments or {}) | tojson }}{%- endif -%}"
     "{{ '}\\n</tool_call>' }}{%- endfor -%}"
     "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
     "{%- elif message['role'] == 'tool' -%}"
     "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
-    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{{ '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}"
     "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}{%- endif -%}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
@@ -111,11 +130,19 @@ CHAT_TEMPLATE = (
 # The Python rendering: ChatML ids per message
 
 
+def content_text(content) -> str:
+    """A message's content as the template writes it: a string as it is; OpenAI's content parts ([{"type": "text",
+    "text": ...}, ...]) as their text parts joined, others (an image) left out, as the server reads them; none: ''."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content or [] if isinstance(part, dict) and part.get("type") == "text")
+
+
 def _turn_text(messages: list[dict], i: int) -> str | None:
     """The text between <|im_start|> and <|im_end|> of message i, None when it shares the turn before it (a tool
     response after another one: consecutive tool messages make one user turn, as in Qwen2.5)."""
     m = messages[i]
-    role, content = m["role"], m.get("content") or ""
+    role, content = m["role"], content_text(m.get("content"))
     if role == "system" and i == 0 and m.get("tools"):
         return "system\n" + (content + "\n\n" if content else "") + tools_text(m["tools"])
     if role == "assistant":
@@ -128,7 +155,7 @@ def _turn_text(messages: list[dict], i: int) -> str | None:
         for t in messages[i:]:
             if t["role"] != "tool":
                 break
-            group.append("\n<tool_response>\n" + (t.get("content") or "") + "\n</tool_response>")
+            group.append("\n<tool_response>\n" + content_text(t.get("content")) + "\n</tool_response>")
         return "user" + "".join(group)
     return role + "\n" + content
 
@@ -199,35 +226,67 @@ TOOL_PROBE = [
 ]
 
 
-def _template(tokenizer, probe: list[dict], **kwargs):
+# Content as OpenAI's parts in every role the template writes content for: text parts joined, an image part left out
+PARTS_PROBE = [
+    {"role": "system", "content": [{"type": "text", "text": "s"}]},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "a "},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            {"type": "text", "text": "你好"},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": [{"type": "text", "text": " b\n"}],
+        "tool_calls": [{"name": "f", "arguments": {}}],
+    },
+    {"role": "tool", "content": [{"type": "text", "text": "r1"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "d"}]},
+]
+UPDATE_HINT = "scripts/update_chat_template.py writes the current one"
+
+
+def _probes(tools: bool, content_parts: bool) -> list[tuple[list[dict], bool, str]]:
+    """(conversation, add_generation_prompt, what it needs beyond plain ChatML). The later additions to the format
+    are probed only where a caller needs them, so a tokenizer saved before them keeps serving plain chat."""
+    probes = [(CHAT_PROBE, True, ""), (CHAT_PROBE[:3], False, "")]
+    probes += [(TOOL_PROBE, False, "tool use")] if tools else []
+    return probes + ([(PARTS_PROBE, False, "content parts")] if content_parts else [])
+
+
+def _template(tokenizer, probe: list[dict], what: str = "", **kwargs):
     tools = probe[0].get("tools")
     plain = [{k: v for k, v in m.items() if k != "tools"} for m in probe]
     try:
         return tokenizer.apply_chat_template(plain, tools=tools, tokenize=True, return_dict=True, **kwargs)
     except Exception as e:
+        if what:  # e.g. a template saved before content parts: "can only concatenate str (not "list") to str"
+            raise ValueError(f"the tokenizer's chat template cannot render {what} ({e}); {UPDATE_HINT}") from e
         raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
 
 
-def check_chatml(tokenizer, tools: bool = False) -> None:
-    """The tokenizer's chat template must be the ChatML one chatml_pieces writes (CHAT_TEMPLATE):
-    compared on a probe conversation, with and without the generation prompt, and with tools=True on a tool-use
-    probe too (a template saved before tools existed fails it: scripts/update_chat_template.py writes the new one)."""
-    probes = [(CHAT_PROBE, True), (CHAT_PROBE[:3], False)] + ([(TOOL_PROBE, False)] if tools else [])
-    for probe, gen in probes:
-        template = _template(tokenizer, probe, add_generation_prompt=gen)["input_ids"]
+def check_chatml(tokenizer, tools: bool = False, content_parts: bool = False) -> None:
+    """The tokenizer's chat template must be the ChatML one chatml_pieces writes (CHAT_TEMPLATE): compared on a
+    probe conversation, with and without the generation prompt; with tools=True on a tool-use probe too, with
+    content_parts=True on one whose contents are OpenAI content parts (a template saved before either existed fails
+    them: scripts/update_chat_template.py writes the current one)."""
+    for probe, gen, what in _probes(tools, content_parts):
+        template = _template(tokenizer, probe, what, add_generation_prompt=gen)["input_ids"]
         if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
-            hint = (
-                " for tool use (scripts/update_chat_template.py writes the current one)" if probe is TOOL_PROBE else ""
-            )
+            hint = f" for {what} ({UPDATE_HINT})" if what else ""
             raise ValueError(f"the tokenizer's chat template is not the ChatML one of model/chat_format.py{hint}")
 
 
-def check_chat_template(tokenizer, tools: bool = False) -> None:
+def check_chat_template(tokenizer, tools: bool = False, content_parts: bool = False) -> None:
     """For SFT: ChatML (check_chatml), and the assistant mask needs {% generation %} in the template (without it
-    every label would be -100); chatml_pieces' mask must equal the template's (tool calls included with tools)."""
-    check_chatml(tokenizer, tools)
-    for probe in [CHAT_PROBE[:3]] + ([TOOL_PROBE] if tools else []):
-        out = _template(tokenizer, probe, return_assistant_tokens_mask=True)
+    every label would be -100); chatml_pieces' mask must equal the template's on each probe that ends in a reply."""
+    check_chatml(tokenizer, tools, content_parts)
+    for probe, gen, what in _probes(tools, content_parts):
+        if gen:
+            continue
+        out = _template(tokenizer, probe, what, return_assistant_tokens_mask=True)
         if not any(out["assistant_masks"]):
             raise ValueError(
                 "the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
-from model.chat_format import CHAT_TEMPLATE
+from model.chat_format import CHAT_TEMPLATE, check_chat_template
 from trainer.bounds import Bound, at_least
 from trainer.errors import ConfigError
 
@@ -228,9 +228,11 @@ def wrap(tok):
 
 def update_chat_template(path: str) -> None:
     """Give a saved tokenizer (out/tokenizer or a checkpoint folder) the current CHAT_TEMPLATE, e.g. one saved before
-    tools existed; the vocabulary and every other file stay as they are (scripts/update_chat_template.py)."""
+    tools or content parts existed; the vocabulary and every other file stay as they are
+    (scripts/update_chat_template.py)."""
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
+    check_chat_template(tok, tools=True, content_parts=True)  # this vocabulary renders it as chatml_pieces does
     tok.save_pretrained(path)
 
 
