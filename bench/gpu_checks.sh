@@ -12,11 +12,11 @@
 # of it. To measure the transformers requirements.txt asks for, carry five pure-Python wheels, fetched beforehand by
 # `bash bench/fetch_gpu_wheels.sh` into the git-ignored .whl/ (14.8 MB):
 #   transformers-5.25.0, huggingface_hub-2.4.0, httpx2-2.17.0, httpcore2-2.17.0, truststore-0.10.5
-# and start the device call (carry [".whl"]) with the install line, which this script also runs itself when .whl/
-# holds wheels (to $GPU_WHEEL_SITE, default /tmp/site, put first on PYTHONPATH):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash bench/gpu_checks.sh
-# Should transformers not import from them, the script says so and goes on with the image's own.
-# Parts, most wanted first (seconds are each part's own time limit; 480 s in all, which leaves the wheels' install
+# and carry them: the device call is `bash bench/gpu_checks.sh` with carry [".whl"]. The script starts with the
+# device README's install line, into $GPU_WHEEL_SITE (default /tmp/site), which it then puts first on PYTHONPATH:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# If transformers does not import from them, it says so and runs on the image's own (the code runs on both).
+# Parts, most wanted first (seconds are each part's own time limit; 470 s in all, which leaves the wheels' install
 # and bash their seconds of the 8 minutes):
 #   attention     device, capability, the dtype policy's answer, versions; issue 14.3: the SDPA kernel planned for
 #                 training, packed SFT, prefill and decode shapes, run with only that kernel allowed (a wrong plan
@@ -96,8 +96,8 @@ part() {  # part NAME SECONDS COMMAND...: time-limited, log in $out/NAME.log, RE
 }
 
 part attention 50 python3 bench/gpu_attention.py $attention
-part trainer_fp16 70 python3 bench/bench_trainer.py $trainer_fp16
-part trainer_bf16 60 python3 bench/bench_trainer.py $trainer_bf16
+part trainer_fp16 65 python3 bench/bench_trainer.py $trainer_fp16
+part trainer_bf16 55 python3 bench/bench_trainer.py $trainer_bf16
 part trainer_small 110 python3 bench/bench_trainer.py $trainer_small
 part vs_llama 70 python3 bench/bench_trainer.py $vs_llama
 part trainer_base 80 python3 bench/bench_trainer.py $trainer_base
