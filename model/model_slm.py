@@ -77,7 +77,10 @@ class SLMRotaryEmbedding(nn.Module):
         # position_ids (B, T) -> freqs (B, T, hd/2) -> cos, sin (B, T, hd), computed in fp32
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # Under autocast, in the dtype the projections give q and k: cast once here, not in every layer.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +89,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads. cos/sin take q's dtype: under autocast
-    # they are fp32 (made from the fp32 residual stream) while the projections give bf16, and fp32 q, k beside a
-    # bf16 v make FlexAttention of torch 2.9 refuse the call ("query, key, and value ... same dtype").
+    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads. cos/sin take q's dtype (already theirs
+    # from SLMRotaryEmbedding under autocast, where fp32 cos/sin would turn q and k fp32 beside a bf16 v, and
+    # FlexAttention of torch 2.9 refuses that: "query, key, and value ... same dtype").
     cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 

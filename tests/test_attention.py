@@ -291,10 +291,16 @@ def test_packed_rows_under_bf16_autocast_give_flex_one_dtype(tiny, monkeypatch):
     loss = packed_loss()
     assert {p.documents for p in seen} == {"flex"} and calls == [(BF16, BF16, BF16)] * 4  # every layer, one dtype
 
+    def fp32_cos_sin(self, x, position_ids):  # as they were: in the residual stream's dtype, fp32 under autocast
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
     def fp32_rotation(q, k, cos, sin):  # the rotation as it was: fp32 cos/sin promote q and k
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * cos + model_slm.rotate_half(q) * sin, k * cos + model_slm.rotate_half(k) * sin
 
+    monkeypatch.setattr(model_slm.SLMRotaryEmbedding, "forward", fp32_cos_sin)
     monkeypatch.setattr(model_slm, "apply_rotary_pos_emb", fp32_rotation)
     with pytest.raises(ValueError, match="same dtype"):  # the check catches the old path
         packed_loss()
