@@ -40,6 +40,11 @@ def test_readme_opens_with_demo_and_test_commands(name):
     assert (ROOT / "config" / "demo.yaml").exists()
 
 
+def test_both_readmes_open_with_the_same_setup_commands_byte_for_byte():
+    first = [(ROOT / name).read_text(encoding="utf-8").split("```", 2)[1] for name in READMES]
+    assert first[0] == first[1]
+
+
 # -----------------------------------------------------------------------------
 # Chinese first: each Chinese README and its English twin say the same things
 
