@@ -86,7 +86,7 @@ def interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, floa
 
 def cpu_model_name() -> str:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
