@@ -40,10 +40,12 @@ class StaticKVCache:
     object and use the 4-D mask we pass. Two phases:
     - prefill (slot is None): update() writes at seq_len.. and returns views of the filled slots only, so the prompt
       attends over what exists (with the mask-free causal kernel when nothing is padded).
-    - decode (slot set: a (1,) long tensor on the device): update() writes the new token at `slot` and returns the
-      whole buffers. Every step then has the same shapes and reads no Python number that changes, so one compiled
-      step serves every token and can be captured as a CUDA graph. The caller masks the slots not yet written
-      (keep & slot index <= slot) and advances slot and seq_len after each step (Engine._decode_step)."""
+    - decode (slot set: a (1,) long tensor on the device): update() writes the new token at `slot` with index_copy_
+      and returns the first `window` slots. window = max_len (the default): every step has the same shapes and reads
+      no Python number that changes, so one compiled step serves every token and can be captured as a CUDA graph.
+      Eager decoding sets window = seq_len + 1 each step instead and attends over the filled slots only (on the CPU
+      attention over the whole buffer would cost time in proportion to max_len, not to the tokens so far). The
+      caller masks the slots not yet written and advances slot and seq_len after each step (Engine._decode_step)."""
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class StaticKVCache:
         self.max_len = max_len
         self.seq_len = 0  # slots filled by finished forward passes
         self.slot: torch.Tensor | None = None  # decode phase: the slot the next token is written to
+        self.window = max_len  # decode phase: how many slots update() returns
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -71,7 +74,7 @@ class StaticKVCache:
             # .to: a no-op when k and v come in the compute dtype (they do once RoPE keeps q/k in v's dtype)
             keys.index_copy_(2, self.slot, k.to(keys.dtype))
             values.index_copy_(2, self.slot, v.to(values.dtype))
-            return keys, values
+            return keys[:, :, : self.window], values[:, :, : self.window]
         start, end = self.seq_len, self.seq_len + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
@@ -86,7 +89,7 @@ class StaticKVCache:
 
     def get_mask_sizes(self, q_len: int, layer_idx: int = 0) -> tuple[int, int]:
         if self.slot is not None:
-            return self.max_len, 0
+            return self.window, 0
         return self.seq_len + q_len, 0
 
 
@@ -599,7 +602,11 @@ class Engine:
         dev = self.device
         state = self._take_buffers(B, total_len)
         cache = state["cache"]
-        cache.seq_len, cache.slot = 0, None  # prefill phase (a reused cache: old slots are masked until rewritten)
+        cache.seq_len, cache.slot, cache.window = (
+            0,
+            None,
+            cache.max_len,
+        )  # prefill phase (a reused cache: old slots are masked until rewritten)
         L = cache.max_len
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         keep = torch.zeros((B, L), dtype=torch.bool)  # True = a real token in that cache slot
@@ -647,11 +654,13 @@ class Engine:
         return nxt.tolist()
 
     def decode_logits(self, cache: StaticKVCache, token, keep, positions, slot) -> torch.Tensor:
-        """One decode step, the same shapes at every token: token (B, 1) at cache slot `slot` ((1,) long) -> logits
-        (B, V). It attends over every slot of the cache, masked to the real tokens up to `slot` (B, 1, 1, L); the
-        finished rows of a batch keep decoding (their output is ignored): cheaper than reshaping batch and cache.
-        No host sync and no Python number that changes: what torch.compile(mode="reduce-overhead") captures."""
-        visible = keep & (torch.arange(keep.shape[1], device=keep.device) <= slot)  # (B, L)
+        """One decode step: token (B, 1) at cache slot `slot` ((1,) long) -> logits (B, V). It attends over the
+        cache's first cache.window slots, masked to the real tokens up to `slot` (B, 1, 1, window); the finished
+        rows of a batch keep decoding (their output is ignored): cheaper than reshaping batch and cache. With
+        window = the whole cache: the same shapes every token, no host sync and no Python number that changes,
+        which is what torch.compile(mode="reduce-overhead") captures as one CUDA graph."""
+        window = cache.window
+        visible = keep[:, :window] & (torch.arange(window, device=keep.device) <= slot)  # (B, window)
         return self.model(
             input_ids=token,
             attention_mask=visible[:, None, None, :],
@@ -667,6 +676,7 @@ class Engine:
         if self.compile:
             state["logits"] = self._run_compiled(args)
         else:
+            cache.window = cache.seq_len + 1  # eager: attend over the filled slots only
             state["logits"] = self.decode_logits(*args)
         cache.seq_len += 1
         state["slot"].add_(1)  # in place: the compiled step reads the same tensor next time
