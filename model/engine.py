@@ -18,6 +18,7 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 import dataclasses
 import threading
 import time
+import warnings
 
 import torch
 from transformers import AutoTokenizer
@@ -341,6 +342,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.compile = self.device.type == "cuda" if compile is None else compile
         self._compiled_step = None  # built at the first compiled decode step
+        self._compiled_ok = False  # it has run once: from then on an error is an error, not a reason to fall back
         self._buffers: dict[tuple, list[dict]] = {}  # compiled mode: decode buffers kept per (B, dtype), see _take
         cfg = model.config
         self.max_context = cfg.max_position_embeddings  # prompt + answer must fit in what the model was trained on
@@ -688,7 +690,19 @@ class Engine:
             self._compiled_step = torch.compile(self.decode_logits, mode=mode, dynamic=False)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        return self._compiled_step(*args)
+        if self._compiled_ok:
+            return self._compiled_step(*args)
+        try:
+            logits = self._compiled_step(*args)
+        except Exception as error:  # a first GPU run must still generate: say why and decode eagerly from here on
+            warnings.warn(
+                f"compiled decode step failed, decoding eagerly: {type(error).__name__}: {error}", stacklevel=3
+            )
+            self.compile, self._buffers = False, {}
+            args[0].window = args[0].seq_len + 1
+            return self.decode_logits(*args)
+        self._compiled_ok = True
+        return logits
 
 
 __all__ = [

@@ -204,6 +204,19 @@ def test_fixed_shape_step_compiles_once_without_graph_breaks(model, tok, prompts
     assert counter.frame_count == 2
 
 
+def test_compiled_step_that_fails_falls_back_to_eager(engine, model, tok, prompts):
+    """A compile error at the first step (a GPU image that lacks something) warns and decodes eagerly."""
+    broken = Engine(model, tok, compile=True)
+
+    def fail(*args):
+        raise RuntimeError("no triton")
+
+    broken._compiled_step = fail
+    with pytest.warns(UserWarning, match="no triton"):
+        out = broken.generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    assert out == engine.generate(prompts, max_new_tokens=6, stop_token_ids=[]) and not broken.compile
+
+
 def test_cache_is_in_the_compute_dtype(model, tok, prompts):
     """Under autocast (RL rollouts: fp32 weights, bf16 compute) keys and values are stored in bf16, so no step
     casts the cache back and forth; without autocast, in the weights' dtype."""
