@@ -49,11 +49,10 @@ class SLMRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise.
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(input_dtype)
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise. F.rms_norm is
+        # x * rsqrt(mean(x^2) + eps) as one op (bit-identical on the CPU), not five: 17 norms per decode step.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(x.dtype)
 
 
 class SLMRotaryEmbedding(nn.Module):
