@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from dataset.chat_data import chatml_pieces, check_chatml
 from model.hub import stop_token_ids
 from model.lora import adapter_base_model, is_adapter_dir, merge_lora_weights
+from model.model_slm import SLMPreTrainedModel
 from model.quantize import check_quantize_device, quantize_model
 from model.runtime import load_pretrained, resolve_device, resolve_dtype
 
@@ -335,12 +336,17 @@ class Engine:
 
     def __init__(self, model, tokenizer, device=None, compile: bool | None = None):
         """compile: run each decode step as one compiled function (torch.compile, mode="reduce-overhead": a CUDA
-        graph per batch size, replayed every token). None = on CUDA only: there a step is otherwise ~300 kernel
-        launches for microseconds of work. On the CPU eager is the default (bench/RESULTS.md, "Decode step")."""
+        graph per batch size, replayed every token). None = on CUDA for our own models: there a step is otherwise
+        ~260 kernel launches for microseconds of work. Not for transformers' Llama (its forward reads the cache
+        length, a number that changes every token, so each step would recompile), and not on the CPU, where eager
+        is as fast once warm and compiling takes minutes (bench/RESULTS.md, "Decode step"). The compiled graph is
+        kept per Engine: build one Engine and reuse it."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.compile = self.device.type == "cuda" if compile is None else compile
+        if compile is None:
+            compile = self.device.type == "cuda" and isinstance(model, SLMPreTrainedModel)
+        self.compile = compile
         self._compiled_step = None  # built at the first compiled decode step
         self._compiled_ok = False  # it has run once: from then on an error is an error, not a reason to fall back
         self._buffers: dict[tuple, list[dict]] = {}  # compiled mode: decode buffers kept per (B, dtype), see _take
@@ -604,11 +610,8 @@ class Engine:
         dev = self.device
         state = self._take_buffers(B, total_len)
         cache = state["cache"]
-        cache.seq_len, cache.slot, cache.window = (
-            0,
-            None,
-            cache.max_len,
-        )  # prefill phase (a reused cache: old slots are masked until rewritten)
+        # Prefill phase. A reused cache keeps the last call's keys and values: masked until rewritten.
+        cache.seq_len, cache.slot, cache.window = 0, None, cache.max_len
         L = cache.max_len
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         keep = torch.zeros((B, L), dtype=torch.bool)  # True = a real token in that cache slot
