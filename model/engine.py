@@ -648,7 +648,7 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
-        state.update(logits=logits, seen=seen, generator=generator)
+        state.update(logits=logits, seen=seen, generator=generator, unpadded=unpadded)
         return state
 
     def _sample(self, state: dict, params: SamplingParams) -> list[int]:
@@ -658,17 +658,21 @@ class Engine:
         state["token"].copy_(nxt[:, None])  # the next step's input, in place (a compiled step reads this tensor)
         return nxt.tolist()
 
-    def decode_logits(self, cache: StaticKVCache, token, keep, positions, slot) -> torch.Tensor:
+    def decode_logits(self, cache: StaticKVCache, token, keep, positions, slot, masked: bool = True) -> torch.Tensor:
         """One decode step: token (B, 1) at cache slot `slot` ((1,) long) -> logits (B, V). It attends over the
         cache's first cache.window slots, masked to the real tokens up to `slot` (B, 1, 1, window); the finished
         rows of a batch keep decoding (their output is ignored): cheaper than reshaping batch and cache. With
         window = the whole cache: the same shapes every token, no host sync and no Python number that changes,
-        which is what torch.compile(mode="reduce-overhead") captures as one CUDA graph."""
-        window = cache.window
-        visible = keep[:, :window] & (torch.arange(window, device=keep.device) <= slot)  # (B, window)
+        which is what torch.compile(mode="reduce-overhead") captures as one CUDA graph. masked=False: the window
+        holds only real tokens (eager, nothing padded), so no mask at all and SDPA takes its mask-free kernel."""
+        mask = None
+        if masked:
+            window = cache.window
+            visible = keep[:, :window] & (torch.arange(window, device=keep.device) <= slot)  # (B, window)
+            mask = visible[:, None, None, :]
         return self.model(
             input_ids=token,
-            attention_mask=visible[:, None, None, :],
+            attention_mask=mask,
             position_ids=positions.index_select(1, slot),  # (B, 1)
             cache=cache,
             use_cache=True,
@@ -682,7 +686,7 @@ class Engine:
             state["logits"] = self._run_compiled(args)
         else:
             cache.window = cache.seq_len + 1  # eager: attend over the filled slots only
-            state["logits"] = self.decode_logits(*args)
+            state["logits"] = self.decode_logits(*args, masked=not state["unpadded"])
         cache.seq_len += 1
         state["slot"].add_(1)  # in place: the compiled step reads the same tensor next time
         return self._sample(state, params)
