@@ -45,3 +45,34 @@ def test_missing_package_and_local_loggers(tmp_path):
         assert "pip install wandb" in logger_setup_problem("wandb", {"WANDB_API_KEY": "k"}, str(tmp_path))
     assert logger_setup_problem("tensorboard", {}, str(tmp_path)) is None
     assert logger_setup_problem("none", {}, str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_tensorboard_reads_the_runs_event_files(pretrained_dir, tmp_path):
+    """logger=tensorboard: an SFT run through main.py in a fresh process (tensorboard from its own folder, as CI
+    installs it), then tensorboard's own EventAccumulator reads the run folder: every train and eval value of
+    metrics.jsonl is there under <split>/<name>, at its step."""
+    import subprocess
+
+    from tests.helpers import ROOT, main_py_command, read_metrics, write_chat_file
+    from tests.helpers_thirdparty import run_thirdparty, thirdparty_env
+
+    env = thirdparty_env("tensorboard", "tensorboard", tmp_path)  # skips when tensorboard is nowhere
+    data = write_chat_file(tmp_path / "chat.jsonl", n_copies=4)
+    out = tmp_path / "sft"
+    args = ["--stage", "sft", f"init_from={pretrained_dir}", f"data_path={data}", "placeholders=name=Milli"]
+    args += ["seq_len=64", "batch_size=4", "global_batch_size=4", "max_steps=4", "val_samples=4", "eval_every=2"]
+    args += ["eval_batches=1", "log_every=1", "device=cpu", "logger=tensorboard"]
+    command, _ = main_py_command(out, args)
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = run_thirdparty("tensorboard", "tensorboard", "run_tensorboard_read.py", [str(out)], tmp_path)["scalars"]
+    for split in ("train", "eval"):
+        rows = read_metrics(str(out), split)
+        assert rows, split
+        for name in ("loss",):
+            want = [[r["step"], r[name]] for r in rows]
+            got = scalars[f"{split}/{name}"]
+            assert [s for s, _ in got] == [s for s, _ in want], (split, got, want)
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert len(scalars) > 4  # lr, grad norm, throughput... not only the losses
