@@ -12,13 +12,16 @@ like JSON lines; paths are expanded by dataset/text_sources.py expand_paths (fil
 Bad records: `convert(record, where)` raises BadRecord for a record it cannot use (so does the reader, for a line
 that is not UTF-8 or not JSON). With on_bad="error" that stops the run naming file:line; with "skip" it is counted
 as "skip:<reason>" and the first few per file are logged. UnreadableFile (no format we know: the whole file would
-be lost) is an error whatever on_bad says. SkipRecord is a good record the caller leaves out (a duplicate pair, a
+be lost) is an error unless on_bad="skip_file". SkipRecord is a good record the caller leaves out (a duplicate pair, a
 prompt too long for rollouts): always counted as "skip:<reason>", never an error. A truncated .gz stops the run
 with "error"; with "skip" the file ends there with a warning.
 on_bad defaults to "error" in every reader: code that reads data without choosing a policy (a test, a notebook, a
 bench script) fails loudly on a broken record instead of quietly training on less. The stages choose with their
 `on_bad_record` key (default skip: a few broken lines in a downloaded set should not stop a run), and every reader
 logs its skip counts, so nothing is dropped unseen.
+No silent loss: under skip, a file that yields nothing, or loses more than half its records to bad ones, stops the
+run (UnusableFile) naming the file, its first record's shape, the first error and the formats the reader knows; a
+whole source is gone only when the user says so with on_bad="skip_file" (then a warning names it).
 """
 
 import gzip
