@@ -9,17 +9,16 @@ same batch (skipped without TRL).
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics, tiny_checkpoint
+from tests.helpers import SHARED_DATA, read_metrics, tiny_checkpoint
 from tests.helpers_preference import toy_pairs, write_pairs
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 
-SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
+SHARED_DPO = SHARED_DATA / "dpo"
 
 
 @pytest.fixture(scope="module")
