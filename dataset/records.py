@@ -256,8 +256,8 @@ def read_records(
     skip reason ("skip:<reason>"). max_samples > 0 keeps the first max_samples items of each file (quick runs and
     tests). columns renames keys first (rename_keys). Logs one line per file ("{n} {what}", with file_note(path) in
     brackets) and one line with the skip counts of this call, if any.
-    No silent loss: with on_bad=skip a file that yields nothing (a duplicate of an earlier record counts as
-    yielded) or whose bad records are more than half of it raises UnusableFile, naming the first record's shape,
+    No silent loss: with on_bad=skip (or error) a file that yields nothing (a duplicate of an earlier record counts
+    as yielded) or whose bad records are more than half of it raises UnusableFile, naming the first record's shape,
     the first error and `formats` (those the caller knows); with on_bad=skip_file it is only warned about."""
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {', '.join(ON_BAD)}, got '{on_bad}'")
@@ -282,12 +282,14 @@ def read_records(
 
 
 def _check_file_yield(path: str, counts: Counter, kept: int, what: str, seen: dict, formats: str, on_bad: str, log):
-    """Stop the run (on_bad=skip) or warn (skip_file) when a file yields nothing or loses over half its records to
-    bad ones: a source gone unseen is worse than a stopped run. Duplicates of earlier records count as yielded."""
+    """Stop the run (on_bad=skip or error) or warn (skip_file) when a file yields nothing or loses over half its
+    records to bad ones (under error a bad record has stopped the run already; an empty file, or one whose prompts
+    are all too long, has not): a source gone unseen is worse than a stopped run. Duplicates of earlier records
+    count as yielded."""
     read = counts["records"]
     skipped = {k.removeprefix("skip:"): n for k, n in counts.items() if k.startswith("skip:")}
     bad = seen.get("bad", 0)  # records skipped as bad (BadRecord), not good ones left out (SkipRecord)
-    if on_bad == "error" or "unreadable file" in skipped:
+    if "unreadable file" in skipped:
         return
     if kept + skipped.get("duplicate", 0) > 0 and bad * 2 <= read:  # a duplicate was yielded by an earlier file
         return
