@@ -56,8 +56,8 @@ class TruncatedFile(BadRecord):
 
 
 class UnusableFile(ValueError):
-    """A file that yields nothing, or loses more than half its records, under on_bad=skip: the message names the
-    file, what it holds and the formats the reader knows."""
+    """A file that yields nothing, or loses more than half its records, under on_bad=skip or error: the message names
+    the file, what it holds and the formats the reader knows."""
 
 
 class SkipRecord(Exception):
