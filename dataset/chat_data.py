@@ -31,9 +31,10 @@ messages) and MiniMind's (a system message with "tools" or "functions", tool_cal
 first system message carrying "tools", assistant messages with "tool_calls" [{"name", "arguments": dict}] and "tool"
 messages; the call text is trained on, tool responses are not (see chatml_pieces).
 
-Labels: the tokenizer's chat template (trainer/train_tokenizer.py) wraps each assistant reply and its
-<|im_end|> in {% generation %}, so return_assistant_tokens_mask marks exactly the tokens to learn; every
-other label is -100. All assistant turns of a multi-turn conversation are learned.
+Labels: chatml_pieces (model/chat_format.py, the chat format) marks each assistant reply and its <|im_end|> as
+trained; those tokens are learned, every other label is -100. All assistant turns of a multi-turn conversation are
+learned. check_chat_template first checks that the tokenizer's template writes the same ids and marks the same
+tokens in its {% generation %} assistant mask.
 
 Truncation (a conversation longer than seq_len tokens):
     turns   (default) keep the longest prefix that ends right after a whole assistant turn (its <|im_end|>):
@@ -65,7 +66,7 @@ import numpy as np
 import torch
 
 from dataset.records import BadRecord, UnreadableFile, read_records
-from dataset.tool_calls import tool_call_text, tools_text
+from model.chat_format import chatml_pieces, check_chat_template, uses_tools
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
@@ -436,139 +437,7 @@ def load_conversations(
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing: ChatML ids per message, labels, then the truncation policy
-
-
-def _turn_text(messages: list[dict], i: int) -> str | None:
-    """The text between <|im_start|> and <|im_end|> of message i, None when it shares the turn before it (a tool
-    response after another one: consecutive tool messages make one user turn, as in Qwen2.5)."""
-    m = messages[i]
-    role, content = m["role"], m.get("content") or ""
-    if role == "system" and i == 0 and m.get("tools"):
-        return "system\n" + (content + "\n\n" if content else "") + tools_text(m["tools"])
-    if role == "assistant":
-        calls = [("\n" if content or k else "") + tool_call_text(c) for k, c in enumerate(m.get("tool_calls") or [])]
-        return "assistant\n" + content + "".join(calls)
-    if role == "tool":
-        if i > 0 and messages[i - 1]["role"] == "tool":
-            return None
-        group = []
-        for t in messages[i:]:
-            if t["role"] != "tool":
-                break
-            group.append("\n<tool_response>\n" + (t.get("content") or "") + "\n</tool_response>")
-        return "user" + "".join(group)
-    return role + "\n" + content
-
-
-def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[list, list]]:
-    """The ChatML ids of each message, and of the assistant header last when add_generation_prompt: the one
-    tokenization of conversations (SFT, preference and RL prompt data, the engine's chat prompts, the server).
-
-    Each piece is (ids, trained): <|im_start|> role\n content <|im_end|> \n, where trained marks an assistant's
-    content and its <|im_end|> (the tokens SFT learns). The markers are the special ids and the text between them
-    is encoded with split_special_tokens=True, so '<|im_end|>' typed inside content stays text and cannot close
-    the turn or forge a system turn. For any other content the ids are exactly the chat template's (the template
-    puts a special token on each side of every text run, and the tokenizer encodes each run alone); since every
-    message is encoded on its own, pieces can be dropped or joined without tokenizing again.
-    Tools (trainer/train_tokenizer.py CHAT_TEMPLATE): a first system message's "tools" list is the template's
-    tools= (the system turn gets the <tools> block); an assistant's "tool_calls" are written after its content as
-    <tool_call> blocks and trained on; a run of "tool" messages is one user turn of <tool_response> blocks, whose
-    ids go to the run's first message (the others get an empty piece, so there is still one piece per message).
-    Not thread-safe with other encodes of the same tokenizer (split_special_tokens is a switch on the shared Rust
-    tokenizer): threads share one lock around them, as model/engine.py does."""
-    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    texts = [_turn_text(messages, i) for i in range(len(messages))] + (["assistant\n"] if add_generation_prompt else [])
-    if not texts:
-        return []
-    runs = [t for t in texts if t is not None]
-    enc = tokenizer(runs + ["\n"], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-    newline = enc["input_ids"][-1]
-    encoded = iter(zip(enc["input_ids"][:-1], enc["offset_mapping"][:-1]))
-    pieces = []
-    for i, text in enumerate(texts):
-        if text is None:  # shares the tool-response turn before it
-            pieces.append(([], []))
-            continue
-        ids, offsets = next(encoded)
-        if i == len(messages):  # the generation prompt: a header only, nothing trained
-            pieces.append(([start] + ids, [False] * (1 + len(ids))))
-            break
-        # An assistant turn with weight 0 (OpenAI fine-tuning records) is context only: nothing in it is trained.
-        learn = messages[i]["role"] == "assistant" and bool(messages[i].get("weight", 1))
-        # A token is the reply's when it ends inside the content (a token across "\n" and the content's first
-        # characters counts, as in the template's {% generation %} mask).
-        trained = [learn and e > len("assistant\n") for _, e in offsets]
-        pieces.append(([start] + ids + [end] + newline, [False] + trained + [learn] + [False] * len(newline)))
-    return pieces
-
-
-CHAT_PROBE = [
-    {"role": "system", "content": "s"},
-    {"role": "user", "content": "a 你好"},
-    {"role": "assistant", "content": " b\n"},
-    {"role": "user", "content": "c"},
-]
-# Tools, calls (one with arguments as a JSON string, as OpenAI sends them), two tool responses sharing a turn
-TOOL_PROBE = [
-    {"role": "system", "content": "s", "tools": [{"type": "function", "function": {"name": "f"}}]},
-    {"role": "user", "content": "a"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [{"name": "f", "arguments": {"x": "北京"}}, {"name": "f", "arguments": '{"y": 1}'}],
-    },
-    {"role": "tool", "content": "r1"},
-    {"role": "tool", "content": "r2"},
-    {"role": "assistant", "content": "d"},
-]
-
-
-def _template(tokenizer, probe: list[dict], **kwargs):
-    tools = probe[0].get("tools")
-    plain = [{k: v for k, v in m.items() if k != "tools"} for m in probe]
-    try:
-        return tokenizer.apply_chat_template(plain, tools=tools, tokenize=True, return_dict=True, **kwargs)
-    except Exception as e:
-        raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
-
-
-def check_chatml(tokenizer, tools: bool = False) -> None:
-    """The tokenizer's chat template must be the ChatML one chatml_pieces writes (trainer/train_tokenizer.py):
-    compared on a probe conversation, with and without the generation prompt, and with tools=True on a tool-use
-    probe too (a template saved before tools existed fails it: scripts/update_chat_template.py writes the new one)."""
-    probes = [(CHAT_PROBE, True), (CHAT_PROBE[:3], False)] + ([(TOOL_PROBE, False)] if tools else [])
-    for probe, gen in probes:
-        template = _template(tokenizer, probe, add_generation_prompt=gen)["input_ids"]
-        if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
-            hint = (
-                " for tool use (scripts/update_chat_template.py writes the current one)" if probe is TOOL_PROBE else ""
-            )
-            raise ValueError(f"the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py{hint}")
-
-
-def check_chat_template(tokenizer, tools: bool = False) -> None:
-    """For SFT: ChatML (check_chatml), and the assistant mask needs {% generation %} in the template (without it
-    every label would be -100); chatml_pieces' mask must equal the template's (tool calls included with tools)."""
-    check_chatml(tokenizer, tools)
-    for probe in [CHAT_PROBE[:3]] + ([TOOL_PROBE] if tools else []):
-        out = _template(tokenizer, probe, return_assistant_tokens_mask=True)
-        if not any(out["assistant_masks"]):
-            raise ValueError(
-                "the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
-                "around assistant content (trainer/train_tokenizer.py writes one)"
-            )
-        if [t for _, trained in chatml_pieces(tokenizer, probe) for t in trained] != [
-            bool(m) for m in out["assistant_masks"]
-        ]:
-            raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
-
-
-def uses_tools(messages: list[dict]) -> bool:
-    """Whether a conversation has tools, tool calls or tool responses (its template must know the tool format)."""
-    return bool(messages and messages[0].get("tools")) or any(
-        m["role"] == "tool" or m.get("tool_calls") for m in messages
-    )
+# Tokenizing: ChatML ids and labels (model/chat_format.py chatml_pieces), then the truncation policy
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:

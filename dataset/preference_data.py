@@ -35,8 +35,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from dataset.chat_data import chatml_pieces, check_messages, length_bucket, to_messages, tokenize_conversation
+from dataset.chat_data import check_messages, length_bucket, to_messages, tokenize_conversation
 from dataset.records import BadRecord, SkipRecord, read_records
+from model.chat_format import chatml_pieces
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 PAIR_KEYS = (("chosen", "rejected"), ("preferred_output", "non_preferred_output"))  # the two sides, first match wins

@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from dataset.chat_data import chatml_pieces, check_chatml
+from model.chat_format import chatml_pieces, check_chatml
 from model.hub import stop_token_ids
 from model.lora import adapter_base_model, is_adapter_dir, merge_lora_weights
 from model.quantize import check_quantize_device, quantize_model
@@ -448,7 +448,7 @@ class Engine:
         max_new_tokens: int = SamplingParams.max_new_tokens,
         max_conversation_tokens: int | None = None,
     ) -> list[int]:
-        """The ChatML ids of messages plus the assistant header (dataset/chat_data.py chatml_pieces: special-token
+        """The ChatML ids of messages plus the assistant header (model/chat_format.py chatml_pieces: special-token
         text inside content stays text, so a message cannot forge a turn).
 
         When prompt + max_new_tokens exceed the context window, the oldest turns are dropped, never the system

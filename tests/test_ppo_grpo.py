@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics, tiny_checkpoint
+from tests.helpers import read_metrics, spawn_ranks, tiny_checkpoint
 from tests.helpers_preference import PROMPTS
 
 RULE = "token_ids:100-163"
@@ -171,3 +171,32 @@ def test_gsm8k_answers_are_read_by_the_gsm8k_and_exact_rules():
     assert rule_rewards(parse_rules("gsm8k"), completions).tolist() == [1, 1, 1, 0, 0, 1]
     assert rule_rewards(parse_rules("exact"), completions).tolist() == [0, 0, 1, 0, 0, 1]
     assert rule_rewards(parse_rules("gsm8k"), [Completion("72", [], answer=None)]).tolist() == [0]
+
+
+def _early_stop_worker(rank: int, kl_by_rank: list[float], target_kl: float) -> dict:
+    """One rank of spawn_ranks' gloo group: RolloutTrainer.train_step after an optimizer step whose PPO KL was
+    kl_by_rank[rank] on this rank (the shared core's step is replaced by one that reports it). Returns whether
+    the rank kept its rollout buffer, and the KL it logged."""
+    from types import SimpleNamespace
+
+    from trainer.core import Trainer
+    from trainer.rollout import RolloutTrainer
+
+    Trainer.train_step = lambda self: ({"approx_kl": torch.tensor(kl_by_rank[rank])}, 1)  # this process only
+    trainer = object.__new__(RolloutTrainer)  # only what train_step reads
+    trainer.cfg = SimpleNamespace(target_kl=target_kl)
+    trainer.distributed, trainer.world_size = True, 2
+    trainer.queue, trainer.rollout_stats = [["the next micro-batches of this rollout"]], {}
+    metrics, _ = trainer.train_step()
+    return {"kept_rollout": bool(trainer.queue), "approx_kl": float(metrics["approx_kl"])}
+
+
+@pytest.mark.slow
+def test_ppo_early_stop_is_agreed_across_ranks(tmp_path):
+    """target_kl under DDP: each rank's own KL would stop rank 1 alone in the first case and rank 0 alone in the
+    second (the stop is at 1.5 x target_kl = 0.03); on the ranks' mean KL all of them decide alike."""
+    continues = spawn_ranks(_early_stop_worker, ([0.0, 0.04], 0.02), tmp_path / "continue", timeout=120)
+    assert [r["kept_rollout"] for r in continues] == [True, True]
+    assert [r["approx_kl"] for r in continues] == pytest.approx([0.02, 0.02])
+    stops = spawn_ranks(_early_stop_worker, ([0.05, 0.02], 0.02), tmp_path / "stop", timeout=120)
+    assert [r["kept_rollout"] for r in stops] == [False, False]
