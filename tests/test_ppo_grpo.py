@@ -160,6 +160,19 @@ def test_rule_rewards():
         parse_rules("nope")
 
 
+def test_gsm8k_answers_are_read_by_the_gsm8k_and_exact_rules():
+    """GSM8K's reference answer ends with "#### N": the gsm8k rule compares numbers (after "####", in \\boxed{} or
+    the reply's last one; "1,000" is 1000), exact compares the text after "####" with the reply's final answer."""
+    from trainer.rewards import Completion, parse_rules, rule_rewards
+
+    answer = "她卖了 48 / 2 = 24 个。\n48 + 24 = 72\n#### 1,072"
+    replies = ["所以一共是 1072 个。", "答案是 \\boxed{1072}", "#### 1,072", "一共 72 个", "不知道", "答案：1,072"]
+    completions = [Completion(text, [], answer=answer) for text in replies]
+    assert rule_rewards(parse_rules("gsm8k"), completions).tolist() == [1, 1, 1, 0, 0, 1]
+    assert rule_rewards(parse_rules("exact"), completions).tolist() == [0, 0, 1, 0, 0, 1]
+    assert rule_rewards(parse_rules("gsm8k"), [Completion("72", [], answer=None)]).tolist() == [0]
+
+
 def _early_stop_worker(rank: int, kl_by_rank: list[float], target_kl: float) -> dict:
     """One rank of spawn_ranks' gloo group: RolloutTrainer.train_step after an optimizer step whose PPO KL was
     kl_by_rank[rank] on this rank (the shared core's step is replaced by one that reports it). Returns whether
