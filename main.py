@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 
+from dataset.records import UnusableFile
 from trainer.errors import ConfigError
 from trainer.stages import available_stages
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     try:
         module.run(cfg)  # checks the paths the stage needs before it builds anything
-    except ConfigError as e:
+    except (ConfigError, UnusableFile) as e:  # a usage mistake, or a data file of a layout no reader knows
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

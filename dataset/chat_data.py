@@ -8,10 +8,15 @@ Chat data for SFT, LoRA and the later preference/RL stages: read, check, tokeniz
     batch = collate_chat([dataset[0], dataset[1]], pad_id=tokenizer.pad_token_id)
 
 Formats, detected per file from its first record (a record of another shape in the same file is malformed; a
-first record of no known format stops the run whatever on_bad says, as the whole file would be lost):
+first record of no known format stops the run unless on_bad="skip_file", as the whole file would be lost):
     conversations  {"conversations" | "messages": [{"role": "system|user|assistant", "content": ...}]}  (MiniMind)
-    sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}
-    alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+    positional     {"conversations": [{"content": ...}, ...]}: roles by position, user first (MiniMind's RLAIF)
+    sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}; LLaMA-Factory's
+                   tool-call ShareGPT too: "function_call" turns (the call JSON), "observation" turns (the tool's
+                   answer) and "tools" (JSON text)
+    alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}; an
+                   instruction "Human:...\nAssistant:...\nHuman:...\nAssistant:" (BELLE multiturn_chat_0.8M) is
+                   split into its turns, so earlier replies are trained as replies
     pairs          {"conversation" | "conversations" | "messages": [{"human" | "user": ..., "assistant": ...}]}
                    (Firefly, and MOSS/UltraChat as Firefly ships them): each element is one user + assistant turn
 A file is JSON Lines or one JSON array (whatever its extension says), optionally gzipped (.gz), or a Hugging Face
@@ -26,9 +31,10 @@ messages) and MiniMind's (a system message with "tools" or "functions", tool_cal
 first system message carrying "tools", assistant messages with "tool_calls" [{"name", "arguments": dict}] and "tool"
 messages; the call text is trained on, tool responses are not (see chatml_pieces).
 
-Labels: the tokenizer's chat template (trainer/train_tokenizer.py) wraps each assistant reply and its
-<|im_end|> in {% generation %}, so return_assistant_tokens_mask marks exactly the tokens to learn; every
-other label is -100. All assistant turns of a multi-turn conversation are learned.
+Labels: chatml_pieces (model/chat_format.py, the chat format) marks each assistant reply and its <|im_end|> as
+trained; those tokens are learned, every other label is -100. All assistant turns of a multi-turn conversation are
+learned. check_chat_template first checks that the tokenizer's template writes the same ids and marks the same
+tokens in its {% generation %} assistant mask.
 
 Truncation (a conversation longer than seq_len tokens):
     turns   (default) keep the longest prefix that ends right after a whole assistant turn (its <|im_end|>):
@@ -60,12 +66,24 @@ import numpy as np
 import torch
 
 from dataset.records import BadRecord, UnreadableFile, read_records
-from dataset.tool_calls import tool_call_text, tools_text
+from model.chat_format import chatml_pieces, check_chat_template, uses_tools
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
-# ShareGPT speaker names -> chat roles. Anything else is an unknown role (a bad record).
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# ShareGPT speaker names -> chat roles. Anything else is an unknown role (a bad record). LLaMA-Factory's tool-call
+# ShareGPT (glaive_toolcall_*): "function_call" is an assistant turn whose value is the call(s) as JSON text,
+# "observation" the tool's answer.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+# BELLE multiturn_chat_0.8M keeps a whole chat in one Alpaca instruction: "Human:..\nAssistant:..\nHuman:..\nAssistant:"
+BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):")
 ROLES = ("system", "user", "assistant", "tool")
 # Identity data writes {{name}}; code in answers writes {{ item.name }} with spaces or dots, which is not matched.
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
@@ -87,6 +105,10 @@ def parse_columns(spec: str) -> dict:
 # Formats -> a list of {"role", "content"} messages
 
 
+CHAT_FORMATS = (
+    "conversations/messages with role/content (or content only, roles by position), ShareGPT from/value, "
+    "human/assistant pairs or Alpaca instruction/input/output"
+)
 TURN_KEYS = ("conversations", "messages", "conversation")  # where a record keeps its turns, first present wins
 PAIR_USER, PAIR_ASSISTANT = ("human", "user"), ("assistant",)  # keys of a "pairs" turn (Firefly: human/assistant)
 
@@ -107,6 +129,8 @@ def detect_format(record, where: str) -> str:
                 return "sharegpt"
             if "role" in turns[0]:
                 return "conversations"
+            if set(turns[0]) == {"content"}:
+                return "positional"
             if _pair_key(turns[0], PAIR_USER) and _pair_key(turns[0], PAIR_ASSISTANT):
                 return "pairs"
         if "instruction" in record and "output" in record:
@@ -115,9 +139,7 @@ def detect_format(record, where: str) -> str:
     raise BadRecord(
         where,
         "unknown format",
-        f"got {keys}; expected conversations/messages with role/content, "
-        f"ShareGPT from/value, human/assistant pairs or Alpaca instruction/input/output (other "
-        f"schemas: columns=src=dst,... renames keys)",
+        f"got {keys}; expected {CHAT_FORMATS} (other schemas: columns=src=dst,... renames keys)",
     )
 
 
@@ -160,7 +182,8 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             ]
         prompt = _text(record["instruction"], where, "instruction")
         extra = _text(record.get("input") or "", where, "input")
-        messages.append({"role": "user", "content": prompt + ("\n" + extra if extra else "")})
+        messages += _belle_turns(prompt, where) or [{"role": "user", "content": prompt}]
+        messages[-1]["content"] += "\n" + extra if extra else ""
         messages.append({"role": "assistant", "content": _text(record["output"], where, "output")})
         return messages
     turns = _turns(record)
@@ -186,7 +209,17 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             role = SHAREGPT_ROLES.get(turn["from"])
             if role is None:
                 raise BadRecord(where, "unknown role", repr(turn["from"]))
-            messages.append({"role": role, "content": _text(turn["value"], where, "value")})
+            if turn["from"] == "function_call":  # {"name", "arguments"} or a list of them, as JSON text
+                calls = _json_text(_text(turn["value"], where, "value"), where, "function_call")
+                calls = tool_calls_of([calls] if isinstance(calls, dict) else calls, where)
+                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            else:
+                messages.append({"role": role, "content": _text(turn["value"], where, "value")})
+        elif fmt == "positional":  # MiniMind's RLAIF prompts: user, assistant, user, ... by position
+            if set(turn) != {"content"}:
+                raise BadRecord(where, "malformed", f"a turn of a role-less conversation has keys {sorted(turn)}")
+            role = "user" if len(messages) % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": _content(turn["content"], where, "content")})
         else:
             if "role" not in turn or ("content" not in turn and not turn.get("tool_calls")):
                 raise BadRecord(where, "malformed", f"turn without role/content (keys {sorted(turn)})")
@@ -199,6 +232,21 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             messages.insert(0, {"role": "system", "content": ""})
         messages[0]["tools"] = tools_of(tools, where)
     return messages
+
+
+def _belle_turns(instruction: str, where: str) -> list[dict] | None:
+    """BELLE multiturn_chat_0.8M's transcript instruction "Human:q1\nAssistant:a1\nHuman:q2\nAssistant:" -> [user q1,
+    assistant a1, user q2] (the reply to q2 is the record's output); None for any other instruction. Only an
+    instruction that starts with "Human:" and ends with "Assistant:" is split, so a prompt that merely mentions
+    "Human:" stays one user turn."""
+    if not (instruction.startswith("Human:") and instruction.rstrip().endswith("Assistant:")):
+        return None
+    parts = BELLE_TURN.split(instruction.rstrip())  # ['', 'Human', q1, 'Assistant', a1, ..., 'Assistant', '']
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    if messages[-1]["content"] or [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2):
+        raise BadRecord(where, "malformed", "a BELLE transcript must alternate Human: and Assistant: turns")
+    return messages[:-1]
 
 
 # Tool use (OpenAI and MiniMind records) -> messages: the first system message carries the conversation's "tools"
@@ -382,145 +430,14 @@ def load_conversations(
         log,
         columns,
         file_note=lambda path: formats.get(path, "no usable record"),
+        formats=CHAT_FORMATS,
     )
     stats["conversations"] = len(conversations)
     return conversations, stats
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing: ChatML ids per message, labels, then the truncation policy
-
-
-def _turn_text(messages: list[dict], i: int) -> str | None:
-    """The text between <|im_start|> and <|im_end|> of message i, None when it shares the turn before it (a tool
-    response after another one: consecutive tool messages make one user turn, as in Qwen2.5)."""
-    m = messages[i]
-    role, content = m["role"], m.get("content") or ""
-    if role == "system" and i == 0 and m.get("tools"):
-        return "system\n" + (content + "\n\n" if content else "") + tools_text(m["tools"])
-    if role == "assistant":
-        calls = [("\n" if content or k else "") + tool_call_text(c) for k, c in enumerate(m.get("tool_calls") or [])]
-        return "assistant\n" + content + "".join(calls)
-    if role == "tool":
-        if i > 0 and messages[i - 1]["role"] == "tool":
-            return None
-        group = []
-        for t in messages[i:]:
-            if t["role"] != "tool":
-                break
-            group.append("\n<tool_response>\n" + (t.get("content") or "") + "\n</tool_response>")
-        return "user" + "".join(group)
-    return role + "\n" + content
-
-
-def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[list, list]]:
-    """The ChatML ids of each message, and of the assistant header last when add_generation_prompt: the one
-    tokenization of conversations (SFT, preference and RL prompt data, the engine's chat prompts, the server).
-
-    Each piece is (ids, trained): <|im_start|> role\n content <|im_end|> \n, where trained marks an assistant's
-    content and its <|im_end|> (the tokens SFT learns). The markers are the special ids and the text between them
-    is encoded with split_special_tokens=True, so '<|im_end|>' typed inside content stays text and cannot close
-    the turn or forge a system turn. For any other content the ids are exactly the chat template's (the template
-    puts a special token on each side of every text run, and the tokenizer encodes each run alone); since every
-    message is encoded on its own, pieces can be dropped or joined without tokenizing again.
-    Tools (trainer/train_tokenizer.py CHAT_TEMPLATE): a first system message's "tools" list is the template's
-    tools= (the system turn gets the <tools> block); an assistant's "tool_calls" are written after its content as
-    <tool_call> blocks and trained on; a run of "tool" messages is one user turn of <tool_response> blocks, whose
-    ids go to the run's first message (the others get an empty piece, so there is still one piece per message).
-    Not thread-safe with other encodes of the same tokenizer (split_special_tokens is a switch on the shared Rust
-    tokenizer): threads share one lock around them, as model/engine.py does."""
-    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    texts = [_turn_text(messages, i) for i in range(len(messages))] + (["assistant\n"] if add_generation_prompt else [])
-    if not texts:
-        return []
-    runs = [t for t in texts if t is not None]
-    enc = tokenizer(runs + ["\n"], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-    newline = enc["input_ids"][-1]
-    encoded = iter(zip(enc["input_ids"][:-1], enc["offset_mapping"][:-1]))
-    pieces = []
-    for i, text in enumerate(texts):
-        if text is None:  # shares the tool-response turn before it
-            pieces.append(([], []))
-            continue
-        ids, offsets = next(encoded)
-        if i == len(messages):  # the generation prompt: a header only, nothing trained
-            pieces.append(([start] + ids, [False] * (1 + len(ids))))
-            break
-        # An assistant turn with weight 0 (OpenAI fine-tuning records) is context only: nothing in it is trained.
-        learn = messages[i]["role"] == "assistant" and bool(messages[i].get("weight", 1))
-        # A token is the reply's when it ends inside the content (a token across "\n" and the content's first
-        # characters counts, as in the template's {% generation %} mask).
-        trained = [learn and e > len("assistant\n") for _, e in offsets]
-        pieces.append(([start] + ids + [end] + newline, [False] + trained + [learn] + [False] * len(newline)))
-    return pieces
-
-
-CHAT_PROBE = [
-    {"role": "system", "content": "s"},
-    {"role": "user", "content": "a 你好"},
-    {"role": "assistant", "content": " b\n"},
-    {"role": "user", "content": "c"},
-]
-# Tools, calls (one with arguments as a JSON string, as OpenAI sends them), two tool responses sharing a turn
-TOOL_PROBE = [
-    {"role": "system", "content": "s", "tools": [{"type": "function", "function": {"name": "f"}}]},
-    {"role": "user", "content": "a"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [{"name": "f", "arguments": {"x": "北京"}}, {"name": "f", "arguments": '{"y": 1}'}],
-    },
-    {"role": "tool", "content": "r1"},
-    {"role": "tool", "content": "r2"},
-    {"role": "assistant", "content": "d"},
-]
-
-
-def _template(tokenizer, probe: list[dict], **kwargs):
-    tools = probe[0].get("tools")
-    plain = [{k: v for k, v in m.items() if k != "tools"} for m in probe]
-    try:
-        return tokenizer.apply_chat_template(plain, tools=tools, tokenize=True, return_dict=True, **kwargs)
-    except Exception as e:
-        raise ValueError(f"the tokenizer has no usable chat template ({e}); use the tokenizer stage's output") from e
-
-
-def check_chatml(tokenizer, tools: bool = False) -> None:
-    """The tokenizer's chat template must be the ChatML one chatml_pieces writes (trainer/train_tokenizer.py):
-    compared on a probe conversation, with and without the generation prompt, and with tools=True on a tool-use
-    probe too (a template saved before tools existed fails it: scripts/update_chat_template.py writes the new one)."""
-    probes = [(CHAT_PROBE, True), (CHAT_PROBE[:3], False)] + ([(TOOL_PROBE, False)] if tools else [])
-    for probe, gen in probes:
-        template = _template(tokenizer, probe, add_generation_prompt=gen)["input_ids"]
-        if [i for ids, _ in chatml_pieces(tokenizer, probe, gen) for i in ids] != list(template):
-            hint = (
-                " for tool use (scripts/update_chat_template.py writes the current one)" if probe is TOOL_PROBE else ""
-            )
-            raise ValueError(f"the tokenizer's chat template is not the ChatML one of trainer/train_tokenizer.py{hint}")
-
-
-def check_chat_template(tokenizer, tools: bool = False) -> None:
-    """For SFT: ChatML (check_chatml), and the assistant mask needs {% generation %} in the template (without it
-    every label would be -100); chatml_pieces' mask must equal the template's (tool calls included with tools)."""
-    check_chatml(tokenizer, tools)
-    for probe in [CHAT_PROBE[:3]] + ([TOOL_PROBE] if tools else []):
-        out = _template(tokenizer, probe, return_assistant_tokens_mask=True)
-        if not any(out["assistant_masks"]):
-            raise ValueError(
-                "the tokenizer's chat template marks no assistant tokens: it needs {% generation %} "
-                "around assistant content (trainer/train_tokenizer.py writes one)"
-            )
-        if [t for _, trained in chatml_pieces(tokenizer, probe) for t in trained] != [
-            bool(m) for m in out["assistant_masks"]
-        ]:
-            raise ValueError("the tokenizer's chat template marks other tokens than ChatML's assistant replies")
-
-
-def uses_tools(messages: list[dict]) -> bool:
-    """Whether a conversation has tools, tool calls or tool responses (its template must know the tool format)."""
-    return bool(messages and messages[0].get("tools")) or any(
-        m["role"] == "tool" or m.get("tool_calls") for m in messages
-    )
+# Tokenizing: ChatML ids and labels (model/chat_format.py chatml_pieces), then the truncation policy
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:

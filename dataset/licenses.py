@@ -4,6 +4,7 @@ The licenses training data declares, read from what downloads carry, for the mod
     from dataset.licenses import shard_licenses, file_licenses
     shard_licenses("dataset/shards")          # meta.json: the license of each source the shards were cut from
     file_licenses("a.parquet,sft/,x/*.jsonl")  # chat / preference / prompt files, as data_path names them
+    card_licenses("out/pretrain/final")       # what a checkpoint's own card recorded (model/hub.py writes it)
 
 A file's licenses come from the metadata beside it, never from its rows:
     dataset_info.json   `datasets` writes it into a save_to_disk folder and beside the .arrow files of its cache;
@@ -19,6 +20,7 @@ import os
 
 from dataset.table_files import dataset_card
 from dataset.text_sources import expand_paths
+from model.hub import CARD_LICENSES_KEY
 
 
 def front_matter(path: str) -> dict:
@@ -106,3 +108,12 @@ def shard_licenses(data_dir: str) -> list[str]:
             v.strip() for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v.strip()
         )
     return sorted(found)
+
+
+def card_licenses(model_dir: str) -> list[str]:
+    """The data licenses a checkpoint's own card records (front matter CARD_LICENSES_KEY): those of everything it
+    was trained on, its base models included, so a fine-tune's card lists its pretraining data's licenses too."""
+    if not model_dir:
+        return []
+    value = front_matter(os.path.join(model_dir, "README.md")).get(CARD_LICENSES_KEY)
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

@@ -5,7 +5,8 @@ Field names follow transformers' LlamaConfig so that a dense SLM checkpoint is a
 slm_to_llama_config() gives the equivalent LlamaConfig (scripts/export_llama.py writes it next to the unchanged
 weights). Presets live in config/model/*.json:
     from model import SLMConfig
-    cfg = SLMConfig.from_json_file("config/model/small.json")
+    cfg = SLMConfig.from_preset("small", max_position_embeddings=1024)  # or a JSON path; keyword overrides
+from_preset refuses a misspelled key; transformers' from_json_file would keep `hiden_size` as a stray attribute.
 """
 
 import dataclasses

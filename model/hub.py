@@ -8,15 +8,13 @@ What makes a saved folder usable by any Hugging Face tool as it is, outside this
   from anywhere;
 - file modes other accounts can read (a docker or ollama service user): safetensors writes its files 0600;
 - a model card (README.md) saying what the model is, how it was trained, its eval numbers when known, and the
-  license fields of the data it saw.
+  license fields of the data it saw (passed in: dataset/licenses.py reads them from the data and from base cards).
 """
 
 import json
 import os
 import re
 import stat
-
-from dataset.licenses import front_matter
 
 END_OF_TURN = "<|im_end|>"
 
@@ -74,18 +72,41 @@ def _parameters(config) -> str:
 CARD_LICENSES_KEY = "training_data_licenses"  # front matter key: what the next stage's card carries forward
 
 
-def card_licenses(model_dir: str) -> list[str]:
-    """The data licenses a checkpoint's own card records (front matter CARD_LICENSES_KEY): those of everything it
-    was trained on, its base models included, so a fine-tune's card lists its pretraining data's licenses too."""
-    if not model_dir:
-        return []
-    value = front_matter(os.path.join(model_dir, "README.md")).get(CARD_LICENSES_KEY)
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
 def is_hub_id(name: str) -> bool:
     """`owner/name` that is no local path: what the Hub's `base_model:` field expects."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name) and not name.startswith(".")
+
+
+def publish_lines(path: str) -> list[str]:
+    """The card's "Publish" section: the commands that upload this folder to the Hugging Face Hub (directly, or
+    through the hf-mirror.com endpoint from mainland China) and to ModelScope. <your-name> is the one blank left."""
+    path = os.path.normpath(path).removesuffix(".tmp")  # trainer/checkpoint.py writes final/ as final.tmp, renamed
+    repo = f"<your-name>/{_repo_name(path)}"
+    return [
+        "## Publish",
+        "",
+        "```bash",
+        "# Hugging Face Hub (huggingface_hub >= 0.34 also names the command `hf upload`)",
+        'pip install -U "huggingface_hub[cli]" && huggingface-cli login',
+        f"huggingface-cli upload {repo} {path} .",
+        "# the same through the mirror, from mainland China",
+        f"HF_ENDPOINT=https://hf-mirror.com huggingface-cli upload {repo} {path} .",
+        "# ModelScope (an SDK token from modelscope.cn/my/myaccesstoken)",
+        "pip install -U modelscope && modelscope login --token <your-token>",
+        f"modelscope upload {repo} {path}",
+        "```",
+        "",
+    ]
+
+
+def _repo_name(path: str) -> str:
+    """A Hub repo name for a checkpoint folder: out/sft/final -> milli-chat-sft (a stage's final/ or step_N/ says
+    little), any other folder keeps its own name."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    name = parts[-1]
+    if (name == "final" or name.startswith("step_")) and len(parts) > 1:
+        name = f"milli-chat-{parts[-2]}"
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "milli-chat"
 
 
 def write_model_card(
@@ -163,16 +184,20 @@ def write_model_card(
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
+        'path = "."  # this folder: run from inside it, or put its path or Hub id here',  # true wherever it moves
         "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # code ships in the folder",
-        'ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,',
-        '                              return_tensors="pt")',
-        "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+        'inputs = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,',
+        '                                 return_tensors="pt", return_dict=True)',
+        'reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]',
+        "print(tok.decode(reply, skip_special_tokens=True))",
         "```",
         "",
-        "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`).",
+        "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`, which writes "
+        "an ollama Modelfile beside the file).",
         "",
     ]
+    lines += publish_lines(path)
     card = os.path.join(path, "README.md")
     with open(card, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

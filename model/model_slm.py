@@ -7,7 +7,7 @@ model.layers.N.self_attn.q_proj, mlp.gate_proj, input_layernorm, model.norm, lm_
 checkpoint is a Llama checkpoint (scripts/export_llama.py only rewrites config.json).
 
     from model import SLMConfig, SLMForCausalLM
-    model = SLMForCausalLM(SLMConfig.from_json_file("config/model/tiny.json"))
+    model = SLMForCausalLM(SLMConfig.from_preset("tiny"))  # config/model/tiny.json, strictly read
     out = model(input_ids, labels=input_ids)       # out.loss, out.logits, out.aux_loss
 """
 
@@ -49,11 +49,10 @@ class SLMRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise.
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(input_dtype)
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise. F.rms_norm is
+        # x * rsqrt(mean(x^2) + eps) as one op (bit-identical on the CPU), not five: 17 norms per decode step.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(x.dtype)
 
 
 class SLMRotaryEmbedding(nn.Module):
@@ -77,7 +76,10 @@ class SLMRotaryEmbedding(nn.Module):
         # position_ids (B, T) -> freqs (B, T, hd/2) -> cos, sin (B, T, hd), computed in fp32
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # Under autocast, in the dtype the projections give q and k: cast once here, not in every layer.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +88,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads. cos/sin take q's dtype (already theirs
+    # from SLMRotaryEmbedding under autocast, where fp32 cos/sin would turn q and k fp32 beside a bf16 v, and
+    # FlexAttention of torch 2.9 refuses that: "query, key, and value ... same dtype").
+    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
@@ -340,7 +344,12 @@ class SLMModel(SLMPreTrainedModel):
         B, T, _ = x.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_len = int(cache.get_seq_length()) if cache is not None else 0  # tokens already in the cache
+        full_mask = attention_mask is not None and attention_mask.dim() == 4
+        # Tokens already in the cache; not read when the caller gives positions and the full mask (a compiled decode
+        # step would otherwise be specialised on a number that changes every token).
+        past_len = (
+            int(cache.get_seq_length()) if cache is not None and not (full_mask and position_ids is not None) else 0
+        )
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device) + past_len).unsqueeze(0).expand(B, -1)
         if document_ids is not None and (cache is not None or attention_mask is not None):
@@ -349,7 +358,7 @@ class SLMModel(SLMPreTrainedModel):
         # T positions (training, or prefill into an empty cache); otherwise build an explicit boolean mask.
         kv_len = int(cache.get_mask_sizes(T, 0)[0]) if cache is not None else T  # static caches are longer
         mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
+        if full_mask:
             # Already a full (B, 1, q, kv) mask, as generate() prepares for static caches: True/0.0 = attend.
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         elif may_be_padded(attention_mask) or (past_len != 0 and T > 1) or kv_len != past_len + T:
@@ -406,6 +415,11 @@ class SLMCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (already added to `loss`, times its coef)
 
 
+# The outputs' cache field is `cache` in the transformers we require and `past_key_values` in older 5.x (5.17, on the
+# GPU image); generate() reads the cache back from whichever field its outputs have.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -439,6 +453,7 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
         loss_chunk: with labels, compute the loss from the hidden states this many tokens at a time, so the
         (tokens x vocab) logits never exist whole (see ChunkedLinearCrossEntropy); logits are then not returned.
         document_ids: packed rows (see SLMModel.forward); the weights are a plain Llama's either way."""
+        cache = kwargs.pop("past_key_values", cache)  # what generate() of older 5.x passes (see OUTPUT_CACHE_FIELD)
         hidden, cache, aux_loss = self.model(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, document_ids
         )
@@ -457,7 +472,7 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
         if has_labels and self.config.use_moe:
             loss = loss + self.config.router_aux_loss_coef * aux_loss
         return SLMCausalLMOutput(
-            loss=loss, logits=logits, cache=cache, aux_loss=aux_loss if self.config.use_moe else None
+            loss=loss, logits=logits, aux_loss=aux_loss if self.config.use_moe else None, **{OUTPUT_CACHE_FIELD: cache}
         )
 
 
@@ -602,7 +617,7 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
                 if self.num_labels == 1
                 else F.cross_entropy(pooled.float(), labels)
             )
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=cache)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, **{OUTPUT_CACHE_FIELD: cache})
 
 
 __all__ = ["SLMModel", "SLMForCausalLM", "SLMForSequenceClassification", "SLMPreTrainedModel"]

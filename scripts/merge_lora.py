@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from model.hub import card_licenses, make_readable, set_generation_defaults, write_model_card  # noqa: E402
+from dataset.licenses import card_licenses  # noqa: E402
+from model.hub import make_readable, set_generation_defaults, write_model_card  # noqa: E402
 from model.lora import adapter_base_model, merge_lora_weights, read_adapter_config  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
 

@@ -7,7 +7,7 @@ An OpenAI-compatible chat server for a Milli-Chat checkpoint, standard library o
 
 Endpoints: POST /v1/chat/completions (plain JSON, or "stream": true as server-sent events ending with [DONE]),
 GET /v1/models, and a one-page web chat at /. Tools: "tools" (tool_choice auto or none) go into the prompt in the
-chat template's format (dataset/tool_calls.py), and <tool_call> blocks in the reply come back as OpenAI tool_calls
+chat template's format (model/chat_format.py), and <tool_call> blocks in the reply come back as OpenAI tool_calls
 with finish_reason "tool_calls" (streamed: the reply is held back and sent at its end). Any OpenAI client works:
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
 
@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
 from dataset.chat_data import BadRecord, tool_calls_of, tools_of
-from dataset.tool_calls import parse_tool_calls
+from model.chat_format import parse_tool_calls
 from model.engine import CHAT_SAMPLING, Engine, SamplingParams
 from scripts.chat_terminal import add_sampling_args, add_threads_arg, apply_threads, resolve_model, sampling_from_args
 
@@ -162,7 +162,7 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
             400, "one optional system message first, and the last message must not be the assistant's", "messages"
         )
     tools = _tools(body)
-    if tools:  # the template's tools= rides on the system message (dataset/chat_data.py chatml_pieces)
+    if tools:  # the template's tools= rides on the system message (model/chat_format.py chatml_pieces)
         if clean[0]["role"] != "system":
             clean.insert(0, {"role": "system", "content": ""})
         clean[0]["tools"] = tools

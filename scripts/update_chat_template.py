@@ -1,6 +1,6 @@
 """
-Write the current chat template (trainer/train_tokenizer.py CHAT_TEMPLATE, with tool use) into tokenizer folders
-saved before it, e.g. out/tokenizer or a checkpoint's final/; nothing else in them changes.
+Write the current chat template (model/chat_format.py CHAT_TEMPLATE, with tool use and OpenAI content parts) into
+tokenizer folders saved before it, e.g. out/tokenizer or a checkpoint's final/; nothing else in them changes.
 
     python scripts/update_chat_template.py out/tokenizer out/sft/run1/final
 """

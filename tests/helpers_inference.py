@@ -7,8 +7,8 @@ The tokenizer has the project's special tokens at the project's ids (0 <|endofte
 import os
 import random
 
+from model.chat_format import CHAT_TEMPLATE
 from tests.helpers import tiny_model
-from trainer.train_tokenizer import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 

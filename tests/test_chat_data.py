@@ -19,9 +19,6 @@ from dataset.chat_data import (
     IGNORE,
     BadRecord,
     ChatDataset,
-    chatml_pieces,
-    check_chat_template,
-    check_chatml,
     collate_chat,
     length_bucket,
     load_conversations,
@@ -31,6 +28,7 @@ from dataset.chat_data import (
     truncate,
 )
 from dataset.preference_data import prompt_ids
+from model.chat_format import chatml_pieces, check_chat_template, check_chatml
 
 SYSTEM = "你是一个乐于助人的助手。"
 SINGLE = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京是中国的首都。"}]
@@ -470,6 +468,46 @@ def test_without_tools_the_template_renders_as_before(tok):
             )
 
 
+def as_content_parts(conv: list[dict], rng) -> list[dict]:
+    """conv with some contents as OpenAI content parts: the text cut in two text parts, sometimes an image between."""
+    out = []
+    for m in conv:
+        content = m.get("content")
+        if isinstance(content, str) and rng.random() < 0.6:
+            cut = rng.randint(0, len(content))
+            parts = [{"type": "text", "text": content[:cut]}, {"type": "text", "text": content[cut:]}]
+            if rng.random() < 0.3:
+                parts.insert(1, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def test_content_parts_render_as_their_joined_text(tok):
+    """OpenAI content parts (issue 24: the template crashed on them in transformers and llama.cpp) render as their
+    text parts joined, other parts left out, in the template and in chatml_pieces alike, with and without tools."""
+    rng = random.Random(2)
+    for k in range(80):
+        conv = random_tool_conversation(rng)
+        if k % 2:
+            conv = [
+                {f: v for f, v in m.items() if f not in ("tools", "tool_calls")} for m in conv if m["role"] != "tool"
+            ]
+        tools = conv[0].get("tools")
+        parted = as_content_parts(conv, rng)
+        for messages in (conv, parted):
+            plain = [{f: v for f, v in m.items() if f != "tools"} for m in messages]
+            out = tok.apply_chat_template(
+                plain, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids, mask = flat(chatml_pieces(tok, messages))
+            assert ids == list(out["input_ids"]) and mask == [bool(m) for m in out["assistant_masks"]]
+            if messages is conv:
+                joined = ids
+        assert ids == joined  # the parts of a content say exactly what its string says
+    check_chat_template(tok, tools=True, content_parts=True)
+
+
 def test_old_template_passes_plain_checks_and_fails_the_tool_probe(tok):
     new = tok.chat_template
     try:
@@ -477,6 +515,8 @@ def test_old_template_passes_plain_checks_and_fails_the_tool_probe(tok):
         check_chat_template(tok)
         with pytest.raises(ValueError, match="update_chat_template"):
             check_chatml(tok, tools=True)
+        with pytest.raises(ValueError, match="cannot render content parts .*update_chat_template"):
+            check_chatml(tok, content_parts=True)
     finally:
         tok.chat_template = new
 
@@ -591,7 +631,7 @@ def test_bad_tool_records_are_refused(tmp_path, turns, reason):
             {"messages": turns + [{"role": "assistant", "content": "b"}]},
         ],
     )
-    _, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
+    _, stats = load_conversations(path, on_bad="skip_file", log=lambda *a: None)  # nothing usable: let it go
     assert stats[f"skip:{reason}"] == 1
 
 
@@ -613,5 +653,5 @@ def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokeni
     script = Path(__file__).resolve().parents[1] / "scripts" / "update_chat_template.py"
     subprocess.run([sys.executable, str(script), old], check=True, capture_output=True)
     updated = AutoTokenizer.from_pretrained(old)
-    check_chat_template(updated, tools=True)
+    check_chat_template(updated, tools=True, content_parts=True)
     assert updated.get_vocab() == tok.get_vocab()

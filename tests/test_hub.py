@@ -27,7 +27,7 @@ def write_pretraining_card(path: str, *, shards: str, license: str) -> None:
     from trainer.pretrain import Config
 
     os.makedirs(shards, exist_ok=True)
-    with open(os.path.join(shards, "meta.json"), "w") as f:
+    with open(os.path.join(shards, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"sources": [{"path": "wiki.jsonl", "license": license}, {"path": "mine.txt"}]}, f)
     write_card(
         path,
@@ -74,12 +74,12 @@ def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_mode
         "tokenizer.json",
         "README.md",
     } <= files
-    config = json.load(open(os.path.join(chat_model, "config.json")))
+    config = json.load(open(os.path.join(chat_model, "config.json"), encoding="utf-8"))
     assert config["auto_map"] == {
         "AutoConfig": "configuration_slm.SLMConfig",
         "AutoModelForCausalLM": "model_slm.SLMForCausalLM",
     }
-    gen = json.load(open(os.path.join(chat_model, "generation_config.json")))
+    gen = json.load(open(os.path.join(chat_model, "generation_config.json"), encoding="utf-8"))
     assert gen["eos_token_id"] == [0, 2] and gen["pad_token_id"] == 3  # <|endoftext|>, <|im_end|>; <|pad|>
     for name in files:
         mode = stat.S_IMODE(os.stat(os.path.join(chat_model, name)).st_mode)
@@ -88,7 +88,7 @@ def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_mode
     assert card.startswith("---\nlibrary_name: transformers") and "the `sft` stage" in card
     assert "optimizer steps: 40" in card and "trust_remote_code=True" in card
     # the SFT data's license (dataset_info.json) and the base's pretraining license, carried through init_from
-    from model.hub import card_licenses
+    from dataset.licenses import card_licenses
 
     assert card_licenses(chat_model) == ["Apache 2.0", "CC-BY-SA-4.0"]
     assert "Licenses recorded for the training data: Apache 2.0; CC-BY-SA-4.0." in card
@@ -98,8 +98,7 @@ def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_mode
 
 
 def test_card_reads_licenses_from_shards_and_what_downloads_carry(tmp_path, tiny_tokenizer_dir):
-    from dataset.licenses import file_licenses
-    from model.hub import card_licenses
+    from dataset.licenses import card_licenses, file_licenses
     from tests.helpers import tiny_checkpoint
 
     base = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "base"))
@@ -189,6 +188,29 @@ def test_stock_transformers_in_a_fresh_process(chat_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_card_use_code_runs_as_printed_in_a_fresh_process(chat_model, tmp_path):
+    """The card's "Use" block, cut from final/README.md and run unchanged from inside the folder (as its comment
+    says), where the repository is not importable, prints the model's greedy reply (generate()'s text here)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    card = open(os.path.join(chat_model, "README.md"), encoding="utf-8").read()
+    code = card.split("## Use\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=chat_model, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32)
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1] :]
+    expected = tok.decode(reply, skip_special_tokens=True)
+    assert expected.strip() and proc.stdout.rstrip("\n") == expected
+
+
+@pytest.mark.slow
 def test_lm_eval_scores_the_native_folder(tiny_tokenizer_dir, tmp_path):
     """`lm_eval --model hf --model_args pretrained=<final/>,trust_remote_code=True` loads a native folder through
     its auto_map and gives every log-likelihood our eval stage's scorer gives (tests/test_eval.py checks the same on
@@ -229,3 +251,20 @@ def test_lm_eval_scores_the_native_folder(tiny_tokenizer_dir, tmp_path):
     assert [s["doc_id"] for s in theirs] == [0, 1]
     for a, b in zip(ours, (s["lls"] for s in theirs)):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_card_gives_the_upload_lines_for_the_hub_its_mirror_and_modelscope(tmp_path):
+    """The card's Publish section names the folder as it will be (final/, not the final.tmp it is written in) and a
+    repo name that says the stage, in the three upload commands users copy."""
+    from model.hub import write_model_card
+    from tests.helpers import tiny_config
+
+    folder = tmp_path / "out" / "sft" / "final.tmp"
+    folder.mkdir(parents=True)
+    card = open(write_model_card(str(folder), config=tiny_config(), stage="sft", training={}), encoding="utf-8").read()
+    final = str(tmp_path / "out" / "sft" / "final")
+    assert "## Publish" in card and ".tmp" not in card.split("## Publish")[1]
+    assert f"\nhuggingface-cli upload <your-name>/milli-chat-sft {final} .\n" in card
+    assert f"\nHF_ENDPOINT=https://hf-mirror.com huggingface-cli upload <your-name>/milli-chat-sft {final} .\n" in card
+    assert f"\nmodelscope upload <your-name>/milli-chat-sft {final}\n" in card and "modelscope login --token" in card
+    assert "ollama Modelfile" in card

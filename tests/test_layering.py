@@ -1,10 +1,10 @@
 """
 The library layers import downwards only (STYLE.md, "Library code never imports an entry point"):
-    model/    never imports trainer/, main.py, scripts/ (or bench/, tests/); the inference engine may read the chat
-              format from dataset/, but the files that ship inside every checkpoint (configuration_slm.py,
-              model_slm.py, attention.py: trust_remote_code loads them without this repository) import only
-              each other
-    dataset/  never imports trainer/, model/, main.py, scripts/ (or bench/, tests/)
+    model/    never imports dataset/, trainer/, main.py, scripts/ (or bench/, tests/); the files that ship inside
+              every checkpoint (configuration_slm.py, model_slm.py, attention.py: trust_remote_code loads them
+              without this repository) import only each other
+    dataset/  never imports trainer/, main.py, scripts/ (or bench/, tests/); it reads the model's chat format
+              (model/chat_format.py) and the key its cards record licenses under (model/hub.py)
     trainer/  never imports main.py, scripts/ (or bench/, tests/)
 Checked by parsing every file's imports (ast), including imports inside functions and importlib.import_module
 calls with a literal name, so a lazy import cannot hide a wrong direction.
@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"main", "scripts", "bench", "tests"}
 FORBIDDEN = {
-    "model": ENTRY_POINTS | {"trainer"},
-    "dataset": ENTRY_POINTS | {"trainer", "model"},
+    "model": ENTRY_POINTS | {"trainer", "dataset"},
+    "dataset": ENTRY_POINTS | {"trainer"},
     "trainer": ENTRY_POINTS,
 }
 

@@ -163,7 +163,7 @@ def test_merged_and_adapter_folders_are_readable_and_carry_a_card(base_dir, trai
     """safetensors writes 0600; every file of an adapter folder and of a merged one must have the mode a plain file
     gets under the user's umask (0644 under 022), so a docker/ollama service account can read them. The merged
     folder is an ordinary checkpoint: a card carrying the adapter's data licenses, <|im_end|> as a stop id."""
-    from model.hub import card_licenses
+    from dataset.licenses import card_licenses
     from scripts.merge_lora import main as merge_main
 
     trained_adapter = trained["root"] / "straight" / "final"
@@ -204,7 +204,9 @@ def test_auto_peft_loads_the_adapter_from_another_directory(base_dir, trained, t
 
     adapter = str(trained["root"] / "straight" / "final")
     assert os.path.isabs(
-        json.loads(open(os.path.join(adapter, "adapter_config.json")).read())["base_model_name_or_path"]
+        json.loads(open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8").read())[
+            "base_model_name_or_path"
+        ]
     )
     ids = [1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]
     code = (

@@ -1,18 +1,36 @@
 """
 The one runtime policy (model/runtime.py): which dtype each GPU gets (faked device properties, so it runs on a CPU),
-the dtype vocabulary, the one checkpoint loader and its errors, and that training, the engine and frozen reference
-models give the same answer.
+which dtype Muon's Newton-Schulz runs in (faked GPUs and CPU features), the dtype vocabulary, the one checkpoint
+loader and its errors, and that training, the engine and frozen reference models give the same answer.
 
     python -m pytest tests/test_runtime.py
 """
 
 import pathlib
+import platform
 import re
+import sys
 
 import pytest
 import torch
 
-from model.runtime import auto_dtype, dtype_name, load_pretrained, resolve_device, resolve_dtype
+from model.runtime import (
+    auto_device_type,
+    auto_dtype,
+    autocast_context,
+    compiles,
+    copies_async,
+    cpu_flags,
+    dtype_name,
+    fuses_adamw,
+    load_pretrained,
+    newton_schulz_dtype,
+    newton_schulz_dtype_for,
+    pins_memory,
+    resolve_device,
+    resolve_dtype,
+    scales_loss,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,6 +73,47 @@ def test_bad_names_are_errors_that_list_the_choices():
 def test_bf16_on_a_t4_warns_that_it_is_emulated():
     with pytest.warns(UserWarning, match="emulated"):
         assert resolve_dtype("bf16", torch.device("cuda"), capability=(7, 5)) == torch.bfloat16
+
+
+# (device, CUDA capability, torch's CPU capability, CPU flags, Muon's Newton-Schulz dtype)
+ZEN4_FLAGS = frozenset({"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"})  # AMD EPYC 9004, Ryzen 7000
+NEWTON_SCHULZ_DEVICES = [
+    ("T4", "cuda", (7, 5), "", frozenset(), torch.float16),
+    ("V100", "cuda", (7, 0), "", frozenset(), torch.float16),
+    ("A100", "cuda", (8, 0), "", frozenset(), torch.bfloat16),
+    ("H100", "cuda", (9, 0), "", frozenset(), torch.bfloat16),
+    ("Zen 4 (AVX512_BF16)", "cpu", None, "AVX512", ZEN4_FLAGS, torch.bfloat16),
+    ("Sapphire Rapids (AMX)", "cpu", None, "AVX512", frozenset({"avx512f", "amx_tile", "amx_bf16"}), torch.bfloat16),
+    ("Skylake-SP (AVX512, no bf16)", "cpu", None, "AVX512", frozenset({"avx2", "avx512f", "avx512bw"}), torch.float32),
+    ("laptop (AVX2 only)", "cpu", None, "AVX2", frozenset({"avx2", "fma"}), torch.float32),
+    ("Zen 4 under ATEN_CPU_CAPABILITY=avx2", "cpu", None, "AVX2", ZEN4_FLAGS, torch.float32),
+    ("ARM (no x86 flags)", "cpu", None, "SVE256", frozenset(), torch.float32),
+    ("Apple GPU", "mps", None, "", frozenset(), torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "name,device_type,capability,cpu_capability,flags,expected",
+    NEWTON_SCHULZ_DEVICES,
+    ids=[d[0] for d in NEWTON_SCHULZ_DEVICES],
+)
+def test_newton_schulz_dtype_is_the_fastest_native_format(
+    name, device_type, capability, cpu_capability, flags, expected
+):
+    assert newton_schulz_dtype(device_type, capability, cpu_capability, flags) == expected
+
+
+def test_newton_schulz_dtype_for_reads_the_machines_facts(monkeypatch):
+    import model.runtime
+
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert "sse2" in cpu_flags()  # every x86-64 CPU has it: the flags line was found and split
+    monkeypatch.setattr(model.runtime, "cpu_flags", lambda: ZEN4_FLAGS)
+    for cpu_capability, expected in (("AVX512", torch.bfloat16), ("AVX2", torch.float32)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cpu_capability: c)
+        assert newton_schulz_dtype_for(torch.device("cpu")) == expected
+    monkeypatch.setattr(model.runtime, "cuda_capability", lambda device: (7, 5))
+    assert newton_schulz_dtype_for(torch.device("cuda")) == torch.float16
 
 
 def test_no_other_copy_of_the_dtype_policy():
@@ -276,3 +335,54 @@ def test_threads_is_a_setting_of_every_training_stage_and_the_demo():
     from trainer.pipeline import Config
 
     assert TrainConfig().threads == 0 and Config().threads == 0
+
+
+# -----------------------------------------------------------------------------
+# Apple Silicon: device=auto finds MPS, and every per-device choice is a function of the device alone, so a faked
+# torch.device("mps") on this CPU runs the very code a Mac runs
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+def test_auto_device_is_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
+    assert auto_device_type(cuda, mps) == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device("mps") == torch.device("mps")  # explicit, whatever the machine
+
+
+def test_per_device_policy_on_a_faked_mac_gpu():
+    from model.attention import attention_plan, device_capability
+
+    mps, cpu, cuda = torch.device("mps"), torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", mps) == torch.float32  # fp32 by default on MPS (module docstring)
+    assert autocast_context(mps, torch.float32).fast_dtype is not None  # constructs; enabled=False for fp32
+    assert not autocast_context(mps, torch.float32)._enabled
+    assert (pins_memory(mps), copies_async(mps), fuses_adamw(mps)) == (False, False, True)
+    assert (pins_memory(cuda), copies_async(cuda), fuses_adamw(cuda)) == (True, True, True)
+    assert (pins_memory(cpu), copies_async(cpu), fuses_adamw(cpu)) == (False, False, True)
+    assert scales_loss(torch.float16) and not scales_loss(torch.float32) and not scales_loss(torch.bfloat16)
+    with pytest.warns(UserWarning, match="MPS"):
+        assert compiles(mps, True) is False
+    assert compiles(mps, False) is False and compiles(cpu, True) and compiles(cuda, True)
+    # the attention plan: no CUDA capability on MPS, so the CPU's plan (read without touching torch.cuda)
+    assert device_capability(mps) is None
+    for has_mask, is_causal in ((False, True), (True, False)):
+        kwargs = dict(has_mask=has_mask, is_causal=is_causal, n_heads=4, n_kv_heads=2, head_dim=32)
+        assert attention_plan(device_capability(mps), torch.float32, **kwargs) == attention_plan(
+            None, torch.float32, **kwargs
+        )
+
+
+def test_no_device_branch_for_mps_outside_the_runtime_policy():
+    """An MPS-only branch elsewhere would be code the CPU tests never run: every Apple choice lives in runtime.py."""
+    offenders = []
+    for folder in ("model", "trainer", "dataset", "scripts"):
+        for path in (ROOT / folder).glob("*.py"):
+            if path.name == "runtime.py":
+                continue
+            if re.search(r"[\"']mps[\"']|backends\.mps", path.read_text(encoding="utf-8")):
+                offenders.append(path.name)
+    assert offenders == []

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from dataset.licenses import file_licenses, shard_licenses
-from model.hub import card_licenses, make_readable, write_model_card
+from dataset.licenses import card_licenses, file_licenses, shard_licenses
+from model.hub import make_readable, write_model_card
 from model.lora import is_adapter_dir
 from model.runtime import dtype_name
 from trainer.common import print0, seed_rngs
@@ -151,7 +151,7 @@ def write_checkpoint(path: str, *, write_weights: Callable[[str], None], state: 
     write_checksums(tmp)  # last: a dir with a manifest is whole, and its files are as they were written
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+    with open(os.path.join(out_dir, "latest.tmp"), "w", encoding="utf-8") as f:
         f.write(os.path.basename(path) + "\n")
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     prune_checkpoints(out_dir, keep_last)

@@ -386,7 +386,7 @@ class TrainConfig:
     muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 = off
     # --- system ---
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU) | bf16 | fp16
     #                      | fp32
     compile: bool = False  # torch.compile the model

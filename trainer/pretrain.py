@@ -29,13 +29,20 @@ class Config(TrainConfig):
     # batch_size / global_batch_size count windows of seq_len tokens
     batch_unit: ClassVar[str] = "sequences"
     unused: ClassVar[dict[str, str]] = {"data_path": "pretraining reads token shards from data_dir"}
-    bounds: ClassVar[dict[str, Bound]] = {"sample_tokens": at_least(0), "vocab_size": at_least(0)}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "sample_tokens": at_least(0),
+        "vocab_size": at_least(0),
+        "max_position_embeddings": at_least(0),
+    }
     paths: ClassVar[dict[str, str]] = {"data_dir": "dir"}
     out_dir: str = "out/pretrain"
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval
     sample_tokens: int = 32  # new tokens per sample (0 = no samples)
     vocab_size: int = 0  # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
+    # 0 = the preset's; the context the model is built for, which may exceed seq_len (RoPE adds no weights): the demo
+    # trains on 128 tokens but serves prompts with a tools block of ~560
+    max_position_embeddings: int = 0
 
 
 class PretrainTrainer(Trainer):
@@ -43,9 +50,10 @@ class PretrainTrainer(Trainer):
     supports_fsdp = True
 
     def build_model(self):
-        if self.cfg.init_from or not self.cfg.vocab_size:
+        overrides = {k: getattr(self.cfg, k) for k in ("vocab_size", "max_position_embeddings") if getattr(self.cfg, k)}
+        if self.cfg.init_from or not overrides:
             return super().build_model()
-        return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config, vocab_size=self.cfg.vocab_size))
+        return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config, **overrides))
 
     def build_data(self):
         cfg = self.cfg
@@ -102,7 +110,8 @@ class PretrainTrainer(Trainer):
         # generate the same greedy samples and rank 0 prints them.
         if (not self.master and not self.fsdp) or self.cfg.sample_tokens <= 0:
             return
-        engine = Engine(self.raw_model, self.tokenizer, device=self.device)  # restores train mode afterwards
+        # Restores train mode afterwards. Eager: a few short samples per eval would not pay for a compiled step.
+        engine = Engine(self.raw_model, self.tokenizer, device=self.device, compile=False)
         prompts = [p for p in self.cfg.sample_prompts.split(",") if p]
         with self.autocast:
             outputs = engine.generate(

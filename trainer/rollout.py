@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from dataset.batches import IndexBatches
 from dataset.chat_data import parse_columns
@@ -33,7 +34,7 @@ class RLConfig(TrainConfig):
         "eval_every": "rollout stages have no validation set (rollout statistics are logged every step)",
         "eval_batches": "rollout stages have no validation set",
     }
-    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
+    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error", "skip_file")}
     bounds: ClassVar[dict[str, Bound]] = {
         "max_new_tokens": at_least(1),
         "temperature": at_least(0),  # 0 = greedy replies (model/engine.py)
@@ -70,7 +71,7 @@ class RLConfig(TrainConfig):
     clip_eps: float = 0.2  # PPO ratio clip
     kl_coef: float = 0.05  # weight of the KL to the reference
     target_kl: float = 0.0  # stop the epochs over a rollout early when approx KL(old || new) passes 1.5x this
-    on_bad_record: str = "skip"
+    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
     max_samples: int = 0  # prompts read per file; 0 = all
     warmup_steps: int = 0
     lr: float = 1e-6
@@ -223,8 +224,17 @@ class RolloutTrainer(Trainer):
         metrics.update(self.rollout_stats)
         # The early stop's one host read per optimizer step (none with target_kl=0, GRPO's default): whether the
         # next step trains on this rollout or samples a new one is decided on the host, so it waits for this step.
-        if self.cfg.target_kl > 0 and float(metrics.get("approx_kl", 0.0)) > 1.5 * self.cfg.target_kl:
-            self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
+        if self.cfg.target_kl > 0 and "approx_kl" in metrics:
+            # Decided on the KL averaged over the ranks, so all of them take the same number of steps per rollout
+            # (each rank's own KL, from its own prompts, would let them drift onto different steps, whose collectives
+            # then no longer match); the logged KL is that mean too.
+            kl = metrics["approx_kl"].detach().clone()
+            if self.distributed:
+                dist.all_reduce(kl)
+                kl /= self.world_size
+            metrics["approx_kl"] = kl
+            if float(kl) > 1.5 * self.cfg.target_kl:
+                self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
         return metrics, tokens
 
     def count_loss_items(self, *, batch) -> int:

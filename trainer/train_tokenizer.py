@@ -31,43 +31,16 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
-from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
+from model.chat_format import CHAT_TEMPLATE, check_chat_template
 from trainer.bounds import Bound, at_least
 from trainer.errors import ConfigError, MissingPathError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
-# ChatML; {% generation %} marks assistant tokens so SFT gets them from return_assistant_tokens_mask=True.
-# Tools follow Qwen2.5's format, the one llama.cpp's and vLLM's `hermes` tool parsers read: with `tools`, the system
-# turn lists them in <tools>; an assistant's tool_calls become <tool_call> JSON blocks (trained, inside generation);
-# `tool` messages become one user turn of <tool_response> blocks. Without tools the output is plain ChatML.
-# dataset/chat_data.py chatml_pieces writes the same ids (check_chatml compares them);
-# dataset/tool_calls.py has the text.
-CHAT_TEMPLATE = (
-    "{%- if tools -%}{{ '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] -%}{{ messages[0]['content'] + '\\n\\n' }}"
-    "{%- endif -%}{{ " + repr(TOOLS_INTRO) + " }}{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
-    "{{ " + repr(TOOLS_OUTRO) + " + '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' and loop.first and tools -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-    "{%- if message.content -%}{{ message.content }}{%- endif -%}"
-    "{%- for call in message.tool_calls or [] -%}{%- set fn = call.function if call.function is defined else call -%}"
-    "{%- if message.content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
-    "{{ '<tool_call>\\n{\"name\": ' + (fn.name | tojson) + ', \"arguments\": ' }}"
-    "{%- if fn.arguments is string -%}{{ fn.arguments }}{%- else -%}{{ (fn.arguments or {}) | tojson }}{%- endif -%}"
-    "{{ '}\\n</tool_call>' }}{%- endfor -%}"
-    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- elif message['role'] == 'tool' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
-    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
 # Qwen2's pre-tokenizer regex, one of the few that llama.cpp re-implements (LLAMA_VOCAB_PRE_TYPE_QWEN2)
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -242,8 +215,6 @@ def build_tokenizer():
 
 def wrap(tok):
     """The transformers view: special tokens named, chat template stored, so AutoTokenizer needs no extra code."""
-    from transformers import PreTrainedTokenizerFast  # transformers imports torch: the stage itself runs without it
-
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
@@ -257,11 +228,11 @@ def wrap(tok):
 
 def update_chat_template(path: str) -> None:
     """Give a saved tokenizer (out/tokenizer or a checkpoint folder) the current CHAT_TEMPLATE, e.g. one saved before
-    tools existed; the vocabulary and every other file stay as they are (scripts/update_chat_template.py)."""
-    from transformers import AutoTokenizer  # transformers imports torch: the stage itself runs without it
-
+    tools or content parts existed; the vocabulary and every other file stay as they are
+    (scripts/update_chat_template.py)."""
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = CHAT_TEMPLATE
+    check_chat_template(tok, tools=True, content_parts=True)  # this vocabulary renders it as chatml_pieces does
     tok.save_pretrained(path)
 
 
