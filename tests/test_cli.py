@@ -332,6 +332,40 @@ def test_late_keys_are_checked_by_load_config(stage, override, message):
     assert str(err.value) == message
 
 
+def float_fields(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [name for name, hint in hints.items() if hint is float or hint == (float | None)]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_nan_and_infinity_are_refused_for_every_number_of_every_stage(stage):
+    """NaN compares false with everything, so it passed every bound (lr=nan, beta=nan, temperature=nan), and
+    lr=inf trained into non-finite weights: every float field refuses both, from YAML, the command line or code."""
+    import dataclasses
+    import importlib
+
+    from trainer.config import validate
+
+    cls = importlib.import_module(STAGES[stage][0]).Config
+    names = float_fields(cls)
+    assert names or stage in ("tokenizer", "all"), stage  # the others all have one: a miss would test nothing
+    for name in names:
+        for text in ("nan", "inf", "-inf", "NaN", "Infinity"):
+            with pytest.raises(ConfigError, match=f"config key '{name}': must be a finite number"):
+                load_config(cls, None, [f"{name}={text}"])
+        with pytest.raises(ConfigError, match=f"config key '{name}': must be a finite number"):
+            validate(dataclasses.replace(load_config(cls), **{name: float("nan")}), paths=False)
+
+
+def test_a_nan_from_a_yaml_file_is_refused(tmp_path):
+    from trainer.sft import Config
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("lr: .nan\nweight_decay: .inf\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="config key 'lr': must be a finite number, got nan"):
+        load_config(Config, str(path))
+
+
 def test_a_config_made_in_code_is_checked_before_a_model_is_built():
     from trainer import grpo
 

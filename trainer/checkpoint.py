@@ -204,6 +204,16 @@ def verify_checksums(path: str) -> bool:
     return True
 
 
+def latest_step_dir(out_dir: str) -> str | None:
+    """The step_* dir that out_dir/latest names (the newest complete checkpoint), or None."""
+    try:
+        with open(os.path.join(out_dir, "latest"), encoding="utf-8") as f:
+            path = os.path.join(out_dir, f.read().strip())
+    except OSError:
+        return None
+    return path if os.path.isdir(path) else None
+
+
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
     steps = sorted(glob.glob(os.path.join(out_dir, "step_[0-9]*[0-9]")))
     for old in steps[:-keep_last] if keep_last > 0 else []:

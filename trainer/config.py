@@ -29,7 +29,7 @@ import yaml
 
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
-from trainer.bounds import Bound, above, at_least, between  # noqa: F401 (re-exported: the stages import them from here)
+from trainer.bounds import Bound, above, at_least, between, is_finite  # noqa: F401 (re-exported: the stages import them from here)
 from trainer.checkpoint import CheckpointError, verify_checksums
 from trainer.errors import ConfigError, MissingPathError  # torch-free, for the tokenizer; imported from here too
 
@@ -219,6 +219,10 @@ def validate(cfg, *, paths: bool = True) -> None:
     """Every value of `cfg` against its class's tables; paths=True also checks what must exist. Raises ConfigError
     (MissingPathError for a missing path) naming the key and what is allowed."""
     cls = type(cfg)
+    for field in dataclasses.fields(cls):  # every number, bounded or not (`unchecked` too): NaN passes any bound
+        value = getattr(cfg, field.name)
+        if not is_finite(value):
+            raise ConfigError(f"config key '{field.name}': must be a finite number, got {value!r}")
     for key, allowed in _table(cls, "choices").items():
         value = getattr(cfg, key)
         if value not in allowed:
