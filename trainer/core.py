@@ -42,6 +42,7 @@ from trainer.config import TrainConfig, config_to_dict, format_config, save_conf
 from trainer.errors import ConfigError
 from trainer.guard import StepGuard, non_finite_count
 from trainer.optim import build_optimizer, lr_at
+from trainer.run_lock import out_dir_lock
 
 # -----------------------------------------------------------------------------
 # The Trainer
@@ -438,12 +439,15 @@ class Trainer:
 
 def run_trainer(trainer_cls, cfg) -> Trainer:
     """What a stage's run(cfg) calls: check the config (values, then, after the device and parallel checks of
-    __init__, the paths; before any model is built), build, train, and tear down the process group."""
+    __init__, the paths; before any model is built), take out_dir's lock, build, train, and tear down the process
+    group."""
     trainer = trainer_cls(cfg)  # validates the values first
     try:
         validate(cfg)
-        trainer.prepare()
-        trainer.fit()
+        # One run per out_dir (trainer/run_lock.py): a second one stops here, naming the first. Rank 0 holds it.
+        with out_dir_lock(cfg.out_dir, stage=trainer.stage, enabled=trainer.master):
+            trainer.prepare()
+            trainer.fit()
     finally:
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()
