@@ -392,6 +392,32 @@ def test_413_is_read_after_the_whole_body(start_server):
     assert resp.status == 413 and json.loads(resp.read())["error"]["message"]
 
 
+@pytest.mark.parametrize("size", [5 << 20, 40 << 20], ids=["5 MiB", "40 MiB"])
+def test_a_body_past_the_drain_limit_still_gets_a_readable_413(start_server, size):
+    """Past drain_factor x max_body_bytes (4 MiB by default) the body is not read before the answer: the server
+    closed with it unread, and the client saw a reset or a broken pipe instead of the 413."""
+    _, port, _ = start_server()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    conn.request("POST", "/v1/chat/completions", body=b" " * size, headers=headers)  # before: BrokenPipeError
+    resp = conn.getresponse()
+    assert resp.status == 413 and resp.getheader("Content-Type").startswith("application/json")
+    assert "more than the 1048576 accepted" in json.loads(resp.read())["error"]["message"]
+    conn.close()
+
+
+def test_conflicting_content_length_headers_are_refused(start_server):
+    _, port, _ = start_server()
+    body = chat_body()
+    head = post_bytes(port, b"", {"Content-Length": str(len(body))})
+    twice = head.replace(b"\r\n\r\n", f"\r\nContent-Length: {len(body) + 5}\r\n\r\n".encode(), 1)
+    status, headers, answer = raw_http(port, twice + body + b"12345")
+    assert_json_error(status, headers, answer, 400)
+    assert "conflicting Content-Length headers" in json.loads(answer)["error"]["message"]
+    same = head.replace(b"\r\n\r\n", f"\r\nContent-Length: {len(body)}\r\n\r\n".encode(), 1)
+    assert raw_http(port, same + body)[0] == 200  # the same value twice frames the body one way only
+
+
 def test_host_origin_and_content_type_checks(start_server):
     _, port, _ = start_server(allowed_hosts=("chat.example.org",))
     foreign = {"Host": "evil.example:80", "Origin": "http://evil.example", "Content-Type": "text/plain"}
