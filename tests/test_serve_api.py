@@ -12,6 +12,8 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.engine import Engine
 from scripts import serve_api
@@ -709,6 +711,68 @@ def test_many_clients_connecting_at_once_are_all_answered(start_server):
     for t in threads:
         t.join(60)
     assert statuses == [200] * 48
+
+
+# -----------------------------------------------------------------------------
+# A property-based fuzz of the request validation, over real HTTP (issue 25.8)
+
+FIELDS = ["model", "messages", "role", "content", "max_tokens", "max_completion_tokens", "temperature", "top_p"]
+FIELDS += ["top_k", "repetition_penalty", "seed", "stop", "n", "stream", "stream_options", "include_usage", "tools"]
+FIELDS += ["tool_choice", "tool_calls", "type", "function", "name", "arguments", "parameters", "text", "id"]
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats()  # NaN and infinities included: Python's json writes and reads them
+    | st.sampled_from(["", "tiny", "user", "assistant", "system", "tool", "developer", "auto", "none", "text"])
+    | st.text(max_size=8)
+)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4)
+)
+VALID_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=6)})
+REQUESTS = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6) | st.fixed_dictionaries(
+    {"messages": st.lists(VALID_MESSAGE | JSON, min_size=1, max_size=3)},
+    optional={name: JSON for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "seed")},
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_port():
+    tok = build_tokenizer()
+    server = make_server(
+        RecordingEngine(build_model(tok), tok),
+        "127.0.0.1",
+        0,
+        api_key=KEY,
+        model_name="tiny",
+        quiet=True,
+        limits=ServerLimits(max_generation_s=0.2),  # a fuzzed max_tokens of 2**20 ends at once
+    )
+    server.engine.streams = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    server.worker.stop()
+
+
+@pytest.mark.slow  # 120 requests over real sockets
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=REQUESTS | JSON)
+def test_fuzzed_requests_get_200_or_a_json_4xx_over_http(fuzz_port, request):
+    """Any JSON body at all: the answer is a 200 (plain or streamed) or a JSON 4xx error, never a 500, a reset or
+    a hang, and the server keeps serving."""
+    body = json.dumps(request).encode()  # allow_nan: NaN and Infinity go over the wire as Python writes them
+    status, headers, answer = raw_http(fuzz_port, post_bytes(fuzz_port, body), timeout=60)
+    if status == 200:
+        if headers["content-type"].startswith("text/event-stream"):
+            assert answer.rstrip().endswith(b"data: [DONE]")
+        else:
+            assert json.loads(answer)["object"] == "chat.completion"
+    else:
+        assert 400 <= status < 500, (status, answer[:300])
+        assert_json_error(status, headers, answer, status)
 
 
 # -----------------------------------------------------------------------------
