@@ -38,6 +38,7 @@ from dataset.tokenizer import byte_level_alphabet
 from dataset.tool_calls import TOOLS_INTRO, TOOLS_OUTRO
 from trainer.bounds import Bound, at_least
 from trainer.errors import ConfigError, OutputError, is_disk_full
+from trainer.run_lock import out_dir_lock
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
@@ -332,6 +333,11 @@ def save_tokenizer_files(fast, out_dir: str) -> None:
 
 
 def run(cfg: Config) -> dict:
+    with out_dir_lock(cfg.out_dir, stage="tokenizer"):  # one run per out_dir, as the training stages (run_trainer)
+        return train(cfg)
+
+
+def train(cfg: Config) -> dict:
     if not cfg.data_path.strip():
         raise ValueError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
     paths = expand_paths(cfg.data_path)  # the one path contract of every data setting; a missing path raises here
