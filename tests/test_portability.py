@@ -29,6 +29,10 @@ GUARDED = {
         "model/runtime.py",
         'with open("/proc/cpuinfo", encoding="utf-8") as f:',
     ): "OSError off Linux means no flags: fp32",
+    (
+        "trainer/run_lock.py",
+        'with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:',
+    ): "a zombie check on Linux; OSError elsewhere means the pid is taken as alive, as os.kill said",
 }
 
 

@@ -20,8 +20,8 @@ Every function takes the parts it needs (model, optimizer, flags) explicitly; th
 when to call them. Under FSDP the functions that gather or set state are collective: every rank calls them.
 """
 
+import dataclasses
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -37,12 +37,18 @@ from safetensors.torch import load_file
 from dataset.licenses import card_licenses, file_licenses, shard_licenses
 from model.hub import make_readable, write_model_card
 from model.lora import is_adapter_dir
-from model.runtime import dtype_name
+from model.runtime import (  # noqa: F401 (the checksum functions are re-exported: tests and stages import them here)
+    CHECKSUMS_FILE,
+    CheckpointError,
+    dtype_name,
+    sha256_file,
+    verify_checksums,
+    write_checksums,
+)
 from trainer.common import print0, seed_rngs
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
-CHECKSUMS_FILE = "checksums.json"
 # What an RNG state needs beyond torch's default weights_only vocabulary: np.random.get_state() is a tuple holding
 # a uint32 ndarray. Both spellings of NumPy's array rebuilder, so checkpoints from NumPy 1.x and 2.x load alike.
 _RECONSTRUCT = np.array(0).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core.* in NumPy 1.x)
@@ -54,10 +60,6 @@ SAFE_GLOBALS = [
     (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
 ]
 _SAFE_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that must not be resumed from: unreadable, corrupted (checksum) or holding code."""
 
 
 def step_dir(out_dir: str, step: int) -> str:
@@ -157,51 +159,14 @@ def write_checkpoint(path: str, *, write_weights: Callable[[str], None], state: 
     prune_checkpoints(out_dir, keep_last)
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (a checkpoint is never held twice in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checkpoint_files(path: str) -> list[str]:
-    """Every file under a checkpoint dir but the manifest, as sorted paths relative to it."""
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found.extend(os.path.relpath(os.path.join(root, f), path) for f in sorted(files) if f != CHECKSUMS_FILE)
-    return found
-
-
-def write_checksums(path: str) -> None:
-    """checksums.json: {"sha256": {relative path: hex digest}} of every file in the checkpoint dir."""
-    sums = {name: sha256_file(os.path.join(path, name)) for name in _checkpoint_files(path)}
-    with open(os.path.join(path, CHECKSUMS_FILE), "w", encoding="utf-8") as f:
-        json.dump({"sha256": sums}, f, indent=1)
-
-
-def verify_checksums(path: str) -> bool:
-    """Raise CheckpointError naming the first file that is missing or whose bytes changed since the save. False
-    when the dir has no manifest (written before checksums existed): nothing could be verified."""
-    manifest = os.path.join(path, CHECKSUMS_FILE)
-    if not os.path.isfile(manifest):
-        return False
+def latest_step_dir(out_dir: str) -> str | None:
+    """The step_* dir that out_dir/latest names (the newest complete checkpoint), or None."""
     try:
-        with open(manifest, encoding="utf-8") as f:
-            sums = json.load(f)["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest}: unreadable checksum manifest ({type(e).__name__}: {e})") from None
-    for name, expected in sums.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file}: listed in {CHECKSUMS_FILE} but missing")
-        if sha256_file(file) != expected:
-            raise CheckpointError(
-                f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was corrupted after the save)"
-            )
-    return True
+        with open(os.path.join(out_dir, "latest"), encoding="utf-8") as f:
+            path = os.path.join(out_dir, f.read().strip())
+    except OSError:
+        return None
+    return path if os.path.isdir(path) else None
 
 
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
@@ -432,6 +397,7 @@ def save_trainer(trainer) -> str:
             "world_size": trainer.world_size,
             "global_batch": trainer.global_batch,
             "extra": trainer.extra_state(),
+            "config": dataclasses.asdict(trainer.cfg),  # a resume with other settings says which changed
         }
         write_checkpoint(
             path,
@@ -501,6 +467,38 @@ class ModelWeights:
         return f" (next stage: init_from={path})"
 
 
+# Settings a resume may change without changing the run: how long, where to log, how often to save or evaluate.
+RESUME_MAY_CHANGE = {
+    "resume",
+    "max_steps",
+    "out_dir",
+    "device",
+    "prefetch",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "keep_last",
+    "logger",
+    "run_name",
+    "max_skipped_steps",
+}
+
+
+def warn_changed_settings(trainer, saved: dict | None, path: str) -> None:
+    """A warning for every setting that differs from the checkpoint's (lr, seq_len, ...): the resumed run goes on,
+    but it is no longer the run that was started. Checkpoints older than the saved config say nothing."""
+    if not isinstance(saved, dict):
+        return
+    now = dataclasses.asdict(trainer.cfg)
+    changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    for key in changed:
+        print0(
+            f"[{trainer.stage}] WARNING: resuming from {path} with {key}={now[key]!r}, but it was saved with "
+            f"{key}={saved[key]!r}; the run goes on with the new value"
+        )
+
+
 def resume_trainer(trainer) -> None:
     """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
     found = newest_readable(
@@ -521,6 +519,7 @@ def resume_trainer(trainer) -> None:
             f"[{trainer.stage}] WARNING: global batch changed from {state['global_batch']} to "
             f"{trainer.global_batch}; the data position stays exact in tokens but the run is no longer the same"
         )
+    warn_changed_settings(trainer, state.get("config"), path)
     trainer.train_data.load_state_dict(state["data"])
     trainer.load_extra_state(state=state.get("extra", {}))
     if not restore_rng(state["rng"], rank=trainer.rank, world_size=trainer.world_size, device=trainer.device):
