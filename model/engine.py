@@ -16,6 +16,7 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 """
 
 import dataclasses
+import math
 import threading
 import time
 import warnings
@@ -122,6 +123,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings or ()))
         if (
             self.max_new_tokens < 0
+            or not all(math.isfinite(x) for x in (self.temperature, self.top_p, self.repetition_penalty))
             or self.temperature < 0
             or self.top_k < 0
             or not 0.0 <= self.top_p <= 1.0

@@ -11,6 +11,7 @@ Where the platform has `readline`, the prompt has line editing and up-arrow hist
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -158,14 +159,22 @@ def _no_model(why: str):
     raise SystemExit(2)
 
 
+def finite_float(text: str) -> float:
+    """argparse's float without nan and inf (float() takes both): a usage error, not a traceback later."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """--max_new_tokens ... --seed, defaulting to CHAT_SAMPLING (the server takes the same flags)."""
     d = CHAT_SAMPLING
     parser.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    parser.add_argument("--temperature", type=finite_float, default=d.temperature, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=d.top_k, help="0 = off")
-    parser.add_argument("--top_p", type=float, default=d.top_p)
-    parser.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    parser.add_argument("--top_p", type=finite_float, default=d.top_p)
+    parser.add_argument("--repetition_penalty", type=finite_float, default=d.repetition_penalty, help="1 = off")
     parser.add_argument("--seed", type=int, default=d.seed)
 
 

@@ -87,6 +87,12 @@ def test_terminal_and_server_share_the_chat_defaults(engine):
     add_sampling_args(parser)
     assert sampling_from_args(parser.parse_args([])) == CHAT_SAMPLING
     assert sampling_from_args(parser.parse_args(["--repetition_penalty", "1.2"])).repetition_penalty == 1.2
+    for flag in ("--temperature", "--top_p", "--repetition_penalty"):  # nan and inf: a usage error (exit 2)
+        for value in ("nan", "inf"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([flag, value])
+            with pytest.raises(ValueError, match="invalid sampling parameters"):
+                CHAT_SAMPLING.replace(**{flag[2:]: float(value)})
     assert ChatSession(engine).sampling == CHAT_SAMPLING
     server = make_server(engine, "127.0.0.1", 0, quiet=True)
     try:
