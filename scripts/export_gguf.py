@@ -3,7 +3,7 @@ Export a dense SLM checkpoint as one GGUF file for llama.cpp, ollama, LM Studio 
 
     pip install gguf                  # the llama.cpp project's pure-Python GGUF writer (only this script needs it)
     python scripts/export_gguf.py --model out/sft/final --out out/export/milli-chat-f16.gguf \
-        [--dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0]
+        [--dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0|f32]
     llama-cli -m out/export/milli-chat-f16.gguf -cnv       # chat with the template stored in the file
     llama-server -m out/export/milli-chat-f16.gguf --port 8080   # OpenAI-compatible server
 
@@ -18,10 +18,11 @@ carries the tokenizer: byte-level BPE ("gpt2" model) with the Qwen2 pre-tokenize
 same regex our tokenizer splits with), the vocabulary, merges, special-token ids and the ChatML chat template.
 Weights follow llama.cpp's own converter (convert_hf_to_gguf.py, LlamaModel): tensor names from gguf's
 TENSOR_NAMES, and q_proj/k_proj rows permuted from transformers' half-split RoPE layout to llama.cpp's
-interleaved pairs. f16 keeps every matrix in float16; q8_0 stores matrices as 8-bit blocks of 32 with one fp16
-scale; q5_1/q5_0/q4_1/q4_0 as 5- or 4-bit blocks of 32 (_1 adds a per-block minimum), quantized by llama.cpp's own
-`gguf` package (norms stay float32 in all, as llama.cpp does). The k-quants (q4_k, q5_k) have no writer in the
-`gguf` package: make them from the f16 file with llama.cpp's `llama-quantize m-f16.gguf m-q4_k_m.gguf Q4_K_M`.
+interleaved pairs. f16 keeps every matrix in float16 (f32: as trained, twice the size, for benchmarks against
+fp32 PyTorch); q8_0 stores matrices as 8-bit blocks of 32 with one fp16 scale; q5_1/q5_0/q4_1/q4_0 as 5- or
+4-bit blocks of 32 (_1 adds a per-block minimum), quantized by llama.cpp's own `gguf` package (norms stay
+float32 in all, as llama.cpp does). The k-quants (q4_k, q5_k) have no writer in the `gguf` package: make them
+from the f16 file with llama.cpp's `llama-quantize m-f16.gguf m-q4_k_m.gguf Q4_K_M`.
 MoE checkpoints are refused: our MoE (shared experts without a gate) has no llama.cpp architecture that
 computes the same function. Distill it into a dense model first (python main.py --stage distill).
 """
@@ -149,7 +150,7 @@ def modelfile_path(gguf_path: str) -> str:
 # The file
 
 
-GGUF_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what the gguf package can write
+GGUF_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f32")  # what the gguf package can write
 
 
 def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
@@ -158,7 +159,7 @@ def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     if dtype not in GGUF_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got '{dtype}'")
     file_type, qtype = (
-        getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}"),
+        getattr(gguf.LlamaFileType, "ALL_F32" if dtype == "f32" else f"MOSTLY_{dtype.upper()}"),
         getattr(gguf.GGMLQuantizationType, dtype.upper()),
     )
     src = load_pretrained(model_dir)
@@ -214,6 +215,8 @@ def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     for name, t in gguf_tensors(src):
         data = t.numpy()
         if data.ndim == 1:  # norms: float32, as llama.cpp's converter keeps them
+            writer.add_tensor(name, data.astype(np.float32))
+        elif dtype == "f32":  # the weights as trained: what a benchmark against fp32 PyTorch reads
             writer.add_tensor(name, data.astype(np.float32))
         elif dtype != "f16" and data.shape[-1] % block == 0:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)

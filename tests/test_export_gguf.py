@@ -127,6 +127,7 @@ def llama_cpp_style_logits(w: dict, cfg, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize(
     "dtype,tol,rel",
     [
+        ("f32", 1e-5, 1e-5),
         ("f16", 5e-3, 2e-3),
         ("q8_0", 0.1, 0.06),
         ("q5_1", None, 0.4),
@@ -149,7 +150,7 @@ def test_llama_cpp_style_forward_matches_our_model(exported, dtype, tol, rel):
         if tol is not None:
             assert (ours - theirs).abs().max() < tol * ours.abs().max()
         assert (ours - theirs).norm() < rel * ours.norm()
-        if dtype == "f16":
+        if dtype in ("f32", "f16"):
             assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
