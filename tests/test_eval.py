@@ -33,6 +33,7 @@ from trainer.eval import (
 
 CMMLU = str(SHARED_DATA / "eval" / "cmmlu")  # read-only shared data (data README section 5); never copied here
 SUBJECTS = "arts,anatomy"
+needs_cmmlu = pytest.mark.skipif(not os.path.isdir(CMMLU), reason=f"shared CMMLU not found at {CMMLU}")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,7 @@ def test_prompts_are_read_like_every_record_file(tmp_path):
 
 
 @pytest.mark.slow
+@needs_cmmlu
 def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
     out = tmp_path / "out"
     rc = main.main(
@@ -151,6 +153,7 @@ def test_eval_stage_compares_checkpoints(checkpoints, tmp_path):
 
 
 @pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
+@needs_cmmlu
 def test_zero_shot_quantized_run(checkpoints, tmp_path):
     res = run(
         Config(
