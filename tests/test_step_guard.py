@@ -117,6 +117,7 @@ class SkipsByHostRead(PretrainTrainer):
         self.optimizer._step_supports_amp_scaling = False
 
 
+@pytest.mark.slow  # 5 s each in the quick lane (issue 23 point 6)
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_overflow_steps_skipped_on_the_device_match_skipping_by_a_host_read(
     tiny_tokenizer_dir, shards, tmp_path, optimizer
