@@ -152,7 +152,10 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
         messages = (
             [{"role": "system", "content": _text(record["system"], where, "system")}] if record.get("system") else []
         )
-        for pair in record.get("history") or []:
+        history = record.get("history") or []
+        if not isinstance(history, list):
+            raise BadRecord(where, "malformed", f"history is {type(history).__name__}, not a list of pairs")
+        for pair in history:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise BadRecord(where, "malformed", "history must hold [user, assistant] pairs")
             messages += [

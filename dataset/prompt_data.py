@@ -35,7 +35,12 @@ def load_prompts(
             messages, answer = record_to_pair(record, where)["prompt"], None
         elif isinstance(record, dict) and "prompt" in record:
             p = record["prompt"]
-            messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            if isinstance(p, str):
+                messages = [{"role": "user", "content": p}]
+            elif isinstance(p, list):  # a message list: checked turn by turn as a chat record's
+                messages = to_messages({"messages": p}, "conversations", where)
+            else:
+                raise BadRecord(where, "malformed", f"prompt is {type(p).__name__}, not a string or a message list")
             answer = record.get("answer")
         else:
             messages = to_messages(record, detect_format(record, where), where)

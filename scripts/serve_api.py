@@ -10,18 +10,22 @@ chat template's format (model/chat_format.py), and <tool_call> blocks in the rep
 with finish_reason "tool_calls" (streamed: the reply is held back and sent at its end). Any OpenAI client works:
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
 
-Design: ThreadingHTTPServer gives each connection a thread (at most max_connections at once) that reads, checks
-and answers; one worker thread owns the model. It takes the waiting requests together, as one static batch through
-Engine.stream_batch, so throughput grows with the number of clients instead of serialising them. Requests share a
-batch when their sampling settings agree; a request with a seed runs alone, so its answer never depends on its
-neighbours. A client that disconnects is noticed within POLL_S, streaming or not, and its row of the batch stops.
+Design: ThreadingHTTPServer gives each connection a thread (at most max_connections open at once) that reads,
+checks and answers; one worker thread owns the model. It takes the waiting requests together, as one static batch
+through Engine.stream_batch, so throughput grows with the number of clients instead of serialising them. Requests
+share a batch when their sampling settings agree; a request with a seed runs alone, so its answer never depends on
+its neighbours. A client that disconnects is noticed within POLL_S, streaming or not, and its row of the batch stops.
 Plain http.server is enough for a single-model server and keeps the dependencies at zero (FastAPI would add three).
 
 Hostile clients: every limit of ServerLimits is on by default (the body size, the conversation before trimming,
-the queue, the generation time, the read timeout, the connections). Browsers: the Host header must be a loopback
-name or one given with --allowed_hosts (a DNS-rebinding page has a foreign Host), an Origin header must name such
-a host (a foreign page cannot drive the API), and a POST must be application/json (a form or text/plain POST
-needs no CORS preflight; JSON does, and we answer none).
+the queue, the generation time, the read timeout, the connections). The connection cap cannot be taken by clients
+that never send a whole request that passes the checks (Host, Origin, API key): when it is reached, the oldest such
+"unchecked" connection of the client holding the most of them is closed to make room, so idle or trickling
+connections never keep a checked request out; only when every open connection is being answered is a new one
+refused (503 with Retry-After). Busy with checked requests, the server answers 429 with Retry-After (the queue).
+Browsers: the Host header must be a loopback name or one given with --allowed_hosts (a DNS-rebinding page has a
+foreign Host), an Origin header must name such a host (a foreign page cannot drive the API), and a POST must be
+application/json (a form or text/plain POST needs no CORS preflight; JSON does, and we answer none).
 """
 
 import argparse
@@ -70,7 +74,9 @@ class ServerLimits:
     max_generation_s: float = 300.0  # a request generating longer is ended (finish_reason "length")
     read_timeout_s: float = 10.0  # the longest wait for a client's bytes; its request line and headers, then its
     # body, must each come in this time (a client trickling bytes cannot hold a connection slot longer)
-    max_connections: int = 64  # connections served at once; one more is answered 503 and closed
+    max_connections: int = 512  # connections open at once (a thread each); past it the oldest unchecked one (no
+    # whole request passing the Host/Origin/key checks yet) of the client holding the most is closed to make room,
+    # and a new connection is answered 503 only when every open one is being answered
     retry_after_s: int = 2  # the Retry-After of a 429 or 503
 
 
@@ -270,6 +276,8 @@ class Worker(threading.Thread):
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full (the caller answers 429)."""
         with self.cond:
+            if len(self.pending) >= self.limits.max_queue:  # jobs whose clients left hold no place in the queue
+                self.pending = deque(j for j in self.pending if not j.cancelled.is_set())
             if self.stopping or len(self.pending) >= self.limits.max_queue:
                 return False
             self.pending.append(job)
@@ -514,6 +522,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         try:
             self._check_origin()
             if self.path in ("/", "/index.html"):
+                self.server.mark_checked(self.connection)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(self.server.page)))
@@ -523,6 +532,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                     self.wfile.write(self.server.page)
             elif self.path == "/v1/models":
                 self._check_key()
+                self.server.mark_checked(self.connection)
                 self._send_json(
                     200,
                     {
@@ -561,6 +571,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"no route {self.path}", code="not_found")
             self._check_key()
             raw = self._read_body()
+            self.server.mark_checked(self.connection)  # a whole request past the checks: no longer evictable
             req = parse_chat_request(raw, self.server.defaults, self.server.model_name)
             engine = self.server.engine
             try:
@@ -759,21 +770,52 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 class ChatServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on the connections served at once (each holds a thread)."""
+    """ThreadingHTTPServer with a cap on the connections open at once (each holds a thread), which clients that
+    never send a checked request cannot take (see the module docstring)."""
 
     daemon_threads = True  # a stuck client never blocks shutdown
     block_on_close = False
 
     def __init__(self, address, handler, limits: ServerLimits):
         self.limits = limits
-        self.slots = threading.BoundedSemaphore(limits.max_connections)
+        self.open_lock = threading.Lock()
+        self.open: dict[socket.socket, list] = {}  # connection -> [client address, checked], oldest first
+        self.evicted = 0  # unchecked connections closed to make room (tests, benchmarks)
         # The listen backlog (socketserver's default is 5): clients connecting at once wait to be accepted
-        # instead of being reset; past max_connections they get a 503.
+        # instead of being reset.
         self.request_queue_size = max(128, limits.max_connections)
         super().__init__(address, handler)
 
+    def mark_checked(self, connection: socket.socket) -> None:
+        """The connection's request is whole and passed the checks: it is served, never closed to make room."""
+        with self.open_lock:
+            if connection in self.open:
+                self.open[connection][1] = True
+
+    def _make_room(self) -> bool:
+        """Close the oldest unchecked connection of the client that holds the most unchecked ones (a per-client
+        share: one client's flood of idle connections is what gets closed, not another's new request). False when
+        every open connection is checked. Called with open_lock held."""
+        unchecked = [(conn, host) for conn, (host, checked) in self.open.items() if not checked]
+        if not unchecked:
+            return False
+        per_client = Counter(host for _, host in unchecked)
+        most = max(per_client.values())
+        victim = next(conn for conn, host in unchecked if per_client[host] == most)
+        del self.open[victim]
+        self.evicted += 1
+        try:
+            victim.shutdown(socket.SHUT_RDWR)  # its handler's read returns at once and the thread ends
+        except OSError:
+            pass
+        return True
+
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
+        with self.open_lock:
+            room = len(self.open) < self.limits.max_connections or self._make_room()
+            if room:
+                self.open[request] = [client_address[0] if client_address else "", False]
+        if not room:
             body = json.dumps(ApiError(503, "too many connections", code="server_busy").body()).encode()
             try:
                 request.settimeout(1.0)
@@ -789,14 +831,18 @@ class ChatServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except Exception:
-            self.slots.release()
+            self._forget(request)
             raise
+
+    def _forget(self, request) -> None:
+        with self.open_lock:
+            self.open.pop(request, None)
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._forget(request)
 
 
 def make_server(

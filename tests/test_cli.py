@@ -332,6 +332,73 @@ def test_late_keys_are_checked_by_load_config(stage, override, message):
     assert str(err.value) == message
 
 
+def float_fields(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [name for name, hint in hints.items() if hint is float or hint == (float | None)]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_nan_and_infinity_are_refused_for_every_number_of_every_stage(stage):
+    """NaN compares false with everything, so it passed every bound (lr=nan, beta=nan, temperature=nan), and
+    lr=inf trained into non-finite weights: every float field refuses both, from YAML, the command line or code."""
+    import dataclasses
+    import importlib
+
+    from trainer.config import validate
+
+    cls = importlib.import_module(STAGES[stage][0]).Config
+    names = float_fields(cls)
+    assert names or stage in ("tokenizer", "all"), stage  # the others all have one: a miss would test nothing
+    for name in names:
+        for text in ("nan", "inf", "-inf", "NaN", "Infinity"):
+            with pytest.raises(ConfigError, match=f"config key '{name}': must be a finite number"):
+                load_config(cls, None, [f"{name}={text}"])
+        with pytest.raises(ConfigError, match=f"config key '{name}': must be a finite number"):
+            validate(dataclasses.replace(load_config(cls), **{name: float("nan")}), paths=False)
+
+
+def test_a_nan_from_a_yaml_file_is_refused(tmp_path):
+    from trainer.sft import Config
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("lr: .nan\nweight_decay: .inf\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="config key 'lr': must be a finite number, got nan"):
+        load_config(Config, str(path))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "lr: 0.1\n# \xb5\n".encode("latin-1"),
+            ":2: not UTF-8 text (byte b'\\xb5' at offset 10); save the file as UTF-8",
+        ),
+        (b"\xff\xfe\x00", "not UTF-8 text"),
+        (b"1: 2\n", "config key 1 (CONFIG): a key must be a name, got int"),
+        (b"true: x\n", "config key True (CONFIG): a key must be a name, got bool"),
+        (b"~: 1\n", "config key None (CONFIG): a key must be a name, got NoneType"),
+    ],
+)
+def test_config_files_that_are_not_utf8_or_have_non_string_keys_fail_naming_the_file(tmp_path, content, message):
+    """A YAML file in another encoding ended in a UnicodeDecodeError naming no file; a key such as `1:` in a
+    TypeError from the key hint. Both are config errors naming the file now."""
+    from trainer.sft import Config
+
+    path = tmp_path / "sft.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(Config, str(path))
+    assert str(path) in str(err.value) and message.replace("CONFIG", str(path)) in str(err.value)
+
+
+@pytest.mark.slow  # main.py in a fresh interpreter
+def test_main_py_reports_a_non_utf8_config_without_a_traceback(tmp_path):
+    path = tmp_path / "pretrain.yaml"
+    path.write_bytes("max_steps: 3 # \u6b65\u6570\n".encode("gbk"))
+    out = run_main("--stage", "pretrain", "--config", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and f"error: {path}:1: not UTF-8 text" in out.stderr
+
+
 def test_a_config_made_in_code_is_checked_before_a_model_is_built():
     from trainer import grpo
 

@@ -169,6 +169,26 @@ def test_sigkilled_run_resumes_byte_identical(tiny_tokenizer_dir, shards, tmp_pa
     assert (crashed / final).read_bytes() == (straight / final).read_bytes()
 
 
+def test_resuming_with_changed_settings_says_which(tiny_tokenizer_dir, shards, tmp_path, capsys):
+    """A resume with another lr or seq_len said nothing; now each changed setting is named with both values, and
+    the settings a resume is meant to change (max_steps, logging) are not."""
+    out = tmp_path / "run"
+    run_trainer(PretrainTrainer, make_pretrain_cfg(tiny_tokenizer_dir, shards, out, max_steps=4, eval_every=0))
+    capsys.readouterr()
+    changed = make_pretrain_cfg(tiny_tokenizer_dir, shards, out, max_steps=5, eval_every=0, lr=1e-3, seq_len=16)
+    run_trainer(PretrainTrainer, changed)
+    log = capsys.readouterr().out
+    warnings = [line for line in log.splitlines() if "WARNING: resuming from" in line]
+    assert len(warnings) == 2, log
+    assert "with seq_len=16, but it was saved with seq_len=32" in warnings[0]  # in the Config's field order
+    assert "with lr=0.001, but it was saved with lr=0.003" in warnings[1]
+    run_trainer(
+        PretrainTrainer,
+        make_pretrain_cfg(tiny_tokenizer_dir, shards, out, max_steps=6, eval_every=0, lr=1e-3, seq_len=16),
+    )
+    assert "WARNING: resuming" not in capsys.readouterr().out  # the same settings as the checkpoint's
+
+
 def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
     meta = json.loads((Path(shards) / "meta.json").read_text())
     per_shard = (meta["train_shards"][0]["tokens"] - 1) // (16 * 64)

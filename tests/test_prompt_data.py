@@ -8,6 +8,8 @@ with the reference answer where the data has one; bad and over-long records foll
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from dataset.chat_data import BadRecord
@@ -65,3 +67,57 @@ def test_bad_long_and_capped_records(tiny_tokenizer_dir, tmp_path):
     assert [p["prompt"][-1]["content"] for p in capped] == ["你好", "学校上课吗？"] * 2  # max_samples is per file
     with pytest.raises(BadRecord, match=r"p\.jsonl:3"):
         load_prompts(path, tok, max_prompt_tokens=limit, on_bad="error", log=lambda *a: None)
+
+
+@pytest.mark.parametrize(
+    "record, problem",
+    [
+        ({"prompt": [{"content": "x"}]}, "turn without role/content"),
+        ({"prompt": 5}, "prompt is int, not a string or a message list"),
+        ({"prompt": {"a": 1}}, "prompt is dict, not a string or a message list"),
+        ({"prompt": [5]}, "a turn is not an object"),
+        ({"prompt": [{"role": "user", "content": 7}]}, "not a string"),
+        ({"instruction": "问", "output": "答", "history": 5}, "history is int, not a list of pairs"),
+        ({"instruction": "问", "output": "答", "history": "ab"}, "history is str, not a list of pairs"),
+    ],
+)
+def test_malformed_prompt_records_are_bad_records_not_tracebacks(tiny_tokenizer_dir, tmp_path, record, problem):
+    """Each raised a raw KeyError or TypeError, even with on_bad=skip; now it is skipped, or names file:line."""
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "你好"}, record])
+    kept = load_prompts(path, tok, max_prompt_tokens=512, on_bad="skip", log=lambda *a: None)
+    assert [p["prompt"][-1]["content"] for p in kept] == ["你好"]
+    with pytest.raises(BadRecord, match=rf"p\.jsonl:2.*{problem}"):
+        load_prompts(path, tok, max_prompt_tokens=512, on_bad="error", log=lambda *a: None)
+
+
+KEYS = ["prompt", "answer", "chosen", "rejected", "instruction", "output", "input", "history", "system", "messages"]
+KEYS += ["conversations", "role", "content", "from", "value", "human", "assistant", "tools", "weight"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.sampled_from(["", "你好", "user"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(st.dictionaries(st.sampled_from(KEYS), JSON_VALUES, max_size=5) | JSON_VALUES, max_size=4))
+def test_fuzzed_prompt_records_are_kept_skipped_or_a_bad_record(tiny_tokenizer_dir, tmp_path, records):
+    """Any JSON at all: with on_bad=skip, load_prompts never raises; with on_bad=error, only BadRecord."""
+    tok = load_tokenizer_once(tiny_tokenizer_dir)
+    path = write_jsonl(tmp_path / "fuzz.jsonl", records)
+    kept = load_prompts(path, tok, max_prompt_tokens=512, on_bad="skip", log=lambda *a: None)
+    assert all(p["prompt"][-1]["role"] == "user" for p in kept)
+    try:
+        load_prompts(path, tok, max_prompt_tokens=512, on_bad="error", log=lambda *a: None)
+    except BadRecord:
+        pass
+
+
+_TOKENIZERS = {}
+
+
+def load_tokenizer_once(path):
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]

@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -531,23 +532,112 @@ def test_generation_time_limit(start_server):
 
 
 def test_read_timeout_and_connection_cap(start_server):
-    _, port, _ = start_server(read_timeout_s=0.5, max_connections=3)
+    _, port, server = start_server(read_timeout_s=0.5, max_connections=3)
     stalled = socket.create_connection(("127.0.0.1", port), timeout=20)
     stalled.sendall(post_bytes(port, b"", {"Content-Length": "100"}) + b'{"messages"')  # and then nothing
     assert stalled.recv(65536) == b""  # closed by the server (before the fix: held open until the 20 s here)
     stalled.close()
+    # Three idle connections fill the cap; a checked request still gets in (before: 503 until they timed out):
+    # the oldest idle one is closed to make room.
     idle = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3)]
-    status = None
-    for _ in range(100):  # bounded: until all three hold a slot and one more is refused
-        status, headers, body = raw_http(port, post_bytes(port, chat_body()))
-        if status == 503:
+    for _ in range(100):  # bounded: until the server has accepted all three
+        if len(server.open) == 3:
             break
-    assert_json_error(status, headers, body, 503)
-    assert headers["retry-after"]
+        time.sleep(0.01)
+    assert raw_http(port, post_bytes(port, chat_body()))[0] == 200 and server.evicted == 1
     for sock in idle:
-        assert sock.recv(65536) == b""  # each idle connection is dropped after the read timeout
+        assert sock.recv(65536) == b""  # one closed to make room, the others after the read timeout
         sock.close()
-    assert raw_http(port, post_bytes(port, chat_body()))[0] == 200  # and the slots are free again
+    assert raw_http(port, post_bytes(port, chat_body()))[0] == 200
+
+
+def test_503_only_when_every_open_connection_is_being_answered(start_server):
+    engine, port, server = start_server(GatedEngine, max_connections=2)
+    held = []
+    for _ in range(2):  # two checked requests, waiting at the gate: nothing can be closed to make room
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        held[-1].sendall(post_bytes(port, chat_body()))
+    assert engine.busy.wait(30)
+    for _ in range(600):  # bounded: until both are checked
+        if sum(checked for _, checked in server.open.values()) == 2:
+            break
+        time.sleep(0.01)
+    status, headers, body = raw_http(port, post_bytes(port, chat_body()))
+    assert_json_error(status, headers, body, 503)
+    assert int(headers["retry-after"]) >= 1
+    engine.gate.set()
+    for sock in held:
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.0 200")
+        sock.close()
+
+
+@pytest.mark.slow  # 70 connections held open for a few seconds
+def test_trickling_connections_cannot_keep_normal_requests_out(start_server):
+    """70 connections sending their headers a byte at a time (before the fix, with the cap of 64 taken by them,
+    7 of 8 normal requests got 503; 1,000 idle connections turned every one away). Now each normal request gets
+    in by closing a trickling one: all 8 are answered 200."""
+    _, port, server = start_server(max_connections=64, read_timeout_s=30)
+    slow = []
+    for _ in range(70):
+        slow.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        slow[-1].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: ")
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(0.2):  # a byte every 0.2 s on each: well within the read timeout
+            for sock in slow:
+                try:
+                    sock.sendall(b"x")
+                except OSError:  # closed to make room
+                    pass
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        time.sleep(0.5)  # the server has accepted them: the cap is full of unchecked connections
+        statuses = [raw_http(port, post_bytes(port, chat_body()))[0] for _ in range(8)]
+        assert statuses == [200] * 8
+        key_less = raw_http(port, post_bytes(port, chat_body(), {"Authorization": None}))[0]
+        assert key_less == 401 and server.evicted >= 70 - 64 + 1  # the surplus tricklers, then one for the first
+    finally:
+        stop.set()
+        trickler.join(10)
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.slow  # 64 clients, a few hundred requests
+def test_64_clients_with_10_percent_disconnecting_get_no_refusals(start_server):
+    """Honest load at the old cap: 64 clients, every 10th request abandoned right after it is sent (the client
+    leaves and sends its next one). Before the fix about half were refused (503) or reset, because a left
+    connection still held its slot when its client came back; now every request whose client waits is answered
+    200, with no reset."""
+    _, port, server = start_server()
+    results, failures = Counter(), []
+
+    def client(c: int):
+        for k in range(6):
+            try:
+                if (c * 6 + k) % 10 == 0:  # 10%: send, then leave without reading
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+                    sock.sendall(post_bytes(port, chat_body(max_tokens=8)))
+                    sock.close()
+                    results["left"] += 1
+                    continue
+                results[raw_http(port, post_bytes(port, chat_body(max_tokens=2)), timeout=120)[0]] += 1
+            except OSError as e:  # a reset or a timeout
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures and results == {200: 64 * 6 - results["left"], "left": results["left"]}
+    assert results["left"] == 39  # (c * 6 + k) % 10 == 0 for 39 of the 384 requests
 
 
 def test_queued_requests_are_served_in_one_batch(start_server):

@@ -179,6 +179,46 @@ def test_a_nan_loss_is_never_applied_and_stops_on_the_next_log_step(tiny_tokeniz
     assert rows[-1]["step"] == stopped_at and rows[-1]["skipped_steps"] == 1
 
 
+class WeightsOverflowAtStep3(PretrainTrainer):
+    """A finite loss and gradient whose update overflows the weights (what lr=inf did before the bounds refused it,
+    and a huge finite lr can still do): step 3 leaves an inf in one weight."""
+
+    def train_step(self):
+        out = super().train_step()
+        if self.step == 2:  # train_step runs before the step counter moves: this is step 3's update
+            with torch.no_grad():
+                self.trainable_parameters()[0].view(-1)[0] = float("inf")
+        return out
+
+
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_non_finite_weights_are_never_saved_or_named_the_last_good_state(
+    tiny_tokenizer_dir, shards, tmp_path, log_every
+):
+    """The guard named the state after an overflowing update "the last good state" and saved it (38 of 38 tensors
+    non-finite). Now the weights are checked before any save: the stop names the newest checkpoint, which is
+    finite, and no step_* dir holds a non-finite tensor."""
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "inf", save_every=2, log_every=log_every)
+    with pytest.raises(TrainingStopped, match="the weights are not finite") as err:
+        run_trainer(WeightsOverflowAtStep3, cfg)
+    assert "step_000002" in str(err.value) and "they are not saved" in str(err.value)
+    saved = sorted(p.name for p in Path(cfg.out_dir).glob("step_*"))
+    assert saved == ["step_000002"]  # with log_every=2 the save of step 4 is refused too
+    for path in saved:
+        weights = load_file(Path(cfg.out_dir) / path / "model.safetensors")
+        assert all(torch.isfinite(v).all() for v in weights.values())
+    # Resuming goes on from the named state: step 2, finite.
+    trainer = run_trainer(PretrainTrainer, make_cfg(tiny_tokenizer_dir, shards, tmp_path / "inf", max_steps=3))
+    assert trainer.step == 3 and all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+def test_non_finite_weights_before_any_checkpoint_say_so(tiny_tokenizer_dir, shards, tmp_path):
+    cfg = make_cfg(tiny_tokenizer_dir, shards, tmp_path / "inf0", save_every=0, eval_every=0)
+    with pytest.raises(TrainingStopped, match="no checkpoint was saved before it: start again"):
+        run_trainer(WeightsOverflowAtStep3, cfg)
+    assert not list(Path(cfg.out_dir).glob("step_*"))
+
+
 # -----------------------------------------------------------------------------
 # No host sync inside a training step
 

@@ -20,6 +20,7 @@ Every function takes the parts it needs (model, optimizer, flags) explicitly; th
 when to call them. Under FSDP the functions that gather or set state are collective: every rank calls them.
 """
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -202,6 +203,16 @@ def verify_checksums(path: str) -> bool:
                 f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was corrupted after the save)"
             )
     return True
+
+
+def latest_step_dir(out_dir: str) -> str | None:
+    """The step_* dir that out_dir/latest names (the newest complete checkpoint), or None."""
+    try:
+        with open(os.path.join(out_dir, "latest"), encoding="utf-8") as f:
+            path = os.path.join(out_dir, f.read().strip())
+    except OSError:
+        return None
+    return path if os.path.isdir(path) else None
 
 
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
@@ -432,6 +443,7 @@ def save_trainer(trainer) -> str:
             "world_size": trainer.world_size,
             "global_batch": trainer.global_batch,
             "extra": trainer.extra_state(),
+            "config": dataclasses.asdict(trainer.cfg),  # a resume with other settings says which changed
         }
         write_checkpoint(
             path,
@@ -501,6 +513,38 @@ class ModelWeights:
         return f" (next stage: init_from={path})"
 
 
+# Settings a resume may change without changing the run: how long, where to log, how often to save or evaluate.
+RESUME_MAY_CHANGE = {
+    "resume",
+    "max_steps",
+    "out_dir",
+    "device",
+    "prefetch",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "keep_last",
+    "logger",
+    "run_name",
+    "max_skipped_steps",
+}
+
+
+def warn_changed_settings(trainer, saved: dict | None, path: str) -> None:
+    """A warning for every setting that differs from the checkpoint's (lr, seq_len, ...): the resumed run goes on,
+    but it is no longer the run that was started. Checkpoints older than the saved config say nothing."""
+    if not isinstance(saved, dict):
+        return
+    now = dataclasses.asdict(trainer.cfg)
+    changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    for key in changed:
+        print0(
+            f"[{trainer.stage}] WARNING: resuming from {path} with {key}={now[key]!r}, but it was saved with "
+            f"{key}={saved[key]!r}; the run goes on with the new value"
+        )
+
+
 def resume_trainer(trainer) -> None:
     """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
     found = newest_readable(
@@ -521,6 +565,7 @@ def resume_trainer(trainer) -> None:
             f"[{trainer.stage}] WARNING: global batch changed from {state['global_batch']} to "
             f"{trainer.global_batch}; the data position stays exact in tokens but the run is no longer the same"
         )
+    warn_changed_settings(trainer, state.get("config"), path)
     trainer.train_data.load_state_dict(state["data"])
     trainer.load_extra_state(state=state.get("extra", {}))
     if not restore_rng(state["rng"], rank=trainer.rank, world_size=trainer.world_size, device=trainer.device):

@@ -29,7 +29,7 @@ import yaml
 
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
-from trainer.bounds import Bound, above, at_least, between  # noqa: F401 (re-exported: the stages import them from here)
+from trainer.bounds import Bound, above, at_least, between, is_finite  # noqa: F401 (re-exported: the stages import them from here)
 from trainer.checkpoint import CheckpointError, verify_checksums
 from trainer.errors import ConfigError, MissingPathError  # torch-free, for the tokenizer; imported from here too
 
@@ -168,14 +168,23 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
     values = {}
     sources = []
     if yaml_path:
-        with open(yaml_path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
-                problem = getattr(e, "problem", None) or str(e)
-                raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+        with open(yaml_path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # e.g. a file saved as GBK: name the file and the line, not a traceback
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(
+                f"{yaml_path}:{line}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}); "
+                f"save the file as UTF-8"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{where}: malformed YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
         sources.append((f"{yaml_path}", data))
@@ -184,6 +193,8 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
     unused = getattr(cls, "unused", {})
     for where, data in sources:
         for key, value in data.items():
+            if not isinstance(key, str):  # YAML reads `1: 2` or `true: x` as a number or bool key
+                raise ConfigError(f"config key {key!r} ({where}): a key must be a name, got {type(key).__name__}")
             if key in unused:
                 stage = cls.__module__.rsplit(".", 1)[-1]
                 raise ConfigError(
@@ -219,6 +230,10 @@ def validate(cfg, *, paths: bool = True) -> None:
     """Every value of `cfg` against its class's tables; paths=True also checks what must exist. Raises ConfigError
     (MissingPathError for a missing path) naming the key and what is allowed."""
     cls = type(cfg)
+    for field in dataclasses.fields(cls):  # every number, bounded or not (`unchecked` too): NaN passes any bound
+        value = getattr(cfg, field.name)
+        if not is_finite(value):
+            raise ConfigError(f"config key '{field.name}': must be a finite number, got {value!r}")
     for key, allowed in _table(cls, "choices").items():
         value = getattr(cfg, key)
         if value not in allowed:

@@ -40,8 +40,9 @@ from trainer.common import (
 )
 from trainer.config import TrainConfig, config_to_dict, format_config, save_config, validate
 from trainer.errors import ConfigError
-from trainer.guard import StepGuard
+from trainer.guard import StepGuard, non_finite_count
 from trainer.optim import build_optimizer, lr_at
+from trainer.run_lock import out_dir_lock
 
 # -----------------------------------------------------------------------------
 # The Trainer
@@ -354,15 +355,29 @@ class Trainer:
     def stop_if_diverged(self):
         """TrainingStopped after a non-finite loss or max_skipped_steps skips in a row (noticed on log and
         checkpoint steps). No non-finite step reached the weights (trainer/guard.py), so the current state is
-        the last good one: it is saved, and its data position is past the offending batches."""
-        if (why := self.guard.stop_reason(max_skipped_steps=self.cfg.max_skipped_steps)) is None:
+        the last good one: it is saved, and its data position is past the offending batches. Unless the weights
+        themselves are not finite (a finite update that overflowed them): checked here, on every log and save step,
+        before anything is saved, so no checkpoint ever holds them; the newest saved one is named instead."""
+        bad_weights = non_finite_count(self.trainable_parameters())
+        if self.distributed:  # FSDP ranks hold different shards: all must agree to stop
+            dist.all_reduce(bad_weights)
+        why = self.guard.stop_reason(max_skipped_steps=self.cfg.max_skipped_steps, non_finite_weights=bad_weights)
+        if why is None:
             return
         self.guard.forget_runs()
+        advice = "Lower lr, raise warmup_steps, or check the data, then resume."
+        if int(bad_weights):  # the current state is not good: never save it, name the newest checkpoint instead
+            newest = checkpoint.latest_step_dir(self.cfg.out_dir)
+            where = (
+                f"the last good state is {newest}, the newest checkpoint (checked finite before it was saved)"
+                if newest
+                else "no checkpoint was saved before it: start again"
+            )
+            raise TrainingStopped(f"[{self.stage}] {why}; they are not saved; {where}. {advice}")
         path = self.save_checkpoint()
         raise TrainingStopped(
             f"[{self.stage}] {why}; the last good state (step {self.step}, non-finite steps "
-            f"skipped) is saved in {path}. Lower lr, raise warmup_steps, or check the data, "
-            f"then resume."
+            f"skipped) is saved in {path}. {advice}"
         )
 
     # ---- evaluation --------------------------------------------------------------------------------------
@@ -417,12 +432,15 @@ class Trainer:
 
 def run_trainer(trainer_cls, cfg) -> Trainer:
     """What a stage's run(cfg) calls: check the config (values, then, after the device and parallel checks of
-    __init__, the paths; before any model is built), build, train, and tear down the process group."""
+    __init__, the paths; before any model is built), take out_dir's lock, build, train, and tear down the process
+    group."""
     trainer = trainer_cls(cfg)  # validates the values first
     try:
         validate(cfg)
-        trainer.prepare()
-        trainer.fit()
+        # One run per out_dir (trainer/run_lock.py): a second one stops here, naming the first. Rank 0 holds it.
+        with out_dir_lock(cfg.out_dir, stage=trainer.stage, enabled=trainer.master):
+            trainer.prepare()
+            trainer.fit()
     finally:
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()

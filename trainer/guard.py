@@ -70,9 +70,13 @@ class StepGuard:
     def log_values(self) -> dict:
         return {k: v for k, v in self.read().items() if k in ("skipped_steps", "loss_scale")}
 
-    def stop_reason(self, *, max_skipped_steps: int) -> str | None:
-        """Why training must stop, or None (reads the counters: one sync)."""
+    def stop_reason(self, *, max_skipped_steps: int, non_finite_weights: torch.Tensor | None = None) -> str | None:
+        """Why training must stop, or None (reads the counters: one sync). non_finite_weights: a device count of
+        the weight tensors holding a NaN or inf (non_finite_count), read in the same sync: a finite loss and
+        gradient can still make an update that overflows (a huge lr), and such weights are no good state."""
         seen = self.read()
+        if non_finite_weights is not None and int(non_finite_weights):
+            return f"the weights are not finite at step {int(self.steps)} (an update overflowed: is lr too high?)"
         if seen["first_bad_loss_step"]:
             return f"loss is not finite at step {seen['first_bad_loss_step']}"
         if seen["longest_skip_run"] >= max_skipped_steps:
@@ -105,3 +109,10 @@ class StepGuard:
         for name in ("skipped", "in_a_row", "steps"):
             getattr(self, name).fill_(state.get(name, 0))
         self.longest.copy_(self.in_a_row)
+
+
+def non_finite_count(tensors) -> torch.Tensor:
+    """How many of `tensors` hold a NaN or inf, as a device scalar (no sync). A DTensor (FSDP) is counted by its
+    local shard: the caller sums the counts over the ranks."""
+    counts = [(~torch.isfinite(t.to_local() if hasattr(t, "to_local") else t.detach())).any() for t in tensors]
+    return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)

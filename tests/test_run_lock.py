@@ -1,0 +1,131 @@
+"""
+One run per out_dir (trainer/run_lock.py): a second run into a folder in use stops at once naming the first; a
+lock left by a SIGKILLed run is stale and taken over; the lock goes away when a run ends, however it ends.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import main_py_command, pretrain_args
+from trainer.core import run_trainer
+from trainer.pretrain import Config, PretrainTrainer
+from trainer.run_lock import LOCK_FILE, RunLockedError, acquire, out_dir_lock, pid_alive, release
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pid_alive_tells_a_running_process_from_an_ended_one():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now (pids are not reused this fast)
+    assert pid_alive(os.getpid()) and not pid_alive(child.pid) and not pid_alive(0)
+
+
+def test_the_lock_is_released_when_the_block_raises_and_a_live_owner_blocks(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyError):
+        with out_dir_lock(str(out), stage="sft"):
+            assert (out / LOCK_FILE).exists()
+            raise KeyError("a run that fails")
+    assert not out.exists()  # nothing was written: the folder the lock created goes too
+    # A live owner (here: this very process, seen from another "run") blocks, naming its pid and command.
+    path = acquire(str(out), stage="sft")
+    with pytest.raises(RunLockedError, match=f"is in use by another run \\(pid {os.getpid()} on "):
+        acquire(str(out), stage="dpo")
+    release(path)
+    assert not Path(path).exists()
+
+
+def test_a_lock_from_an_ended_or_torn_run_is_stale(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    owner = {"pid": child.pid, "host": os.uname().nodename, "started": time.time(), "command": "main.py x"}
+    (out / LOCK_FILE).write_text(json.dumps(owner))
+    release(acquire(str(out), stage="sft"))
+    assert "taking over the stale lock" in capsys.readouterr().out
+    # A lock torn by a crash between its create and its write (empty) is stale once a few seconds old.
+    (out / LOCK_FILE).write_text("")
+    with pytest.raises(RunLockedError):
+        acquire(str(out), stage="sft")  # fresh: its run may be writing it right now
+    os.utime(out / LOCK_FILE, (time.time() - 60, time.time() - 60))
+    release(acquire(str(out), stage="sft"))
+    # Another host's lock cannot be checked from here: it blocks, and the message says how to remove it.
+    (out / LOCK_FILE).write_text(json.dumps({**owner, "host": "elsewhere"}))
+    with pytest.raises(RunLockedError, match="on elsewhere.*delete .*\\.run\\.lock"):
+        acquire(str(out), stage="sft")
+
+
+def tiny_cfg(tokenizer_dir, shards, out_dir, **overrides) -> Config:
+    settings = dict(
+        model_config="tiny",
+        tokenizer_dir=tokenizer_dir,
+        data_dir=shards,
+        out_dir=str(out_dir),
+        max_steps=2,
+        batch_size=2,
+        seq_len=32,
+        log_every=1,
+        eval_every=0,
+        eval_batches=1,
+        sample_tokens=0,
+        save_every=0,
+    )
+    return Config(**{**settings, **overrides})
+
+
+@pytest.mark.slow  # a main.py process beside two in-process runs
+def test_a_second_run_stops_naming_the_first_and_a_sigkilled_ones_lock_is_taken_over(
+    tiny_tokenizer_dir, shards, tmp_path, capsys
+):
+    """Two runs trained into one out_dir at once (duplicated metrics.jsonl records, both writing step_* and
+    final/). Now the second stops before it builds anything, naming the first's pid; after the first is SIGKILLed
+    (no cleanup) its lock is stale and a new run takes it over, then releases it at its end."""
+    out = tmp_path / "run"
+    command, env = main_py_command(out, ["--stage", "pretrain", *pretrain_args(tiny_tokenizer_dir, shards)])
+    command = [*command, "max_steps=100000"]  # runs until killed
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists():  # training: the lock is held
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        owner = json.loads((out / LOCK_FILE).read_text())
+        assert owner["pid"] == first.pid and "main.py" in owner["command"]
+        with pytest.raises(RunLockedError, match=f"'{out}' is in use by another run \\(pid {first.pid} on .*main.py"):
+            run_trainer(PretrainTrainer, tiny_cfg(tiny_tokenizer_dir, shards, out))
+        assert first.poll() is None  # the first run was not disturbed
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert (out / LOCK_FILE).exists()  # SIGKILL: nobody removed it
+    trainer = run_trainer(PretrainTrainer, tiny_cfg(tiny_tokenizer_dir, shards, out, resume="never"))
+    assert trainer.step == 2 and f"stale lock of a run that ended without releasing it (pid {first.pid}" in (
+        capsys.readouterr().out
+    )
+    assert not (out / LOCK_FILE).exists() and (out / "final").is_dir()
+
+
+@pytest.mark.slow  # main.py in a fresh interpreter
+def test_main_py_reports_a_locked_out_dir_as_a_usage_error(tiny_tokenizer_dir, shards, tmp_path):
+    out = tmp_path / "run"
+    path = acquire(str(out), stage="pretrain")  # this test process is the live owner
+    try:
+        command, env = main_py_command(out, ["--stage", "pretrain", *pretrain_args(tiny_tokenizer_dir, shards)])
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        release(path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: out_dir '{out}' is in use by another run (pid {os.getpid()}" in done.stderr
+    assert not (out / "metrics.jsonl").exists()
