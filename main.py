@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 
+from dataset.records import UnusableFile
 from trainer.config import ConfigError, load_config
 from trainer.stages import available_stages
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         return 2
     try:
         module.run(cfg)  # checks the paths the stage needs before it builds anything
-    except ConfigError as e:
+    except (ConfigError, UnusableFile) as e:  # a usage mistake, or a data file of a layout no reader knows
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,8 +10,13 @@ Chat data for SFT, LoRA and the later preference/RL stages: read, check, tokeniz
 Formats, detected per file from its first record (a record of another shape in the same file is malformed; a
 first record of no known format stops the run whatever on_bad says, as the whole file would be lost):
     conversations  {"conversations" | "messages": [{"role": "system|user|assistant", "content": ...}]}  (MiniMind)
-    sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}
-    alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+    positional     {"conversations": [{"content": ...}, ...]}: roles by position, user first (MiniMind's RLAIF)
+    sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}; LLaMA-Factory's
+                   tool-call ShareGPT too: "function_call" turns (the call JSON), "observation" turns (the tool's
+                   answer) and "tools" (JSON text)
+    alpaca         {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}; an
+                   instruction "Human:...\nAssistant:...\nHuman:...\nAssistant:" (BELLE multiturn_chat_0.8M) is
+                   split into its turns, so earlier replies are trained as replies
     pairs          {"conversation" | "conversations" | "messages": [{"human" | "user": ..., "assistant": ...}]}
                    (Firefly, and MOSS/UltraChat as Firefly ships them): each element is one user + assistant turn
 A file is JSON Lines or one JSON array (whatever its extension says), optionally gzipped (.gz), or a Hugging Face
@@ -65,8 +70,20 @@ from model.chat_format import chatml_pieces, check_chat_template, uses_tools
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
-# ShareGPT speaker names -> chat roles. Anything else is an unknown role (a bad record).
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# ShareGPT speaker names -> chat roles. Anything else is an unknown role (a bad record). LLaMA-Factory's tool-call
+# ShareGPT (glaive_toolcall_*): "function_call" is an assistant turn whose value is the call(s) as JSON text,
+# "observation" the tool's answer.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+# BELLE multiturn_chat_0.8M keeps a whole chat in one Alpaca instruction: "Human:..\nAssistant:..\nHuman:..\nAssistant:"
+BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):")
 ROLES = ("system", "user", "assistant", "tool")
 # Identity data writes {{name}}; code in answers writes {{ item.name }} with spaces or dots, which is not matched.
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
@@ -88,6 +105,10 @@ def parse_columns(spec: str) -> dict:
 # Formats -> a list of {"role", "content"} messages
 
 
+CHAT_FORMATS = (
+    "conversations/messages with role/content (or content only, roles by position), ShareGPT from/value, "
+    "human/assistant pairs or Alpaca instruction/input/output"
+)
 TURN_KEYS = ("conversations", "messages", "conversation")  # where a record keeps its turns, first present wins
 PAIR_USER, PAIR_ASSISTANT = ("human", "user"), ("assistant",)  # keys of a "pairs" turn (Firefly: human/assistant)
 
@@ -108,6 +129,8 @@ def detect_format(record, where: str) -> str:
                 return "sharegpt"
             if "role" in turns[0]:
                 return "conversations"
+            if set(turns[0]) == {"content"}:
+                return "positional"
             if _pair_key(turns[0], PAIR_USER) and _pair_key(turns[0], PAIR_ASSISTANT):
                 return "pairs"
         if "instruction" in record and "output" in record:
@@ -116,9 +139,7 @@ def detect_format(record, where: str) -> str:
     raise BadRecord(
         where,
         "unknown format",
-        f"got {keys}; expected conversations/messages with role/content, "
-        f"ShareGPT from/value, human/assistant pairs or Alpaca instruction/input/output (other "
-        f"schemas: columns=src=dst,... renames keys)",
+        f"got {keys}; expected {CHAT_FORMATS} (other schemas: columns=src=dst,... renames keys)",
     )
 
 
@@ -164,7 +185,8 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             ]
         prompt = _text(record["instruction"], where, "instruction")
         extra = _text(record.get("input") or "", where, "input")
-        messages.append({"role": "user", "content": prompt + ("\n" + extra if extra else "")})
+        messages += _belle_turns(prompt, where) or [{"role": "user", "content": prompt}]
+        messages[-1]["content"] += "\n" + extra if extra else ""
         messages.append({"role": "assistant", "content": _text(record["output"], where, "output")})
         return messages
     turns = _turns(record)
@@ -190,7 +212,17 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             role = SHAREGPT_ROLES.get(turn["from"])
             if role is None:
                 raise BadRecord(where, "unknown role", repr(turn["from"]))
-            messages.append({"role": role, "content": _text(turn["value"], where, "value")})
+            if turn["from"] == "function_call":  # {"name", "arguments"} or a list of them, as JSON text
+                calls = _json_text(_text(turn["value"], where, "value"), where, "function_call")
+                calls = tool_calls_of([calls] if isinstance(calls, dict) else calls, where)
+                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            else:
+                messages.append({"role": role, "content": _text(turn["value"], where, "value")})
+        elif fmt == "positional":  # MiniMind's RLAIF prompts: user, assistant, user, ... by position
+            if set(turn) != {"content"}:
+                raise BadRecord(where, "malformed", f"a turn of a role-less conversation has keys {sorted(turn)}")
+            role = "user" if len(messages) % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": _content(turn["content"], where, "content")})
         else:
             if "role" not in turn or ("content" not in turn and not turn.get("tool_calls")):
                 raise BadRecord(where, "malformed", f"turn without role/content (keys {sorted(turn)})")
@@ -203,6 +235,21 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             messages.insert(0, {"role": "system", "content": ""})
         messages[0]["tools"] = tools_of(tools, where)
     return messages
+
+
+def _belle_turns(instruction: str, where: str) -> list[dict] | None:
+    """BELLE multiturn_chat_0.8M's transcript instruction "Human:q1\nAssistant:a1\nHuman:q2\nAssistant:" -> [user q1,
+    assistant a1, user q2] (the reply to q2 is the record's output); None for any other instruction. Only an
+    instruction that starts with "Human:" and ends with "Assistant:" is split, so a prompt that merely mentions
+    "Human:" stays one user turn."""
+    if not (instruction.startswith("Human:") and instruction.rstrip().endswith("Assistant:")):
+        return None
+    parts = BELLE_TURN.split(instruction.rstrip())  # ['', 'Human', q1, 'Assistant', a1, ..., 'Assistant', '']
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    if messages[-1]["content"] or [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2):
+        raise BadRecord(where, "malformed", "a BELLE transcript must alternate Human: and Assistant: turns")
+    return messages[:-1]
 
 
 # Tool use (OpenAI and MiniMind records) -> messages: the first system message carries the conversation's "tools"
@@ -386,6 +433,7 @@ def load_conversations(
         log,
         columns,
         file_note=lambda path: formats.get(path, "no usable record"),
+        formats=CHAT_FORMATS,
     )
     stats["conversations"] = len(conversations)
     return conversations, stats

@@ -8,10 +8,15 @@ Preference pairs for DPO and the reward model (and prompts for PPO/GRPO): read, 
 
 Formats, detected per record (files are JSON Lines or JSON arrays, optionally gzipped, or parquet/Arrow/save_to_disk
 tables, as in dataset/chat_data.py; columns="src=dst,..." renames keys first):
-    messages   {"chosen": [messages], "rejected": [messages]}          MiniMind; both end with the assistant reply
+    messages   {"chosen": [messages], "rejected": [messages], "prompt"?: ...}   MiniMind, TRL's implicit prompt,
+               HuggingFaceH4/ultrafeedback_binarized (its "prompt" string, "messages" and scores are ignored: the
+               conversations carry the prompt); both end with the assistant reply
     ranking    {"conversations": [{from, value}] | [{role, content}], "chosen": {from, value} | str,
                 "rejected": ..., "system"?}                              LLaMA-Factory ranking, MedicalGPT
-    strings    {"prompt": str | [messages], "chosen": str, "rejected": str, "system"?}
+    strings    {"prompt": str | [messages], "chosen": str | [{"role": "assistant", ...}], "rejected": ...,
+                "system"?}                                               TRL's (conversational) format
+    openai     {"input": {"messages": [...], "tools"?}, "preferred_output": [{"role": "assistant", ...}],
+                "non_preferred_output": [...]}                           OpenAI preference fine-tuning
     hh         {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}   Anthropic hh-rlhf; split at
                the last "\\n\\nAssistant:" (the two transcripts share everything before it)
 Turns are normalised by chat_data.to_messages / check_messages, so the roles and checks are the SFT ones.
@@ -35,6 +40,11 @@ from dataset.records import BadRecord, SkipRecord, read_records
 from model.chat_format import chatml_pieces
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+PAIR_KEYS = (("chosen", "rejected"), ("preferred_output", "non_preferred_output"))  # the two sides, first match wins
+PAIR_FORMATS = (
+    "chosen/rejected (strings, messages or whole conversations) with a prompt, conversations or hh transcripts, "
+    "or OpenAI's input/preferred_output/non_preferred_output"
+)
 
 
 # -----------------------------------------------------------------------------
@@ -63,43 +73,57 @@ def _split_last(messages: list[dict], where: str, what: str) -> tuple[list[dict]
     return messages[:-1], messages[-1]["content"]
 
 
-def record_to_pair(record, where: str) -> dict:
-    """One record of any supported format -> {"prompt", "chosen", "rejected"} (see the module docstring)."""
-    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
-        keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
-        raise BadRecord(where, "unknown format", f"got {keys}; a preference record needs chosen and rejected")
-    chosen, rejected = record["chosen"], record["rejected"]
+def _pair_side(value, where: str, what: str) -> tuple[list[dict], str]:
+    """One side of a pair -> (the turns before its reply, the reply). A string or one {from, value} / {role,
+    content} message is a reply alone (no turns); a list of messages ends with the reply: [assistant] alone (TRL's
+    conversational format, OpenAI's preferred_output) or a whole conversation (MiniMind, UltraFeedback)."""
+    if not isinstance(value, list):
+        return [], _reply(value, where, what)
+    fmt = "sharegpt" if value and isinstance(value[0], dict) and "from" in value[0] else "conversations"
+    return _split_last(to_messages({"conversations": value}, fmt, where), where, what)
+
+
+def _prompt_field(record: dict, where: str) -> list[dict] | None:
+    """The prompt a record keeps beside its replies, as messages; None when it has none (hh-rlhf)."""
     system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    if isinstance(record.get("input"), dict):  # OpenAI preference fine-tuning: {"messages", "tools"?}
+        return to_messages(record["input"], "conversations", where)
     if "prompt" in record:
         prompt = record["prompt"]
-        prompt = (
-            [{"role": "user", "content": prompt}]
-            if isinstance(prompt, str)
-            else to_messages({"messages": prompt}, "conversations", where)
-        )
-        prompt = system + prompt
-        chosen, rejected = _reply(chosen, where, "chosen"), _reply(rejected, where, "rejected")
-    elif isinstance(chosen, list):
-        fmt = "sharegpt" if chosen and isinstance(chosen[0], dict) and "from" in chosen[0] else "conversations"
-        prompt, chosen = _split_last(to_messages({"conversations": chosen}, fmt, where), where, "chosen")
-        other, rejected = _split_last(to_messages({"conversations": rejected}, fmt, where), where, "rejected")
-        if other != prompt:
-            raise BadRecord(where, "prompts differ", "chosen and rejected must share all turns but the last")
-    elif "conversations" in record:
+        if isinstance(prompt, str):
+            return system + [{"role": "user", "content": prompt}]
+        return system + to_messages({"messages": prompt}, "conversations", where)
+    if "conversations" in record:
         turns = record["conversations"]
         fmt = "sharegpt" if turns and isinstance(turns[0], dict) and "from" in turns[0] else "conversations"
-        prompt = to_messages({"conversations": turns, "system": record.get("system")}, fmt, where)
-        chosen, rejected = _reply(chosen, where, "chosen"), _reply(rejected, where, "rejected")
-    elif isinstance(chosen, str) and HH_TURN.search(chosen):
+        return to_messages({"conversations": turns, "system": record.get("system")}, fmt, where)
+    return None
+
+
+def record_to_pair(record, where: str) -> dict:
+    """One record of any supported format -> {"prompt", "chosen", "rejected"} (see the module docstring)."""
+    sides = next((keys for keys in PAIR_KEYS if isinstance(record, dict) and all(k in record for k in keys)), None)
+    if sides is None:
+        keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+        raise BadRecord(where, "unknown format", f"got {keys}; expected {PAIR_FORMATS}")
+    (chosen_turns, chosen), (rejected_turns, rejected) = (_pair_side(record[k], where, k) for k in sides)
+    if chosen_turns or rejected_turns:  # whole conversations: they carry the prompt, whatever else the record has
+        if chosen_turns != rejected_turns:
+            raise BadRecord(where, "prompts differ", "chosen and rejected must share all turns but the last")
+        prompt = chosen_turns
+    else:
+        prompt = _prompt_field(record, where)
+    if prompt is None and HH_TURN.search(chosen):
         prompt, chosen = _split_last(_hh_messages(chosen, where), where, "chosen")
-        other, rejected = _split_last(_hh_messages(_reply(rejected, where, "rejected"), where), where, "rejected")
+        other, rejected = _split_last(_hh_messages(rejected, where), where, "rejected")
         if other != prompt:
             raise BadRecord(where, "prompts differ", "hh transcripts must differ only in the last reply")
-    else:
+    elif prompt is None:
         raise BadRecord(
             where,
             "unknown format",
-            "chosen/rejected are neither messages nor hh transcripts, and there is no prompt or conversations field",
+            "chosen/rejected are neither conversations nor hh transcripts, and there is no prompt, input or "
+            "conversations field",
         )
     if not prompt or prompt[-1]["role"] != "user":
         raise BadRecord(where, "prompt not ending with user", f"{len(prompt)} prompt turns")
@@ -132,7 +156,7 @@ def load_pairs(
         return pair
 
     pairs, stats = read_records(
-        paths, lambda path: convert, "preference pairs", on_bad, max_samples, stats, log, columns
+        paths, lambda path: convert, "preference pairs", on_bad, max_samples, stats, log, columns, formats=PAIR_FORMATS
     )
     stats["pairs"] = len(pairs)
     return pairs, stats

@@ -31,7 +31,9 @@ from collections.abc import Callable
 from dataset.table_files import check_text_input, is_table, iter_rows
 from dataset.text_sources import expand_paths, open_binary
 
-ON_BAD = ("error", "skip")  # what a bad record does: stop the run naming file:line | skip it and count the reason
+# What a bad record does: stop the run naming file:line | skip it and count the reason (but a file that yields
+# nothing, or loses more than half its records, stops the run) | skip it, and let such a file go too, with a warning.
+ON_BAD = ("error", "skip", "skip_file")
 
 
 class BadRecord(ValueError):
@@ -48,6 +50,11 @@ class UnreadableFile(BadRecord):
 
 class TruncatedFile(BadRecord):
     """The file ends early (a truncated .gz): an error with on_bad=error; with skip, the end of that file."""
+
+
+class UnusableFile(ValueError):
+    """A file that yields nothing, or loses more than half its records, under on_bad=skip: the message names the
+    file, what it holds and the formats the reader knows."""
 
 
 class SkipRecord(Exception):
@@ -167,15 +174,34 @@ def rename_keys(record, columns: dict):
     return out
 
 
-def _usable_records(path: str, convert, on_bad: str, stats: Counter, log, columns: dict | None):
+def describe_record(record) -> str:
+    """A record's shape for an error message, without its text: {chosen: [{content, role}], prompt: str, ...}."""
+
+    def shape(v) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(sorted(v)[:8]) + (", ..." if len(v) > 8 else "") + "}"
+        if isinstance(v, list):
+            return f"[{shape(v[0])}]" if v else "[]"
+        return type(v).__name__
+
+    if not isinstance(record, dict):
+        return shape(record)
+    items = [f"{k}: {shape(v)}" for k, v in sorted(record.items())[:8]]
+    return "{" + ", ".join(items) + (", ..." if len(record) > 8 else "") + "}"
+
+
+def _usable_records(path: str, convert, on_bad: str, stats: Counter, log, columns: dict | None, seen: dict):
     """Yield convert(record, where) for every record of one file that converts. A record that does not (convert or
     the reader raised BadRecord) stops the run naming file:line when on_bad=error; with on_bad=skip it is
     counted in stats as "skip:<reason>" and the first few per file are logged, so the cause is findable without
     flooding the log. stats["records"] counts every record read. `columns` renames keys first (rename_keys).
     SkipRecord is counted, whatever on_bad says. A truncated file stops the run with on_bad=error; with skip, the
-    file ends there with a warning."""
+    file ends there with a warning. `seen` gets the file's first record's shape and first error (UnusableFile's
+    message). With on_bad=skip_file a file of no known format (UnreadableFile) is left out with a warning."""
     shown = 0
     for line, record in iter_records(path):
+        if "record" not in seen and not isinstance(record, BadRecord):
+            seen["record"] = describe_record(record)
         where = f"{path}:{line}"
         if isinstance(record, TruncatedFile):
             if on_bad == "error":
@@ -192,8 +218,14 @@ def _usable_records(path: str, convert, on_bad: str, stats: Counter, log, column
             stats[f"skip:{e.reason}"] += 1
             continue
         except BadRecord as e:
+            if isinstance(e, UnreadableFile) and on_bad == "skip_file":
+                stats["skip:unreadable file"] += 1
+                log(f"[data] WARNING: {e}; the whole of {path} is left out (on_bad_record=skip_file)")
+                return
             if on_bad == "error" or isinstance(e, UnreadableFile):
                 raise
+            seen.setdefault("error", str(e))
+            seen["bad"] = seen.get("bad", 0) + 1
             stats[f"skip:{e.reason}"] += 1
             if shown < 3:
                 log(f"[data] skipped {e}")
@@ -212,6 +244,7 @@ def read_records(
     log=print,
     columns: dict | None = None,
     file_note: Callable[[str], str] | None = None,
+    formats: str = "",
 ) -> tuple[list, Counter]:
     """Every record of every file, converted: convert_file(path) gives the file's convert(record, where) (a new one
     per file, so it may keep what it learns from the file's first record, e.g. chat_data its format).
@@ -219,23 +252,53 @@ def read_records(
     Returns (items, stats); stats (the Counter given, or a new one) counts every record read ("records") and each
     skip reason ("skip:<reason>"). max_samples > 0 keeps the first max_samples items of each file (quick runs and
     tests). columns renames keys first (rename_keys). Logs one line per file ("{n} {what}", with file_note(path) in
-    brackets) and one line with the skip counts of this call, if any."""
+    brackets) and one line with the skip counts of this call, if any.
+    No silent loss: with on_bad=skip a file that yields nothing (a duplicate of an earlier record counts as
+    yielded) or whose bad records are more than half of it raises UnusableFile, naming the first record's shape,
+    the first error and `formats` (those the caller knows); with on_bad=skip_file it is only warned about."""
     if on_bad not in ON_BAD:
-        raise ValueError(f"on_bad must be error or skip, got '{on_bad}'")
+        raise ValueError(f"on_bad must be one of {', '.join(ON_BAD)}, got '{on_bad}'")
     stats = Counter() if stats is None else stats
     before = Counter(stats)
     items = []
     for path in expand_paths(paths):
-        kept = 0
-        for item in _usable_records(path, convert_file(path), on_bad, stats, log, columns):
+        kept, at_start, seen = 0, Counter(stats), {}
+        for item in _usable_records(path, convert_file(path), on_bad, stats, log, columns, seen):
             items.append(item)
             kept += 1
             if max_samples and kept >= max_samples:
                 break
         log(f"[data] {path}: {kept:,} {what}" + (f" ({file_note(path)})" if file_note else ""))
+        _check_file_yield(path, stats - at_start, kept, what, seen, formats, on_bad, log)
     skipped = {k.removeprefix("skip:"): n - before[k] for k, n in sorted(stats.items()) if k.startswith("skip:")}
     skipped = {reason: n for reason, n in skipped.items() if n}
     if skipped:
         counts = ", ".join(f"{reason}: {n:,}" for reason, n in skipped.items())
         log(f"[data] {sum(skipped.values()):,} records skipped ({counts})")
     return items, stats
+
+
+def _check_file_yield(path: str, counts: Counter, kept: int, what: str, seen: dict, formats: str, on_bad: str, log):
+    """Stop the run (on_bad=skip) or warn (skip_file) when a file yields nothing or loses over half its records to
+    bad ones: a source gone unseen is worse than a stopped run. Duplicates of earlier records count as yielded."""
+    read = counts["records"]
+    skipped = {k.removeprefix("skip:"): n for k, n in counts.items() if k.startswith("skip:")}
+    bad = seen.get("bad", 0)  # records skipped as bad (BadRecord), not good ones left out (SkipRecord)
+    if on_bad == "error" or "unreadable file" in skipped:
+        return
+    if kept + skipped.get("duplicate", 0) > 0 and bad * 2 <= read:  # a duplicate was yielded by an earlier file
+        return
+    reasons = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(skipped.items())) or "no records"
+    msg = (
+        f"{path}: {kept:,} {what} from {read:,} records ({reasons})"
+        + (f"; first record {seen['record']}" if "record" in seen else "")
+        + (f"; first error {seen['error']}" if "error" in seen else "")
+        + (f". Formats read: {formats}" if formats else "")
+    )
+    if on_bad == "skip_file":
+        log(f"[data] WARNING: {msg}; going on without it (on_bad_record=skip_file)")
+        return
+    raise UnusableFile(
+        f"{msg}. Map another schema's keys with columns=src=dst,...; on_bad_record=skip_file goes on without "
+        f"such a file"
+    )

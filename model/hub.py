@@ -77,6 +77,38 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name) and not name.startswith(".")
 
 
+def publish_lines(path: str) -> list[str]:
+    """The card's "Publish" section: the commands that upload this folder to the Hugging Face Hub (directly, or
+    through the hf-mirror.com endpoint from mainland China) and to ModelScope. <your-name> is the one blank left."""
+    path = os.path.normpath(path).removesuffix(".tmp")  # trainer/checkpoint.py writes final/ as final.tmp, renamed
+    repo = f"<your-name>/{_repo_name(path)}"
+    return [
+        "## Publish",
+        "",
+        "```bash",
+        "# Hugging Face Hub (huggingface_hub >= 0.34 also names the command `hf upload`)",
+        'pip install -U "huggingface_hub[cli]" && huggingface-cli login',
+        f"huggingface-cli upload {repo} {path} .",
+        "# the same through the mirror, from mainland China",
+        f"HF_ENDPOINT=https://hf-mirror.com huggingface-cli upload {repo} {path} .",
+        "# ModelScope (an SDK token from modelscope.cn/my/myaccesstoken)",
+        "pip install -U modelscope && modelscope login --token <your-token>",
+        f"modelscope upload {repo} {path}",
+        "```",
+        "",
+    ]
+
+
+def _repo_name(path: str) -> str:
+    """A Hub repo name for a checkpoint folder: out/sft/final -> milli-chat-sft (a stage's final/ or step_N/ says
+    little), any other folder keeps its own name."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    name = parts[-1]
+    if (name == "final" or name.startswith("step_")) and len(parts) > 1:
+        name = f"milli-chat-{parts[-2]}"
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "milli-chat"
+
+
 def write_model_card(
     path: str,
     *,
@@ -159,9 +191,11 @@ def write_model_card(
         "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
         "```",
         "",
-        "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`).",
+        "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`, which writes "
+        "an ollama Modelfile beside the file).",
         "",
     ]
+    lines += publish_lines(path)
     card = os.path.join(path, "README.md")
     with open(card, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -1,4 +1,4 @@
-'''
+"""
 Export a dense SLM checkpoint as one GGUF file for llama.cpp, ollama, LM Studio and other GGML runtimes.
 
     pip install gguf                  # the llama.cpp project's pure-Python GGUF writer (only this script needs it)
@@ -7,17 +7,11 @@ Export a dense SLM checkpoint as one GGUF file for llama.cpp, ollama, LM Studio 
     llama-cli -m out/export/milli-chat-f16.gguf -cnv       # chat with the template stored in the file
     llama-server -m out/export/milli-chat-f16.gguf --port 8080   # OpenAI-compatible server
 
-ollama: write a Modelfile next to the file, then `ollama create milli-chat -f Modelfile && ollama run milli-chat`:
-    FROM ./milli-chat-f16.gguf
-    TEMPLATE """{{ if .System }}<|im_start|>system
-    {{ .System }}<|im_end|>
-    {{ end }}<|im_start|>user
-    {{ .Prompt }}<|im_end|>
-    <|im_start|>assistant
-    """
-    PARAMETER stop "<|im_end|>"
-    PARAMETER stop "<|endoftext|>"
-    PARAMETER temperature 0.7
+ollama: the export also writes an ollama Modelfile beside the file (milli-chat-f16.Modelfile: FROM the GGUF, the
+ChatML TEMPLATE, the stop tokens, num_ctx = the model's context and the chat sampling defaults), so
+    ollama create milli-chat -f out/export/milli-chat-f16.Modelfile && ollama run milli-chat
+Its template is chat only (ollama passes tools only to a template that renders them); for tool calls use
+llama-server --jinja, which runs the chat template stored in the GGUF.
 
 The file uses llama.cpp's "llama" architecture (a dense SLM is a Llama model, see scripts/export_llama.py) and
 carries the tokenizer: byte-level BPE ("gpt2" model) with the Qwen2 pre-tokenizer regex ("qwen2" pre-type, the
@@ -30,7 +24,7 @@ scale; q5_1/q5_0/q4_1/q4_0 as 5- or 4-bit blocks of 32 (_1 adds a per-block mini
 `gguf` package: make them from the f16 file with llama.cpp's `llama-quantize m-f16.gguf m-q4_k_m.gguf Q4_K_M`.
 MoE checkpoints are refused: our MoE (shared experts without a gate) has no llama.cpp architecture that
 computes the same function. Distill it into a dense model first (python main.py --stage distill).
-'''
+"""
 
 import argparse
 import json
@@ -43,6 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from model.engine import CHAT_SAMPLING  # noqa: E402
+from model.hub import stop_token_ids  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -114,6 +110,38 @@ def tokenizer_metadata(model_dir: str):
             types[idx] = gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     return tok, tokens, types, merges
+
+
+# -----------------------------------------------------------------------------
+# ollama's Modelfile
+
+# ChatML in ollama's Go template language: every message (ollama puts the Modelfile's SYSTEM in front as a system
+# message when the chat has none) as <|im_start|>role\ncontent<|im_end|>\n, then the assistant header: the prompt
+# our chat template (trainer/train_tokenizer.py) writes for a conversation without tools.
+OLLAMA_TEMPLATE = (
+    "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+
+
+def ollama_modelfile(gguf_path: str, tokenizer, context: int) -> str:
+    """The Modelfile text for gguf_path (FROM is relative: the two files stay side by side): the template, a stop
+    line per stop token (end of turn and EOS, the ids model/hub.py stop_token_ids gives), num_ctx = the model's
+    context (ollama's default would run past the positions the model was trained on) and the chat sampling
+    defaults of model/engine.py."""
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    lines = [f"FROM ./{os.path.basename(gguf_path)}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += [
+        f"PARAMETER num_ctx {context}",
+        f"PARAMETER temperature {CHAT_SAMPLING.temperature:g}",
+        f"PARAMETER top_p {CHAT_SAMPLING.top_p:g}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def modelfile_path(gguf_path: str) -> str:
+    """m-f16.gguf -> m-f16.Modelfile: one per exported file, so a q4_0 export beside an f16 one overwrites nothing."""
+    return os.path.splitext(gguf_path)[0] + ".Modelfile"
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +222,8 @@ def export_gguf(model_dir: str, out_path: str, dtype: str = "f16") -> str:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    with open(modelfile_path(out_path), "w", encoding="utf-8") as f:
+        f.write(ollama_modelfile(out_path, tok, cfg.max_position_embeddings))
     return out_path
 
 
@@ -213,6 +243,8 @@ def main():
         return 2
     size = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({size:.1f} MiB): llama-cli -m {args.out} -cnv")
+    name = os.path.splitext(os.path.basename(args.out))[0]
+    print(f"wrote {modelfile_path(args.out)}: ollama create {name} -f {modelfile_path(args.out)} && ollama run {name}")
     return 0
 
 

@@ -34,7 +34,8 @@ def read_metrics(out_dir: str, split: str = "train") -> list[dict]:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # the real data pack, when present (tests skip without it)
+# the real data pack, when present (tests skip without it); MILLI_SHARED_DATA points elsewhere (a worktree's checkout)
+SHARED_DATA = Path(os.environ.get("MILLI_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SHARED_SFT = SHARED_DATA / "sft"
 
 

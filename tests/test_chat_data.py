@@ -631,7 +631,7 @@ def test_bad_tool_records_are_refused(tmp_path, turns, reason):
             {"messages": turns + [{"role": "assistant", "content": "b"}]},
         ],
     )
-    _, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
+    _, stats = load_conversations(path, on_bad="skip_file", log=lambda *a: None)  # nothing usable: let it go
     assert stats[f"skip:{reason}"] == 1
 
 

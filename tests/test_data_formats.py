@@ -553,7 +553,7 @@ def test_weight_zero_assistant_turn_is_context_only(tiny_tokenizer_dir, tmp_path
         {"messages": [msgs[0], {**msgs[1], "weight": 0}, *msgs[2:]]},
     ]
     path = write_jsonl(tmp_path / "openai.jsonl", records)
-    convs, stats = load_conversations(path, on_bad="skip", log=lambda *a: None)
+    convs, stats = load_conversations(path, on_bad="skip_file", log=lambda *a: None)  # 3 of 5 are bad
     assert len(convs) == 2 and stats["skip:no trained assistant turn"] == 1 and stats["skip:malformed"] == 2
     ids_all, labels_all = tokenize_conversation(tok, msgs)
     first, second = _runs(labels_all)

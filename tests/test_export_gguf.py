@@ -236,3 +236,36 @@ def test_llama_cpp_python_renders_the_file_s_chat_template_as_transformers(expor
     ).prompt
     assert theirs == tok.apply_chat_template(messages, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
     assert "北京天气？" in theirs
+
+
+def test_ollama_modelfile_beside_each_file(exported):
+    """Each export writes <name>.Modelfile: FROM the file beside it, a template that renders a chat as our chat
+    template does (its one range block expanded here the way Go's text/template runs it), the stop tokens,
+    the model's context as num_ctx and the chat sampling defaults."""
+    import re
+
+    from model.engine import CHAT_SAMPLING
+
+    tok, cfg = exported["tok"], exported["model"].config
+    for path in exported["files"].values():
+        text = open(os.path.splitext(path)[0] + ".Modelfile", encoding="utf-8").read()
+        assert text.startswith(f"FROM ./{os.path.basename(path)}\n")
+        params = re.findall(r"^PARAMETER (\S+) (.+)$", text, re.M)
+        assert ("stop", '"<|im_end|>"') in params and ("stop", f'"{tok.eos_token}"') in params
+        assert ("num_ctx", str(cfg.max_position_embeddings)) in params
+        assert ("temperature", f"{CHAT_SAMPLING.temperature:g}") in params and (
+            "top_p",
+            f"{CHAT_SAMPLING.top_p:g}",
+        ) in params
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
+    head, body, tail = re.fullmatch(r"(.*)\{\{ range \.Messages \}\}(.*)\{\{ end \}\}(.*)", template, re.S).groups()
+    chat = [
+        {"role": "system", "content": "你是助手。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "北京在哪里？"},
+    ]
+    rendered = head + "".join(
+        body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in chat
+    )
+    assert rendered + tail == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

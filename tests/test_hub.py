@@ -228,3 +228,20 @@ def test_lm_eval_scores_the_native_folder(tiny_tokenizer_dir, tmp_path):
     assert [s["doc_id"] for s in theirs] == [0, 1]
     for a, b in zip(ours, (s["lls"] for s in theirs)):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_card_gives_the_upload_lines_for_the_hub_its_mirror_and_modelscope(tmp_path):
+    """The card's Publish section names the folder as it will be (final/, not the final.tmp it is written in) and a
+    repo name that says the stage, in the three upload commands users copy."""
+    from model.hub import write_model_card
+    from tests.helpers import tiny_config
+
+    folder = tmp_path / "out" / "sft" / "final.tmp"
+    folder.mkdir(parents=True)
+    card = open(write_model_card(str(folder), config=tiny_config(), stage="sft", training={}), encoding="utf-8").read()
+    final = str(tmp_path / "out" / "sft" / "final")
+    assert "## Publish" in card and ".tmp" not in card.split("## Publish")[1]
+    assert f"\nhuggingface-cli upload <your-name>/milli-chat-sft {final} .\n" in card
+    assert f"\nHF_ENDPOINT=https://hf-mirror.com huggingface-cli upload <your-name>/milli-chat-sft {final} .\n" in card
+    assert f"\nmodelscope upload <your-name>/milli-chat-sft {final}\n" in card and "modelscope login --token" in card
+    assert "ollama Modelfile" in card

@@ -47,7 +47,10 @@ class Config(TrainConfig):
         "model_config": "the architecture comes from init_from's config.json",
         "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy",
     }
-    choices: ClassVar[dict[str, tuple]] = {"loss_type": ("sigmoid", "ipo", "hinge"), "on_bad_record": ("skip", "error")}
+    choices: ClassVar[dict[str, tuple]] = {
+        "loss_type": ("sigmoid", "ipo", "hinge"),
+        "on_bad_record": ("skip", "error", "skip_file"),
+    }
     bounds: ClassVar[dict[str, Bound]] = {
         "beta": above(0),
         "label_smoothing": between(0, 0.5, high_open=True),
@@ -70,7 +73,7 @@ class Config(TrainConfig):
     ref_from: str = ""  # frozen reference; "" = init_from
     ref_device: str = ""  # "" = the training device | cpu = keep the reference off the GPU
     precompute_ref: bool = False  # reference log-probs once before training, then free the reference
-    on_bad_record: str = "skip"  # skip (counted) | error
+    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
     val_samples: int = 100  # pairs held out for validation loss and reward accuracy; 0 = none
     max_samples: int = 0  # usable pairs read per file; 0 = all
 

@@ -36,7 +36,7 @@ class Config(TrainConfig):
         "model_config": "the architecture comes from init_from's config.json",
         "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy",
     }
-    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
+    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error", "skip_file")}
     bounds: ClassVar[dict[str, Bound]] = {
         "center_coef": at_least(0),
         "val_samples": at_least(0),
@@ -52,7 +52,7 @@ class Config(TrainConfig):
     warmup_steps: int = 20
     weight_decay: float = 0.0
     center_coef: float = 0.01  # weight of the (r_chosen + r_rejected)^2 centring term; 0 = off
-    on_bad_record: str = "skip"
+    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
     val_samples: int = 100  # held-out pairs for pairwise accuracy; 0 = none
     max_samples: int = 0  # usable pairs read per file; 0 = all
 

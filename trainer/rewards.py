@@ -8,7 +8,7 @@ name. A user adds one in a few lines:
         return 1.0 if "请" in c.text else 0.0
 
 and turns rules on with reward_rules="polite=0.5,exact,repetition:3=1.0" (items name[:arg][=weight]).
-Built in: format[:regex], length:N, exact, repetition[:n], contains:text, token_ids:lo-hi.
+Built in: format[:regex], length:N, exact, gsm8k, repetition[:n], contains:text, token_ids:lo-hi.
 """
 
 import re
@@ -65,6 +65,37 @@ def final_answer(text: str) -> str:
 def rule_exact(c: Completion, arg: str) -> float:
     """1 if the reply's final answer equals the data's reference answer (0 when the data has none)."""
     return float(c.answer is not None and final_answer(c.text) == final_answer(c.answer))
+
+
+GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def gsm8k_number(text: str) -> float | None:
+    """The number a GSM8K-style text answers with: after its "#### " line, else inside its last \\boxed{}, else its
+    last number ("1,000" is 1000); None when it has none."""
+    marked = GSM8K_ANSWER.findall(text)
+    if marked:
+        return _number(marked[-1])
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    numbers = NUMBER.findall(boxed[-1] if boxed else text)
+    return _number(numbers[-1]) if numbers else None
+
+
+@register_rule("gsm8k")
+def rule_gsm8k(c: Completion, arg: str) -> float:
+    """1 if the reply's final number (gsm8k_number) equals the number after "####" in the data's answer (GSM8K's
+    {"question", "answer"} rows load as prompts with that answer); 0 when either has none."""
+    want = None if c.answer is None else gsm8k_number(c.answer)
+    got = gsm8k_number(c.text)
+    return float(want is not None and got is not None and abs(got - want) < 1e-6)
 
 
 @register_rule("repetition")

@@ -33,7 +33,7 @@ class RLConfig(TrainConfig):
         "eval_every": "rollout stages have no validation set (rollout statistics are logged every step)",
         "eval_batches": "rollout stages have no validation set",
     }
-    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error")}
+    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error", "skip_file")}
     bounds: ClassVar[dict[str, Bound]] = {
         "max_new_tokens": at_least(1),
         "temperature": at_least(0),  # 0 = greedy replies (model/engine.py)
@@ -70,7 +70,7 @@ class RLConfig(TrainConfig):
     clip_eps: float = 0.2  # PPO ratio clip
     kl_coef: float = 0.05  # weight of the KL to the reference
     target_kl: float = 0.0  # stop the epochs over a rollout early when approx KL(old || new) passes 1.5x this
-    on_bad_record: str = "skip"
+    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
     max_samples: int = 0  # prompts read per file; 0 = all
     warmup_steps: int = 0
     lr: float = 1e-6

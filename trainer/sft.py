@@ -36,7 +36,10 @@ class Config(TrainConfig):
         "data_dir": "chat data comes from data_path",
         "model_config": "the architecture comes from init_from's config.json",
     }
-    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error"), "truncation": ("turns", "tokens")}
+    choices: ClassVar[dict[str, tuple]] = {
+        "on_bad_record": ("skip", "error", "skip_file"),
+        "truncation": ("turns", "tokens"),
+    }
     bounds: ClassVar[dict[str, Bound]] = {"val_samples": at_least(0), "max_samples": at_least(0)}
     paths: ClassVar[dict[str, str]] = {"data_path": "files"}
     init_from: str = "out/pretrain/final"  # the pretrained model (architecture and tokenizer come with it)
@@ -49,7 +52,9 @@ class Config(TrainConfig):
     # --- chat data (dataset/chat_data.py) ---
     system_prompt: str = ""  # system turn added to conversations that have none; "" = none
     placeholders: str = "name=Milli-Chat,author=Milli-Chat"  # key=value pairs that fill {{key}} (identity data)
-    on_bad_record: str = "skip"  # skip (counted, first few printed) | error (stop at the first, naming file:line)
+    # skip (counted, first few printed; a file that yields nothing or loses over half its records stops the run)
+    # | error (stop at the first, naming file:line) | skip_file (skip, and go on without such a file, warned)
+    on_bad_record: str = "skip"
     truncation: str = "turns"  # turns = keep whole turns up to seq_len | tokens = cut at seq_len
     pack: bool = False  # pack several conversations per sequence (block-diagonal attention)
     val_samples: int = 200  # conversations held out for validation loss; 0 = no validation
