@@ -3,11 +3,13 @@
 #
 #   bash scripts/run_recipe.sh                                  # the shared data pack (../shared/data), out/recipe
 #   DATA=/data/milli OUT=out/wiki bash scripts/run_recipe.sh    # your own download (layout below)
-#   QUICK=1 bash scripts/run_recipe.sh                          # smoke test on a CPU: tiny model, a few steps
+#   QUICK=1 bash scripts/run_recipe.sh                          # smoke test on a CPU: tiny model, a few steps,
+#                                                               # in out/recipe_quick
 #   FORCE=1 bash scripts/run_recipe.sh                          # redo every stage
 #
 # Stages: clean -> tokenizer -> shards -> pretrain -> sft -> dpo -> eval -> plot -> export. A stage whose output
-# is complete (its marker file exists) is skipped, so an interrupted run continues where it stopped (training
+# is complete (its marker file exists) is skipped when $OUT was made with the same settings ($OUT/settings.txt: QUICK,
+# DATA, RECIPE, the file lists and weights; other settings stop the script unless FORCE=1), so an interrupted run continues where it stopped (training
 # stages also resume from their last checkpoint). Each stage's wall time is printed and written to
 # $OUT/timings.tsv. Settings live in config/recipes/small_gpu/*.yaml; this script only fills in paths (and,
 # with QUICK=1, shrinks every stage). See config/recipes/README.md for where to get the data.
@@ -19,7 +21,7 @@
 #                sft/           chat files (Alpaca / ShareGPT / messages JSON or JSONL)
 #                dpo/           preference pairs (LLaMA-Factory ranking, MedicalGPT, hh-rlhf, ...)
 #                eval/cmmlu/    CMMLU {dev,test}/<subject>.csv
-#   OUT        where everything goes (default out/recipe in the repository)
+#   OUT        where everything goes (default out/recipe in the repository, out/recipe_quick with QUICK=1)
 #   QUICK      1 = tiny preset, a few steps per stage, small data samples (a few minutes on a CPU)
 #   FORCE      1 = redo stages whose output exists
 #   STOP_AFTER a stage name: stop after it (e.g. STOP_AFTER=shards prepares the data on a CPU machine)
@@ -34,8 +36,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 DATA=$(abspath "${DATA:-$ROOT/../shared/data}")
-OUT=$(abspath "${OUT:-$ROOT/out/recipe}")
 QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then OUT=$(abspath "${OUT:-$ROOT/out/recipe_quick}"); else OUT=$(abspath "${OUT:-$ROOT/out/recipe}"); fi
 FORCE=${FORCE:-0}
 STOP_AFTER=${STOP_AFTER:-}
 PY=${PYTHON:-python}
@@ -87,7 +89,16 @@ if [[ $QUICK == 1 ]]; then
             max_new_tokens=12)
 fi
 
+# A stage's marker means complete for the settings that made it: another QUICK, data or file list in the same OUT
+# would otherwise skip every stage and chat with the wrong model.
+SETTINGS="QUICK=$QUICK DATA=$DATA RECIPE=$RECIPE SFT_FILES=$SFT_FILES DPO_FILES=$DPO_FILES ZH_WEIGHT=$ZH_WEIGHT EN_WEIGHT=$EN_WEIGHT"
+if [[ -e $OUT/settings.txt && $FORCE != 1 && $(cat "$OUT/settings.txt") != "$SETTINGS" ]]; then
+    echo "error: $OUT was made with other settings ($(cat "$OUT/settings.txt")), not $SETTINGS;" \
+         "use another OUT= or FORCE=1 to redo every stage there" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
+echo "$SETTINGS" > "$OUT/settings.txt"
 TIMINGS=$OUT/timings.tsv
 printf 'stage\tseconds\tstatus\n' > "$TIMINGS"
 echo "[recipe] DATA=$DATA OUT=$OUT QUICK=$QUICK FORCE=$FORCE"

@@ -3,6 +3,7 @@ An OpenAI-compatible chat server for a Milli-Chat checkpoint, standard library o
 
     python scripts/serve_api.py --model out/sft/run1/final [--adapter DIR] [--host 127.0.0.1] [--port 8000]
                                 [--api_key KEY] [--allowed_hosts chat.example.org] [--max_queue 64 ...]
+    python scripts/serve_api.py          # no --model: the newest finished model under out/ (a final/ folder)
 
 Endpoints: POST /v1/chat/completions (plain JSON, or "stream": true as server-sent events ending with [DONE]),
 GET /v1/models, and a one-page web chat at /. Tools: "tools" (tool_choice auto or none) go into the prompt in the
@@ -54,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from dataset.chat_data import BadRecord, tool_calls_of, tools_of
 from model.chat_format import parse_tool_calls
 from model.engine import CHAT_SAMPLING, Engine, SamplingParams
-from scripts.chat_terminal import add_sampling_args, sampling_from_args
+from scripts.chat_terminal import add_sampling_args, add_threads_arg, apply_threads, resolve_model, sampling_from_args
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_chat.html")
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for the system message
@@ -878,7 +879,11 @@ def make_server(
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (save_pretrained output or Llama folder)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (save_pretrained output or Llama folder); default: the newest final/ under out/",
+    )
     parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged at load")
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only")
     parser.add_argument("--port", type=int, default=8000)
@@ -891,6 +896,7 @@ def main():
         choices=["none", "int8", "int4"],
         help="weight-only quantization of the linear layers (CPU inference)",
     )
+    add_threads_arg(parser)
     add_sampling_args(parser)  # the defaults of a request that omits them, the same as the terminal chat's
     for f in dataclasses.fields(ServerLimits):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
@@ -898,8 +904,11 @@ def main():
 
     if args.host not in LOOPBACK_HOSTS and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach it can use it")
-    engine = Engine.from_pretrained(args.model, adapter=args.adapter, device=args.device, quantize=args.quantize)
-    name = os.path.basename(os.path.normpath(args.model))
+    model = resolve_model(args.model)
+    apply_threads(args)
+    engine = Engine.from_pretrained(model, adapter=args.adapter, device=args.device, quantize=args.quantize)
+    # The model's id (/v1/models, the web page): "sft/final" rather than the "final" every stage ends in.
+    name = "/".join(os.path.normpath(os.path.abspath(model)).split(os.sep)[-2:])
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     server = make_server(
         engine,

@@ -3,6 +3,7 @@ Shared pytest fixtures. Run the suite from the repo root: python -m pytest
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tests.helpers import pretrain_corpus, tiny_checkpoint, tiny_corpus_lines, w
 # The tests use tiny models, for which one thread is as fast as two and never oversubscribes the CPU when a
 # test starts subprocesses (DDP, CLI) beside it.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # what threads=0 (auto) takes in the stages the tests run, and children
 
 # -----------------------------------------------------------------------------
 # a tiny tokenizer (vocab 512, special tokens 0-3, ChatML template), trained once per test session

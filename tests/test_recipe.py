@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,42 @@ def test_recipe_script_rejects_bad_settings_before_doing_anything(tmp_path, env,
     )
     assert result.returncode == 2 and message in result.stderr
     assert not out.exists()
+
+
+def test_recipe_rerun_with_other_settings_never_reuses_the_outputs(tmp_path):
+    """Issue 27: after QUICK=1, a plain run in the same OUT skipped every stage as complete and chatted with the QUICK
+    model. A stand-in interpreter writes the clean stage's outputs; the second run must stop before reusing them."""
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text(
+        '#!/usr/bin/env bash\nwhile [[ $# -gt 0 ]]; do if [[ $1 == --output ]]; then mkdir -p "$(dirname "$2")"; '
+        'touch "$2"; fi; shift; done\n',
+        encoding="utf-8",
+    )
+    fake_python.chmod(0o755)
+    out = tmp_path / "recipe"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake_python), "STOP_AFTER": "clean", "FORCE": "0"}
+    data = tmp_path / "data"  # the layout the script checks, with empty files of the default SFT/DPO names
+    for folder in ("pretrain/zh", "pretrain/en", "eval/cmmlu/test"):
+        (data / folder).mkdir(parents=True)
+    for folder, files in (("sft", "SFT_FILES"), ("dpo", "DPO_FILES")):
+        (data / folder).mkdir()
+        default = re.search(rf"^{files}=\$\{{{files}:-(.*)\}}$", SCRIPT.read_text(encoding="utf-8"), re.M).group(1)
+        for name in default.split(","):
+            (data / folder / name).touch()
+    env["DATA"] = str(data)
+
+    def run(**extra):
+        return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, env={**env, **extra})
+
+    quick = run(QUICK="1")
+    assert quick.returncode == 0 and (out / "corpus" / "en.jsonl").exists(), quick.stderr
+    assert "skipped" in run(QUICK="1").stdout  # the same settings: complete, skipped
+    real = run(QUICK="0")
+    assert real.returncode == 2 and "made with other settings" in real.stderr, real.stdout + real.stderr
+    assert "skipped" not in real.stdout
+    forced = run(QUICK="0", FORCE="1")
+    assert forced.returncode == 0 and "skipped" not in forced.stdout, forced.stderr
+    assert run(QUICK="0").returncode == 0  # FORCE=1 recorded the new settings
 
 
 def test_recipe_folder_is_complete():

@@ -233,3 +233,46 @@ def test_an_offloaded_reference_gets_the_policys_autocast_on_its_own_device():
         assert (x @ x).dtype == torch.bfloat16
     with autocast_context(cpu, torch.float16), frozen_autocast(cpu, cpu, torch.float16):
         assert (x @ x).dtype == torch.float16  # the policy's own choice on its device, not overridden
+
+
+# -----------------------------------------------------------------------------
+# CPU threads (issue 27.5)
+
+
+@pytest.mark.parametrize(
+    "cores, load, env, expected",
+    [
+        (2, 0.1, None, 2),  # a quiet 2-core machine: both cores
+        (2, 6.0, None, 1),  # a busy one: 1 thread (torch's default of 2 collapses there)
+        (2, 1.2, None, 1),
+        (16, 0.0, None, 4),  # at most MAX_AUTO_THREADS
+        (16, 14.0, None, 2),
+        (8, None, None, 4),  # no load average (Windows): the cores, capped
+        (2, 6.0, "3", 3),  # OMP_NUM_THREADS wins
+        (2, 0.0, "", 2),
+        (2, 0.0, "zero", 2),  # not a number: ignored
+    ],
+)
+def test_auto_cpu_threads(cores, load, env, expected):
+    from model.runtime import auto_cpu_threads
+
+    assert auto_cpu_threads(cores, load, env) == expected
+
+
+def test_set_cpu_threads_sets_torch(monkeypatch):
+    from model.runtime import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_cpu_threads(0) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_is_a_setting_of_every_training_stage_and_the_demo():
+    from trainer.config import TrainConfig
+    from trainer.pipeline import Config
+
+    assert TrainConfig().threads == 0 and Config().threads == 0

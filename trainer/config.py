@@ -361,6 +361,7 @@ class TrainConfig:
         "seed": between(0, 2**31 - 1),  # seed + rank goes to np.random.seed, which takes [0, 2**32)
         "fp16_init_scale": above(0),  # GradScaler's first scale multiplies the loss: 0 zeroes every gradient
         "max_skipped_steps": at_least(1),  # 0 would stop at the first check, before any step was skipped
+        "threads": at_least(0),
     }
     unchecked: ClassVar[dict[str, str]] = {}  # field -> why every value of its type is valid
     devices: ClassVar[tuple[str, ...]] = ("device",)
@@ -397,6 +398,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU) | bf16 | fp16
     #                      | fp32
     compile: bool = False  # torch.compile the model
+    threads: int = 0  # CPU intra-op threads; 0 = auto: OMP_NUM_THREADS if set, else the idle cores, at most 4
+    #                   (model/runtime.py auto_cpu_threads; on a busy machine 1 thread beats one per core)
     parallel: str = "ddp"  # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer
     #                        state sharded over the GPUs, for a model that does not fit one; pretrain and sft)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory for one more forward

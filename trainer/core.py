@@ -22,7 +22,14 @@ from dataset.batches import PrefetchBatches, StepBatches
 from model import SLMConfig, SLMForCausalLM
 from model.attention import device_capability, flex_attention_available
 from model.hub import set_generation_defaults
-from model.runtime import autocast_context, dtype_name, load_pretrained, resolve_device, resolve_dtype
+from model.runtime import (
+    autocast_context,
+    dtype_name,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+    set_cpu_threads,
+)
 from trainer import checkpoint, parallel
 from trainer.common import (
     ExternalLogger,
@@ -154,6 +161,7 @@ class Trainer:
         if cfg.parallel == "fsdp" and not self.distributed:
             print0(f"[{self.stage}] parallel=fsdp: one process has nothing to shard over; training unsharded")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.cpu_threads = set_cpu_threads(cfg.threads) if self.device.type == "cpu" else None
         if self.fsdp:  # fail before anything is built
             parallel.check_fsdp(
                 supported=self.supports_fsdp, stage=self.stage, dtype=self.dtype, batch_size=cfg.batch_size
@@ -247,7 +255,8 @@ class Trainer:
         n_train = sum(p.numel() for p in self.trainable_parameters())
         print0(f"[{self.stage}] config:\n{format_config(cfg)}")
         print0(
-            f"[{self.stage}] {n_params:,} parameters ({n_train:,} trainable) | device {self.device} | dtype "
+            f"[{self.stage}] {n_params:,} parameters ({n_train:,} trainable) | device {self.device}"
+            f"{f' ({self.cpu_threads} threads)' if self.cpu_threads else ''} | dtype "
             f"{dtype_name(self.dtype)} | processes {self.world_size} | micro-batch "
             f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch} {cfg.batch_unit}"
         )

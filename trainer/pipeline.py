@@ -23,6 +23,7 @@ from dataset.demo_data import task_answer, task_prompt, write_demo_data
 from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
 from model.engine import Engine, SamplingParams
+from model.runtime import resolve_device, set_cpu_threads
 from trainer.config import Bound, TrainConfig, at_least, load_config, validate
 from trainer.stages import STAGES
 
@@ -33,13 +34,18 @@ ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
 class Config:
     # What validate() checks (trainer/config.py); seed is passed on to every training stage, so it gets their bound.
     devices: ClassVar[tuple[str, ...]] = ("device",)
-    bounds: ClassVar[dict[str, Bound]] = {"seed": TrainConfig.bounds["seed"], "n_docs": at_least(1)}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "seed": TrainConfig.bounds["seed"],
+        "threads": TrainConfig.bounds["threads"],
+        "n_docs": at_least(1),
+    }
     out_dir: str = "out/demo"  # every artifact goes under here
     stages: str = ALL_STAGES  # comma-separated subset, in this order
     force: bool = False  # redo stages whose outputs already exist
     seed: int = 0
     n_docs: int = 3000  # generated pretraining documents
     device: str = "auto"  # passed to every training stage
+    threads: int = 0  # CPU threads, passed to every training stage; 0 = auto (model/runtime.py auto_cpu_threads)
     # Per-stage settings: any field of that stage's Config (paths are filled in by the pipeline).
     tokenizer: dict = field(default_factory=dict)
     shards: dict = field(default_factory=dict)  # keyword arguments of dataset/shard_writer.prepare
@@ -97,6 +103,8 @@ def run(cfg: Config):
     if unknown:
         raise ValueError(f"unknown pipeline stage(s) {sorted(unknown)}; choose from {ALL_STAGES}")
     os.makedirs(root, exist_ok=True)
+    if resolve_device(cfg.device).type == "cpu":  # the stages set it again; this covers the checks and the chat
+        print(f"[all] {set_cpu_threads(cfg.threads)} CPU threads (threads=0: auto, OMP_NUM_THREADS if set)")
     p = {
         name: os.path.join(root, name)
         for name in ("data", "tokenizer", "shards", "pretrain", "sft", "lora", "dpo", "eval")
@@ -159,7 +167,7 @@ def run(cfg: Config):
 
     stage("shards", os.path.join(p["shards"], "meta.json"), shards)
 
-    common = {"device": cfg.device, "seed": cfg.seed}
+    common = {"device": cfg.device, "seed": cfg.seed, "threads": cfg.threads}
     # 5-8. training stages, each starting from the previous one's final/
     stage(
         "pretrain",
