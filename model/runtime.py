@@ -135,6 +135,54 @@ def set_cpu_threads(threads: int = 0) -> int:
 
 
 # -----------------------------------------------------------------------------
+# The matmul dtype of Muon's Newton-Schulz iteration (trainer/optim.py)
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that multiply bf16 natively (/proc/cpuinfo names)
+
+
+def newton_schulz_dtype(
+    device_type: str, capability: tuple[int, int] | None, cpu_capability: str, cpu_flags: frozenset[str]
+) -> torch.dtype:
+    """The fastest dtype that is exact enough for Muon's Newton-Schulz iteration on this device (a pure function;
+    newton_schulz_dtype_for gathers the facts). Muon's update is only roughly orthogonal by design (its singular
+    values land anywhere in ~0.5-1.5), so 16-bit rounding is small beside that (torch.optim.Muon always runs the
+    iteration in bf16); what differs between the formats is the speed:
+        CUDA, capability >= 8.0          bf16 (tensor cores)
+        CUDA below 8.0 (T4, V100)        fp16 (tensor cores; bf16 is emulated there). The input is normalised to
+                                         spectral norm <= 1 first, so every value stays far inside fp16's range
+        CPU with native bf16 matmuls     bf16: AVX512_BF16 or AMX, and torch allowed to use AVX512 (cpu_capability,
+                                         torch.backends.cpu.get_cpu_capability(); ATEN_CPU_CAPABILITY=avx2 lowers it)
+        any other CPU (AVX2 and older,   fp32: bf16 matmuls are emulated there, 20x slower than fp32 or worse; fp16
+        ARM, CPUs we cannot tell)        is slower still on every CPU (bench/bench_muon.py)
+    """
+    if device_type == "cuda":  # the same answer as dtype=auto: the GPU's fastest tensor-core format
+        return auto_dtype(device_type, capability)
+    if device_type == "cpu" and cpu_capability == "AVX512" and any(f in cpu_flags for f in CPU_BF16_FLAGS):
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_flags() -> frozenset[str]:
+    """The x86 CPU feature flags of /proc/cpuinfo (Linux); empty where there are none (other OSes, ARM), which
+    means fp32 above."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def newton_schulz_dtype_for(device: torch.device) -> torch.dtype:
+    """newton_schulz_dtype for this machine's `device`."""
+    if device.type == "cpu":
+        return newton_schulz_dtype("cpu", None, torch.backends.cpu.get_cpu_capability(), cpu_flags())
+    return newton_schulz_dtype(device.type, cuda_capability(device), "", frozenset())
+
+
+# -----------------------------------------------------------------------------
 # Loading a checkpoint
 
 

@@ -2,18 +2,23 @@
 schedule, GradScaler, a step skipped on a device flag, exact resume, DDP == one process, the FSDP refusal, and Muon
 learning faster than AdamW."""
 
+import collections
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import SLMConfig, SLMForCausalLM
+from model.runtime import newton_schulz_dtype_for
 from tests.helpers import losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py, tiny_model
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
 from trainer.lora import add_lora
-from trainer.optim import MuonWithAdamW, SkippableMuon, build_optimizer, split_parameters
+from trainer.optim import BatchedMuon, MuonWithAdamW, build_optimizer, split_parameters
 from trainer.pretrain import PretrainTrainer
 
 PROJECTIONS = [
@@ -137,12 +142,17 @@ def test_grad_scaler_unscales_both_halves_and_skips_inf_steps():
     assert scaler.get_scale() == 1024.0 * scaler.get_backoff_factor()
 
 
-def muon_steps(muon_cls, grads_of_step, flags=None):
-    """Two matrices through len(grads_of_step) steps of muon_cls; flags[i] = (found_inf, grad_scale) set on the
-    optimizer before step i as GradScaler does, or None. -> (weights, momentum buffers)."""
+# Matrices of three shapes, two of them repeated (stacked together), one tall, one wide, one square
+SHAPES = [(32, 16), (32, 16), (16, 48), (32, 16), (16, 16), (16, 48)]
+
+
+def muon_steps(muon_cls, grads_of_step, flags=None, **kwargs):
+    """The SHAPES matrices through len(grads_of_step) steps of muon_cls; flags[i] = (found_inf, grad_scale) set on
+    the optimizer before step i as GradScaler does, or None. -> (weights, momentum buffers, initial weights)."""
     torch.manual_seed(0)
-    params = [torch.randn(16, 8, requires_grad=True), torch.randn(8, 24, requires_grad=True)]
-    muon = muon_cls([{"params": params, "lr": 0.02, "weight_decay": 0.1}], adjust_lr_fn="match_rms_adamw")
+    params = [torch.randn(*shape, requires_grad=True) for shape in SHAPES]
+    initial = [p.detach().clone() for p in params]
+    muon = muon_cls([{"params": params, "lr": 0.02, "weight_decay": 0.1}], adjust_lr_fn="match_rms_adamw", **kwargs)
     for i, grads in enumerate(grads_of_step):
         for p, g in zip(params, grads):
             p.grad = g.clone()
@@ -151,52 +161,128 @@ def muon_steps(muon_cls, grads_of_step, flags=None):
         muon.step()
         for name in ("found_inf", "grad_scale"):
             muon.__dict__.pop(name, None)
-    return [p.detach() for p in params], [muon.state[p]["momentum_buffer"] for p in params]
+    return [p.detach() for p in params], [muon.state[p]["momentum_buffer"] for p in params], initial
 
 
-def test_skippable_muon_is_torchs_muon_and_skips_on_a_device_flag():
+def random_grads(steps: int, scale: float = 1.0) -> list[list[torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    grads = [[torch.randn(16, 8, generator=g), torch.randn(8, 24, generator=g)] for _ in range(3)]
-    reference = muon_steps(torch.optim.Muon, grads)
+    return [[torch.randn(*shape, generator=g) * scale for shape in SHAPES] for _ in range(steps)]
+
+
+def assert_close_to(ours, reference, share: float) -> None:
+    """Every weight within `share` of how far the reference moved that matrix over the run (max abs)."""
+    for a, b, start in zip(ours[0], reference[0], reference[2]):
+        assert (a - b).abs().max() <= share * (b - start).abs().max(), (a - b).abs().max() / (b - start).abs().max()
+
+
+@pytest.fixture
+def torch_muon_in_fp32(monkeypatch):
+    """torch.optim.Muon with its one bf16 cast (grad.bfloat16() in _zeropower_via_newtonschulz) made fp32: torch's
+    own algorithm, every line of it, in fp32."""
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.float())
+    return torch.optim.Muon
+
+
+def test_batched_muon_is_torchs_muon_in_fp32(torch_muon_in_fp32):
+    """The stacked step with Newton-Schulz in fp32 (CPUs without native bf16) against torch's Muon in fp32:
+    tight (1e-6 of the weights' movement; batched and single matmuls may sum in another order)."""
+    grads = random_grads(5)
+    reference = muon_steps(torch_muon_in_fp32, grads)
+    ours = muon_steps(BatchedMuon, grads, ns_dtype=torch.float32)
+    assert_close_to(ours, reference, 1e-6)
+    for a, b in zip(ours[1], reference[1]):  # the momentum buffers: the same element-wise ops, bit for bit
+        assert torch.equal(a, b)
+
+
+def test_batched_muon_in_fp16_is_torchs_muon_up_to_rounding(torch_muon_in_fp32):
+    """fp16 (GPUs below sm80) has 11 significant bits: ~0.1% of the movement from fp32, 0.5% allowed. Gradients
+    of 1e-6 stay exact too: each matrix is normalised before the cast (cast first, most of them would be fp16
+    subnormals or 0)."""
+    grads = random_grads(5)
+    reference = muon_steps(torch_muon_in_fp32, grads)
+    assert_close_to(muon_steps(BatchedMuon, grads, ns_dtype=torch.float16), reference, 5e-3)
+    tiny = [[g * 1e-6 for g in step] for step in grads]  # Muon's update does not depend on the gradients' scale
+    assert_close_to(muon_steps(BatchedMuon, tiny, ns_dtype=torch.float16), reference, 5e-3)
+
+
+def test_batched_muon_in_bf16_is_torchs_muon_up_to_rounding():
+    """bf16 (GPUs from sm80, CPUs with AVX512_BF16 or AMX) against torch.optim.Muon as it is (bf16 too): each is
+    ~1% of the movement away from the fp32 result, and they round differently (we normalise before the cast, torch
+    after), so 3% allowed."""
+    grads = random_grads(5)
+    assert_close_to(muon_steps(BatchedMuon, grads, ns_dtype=torch.bfloat16), muon_steps(torch.optim.Muon, grads), 3e-2)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_batched_muon_skips_on_a_device_flag(ns_dtype):
+    grads = random_grads(3)
+    plain = muon_steps(BatchedMuon, grads, ns_dtype=ns_dtype)
     zero, one = torch.tensor(0.0), torch.tensor(1.0)
-    # found_inf = 0 on every step: torch's numbers, bit for bit
-    same = muon_steps(SkippableMuon, grads, [(zero, None)] * 3)
-    assert all(torch.equal(a, b) for a, b in zip(reference[0] + reference[1], same[0] + same[1]))
+    same = [(zero, None)] * 3
+    # found_inf = 0 on every step: the same numbers as without the flag, bit for bit
+    flagged = muon_steps(BatchedMuon, grads, same, ns_dtype=ns_dtype)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], flagged[0] + flagged[1]))
     # an inf gradient with found_inf = 1 between them: that step changes nothing, weights or momentum
     inf = [torch.full_like(t, float("inf")) for t in grads[0]]
-    skipped = muon_steps(SkippableMuon, grads[:2] + [inf] + grads[2:], [(zero, None), (zero, None), (one, None), None])
-    assert all(torch.equal(a, b) for a, b in zip(reference[0] + reference[1], skipped[0] + skipped[1]))
+    skipped = muon_steps(BatchedMuon, grads[:2] + [inf] + grads[2:], same[:2] + [(one, None), None], ns_dtype=ns_dtype)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], skipped[0] + skipped[1]))
     # gradients still scaled (GradScaler.step without unscale_): divided by grad_scale first
     scale = torch.tensor(1024.0)
-    scaled = muon_steps(SkippableMuon, [[t * 1024 for t in step] for step in grads], [(zero, scale)] * 3)
-    assert all(torch.equal(a, b) for a, b in zip(reference[0] + reference[1], scaled[0] + scaled[1]))
-    # the combined optimizer can skip by itself where its AdamW half is fused (CPU and CUDA)
+    scaled = muon_steps(
+        BatchedMuon, [[t * 1024 for t in step] for step in grads], [(zero, scale)] * 3, ns_dtype=ns_dtype
+    )
+    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], scaled[0] + scaled[1]))
+
+
+def test_the_combined_optimizer_skips_by_itself_and_picks_the_devices_dtype():
     model = SLMForCausalLM(SLMConfig.from_preset("tiny"))
     optimizer = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"), torch.device("cpu"))
-    assert optimizer._step_supports_amp_scaling and optimizer.adamw.defaults["fused"]
+    assert optimizer._step_supports_amp_scaling and optimizer.adamw.defaults["fused"]  # AdamW fused: CPU and CUDA
+    assert optimizer.muon.ns_dtype == newton_schulz_dtype_for(torch.device("cpu"))
 
 
-def test_state_dict_round_trip_keeps_lr_scales_and_both_states():
-    model = tiny_model()
-    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr_ratio=2.0)
-    optimizer = build_optimizer(list(model.named_parameters()), cfg, torch.device("cpu"))
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    saved = optimizer.state_dict()
-    kinds = {tuple(sorted(s)) for s in saved["state"].values()}
-    assert kinds == {("momentum_buffer",), ("exp_avg", "exp_avg_sq", "step")}
-    # a new run with another muon_lr_ratio loads it: the moments come back, the lr scales are this run's
-    other = build_optimizer(
-        list(model.named_parameters()), TrainConfig(optimizer="muon", lr=1e-3, muon_lr_ratio=5.0), torch.device("cpu")
-    )
-    other.load_state_dict(saved)
-    assert [g["lr_scale"] for g in other.param_groups] == [5.0, 1.0, 1.0]
-    q = model.model.layers[0].self_attn.q_proj.weight
-    assert torch.equal(other.muon.state[q]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
-    assert other.muon.param_groups[0] is other.param_groups[0] and other.adamw.state is other.state
-    other.param_groups[0]["lr"] = 0.5  # what the schedule does: seen by the inner Muon
-    assert other.muon.param_groups[0]["lr"] == 0.5
+# -----------------------------------------------------------------------------
+# What a step costs: ops (each a kernel launch on a GPU), counted on the CPU
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops that do work (not views, not profiler markers) while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten" and not func.is_view:
+            self.ops[func.name()] += 1  # e.g. aten::bmm
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(preset: str, fake: bool, **sizes) -> collections.Counter:
+    """Non-view aten ops of one optimizer=muon step of `preset` as the Trainer drives it (a skip flag set by the
+    StepGuard), after a first step has made the momentum and AdamW state. fake: CPU tensors of FakeTensorMode,
+    which dispatch the same ops on the exact shapes and compute nothing."""
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        model = SLMForCausalLM(SLMConfig.from_preset(preset, **sizes))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer = build_optimizer(list(model.named_parameters()), TrainConfig(optimizer="muon"), torch.device("cpu"))
+        optimizer.found_inf, optimizer.grad_scale = torch.zeros(()), None
+        optimizer.step()
+        with OpCount() as counted:
+            optimizer.step()
+    return counted.ops
+
+
+def test_a_muon_step_of_the_small_preset_is_at_most_150_ops():
+    """torch.optim.Muon stepped the small preset's 56 matrices one at a time: ~1,300-1,550 ops a step (issue 21).
+    Stacked by shape, a step's ops depend on the number of distinct shapes, not of matrices."""
+    ops = ops_per_step("small", fake=True)
+    assert sum(ops.values()) <= 150, ops.most_common()
+    assert ops["aten::bmm"] + ops["aten::baddbmm"] == 4 * 3 * 5  # 4 shapes x 3 matmuls x 5 Newton-Schulz iterations
+    assert ops_per_step("small", fake=True, num_hidden_layers=2) == ops  # 14 matrices or 56: the same ops
+    # fake tensors dispatch what real ones do (a narrow small, which computes in a blink)
+    assert ops_per_step("small", fake=False, hidden_size=64, intermediate_size=176, num_attention_heads=4) == ops
 
 
 # -----------------------------------------------------------------------------

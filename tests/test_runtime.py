@@ -7,12 +7,23 @@ models give the same answer.
 """
 
 import pathlib
+import platform
 import re
+import sys
 
 import pytest
 import torch
 
-from model.runtime import auto_dtype, dtype_name, load_pretrained, resolve_device, resolve_dtype
+from model.runtime import (
+    auto_dtype,
+    cpu_flags,
+    dtype_name,
+    load_pretrained,
+    newton_schulz_dtype,
+    newton_schulz_dtype_for,
+    resolve_device,
+    resolve_dtype,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,6 +66,47 @@ def test_bad_names_are_errors_that_list_the_choices():
 def test_bf16_on_a_t4_warns_that_it_is_emulated():
     with pytest.warns(UserWarning, match="emulated"):
         assert resolve_dtype("bf16", torch.device("cuda"), capability=(7, 5)) == torch.bfloat16
+
+
+# (device, CUDA capability, torch's CPU capability, CPU flags, Muon's Newton-Schulz dtype)
+ZEN4_FLAGS = frozenset({"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"})  # AMD EPYC 9004, Ryzen 7000
+NEWTON_SCHULZ_DEVICES = [
+    ("T4", "cuda", (7, 5), "", frozenset(), torch.float16),
+    ("V100", "cuda", (7, 0), "", frozenset(), torch.float16),
+    ("A100", "cuda", (8, 0), "", frozenset(), torch.bfloat16),
+    ("H100", "cuda", (9, 0), "", frozenset(), torch.bfloat16),
+    ("Zen 4 (AVX512_BF16)", "cpu", None, "AVX512", ZEN4_FLAGS, torch.bfloat16),
+    ("Sapphire Rapids (AMX)", "cpu", None, "AVX512", frozenset({"avx512f", "amx_tile", "amx_bf16"}), torch.bfloat16),
+    ("Skylake-SP (AVX512, no bf16)", "cpu", None, "AVX512", frozenset({"avx2", "avx512f", "avx512bw"}), torch.float32),
+    ("laptop (AVX2 only)", "cpu", None, "AVX2", frozenset({"avx2", "fma"}), torch.float32),
+    ("Zen 4 under ATEN_CPU_CAPABILITY=avx2", "cpu", None, "AVX2", ZEN4_FLAGS, torch.float32),
+    ("ARM (no x86 flags)", "cpu", None, "SVE256", frozenset(), torch.float32),
+    ("Apple GPU", "mps", None, "", frozenset(), torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "name,device_type,capability,cpu_capability,flags,expected",
+    NEWTON_SCHULZ_DEVICES,
+    ids=[d[0] for d in NEWTON_SCHULZ_DEVICES],
+)
+def test_newton_schulz_dtype_is_the_fastest_native_format(
+    name, device_type, capability, cpu_capability, flags, expected
+):
+    assert newton_schulz_dtype(device_type, capability, cpu_capability, flags) == expected
+
+
+def test_newton_schulz_dtype_for_reads_the_machines_facts(monkeypatch):
+    import model.runtime
+
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert "sse2" in cpu_flags()  # every x86-64 CPU has it: the flags line was found and split
+    monkeypatch.setattr(model.runtime, "cpu_flags", lambda: ZEN4_FLAGS)
+    for cpu_capability, expected in (("AVX512", torch.bfloat16), ("AVX2", torch.float32)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cpu_capability: c)
+        assert newton_schulz_dtype_for(torch.device("cpu")) == expected
+    monkeypatch.setattr(model.runtime, "cuda_capability", lambda device: (7, 5))
+    assert newton_schulz_dtype_for(torch.device("cuda")) == torch.float16
 
 
 def test_no_other_copy_of_the_dtype_policy():
