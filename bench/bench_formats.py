@@ -41,7 +41,7 @@ def write_tables(jsonl: str, out: str) -> dict:
     os.makedirs(paths["save_to_disk"])
     with pa.ipc.new_stream(os.path.join(paths["save_to_disk"], "data-00000-of-00001.arrow"), table.schema) as w:
         w.write_table(table, max_chunksize=1000)
-    with open(os.path.join(paths["save_to_disk"], "state.json"), "w") as f:
+    with open(os.path.join(paths["save_to_disk"], "state.json"), "w", encoding="utf-8") as f:
         json.dump({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}, f)
     return paths
 

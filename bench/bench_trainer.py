@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         tok_dir, shards = make_data(args, work)
         results = throughput(args, tok_dir, shards, work, settings(args))
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
     return 0
 

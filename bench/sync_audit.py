@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         results = audit(args, work)
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
     return 0
 

@@ -15,6 +15,7 @@ import difflib
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import Counter, deque
 
@@ -108,6 +109,12 @@ class SeenKeys:
 # main loop: read -> clean in workers (bounded window, in order) -> dedup -> write
 
 
+def worker_start_method(platform: str = sys.platform) -> str:
+    """fork on Linux (workers start without re-importing anything); spawn elsewhere: Windows has no fork, and
+    macOS's is unsafe once threads exist (Python's own default there is spawn)."""
+    return "fork" if platform.startswith("linux") else "spawn"
+
+
 def simplify(
     paths: list[str],
     output: str,
@@ -128,7 +135,7 @@ def simplify(
     last = t0
     engine_name = make_converter(engine)[0]
     with (
-        mp.get_context("fork").Pool(workers, _init_worker, (engine, fcfg)) as pool,
+        mp.get_context(worker_start_method()).Pool(workers, _init_worker, (engine, fcfg)) as pool,
         open(tmp, "w", encoding="utf-8") as fout,
     ):
         # Pool.imap would pull the whole input into its task queue if readers outpace workers, so we keep at most

@@ -111,8 +111,8 @@ def is_table(path: str) -> bool:
 def _pyarrow():
     try:  # optional (pip install pyarrow): asked for only when a table is read, with the hint if it is missing
         import pyarrow
-        import pyarrow.ipc
-        import pyarrow.parquet
+        import pyarrow.ipc  # noqa: F401  (imported to load the submodule, used as pyarrow.ipc)
+        import pyarrow.parquet  # noqa: F401  (the same)
     except ImportError:
         raise ImportError(f"reading parquet/Arrow/save_to_disk data needs pyarrow: {PYARROW_HINT}") from None
     return pyarrow

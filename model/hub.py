@@ -184,11 +184,13 @@ def write_model_card(
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
+        'path = "."  # this folder: run from inside it, or put its path or Hub id here',  # true wherever it moves
         "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # code ships in the folder",
-        'ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,',
-        '                              return_tensors="pt")',
-        "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+        'inputs = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,',
+        '                                 return_tensors="pt", return_dict=True)',
+        'reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]',
+        "print(tok.decode(reply, skip_special_tokens=True))",
         "```",
         "",
         "Or export a stock Llama folder (`scripts/export_llama.py`) or GGUF (`scripts/export_gguf.py`, which writes "

@@ -5,7 +5,8 @@ evaluation, frozen reference/reward models, the export scripts and the benchmark
 The dtype vocabulary is the same everywhere: auto | bf16 | fp16 | fp32. `auto` means
     CUDA, compute capability >= 8.0 (A100, RTX 30xx/40xx, L4, H100): bf16 (native bf16 tensor cores)
     CUDA below 8.0 (T4, V100, RTX 20xx):                            fp16 (training adds a GradScaler)
-    CPU and anything else:                                           fp32 (CPU bf16 autocast is slow and inexact)
+    CPU, Apple's GPU (MPS) and anything else:                        fp32 (CPU bf16 autocast is slow and inexact;
+                                                                     MPS autocast is young and untested here)
 torch.cuda.is_bf16_supported() is not the test: it answers True on a T4 because bf16 can be *emulated* there, on
 CUDA cores at a fraction of the fp16 tensor-core speed, and Inductor and SDPA's memory-efficient kernel refuse bf16
 below sm80. Every choice is a pure function of (device type, capability) so tests can fake any GPU on a CPU.
@@ -26,14 +27,59 @@ BF16_NATIVE = (8, 0)  # Ampere: the first compute capability with bf16 tensor co
 # Device and dtype
 
 
+def auto_device_type(cuda_available: bool, mps_available: bool) -> str:
+    """device=auto: an NVIDIA GPU, then Apple Silicon's GPU (MPS), then the CPU."""
+    if cuda_available:
+        return "cuda"
+    return "mps" if mps_available else "cpu"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto = the first CUDA GPU if there is one, else the CPU; otherwise a torch device string (cpu, cuda:1)."""
+    """auto = auto_device_type() of this machine; otherwise a torch device string (cpu, cuda:1, mps)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(auto_device_type(torch.cuda.is_available(), torch.backends.mps.is_available()))
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{name}'") from e
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{name}'") from e
+
+
+# Per-device choices besides the dtype, each a pure function of the device so the CPU tests run the same code a GPU
+# or a Mac does (tests pass torch.device("mps") or "cuda", which need no such hardware to exist).
+
+
+def pins_memory(device: torch.device) -> bool:
+    """Page-locked host buffers for host -> device copies: CUDA only (MPS shares the host's memory, the CPU copies
+    nothing)."""
+    return device.type == "cuda"
+
+
+def copies_async(device: torch.device) -> bool:
+    """non_blocking host -> device copies: CUDA, from pinned memory. Not on MPS, where non_blocking copies have
+    returned stale data in several torch releases, and a copy into shared memory gains little."""
+    return device.type == "cuda"
+
+
+def fuses_adamw(device: torch.device) -> bool:
+    """AdamW's fused kernel (one launch per step; a step skipped on a device flag, trainer/guard.py): torch has it
+    on CUDA, the CPU and MPS."""
+    return device.type in ("cuda", "cpu", "mps")
+
+
+def scales_loss(dtype: torch.dtype) -> bool:
+    """A GradScaler for fp16 only: bf16 and fp32 have fp32's exponent range, so small gradients do not underflow."""
+    return dtype == torch.float16
+
+
+def compiles(device: torch.device, requested: bool) -> bool:
+    """torch.compile where asked for, except on MPS: Inductor's Metal backend is a prototype in torch 2.x, so a Mac
+    runs eager (with a warning) rather than fail inside a compiled graph."""
+    if requested and device.type == "mps":
+        warnings.warn(
+            "compile=true is ignored on Apple's GPU (MPS): torch.compile's Metal backend is a prototype", stacklevel=2
+        )
+        return False
+    return requested
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:

@@ -55,7 +55,7 @@ def make_portable(out_dir: str, rope_theta: float) -> None:
     """Rewrite what transformers 5 saves so that 4.x (vLLM < 0.19.1 needs it) loads the same model: 4.x reads
     `rope_theta` at the top level of config.json and silently uses 10000 without it, and knows the fast tokenizer
     as PreTrainedTokenizerFast (5.x's TokenizersBackend does not exist there) with a list of
-    additional_special_tokens. 5.x reads all of these too."""
+    additional_special_tokens and the model's input names. 5.x reads all of these too."""
     config_path = os.path.join(out_dir, "config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
@@ -70,6 +70,8 @@ def make_portable(out_dir: str, rope_theta: float) -> None:
     tok["tokenizer_class"] = "PreTrainedTokenizerFast"
     if isinstance(tok.get("extra_special_tokens"), list):
         tok["additional_special_tokens"] = tok.pop("extra_special_tokens")
+    # 4.x's PreTrainedTokenizerFast returns token_type_ids too, which LlamaForCausalLM.generate(**inputs) refuses
+    tok["model_input_names"] = ["input_ids", "attention_mask"]
     for key in ("backend", "is_local", "local_files_only"):  # 5.x bookkeeping, meaningless elsewhere
         tok.pop(key, None)
     with open(tok_path, "w", encoding="utf-8") as f:

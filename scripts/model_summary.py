@@ -3,7 +3,7 @@ Print the model presets (config/model/*.json) as a Markdown table with exact par
 
     python scripts/model_summary.py
 
-README.md's presets table is this script's output (tests/test_readme.py checks that they agree).
+The presets table of README.md and README_en.md is this script's output (tests/test_readme.py checks that they agree).
 """
 
 import glob

@@ -29,7 +29,7 @@ def write_shards(tokenizer, texts: list[str], out_dir: str, n_shards: int = 3, v
 
 
 def read_metrics(out_dir: str, split: str = "train") -> list[dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
@@ -147,9 +147,9 @@ def write_saved_dataset(folder, table, n_files: int = 2) -> str:
         with pyarrow.ipc.new_stream(os.path.join(folder, name), table.schema) as w:
             w.write_table(table.slice(k * step, step))
         files.append({"filename": name})
-    with open(os.path.join(folder, "state.json"), "w") as f:
+    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
         json.dump({"_data_files": files, "_split": "train"}, f)
-    with open(os.path.join(folder, "dataset_info.json"), "w") as f:
+    with open(os.path.join(folder, "dataset_info.json"), "w", encoding="utf-8") as f:
         json.dump({"features": {}}, f)
     return str(folder)
 
@@ -338,7 +338,7 @@ def _rank_main(rank: int, processes: int, ranks_dir: str, stacks_at: float, work
 
     import torch.distributed as dist
 
-    stack = open(os.path.join(ranks_dir, f"rank{rank}.stack"), "w")
+    stack = open(os.path.join(ranks_dir, f"rank{rank}.stack"), "w", encoding="utf-8")
     faulthandler.dump_traceback_later(max(1.0, stacks_at - time.time()), file=stack)
     try:
         torch.set_num_threads(1)
@@ -355,7 +355,7 @@ def _rank_main(rank: int, processes: int, ranks_dir: str, stacks_at: float, work
         os.replace(path + ".tmp", path)
         code = 0
     except BaseException:
-        with open(os.path.join(ranks_dir, f"rank{rank}.error"), "w") as f:
+        with open(os.path.join(ranks_dir, f"rank{rank}.error"), "w", encoding="utf-8") as f:
             f.write(traceback.format_exc())
         code = 1
     sys.stdout.flush()

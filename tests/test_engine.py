@@ -404,7 +404,7 @@ def make_adapter(model, out_dir: str, r: int = 4, alpha: int = 8) -> dict:
             by_module[name] = (A, B)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    with open(os.path.join(out_dir, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(
             {
                 "peft_type": "LORA",

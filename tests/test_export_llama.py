@@ -1,8 +1,10 @@
 """scripts/export_llama.py: a dense SLM checkpoint becomes a stock LlamaForCausalLM with identical logits."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +71,9 @@ def test_export_refuses_moe(tmp_path):
 
 # transformers 4.x (what vLLM required until 0.19.1, and what many users still run), installed into its own folder
 # so it never shadows the 5.x the project uses: `pip install --target .tf4 transformers==4.57.6` (.ci/run does).
-TF4 = next((p for p in (ROOT / ".tf4", ROOT.parent / ".tf4") if (p / "transformers").is_dir()), None)
+# MILLI_TF4=DIR points at one elsewhere (another checkout's .tf4, read-only).
+TF4_PLACES = [Path(os.environ["MILLI_TF4"])] if os.environ.get("MILLI_TF4") else []
+TF4 = next((p for p in (*TF4_PLACES, ROOT / ".tf4", ROOT.parent / ".tf4") if (p / "transformers").is_dir()), None)
 
 TF4_CHECK = """
 import json, sys, torch, transformers
@@ -81,6 +85,9 @@ tok = AutoTokenizer.from_pretrained(path)
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0]
     greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=3)[0].tolist()
+    inputs = tok("北京是中国的首都。", return_tensors="pt")  # what users pass: generate(**inputs)
+    assert set(inputs) == {"input_ids", "attention_mask"}, set(inputs)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=3)
 print(json.dumps({"class": type(model).__name__, "rope_theta": model.config.rope_theta, "logits": logits.tolist(),
                   "greedy": greedy, "ids": tok.encode("北京是中国的首都。hello world 123"),
                   "chat": tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
@@ -94,8 +101,6 @@ print(json.dumps({"class": type(model).__name__, "rope_theta": model.config.rope
 def test_export_loads_exactly_in_transformers_4(tmp_path, tiny_tokenizer_dir):
     """Under 4.x the export must give the same logits, greedy tokens, token ids and chat prompt as our model: a
     tokenizer class 4.x knows, and rope_theta where 4.x reads it (else 4.x silently uses 10000)."""
-    import os
-
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     # Our presets' theta, not the tiny preset's 10000: that is 4.x's fallback, so a lost rope_theta would pass unseen.
     model = tiny_model(len(tok), rope_theta=1e6).eval()

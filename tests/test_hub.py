@@ -27,7 +27,7 @@ def write_pretraining_card(path: str, *, shards: str, license: str) -> None:
     from trainer.pretrain import Config
 
     os.makedirs(shards, exist_ok=True)
-    with open(os.path.join(shards, "meta.json"), "w") as f:
+    with open(os.path.join(shards, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"sources": [{"path": "wiki.jsonl", "license": license}, {"path": "mine.txt"}]}, f)
     write_card(
         path,
@@ -74,12 +74,12 @@ def test_folder_carries_code_auto_map_stop_ids_card_and_readable_files(chat_mode
         "tokenizer.json",
         "README.md",
     } <= files
-    config = json.load(open(os.path.join(chat_model, "config.json")))
+    config = json.load(open(os.path.join(chat_model, "config.json"), encoding="utf-8"))
     assert config["auto_map"] == {
         "AutoConfig": "configuration_slm.SLMConfig",
         "AutoModelForCausalLM": "model_slm.SLMForCausalLM",
     }
-    gen = json.load(open(os.path.join(chat_model, "generation_config.json")))
+    gen = json.load(open(os.path.join(chat_model, "generation_config.json"), encoding="utf-8"))
     assert gen["eos_token_id"] == [0, 2] and gen["pad_token_id"] == 3  # <|endoftext|>, <|im_end|>; <|pad|>
     for name in files:
         mode = stat.S_IMODE(os.stat(os.path.join(chat_model, name)).st_mode)
@@ -185,6 +185,29 @@ def test_stock_transformers_in_a_fresh_process(chat_model, tmp_path):
     with torch.no_grad():
         ours = engine.model(input_ids=torch.tensor([result["prompt"]])).logits[0, -1]
     assert torch.allclose(ours, torch.tensor(result["logits"]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_card_use_code_runs_as_printed_in_a_fresh_process(chat_model, tmp_path):
+    """The card's "Use" block, cut from final/README.md and run unchanged from inside the folder (as its comment
+    says), where the repository is not importable, prints the model's greedy reply (generate()'s text here)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    card = open(os.path.join(chat_model, "README.md"), encoding="utf-8").read()
+    code = card.split("## Use\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=chat_model, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32)
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1] :]
+    expected = tok.decode(reply, skip_special_tokens=True)
+    assert expected.strip() and proc.stdout.rstrip("\n") == expected
 
 
 @pytest.mark.slow

@@ -204,7 +204,9 @@ def test_auto_peft_loads_the_adapter_from_another_directory(base_dir, trained, t
 
     adapter = str(trained["root"] / "straight" / "final")
     assert os.path.isabs(
-        json.loads(open(os.path.join(adapter, "adapter_config.json")).read())["base_model_name_or_path"]
+        json.loads(open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8").read())[
+            "base_model_name_or_path"
+        ]
     )
     ids = [1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61]
     code = (

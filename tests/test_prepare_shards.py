@@ -136,9 +136,9 @@ def test_fingerprint_mismatch_and_bad_inputs(tiny_tokenizer_dir, sources, tmp_pa
     a, _ = sources
     out = str(tmp_path / "s")
     ps.prepare(tiny_tokenizer_dir, [a], out, val_tokens=0, quiet=True)
-    meta = json.load(open(os.path.join(out, "meta.json")))
+    meta = json.load(open(os.path.join(out, "meta.json"), encoding="utf-8"))
     meta["tokenizer_fingerprint"] = "0000000000000000"
-    json.dump(meta, open(os.path.join(out, "meta.json"), "w"))
+    json.dump(meta, open(os.path.join(out, "meta.json"), "w", encoding="utf-8"))
     with pytest.raises(ValueError, match="already holds shards made with tokenizer 0000000000000000"):
         ps.prepare(tiny_tokenizer_dir, [a], out, quiet=True)
     bad = tmp_path / "bad.jsonl"

@@ -114,12 +114,12 @@ def after_a_metrics_append(out_dir: Path, resumed_from: int, started: float) -> 
 def start_main_py(out_dir: Path, args: list[str]) -> subprocess.Popen:
     """main.py in the background, its stderr into OUT_DIR.stderr beside out_dir (read by finish)."""
     command, env = main_py_command(out_dir, args)
-    with open(f"{out_dir}.stderr", "w") as stderr:
+    with open(f"{out_dir}.stderr", "w", encoding="utf-8") as stderr:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def finish(proc: subprocess.Popen, out_dir: Path) -> None:
-    assert proc.wait(timeout=300) == 0, Path(f"{out_dir}.stderr").read_text()[-3000:]
+    assert proc.wait(timeout=300) == 0, Path(f"{out_dir}.stderr").read_text(encoding="utf-8")[-3000:]
 
 
 def run_and_kill(out_dir: Path, args: list[str], kill_when) -> str | None:

@@ -15,14 +15,21 @@ import pytest
 import torch
 
 from model.runtime import (
+    auto_device_type,
     auto_dtype,
+    autocast_context,
+    compiles,
+    copies_async,
     cpu_flags,
     dtype_name,
+    fuses_adamw,
     load_pretrained,
     newton_schulz_dtype,
     newton_schulz_dtype_for,
+    pins_memory,
     resolve_device,
     resolve_dtype,
+    scales_loss,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -328,3 +335,54 @@ def test_threads_is_a_setting_of_every_training_stage_and_the_demo():
     from trainer.pipeline import Config
 
     assert TrainConfig().threads == 0 and Config().threads == 0
+
+
+# -----------------------------------------------------------------------------
+# Apple Silicon: device=auto finds MPS, and every per-device choice is a function of the device alone, so a faked
+# torch.device("mps") on this CPU runs the very code a Mac runs
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+def test_auto_device_is_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
+    assert auto_device_type(cuda, mps) == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device("mps") == torch.device("mps")  # explicit, whatever the machine
+
+
+def test_per_device_policy_on_a_faked_mac_gpu():
+    from model.attention import attention_plan, device_capability
+
+    mps, cpu, cuda = torch.device("mps"), torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", mps) == torch.float32  # fp32 by default on MPS (module docstring)
+    assert autocast_context(mps, torch.float32).fast_dtype is not None  # constructs; enabled=False for fp32
+    assert not autocast_context(mps, torch.float32)._enabled
+    assert (pins_memory(mps), copies_async(mps), fuses_adamw(mps)) == (False, False, True)
+    assert (pins_memory(cuda), copies_async(cuda), fuses_adamw(cuda)) == (True, True, True)
+    assert (pins_memory(cpu), copies_async(cpu), fuses_adamw(cpu)) == (False, False, True)
+    assert scales_loss(torch.float16) and not scales_loss(torch.float32) and not scales_loss(torch.bfloat16)
+    with pytest.warns(UserWarning, match="MPS"):
+        assert compiles(mps, True) is False
+    assert compiles(mps, False) is False and compiles(cpu, True) and compiles(cuda, True)
+    # the attention plan: no CUDA capability on MPS, so the CPU's plan (read without touching torch.cuda)
+    assert device_capability(mps) is None
+    for has_mask, is_causal in ((False, True), (True, False)):
+        kwargs = dict(has_mask=has_mask, is_causal=is_causal, n_heads=4, n_kv_heads=2, head_dim=32)
+        assert attention_plan(device_capability(mps), torch.float32, **kwargs) == attention_plan(
+            None, torch.float32, **kwargs
+        )
+
+
+def test_no_device_branch_for_mps_outside_the_runtime_policy():
+    """An MPS-only branch elsewhere would be code the CPU tests never run: every Apple choice lives in runtime.py."""
+    offenders = []
+    for folder in ("model", "trainer", "dataset", "scripts"):
+        for path in (ROOT / folder).glob("*.py"):
+            if path.name == "runtime.py":
+                continue
+            if re.search(r"[\"']mps[\"']|backends\.mps", path.read_text(encoding="utf-8")):
+                offenders.append(path.name)
+    assert offenders == []

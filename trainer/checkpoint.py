@@ -152,7 +152,7 @@ def write_checkpoint(path: str, *, write_weights: Callable[[str], None], state: 
     write_checksums(tmp)  # last: a dir with a manifest is whole, and its files are as they were written
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+    with open(os.path.join(out_dir, "latest.tmp"), "w", encoding="utf-8") as f:
         f.write(os.path.basename(path) + "\n")
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     prune_checkpoints(out_dir, keep_last)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from model.runtime import check_checkpoint_dir
+from model.runtime import check_checkpoint_dir, copies_async, pins_memory
 
 
 def print0(*args, **kwargs):
@@ -36,7 +36,7 @@ def seed_rngs(seed: int, *, rank: int) -> None:
 def move_to(batch, device: torch.device):
     """A batch (a tensor, or a dict, tuple or list of them) on `device`; non_blocking overlaps pinned copies."""
     if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
+        return batch.to(device, non_blocking=copies_async(device))
     if isinstance(batch, dict):
         return {k: move_to(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
@@ -50,9 +50,9 @@ def host_to_device(value, device: torch.device) -> torch.Tensor:
     everything queued before it: a sync that no .item() counter sees. From pinned memory a non_blocking copy is
     queued on the stream like a kernel (the pinned block is not reused before it ran). Pinned only for CUDA."""
     host = value if torch.is_tensor(value) else torch.tensor(float(value))
-    if device.type == "cuda":
+    if pins_memory(device):
         host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    return host.to(device, non_blocking=copies_async(device))
 
 
 def load_tokenizer(*, init_from: str, tokenizer_dir: str):

@@ -24,8 +24,10 @@ from model.attention import device_capability, flex_attention_available
 from model.hub import set_generation_defaults
 from model.runtime import (
     autocast_context,
+    compiles,
     dtype_name,
     load_pretrained,
+    pins_memory,
     resolve_device,
     resolve_dtype,
     set_cpu_threads,
@@ -209,7 +211,7 @@ class Trainer:
         self.accum_steps = self.global_batch // (self.micro_batch * self.world_size)
         self.train_data, self.val_batches = self.build_data()
         if cfg.prefetch:  # collation off the critical path; pinned so that to_device's copies are asynchronous
-            self.train_data = PrefetchBatches(self.train_data, pin_memory=self.device.type == "cuda")
+            self.train_data = PrefetchBatches(self.train_data, pin_memory=pins_memory(self.device))
         self.model_class_name = type(self.raw_model).__name__
         if self.fsdp:
             parallel.shard_model(self.raw_model, self.device, self.world_size)  # before the optimizer
@@ -223,7 +225,7 @@ class Trainer:
         # here, before compiling, the traced forward finds both cached instead of calling into torch.cuda.
         device_capability(self.device)
         flex_attention_available(self.device)
-        if cfg.compile:
+        if compiles(self.device, cfg.compile):
             # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
             # compiled module is what DDP wraps, as the torch docs recommend (compile the inner module): its forward
             # runs inside DDP's, so dynamo's DDPOptimizer cuts the graph at DDP's bucket boundaries and each

@@ -16,11 +16,13 @@ bad one was either skipped or a finite update.
 
 import torch
 
+from model.runtime import scales_loss
+
 
 class StepGuard:
     def __init__(self, device: torch.device, dtype: torch.dtype, init_scale: float = 2.0**16):
         # Loss scaling only for fp16: bf16 and fp32 have fp32's exponent range.
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=scales_loss(dtype))
         zero = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped = zero.clone()  # skipped steps of the whole run
         self.in_a_row = zero.clone()  # the current run of consecutive skips

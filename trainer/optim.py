@@ -31,7 +31,8 @@ on CPUs with native bf16, fp16 on older GPUs, fp32 on other CPUs, where bf16 mat
 Skipped steps without a host read (trainer/guard.py): fused AdamW skips a step whose gradients overflowed on a
 device flag inside its kernel, and BatchedMuon does the same for the Muon half, so MuonWithAdamW tells GradScaler
 and the StepGuard it can skip by itself (`_step_supports_amp_scaling`) and the loop never waits for the GPU to
-decide. AdamW is fused wherever torch has the kernel (CUDA and CPU), so the CPU tests run the optimizer a GPU gets.
+decide. AdamW is fused wherever torch has the kernel (CUDA, CPU, MPS: model/runtime.py fuses_adamw), so the CPU
+tests run the optimizer a GPU gets.
 
 Each param group carries `lr_scale`, its peak lr as a multiple of cfg.lr; the Trainer sets
 group["lr"] = lr_at(step) * group["lr_scale"] every step, so warmup and decay apply to every group alike.
@@ -43,7 +44,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim._muon import _adjust_lr
 
-from model.runtime import newton_schulz_dtype_for
+from model.runtime import fuses_adamw, newton_schulz_dtype_for
 from trainer.config import OPTIMIZERS, TrainConfig
 
 # -----------------------------------------------------------------------------
@@ -249,9 +250,9 @@ def build_optimizer(
     `lr_scale` (its lr / cfg.lr) and starts at that share of cfg.lr."""
     groups = split_parameters(named_params, cfg.optimizer, cfg.decay_embeddings)
     by_name = dict(named_params)
-    # Fused AdamW wherever torch has the kernel: one launch for all parameters on CUDA, and (CUDA and CPU alike) a
-    # step skipped on a device flag instead of a host read (trainer/guard.py).
-    fused = device.type in ("cuda", "cpu")
+    # Fused AdamW wherever torch has the kernel: one launch for all parameters on CUDA, and (on every device that
+    # fuses) a step skipped on a device flag instead of a host read (trainer/guard.py).
+    fused = fuses_adamw(device)
     betas = (cfg.beta1, cfg.beta2)
     adamw_groups = [
         {"params": [by_name[n] for n in groups["decay"]], "weight_decay": cfg.weight_decay},

@@ -132,11 +132,11 @@ def run(cfg: Config):
     # 1. data made by code
     def make_data():
         paths = write_demo_data(p["data"], seed=cfg.seed, n_docs=cfg.n_docs)
-        with open(data_paths_file, "w") as f:
+        with open(data_paths_file, "w", encoding="utf-8") as f:
             json.dump(paths, f, ensure_ascii=False)
 
     stage("data", data_paths_file, make_data)
-    with open(data_paths_file) as f:
+    with open(data_paths_file, encoding="utf-8") as f:
         data = json.load(f)
 
     # 2. cleaning: traditional -> simplified, markup and debris removed, deduplicated
