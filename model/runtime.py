@@ -212,7 +212,7 @@ def cpu_flags() -> frozenset[str]:
     """The x86 CPU feature flags of /proc/cpuinfo (Linux); empty where there are none (other OSes, ARM), which
     means fp32 above."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("flags"):
                     return frozenset(line.split(":", 1)[1].split())
