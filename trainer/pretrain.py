@@ -20,22 +20,27 @@ from dataset.tokenizer import token_byte_lengths
 from model import SLMConfig, SLMForCausalLM
 from model.engine import Engine
 from trainer.common import print0
-from trainer.config import Bound, TrainConfig, at_least
+from trainer.config import Architecture, Evaluation, ShardData, TokenLoss, TrainConfig, at_least, setting
 from trainer.core import Trainer, run_trainer
 
 
 @dataclass
-class Config(TrainConfig):
-    # batch_size / global_batch_size count windows of seq_len tokens
-    batch_unit: ClassVar[str] = "sequences"
-    unused: ClassVar[dict[str, str]] = {"data_path": "pretraining reads token shards from data_dir"}
-    bounds: ClassVar[dict[str, Bound]] = {"sample_tokens": at_least(0), "vocab_size": at_least(0)}
-    paths: ClassVar[dict[str, str]] = {"data_dir": "dir"}
-    out_dir: str = "out/pretrain"
+class ShardSamples(ShardData):
+    """What PretrainTrainer reads beyond the loop's settings: the shards, the greedy samples at each evaluation and
+    the vocabulary size (distillation on shards reads them too)."""
+
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval
-    sample_tokens: int = 32  # new tokens per sample (0 = no samples)
-    vocab_size: int = 0  # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
+    sample_tokens: int = setting(32, bound=at_least(0))  # new tokens per sample (0 = no samples)
+    # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
+    vocab_size: int = setting(0, bound=at_least(0))
+
+
+@dataclass
+class Config(ShardSamples, Architecture, TokenLoss, Evaluation, TrainConfig):
+    # batch_size / global_batch_size count windows of seq_len tokens
+    batch_unit: ClassVar[str] = "sequences"
+    out_dir: str = "out/pretrain"
 
 
 class PretrainTrainer(Trainer):
