@@ -102,20 +102,15 @@ def setting(
     path: str | None = None,
     device: bool = False,
     unchecked: str = "",
-    default_factory=dataclasses.MISSING,
 ):
     """A dataclass field with its rules in its metadata, read by validate(): bound (a numeric range), path (a
     PATH_KINDS entry: what must exist when the stage runs), device (a device name; "" = the training device),
     unchecked (why any value of its type is valid). A plain `name: type = default` is for what needs no rule
     (bools, free text) or for a subclass that changes only the default (the base's rules hold, rules_of);
     Literal[...] annotations carry their own choices."""
-    assert path is None or path in PATH_KINDS, path
     rules = {"bound": bound, "path": path, "device": device, "unchecked": unchecked}
-    return dataclasses.field(
-        default=default,
-        default_factory=default_factory,
-        metadata={k: v for k, v in rules.items() if v},
-    )
+    metadata = {k: v for k, v in rules.items() if v}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _coerce(key: str, value, annotation):
@@ -242,6 +237,30 @@ def did_you_mean(key: str, known: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def read_yaml(yaml_path: str) -> dict:
+    """A YAML config file's mapping of key: value; ConfigError naming the file (and line) when it is not one."""
+    with open(yaml_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # e.g. a file saved as GBK: name the file and the line, not a traceback
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{yaml_path}:{line}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}); "
+            f"save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
+    return data
+
+
 def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict | None = None):
     """Build a `cls` dataclass: defaults, then the YAML file, then overrides. Strict about keys and types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -249,42 +268,13 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
     values = {}
     sources = []
     if yaml_path:
-        with open(yaml_path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:  # e.g. a file saved as GBK: name the file and the line, not a traceback
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise ConfigError(
-                f"{yaml_path}:{line}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}); "
-                f"save the file as UTF-8"
-            ) from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{where}: malformed YAML ({problem})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
-        sources.append((f"{yaml_path}", data))
+        sources.append((yaml_path, read_yaml(yaml_path)))
     if overrides:
         sources.append(("command line", overrides if isinstance(overrides, dict) else parse_overrides(overrides)))
-    stage = cls.__module__.rsplit(".", 1)[-1]
     for where, data in sources:
         for key, value in data.items():
-            if not isinstance(key, str):  # YAML reads `1: 2` or `true: x` as a number or bool key
-                raise ConfigError(f"config key {key!r} ({where}): a key must be a name, got {type(key).__name__}")
-            why = not_here(stage, key) if key not in fields else None
-            if why:
-                raise ConfigError(
-                    f"config key '{key}' ({where}) is not used by stage {stage} "
-                    f"({cls.__module__}.{cls.__qualname__}): {why}; remove it"
-                )
             if key not in fields:
-                hint = did_you_mean(key, list(fields))
-                raise ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
+                raise unknown_key(cls, key, where)
             values[key] = _coerce(key, value, hints[key])
     try:
         cfg = cls(**values)
@@ -316,6 +306,21 @@ NOT_HERE = {
     "eval_every": {"ppo grpo": "rollout stages have no validation set (rollout statistics are logged every step)"},
     "eval_batches": {"ppo grpo": "rollout stages have no validation set"},
 }
+
+
+def unknown_key(cls, key, where: str) -> ConfigError:
+    """The error for a key `cls` has no field for: why its stage does not read it (NOT_HERE), or a spelling hint."""
+    if not isinstance(key, str):  # YAML reads `1: 2` or `true: x` as a number or bool key
+        return ConfigError(f"config key {key!r} ({where}): a key must be a name, got {type(key).__name__}")
+    stage = cls.__module__.rsplit(".", 1)[-1]
+    why = not_here(stage, key)
+    if why:
+        return ConfigError(
+            f"config key '{key}' ({where}) is not used by stage {stage} "
+            f"({cls.__module__}.{cls.__qualname__}): {why}; remove it"
+        )
+    hint = did_you_mean(key, [f.name for f in dataclasses.fields(cls)])
+    return ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
 
 
 def not_here(stage: str, key: str) -> str | None:

@@ -9,6 +9,7 @@ save_every steps; `resume=auto` continues from the exact token. Evaluation repor
 bits-per-byte and prints greedy continuations of a few fixed Chinese prompts.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -74,12 +75,14 @@ class PretrainTrainer(Trainer):
             (windows[i : i + self.micro_batch, :-1], windows[i : i + self.micro_batch, 1:])
             for i in range(0, len(windows), self.micro_batch)
         ]
-        # Bits per byte needs the bytes behind every target token of the validation set.
-        byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
-        targets = windows[:, 1:]
-        self.val_bytes = int(byte_lengths[targets.clamp(max=len(byte_lengths) - 1)].sum())
-        self.val_targets = targets.numel()
+        self.val_targets = windows[:, 1:]
         return stream, val_batches
+
+    @functools.cached_property
+    def val_bytes(self) -> int:
+        """The UTF-8 bytes behind every target token of the validation set (bits per byte), at the first eval."""
+        byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
+        return int(byte_lengths[self.val_targets.clamp(max=len(byte_lengths) - 1)].sum())
 
     def count_loss_items(self, *, batch) -> int:
         return batch[1].numel()  # every position of a pretraining window has a target
@@ -99,7 +102,7 @@ class PretrainTrainer(Trainer):
 
     def extra_eval_metrics(self, *, result: dict) -> dict:
         # nats per token -> bits per byte: comparable across tokenizers (nanochat's evaluate_bpb).
-        return {"bpb": result["loss"] * self.val_targets / (math.log(2) * max(1, self.val_bytes))}
+        return {"bpb": result["loss"] * self.val_targets.numel() / (math.log(2) * max(1, self.val_bytes))}
 
     def on_eval(self):
         """Greedy continuations of the fixed prompts, through the one generation path (model/engine.py)."""
