@@ -115,60 +115,48 @@ def setting(
 
 def _coerce(key: str, value, annotation):
     """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
     origin = typing.get_origin(annotation)
     if origin is Literal:  # a fixed vocabulary: coerced to its values' type, validate() checks it is one of them
         return _coerce(key, value, type(typing.get_args(annotation)[0]))
-    if origin in (typing.Union, types.UnionType):  # e.g. `int | None`
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):  # e.g. `int | None`: the first type that takes the value
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         errors = []
-        for option in options:
+        for option in (a for a in typing.get_args(annotation) if a is not type(None)):
             try:
                 return _coerce(key, value, option)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+                errors.append(e)
+        raise errors[0]
     if annotation is bool:
-        if isinstance(value, bool):
-            return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if annotation is int:
+        if not isinstance(value, bool):
+            raise wrong("true/false")
+        return value
+    if annotation in (int, float):
+        expected = "an integer" if annotation is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        if isinstance(value, int):
+            raise wrong(expected)
+        if isinstance(value, int) and annotation is int:
             return value
         try:
-            as_float = float(str(value).replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return int(as_float)  # accepts 1e6 and 1_000_000
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        try:
-            return float(value)
+            number = float(value)  # accepts 1e6 and 1_000_000
         except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+            raise wrong(expected) from None
+        if annotation is int and not number.is_integer():
+            raise wrong(expected)
+        return int(number) if annotation is int else number
     if annotation is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise wrong("a string")
         return "" if value is None else str(value)
-    if origin is list or annotation is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation) or (str,)
-        return [_coerce(key, v, item_type) for v in value]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return value
+    if (origin or annotation) is dict and not isinstance(value, dict):
+        raise wrong("a mapping")
     return value
 
 
