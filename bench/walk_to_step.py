@@ -24,6 +24,11 @@ import tokenize
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as `python bench/walk_to_step.py` from anywhere
 
+from transformers import AutoTokenizer  # noqa: E402
+
+from tests.helpers import pretrain_corpus, tiny_corpus_lines, write_shards  # noqa: E402
+from trainer import pretrain, train_tokenizer  # noqa: E402
+
 
 def project_file(filename: str) -> str | None:
     """The repo-relative path of a project file, or None (tests, benches, third party)."""
@@ -68,16 +73,12 @@ def setup(work: str) -> list[str]:
     """A tiny tokenizer and shards; the main.py arguments of a one-step CPU pretraining run on them."""
     import json
 
-    from transformers import AutoTokenizer
-
-    from tests.helpers import pretrain_corpus, tiny_corpus_lines, write_shards
-    from trainer.train_tokenizer import Config, run
-
     corpus = os.path.join(work, "corpus.jsonl")
     with open(corpus, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in tiny_corpus_lines())
     tok_dir = os.path.join(work, "tok")
-    run(Config(data_path=corpus, vocab_size=512, out_dir=tok_dir, min_frequency=1, heldout_every=10, seed=0))
+    settings = dict(data_path=corpus, vocab_size=512, out_dir=tok_dir, min_frequency=1, heldout_every=10, seed=0)
+    train_tokenizer.run(train_tokenizer.Config(**settings))
     shards = write_shards(AutoTokenizer.from_pretrained(tok_dir), pretrain_corpus(), os.path.join(work, "shards"))
     return [
         "main.py",
@@ -137,9 +138,9 @@ def main():
     # stage Config's classes (the settings a newcomer reads).
     import inspect
 
-    from trainer.pretrain import Config
-
-    settings = {(project_file(inspect.getsourcefile(k)), inspect.getsourcelines(k)[1]) for k in Config.__mro__[:-1]}
+    settings = {
+        (project_file(inspect.getsourcefile(k)), inspect.getsourcelines(k)[1]) for k in pretrain.Config.__mro__[:-1]
+    }
     ran = settings | {(project_file(c.co_filename), c.co_firstlineno) for _, _, c in events}
     counted = {}  # file -> set of code lines
     parsed = {}
