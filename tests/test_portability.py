@@ -25,6 +25,12 @@ POSIX_ONLY = {
 }
 
 
+# Uses that are portable as written: file -> the line's text and why.
+PORTABLE_AS_WRITTEN = {
+    "model/runtime.py": ('"/proc/cpuinfo"', "cpu_flags reads it where it exists; elsewhere OSError -> no flags (fp32)"),
+}
+
+
 def library_files() -> list[Path]:
     files = []
     for name in LIBRARY:
@@ -51,7 +57,7 @@ def test_the_library_calls_nothing_posix_only():
         for path in library_files()
         for number, line in code_lines(path)
         for pattern, why in POSIX_ONLY.items()
-        if re.search(pattern, line)
+        if re.search(pattern, line) and PORTABLE_AS_WRITTEN.get(str(path.relative_to(ROOT)), ("\0",))[0] not in line
     ]
     assert found == []
 
