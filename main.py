@@ -17,6 +17,7 @@ import sys
 
 from dataset.records import UnusableFile
 from trainer.config import ConfigError, load_config
+from trainer.errors import is_disk_full
 from trainer.stages import available_stages
 
 
@@ -54,6 +55,16 @@ def main(argv=None) -> int:
     except (ConfigError, UnusableFile) as e:  # a usage mistake, or a data file of a layout no reader knows
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        # A full disk mid-run (a checkpoint, metrics.jsonl): checkpoints are written whole or not at all
+        # (trainer/checkpoint.py), so a rerun with resume=auto goes on from the newest complete one.
+        print(
+            f"error: a write failed: {e}; free some space and rerun (it resumes from the newest checkpoint)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

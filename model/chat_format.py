@@ -160,6 +160,29 @@ def _turn_text(messages: list[dict], i: int) -> str | None:
     return role + "\n" + content
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_message_list(messages) -> None:
+    """A ValueError saying what is wrong with a message list a Python caller built (chatml_pieces' input; data
+    files are checked record by record before, with BadRecord), instead of a KeyError or TypeError from inside."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        content = m.get("content")
+        parts = isinstance(content, list) and all(isinstance(p, dict) for p in content)  # OpenAI content parts
+        if content is not None and not isinstance(content, str) and not parts:
+            what = type(content).__name__ if not isinstance(content, list) else "list of non-dict parts"
+            raise ValueError(f"messages[{i}]['content'] must be a string (or content parts), got {what}")
+        for key in ("tool_calls", "tools"):
+            if m.get(key) is not None and not isinstance(m[key], list):
+                raise ValueError(f"messages[{i}]['{key}'] must be a list, got {type(m[key]).__name__}")
+
+
 def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[list, list]]:
     """The ChatML ids of each message, and of the assistant header last when add_generation_prompt: the one
     tokenization of conversations (SFT, preference and RL prompt data, the engine's chat prompts, the server).
@@ -176,6 +199,7 @@ def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool =
     ids go to the run's first message (the others get an empty piece, so there is still one piece per message).
     Not thread-safe with other encodes of the same tokenizer (split_special_tokens is a switch on the shared Rust
     tokenizer): threads share one lock around them, as model/engine.py does."""
+    check_message_list(messages)
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     texts = [_turn_text(messages, i) for i in range(len(messages))] + (["assistant\n"] if add_generation_prompt else [])
     if not texts:

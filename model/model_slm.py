@@ -553,6 +553,7 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # silence the missing/unexpected keys report; we summarise it below
         try:
@@ -564,7 +565,7 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
                 f"score head is new (not in the checkpoint): initialised N(0, "
                 f"{model.config.initializer_range}); the decoder weights were loaded, lm_head dropped"
             )
-        return (model, info) if kwargs.get("output_loading_info") else model
+        return (model, info) if want_info else model
 
     def forward(
         self,

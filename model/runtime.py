@@ -13,10 +13,14 @@ below sm80. Every choice is a pure function of (device type, capability) so test
 """
 
 import contextlib
+import glob
+import hashlib
+import json
 import os
 import warnings
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -233,6 +237,59 @@ def newton_schulz_dtype_for(device: torch.device) -> torch.dtype:
 
 
 KINDS = ("causal", "score")
+CHECKSUMS_FILE = "checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded or resumed from: unreadable, corrupted (checksum), not matching its own
+    config, or holding code. The message names the file."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (a checkpoint is never held twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """Every file under a checkpoint dir but the manifest, as sorted paths relative to it."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found.extend(os.path.relpath(os.path.join(root, f), path) for f in sorted(files) if f != CHECKSUMS_FILE)
+    return found
+
+
+def write_checksums(path: str) -> None:
+    """checksums.json: {"sha256": {relative path: hex digest}} of every file in the checkpoint dir."""
+    sums = {name: sha256_file(os.path.join(path, name)) for name in _checkpoint_files(path)}
+    with open(os.path.join(path, CHECKSUMS_FILE), "w", encoding="utf-8") as f:
+        json.dump({"sha256": sums}, f, indent=1)
+
+
+def verify_checksums(path: str) -> bool:
+    """Raise CheckpointError naming the first file that is missing or whose bytes changed since the save. False
+    when the dir has no manifest (written before checksums existed): nothing could be verified."""
+    manifest = os.path.join(path, CHECKSUMS_FILE)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            sums = json.load(f)["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable checksum manifest ({type(e).__name__}: {e})") from None
+    for name, expected in sums.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in {CHECKSUMS_FILE} but missing")
+        if sha256_file(file) != expected:
+            raise CheckpointError(
+                f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was corrupted after the save)"
+            )
+    return True
 
 
 def check_checkpoint_dir(path: str, what: str = "checkpoint") -> None:
@@ -272,11 +329,63 @@ def load_pretrained(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
     check_checkpoint_dir(path)
-    if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    verify_model_files(path)
+    try:
+        if kind == "causal":
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, output_loading_info=True
+            )
+    except (RuntimeError, ValueError, OSError, SafetensorError) as e:  # a lying header, shapes not in config.json
+        raise CheckpointError(
+            f"{_weights_files(path)}: cannot be loaded with {os.path.join(path, 'config.json')}, corrupted or not "
+            f"matching it ({_first_line(e)})"
+        ) from None
+    # A config with more layers than the weights loads with those layers randomly initialised, with a warning
+    # only: a corrupted folder must not serve noise. A score model built from a causal one has a new head.
+    missing = sorted(k for k in info["missing_keys"] if not (kind == "score" and k.startswith("score.")))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not (kind == "score" and k.startswith("lm_head.")))
+    if missing or unexpected:
+        what = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else ""
+        what += ("; " if what else "") + (f"{len(unexpected)} not in it (e.g. {unexpected[0]})" if unexpected else "")
+        raise CheckpointError(f"{_weights_files(path)} does not match {os.path.join(path, 'config.json')}: {what}")
     model = model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
     return model
+
+
+# Files a model folder may hold whose parse errors name no file (a JSONDecodeError from the tokenizer's loader).
+JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def verify_model_files(path: str) -> None:
+    """Before a model folder is loaded (training, serving, chat, eval, export): its files against checksums.json
+    when it has one, and its JSON files parse. Raises CheckpointError naming the file."""
+    verify_checksums(path)
+    for name in JSON_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: corrupted, not valid JSON ({_first_line(e)})") from None
+
+
+def _weights_files(path: str) -> str:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or sorted(glob.glob(os.path.join(path, "*.bin")))
+    return ", ".join(files) if files else os.path.join(path, "model.safetensors")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

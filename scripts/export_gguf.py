@@ -40,6 +40,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from model.engine import CHAT_SAMPLING  # noqa: E402
 from model.hub import stop_token_ids  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
+from trainer.errors import whole_output  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Weights
@@ -234,7 +235,8 @@ def main():
     parser.add_argument("--dtype", default="f16", choices=GGUF_TYPES, help="weight type of the matrices")
     args = parser.parse_args()
     try:
-        export_gguf(args.model, args.out, args.dtype)
+        with whole_output(args.out, "the GGUF file"):  # a full disk: no cut export left behind
+            export_gguf(args.model, args.out, args.dtype)
     except ImportError:
         print("error: the gguf package is missing: pip install gguf", file=sys.stderr)
         return 2

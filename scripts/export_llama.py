@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 from model.configuration_slm import slm_to_llama_config  # noqa: E402
 from model.hub import make_readable  # noqa: E402
 from model.runtime import load_pretrained  # noqa: E402
+from trainer.errors import whole_output  # noqa: E402
 
 
 def export_llama(model_dir: str, out_dir: str, dtype: str = "auto") -> str:
@@ -90,7 +91,8 @@ def main():
     )
     args = parser.parse_args()
     try:
-        export_llama(args.model, args.out, args.dtype)
+        with whole_output(args.out, "the Llama folder"):  # a full disk: no cut export left behind
+            export_llama(args.model, args.out, args.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse  # noqa: E402
 
 from dataset.shard_writer import prepare  # noqa: E402
+from trainer.errors import is_disk_full  # noqa: E402
 
 
 def main() -> None:
@@ -55,6 +56,11 @@ def main() -> None:
         )
     except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional reader (pyarrow)
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        # A rerun after freeing space writes the shards again (the crash-safety tests: byte-identical).
+        sys.exit(f"error: a write under {args.out_dir} failed: {e}; free some space and rerun")
 
 
 if __name__ == "__main__":

@@ -414,6 +414,23 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.reader = DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self.reader)
 
+    def finish(self):
+        """After an error answer to a body too large to read first: close our side for writing (the answer is
+        whole), then read and drop what the client still sends, for at most read_timeout_s. Closing with its
+        bytes unread would send a reset, and the client would see that instead of the 413."""
+        super().finish()
+        if not getattr(self, "linger", False):
+            return
+        deadline = time.monotonic() + self.server.limits.read_timeout_s
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv(1 << 16):
+                    break
+        except OSError:
+            pass
+
     def handle_one_request(self):
         self.reader.deadline = time.monotonic() + self.server.limits.read_timeout_s  # request line + headers
         super().handle_one_request()
@@ -612,6 +629,10 @@ class ChatHandler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a chunked body we do not read would be taken for the next request
             raise ApiError(411, "send the body with a Content-Length (chunked bodies are not supported)")
+        values = self.headers.get_all("Content-Length") or []
+        if len({v.strip() for v in values}) > 1:  # which one frames the body? a proxy may pick the other (smuggling)
+            self.close_connection = True
+            raise ApiError(400, f"conflicting Content-Length headers: {', '.join(values)}")
         value = self.headers.get("Content-Length")
         if value is None or not value.strip().isascii() or not value.strip().isdigit():
             self.close_connection = True
@@ -659,6 +680,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._body_left = 0
         if left > self.server.limits.drain_factor * self.server.limits.max_body_bytes:
             self.close_connection = True
+            self.linger = True  # not read here: finish() reads and drops it after the answer, for a while
             return
         if left > 0:
             try:

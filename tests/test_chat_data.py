@@ -655,3 +655,28 @@ def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokeni
     updated = AutoTokenizer.from_pretrained(old)
     check_chat_template(updated, tools=True, content_parts=True)
     assert updated.get_vocab() == tok.get_vocab()
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ("你好", "messages must be a list"),
+        ([("user", "你好")], r"messages\[0\] must be a dict"),
+        ([{"content": "你好"}], r"messages\[0\]\['role'\] must be one of"),
+        ([{"role": "robot", "content": "你好"}], r"got 'robot'"),
+        (
+            [{"role": "user", "content": 5}],
+            r"messages\[0\]\['content'\] must be a string \(or content parts\), got int",
+        ),
+        ([{"role": "user", "content": ["a"]}], r"must be a string \(or content parts\), got list of non-dict parts"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": "x"}], "must be a list"),
+    ],
+)
+def test_chatml_pieces_explains_a_malformed_message_list(tiny_tokenizer_dir, messages, message):
+    """A Python caller's malformed list raised a raw KeyError or TypeError from inside; now a ValueError says what."""
+    from transformers import AutoTokenizer
+
+    from dataset.chat_data import chatml_pieces
+
+    with pytest.raises(ValueError, match=message):
+        chatml_pieces(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), messages)

@@ -28,6 +28,7 @@ POSIX_ONLY = {
 # Uses that are portable as written: file -> the line's text and why.
 PORTABLE_AS_WRITTEN = {
     "model/runtime.py": ('"/proc/cpuinfo"', "cpu_flags reads it where it exists; elsewhere OSError -> no flags (fp32)"),
+    "trainer/run_lock.py": ('"/proc/{pid}/stat"', "Linux's zombie check; elsewhere OSError -> the process is alive"),
 }
 
 

@@ -2,6 +2,7 @@
 DDP equivalence, metrics and plot, and the error cases."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -187,6 +188,78 @@ def test_resuming_with_changed_settings_says_which(tiny_tokenizer_dir, shards, t
         make_pretrain_cfg(tiny_tokenizer_dir, shards, out, max_steps=6, eval_every=0, lr=1e-3, seq_len=16),
     )
     assert "WARNING: resuming" not in capsys.readouterr().out  # the same settings as the checkpoint's
+
+
+def sigkill_torchrun_after(out_dir: Path, args: list[str], step: int) -> None:
+    """torchrun with 2 gloo processes until step_{step} is complete on disk, then SIGKILL to the whole group
+    (torchrun and both workers at once: nothing is flushed, no lock released, no process group torn down)."""
+    command, env = main_py_command(out_dir, args, processes=2)
+    with open(f"{out_dir}.stderr", "w", encoding="utf-8") as stderr:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out_dir / f"step_{step:06d}" / "checksums.json").exists():
+            assert proc.poll() is None, Path(f"{out_dir}.stderr").read_text(encoding="utf-8")[
+                -3000:
+            ]  # it ended before the kill
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            # torchrun starts its workers in sessions of their own: stop the whole tree first (so no worker goes
+            # on meanwhile), then kill every process in it
+            tree = [proc.pid, *descendants(proc.pid)]
+            for pid in tree:
+                os.kill(pid, signal.SIGSTOP)
+            tree += [pid for pid in descendants(proc.pid) if pid not in tree]
+            for pid in tree:
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and (out_dir / ".run.lock").exists()
+    assert not (out_dir / "final").exists()  # killed mid-run, not after its end
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc: no psutil in the requirements)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+@pytest.mark.slow  # five torchrun / main.py runs
+def test_torchrun_resumes_after_a_sigkill_with_the_same_or_another_world_size(tiny_tokenizer_dir, shards, tmp_path):
+    """2 gloo processes SIGKILLed mid-run (a checkpoint every step, so a write is often in progress), then rerun
+    with resume=auto: with 2 processes the run ends as one never interrupted, loss for loss and weight for weight;
+    with 1 process it goes on from the same checkpoint and its losses match too (the data position is global and
+    pretraining has no dropout). The stale lock of the killed run is taken over each time."""
+    args = ["--stage", "pretrain", *pretrain_args(tiny_tokenizer_dir, shards, max_steps=12, save_every=1)]
+    args += ["lr_schedule=constant"]
+    straight = tmp_path / "straight"
+    run_main_py(straight, args, processes=2)
+    for name, processes in (("two", 2), ("one", 1)):
+        crashed = tmp_path / name
+        sigkill_torchrun_after(crashed, args, step=3)
+        resumed = run_main_py(crashed, args, processes=processes)
+        assert "taking over the stale lock" in resumed.stdout and "resumed from" in resumed.stdout, resumed.stdout[
+            :3000
+        ]
+        records = read_metrics(str(crashed))
+        assert [r["step"] for r in records] == list(range(1, 13))  # every step once: redone ones replaced
+        assert [r["loss"] for r in records] == pytest.approx(losses(straight), abs=1e-5 if processes == 2 else 1e-4)
+        a = load_file(straight / "final" / "model.safetensors")
+        b = load_file(crashed / "final" / "model.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-5 if processes == 2 else 1e-4) for k in a), name
+        assert not (crashed / ".run.lock").exists()
 
 
 def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):

@@ -27,6 +27,18 @@ def test_pid_alive_tells_a_running_process_from_an_ended_one():
     assert pid_alive(os.getpid()) and not pid_alive(child.pid) and not pid_alive(0)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux only")
+def test_a_zombie_is_not_alive():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(500):  # bounded: until it has exited (not reaped yet: a zombie)
+        with open(f"/proc/{child.pid}/stat", encoding="utf-8") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    assert not pid_alive(child.pid)
+    child.wait()
+
+
 def test_the_lock_is_released_when_the_block_raises_and_a_live_owner_blocks(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyError):

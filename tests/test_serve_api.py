@@ -12,6 +12,8 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.engine import Engine
 from scripts import serve_api
@@ -392,6 +394,32 @@ def test_413_is_read_after_the_whole_body(start_server):
     assert resp.status == 413 and json.loads(resp.read())["error"]["message"]
 
 
+@pytest.mark.parametrize("size", [5 << 20, 40 << 20], ids=["5 MiB", "40 MiB"])
+def test_a_body_past_the_drain_limit_still_gets_a_readable_413(start_server, size):
+    """Past drain_factor x max_body_bytes (4 MiB by default) the body is not read before the answer: the server
+    closed with it unread, and the client saw a reset or a broken pipe instead of the 413."""
+    _, port, _ = start_server()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    conn.request("POST", "/v1/chat/completions", body=b" " * size, headers=headers)  # before: BrokenPipeError
+    resp = conn.getresponse()
+    assert resp.status == 413 and resp.getheader("Content-Type").startswith("application/json")
+    assert "more than the 1048576 accepted" in json.loads(resp.read())["error"]["message"]
+    conn.close()
+
+
+def test_conflicting_content_length_headers_are_refused(start_server):
+    _, port, _ = start_server()
+    body = chat_body()
+    head = post_bytes(port, b"", {"Content-Length": str(len(body))})
+    twice = head.replace(b"\r\n\r\n", f"\r\nContent-Length: {len(body) + 5}\r\n\r\n".encode(), 1)
+    status, headers, answer = raw_http(port, twice + body + b"12345")
+    assert_json_error(status, headers, answer, 400)
+    assert "conflicting Content-Length headers" in json.loads(answer)["error"]["message"]
+    same = head.replace(b"\r\n\r\n", f"\r\nContent-Length: {len(body)}\r\n\r\n".encode(), 1)
+    assert raw_http(port, same + body)[0] == 200  # the same value twice frames the body one way only
+
+
 def test_host_origin_and_content_type_checks(start_server):
     _, port, _ = start_server(allowed_hosts=("chat.example.org",))
     foreign = {"Host": "evil.example:80", "Origin": "http://evil.example", "Content-Type": "text/plain"}
@@ -683,6 +711,68 @@ def test_many_clients_connecting_at_once_are_all_answered(start_server):
     for t in threads:
         t.join(60)
     assert statuses == [200] * 48
+
+
+# -----------------------------------------------------------------------------
+# A property-based fuzz of the request validation, over real HTTP (issue 25.8)
+
+FIELDS = ["model", "messages", "role", "content", "max_tokens", "max_completion_tokens", "temperature", "top_p"]
+FIELDS += ["top_k", "repetition_penalty", "seed", "stop", "n", "stream", "stream_options", "include_usage", "tools"]
+FIELDS += ["tool_choice", "tool_calls", "type", "function", "name", "arguments", "parameters", "text", "id"]
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats()  # NaN and infinities included: Python's json writes and reads them
+    | st.sampled_from(["", "tiny", "user", "assistant", "system", "tool", "developer", "auto", "none", "text"])
+    | st.text(max_size=8)
+)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4)
+)
+VALID_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=6)})
+REQUESTS = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6) | st.fixed_dictionaries(
+    {"messages": st.lists(VALID_MESSAGE | JSON, min_size=1, max_size=3)},
+    optional={name: JSON for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "seed")},
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_port():
+    tok = build_tokenizer()
+    server = make_server(
+        RecordingEngine(build_model(tok), tok),
+        "127.0.0.1",
+        0,
+        api_key=KEY,
+        model_name="tiny",
+        quiet=True,
+        limits=ServerLimits(max_generation_s=0.2),  # a fuzzed max_tokens of 2**20 ends at once
+    )
+    server.engine.streams = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    server.worker.stop()
+
+
+@pytest.mark.slow  # 120 requests over real sockets
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=REQUESTS | JSON)
+def test_fuzzed_requests_get_200_or_a_json_4xx_over_http(fuzz_port, request):
+    """Any JSON body at all: the answer is a 200 (plain or streamed) or a JSON 4xx error, never a 500, a reset or
+    a hang, and the server keeps serving."""
+    body = json.dumps(request).encode()  # allow_nan: NaN and Infinity go over the wire as Python writes them
+    status, headers, answer = raw_http(fuzz_port, post_bytes(fuzz_port, body), timeout=60)
+    if status == 200:
+        if headers["content-type"].startswith("text/event-stream"):
+            assert answer.rstrip().endswith(b"data: [DONE]")
+        else:
+            assert json.loads(answer)["object"] == "chat.completion"
+    else:
+        assert 400 <= status < 500, (status, answer[:300])
+        assert_json_error(status, headers, answer, status)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ when to call them. Under FSDP the functions that gather or set state are collect
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -38,12 +37,18 @@ from safetensors.torch import load_file
 from dataset.licenses import card_licenses, file_licenses, shard_licenses
 from model.hub import make_readable, write_model_card
 from model.lora import is_adapter_dir
-from model.runtime import dtype_name
+from model.runtime import (  # noqa: F401 (the checksum functions are re-exported: tests and stages import them here)
+    CHECKSUMS_FILE,
+    CheckpointError,
+    dtype_name,
+    sha256_file,
+    verify_checksums,
+    write_checksums,
+)
 from trainer.common import print0, seed_rngs
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
-CHECKSUMS_FILE = "checksums.json"
 # What an RNG state needs beyond torch's default weights_only vocabulary: np.random.get_state() is a tuple holding
 # a uint32 ndarray. Both spellings of NumPy's array rebuilder, so checkpoints from NumPy 1.x and 2.x load alike.
 _RECONSTRUCT = np.array(0).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core.* in NumPy 1.x)
@@ -55,10 +60,6 @@ SAFE_GLOBALS = [
     (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
 ]
 _SAFE_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that must not be resumed from: unreadable, corrupted (checksum) or holding code."""
 
 
 def step_dir(out_dir: str, step: int) -> str:
@@ -156,53 +157,6 @@ def write_checkpoint(path: str, *, write_weights: Callable[[str], None], state: 
         f.write(os.path.basename(path) + "\n")
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     prune_checkpoints(out_dir, keep_last)
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (a checkpoint is never held twice in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checkpoint_files(path: str) -> list[str]:
-    """Every file under a checkpoint dir but the manifest, as sorted paths relative to it."""
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found.extend(os.path.relpath(os.path.join(root, f), path) for f in sorted(files) if f != CHECKSUMS_FILE)
-    return found
-
-
-def write_checksums(path: str) -> None:
-    """checksums.json: {"sha256": {relative path: hex digest}} of every file in the checkpoint dir."""
-    sums = {name: sha256_file(os.path.join(path, name)) for name in _checkpoint_files(path)}
-    with open(os.path.join(path, CHECKSUMS_FILE), "w", encoding="utf-8") as f:
-        json.dump({"sha256": sums}, f, indent=1)
-
-
-def verify_checksums(path: str) -> bool:
-    """Raise CheckpointError naming the first file that is missing or whose bytes changed since the save. False
-    when the dir has no manifest (written before checksums existed): nothing could be verified."""
-    manifest = os.path.join(path, CHECKSUMS_FILE)
-    if not os.path.isfile(manifest):
-        return False
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            sums = json.load(f)["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest}: unreadable checksum manifest ({type(e).__name__}: {e})") from None
-    for name, expected in sums.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file}: listed in {CHECKSUMS_FILE} but missing")
-        if sha256_file(file) != expected:
-            raise CheckpointError(
-                f"{file}: SHA-256 differs from {CHECKSUMS_FILE} (the file changed or was corrupted after the save)"
-            )
-    return True
 
 
 def latest_step_dir(out_dir: str) -> str | None:

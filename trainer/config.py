@@ -32,19 +32,12 @@ import yaml
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
 from trainer.checkpoint import CheckpointError, verify_checksums
+from trainer.errors import ConfigError, MissingPathError  # torch-free, for the scripts; imported from here too
 
 OPTIMIZERS = ("adamw", "muon")  # trainer/optim.py builds them
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _OVERRIDE_PAIR = re.compile(r"[A-Za-z_][\w-]*=")  # `key=value`: the start of the next override
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; main.py prints it without a traceback (exit code 2)."""
-
-
-class MissingPathError(ConfigError, FileNotFoundError):
-    """A config path that must exist and does not (still a FileNotFoundError for code that catches that)."""
 
 
 # -----------------------------------------------------------------------------

@@ -52,7 +52,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # it exists, owned by another user
         return True
-    return True
+    try:  # Linux: a killed process nobody reaped (a container's PID 1 often does not) is a zombie, not a run
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _read_owner(path: str) -> dict | None:
@@ -106,8 +110,11 @@ def acquire(out_dir: str, *, stage: str) -> str:
                     f"out_dir '{out_dir}' is in use by another run ({_describe(owner)}). Wait for it to end, or "
                     f"choose another out_dir; if that run is gone (e.g. on another machine), delete {path}"
                 ) from None
-            print(f"[{stage}] note: taking over the stale lock of a run that ended without releasing it", end=" ")
-            print(f"({_describe(owner)})")
+            print(
+                f"[{stage}] note: taking over the stale lock of a run that ended without releasing it "
+                f"({_describe(owner)})",
+                flush=True,  # torchrun's workers may end without flushing stdout
+            )
             try:
                 os.remove(path)
             except FileNotFoundError:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_byt
 from dataset.tokenizer import byte_level_alphabet
 from model.chat_format import CHAT_TEMPLATE, check_chat_template
 from trainer.config import ConfigError, at_least, setting
+from trainer.errors import OutputError, is_disk_full
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
@@ -281,6 +283,24 @@ def check_trained_size(trained: int, cfg: Config) -> None:
     print(f"tokenizer: WARNING: {why}; the vocabulary has {trained} entries")
 
 
+def save_tokenizer_files(fast, out_dir: str) -> None:
+    """The tokenizer files into out_dir through a .tmp folder, each moved in whole: a full disk leaves the old
+    files (or none), never a cut tokenizer.json that a later stage would read. OutputError names the folder."""
+    tmp = out_dir.rstrip("/\\") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fast.save_pretrained(tmp)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    except Exception as e:  # the Rust tokenizer raises a plain Exception for an I/O error
+        if not is_disk_full(e) and not isinstance(e, OSError):
+            raise
+        raise OutputError(f"could not write the tokenizer to {out_dir} ({e}); nothing was written there") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(cfg: Config) -> dict:
     if not cfg.data_path.strip():
         raise ValueError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
@@ -315,9 +335,7 @@ def run(cfg: Config) -> dict:
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, f"special token {name} got id {tok.token_to_id(name)}, expected {i}"
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    fast = wrap(tok)
-    fast.save_pretrained(cfg.out_dir)
+    save_tokenizer_files(wrap(tok), cfg.out_dir)
 
     for p in eval_paths:  # files never seen in training
         held, size = [], 0
