@@ -13,6 +13,10 @@ a few steps after warm-up, so a run cut short by a time limit still reports; the
 as a ratio to pretraining's in the same run. The data is random but real in every other respect: a tokenizer trained
 by the tokenizer stage, shards in dataset/shards.py's format, chat records read by the SFT stage.
 
+Each stage trains with its optimizer settings from the recipe (--recipe, default small_gpu: Muon for pretraining,
+AdamW for SFT), as users run it; --optimizer overrides both. With --compile packed SFT is compiled too (FlexAttention
+inside the compiled model on sm80+ GPUs).
+
 --model llama trains transformers' LlamaForCausalLM of the preset's dimensions (slm_to_llama_config, SDPA attention)
 through the same PretrainTrainer, config, batches and compile setting as ours (slm), in the same run, and prints the
 ratio of the two: the issue's "never slower than Llama", measured where users train.
@@ -28,7 +32,10 @@ import statistics
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from anywhere: repo root on path
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -44,6 +51,29 @@ from trainer.train_tokenizer import Config as TokenizerConfig  # noqa: E402
 from trainer.train_tokenizer import run as train_tokenizer  # noqa: E402
 
 ALPHABET = "的一是不了人我在有他这为之大来以个中上们到说和地也子时道出而要于就下得可你年生自会那后能对着事其所去行家十"
+
+
+RECIPE_KEYS = (  # what a stage's recipe file decides about the optimizer step; the rest is the benchmark's own
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "muon_lr_ratio",
+    "muon_momentum",
+    "grad_clip",
+)
+
+
+def recipe_optimizer(recipe_dir: str, stage: str, override: str = "") -> dict:
+    """The optimizer settings of config/recipes/<recipe>/<stage>.yaml (keys it leaves out keep the stage's
+    defaults, as they do in the recipe's run); override replaces the optimizer's name."""
+    with open(os.path.join(recipe_dir, f"{stage}.yaml"), encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    settings = {k: recipe[k] for k in RECIPE_KEYS if k in recipe}
+    if override:
+        settings["optimizer"] = override
+    return settings
 
 
 def synthetic_lines(n: int, seed: int = 0, longest: int = 40) -> list[str]:
@@ -158,6 +188,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="inductor",
         help="aot_eager: dynamo and AOTAutograd without code generation (checks compile=true in seconds on a CPU)",
     )
+    parser.add_argument(
+        "--recipe",
+        default=os.path.join(ROOT, "config", "recipes", "small_gpu"),
+        help="each stage's optimizer settings come from this recipe's pretrain.yaml and sft.yaml",
+    )
+    parser.add_argument("--optimizer", default="", choices=["", "adamw", "muon"], help="instead of the recipe's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no_sft", action="store_true", help="pretraining only")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, a few steps (checks the script)")
@@ -186,7 +222,6 @@ def settings(args) -> dict:
         global_batch_size=args.batch,
         seq_len=args.seq_len,
         max_steps=args.steps,
-        lr=3e-4,
         warmup_steps=2,
         log_every=1,
         eval_every=0,
@@ -201,6 +236,9 @@ def settings(args) -> dict:
 def throughput(args, tok_dir: str, shards: str, work: str, common: dict) -> list[dict]:
     """Pretraining for each preset x dtype x model, then packed SFT from our model's final weights."""
     results = []
+    pretrain_optimizer = recipe_optimizer(args.recipe, "pretrain", args.optimizer)
+    sft_optimizer = recipe_optimizer(args.recipe, "sft", args.optimizer)
+    compiled = " compiled" if args.compile else ""
     for preset, dtype in itertools.product(args.preset, args.dtype):
         vocab = SLMConfig.from_preset(preset).vocab_size
         tok_per_s = {}
@@ -214,11 +252,12 @@ def throughput(args, tok_dir: str, shards: str, work: str, common: dict) -> list
                 dtype=dtype,
                 vocab_size=vocab,
                 sample_tokens=0,
+                **pretrain_optimizer,
                 **common,
             )
             name = (
                 f"pretrain {preset}{' llama' if model == 'llama' else ''} {dtype} B={args.batch} "
-                f"T={args.seq_len}{' compiled' if args.compile else ''}"
+                f"T={args.seq_len} {cfg.optimizer}{compiled}"
             )
             sft_follows = model == "slm" and not args.no_sft
             trainer_cls = LlamaPretrainTrainer if model == "llama" else PretrainTrainer
@@ -233,9 +272,11 @@ def throughput(args, tok_dir: str, shards: str, work: str, common: dict) -> list
                 dtype=dtype,
                 pack=True,
                 val_samples=0,
+                **sft_optimizer,
                 **common,
             )
-            packed = train(SFTTrainer, sft, f"packed sft {preset} {dtype} B={args.batch} T={args.seq_len}", args.warmup)
+            sft_name = f"packed sft {preset} {dtype} B={args.batch} T={args.seq_len} {sft.optimizer}{compiled}"
+            packed = train(SFTTrainer, sft, sft_name, args.warmup)
             packed["ratio_to_pretrain"] = packed["tok_per_s"] / tok_per_s["slm"]
             print(f"RESULT packed sft / pretrain tokens/s ({dtype}): {packed['ratio_to_pretrain']:.2f}", flush=True)
             results.append(packed)

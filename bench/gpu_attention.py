@@ -7,7 +7,9 @@ on this GPU: training, packed SFT, the engine's prefill (masked) and one decode 
 
 For each shape it prints the plan of model/attention.py and, on CUDA, runs F.scaled_dot_product_attention inside
 torch.nn.attention.sdpa_kernel([planned backend]) (so a fall-back to math would raise instead of running silently)
-and times it against the math kernel on the same inputs.
+and times it against the math kernel on the same inputs. Packed rows planned for FlexAttention (sm80+) run through
+the model's own call (compiled flex with the document BlockMask) and are timed against math SDPA with the same
+documents as a dense mask.
 """
 
 import argparse
@@ -21,7 +23,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model import SLMConfig  # noqa: E402
-from model.attention import attention_plan, device_capability, document_mask, flex_attention_available  # noqa: E402
+from model.attention import (  # noqa: E402
+    attention_plan,
+    device_capability,
+    document_block_mask,
+    document_mask,
+    flex_attention_available,
+    flex_attention_call,
+)
 from model.runtime import dtype_name, resolve_device, resolve_dtype  # noqa: E402
 
 FAKED = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "RTX 4090": (8, 9), "H100": (9, 0)}
@@ -50,14 +59,34 @@ def plan_for(s: dict, capability, dtype, head: dict, flex: bool):
     )
 
 
-def timed(fn, repeats: int = 10) -> float:
+def timed(fn, device, repeats: int = 10) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats * 1000
+
+
+def run_flex(q, k, v, s: dict, plan, device) -> str:
+    """Packed rows on the flex plan: four documents per row, the model's compiled flex call against math SDPA
+    with the same documents as a dense mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    document_ids = torch.arange(s["q"], device=device).div(s["q"] // 4, rounding_mode="floor").expand(s["B"], -1) + 1
+    block_mask = document_block_mask(document_ids)
+    try:
+        ms = timed(lambda: flex_attention_call(q, k, v, block_mask, plan.enable_gqa), device)
+    except Exception as e:  # a refused dtype or shape, a failed compile: said, not fatal to the other shapes
+        return f"REFUSED by flex: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    mask = document_mask(document_ids)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math_ms = timed(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=plan.enable_gqa), device
+        )
+    return f"ran on flex: {ms:.3f} ms vs math {math_ms:.3f} ms ({math_ms / ms:.1f}x)"
 
 
 def run_shape(s: dict, cfg, device, dtype, plan) -> str:
@@ -67,6 +96,8 @@ def run_shape(s: dict, cfg, device, dtype, plan) -> str:
     q = torch.randn(s["B"], H, s["q"], hd, device=device, dtype=dtype)
     k = torch.randn(s["B"], KV, s["kv"], hd, device=device, dtype=dtype)
     v = torch.randn_like(k)
+    if plan.kernel == "flex":
+        return run_flex(q, k, v, s, plan, device)
     if plan.expand_kv:
         k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
     mask = (
@@ -84,15 +115,15 @@ def run_shape(s: dict, cfg, device, dtype, plan) -> str:
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }.get(plan.kernel)
-    if backend is None:  # flex or cpu: not an SDPA kernel choice
+    if backend is None:  # cpu: not an SDPA kernel choice
         return "not an SDPA kernel"
     try:
         with sdpa_kernel([backend]):
-            ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs))
+            ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs), device)
     except RuntimeError as e:
         return f"REFUSED by {plan.kernel}: {str(e).splitlines()[0][:120]}"
     with sdpa_kernel([SDPBackend.MATH]):
-        math_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs))
+        math_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs), device)
     return f"ran on {plan.kernel}: {ms:.3f} ms vs math {math_ms:.3f} ms ({math_ms / ms:.1f}x)"
 
 
@@ -127,7 +158,8 @@ def main(argv=None) -> int:
     capability = device_capability(device)
     dtype = resolve_dtype("auto", device)
     print(f"this GPU: {torch.cuda.get_device_name(device)} sm{capability[0]}{capability[1]}, dtype {dtype}")
-    for s in shapes(cfg, args.batch, args.seq_len):
+    # Packed rows last: their flex plan compiles first (seconds), which must not cost the other shapes' lines.
+    for s in sorted(shapes(cfg, args.batch, args.seq_len), key=lambda s: s.get("documents", False)):
         plan = plan_for(s, capability, dtype, head, flex=flex_attention_available(device))
         print(
             f"{s['name']:<11} B={s['B']} q={s['q']} kv={s['kv']} mask={s['mask']}: plan {plan.kernel} "

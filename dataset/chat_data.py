@@ -8,7 +8,7 @@ Chat data for SFT, LoRA and the later preference/RL stages: read, check, tokeniz
     batch = collate_chat([dataset[0], dataset[1]], pad_id=tokenizer.pad_token_id)
 
 Formats, detected per file from its first record (a record of another shape in the same file is malformed; a
-first record of no known format stops the run whatever on_bad says, as the whole file would be lost):
+first record of no known format stops the run unless on_bad="skip_file", as the whole file would be lost):
     conversations  {"conversations" | "messages": [{"role": "system|user|assistant", "content": ...}]}  (MiniMind)
     positional     {"conversations": [{"content": ...}, ...]}: roles by position, user first (MiniMind's RLAIF)
     sharegpt       {"conversations": [{"from": "human|gpt|system", "value": ...}], "system"?: ...}; LLaMA-Factory's

@@ -12,13 +12,16 @@ like JSON lines; paths are expanded by dataset/text_sources.py expand_paths (fil
 Bad records: `convert(record, where)` raises BadRecord for a record it cannot use (so does the reader, for a line
 that is not UTF-8 or not JSON). With on_bad="error" that stops the run naming file:line; with "skip" it is counted
 as "skip:<reason>" and the first few per file are logged. UnreadableFile (no format we know: the whole file would
-be lost) is an error whatever on_bad says. SkipRecord is a good record the caller leaves out (a duplicate pair, a
+be lost) is an error unless on_bad="skip_file". SkipRecord is a good record the caller leaves out (a duplicate pair, a
 prompt too long for rollouts): always counted as "skip:<reason>", never an error. A truncated .gz stops the run
 with "error"; with "skip" the file ends there with a warning.
 on_bad defaults to "error" in every reader: code that reads data without choosing a policy (a test, a notebook, a
 bench script) fails loudly on a broken record instead of quietly training on less. The stages choose with their
 `on_bad_record` key (default skip: a few broken lines in a downloaded set should not stop a run), and every reader
 logs its skip counts, so nothing is dropped unseen.
+No silent loss: under skip, a file that yields nothing, or loses more than half its records to bad ones, stops the
+run (UnusableFile) naming the file, its first record's shape, the first error and the formats the reader knows; a
+whole source is gone only when the user says so with on_bad="skip_file" (then a warning names it).
 """
 
 import gzip
@@ -53,8 +56,8 @@ class TruncatedFile(BadRecord):
 
 
 class UnusableFile(ValueError):
-    """A file that yields nothing, or loses more than half its records, under on_bad=skip: the message names the
-    file, what it holds and the formats the reader knows."""
+    """A file that yields nothing, or loses more than half its records, under on_bad=skip or error: the message names
+    the file, what it holds and the formats the reader knows."""
 
 
 class SkipRecord(Exception):
@@ -253,8 +256,8 @@ def read_records(
     skip reason ("skip:<reason>"). max_samples > 0 keeps the first max_samples items of each file (quick runs and
     tests). columns renames keys first (rename_keys). Logs one line per file ("{n} {what}", with file_note(path) in
     brackets) and one line with the skip counts of this call, if any.
-    No silent loss: with on_bad=skip a file that yields nothing (a duplicate of an earlier record counts as
-    yielded) or whose bad records are more than half of it raises UnusableFile, naming the first record's shape,
+    No silent loss: with on_bad=skip (or error) a file that yields nothing (a duplicate of an earlier record counts
+    as yielded) or whose bad records are more than half of it raises UnusableFile, naming the first record's shape,
     the first error and `formats` (those the caller knows); with on_bad=skip_file it is only warned about."""
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {', '.join(ON_BAD)}, got '{on_bad}'")
@@ -279,12 +282,14 @@ def read_records(
 
 
 def _check_file_yield(path: str, counts: Counter, kept: int, what: str, seen: dict, formats: str, on_bad: str, log):
-    """Stop the run (on_bad=skip) or warn (skip_file) when a file yields nothing or loses over half its records to
-    bad ones: a source gone unseen is worse than a stopped run. Duplicates of earlier records count as yielded."""
+    """Stop the run (on_bad=skip or error) or warn (skip_file) when a file yields nothing or loses over half its
+    records to bad ones (under error a bad record has stopped the run already; an empty file, or one whose prompts
+    are all too long, has not): a source gone unseen is worse than a stopped run. Duplicates of earlier records
+    count as yielded."""
     read = counts["records"]
     skipped = {k.removeprefix("skip:"): n for k, n in counts.items() if k.startswith("skip:")}
     bad = seen.get("bad", 0)  # records skipped as bad (BadRecord), not good ones left out (SkipRecord)
-    if on_bad == "error" or "unreadable file" in skipped:
+    if "unreadable file" in skipped:
         return
     if kept + skipped.get("duplicate", 0) > 0 and bad * 2 <= read:  # a duplicate was yielded by an earlier file
         return

@@ -34,8 +34,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import zhconv
-
 from dataset.table_files import (
     check_text_input,
     column_names,
@@ -434,6 +432,10 @@ def make_converter(engine: str = "auto"):
         except ImportError:
             if engine == "zhconv-rs":
                 raise
+    # Imported here, not at the top: every stage reads paths through this module, and only the corpus cleaning
+    # converts text (a training machine may lack zhconv: the GPU image does).
+    import zhconv
+
     return "zhconv", lambda s: zhconv.convert(s, "zh-cn")
 
 

@@ -77,7 +77,10 @@ class SLMRotaryEmbedding(nn.Module):
         # position_ids (B, T) -> freqs (B, T, hd/2) -> cos, sin (B, T, hd), computed in fp32
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # Under autocast, in the dtype the projections give q and k: cast once here, not in every layer.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +89,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    # q, k (B, heads, T, hd); cos, sin (B, T, hd) -> broadcast over heads. cos/sin take q's dtype (already theirs
+    # from SLMRotaryEmbedding under autocast, where fp32 cos/sin would turn q and k fp32 beside a bf16 v, and
+    # FlexAttention of torch 2.9 refuses that: "query, key, and value ... same dtype").
+    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
@@ -406,6 +411,11 @@ class SLMCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (already added to `loss`, times its coef)
 
 
+# The outputs' cache field is `cache` in the transformers we require and `past_key_values` in older 5.x (5.17, on the
+# GPU image); generate() reads the cache back from whichever field its outputs have.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -439,6 +449,7 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
         loss_chunk: with labels, compute the loss from the hidden states this many tokens at a time, so the
         (tokens x vocab) logits never exist whole (see ChunkedLinearCrossEntropy); logits are then not returned.
         document_ids: packed rows (see SLMModel.forward); the weights are a plain Llama's either way."""
+        cache = kwargs.pop("past_key_values", cache)  # what generate() of older 5.x passes (see OUTPUT_CACHE_FIELD)
         hidden, cache, aux_loss = self.model(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, document_ids
         )
@@ -457,7 +468,7 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
         if has_labels and self.config.use_moe:
             loss = loss + self.config.router_aux_loss_coef * aux_loss
         return SLMCausalLMOutput(
-            loss=loss, logits=logits, cache=cache, aux_loss=aux_loss if self.config.use_moe else None
+            loss=loss, logits=logits, aux_loss=aux_loss if self.config.use_moe else None, **{OUTPUT_CACHE_FIELD: cache}
         )
 
 
@@ -603,7 +614,7 @@ class SLMForSequenceClassification(SLMPreTrainedModel):
                 if self.num_labels == 1
                 else F.cross_entropy(pooled.float(), labels)
             )
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, cache=cache)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled, **{OUTPUT_CACHE_FIELD: cache})
 
 
 __all__ = ["SLMModel", "SLMForCausalLM", "SLMForSequenceClassification", "SLMPreTrainedModel"]

@@ -22,7 +22,7 @@ with open(pairs_path, encoding="utf-8") as f:
     pairs = json.load(f)
 tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 losses = {}
-for loss_type in ("sigmoid", "ipo"):
+for loss_type in ("sigmoid", "ipo", "hinge"):  # every loss_type trainer/dpo.py offers
     with tempfile.TemporaryDirectory() as run_dir:
         args = DPOConfig(
             output_dir=run_dir,

@@ -259,3 +259,52 @@ def test_document_mask_is_block_diagonal_causal():
     assert m.sum(-1).min() >= 1  # no empty row (SDPA gives NaN there)
     with pytest.raises(ValueError, match="document_ids"):
         tiny_model(16)(input_ids=torch.zeros(1, 6, dtype=torch.long), document_ids=ids, attention_mask=torch.ones(1, 6))
+
+
+def test_packed_rows_under_bf16_autocast_give_flex_one_dtype(tiny, monkeypatch):
+    """torch 2.9's FlexAttention refuses q, k, v of different dtypes. Under bf16 autocast the projections give bf16,
+    and RoPE's fp32 cos/sin used to turn q and k (not v) into fp32: packed SFT crashed on every sm80+ GPU on that
+    torch (newer ones accept the mix). The check is applied here to the call an H100 gets, run by eager
+    FlexAttention on the CPU; the loss must stay what it was with the fp32 rotation, and near the fp32 loss."""
+    torch.manual_seed(3)
+    _, ids, positions, document_ids = pack_three()
+    labels = torch.where(document_ids > 0, ids, -100)
+    with torch.no_grad():
+        fp32_loss = tiny(input_ids=ids, position_ids=positions, labels=labels, document_ids=document_ids).loss
+    calls, real_flex = [], attention.flex_attention_call
+
+    def flex_of_torch_2_9(q, k, v, *args):
+        calls.append((q.dtype, k.dtype, v.dtype))
+        if not q.dtype == k.dtype == v.dtype:  # torch 2.9's _validate_sdpa_input, as flex_attention applies it
+            raise ValueError(f"Expected query, key, and value to have the same dtype, got {q.dtype, k.dtype, v.dtype}")
+        return real_flex(q, k, v, *args)
+
+    monkeypatch.setattr(attention, "flex_attention_call", flex_of_torch_2_9)
+    monkeypatch.setattr(model_slm, "flex_attention_available", lambda device: True)
+    seen = spy_plans(monkeypatch, capability=H100)
+
+    def packed_loss():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return tiny(input_ids=ids, position_ids=positions, labels=labels, document_ids=document_ids).loss
+
+    loss = packed_loss()
+    assert {p.documents for p in seen} == {"flex"} and calls == [(BF16, BF16, BF16)] * 4  # every layer, one dtype
+
+    def fp32_cos_sin(self, x, position_ids):  # as they were: in the residual stream's dtype, fp32 under autocast
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def fp32_rotation(q, k, cos, sin):  # the rotation as it was: fp32 cos/sin promote q and k
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + model_slm.rotate_half(q) * sin, k * cos + model_slm.rotate_half(k) * sin
+
+    monkeypatch.setattr(model_slm.SLMRotaryEmbedding, "forward", fp32_cos_sin)
+    monkeypatch.setattr(model_slm, "apply_rotary_pos_emb", fp32_rotation)
+    with pytest.raises(ValueError, match="same dtype"):  # the check catches the old path
+        packed_loss()
+    monkeypatch.setattr(attention, "flex_attention_call", real_flex)  # which newer torch runs, mixed dtypes and all
+    old_loss = packed_loss()
+    torch.testing.assert_close(loss, old_loss, atol=0, rtol=5e-3)
+    torch.testing.assert_close(loss.float(), fp32_loss, atol=0, rtol=2e-2)

@@ -245,7 +245,7 @@ def test_no_hint_when_nothing_is_close():
         ("pretrain", "batch_size=many", "config key 'batch_size': expected a number or auto, got 'many'"),
         ("pretrain", "seq_len=0", "config key 'seq_len': must be >= 1, got 0"),
         ("pretrain", "dtype=int3", "dtype must be auto, bf16, fp16 or fp32, got 'int3'"),
-        ("pretrain", "device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("pretrain", "device=gpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         ("pretrain", "min_lr_ratio=1.5", "config key 'min_lr_ratio': must be in [0, 1], got 1.5"),
         ("sft", "on_bad_record=ignore", "on_bad_record must be skip, error or skip_file, got 'ignore'"),
         ("dpo", "loss_type=kto", "loss_type must be sigmoid, ipo or hinge, got 'kto'"),

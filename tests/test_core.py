@@ -189,12 +189,14 @@ def test_host_values_go_to_a_gpu_from_pinned_memory_without_a_host_wait(monkeypa
     host_to_device(7, torch.device("cuda:1"))
     host_to_device(torch.arange(3), torch.device("cuda"))
     host_to_device(torch.arange(3), torch.device("cpu"))
+    host_to_device(torch.arange(3), torch.device("mps"))  # Apple's GPU shares host memory: neither pinned nor async
     assert calls == [
         "pin",
         (torch.device("cuda:1"), True),
         "pin",
         (torch.device("cuda"), True),
-        (torch.device("cpu"), False),  # model/runtime.py copies_async: only CUDA copies are queued
+        (torch.device("cpu"), False),
+        (torch.device("mps"), False),
     ]
 
 

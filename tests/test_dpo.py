@@ -9,17 +9,16 @@ same batch (skipped without TRL).
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics, tiny_checkpoint
+from tests.helpers import SHARED_DATA, read_metrics, tiny_checkpoint
 from tests.helpers_preference import toy_pairs, write_pairs
 from tests.helpers_thirdparty import require_thirdparty, run_thirdparty
 
-SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
+SHARED_DPO = SHARED_DATA / "dpo"
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +189,11 @@ def test_dpo_on_the_shared_preference_files(policy_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tokenizer_dir, tmp_path):
+def test_every_loss_type_equals_trl_on_the_same_batch(policy_dir, tiny_tokenizer_dir, tmp_path):
     """Our stage's compute_loss and TRL's DPOTrainer.compute_loss (stock Llama exports of the same weights, a
-    policy that differs from its reference) on the same two pairs' token ids. IPO averages each reply's log-ratio
-    over its tokens in both; the token-summed form would differ."""
+    policy that differs from its reference) on the same two pairs' token ids, for every loss_type the stage offers
+    (sigmoid, ipo, hinge). IPO averages each reply's log-ratio over its tokens in both; the token-summed form would
+    differ."""
     require_thirdparty("trl", "trl")
     import json
 
@@ -209,7 +209,10 @@ def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tok
     data = write_pairs(str(tmp_path / "pairs.jsonl"), two_pairs, "strings")
     beta = 0.5
     ours = {}
-    for loss_type in ("sigmoid", "ipo"):
+    from trainer.dpo import Config
+
+    loss_types = Config.choices["loss_type"]
+    for loss_type in loss_types:
         trainer = DPOTrainer(
             dpo_config(
                 policy_dir,
@@ -251,8 +254,9 @@ def test_sigmoid_and_ipo_losses_equal_trl_on_the_same_batch(policy_dir, tiny_tok
     trl = run_thirdparty(
         "trl", "trl", "run_trl_dpo.py", [policy_llama, ref_llama, str(tmp_path / "ids.json"), str(beta)], tmp_path
     )
-    assert ours["sigmoid"] == pytest.approx(trl["sigmoid"], abs=1e-5)
-    assert ours["ipo"] == pytest.approx(trl["ipo"], abs=1e-5)
+    for loss_type in loss_types:
+        assert ours[loss_type] == pytest.approx(trl[loss_type], abs=1e-5), loss_type
+    assert ours["hinge"] > 0  # inside the hinge's margin: the relu does not hide a difference
     assert ours["sigmoid"] != pytest.approx(math.log(2), abs=1e-3)  # the policy is not its reference
     # What the summed (pre-TRL) IPO would give on this batch: far from TRL's, so the test tells them apart.
     with torch.no_grad():

@@ -450,3 +450,47 @@ def test_unknown_header_names_both_published_ones(tmp_path):
     path.write_text("id,prompt,A,B,C,D,label\n0,问,1,2,3,4,A\n", encoding="utf-8")
     with pytest.raises(ValueError, match="lacks \\['question', 'answer'\\].*,Question,A,B,C,D,Answer.*id,question"):
         read_mc_questions([str(path)])
+
+
+@pytest.mark.slow
+def test_cmmlu_accuracy_equals_lm_eval_on_the_shared_pack(checkpoints, tmp_path):
+    """The README's claim on real questions: CMMLU from the shared data pack (two subjects, 4 questions each,
+    1 shot from its dev split), our eval stage on the native checkpoint and lm-eval-harness on its Llama export
+    give the same choice for every question and so the same accuracy, in both scorings."""
+    if not os.path.isdir(CMMLU):
+        pytest.skip(f"shared CMMLU not found at {CMMLU}")
+    require_thirdparty("lm_eval", "lm_eval")
+    llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
+    mc = {"mc_dir": CMMLU, "mc_split": "test", "shots": 1}
+    write_lm_eval_task(CMMLU, str(tmp_path / "task"), "test", subjects=SUBJECTS, shots=1, max_questions=4)
+    theirs = run_thirdparty(
+        "lm_eval", "lm_eval", "run_lm_eval.py", [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path
+    )
+    ours = run(
+        Config(
+            init_from=checkpoints["paths"][0],
+            subjects=SUBJECTS,
+            mc_score="both",
+            mc_max_questions=4,
+            device="cpu",
+            dtype="fp32",
+            out_dir=str(tmp_path / "ours"),
+            **mc,
+        )
+    )[0]["mc"]
+    for subject in SUBJECTS.split(","):
+        for task, mode, metric in (
+            (f"milli_mc_{subject}", "letter", "acc,none"),
+            (f"milli_mc_option_{subject}", "option", "acc_bytes,none"),
+        ):
+            assert len(theirs["samples"][task]) == 4
+            assert theirs["results"][task][metric] == ours["subjects"][subject][f"acc_{mode}"], task
+        # the same letter chosen for each question (the highest log-likelihood of lm-eval's four continuations)
+        lls = [s["lls"] for s in theirs["samples"][f"milli_mc_{subject}"]]
+        chosen = "".join(LETTERS[max(range(4), key=ll.__getitem__)] for ll in lls)
+        assert chosen == ours["subjects"][subject]["chosen_letter"], subject
+    assert ours["overall"]["n"] == 8
+    assert theirs["results"]["milli_mc"]["acc,none"] == pytest.approx(ours["overall"]["acc_letter"], abs=1e-12)
+    assert theirs["results"]["milli_mc_option"]["acc_bytes,none"] == pytest.approx(
+        ours["overall"]["acc_option"], abs=1e-12
+    )

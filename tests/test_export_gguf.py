@@ -213,31 +213,6 @@ def test_llama_cpp_tokenizes_and_decodes_like_our_engine(exported, dtype):
             assert all(t in top for t, top in zip(theirs, top3))
 
 
-def test_llama_cpp_python_renders_the_file_s_chat_template_as_transformers(exported):
-    """llama-cpp-python's chat handler renders the GGUF's template with its own Jinja environment: OpenAI content
-    parts and tool calls give transformers' text (the template once failed on parts: "can only concatenate str (not
-    "list") to str"). llama.cpp's C++ engine (llama-server --jinja) is not installed anywhere we test; its render was
-    compared by hand (see model/chat_format.py)."""
-    pytest.importorskip("llama_cpp")
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from tests.test_chat_data import WEATHER
-
-    tok = exported["tok"]
-    template = field(gguf.GGUFReader(exported["files"]["f16"]), "tokenizer.chat_template")
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": "你是助手。"}]},
-        {"role": "user", "content": [{"type": "text", "text": "北京"}, {"type": "text", "text": "天气？"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
-        {"role": "tool", "content": [{"type": "text", "text": "晴"}]},
-    ]
-    theirs = Jinja2ChatFormatter(template=template, eos_token="<|endoftext|>", bos_token="")(
-        messages=messages, tools=[WEATHER]
-    ).prompt
-    assert theirs == tok.apply_chat_template(messages, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
-    assert "北京天气？" in theirs
-
-
 def test_ollama_modelfile_beside_each_file(exported):
     """Each export writes <name>.Modelfile: FROM the file beside it, a template that renders a chat as our chat
     template does (its one range block expanded here the way Go's text/template runs it), the stop tokens,
@@ -269,3 +244,28 @@ def test_ollama_modelfile_beside_each_file(exported):
         body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in chat
     )
     assert rendered + tail == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+def test_llama_cpp_python_renders_the_file_s_chat_template_as_transformers(exported):
+    """llama-cpp-python's chat handler renders the GGUF's template with its own Jinja environment: OpenAI content
+    parts and tool calls give transformers' text (the template once failed on parts: "can only concatenate str (not
+    "list") to str"). llama.cpp's C++ engine (llama-server --jinja) is not installed anywhere we test; its render was
+    compared by hand (see model/chat_format.py)."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tests.test_chat_data import WEATHER
+
+    tok = exported["tok"]
+    template = field(gguf.GGUFReader(exported["files"]["f16"]), "tokenizer.chat_template")
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "你是助手。"}]},
+        {"role": "user", "content": [{"type": "text", "text": "北京"}, {"type": "text", "text": "天气？"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
+        {"role": "tool", "content": [{"type": "text", "text": "晴"}]},
+    ]
+    theirs = Jinja2ChatFormatter(template=template, eos_token="<|endoftext|>", bos_token="")(
+        messages=messages, tools=[WEATHER]
+    ).prompt
+    assert theirs == tok.apply_chat_template(messages, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    assert "北京天气？" in theirs

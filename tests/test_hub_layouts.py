@@ -346,3 +346,19 @@ def test_dpo_stage_stops_on_a_file_it_cannot_read(pretrained_dir, tmp_path):
     r = run_main_py(tmp_path / "dpo", stage_args("dpo", pretrained_dir, bad, "max_steps=1"), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"error: {bad}: 0 preference pairs from 4 records (unknown format: 4)" in r.stderr
+
+
+def test_on_bad_error_still_refuses_a_file_that_yields_nothing(tmp_path, tiny_tokenizer_dir):
+    """on_bad=error stops at a bad record already; a file with no record, or whose prompts are all too long for
+    rollouts (good records left out), must not pass unseen either."""
+    from transformers import AutoTokenizer
+
+    from dataset.prompt_data import load_prompts
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UnusableFile, match="0 conversations from 0 records"):
+        load_conversations(str(tmp_path / "empty.jsonl"), on_bad="error", log=QUIET)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "人工智能是计算机科学的一个分支。" * 30}] * 2)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    with pytest.raises(UnusableFile, match=r"0 prompts from 2 records \(prompt too long: 2\)"):
+        load_prompts(long, tok, 64, on_bad="error", log=QUIET)

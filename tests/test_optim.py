@@ -1,5 +1,6 @@
 """optimizer=adamw | muon (trainer/optim.py): which parameter gets which optimizer (by name), per-group lrs under the
-schedule, GradScaler, a step skipped on a device flag, exact resume, DDP == one process, the FSDP refusal, and Muon
+schedule, GradScaler, BatchedMuon against torch.optim.Muon (fp32, fp16, bf16), a step skipped on a device flag, the
+ops of one step (at most 150 for the small preset), exact resume, DDP == one process, the FSDP refusal, and Muon
 learning faster than AdamW."""
 
 import collections

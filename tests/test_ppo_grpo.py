@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics, tiny_checkpoint
+from tests.helpers import read_metrics, spawn_ranks, tiny_checkpoint
 from tests.helpers_preference import PROMPTS
 
 RULE = "token_ids:100-163"
@@ -157,3 +157,45 @@ def test_rule_rewards():
     assert got[1].item() == pytest.approx(0 + 0 - 0.8 + 0.1 * 0.5 + 0 + 0 + 0)
     with pytest.raises(ValueError, match="unknown reward rule"):
         parse_rules("nope")
+
+
+def test_gsm8k_answers_are_read_by_the_gsm8k_and_exact_rules():
+    """GSM8K's reference answer ends with "#### N": the gsm8k rule compares numbers (after "####", in \\boxed{} or
+    the reply's last one; "1,000" is 1000), exact compares the text after "####" with the reply's final answer."""
+    from trainer.rewards import Completion, parse_rules, rule_rewards
+
+    answer = "她卖了 48 / 2 = 24 个。\n48 + 24 = 72\n#### 1,072"
+    replies = ["所以一共是 1072 个。", "答案是 \\boxed{1072}", "#### 1,072", "一共 72 个", "不知道", "答案：1,072"]
+    completions = [Completion(text, [], answer=answer) for text in replies]
+    assert rule_rewards(parse_rules("gsm8k"), completions).tolist() == [1, 1, 1, 0, 0, 1]
+    assert rule_rewards(parse_rules("exact"), completions).tolist() == [0, 0, 1, 0, 0, 1]
+    assert rule_rewards(parse_rules("gsm8k"), [Completion("72", [], answer=None)]).tolist() == [0]
+
+
+def _early_stop_worker(rank: int, kl_by_rank: list[float], target_kl: float) -> dict:
+    """One rank of spawn_ranks' gloo group: RolloutTrainer.train_step after an optimizer step whose PPO KL was
+    kl_by_rank[rank] on this rank (the shared core's step is replaced by one that reports it). Returns whether
+    the rank kept its rollout buffer, and the KL it logged."""
+    from types import SimpleNamespace
+
+    from trainer.core import Trainer
+    from trainer.rollout import RolloutTrainer
+
+    Trainer.train_step = lambda self: ({"approx_kl": torch.tensor(kl_by_rank[rank])}, 1)  # this process only
+    trainer = object.__new__(RolloutTrainer)  # only what train_step reads
+    trainer.cfg = SimpleNamespace(target_kl=target_kl)
+    trainer.distributed, trainer.world_size = True, 2
+    trainer.queue, trainer.rollout_stats = [["the next micro-batches of this rollout"]], {}
+    metrics, _ = trainer.train_step()
+    return {"kept_rollout": bool(trainer.queue), "approx_kl": float(metrics["approx_kl"])}
+
+
+@pytest.mark.slow
+def test_ppo_early_stop_is_agreed_across_ranks(tmp_path):
+    """target_kl under DDP: each rank's own KL would stop rank 1 alone in the first case and rank 0 alone in the
+    second (the stop is at 1.5 x target_kl = 0.03); on the ranks' mean KL all of them decide alike."""
+    continues = spawn_ranks(_early_stop_worker, ([0.0, 0.04], 0.02), tmp_path / "continue", timeout=120)
+    assert [r["kept_rollout"] for r in continues] == [True, True]
+    assert [r["approx_kl"] for r in continues] == pytest.approx([0.02, 0.02])
+    stops = spawn_ranks(_early_stop_worker, ([0.05, 0.02], 0.02), tmp_path / "stop", timeout=120)
+    assert [r["kept_rollout"] for r in stops] == [False, False]

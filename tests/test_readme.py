@@ -40,6 +40,11 @@ def test_readme_opens_with_demo_and_test_commands(name):
     assert (ROOT / "config" / "demo.yaml").exists()
 
 
+def test_both_readmes_open_with_the_same_setup_commands_byte_for_byte():
+    first = [(ROOT / name).read_text(encoding="utf-8").split("```", 2)[1] for name in READMES]
+    assert first[0] == first[1]
+
+
 # -----------------------------------------------------------------------------
 # Chinese first: each Chinese README and its English twin say the same things
 
@@ -210,8 +215,10 @@ def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
     transformers_lines = [code for code in lines if "from transformers" in code]
     (openai_line,) = [code for code in lines if "from openai" in code]
     assert len(transformers_lines) == 3  # pipeline, generate(), TextIteratorStreamer
-    # 1024 positions: the tools block alone is ~500 tokens with this tiny tokenizer
-    final = tiny_checkpoint(tiny_tokenizer_dir, str(tmp_path / "out" / "sft" / "final"), max_position_embeddings=1024)
+    # the context the demo builds its model with (config/demo.yaml), not one chosen for this test
+    final = tiny_checkpoint(
+        tiny_tokenizer_dir, str(tmp_path / "out" / "sft" / "final"), max_position_embeddings=demo_context()
+    )
     server = make_server(Engine.from_pretrained(final, device="cpu"), "127.0.0.1", 0, model_name="final", quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
@@ -227,3 +234,44 @@ def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
         server.shutdown()
         server.server_close()
         server.worker.stop()
+
+
+def demo_context() -> int:
+    """The context of the model the demo builds: config/demo.yaml's pretrain max_position_embeddings, else its
+    preset's."""
+    import yaml
+
+    from model import SLMConfig
+
+    pretrain = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text(encoding="utf-8"))["pretrain"]
+    return (
+        pretrain.get("max_position_embeddings")
+        or SLMConfig.from_preset(pretrain["model_config"]).max_position_embeddings
+    )
+
+
+@pytest.mark.slow
+def test_readme_tools_call_fits_the_demo_model(tmp_path):
+    """The openai tools call of "Run your model elsewhere", as the server tokenizes it with the tokenizer the demo
+    trains (its data, corpus and tokenizer stages run here as config/demo.yaml sets them), leaves room for a reply
+    in the demo model's context (it was 557 tokens against 512 positions)."""
+    import ast
+
+    from transformers import AutoTokenizer
+
+    from dataset.chat_data import chatml_pieces
+    from trainer import pipeline
+    from trainer.config import load_config
+
+    cfg = load_config(
+        pipeline.Config, str(ROOT / "config" / "demo.yaml"), ["stages=data,corpus,tokenizer", f"out_dir={tmp_path}"]
+    )
+    pipeline.run(cfg)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    (code,) = [argv[2] for argv in ecosystem_commands() if argv[:2] == ["python", "-c"] and "from openai" in argv[2]]
+    tools = ast.literal_eval(re.search(r"tools = (\[.*?\]); r = ", code).group(1))
+    messages = ast.literal_eval(re.search(r"messages=(\[.*?\]), tools=", code).group(1))
+    prompt = [{"role": "system", "content": "", "tools": tools}, *messages]  # how the server passes tools on
+    n = sum(len(ids) for ids, _ in chatml_pieces(tok, prompt, add_generation_prompt=True))
+    assert n > 400, n  # the tools block is most of it
+    assert n + 64 <= demo_context(), (n, demo_context())

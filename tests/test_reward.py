@@ -6,15 +6,13 @@ as PPO's and GRPO's reward_from (and PPO's separate critic). Also a few steps on
     python -m pytest tests/test_reward.py
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.helpers import read_metrics, tiny_checkpoint
+from tests.helpers import SHARED_DATA, read_metrics, tiny_checkpoint
 from tests.helpers_preference import toy_pairs, write_pairs
 
-SHARED_DPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dpo"
+SHARED_DPO = SHARED_DATA / "dpo"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """
 The one runtime policy (model/runtime.py): which dtype each GPU gets (faked device properties, so it runs on a CPU),
-the dtype vocabulary, the one checkpoint loader and its errors, and that training, the engine and frozen reference
-models give the same answer.
+which dtype Muon's Newton-Schulz runs in (faked GPUs and CPU features), the dtype vocabulary, the one checkpoint
+loader and its errors, and that training, the engine and frozen reference models give the same answer.
 
     python -m pytest tests/test_runtime.py
 """

@@ -229,7 +229,8 @@ class ExternalLogger:
         elif kind == "swanlab":
             import swanlab  # optional: installed only by those who log there
 
-            self.run = swanlab.init(project=project, experiment_name=run_name, config=config)
+            # logdir: the run's own folder (as tensorboard's), where an offline run waits for `swanlab sync`
+            self.run = swanlab.init(project=project, experiment_name=run_name, config=config, logdir=log_dir)
         elif kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
 

@@ -452,7 +452,7 @@ class TrainConfig:
     #                                                                            hidden matrices (1 never forgets)
     grad_clip: float = setting(1.0, bound=at_least(0))  # clip the global grad norm to this; 0 = off
     # --- system ---
-    device: str = setting("auto", device=True)  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
+    device: str = setting("auto", device=True)  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
     dtype: DtypeName = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU)
     compile: bool = False  # torch.compile the model
     threads: int = setting(0, bound=at_least(0))  # CPU intra-op threads; 0 = auto: OMP_NUM_THREADS if set, else

@@ -28,13 +28,16 @@ from trainer.core import Trainer, run_trainer
 @dataclass
 class ShardSamples(ShardData):
     """What PretrainTrainer reads beyond the loop's settings: the shards, the greedy samples at each evaluation and
-    the vocabulary size (distillation on shards reads them too)."""
+    the vocabulary size and context of a model built from model_config (distillation on shards reads them too)."""
 
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval
     sample_tokens: int = setting(32, bound=at_least(0))  # new tokens per sample (0 = no samples)
     # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
     vocab_size: int = setting(0, bound=at_least(0))
+    # 0 = the preset's; the context the model is built for, which may exceed seq_len (RoPE adds no weights): the demo
+    # trains on 128 tokens but serves prompts with a tools block of ~560
+    max_position_embeddings: int = setting(0, bound=at_least(0))
 
 
 @dataclass
@@ -49,9 +52,10 @@ class PretrainTrainer(Trainer):
     supports_fsdp = True
 
     def build_model(self):
-        if self.cfg.init_from or not self.cfg.vocab_size:
+        overrides = {k: getattr(self.cfg, k) for k in ("vocab_size", "max_position_embeddings") if getattr(self.cfg, k)}
+        if self.cfg.init_from or not overrides:
             return super().build_model()
-        return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config, vocab_size=self.cfg.vocab_size))
+        return SLMForCausalLM(SLMConfig.from_preset(self.cfg.model_config, **overrides))
 
     def build_data(self):
         cfg = self.cfg

@@ -53,10 +53,12 @@ def rule_length(c: Completion, arg: str) -> float:
 
 
 def final_answer(text: str) -> str:
-    """\\boxed{...} if present, else the last non-empty line, without spaces and trailing punctuation."""
+    """\\boxed{...} if present, else what follows GSM8K's "####", else the last non-empty line, without spaces and
+    trailing punctuation."""
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    marked = re.findall(r"####(.*)", text)
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    ans = boxed[-1] if boxed else (lines[-1] if lines else "")
+    ans = boxed[-1] if boxed else marked[-1] if marked else (lines[-1] if lines else "")
     ans = re.sub(r"^(答案|answer)\s*[:：是为]?\s*", "", ans.strip(), flags=re.IGNORECASE)
     return re.sub(r"\s+", "", ans).rstrip("。.!！")
 

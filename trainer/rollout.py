@@ -8,6 +8,7 @@ so a resumed run continues exactly. Not a stage itself; trainer/ppo.py and train
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from dataset.batches import IndexBatches
 from dataset.chat_data import parse_columns
@@ -200,8 +201,17 @@ class RolloutTrainer(Trainer):
         metrics.update(self.rollout_stats)
         # The early stop's one host read per optimizer step (none with target_kl=0, GRPO's default): whether the
         # next step trains on this rollout or samples a new one is decided on the host, so it waits for this step.
-        if self.cfg.target_kl > 0 and float(metrics.get("approx_kl", 0.0)) > 1.5 * self.cfg.target_kl:
-            self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
+        if self.cfg.target_kl > 0 and "approx_kl" in metrics:
+            # Decided on the KL averaged over the ranks, so all of them take the same number of steps per rollout
+            # (each rank's own KL, from its own prompts, would let them drift onto different steps, whose collectives
+            # then no longer match); the logged KL is that mean too.
+            kl = metrics["approx_kl"].detach().clone()
+            if self.distributed:
+                dist.all_reduce(kl)
+                kl /= self.world_size
+            metrics["approx_kl"] = kl
+            if float(kl) > 1.5 * self.cfg.target_kl:
+                self.queue.clear()  # the policy moved too far from the one that sampled: roll out afresh
         return metrics, tokens
 
     def count_loss_items(self, *, batch) -> int:
