@@ -7,7 +7,8 @@ Milli-Chat's one entry point: every stage is started from here.
     torchrun --nproc_per_node=2 main.py --stage pretrain --config config/pretrain.yaml
 
 Each stage is a module in trainer/ exposing `Config` (a dataclass) and `run(cfg)`, listed in trainer/stages.py.
-Only the chosen stage's module is imported, so `--stage sft` never imports RL code.
+Only the chosen stage's module is imported, so `--stage sft` never imports RL code, and `--help` (or a mistyped
+stage) answers before torch is imported (bench/bench_startup.py measures it).
 """
 
 import argparse
@@ -16,8 +17,7 @@ import os
 import sys
 
 from dataset.records import UnusableFile
-from trainer.config import ConfigError, load_config
-from trainer.errors import is_disk_full
+from trainer.errors import ConfigError, is_disk_full
 from trainer.stages import available_stages
 
 
@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     if args.config and not os.path.isfile(args.config):
         print(f"error: config file '{args.config}' does not exist", file=sys.stderr)
         return 2
+
+    from trainer.config import load_config  # imports torch (seconds): only once a stage is to run
 
     module = importlib.import_module(stages[args.stage][0])
     try:

@@ -192,18 +192,18 @@ def main():
     print(f"\n{args.preset} preset, fp32 weights, median of {args.repeats} interleaved repeats:")
     t = bench_small(args, device)
     print(
-        f"  fwd+bwd  {t['fwd+bwd']:8.2f} s per {RECIPE_TOKENS:,} tokens "
+        f"RESULT fwd+bwd  {t['fwd+bwd']:8.2f} s per {RECIPE_TOKENS:,} tokens "
         f"(measured on {args.batch} x {args.seq_len}, scaled x{RECIPE_TOKENS / (args.batch * args.seq_len):g})"
     )
-    print(f"  adamw    {t['adamw']:8.3f} s per step")
+    print(f"RESULT adamw    {t['adamw']:8.3f} s per step")
     recipe_step = t["fwd+bwd"] + t["muon"]
     print(
-        f"  muon     {t['muon']:8.3f} s per step: {t['muon'] / t['adamw']:.1f}x AdamW's step, "
+        f"RESULT muon     {t['muon']:8.3f} s per step: {t['muon'] / t['adamw']:.1f}x AdamW's step, "
         f"{t['muon'] / recipe_step:.1%} of a recipe step (fwd+bwd of {RECIPE_TOKENS:,} tokens + the step; goal <= 10%)"
     )
     if args.torch_muon:
         print(
-            f"  torch.optim.Muon (matrices only, {args.torch_muon_layers} layer(s) timed and scaled) "
+            f"RESULT torch.optim.Muon (matrices only, {args.torch_muon_layers} layer(s) timed and scaled) "
             f"{t['torch_muon']:8.2f} s per step: {t['torch_muon'] / t['muon']:.1f}x ours, "
             f"{t['torch_muon'] / (t['fwd+bwd'] + t['torch_muon']):.1%} of a recipe step"
         )

@@ -16,7 +16,7 @@
 # device README's install line, into $GPU_WHEEL_SITE (default /tmp/site), which it then puts first on PYTHONPATH:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # If transformers does not import from them, it says so and runs on the image's own (the code runs on both).
-# Parts, most wanted first (seconds are each part's own time limit; 470 s in all, which leaves the wheels' install
+# Parts, most wanted first (seconds are each part's own time limit; 500 s in all, which leaves the wheels' install
 # and bash their seconds of the 8 minutes):
 #   attention     device, capability, the dtype policy's answer, versions; issue 14.3: the SDPA kernel planned for
 #                 training, packed SFT, prefill and decode shapes, run with only that kernel allowed (a wrong plan
@@ -30,7 +30,12 @@
 #                 dims, same config, batches and compile setting (eager: four cold compiles would not fit)
 #   trainer_base  base preset MFU through the real Trainer, compiled (goal >= 45% on H100)
 #   sync_audit    host syncs per step of pretraining (adamw, muon), packed SFT and DPO (set_sync_debug_mode)
+#   muon          issue 21: Muon's optimizer step (BatchedMuon, Newton-Schulz in the policy's dtype) beside AdamW's
+#                 and beside an fp32 forward+backward of the recipe's 64 x 512 tokens (goal: <= 5% of the step)
+#   decode        issue 21: batch-1 and batch-8 decode, the Engine's compiled step (one CUDA graph per token) against
+#                 transformers' generate() on the same weights (goal: >= 5x at batch 1)
 # Every trainer run takes each stage's optimizer settings from config/recipes/small_gpu (bench/bench_trainer.py).
+# $OUT gets a log per part and summary.txt; the device returns at most 8 files, so every RESULT line is in the summary.
 # Every run also prints an interim RESULT a few steps after its warm-up, so a part cut off by its limit still reports.
 # The smoke run compiles its trainer_small part with the aot_eager backend (dynamo and AOTAutograd, the capture that
 # breaks or recompiles; Inductor's CPU code generation would take minutes there) and skips the sync audit (no CUDA).
@@ -62,6 +67,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
     vs_llama="--smoke --no_sft --model slm llama"
     trainer_base="--smoke --no_sft"
     sync_audit="--smoke"
+    muon="--preset tiny --batch 1 --seq_len 16 --repeats 1"
+    decode="--preset tiny --devices cpu --batches 1 --prompt_lens 8 --new_tokens 4 --repeats 1"
     limit=240
 else
     attention="--preset small --batch 16 --seq_len 1024"
@@ -71,6 +78,8 @@ else
     vs_llama="--preset small base --model slm llama --seq_len 1024 --batch 32 --steps 15 --warmup 5 --no_sft"
     trainer_base="--preset base --seq_len 1024 --batch 32 --steps 30 --warmup 10 --compile --no_sft"
     sync_audit="--preset small --seq_len 512 --batch 8 --steps 8 --warmup 3"
+    muon="--device cuda --threads 0 --batch 16 --repeats 5"
+    decode="--devices cuda --batches 1 8 --prompt_lens 32 512 --repeats 3"
     limit=0
 fi
 
@@ -96,10 +105,12 @@ part() {  # part NAME SECONDS COMMAND...: time-limited, log in $out/NAME.log, RE
 }
 
 part attention 50 python3 bench/gpu_attention.py $attention
-part trainer_fp16 65 python3 bench/bench_trainer.py $trainer_fp16
-part trainer_bf16 55 python3 bench/bench_trainer.py $trainer_bf16
+part trainer_fp16 50 python3 bench/bench_trainer.py $trainer_fp16
+part trainer_bf16 45 python3 bench/bench_trainer.py $trainer_bf16
 part trainer_small 110 python3 bench/bench_trainer.py $trainer_small
-part vs_llama 70 python3 bench/bench_trainer.py $vs_llama
+part vs_llama 60 python3 bench/bench_trainer.py $vs_llama
 part trainer_base 80 python3 bench/bench_trainer.py $trainer_base
 part sync_audit 40 python3 bench/sync_audit.py $sync_audit
+part muon 25 python3 bench/bench_muon.py $muon
+part decode 40 python3 bench/bench_generate.py $decode
 echo "done: $summary"

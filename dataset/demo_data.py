@@ -69,6 +69,15 @@ ENGLISH = [
     "Hello, world!",
 ]
 EMOJI = ["😀", "🚀", "🐼", "👍", "🎉"]
+# The SFT small talk. Its answers are also plain pretraining text: LoRA trains neither the embeddings nor the tied
+# output head, so a token pretraining never trained cannot be learned by the adapters (the demo's LoRA then could
+# not say "Milli-Chat": val loss 2.97 against 0.0004 for full SFT, issue 27), while full SFT learns it either way.
+SMALL_TALK = [
+    ("你好", "你好！我是 Milli-Chat，一个很小的中文模型 😀"),
+    ("你是谁？", "我是 Milli-Chat，由你亲手训练。"),
+    ("Hello!", "Hello! 我会把数字逐位读成中文。"),
+    ("中国的首都是哪里？", "北京是中国的首都。"),
+]
 
 
 def pretrain_documents(numbers: list[int], rng: random.Random, n_docs: int) -> list[str]:
@@ -80,8 +89,10 @@ def pretrain_documents(numbers: list[int], rng: random.Random, n_docs: int) -> l
             if kind < 0.45:
                 n = rng.choice(numbers)
                 parts.append(f"数字 {n} 逐位读作 {read_digits(n)}。")
-            elif kind < 0.75:
+            elif kind < 0.65:
                 parts.append(rng.choice(FACTS))
+            elif kind < 0.75:
+                parts.append(rng.choice(SMALL_TALK)[1])
             elif kind < 0.9:
                 parts.append(rng.choice(ENGLISH) + " " + rng.choice(EMOJI))
             else:
@@ -113,14 +124,8 @@ def conversations(numbers: list[int], rng: random.Random) -> list[dict]:
                 ]
             }
         )
-    small_talk = [
-        ("你好", "你好！我是 Milli-Chat，一个很小的中文模型 😀"),
-        ("你是谁？", "我是 Milli-Chat，由你亲手训练。"),
-        ("Hello!", "Hello! 我会把数字逐位读成中文。"),
-        ("中国的首都是哪里？", "北京是中国的首都。"),
-    ]
     for _ in range(max(20, len(numbers) // 4)):
-        q, a = rng.choice(small_talk)
+        q, a = rng.choice(SMALL_TALK)
         chats.append({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     rng.shuffle(chats)
     return chats

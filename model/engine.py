@@ -18,6 +18,7 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 import dataclasses
 import threading
 import time
+import warnings
 
 import torch
 from transformers import AutoTokenizer
@@ -25,6 +26,7 @@ from transformers import AutoTokenizer
 from model.chat_format import chatml_pieces, check_chatml
 from model.hub import stop_token_ids
 from model.lora import adapter_base_model, is_adapter_dir, merge_lora_weights
+from model.model_slm import SLMPreTrainedModel
 from model.quantize import check_quantize_device, quantize_model
 from model.runtime import load_pretrained, resolve_device, resolve_dtype
 
@@ -33,13 +35,19 @@ from model.runtime import load_pretrained, resolve_device, resolve_dtype
 
 
 class StaticKVCache:
-    """Preallocated (B, n_kv, max_len, hd) key/value buffers, one pair per layer.
+    """Preallocated (B, n_kv, max_len, hd) key/value buffers, one pair per layer, in the compute dtype.
 
     It speaks the part of transformers' Cache protocol the models call: update(), get_seq_length(),
-    get_mask_sizes(). update() returns a view of the filled slots only, so attention never runs over the empty
-    tail (cheaper than transformers' StaticCache, which attends over max_len and masks the rest) and nothing is
-    ever copied or reallocated as the sequence grows. It is not a transformers Cache subclass on purpose: the
-    mask helpers then treat it as a plain object and use the 4-D mask we pass."""
+    get_mask_sizes(). It is not a transformers Cache subclass on purpose: the mask helpers then treat it as a plain
+    object and use the 4-D mask we pass. Two phases:
+    - prefill (slot is None): update() writes at seq_len.. and returns views of the filled slots only, so the prompt
+      attends over what exists (with the mask-free causal kernel when nothing is padded).
+    - decode (slot set: a (1,) long tensor on the device): update() writes the new token at `slot` with index_copy_
+      and returns the first `window` slots. window = max_len (the default): every step has the same shapes and reads
+      no Python number that changes, so one compiled step serves every token and can be captured as a CUDA graph.
+      Eager decoding sets window = seq_len + 1 each step instead and attends over the filled slots only (on the CPU
+      attention over the whole buffer would cost time in proportion to max_len, not to the tokens so far). The
+      caller masks the slots not yet written and advances slot and seq_len after each step (Engine._decode_step)."""
 
     def __init__(
         self,
@@ -52,27 +60,38 @@ class StaticKVCache:
         device,
     ):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        # torch.empty, not zeros: only slots < seq_len are ever read back.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # zeros, not empty: a decode step attends over every slot and masks the unwritten ones, and a masked slot
+        # holding NaN garbage would still turn its row into NaN (0 * NaN in the weighted sum of values).
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_layers = num_layers
         self.max_len = max_len
         self.seq_len = 0  # slots filled by finished forward passes
+        self.slot: torch.Tensor | None = None  # decode phase: the slot the next token is written to
+        self.window = max_len  # decode phase: how many slots update() returns
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.slot is not None:
+            # .to: a no-op when k and v come in the compute dtype (they do once RoPE keeps q/k in v's dtype)
+            keys.index_copy_(2, self.slot, k.to(keys.dtype))
+            values.index_copy_(2, self.slot, v.to(values.dtype))
+            return keys[:, :, : self.window], values[:, :, : self.window]
         start, end = self.seq_len, self.seq_len + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
-        self.keys[layer_idx][:, :, start:end] = k
-        self.values[layer_idx][:, :, start:end] = v
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
         if layer_idx == self.num_layers - 1:
             self.seq_len = end  # the last layer has written: the step is complete
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_len
 
     def get_mask_sizes(self, q_len: int, layer_idx: int = 0) -> tuple[int, int]:
+        if self.slot is not None:
+            return self.window, 0
         return self.seq_len + q_len, 0
 
 
@@ -315,10 +334,22 @@ class Engine:
     generate() works on token ids (rollouts, evaluation); stream()/chat_stream() yield text (chat, server). The
     model may be in train mode: it is switched to eval for the call and restored, and no autograd graph is built."""
 
-    def __init__(self, model, tokenizer, device=None):
+    def __init__(self, model, tokenizer, device=None, compile: bool | None = None):
+        """compile: run each decode step as one compiled function (torch.compile, mode="reduce-overhead": a CUDA
+        graph per batch size, replayed every token). None = on CUDA for our own models: there a step is otherwise
+        ~260 kernel launches for microseconds of work. Not for transformers' Llama (its forward reads the cache
+        length, a number that changes every token, so each step would recompile), and not on the CPU, where eager
+        is as fast once warm and compiling takes minutes (bench/RESULTS.md, "Decode step"). The compiled graph is
+        kept per Engine: build one Engine and reuse it."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if compile is None:
+            compile = self.device.type == "cuda" and isinstance(model, SLMPreTrainedModel)
+        self.compile = compile
+        self._compiled_step = None  # built at the first compiled decode step
+        self._compiled_ok = False  # it has run once: from then on an error is an error, not a reason to fall back
+        self._buffers: dict[tuple, list[dict]] = {}  # compiled mode: decode buffers kept per (B, dtype), see _take
         cfg = model.config
         self.max_context = cfg.max_position_embeddings  # prompt + answer must fit in what the model was trained on
         self.num_layers = cfg.num_hidden_layers
@@ -508,11 +539,13 @@ class Engine:
         decoders = [IncrementalDecoder(self.tokenizer) for _ in prompts] if stop_strings else None
         texts = ["" for _ in prompts]
         was_training = self.model.training
+        buffers_out = None  # compiled mode keeps the decode buffers for the next call
         self.model.eval()  # no dropout in rollouts; restored below
         try:
             with torch.inference_mode():
                 state = self._prefill(prompts, longest + max_new, params)
                 tokens = self._sample(state, params)
+            buffers_out = state
             running = list(range(len(prompts)))
             for n in range(max_new):
                 step = [(row, tokens[row]) for row in running]
@@ -533,21 +566,64 @@ class Engine:
                     tokens = self._decode_step(state, params)
         finally:
             self.model.train(was_training)
+            if buffers_out is not None:
+                self._give_back_buffers(buffers_out)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations (and so keys and values) have: autocast's when it is on, else the weights'."""
+        dev = self.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return next(self.model.parameters()).dtype
+
+    def _take_buffers(self, batch: int, total_len: int) -> dict:
+        """The decode state's tensors: cache, keep (B, L) real-token slots, positions (B, L), token (B, 1), slot.
+
+        Eager: sized to this call (total_len slots), freed when it ends. Compiled: sized to the context window and
+        kept for the next call of the same batch size and dtype, because a compiled step (and its CUDA graph) is
+        bound to its tensors' addresses; a call that finds them in use (two streams at once) gets fresh ones."""
+        dtype, dev = self.compute_dtype(), self.device
+        key = (batch, dtype)
+        if self.compile and self._buffers.get(key):
+            return self._buffers[key].pop()
+        L = self.max_context if self.compile else total_len
+        cache = StaticKVCache(self.num_layers, batch, self.num_kv_heads, L, self.head_dim, dtype, dev)
+        buffers = {
+            "key": key,
+            "cache": cache,
+            "keep": torch.zeros((batch, L), dtype=torch.bool, device=dev),
+            "positions": torch.zeros((batch, L), dtype=torch.long, device=dev),
+            "token": torch.zeros((batch, 1), dtype=torch.long, device=dev),
+            "slot": torch.zeros(1, dtype=torch.long, device=dev),
+        }
+        if self.compile:
+            for t in [*cache.keys, *cache.values, *(buffers[k] for k in ("keep", "positions", "token", "slot"))]:
+                torch._dynamo.mark_static_address(t)  # updated in place, never copied into the graph's inputs
+        return buffers
+
+    def _give_back_buffers(self, state: dict):
+        if self.compile:
+            self._buffers.setdefault(state["key"], []).append(state)
 
     def _prefill(self, prompts: list[list[int]], total_len: int, params: SamplingParams) -> dict:
         B, P = len(prompts), max(len(p) for p in prompts)
         dev = self.device
+        state = self._take_buffers(B, total_len)
+        cache = state["cache"]
+        # Prefill phase. A reused cache keeps the last call's keys and values: masked until rewritten.
+        cache.seq_len, cache.slot, cache.window = 0, None, cache.max_len
+        L = cache.max_len
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        keep = torch.zeros((B, total_len), dtype=torch.bool)  # True = a real token in that cache slot
+        keep = torch.zeros((B, L), dtype=torch.bool)  # True = a real token in that cache slot
         for i, p in enumerate(prompts):
             ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)  # left padding: every row ends at slot P-1
             keep[i, P - len(p) :] = True
-        keep[:, P:] = True  # generated slots are all real
-        ids, keep = ids.to(dev), keep.to(dev)
+        keep[:, P:] = True  # generated slots are all real (a decode step also hides the slots after its own)
+        ids = ids.to(dev)
+        state["keep"].copy_(keep)
+        keep = state["keep"]
         # Positions count real tokens only, as transformers does, so a padded row sees the same RoPE phases.
-        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (B, total_len)
-        dtype = next(self.model.parameters()).dtype
-        cache = StaticKVCache(self.num_layers, B, self.num_kv_heads, total_len, self.head_dim, dtype, dev)
+        state["positions"].copy_((keep.long().cumsum(-1) - 1).clamp(min=0))  # (B, L)
         unpadded = all(len(p) == P for p in prompts)
         mask = None  # nothing padded: the causal kernel needs no mask tensor (and SDPA takes its fastest kernel)
         if not unpadded:
@@ -557,11 +633,14 @@ class Engine:
         logits = self.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions[:, :P],
+            position_ids=state["positions"][:, :P],
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
+        # Decode phase from here: the next token goes to slot P.
+        state["slot"].fill_(P)
+        cache.slot = state["slot"]
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((B, logits.shape[-1]), dtype=torch.bool, device=dev)
@@ -569,39 +648,68 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
-        return {
-            "cache": cache,
-            "keep": keep,
-            "positions": positions,
-            "logits": logits,
-            "seen": seen,
-            "unpadded": unpadded,
-            "generator": generator,
-        }
+        state.update(logits=logits, seen=seen, generator=generator, unpadded=unpadded)
+        return state
 
     def _sample(self, state: dict, params: SamplingParams) -> list[int]:
         nxt = sample_next(state["logits"], state["seen"], params, state["generator"])
         if state["seen"] is not None:
             state["seen"].scatter_(1, nxt[:, None], True)
-        state["next"] = nxt
+        state["token"].copy_(nxt[:, None])  # the next step's input, in place (a compiled step reads this tensor)
         return nxt.tolist()
 
-    def _decode_step(self, state: dict, params: SamplingParams) -> list[int]:
-        cache = state["cache"]
-        t = cache.seq_len  # the slot this token goes to
-        # Finished rows keep decoding (their output is ignored): cheaper than reshaping the batch and cache.
-        # (B, 1, 1, t+1): the query sees every real slot so far; without padding it sees all, and no mask lets
-        # SDPA take its fastest kernel.
-        mask = None if state["unpadded"] else state["keep"][:, None, None, : t + 1]
-        state["logits"] = self.model(
-            input_ids=state["next"][:, None],
+    def decode_logits(self, cache: StaticKVCache, token, keep, positions, slot, masked: bool = True) -> torch.Tensor:
+        """One decode step: token (B, 1) at cache slot `slot` ((1,) long) -> logits (B, V). It attends over the
+        cache's first cache.window slots, masked to the real tokens up to `slot` (B, 1, 1, window); the finished
+        rows of a batch keep decoding (their output is ignored): cheaper than reshaping batch and cache. With
+        window = the whole cache: the same shapes every token, no host sync and no Python number that changes,
+        which is what torch.compile(mode="reduce-overhead") captures as one CUDA graph. masked=False: the window
+        holds only real tokens (eager, nothing padded), so no mask at all and SDPA takes its mask-free kernel."""
+        mask = None
+        if masked:
+            window = cache.window
+            visible = keep[:, :window] & (torch.arange(window, device=keep.device) <= slot)  # (B, window)
+            mask = visible[:, None, None, :]
+        return self.model(
+            input_ids=token,
             attention_mask=mask,
-            position_ids=state["positions"][:, t : t + 1],
+            position_ids=positions.index_select(1, slot),  # (B, 1)
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
+
+    def _decode_step(self, state: dict, params: SamplingParams) -> list[int]:
+        cache = state["cache"]
+        args = (cache, state["token"], state["keep"], state["positions"], state["slot"])
+        if self.compile:
+            state["logits"] = self._run_compiled(args)
+        else:
+            cache.window = cache.seq_len + 1  # eager: attend over the filled slots only
+            state["logits"] = self.decode_logits(*args, masked=not state["unpadded"])
+        cache.seq_len += 1
+        state["slot"].add_(1)  # in place: the compiled step reads the same tensor next time
         return self._sample(state, params)
+
+    def _run_compiled(self, args) -> torch.Tensor:
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled_step = torch.compile(self.decode_logits, mode=mode, dynamic=False)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        if self._compiled_ok:
+            return self._compiled_step(*args)
+        try:
+            logits = self._compiled_step(*args)
+        except Exception as error:  # a first GPU run must still generate: say why and decode eagerly from here on
+            warnings.warn(
+                f"compiled decode step failed, decoding eagerly: {type(error).__name__}: {error}", stacklevel=3
+            )
+            self.compile, self._buffers = False, {}
+            args[0].window = args[0].seq_len + 1
+            return self.decode_logits(*args)
+        self._compiled_ok = True
+        return logits
 
 
 __all__ = [

@@ -49,11 +49,10 @@ class SLMRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise.
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(input_dtype)
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits otherwise. F.rms_norm is
+        # x * rsqrt(mean(x^2) + eps) as one op (bit-identical on the CPU), not five: 17 norms per decode step.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(x.dtype)
 
 
 class SLMRotaryEmbedding(nn.Module):
@@ -345,7 +344,12 @@ class SLMModel(SLMPreTrainedModel):
         B, T, _ = x.shape
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_len = int(cache.get_seq_length()) if cache is not None else 0  # tokens already in the cache
+        full_mask = attention_mask is not None and attention_mask.dim() == 4
+        # Tokens already in the cache; not read when the caller gives positions and the full mask (a compiled decode
+        # step would otherwise be specialised on a number that changes every token).
+        past_len = (
+            int(cache.get_seq_length()) if cache is not None and not (full_mask and position_ids is not None) else 0
+        )
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device) + past_len).unsqueeze(0).expand(B, -1)
         if document_ids is not None and (cache is not None or attention_mask is not None):
@@ -354,7 +358,7 @@ class SLMModel(SLMPreTrainedModel):
         # T positions (training, or prefill into an empty cache); otherwise build an explicit boolean mask.
         kv_len = int(cache.get_mask_sizes(T, 0)[0]) if cache is not None else T  # static caches are longer
         mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:
+        if full_mask:
             # Already a full (B, 1, q, kv) mask, as generate() prepares for static caches: True/0.0 = attend.
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         elif may_be_padded(attention_mask) or (past_len != 0 and T > 1) or kv_len != past_len + T:

@@ -29,6 +29,8 @@ DECLARED_REQUIREMENTS = ("requirements.txt", "requirements-dev.txt")
 THIRDPARTY_MODULES = {
     "lm_eval": ["lm_eval", "lm_eval.evaluator", "lm_eval.tasks", "lm_eval.models.huggingface"],
     "trl": ["trl", "trl.trainer.dpo_trainer", "datasets"],
+    "tensorboard": ["tensorboard", "tensorboard.backend.event_processing.event_accumulator"],
+    "swanlab": ["swanlab", "swanlab.proto.swanlab.record.v1.record_pb2", "swanlab.sdk.internal.core_python.store"],
 }
 
 

@@ -29,5 +29,5 @@ def test_bench_muon_smoke():
     assert "runtime policy: Newton-Schulz in" in out and "Newton-Schulz dtype: fp32 (--ns_dtype)" in out
     assert "(measured on 1 x 16, scaled x2048)" in out
     for line in ("fwd+bwd", "adamw", "muon", "torch.optim.Muon"):
-        assert f"\n  {line}" in out, out
+        assert f"\nRESULT {line}" in out, out
     assert "of a recipe step" in out and "x AdamW's step" in out

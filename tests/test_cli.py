@@ -494,3 +494,43 @@ def test_every_field_is_checked_or_listed_as_unchecked(stage):
             f"{cls.__module__}.Config.{name} takes one of a fixed vocabulary: annotate it Literal[...], "
             f"or give it setting(..., unchecked=...) with the reason"
         )
+
+
+def test_help_does_not_import_torch():
+    """Issue 27.6: `--help` took ~6 s because main.py imported torch first; it answers before any stage import
+    (bench/bench_startup.py measures the time; tests never assert it)."""
+    code = (
+        "import sys, main\ntry:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False"), out.stdout[-300:]
+
+
+@pytest.mark.slow  # runs main.py in a fresh interpreter
+@pytest.mark.parametrize("override", ["data_path=/nonexistent/corpus.jsonl", "data_path="])
+def test_tokenizer_stage_without_its_data_is_one_line_and_exit_2(override, tmp_path):
+    out = run_main("--stage", "tokenizer", override, f"out_dir={tmp_path / 'tok'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: data_path") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_the_log_shows_only_the_keys_that_differ_from_the_defaults():
+    """Issue 27.6: 205 of the demo's 395 lines were full config dumps; config.yaml keeps the whole config."""
+    from trainer.config import format_config
+    from trainer.sft import Config
+
+    lines = format_config(Config(lr=1e-3, out_dir="out/x")).splitlines()
+    assert lines[:2] == ["  out_dir: 'out/x'", "  lr: 0.001"]  # declaration order
+    assert len(lines) == 3 and "keys at their defaults" in lines[2]
+
+
+def test_a_saved_config_holds_only_what_the_stage_reads_and_reads_back(tmp_path):
+    """Issue 27.6: SFT's config.yaml said `model_config: config/model/small.json` for a tiny model (SFT takes the
+    architecture from init_from, so that default never applied)."""
+    from trainer.config import save_config
+    from trainer.sft import Config
+
+    save_config(Config(lr=1e-3), str(tmp_path / "config.yaml"))
+    text = (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert "model_config" not in text and "lr: 0.001" in text
+    assert load_config(Config, str(tmp_path / "config.yaml"), []).lr == 1e-3

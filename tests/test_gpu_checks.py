@@ -22,7 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_IMAGE = ROOT / ".gpu_image"  # pip install --no-deps --target .gpu_image transformers==5.17.0 ... (.ci/run)
 WHEELS = ROOT / ".whl"  # bash bench/fetch_gpu_wheels.sh (.ci/run)
 ABSENT_ON_IMAGE = ("zhconv", "zhconv_rs", "kernels")  # installed here, not on the GPU image (KINDS.md's list)
-PARTS = ("attention", "trainer_fp16", "trainer_bf16", "trainer_small", "vs_llama", "trainer_base", "sync_audit")
+PARTS = (
+    "attention",
+    "trainer_fp16",
+    "trainer_bf16",
+    "trainer_small",
+    "vs_llama",
+    "trainer_base",
+    "sync_audit",
+    "muon",
+    "decode",
+)
 
 
 def fetched_wheels() -> list[str]:

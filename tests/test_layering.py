@@ -110,13 +110,18 @@ def nested_project_imports(source: str, package: str) -> list[int]:
     return lines
 
 
+# The one exception, with its reason: main.py imports trainer.config (and with it torch, seconds) only once a stage
+# is to run, so `python main.py --help` and a mistyped stage answer at once (issue 27.6).
+NESTED_ALLOWED = {"main.py": 1}  # file -> how many nested project imports it may have
+
+
 def test_project_imports_are_at_the_top_of_every_library_and_script_file():
     files = sorted(p for d in ("model", "dataset", "trainer", "scripts", "bench") for p in (ROOT / d).glob("*.py"))
     nested = {
         str(p.relative_to(ROOT)): nested_project_imports(p.read_text(encoding="utf-8"), p.parent.name)
         for p in files + [ROOT / "main.py"]
     }
-    assert {f: lines for f, lines in nested.items() if lines} == {}
+    assert {f: lines for f, lines in nested.items() if len(lines) > NESTED_ALLOWED.get(f, 0)} == {}
 
 
 # Lazy imports of third-party and standard-library modules (inside functions): the rule is the top of the file,

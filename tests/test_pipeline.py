@@ -59,6 +59,7 @@ def test_demo_pipeline_runs_every_stage_and_skips_when_done(tmp_path):
         assert (out / marker).exists(), marker
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["held_out_accuracy"]) == {"pretrain", "sft", "dpo", "lora"}
+    assert set(summary["chat_turns"]) == {"pretrain", "sft", "dpo", "lora"}  # the LoRA model is checked chatting too
     assert "held-out skill" in first.stdout and "chat_terminal.py" in first.stdout
     # the cleaning stage simplified the traditional characters and resolved the conversion markup
     clean = (out / "corpus" / "clean.jsonl").read_text(encoding="utf-8")
@@ -70,3 +71,17 @@ def test_demo_pipeline_runs_every_stage_and_skips_when_done(tmp_path):
         text=True,
     )
     assert second.returncode == 0 and second.stdout.count("skipped; force=true redoes it") == 4
+
+
+@pytest.mark.slow
+def test_the_demo_config_trains_its_tokenizer_without_a_warning(tmp_path):
+    """Issue 27.6: config/demo.yaml asked for 1024 entries where its corpus yields ~730, a WARNING in every demo."""
+    out = subprocess.run(
+        [sys.executable, "main.py", "--stage", "all", "--config", "config/demo.yaml"]
+        + [f"out_dir={tmp_path / 'demo'}", "stages=data,corpus,tokenizer"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WARNING" not in out.stdout + out.stderr and "tokenizer: vocab 704" in out.stdout

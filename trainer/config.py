@@ -395,12 +395,16 @@ def _check_path(cfg, key: str, kind: str) -> None:
 
 
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return dataclasses.asdict(cfg)  # every field is one the stage reads (no stage has a key it does not read)
 
 
 def format_config(cfg) -> str:
-    """One `key: value` line per field, in declaration order, for the start of a run's log."""
-    return "\n".join(f"  {k}: {v!r}" for k, v in config_to_dict(cfg).items())
+    """One `key: value` line per field that differs from the Config's default, in declaration order, for the start
+    of a run's log (the whole config is saved as config.yaml; a full dump was half of the demo's output)."""
+    defaults = config_to_dict(type(cfg)())
+    values = config_to_dict(cfg)
+    changed = [f"  {k}: {v!r}" for k, v in values.items() if v != defaults.get(k)]
+    return "\n".join(changed + [f"  ({len(values) - len(changed)} keys at their defaults; all in config.yaml)"])
 
 
 def save_config(cfg, path: str) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from dataset.corpus import print_summary, simplify
-from dataset.demo_data import task_answer, task_prompt, write_demo_data
+from dataset.demo_data import SMALL_TALK, task_answer, task_prompt, write_demo_data
 from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
 from model.engine import Engine, SamplingParams
@@ -65,24 +65,35 @@ def run_stage(name: str, overrides: dict):
     return module.run(cfg)
 
 
+def first_sentence(text: str) -> str:
+    """An answer's first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
+    <|im_end|> embedding, which pretraining never saw) still gets credit for a right start followed by more text."""
+    for end in ("<|im_end|>", "<|endoftext|>", "\n", "。"):
+        text = text.split(end)[0]
+    return text.strip()
+
+
+def greedy_answers(engine: Engine, questions: list[str], max_new_tokens: int) -> list[str]:
+    prompts = [engine.chat_prompt([{"role": "user", "content": q}], max_new_tokens=max_new_tokens) for q in questions]
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))  # greedy
+    return [first_sentence(engine.decode(o)) for o in outputs]
+
+
 def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
     """Greedy answers to the never-seen numbers; exact match with the digit-by-digit reading."""
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
-    prompts = [engine.chat_prompt([{"role": "user", "content": task_prompt(n)}], max_new_tokens=16) for n in held_out]
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))  # greedy
-    # The answer is its first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
-    # <|im_end|> embedding much) still gets credit for a right reading followed by more text.
-    answers = [
-        engine.decode(o)
-        .replace("<|im_end|>", "\n")
-        .replace("<|endoftext|>", "\n")
-        .split("\n")[0]
-        .split("。")[0]
-        .strip()
-        for o in outputs
-    ]
+    answers = greedy_answers(engine, [task_prompt(n) for n in held_out], 12)
     correct = sum(a == task_answer(n) for a, n in zip(answers, held_out))
     return correct, len(held_out), list(zip(held_out, answers))[:3]
+
+
+def chat_turns(model_dir: str, adapter: str | None = None) -> tuple[int, int, list]:
+    """A chat turn per small-talk question of the SFT data: right when the greedy answer's first sentence is the
+    trained answer's (a model that learned only the digit task fails here)."""
+    engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
+    answers = greedy_answers(engine, [q for q, _ in SMALL_TALK], 40)
+    correct = sum(a == first_sentence(want) for a, (_, want) in zip(answers, SMALL_TALK))
+    return correct, len(SMALL_TALK), [(q, a) for (q, _), a in zip(SMALL_TALK, answers)][:2]
 
 
 # -----------------------------------------------------------------------------
@@ -104,7 +115,7 @@ def run(cfg: Config):
         for name in ("data", "tokenizer", "shards", "pretrain", "sft", "lora", "dpo", "eval")
     }
     p["corpus"] = os.path.join(root, "corpus", "clean.jsonl")
-    timings, scores = [], {}
+    timings, scores, chats = [], {}, {}
     data_paths_file = os.path.join(p["data"], "paths.json")
 
     def done(marker: str) -> bool:
@@ -250,6 +261,14 @@ def run(cfg: Config):
         for name, (correct, total, examples) in scores.items():
             shown = "; ".join(f"{n} -> {a!r}" for n, a in examples)
             print(f"[all] {name:<8} {correct:>3}/{total} correct ({100 * correct / total:.0f}%)   e.g. {shown}")
+        banner("chat turns: the SFT data's small talk, first sentence of the greedy answer")
+        for name, path in models:
+            chats[name] = chat_turns(path)
+        if "lora" in scores:
+            chats["lora"] = chat_turns(os.path.join(p["pretrain"], "final"), lora_final)
+        for name, (correct, total, examples) in chats.items():
+            shown = "; ".join(f"{q} -> {a!r}" for q, a in examples)
+            print(f"[all] {name:<8} {correct:>3}/{total} chat turns right   e.g. {shown}")
 
     # 10. a short scripted chat with the final model
     if "chat" in stages and models:
@@ -277,7 +296,11 @@ def run(cfg: Config):
     print(f"  serve:  python scripts/serve_api.py --model {final}")
     with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(
-            {"timings": timings, "held_out_accuracy": {k: [c, t] for k, (c, t, _) in scores.items()}},
+            {
+                "timings": timings,
+                "held_out_accuracy": {k: [c, t] for k, (c, t, _) in scores.items()},
+                "chat_turns": {k: [c, t] for k, (c, t, _) in chats.items()},
+            },
             f,
             ensure_ascii=False,
             indent=1,

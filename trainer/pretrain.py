@@ -114,7 +114,8 @@ class PretrainTrainer(Trainer):
         # generate the same greedy samples and rank 0 prints them.
         if (not self.master and not self.fsdp) or self.cfg.sample_tokens <= 0:
             return
-        engine = Engine(self.raw_model, self.tokenizer, device=self.device)  # restores train mode afterwards
+        # Restores train mode afterwards. Eager: a few short samples per eval would not pay for a compiled step.
+        engine = Engine(self.raw_model, self.tokenizer, device=self.device, compile=False)
         prompts = [p for p in self.cfg.sample_prompts.split(",") if p]
         with self.autocast:
             outputs = engine.generate(

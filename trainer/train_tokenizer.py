@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
 from model.chat_format import CHAT_TEMPLATE, check_chat_template
-from trainer.config import ConfigError, at_least, setting
+from trainer.config import ConfigError, MissingPathError, at_least, setting
 from trainer.errors import OutputError, is_disk_full
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
@@ -303,8 +303,11 @@ def save_tokenizer_files(fast, out_dir: str) -> None:
 
 def run(cfg: Config) -> dict:
     if not cfg.data_path.strip():
-        raise ValueError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
-    paths = expand_paths(cfg.data_path)  # the one path contract of every data setting; a missing path raises here
+        raise ConfigError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
+    try:
+        paths = expand_paths(cfg.data_path)  # the one path contract of every data setting; a missing path raises
+    except FileNotFoundError as e:  # a usage mistake: main.py prints one line and exits 2
+        raise MissingPathError(f"data_path: {e}") from None
     eval_paths = expand_paths(cfg.eval_path) if cfg.eval_path.strip() else []
     if cfg.vocab_size < MIN_VOCAB_SIZE:  # validate() refuses it too; a Config made in code is not validated
         raise ValueError(f"vocab_size={cfg.vocab_size} is too small: the byte alphabet alone needs 260 entries")

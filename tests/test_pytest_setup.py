@@ -1,0 +1,41 @@
+"""The test suite's own settings (pytest.ini): a run leaves nothing in the system temp folder (issue 27.6: every
+full run left 1.6 GB there, kept for the last three runs)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _run_inner(tmp_path, body: str):
+    test = tmp_path / "inner" / "test_inner.py"
+    test.parent.mkdir()
+    test.write_text(body, encoding="utf-8")
+    root = tmp_path / "temproot"
+    root.mkdir()
+    env = {**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)}
+    cmd = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pytest.ini"), "--rootdir", str(test.parent), str(test)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    return proc, [p for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow  # a pytest in a fresh interpreter
+def test_a_passing_run_leaves_no_files_in_the_temp_folder(tmp_path):
+    body = (
+        "import pytest\n\n@pytest.fixture(scope='session')\ndef shared(tmp_path_factory):\n"
+        "    path = tmp_path_factory.mktemp('shared') / 'weights.bin'\n    path.write_bytes(b'0' * 1000)\n"
+        "    return path\n\ndef test_writes(tmp_path, shared):\n    (tmp_path / 'ckpt.bin').write_bytes(b'1' * 1000)\n"
+    )
+    proc, left = _run_inner(tmp_path, body)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert left == []
+
+
+@pytest.mark.slow  # a pytest in a fresh interpreter
+def test_a_failing_test_keeps_its_folder(tmp_path):
+    body = "def test_fails(tmp_path):\n    (tmp_path / 'evidence.txt').write_text('x')\n    assert False\n"
+    proc, left = _run_inner(tmp_path, body)
+    assert proc.returncode == 1 and [p.name for p in left] == ["evidence.txt"]
