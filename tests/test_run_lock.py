@@ -141,3 +141,18 @@ def test_main_py_reports_a_locked_out_dir_as_a_usage_error(tiny_tokenizer_dir, s
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: out_dir '{out}' is in use by another run (pid {os.getpid()}" in done.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_the_tokenizer_stage_takes_the_lock_too(tmp_path):
+    from trainer.train_tokenizer import Config, run
+
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("你好世界。" * 50, encoding="utf-8")
+    out = tmp_path / "tok"
+    path = acquire(str(out), stage="sft")
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            run(Config(data_path=str(corpus), out_dir=str(out), vocab_size=300, min_frequency=1))
+    finally:
+        release(path)
+    assert not (out / "tokenizer.json").exists()

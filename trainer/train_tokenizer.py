@@ -38,6 +38,7 @@ from dataset.tokenizer import byte_level_alphabet
 from model.chat_format import CHAT_TEMPLATE, check_chat_template
 from trainer.config import ConfigError, MissingPathError, at_least, setting
 from trainer.errors import OutputError, is_disk_full
+from trainer.run_lock import out_dir_lock
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens and one merge
@@ -302,6 +303,11 @@ def save_tokenizer_files(fast, out_dir: str) -> None:
 
 
 def run(cfg: Config) -> dict:
+    with out_dir_lock(cfg.out_dir, stage="tokenizer"):  # one run per out_dir, as the training stages (run_trainer)
+        return train(cfg)
+
+
+def train(cfg: Config) -> dict:
     if not cfg.data_path.strip():
         raise ConfigError("data_path is empty: give one or more comma-separated files, folders or glob patterns")
     try:
