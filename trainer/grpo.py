@@ -60,7 +60,7 @@ class GRPOTrainer(RolloutTrainer):
     stage = "grpo"
 
     def setup(self):
-        super().setup()  # loss_norm and num_generations were checked by validate() (the tables above)
+        super().setup()  # loss_norm and num_generations were checked by validate() (their field lines above)
         self.token_level = self.cfg.loss_norm == "token"
 
     def score_rollout(self, buf: dict) -> None:
