@@ -205,7 +205,6 @@ def build_trainer(option: str, inputs: dict, args, out_dir: str):
         "warmup_steps": 0,
         "max_steps": args.warmup + args.steps,
         "save_every": 0,
-        "eval_every": 0,
         "resume": "never",
         "device": args.device,
         "dtype": args.dtype,

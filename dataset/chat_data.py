@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from dataset.records import BadRecord, UnreadableFile, read_records
-from model.chat_format import chatml_pieces, check_chat_template, uses_tools
+from model.chat_format import ROLES, chatml_pieces, check_chat_template, uses_tools
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
@@ -84,7 +84,6 @@ SHAREGPT_ROLES = {
 }
 # BELLE multiturn_chat_0.8M keeps a whole chat in one Alpaca instruction: "Human:..\nAssistant:..\nHuman:..\nAssistant:"
 BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):")
-ROLES = ("system", "user", "assistant", "tool")
 # Identity data writes {{name}}; code in answers writes {{ item.name }} with spaces or dots, which is not matched.
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
 

@@ -160,7 +160,7 @@ def _turn_text(messages: list[dict], i: int) -> str | None:
     return role + "\n" + content
 
 
-MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def check_message_list(messages) -> None:
@@ -171,8 +171,8 @@ def check_message_list(messages) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
-        if m.get("role") not in MESSAGE_ROLES:
-            raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(MESSAGE_ROLES)}, got {m.get('role')!r}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise ValueError(

@@ -87,18 +87,12 @@ def test_keys_a_stage_never_reads_are_refused_from_yaml_and_command_line(stage, 
     import dataclasses
     import importlib
 
+    from trainer.config import not_here
+
     cls = importlib.import_module(f"trainer.{stage}").Config
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    assert set(cls.unused) <= set(fields), "an unused key that is no field (a typo) refuses nothing"
-    yaml_file = tmp_path / "c.yaml"
-    for key in cls.unused:
-        with pytest.raises(ConfigError, match=rf"'{key}' \(command line\) is not used by stage {stage}"):
-            load_config(cls, None, [f"{key}=1"])
-        yaml_file.write_text(f"{key}: 1\n")
-        with pytest.raises(ConfigError, match=rf"'{key}' \({yaml_file}\) is not used by stage {stage}"):
-            load_config(cls, str(yaml_file))
-        assert getattr(load_config(cls), key) == fields[key]  # the default is still there for the code
-    # The ones the issue names, and what must stay accepted where it is read.
+    fields = {f.name for f in dataclasses.fields(cls)}
+    # The ones the issue names: keys other stages read, and this one has no field for; what must stay accepted
+    # where it is read is a field there.
     expected = {
         "pretrain": {"data_path"},
         "sft": {"data_dir", "model_config"},
@@ -109,9 +103,37 @@ def test_keys_a_stage_never_reads_are_refused_from_yaml_and_command_line(stage, 
         "grpo": {"data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"},
         "distill": {"loss_chunk"},
     }
-    assert set(cls.unused) == expected[stage]
+    read_elsewhere = {"data_path", "data_dir", "model_config", "loss_chunk", "eval_every", "eval_batches"}
+    assert read_elsewhere - fields == expected[stage] and not (expected[stage] & fields)
+    yaml_file = tmp_path / "c.yaml"
+    for key in expected[stage]:
+        why = not_here(stage, key)
+        assert why, f"{key}: a key another stage reads says why it is not read here"
+        message = f"'{key}' (command line) is not used by stage {stage} (trainer.{stage}.Config): {why}; remove it"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(cls, None, [f"{key}=1"])
+        yaml_file.write_text(f"{key}: 1\n")
+        with pytest.raises(ConfigError, match=rf"'{key}' \({yaml_file}\) is not used by stage {stage}"):
+            load_config(cls, str(yaml_file))
     unit = {"dpo": "pairs", "reward": "pairs", "ppo": "replies", "grpo": "replies"}.get(stage, "sequences")
     assert cls.batch_unit == unit
+
+
+def test_the_reasons_a_key_is_not_read_are_those_of_before():
+    """The messages of the class tables this replaced, word for word."""
+    from trainer.config import not_here
+
+    assert not_here("pretrain", "data_path") == "pretraining reads token shards from data_dir"
+    assert not_here("lora", "data_dir") == "chat data comes from data_path"
+    assert not_here("reward", "model_config") == "the architecture comes from init_from's config.json"
+    assert not_here("grpo", "model_config") == "the policy's architecture comes from init_from's config.json"
+    assert not_here("dpo", "loss_chunk") == (
+        "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy"
+    )
+    assert not_here("ppo", "eval_every") == (
+        "rollout stages have no validation set (rollout statistics are logged every step)"
+    )
+    assert not_here("eval", "data_dir") is None  # no stage-specific reason: the unknown-key message
 
 
 @pytest.mark.slow
@@ -288,18 +310,19 @@ def test_a_corpus_too_small_for_the_vocab_fails_clearly(tmp_path):
     assert "the corpus is too small" in out.stderr and not (tmp_path / "tok" / "tokenizer.json").exists()
 
 
-def test_every_stage_default_is_valid_and_every_table_names_a_field():
+def test_every_stage_default_is_valid_and_every_rule_is_well_formed():
     import dataclasses
     import importlib
 
-    from trainer.config import _table, validate
+    from trainer.config import PATH_KINDS, Bound, rules_of, validate
 
     for name, (module, _) in STAGES.items():
         cls = importlib.import_module(module).Config
         validate(load_config(cls), paths=False)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for table in ("choices", "bounds", "devices", "paths", "unchecked"):
-            assert set(_table(cls, table)) <= fields, (name, table)  # a typo would check nothing
+        for f in dataclasses.fields(cls):
+            rules = rules_of(cls, f.name)
+            assert set(rules) <= {"bound", "path", "device", "unchecked"}, (name, f.name)
+            assert isinstance(rules.get("bound", Bound()), Bound) and rules.get("path", "dir") in PATH_KINDS
 
 
 # The keys added after the tables were written, in process (load_config is what main.py runs first).
@@ -407,11 +430,13 @@ def test_a_config_made_in_code_is_checked_before_a_model_is_built():
 
 
 # -----------------------------------------------------------------------------
-# A guard against the next key: every field a value can be wrong for is in a table, or says why any value will do
+# A guard against the next key: every field a value can be wrong for has a rule, or says why any value will do
 
-# Fields validate() checks with a rule of its own rather than a table entry.
+# Fields validate() checks with a rule of its own rather than a field rule.
 OWN_RULES = {"resume": "auto | never | an existing step_* directory"}
-_STR_FIELD = re.compile(r'^ +(\w+): str = "([^"]*)" *(?:# *(.*))?$', re.M)
+_STR_FIELD = re.compile(
+    r'^ +(\w+): (?:str|Literal\[.*\]|DtypeName) = (?:setting\()?"([^"]*)"[^#\n]*(?:# *(.*))?$', re.M
+)
 _BARE_WORD = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -442,25 +467,32 @@ def test_every_field_is_checked_or_listed_as_unchecked(stage):
     import dataclasses
     import importlib
 
-    from trainer.config import _table
+    from trainer.config import rules_of
 
     cls = importlib.import_module(STAGES[stage][0]).Config
     hints = typing.get_type_hints(cls)
-    bounds, unchecked = _table(cls, "bounds"), _table(cls, "unchecked")
-    enums = set(_table(cls, "choices")) | set(_table(cls, "devices")) | set(OWN_RULES)
-    assert all(unchecked.values()), "an unchecked field says why any value will do"
-    assert not (set(bounds) | enums) & set(unchecked), "a field is either checked or unchecked"
     for f in dataclasses.fields(cls):
+        rules = rules_of(cls, f.name)
         kinds = typing.get_args(hints[f.name]) or (hints[f.name],)  # batch_size: int | str
+        checked = "bound" in rules or rules.get("device") or typing.get_origin(hints[f.name]) is typing.Literal
+        checked = checked or f.name in OWN_RULES
+        if "unchecked" in rules:
+            assert rules["unchecked"] and not checked, f"{f.name}: either checked or unchecked, with the reason"
         if int in kinds or float in kinds:
-            assert f.name in bounds or f.name in unchecked, (
-                f"{cls.__module__}.Config.{f.name} is a number without a `bounds` entry: add its valid range, "
-                f"or list it in `unchecked` with the reason every value is valid"
+            assert "bound" in rules or "unchecked" in rules, (
+                f"{cls.__module__}.Config.{f.name} is a number without a bound: give it setting(..., bound=...), "
+                f"or setting(..., unchecked=...) with the reason every value is valid"
             )
     for name in vocabulary_fields(cls):
-        assert name in enums or name in unchecked, (
-            f"{cls.__module__}.Config.{name} takes one of a fixed vocabulary: add a `choices` entry, "
-            f"or list it in `unchecked` with the reason"
+        rules = rules_of(cls, name)
+        assert (
+            typing.get_origin(hints[name]) is typing.Literal
+            or rules.get("device")
+            or name in OWN_RULES
+            or ("unchecked" in rules)
+        ), (
+            f"{cls.__module__}.Config.{name} takes one of a fixed vocabulary: annotate it Literal[...], "
+            f"or give it setting(..., unchecked=...) with the reason"
         )
 
 

@@ -9,6 +9,7 @@ same batch (skipped without TRL).
 """
 
 import math
+import typing
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_every_loss_type_equals_trl_on_the_same_batch(policy_dir, tiny_tokenizer
     ours = {}
     from trainer.dpo import Config
 
-    loss_types = Config.choices["loss_type"]
+    loss_types = typing.get_args(typing.get_type_hints(Config)["loss_type"])  # the field's Literal choices
     for loss_type in loss_types:
         trainer = DPOTrainer(
             dpo_config(

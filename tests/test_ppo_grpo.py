@@ -53,7 +53,6 @@ def rl_config(stage: str, init_from: str, out_dir, data_path: str, **overrides):
         "device": "cpu",
         "dtype": "fp32",
         "save_every": 0,
-        "eval_every": 0,
         "log_every": 1,
         "seed": 0,
     }

@@ -411,7 +411,7 @@ def rl_cfg(stage: str, tiny_tokenizer_dir, tmp_path, **overrides):
         "reward_rules": "token_ids:100-163",
         "max_new_tokens": 8,
         "lr": 1e-3,
-        **{k: v for k, v in STAGE_DEFAULTS.items() if k not in ("val_samples", "max_steps")},
+        **{k: v for k, v in STAGE_DEFAULTS.items() if k not in ("val_samples", "max_steps", "eval_every")},
         "max_steps": 4,
     }
     return importlib.import_module(f"trainer.{stage}").Config(**{**base, **overrides})

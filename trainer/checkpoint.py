@@ -346,7 +346,8 @@ def write_card(
     """README.md in `path` (model/hub.py write_model_card) from the run's facts, readable by other accounts. The data
     licenses are those this stage's data declares (shards' meta.json, the metadata beside data files) plus those
     init_from's card recorded, so they accumulate along pretrain -> sft -> dpo."""
-    licenses = shard_licenses(cfg.data_dir) + file_licenses(cfg.data_path) + card_licenses(cfg.init_from)
+    data_dir, data_path = getattr(cfg, "data_dir", ""), getattr(cfg, "data_path", "")  # the stage's data mixins
+    licenses = shard_licenses(data_dir) + file_licenses(data_path) + card_licenses(cfg.init_from)
     licenses += card_licenses(getattr(cfg, "teacher_from", ""))  # distillation: the teacher's data shaped the student
     training = {
         "stage": stage,
@@ -356,7 +357,7 @@ def write_card(
         "peak lr": cfg.lr,
         "optimizer": cfg.optimizer,
         "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
-        "data": cfg.data_dir or cfg.data_path or "(see the stage config)",
+        "data": data_dir or data_path or "(see the stage config)",
         "compute dtype": dtype_name(dtype),
         "processes": world_size,
     }

@@ -6,32 +6,33 @@ fit the field's type fail at once with a message naming the key (nanoGPT's stric
 
     cfg = load_config(PretrainConfig, "config/pretrain.yaml", ["lr=3e-4", "max_steps=100"])
 
-A key a stage never reads is refused too (the class's `unused` attribute, see TrainConfig), so a setting that
-would silently do nothing fails instead.
+A setting's rules sit on its own line: `Literal[...]` for a fixed vocabulary, and `setting(default, bound=...,
+path=..., device=True, unchecked="why")` for a numeric range, a path that must exist, a device name, or the reason
+any value of its type will do. validate(cfg) walks the fields and raises ConfigError naming the key and what is
+allowed. load_config runs the value checks; run_trainer and the non-training stages' run() run them again with the
+path checks, before any model is built (a Config made in code is checked too).
 
-Values are checked up front, in one place: validate(cfg) reads each Config class's declarative tables (`choices`
-for enums, `bounds` for ranges, `devices`, `paths` for what must exist; `unchecked` lists the fields any value
-of whose type is valid, with the reason) and raises ConfigError naming the key and what is allowed. load_config
-runs the value checks; run_trainer and the non-training stages' run() run them again with the path checks, before
-any model is built (a Config made in code is checked too).
+A stage's Config mixes in what it reads (TrainConfig, the loop's settings, plus ShardData, FileData, TokenLoss,
+Evaluation, Architecture), so it has no key it does not read; NOT_HERE says why a key another stage reads is not one
+of its keys.
 """
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import yaml
 
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
-from trainer.bounds import Bound, above, at_least, between, is_finite  # noqa: F401 (re-exported: the stages import them from here)
 from trainer.checkpoint import CheckpointError, verify_checksums
-from trainer.errors import ConfigError, MissingPathError  # torch-free, for the tokenizer; imported from here too
+from trainer.errors import ConfigError, MissingPathError  # torch-free, for the scripts; imported from here too
 
 OPTIMIZERS = ("adamw", "muon")  # trainer/optim.py builds them
 _TRUE = {"true", "1", "yes", "on"}
@@ -39,60 +40,116 @@ _FALSE = {"false", "0", "no", "off"}
 _OVERRIDE_PAIR = re.compile(r"[A-Za-z_][\w-]*=")  # `key=value`: the start of the next override
 
 
+# -----------------------------------------------------------------------------
+# A setting's rules, on its own line
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range; None = unbounded on that side. NaN and infinity are outside every range: NaN compares
+    false with everything, so without the check it would pass any bound, and no setting is meant to be infinite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if not is_finite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+def at_least(low: float) -> Bound:
+    return Bound(low)
+
+
+def above(low: float) -> Bound:
+    return Bound(low, low_open=True)
+
+
+def between(low: float, high: float, *, high_open: bool = False) -> Bound:
+    return Bound(low, high, high_open=high_open)
+
+
+def is_finite(value) -> bool:
+    """False for a NaN or infinite float; True for any int (math.isfinite would overflow on a huge one)."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+SEED_RANGE = between(0, 2**31 - 1)  # seed + rank goes to np.random.seed, which takes [0, 2**32)
+PATH_KINDS = ("dir", "dirs", "checkpoint", "files", "tokenizer")  # what _check_path checks
+
+
+def setting(
+    default=dataclasses.MISSING,
+    *,
+    bound: Bound | None = None,
+    path: str | None = None,
+    device: bool = False,
+    unchecked: str = "",
+):
+    """A dataclass field with its rules in its metadata, read by validate(): bound (a numeric range), path (a
+    PATH_KINDS entry: what must exist when the stage runs), device (a device name; "" = the training device),
+    unchecked (why any value of its type is valid). A plain `name: type = default` is for what needs no rule
+    (bools, free text) or for a subclass that changes only the default (the base's rules hold, rules_of);
+    Literal[...] annotations carry their own choices."""
+    rules = {"bound": bound, "path": path, "device": device, "unchecked": unchecked}
+    metadata = {k: v for k, v in rules.items() if v}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def _coerce(key: str, value, annotation):
     """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):  # e.g. `int | None`
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is Literal:  # a fixed vocabulary: coerced to its values' type, validate() checks it is one of them
+        return _coerce(key, value, type(typing.get_args(annotation)[0]))
+    if origin in (typing.Union, types.UnionType):  # e.g. `int | None`: the first type that takes the value
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         errors = []
-        for option in options:
+        for option in (a for a in typing.get_args(annotation) if a is not type(None)):
             try:
                 return _coerce(key, value, option)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+                errors.append(e)
+        raise errors[0]
     if annotation is bool:
-        if isinstance(value, bool):
-            return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if annotation is int:
+        if not isinstance(value, bool):
+            raise wrong("true/false")
+        return value
+    if annotation in (int, float):
+        expected = "an integer" if annotation is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        if isinstance(value, int):
+            raise wrong(expected)
+        if isinstance(value, int) and annotation is int:
             return value
         try:
-            as_float = float(str(value).replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return int(as_float)  # accepts 1e6 and 1_000_000
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        try:
-            return float(value)
+            number = float(value)  # accepts 1e6 and 1_000_000
         except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+            raise wrong(expected) from None
+        if annotation is int and not number.is_integer():
+            raise wrong(expected)
+        return int(number) if annotation is int else number
     if annotation is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise wrong("a string")
         return "" if value is None else str(value)
-    if origin is list or annotation is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation) or (str,)
-        return [_coerce(key, v, item_type) for v in value]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return value
+    if (origin or annotation) is dict and not isinstance(value, dict):
+        raise wrong("a mapping")
     return value
 
 
@@ -161,6 +218,30 @@ def did_you_mean(key: str, known: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def read_yaml(yaml_path: str) -> dict:
+    """A YAML config file's mapping of key: value; ConfigError naming the file (and line) when it is not one."""
+    with open(yaml_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # e.g. a file saved as GBK: name the file and the line, not a traceback
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{yaml_path}:{line}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}); "
+            f"save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
+    return data
+
+
 def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict | None = None):
     """Build a `cls` dataclass: defaults, then the YAML file, then overrides. Strict about keys and types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -168,42 +249,13 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
     values = {}
     sources = []
     if yaml_path:
-        with open(yaml_path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:  # e.g. a file saved as GBK: name the file and the line, not a traceback
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise ConfigError(
-                f"{yaml_path}:{line}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}); "
-                f"save the file as UTF-8"
-            ) from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{yaml_path}:{mark.line + 1}:{mark.column + 1}" if mark else yaml_path
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{where}: malformed YAML ({problem})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
-        sources.append((f"{yaml_path}", data))
+        sources.append((yaml_path, read_yaml(yaml_path)))
     if overrides:
         sources.append(("command line", overrides if isinstance(overrides, dict) else parse_overrides(overrides)))
-    unused = getattr(cls, "unused", {})
     for where, data in sources:
         for key, value in data.items():
-            if not isinstance(key, str):  # YAML reads `1: 2` or `true: x` as a number or bool key
-                raise ConfigError(f"config key {key!r} ({where}): a key must be a name, got {type(key).__name__}")
-            if key in unused:
-                stage = cls.__module__.rsplit(".", 1)[-1]
-                raise ConfigError(
-                    f"config key '{key}' ({where}) is not used by stage {stage} "
-                    f"({cls.__module__}.{cls.__qualname__}): {unused[key]}; remove it"
-                )
             if key not in fields:
-                hint = did_you_mean(key, list(fields))
-                raise ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
+                raise unknown_key(cls, key, where)
             values[key] = _coerce(key, value, hints[key])
     try:
         cfg = cls(**values)
@@ -213,47 +265,87 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | dict |
     return cfg
 
 
+# Keys a stage has no field for although other stages read them, with why: the stage's own words instead of
+# "unknown config key". stage names (space-separated) -> why.
+NOT_HERE = {
+    "data_path": {"pretrain": "pretraining reads token shards from data_dir"},
+    "data_dir": {
+        "sft lora": "chat data comes from data_path",
+        "dpo reward": "preference pairs come from data_path",
+        "ppo grpo": "prompts come from data_path",
+    },
+    "model_config": {
+        "sft lora dpo reward": "the architecture comes from init_from's config.json",
+        "ppo grpo": "the policy's architecture comes from init_from's config.json",
+    },
+    "loss_chunk": {
+        "dpo": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy",
+        "reward": "the reward model reads one score per sequence, there is no token cross-entropy",
+        "ppo grpo": "the policy loss needs per-token log-probs from the full logits",
+        "distill": "the distillation loss needs the student's full logits for the KL term",
+    },
+    "eval_every": {"ppo grpo": "rollout stages have no validation set (rollout statistics are logged every step)"},
+    "eval_batches": {"ppo grpo": "rollout stages have no validation set"},
+}
+
+
+def unknown_key(cls, key, where: str) -> ConfigError:
+    """The error for a key `cls` has no field for: why its stage does not read it (NOT_HERE), or a spelling hint."""
+    if not isinstance(key, str):  # YAML reads `1: 2` or `true: x` as a number or bool key
+        return ConfigError(f"config key {key!r} ({where}): a key must be a name, got {type(key).__name__}")
+    stage = cls.__module__.rsplit(".", 1)[-1]
+    why = not_here(stage, key)
+    if why:
+        return ConfigError(
+            f"config key '{key}' ({where}) is not used by stage {stage} "
+            f"({cls.__module__}.{cls.__qualname__}): {why}; remove it"
+        )
+    hint = did_you_mean(key, [f.name for f in dataclasses.fields(cls)])
+    return ConfigError(f"unknown config key '{key}' ({where}) for {cls.__name__}{hint}")
+
+
+def not_here(stage: str, key: str) -> str | None:
+    """Why stage `stage` has no key `key` (NOT_HERE), or None when no stage reads it either."""
+    return next((why for stages, why in NOT_HERE.get(key, {}).items() if stage in stages.split()), None)
+
+
 # -----------------------------------------------------------------------------
-# Validation: one step, driven by the tables each Config class declares
+# Validation: one walk over the fields, each carrying its rules
 
 
-def _table(cls, name: str) -> dict:
-    """A table merged over the class hierarchy: a stage's Config declares only its own entries."""
-    merged = {}
-    for klass in reversed(cls.__mro__):
-        entries = vars(klass).get(name, {})
-        merged.update(dict.fromkeys(entries) if isinstance(entries, tuple) else entries)
-    return merged
+def rules_of(cls, key: str) -> dict:
+    """The rules setting() gave field `key`: its own, or, where a subclass only changes the default
+    (`lr: float = 1e-4`), its base's."""
+    for klass in cls.__mro__:
+        field = getattr(klass, "__dataclass_fields__", {}).get(key)
+        if field is not None and field.metadata:
+            return field.metadata
+    return {}
 
 
 def validate(cfg, *, paths: bool = True) -> None:
-    """Every value of `cfg` against its class's tables; paths=True also checks what must exist. Raises ConfigError
+    """Every value of `cfg` against its field's rules; paths=True also checks what must exist. Raises ConfigError
     (MissingPathError for a missing path) naming the key and what is allowed."""
     cls = type(cfg)
-    for field in dataclasses.fields(cls):  # every number, bounded or not (`unchecked` too): NaN passes any bound
-        value = getattr(cfg, field.name)
-        if not is_finite(value):
-            raise ConfigError(f"config key '{field.name}': must be a finite number, got {value!r}")
-    for key, allowed in _table(cls, "choices").items():
-        value = getattr(cfg, key)
-        if value not in allowed:
-            names = [str(a) for a in allowed]
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cfg):
+        key, rules, value = field.name, rules_of(cls, field.name), getattr(cfg, field.name)
+        if not is_finite(value):  # every number, bounded or not: NaN passes any bound
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
+        if typing.get_origin(hints[key]) is Literal and value not in typing.get_args(hints[key]):
+            names = [str(a) for a in typing.get_args(hints[key])]
             raise ConfigError(
                 f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}"
             )
-    for key, bound in _table(cls, "bounds").items():
-        value = getattr(cfg, key)
-        if key == "batch_size" and value == "auto":
-            continue
-        if isinstance(value, str):
-            raise ConfigError(
-                f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
-            )
-        if not bound.holds(value):
-            raise ConfigError(f"config key '{key}': must be {bound}, got {value!r}")
-    for key in _table(cls, "devices"):
-        value = getattr(cfg, key)
-        if value:  # "" = the training device, where allowed
+        bound = rules.get("bound")
+        if bound and not (key == "batch_size" and value == "auto"):
+            if isinstance(value, str):
+                raise ConfigError(
+                    f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
+                )
+            if not bound.holds(value):
+                raise ConfigError(f"config key '{key}': must be {bound}, got {value!r}")
+        if rules.get("device") and value:  # "" = the training device, where allowed
             try:
                 resolve_device(value)
             except ValueError as e:
@@ -264,8 +356,9 @@ def validate(cfg, *, paths: bool = True) -> None:
             f"config key 'resume': must be auto, never or an existing step_* directory, got {resume!r}"
         )
     if paths:
-        for key, kind in _table(cls, "paths").items():
-            _check_path(cfg, key, kind)
+        for field in dataclasses.fields(cfg):
+            if "path" in rules_of(cls, field.name):
+                _check_path(cfg, field.name, rules_of(cls, field.name)["path"])
 
 
 def _check_path(cfg, key: str, kind: str) -> None:
@@ -302,10 +395,7 @@ def _check_path(cfg, key: str, kind: str) -> None:
 
 
 def config_to_dict(cfg) -> dict:
-    """The fields the stage reads: a key its class lists as `unused` (SFT's model_config: the architecture comes from
-    init_from) would only show a default that did not apply, and load_config refuses it when read back."""
-    unused = getattr(type(cfg), "unused", {})
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unused}
+    return dataclasses.asdict(cfg)  # every field is one the stage reads (no stage has a key it does not read)
 
 
 def format_config(cfg) -> str:
@@ -323,106 +413,116 @@ def save_config(cfg, path: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# The settings every training stage shares. A stage's Config subclasses this and adds only its own fields.
+# The settings of the training stages. TrainConfig: what the Trainer's loop reads in every stage. The mixins below
+# it: what only some stages read; a stage's Config mixes in those it reads and adds its own fields.
+
+DtypeName = Literal[("auto", *DTYPES)]
 
 
 @dataclass
 class TrainConfig:
-    # Class attributes, not fields. unused: TrainConfig fields this stage never reads -> why; load_config rejects
-    # them when set in YAML or on the command line (the dataclass defaults stay). batch_unit: what batch_size and
-    # global_batch_size count in this stage.
-    unused: ClassVar[dict[str, str]] = {}
+    # batch_unit: what batch_size and global_batch_size count in this stage (a class attribute, not a key).
     batch_unit: ClassVar[str] = "sequences"
-    # What validate() checks; a subclass declares only its own entries (the tables merge over the hierarchy).
-    # Every int/float field has a `bounds` entry and every str field with a fixed vocabulary a `choices` (or
-    # `devices`) entry, or it is listed in `unchecked` with the reason any value will do: tests/test_cli.py
-    # fails on a field in none of them, so a new key cannot be forgotten.
-    choices: ClassVar[dict[str, tuple]] = {
-        "optimizer": OPTIMIZERS,
-        "lr_schedule": ("cosine", "wsd", "constant"),
-        "dtype": ("auto", *DTYPES),
-        "parallel": ("ddp", "fsdp"),
-        "logger": ("none", "wandb", "swanlab", "tensorboard"),
-    }
-    bounds: ClassVar[dict[str, Bound]] = {
-        "max_steps": at_least(1),
-        "batch_size": at_least(1),
-        "global_batch_size": at_least(0),
-        "seq_len": at_least(1),
-        "lr": at_least(0),
-        "min_lr_ratio": between(0, 1),
-        "warmup_steps": at_least(0),
-        "decay_ratio": between(0, 1),
-        "weight_decay": at_least(0),
-        "beta1": between(0, 1, high_open=True),
-        "beta2": between(0, 1, high_open=True),
-        "muon_lr_ratio": above(0),  # 0 would freeze every hidden matrix under Muon (lr=0 freezes everything)
-        "muon_momentum": between(0, 1, high_open=True),  # 1 never forgets a gradient
-        "grad_clip": at_least(0),
-        "loss_chunk": at_least(0),
-        "log_every": at_least(1),
-        "eval_every": at_least(0),
-        "eval_batches": at_least(0),
-        "save_every": at_least(0),
-        "keep_last": at_least(0),
-        "seed": between(0, 2**31 - 1),  # seed + rank goes to np.random.seed, which takes [0, 2**32)
-        "fp16_init_scale": above(0),  # GradScaler's first scale multiplies the loss: 0 zeroes every gradient
-        "max_skipped_steps": at_least(1),  # 0 would stop at the first check, before any step was skipped
-        "threads": at_least(0),
-    }
-    unchecked: ClassVar[dict[str, str]] = {}  # field -> why every value of its type is valid
-    devices: ClassVar[tuple[str, ...]] = ("device",)
-    paths: ClassVar[dict[str, str]] = {"init_from": "checkpoint", "tokenizer_dir": "tokenizer"}
     # --- what to train, on what ---
-    model_config: str = "config/model/small.json"  # architecture preset (pretraining only; later stages inherit)
-    init_from: str = ""  # checkpoint dir to start from (a stage's final/ or step_*/); "" = random init
-    tokenizer_dir: str = "out/tokenizer"  # HF tokenizer folder written by the tokenizer stage
-    data_dir: str = ""  # token shards (pretraining)
-    data_path: str = ""  # data files, comma-separated (chat / preference stages)
+    init_from: str = setting("", path="checkpoint")  # checkpoint dir to start from (a stage's final/ or step_*/);
+    #                                                   "" = random init from model_config where the stage has one
+    tokenizer_dir: str = setting("out/tokenizer", path="tokenizer")  # HF tokenizer folder (the tokenizer stage's)
     out_dir: str = "out/run"  # checkpoints, metrics.jsonl, config.yaml
     # --- batch and schedule ---
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int | str = 16  # micro-batch per process, in batch_unit; "auto" = largest that fits (CUDA probe)
-    global_batch_size: int = 0  # batch_unit per optimizer step over all processes; 0 = batch_size x processes
-    seq_len: int = 512  # tokens per sequence
-    lr: float = 3e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
-    warmup_steps: int = 100  # linear warmup from 0
-    lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    decay_ratio: float = 0.2  # wsd: share of steps spent in the final linear decay
-    weight_decay: float = 0.1  # decay on matrices (not on norms or biases), AdamW's and Muon's
+    max_steps: int = setting(1000, bound=at_least(1))  # optimizer steps
+    batch_size: int | str = setting(16, bound=at_least(1))  # micro-batch per process, in batch_unit; "auto" =
+    #                                                         largest that fits (CUDA probe)
+    global_batch_size: int = setting(0, bound=at_least(0))  # batch_unit per optimizer step over all processes;
+    #                                                          0 = batch_size x processes
+    seq_len: int = setting(512, bound=at_least(1))  # tokens per sequence
+    lr: float = setting(3e-4, bound=at_least(0))  # peak learning rate
+    min_lr_ratio: float = setting(0.1, bound=between(0, 1))  # final learning rate as a fraction of lr
+    warmup_steps: int = setting(100, bound=at_least(0))  # linear warmup from 0
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # wsd = warmup-stable-decay
+    decay_ratio: float = setting(0.2, bound=between(0, 1))  # wsd: share of steps spent in the final linear decay
+    weight_decay: float = setting(0.1, bound=at_least(0))  # decay on matrices (not norms or biases), AdamW's and
+    #                                                         Muon's
     decay_embeddings: bool = True  # false: no weight decay on the token embedding and the output head
-    beta1: float = 0.9  # AdamW betas (under optimizer=muon: of the embeddings, head, norms)
-    beta2: float = 0.95
-    optimizer: str = "adamw"  # adamw | muon: Muon for the hidden matrices, AdamW for the rest (trainer/optim.py)
-    muon_lr_ratio: float = 10.0  # muon: the hidden matrices' peak lr as a multiple of lr (the AdamW groups keep
-    #                              lr); Muon scales it per matrix by 0.2*sqrt(max(out, in)) (trainer/optim.py); 10
-    #                              suits short runs, config/pretrain.yaml's long ones use 5 (bench/RESULTS.md)
-    muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
-    grad_clip: float = 1.0  # clip the global grad norm to this; 0 = off
+    beta1: float = setting(0.9, bound=between(0, 1, high_open=True))  # AdamW betas (under optimizer=muon: of the
+    #                                                                     embeddings, head, norms)
+    beta2: float = setting(0.95, bound=between(0, 1, high_open=True))
+    optimizer: Literal[OPTIMIZERS] = "adamw"  # muon: Muon for the hidden matrices, AdamW for the rest
+    #                                           (trainer/optim.py)
+    # muon: the hidden matrices' peak lr as a multiple of lr (the AdamW groups keep lr); Muon scales it per matrix by
+    # 0.2*sqrt(max(out, in)) (trainer/optim.py); 10 suits short runs, config/pretrain.yaml's long ones use 5
+    # (bench/RESULTS.md). Above 0: 0 would freeze every hidden matrix under Muon (lr=0 freezes everything).
+    muon_lr_ratio: float = setting(10.0, bound=above(0))
+    muon_momentum: float = setting(0.95, bound=between(0, 1, high_open=True))  # muon: Nesterov momentum of the
+    #                                                                            hidden matrices (1 never forgets)
+    grad_clip: float = setting(1.0, bound=at_least(0))  # clip the global grad norm to this; 0 = off
     # --- system ---
-    device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU) | bf16 | fp16
-    #                      | fp32
+    device: str = setting("auto", device=True)  # auto (CUDA, then Apple MPS, then CPU) | cpu | cuda | cuda:N | mps
+    dtype: DtypeName = "auto"  # auto (bf16 on capable GPUs, fp16 + GradScaler on older ones, fp32 on CPU)
     compile: bool = False  # torch.compile the model
-    threads: int = 0  # CPU intra-op threads; 0 = auto: OMP_NUM_THREADS if set, else the idle cores, at most 4
-    #                   (model/runtime.py auto_cpu_threads; on a busy machine 1 thread beats one per core)
-    parallel: str = "ddp"  # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer
-    #                        state sharded over the GPUs, for a model that does not fit one; pretrain and sft)
+    threads: int = setting(0, bound=at_least(0))  # CPU intra-op threads; 0 = auto: OMP_NUM_THREADS if set, else
+    #                                 the idle cores, at most 4 (model/runtime.py auto_cpu_threads; on a busy
+    #                                 machine 1 thread beats one per core)
+    # under torchrun: ddp (every GPU holds the whole model) | fsdp (weights, grads and optimizer state sharded over
+    # the GPUs, for a model that does not fit one; pretrain and sft)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory for one more forward
-    loss_chunk: int = 0  # >0: cross-entropy from hidden states this many tokens at a time, never all logits at once
-    #                      (less memory at big micro-batches, one extra output matmul); 0 = plain loss
-    seed: int = 1337
-    # --- logging, evaluation, checkpoints ---
-    log_every: int = 10  # steps between status lines
-    eval_every: int = 200  # steps between evaluations (also at the end); 0 = only at the end
-    eval_batches: int = 20  # validation micro-batches per evaluation
-    save_every: int = 500  # steps between checkpoints (also at the end); 0 = only at the end
-    keep_last: int = 2  # step_* checkpoints kept on disk
+    seed: int = setting(1337, bound=SEED_RANGE)
+    # --- logging and checkpoints ---
+    log_every: int = setting(10, bound=at_least(1))  # steps between status lines
+    save_every: int = setting(500, bound=at_least(0))  # steps between checkpoints (also at the end); 0 = only at
+    #                                                     the end
+    keep_last: int = setting(2, bound=at_least(0))  # step_* checkpoints kept on disk
     resume: str = "auto"  # auto = newest complete checkpoint in out_dir | never | path to a step_* dir
-    logger: str = "none"  # none | wandb | swanlab | tensorboard
+    logger: Literal["none", "wandb", "swanlab", "tensorboard"] = "none"
     run_name: str = ""  # name for the external logger (default: out_dir's name)
     # --- mixed precision and the input pipeline (trainer/guard.py, dataset/batches.py PrefetchBatches) ---
-    fp16_init_scale: float = 65536.0  # dtype=fp16: GradScaler's first loss scale (it halves on each overflow)
-    max_skipped_steps: int = 20  # stop after this many optimizer steps in a row skipped for non-finite gradients
+    # dtype=fp16: GradScaler's first loss scale (it halves on each overflow); 0 would zero every gradient
+    fp16_init_scale: float = setting(65536.0, bound=above(0))
+    # stop after this many optimizer steps in a row skipped for non-finite gradients; 0 would stop at the first
+    # check, before any step was skipped
+    max_skipped_steps: int = setting(20, bound=at_least(1))
     prefetch: bool = True  # build the next step's batches in a background thread (pinned memory on CUDA)
+
+
+@dataclass
+class Architecture:
+    """Stages that may start from random weights (pretrain, distill's student)."""
+
+    model_config: str = "config/model/small.json"  # architecture preset (used when init_from is empty)
+
+
+@dataclass
+class ShardData:
+    """Stages that read token shards (dataset/shards.py)."""
+
+    data_dir: str = setting("", path="dir")  # token shards (pretraining data)
+
+
+@dataclass
+class FileData:
+    """Stages that read records from data files (dataset/records.py: chat, preference pairs, prompts)."""
+
+    data_path: str = setting("", path="files")  # data files, globs or parquet/Arrow/save_to_disk, comma-separated
+    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
+    # skip (counted, first few printed; a file that yields nothing or loses over half its records stops the run)
+    # | error (stop at the first, naming file:line) | skip_file (skip, and go on without such a file, warned)
+    on_bad_record: Literal["skip", "error", "skip_file"] = "skip"
+    max_samples: int = setting(0, bound=at_least(0))  # usable records read per file; 0 = all (quick runs)
+
+
+@dataclass
+class TokenLoss:
+    """Stages whose loss is the token cross-entropy (model/model_slm.py)."""
+
+    # >0: cross-entropy from hidden states this many tokens at a time, never all logits at once (less memory at big
+    # micro-batches, one extra output matmul); 0 = plain loss
+    loss_chunk: int = setting(0, bound=at_least(0))
+
+
+@dataclass
+class Evaluation:
+    """Stages with a validation set."""
+
+    eval_every: int = setting(200, bound=at_least(0))  # steps between evaluations (also at the end); 0 = only at
+    #                                                     the end
+    eval_batches: int = setting(20, bound=at_least(0))  # validation micro-batches per evaluation

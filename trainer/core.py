@@ -47,8 +47,16 @@ from trainer.common import (
     probe_micro_batch,
     seed_rngs,
 )
-from trainer.config import TrainConfig, config_to_dict, format_config, save_config, validate
-from trainer.errors import ConfigError
+from trainer.config import (
+    Architecture,
+    ConfigError,
+    Evaluation,
+    TrainConfig,
+    config_to_dict,
+    format_config,
+    save_config,
+    validate,
+)
 from trainer.guard import StepGuard, non_finite_count
 from trainer.optim import build_optimizer, lr_at
 from trainer.run_lock import out_dir_lock
@@ -70,7 +78,7 @@ class Trainer:
       count_tokens(*, batch) -> int: tokens processed, for tok/s and tokens_seen
     models
       load_tokenizer(), build_model(): default init_from's, else tokenizer_dir / model_config (only where the
-          Config takes model_config; elsewhere an empty init_from is refused in __init__)
+          Config mixes in Architecture; elsewhere an empty init_from is refused in __init__)
       setup(): after the policy is built: frozen reference, reward model, teacher, value head, LoRA adapters
       probe_step(*, micro_batch): batch_size=auto's trial: forward+backward of that many batch units of random
           data at seq_len (DPO: 2 rows per pair plus the reference's forward)
@@ -145,7 +153,7 @@ class Trainer:
         # The values first, on every path into the Trainer (run_trainer, tests and benchmarks that build one):
         # choices such as parallel and batch_size's "auto" are checked there, not again below.
         validate(cfg, paths=False)
-        if not cfg.init_from and "model_config" in type(cfg).unused:
+        if not cfg.init_from and not isinstance(cfg, Architecture):
             raise ConfigError(
                 f"init_from is empty: stage {self.stage} starts from a saved model (its architecture and tokenizer "
                 f"come from init_from's config.json); give a checkpoint dir, e.g. an earlier stage's final/"
@@ -288,7 +296,8 @@ class Trainer:
         evaluation = {}  # the newest, for final/'s model card
         while True:
             last = self.step >= cfg.max_steps
-            if last or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step > 0):
+            every = cfg.eval_every if isinstance(cfg, Evaluation) else 0  # rollout stages: the final one only
+            if last or (every > 0 and self.step % every == 0 and self.step > 0):
                 evaluation = self.evaluate()
                 self.metrics_log.write(evaluation, step=self.step, split="eval")
             if last:

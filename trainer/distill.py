@@ -26,28 +26,24 @@ from model.attention import document_mask
 from model.runtime import load_pretrained
 from trainer import pretrain, sft
 from trainer.common import print0
-from trainer.config import Bound, ConfigError, above, between
+from trainer.config import Architecture, ConfigError, Evaluation, TrainConfig, above, between, setting
 from trainer.core import run_trainer
 
 
 @dataclass
-class Config(sft.Config, pretrain.Config):
+class Config(sft.ChatData, pretrain.ShardSamples, Architecture, Evaluation, TrainConfig):
     # batch_size / global_batch_size count shard windows (data_dir) or conversations (data_path)
     batch_unit: ClassVar[str] = "sequences"
-    # Both data sources and a student architecture are read here (not SFT's unused keys); the loss is its own.
-    unused: ClassVar[dict[str, str]] = {
-        "loss_chunk": "the distillation loss needs the student's full logits for the KL term"
-    }
-    bounds: ClassVar[dict[str, Bound]] = {"temperature": above(0), "alpha": between(0, 1)}
-    paths: ClassVar[dict[str, str]] = {"teacher_from": "checkpoint"}  # data_dir, data_path: from the parents
-    teacher_from: str = ""  # teacher checkpoint dir (same tokenizer); required
+    teacher_from: str = setting("", path="checkpoint")  # teacher checkpoint dir (same tokenizer); required
     init_from: str = ""  # student start; "" = random init from model_config
-    model_config: str = "config/model/small.json"  # student architecture when init_from is empty
     out_dir: str = "out/distill"
     data_dir: str = ""  # token shards (pretraining data); takes precedence over data_path
     data_path: str = ""  # chat files (SFT data), used when data_dir is empty
-    temperature: float = 2.0  # softmax temperature of both distributions in the KL term
-    alpha: float = 0.5  # weight of the KL term; 1 - alpha goes to cross-entropy on the data
+    max_steps: int = 2000  # SFT's schedule
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    temperature: float = setting(2.0, bound=above(0))  # softmax temperature of both distributions in the KL term
+    alpha: float = setting(0.5, bound=between(0, 1))  # weight of the KL term; 1 - alpha goes to cross-entropy
 
 
 # -----------------------------------------------------------------------------

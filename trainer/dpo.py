@@ -23,14 +23,14 @@ and then frees it, so only the policy (and its optimizer) is in memory during tr
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from dataset.preference_data import PairDataset
 from model.runtime import frozen_autocast
-from trainer.config import Bound, TrainConfig, above, at_least, between
+from trainer.config import Evaluation, FileData, TrainConfig, above, at_least, between, setting
 from trainer.core import run_trainer
 from trainer.logprobs import load_reference, sequence_logprobs
 from trainer.pairs import PairTrainer
@@ -39,43 +39,24 @@ from trainer.pairs import PairTrainer
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(FileData, Evaluation, TrainConfig):
     # batch_size / global_batch_size count chosen/rejected pairs (2 sequences each)
     batch_unit: ClassVar[str] = "pairs"
-    unused: ClassVar[dict[str, str]] = {
-        "data_dir": "preference pairs come from data_path",
-        "model_config": "the architecture comes from init_from's config.json",
-        "loss_chunk": "the DPO loss sums per-token log-probs from the full logits, not a chunked cross-entropy",
-    }
-    choices: ClassVar[dict[str, tuple]] = {
-        "loss_type": ("sigmoid", "ipo", "hinge"),
-        "on_bad_record": ("skip", "error", "skip_file"),
-    }
-    bounds: ClassVar[dict[str, Bound]] = {
-        "beta": above(0),
-        "label_smoothing": between(0, 0.5, high_open=True),
-        "val_samples": at_least(0),
-        "max_samples": at_least(0),
-    }
-    devices: ClassVar[tuple[str, ...]] = ("ref_device",)
-    paths: ClassVar[dict[str, str]] = {"data_path": "files", "ref_from": "checkpoint"}
     init_from: str = "out/sft/final"  # the SFT model to align (architecture and tokenizer come with it)
     out_dir: str = "out/dpo"
     data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated
-    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 500
     lr: float = 1e-6  # DPO wants a small lr: the implicit reward drifts fast
     warmup_steps: int = 20
     weight_decay: float = 0.0
-    beta: float = 0.1  # strength of the (implicit) KL constraint to the reference
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge (see the module docstring)
-    label_smoothing: float = 0.0  # sigmoid only: assumed share of flipped labels (cDPO)
-    ref_from: str = ""  # frozen reference; "" = init_from
-    ref_device: str = ""  # "" = the training device | cpu = keep the reference off the GPU
+    beta: float = setting(0.1, bound=above(0))  # strength of the (implicit) KL constraint to the reference
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # see the module docstring
+    # sigmoid only: assumed share of flipped labels (cDPO)
+    label_smoothing: float = setting(0.0, bound=between(0, 0.5, high_open=True))
+    ref_from: str = setting("", path="checkpoint")  # frozen reference; "" = init_from
+    ref_device: str = setting("", device=True)  # "" = the training device | cpu = keep the reference off the GPU
     precompute_ref: bool = False  # reference log-probs once before training, then free the reference
-    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
-    val_samples: int = 100  # pairs held out for validation loss and reward accuracy; 0 = none
-    max_samples: int = 0  # usable pairs read per file; 0 = all
+    val_samples: int = setting(100, bound=at_least(0))  # pairs held out for validation loss and reward accuracy
 
 
 def dpo_loss(

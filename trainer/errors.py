@@ -1,6 +1,7 @@
 """
-The errors main.py reports as a usage mistake (exit code 2, the message, no traceback). A module of its own, free of
-torch, so that torch-free stages (the tokenizer) can raise them; trainer/config.py re-exports both.
+The errors main.py reports as a usage mistake (exit code 2, the message, no traceback), and the writers' handling of a
+full disk. A module of its own, free of torch, so that the scripts (prepare_shards, the exports) use it without
+loading the training code; trainer/config.py re-exports ConfigError and MissingPathError.
 """
 
 import os

@@ -29,7 +29,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,69 +41,48 @@ from dataset.shards import load_meta, val_windows
 from dataset.text_sources import TEXT_FIELDS, expand_paths, iter_documents
 from dataset.tokenizer import token_byte_lengths
 from model.engine import Engine, SamplingParams
-from model.runtime import DTYPES
 from trainer.common import print0
-from trainer.config import Bound, above, at_least, between, config_to_dict, validate
+from trainer.config import DtypeName, above, at_least, between, config_to_dict, setting, validate
 
 
 @dataclass
 class Config:
-    # What validate() checks (trainer/config.py).
-    choices: ClassVar[dict[str, tuple]] = {
-        "dtype": ("auto", *DTYPES),
-        "quantize": ("none", "int8", "int4"),
-        "mc_score": ("letter", "option", "both"),
-    }
-    bounds: ClassVar[dict[str, Bound]] = {
-        "batch_size": at_least(1),
-        "seq_len": at_least(1),
-        "ppl_max_tokens": at_least(0),
-        "shots": at_least(0),
-        "mc_max_questions": at_least(0),
-        "max_new_tokens": at_least(1),
-        "temperature": at_least(0),
-        "top_k": at_least(0),
-        "top_p": between(0, 1),
-        "repetition_penalty": above(0),  # logits are divided (or multiplied) by it
-    }
-    unchecked: ClassVar[dict[str, str]] = {
-        "mc_split": "a split folder of mc_dir (test, val, ...); a missing one is named when mc_dir is read",
-        "seed": "any integer seeds a torch.Generator (seed + batch index)",
-    }
-    devices: ClassVar[tuple[str, ...]] = ("device",)
-    paths: ClassVar[dict[str, str]] = {"init_from": "dirs"}  # model or LoRA adapter dirs
-    init_from: str = "out/sft/final"  # checkpoint dir; comma-separated dirs are compared in one table
+    init_from: str = setting("out/sft/final", path="dirs")  # model or LoRA adapter dir; comma-separated dirs are
+    #                                                         compared in one table
     names: str = ""  # column names for the checkpoints, comma-separated; "" = derived from the paths
     out_dir: str = "out/eval"  # eval.json, eval.md, generations.md
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (model/runtime.py: bf16 on sm80+, fp16 on older GPUs, fp32 on CPU) | bf16 | fp16 | fp32
-    quantize: str = "none"  # none | int8 | int4: evaluate the weight-only quantized model (model/quantize.py)
-    batch_size: int = 8  # sequences per forward
+    device: str = setting("auto", device=True)  # auto | cpu | cuda | cuda:N | mps
+    dtype: DtypeName = "auto"  # auto (model/runtime.py: bf16 on sm80+, fp16 on older GPUs, fp32 on CPU)
+    quantize: Literal["none", "int8", "int4"] = "none"  # evaluate the weight-only quantized model (model/quantize.py)
+    batch_size: int = setting(8, bound=at_least(1))  # sequences per forward
     # --- perplexity / bits per byte ---
     ppl_data: str = ""  # shard dir (val shard) or text/JSONL/JSON/parquet files, comma-separated; "" = skip
     ppl_text_column: str = ""  # JSONL field / table column of ppl_data's text; "" = the first of text, content
-    seq_len: int = 512  # window length (capped at the model's context)
-    ppl_max_tokens: int = 200_000  # tokens scored at most (0 = all)
+    seq_len: int = setting(512, bound=at_least(1))  # window length (capped at the model's context)
+    ppl_max_tokens: int = setting(200_000, bound=at_least(0))  # tokens scored at most (0 = all)
     # --- multiple choice (CMMLU or C-Eval as published: layout and header detected) ---
     mc_dir: str = (
         ""  # CMMLU/C-Eval: split folders of subject CSV/parquet files, or the Hub's subject folders; "" = skip
     )
-    mc_split: str = "test"  # the split scored: test for CMMLU, val for C-Eval (its test has no answers); shots: dev/
+    # the split scored (test, val, ...): test for CMMLU, val for C-Eval (its test has no answers); shots: dev/
+    mc_split: str = setting("test", unchecked="a split folder of mc_dir; a missing one is named when mc_dir is read")
     subjects: str = ""  # comma-separated subject names; "" = every subject of the split
-    shots: int = 0  # dev questions shown before each question (0 = zero-shot)
-    mc_score: str = "letter"  # letter | option | both: what is scored (both reports two accuracies)
-    mc_max_questions: int = 0  # questions per subject (0 = all): quick runs
+    shots: int = setting(0, bound=at_least(0))  # dev questions shown before each question (0 = zero-shot)
+    # what is scored (both reports two accuracies)
+    mc_score: Literal["letter", "option", "both"] = "letter"
+    mc_max_questions: int = setting(0, bound=at_least(0))  # questions per subject (0 = all): quick runs
     # --- generation report ---
     prompts: str = ""  # records {"prompt", "reference"?}: JSONL/JSON/parquet/Arrow files, comma-separated; "" = skip
     chat: bool = True  # wrap prompts in the tokenizer's chat template (off for base models)
     # Sampling: model/engine.py SamplingParams' defaults (greedy, unpenalised: reproducible reports), except the
     # length: a report answers every prompt for every checkpoint, so its cap is half SamplingParams' 256.
-    max_new_tokens: int = 128
-    temperature: float = SamplingParams.temperature  # 0 = greedy
-    top_k: int = SamplingParams.top_k
-    top_p: float = SamplingParams.top_p
-    repetition_penalty: float = SamplingParams.repetition_penalty
-    seed: int = 0
+    max_new_tokens: int = setting(128, bound=at_least(1))
+    temperature: float = setting(SamplingParams.temperature, bound=at_least(0))  # 0 = greedy
+    top_k: int = setting(SamplingParams.top_k, bound=at_least(0))
+    top_p: float = setting(SamplingParams.top_p, bound=between(0, 1))
+    # logits are divided (or multiplied) by it
+    repetition_penalty: float = setting(SamplingParams.repetition_penalty, bound=above(0))
+    seed: int = setting(0, unchecked="any integer seeds a torch.Generator (seed + batch index)")
 
 
 # -----------------------------------------------------------------------------

@@ -23,11 +23,11 @@ The loop, checkpoints and exact resume (rollout buffer included) are the shared 
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
-from trainer.config import Bound, at_least
+from trainer.config import at_least, setting
 from trainer.core import run_trainer
 from trainer.logprobs import kl_estimate, masked_mean, token_logprobs
 from trainer.rollout import RLConfig, RolloutTrainer
@@ -39,13 +39,11 @@ from trainer.rollout import RLConfig, RolloutTrainer
 class Config(RLConfig):
     # batch_size / global_batch_size count sampled replies (num_generations per prompt)
     batch_unit: ClassVar[str] = "replies"
-    choices: ClassVar[dict[str, tuple]] = {"loss_norm": ("token", "sequence")}
-    bounds: ClassVar[dict[str, Bound]] = {"num_generations": at_least(2)}  # advantages are relative to the group
     out_dir: str = "out/grpo"
-    num_generations: int = 8  # G: replies per prompt
+    num_generations: int = setting(8, bound=at_least(2))  # G: replies per prompt (advantages are relative to it)
     kl_coef: float = 0.04  # beta of DeepSeekMath
     scale_rewards: bool = True  # divide by the group's std (false = Dr. GRPO)
-    loss_norm: str = "token"  # token | sequence (see the module docstring)
+    loss_norm: Literal["token", "sequence"] = "token"  # see the module docstring
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -62,7 +60,7 @@ class GRPOTrainer(RolloutTrainer):
     stage = "grpo"
 
     def setup(self):
-        super().setup()  # loss_norm and num_generations were checked by validate() (the tables above)
+        super().setup()  # loss_norm and num_generations were checked by validate() (their field lines above)
         self.token_level = self.cfg.loss_norm == "token"
 
     def score_rollout(self, buf: dict) -> None:

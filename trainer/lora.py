@@ -19,7 +19,6 @@ unchanged bit for bit, and resume re-reads it from there.
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -32,7 +31,7 @@ from model.lora import (
     save_adapter,
 )
 from trainer.common import print0
-from trainer.config import Bound, above, at_least, between
+from trainer.config import above, at_least, between, setting
 from trainer.core import run_trainer
 from trainer.sft import Config as SFTConfig
 from trainer.sft import SFTTrainer
@@ -40,18 +39,14 @@ from trainer.sft import SFTTrainer
 
 @dataclass
 class Config(SFTConfig):
-    bounds: ClassVar[dict[str, Bound]] = {
-        "lora_r": at_least(1),
-        "lora_alpha": above(0),
-        "lora_dropout": between(0, 1, high_open=True),
-    }
     out_dir: str = "out/lora"
     lr: float = 5e-4  # adapters start at zero and are small (not swept; full SFT's sweep: bench/RESULTS.md)
     weight_decay: float = 0.0  # decaying A and B pulls the update towards zero, i.e. towards the base model
-    lora_r: int = 16  # rank of each adapter
-    lora_alpha: float = 32.0  # the update is scaled by lora_alpha / lora_r (lora_alpha / sqrt(lora_r) with rsLoRA)
+    lora_r: int = setting(16, bound=at_least(1))  # rank of each adapter
+    # the update is scaled by lora_alpha / lora_r (lora_alpha / sqrt(lora_r) with rsLoRA)
+    lora_alpha: float = setting(32.0, bound=above(0))
     lora_rslora: bool = False  # rank-stabilized LoRA: scale by alpha / sqrt(r), so a larger r is not a smaller update
-    lora_dropout: float = 0.05  # dropout on the adapter's input (training only)
+    lora_dropout: float = setting(0.05, bound=between(0, 1, high_open=True))  # on the adapter's input (training only)
     # Every attention and MLP projection (k/v included under GQA); MoE experts' projections match too.
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from dataset.corpus import print_summary, simplify
 from dataset.demo_data import SMALL_TALK, task_answer, task_prompt, write_demo_data
@@ -24,7 +23,7 @@ from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
 from model.engine import Engine, SamplingParams
 from model.runtime import resolve_device, set_cpu_threads
-from trainer.config import Bound, TrainConfig, at_least, load_config, validate
+from trainer.config import SEED_RANGE, at_least, load_config, setting, validate
 from trainer.stages import STAGES
 
 ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
@@ -32,20 +31,15 @@ ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
 
 @dataclass
 class Config:
-    # What validate() checks (trainer/config.py); seed is passed on to every training stage, so it gets their bound.
-    devices: ClassVar[tuple[str, ...]] = ("device",)
-    bounds: ClassVar[dict[str, Bound]] = {
-        "seed": TrainConfig.bounds["seed"],
-        "threads": TrainConfig.bounds["threads"],
-        "n_docs": at_least(1),
-    }
     out_dir: str = "out/demo"  # every artifact goes under here
     stages: str = ALL_STAGES  # comma-separated subset, in this order
     force: bool = False  # redo stages whose outputs already exist
-    seed: int = 0
-    n_docs: int = 3000  # generated pretraining documents
-    device: str = "auto"  # passed to every training stage
-    threads: int = 0  # CPU threads, passed to every training stage; 0 = auto (model/runtime.py auto_cpu_threads)
+    seed: int = setting(0, bound=SEED_RANGE)  # passed on to every training stage, so it gets their bound
+    n_docs: int = setting(3000, bound=at_least(1))  # generated pretraining documents
+    device: str = setting("auto", device=True)  # passed to every training stage
+    threads: int = setting(
+        0, bound=at_least(0)
+    )  # CPU threads, passed to every training stage; 0 = auto (model/runtime.py auto_cpu_threads)
     # Per-stage settings: any field of that stage's Config (paths are filled in by the pipeline).
     tokenizer: dict = field(default_factory=dict)
     shards: dict = field(default_factory=dict)  # keyword arguments of dataset/shard_writer.prepare

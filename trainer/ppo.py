@@ -34,12 +34,12 @@ Single process only: the value head / critic is outside the DDP wrapper, so its 
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from model.runtime import load_pretrained
-from trainer.config import Bound, above, at_least, between
+from trainer.config import above, at_least, between, setting
 from trainer.core import run_trainer
 from trainer.logprobs import kl_estimate, masked_mean, masked_whiten, token_logprobs
 from trainer.rollout import RLConfig, RolloutTrainer
@@ -51,26 +51,20 @@ from trainer.rollout import RLConfig, RolloutTrainer
 class Config(RLConfig):
     # batch_size / global_batch_size count sampled replies (num_generations per prompt, 1 by default)
     batch_unit: ClassVar[str] = "replies"
-    choices: ClassVar[dict[str, tuple]] = {"critic": ("shared", "separate")}
-    bounds: ClassVar[dict[str, Bound]] = {
-        "gamma": between(0, 1),
-        "lam": between(0, 1),
-        "vf_coef": at_least(0),
-        "clip_value": above(0),  # 0 pins the clipped value to the old one: the value loss could only grow
-    }
-    paths: ClassVar[dict[str, str]] = {"critic_from": "checkpoint"}
     out_dir: str = "out/ppo"
     ppo_epochs: int = 4
     rollout_minibatches: int = 2
     kl_coef: float = 0.05  # weight of the per-token KL penalty in the reward
     target_kl: float = 0.1  # early stop of the epochs over one rollout; 0 = off
-    gamma: float = 1.0  # discount (1: the score at the end counts fully for every token)
-    lam: float = 0.95  # GAE lambda
-    vf_coef: float = 0.1  # weight of the value loss
-    clip_value: float = 0.2  # value-function clip around the rollout's values
+    gamma: float = setting(1.0, bound=between(0, 1))  # discount (1: the score at the end counts fully for every token)
+    lam: float = setting(0.95, bound=between(0, 1))  # GAE lambda
+    vf_coef: float = setting(0.1, bound=at_least(0))  # weight of the value loss
+    # value-function clip around the rollout's values; 0 pins the clipped value to the old one: the value loss could
+    # only grow
+    clip_value: float = setting(0.2, bound=above(0))
     whiten_advantages: bool = True
-    critic: str = "shared"  # shared (value head on the actor) | separate (own backbone, see critic_from)
-    critic_from: str = ""  # separate critic's checkpoint; "" = reward_from, else init_from
+    critic: Literal["shared", "separate"] = "shared"  # shared (value head on the actor) | separate (own backbone)
+    critic_from: str = setting("", path="checkpoint")  # separate critic's checkpoint; "" = reward_from, else init_from
 
 
 def gae(

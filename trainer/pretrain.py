@@ -9,6 +9,7 @@ save_every steps; `resume=auto` continues from the exact token. Evaluation repor
 bits-per-byte and prints greedy continuations of a few fixed Chinese prompts.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,29 +21,30 @@ from dataset.tokenizer import token_byte_lengths
 from model import SLMConfig, SLMForCausalLM
 from model.engine import Engine
 from trainer.common import print0
-from trainer.config import Bound, TrainConfig, at_least
+from trainer.config import Architecture, Evaluation, ShardData, TokenLoss, TrainConfig, at_least, setting
 from trainer.core import Trainer, run_trainer
 
 
 @dataclass
-class Config(TrainConfig):
-    # batch_size / global_batch_size count windows of seq_len tokens
-    batch_unit: ClassVar[str] = "sequences"
-    unused: ClassVar[dict[str, str]] = {"data_path": "pretraining reads token shards from data_dir"}
-    bounds: ClassVar[dict[str, Bound]] = {
-        "sample_tokens": at_least(0),
-        "vocab_size": at_least(0),
-        "max_position_embeddings": at_least(0),
-    }
-    paths: ClassVar[dict[str, str]] = {"data_dir": "dir"}
-    out_dir: str = "out/pretrain"
+class ShardSamples(ShardData):
+    """What PretrainTrainer reads beyond the loop's settings: the shards, the greedy samples at each evaluation and
+    the vocabulary size and context of a model built from model_config (distillation on shards reads them too)."""
+
     data_dir: str = "dataset/shards"
     sample_prompts: str = "中国的首都是,人工智能是,从前有一座山，"  # comma-separated; greedy samples at each eval
-    sample_tokens: int = 32  # new tokens per sample (0 = no samples)
-    vocab_size: int = 0  # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
+    sample_tokens: int = setting(32, bound=at_least(0))  # new tokens per sample (0 = no samples)
+    # 0 = the preset's; set to the tokenizer's size when it differs (e.g. a 32000 tokenizer)
+    vocab_size: int = setting(0, bound=at_least(0))
     # 0 = the preset's; the context the model is built for, which may exceed seq_len (RoPE adds no weights): the demo
     # trains on 128 tokens but serves prompts with a tools block of ~560
-    max_position_embeddings: int = 0
+    max_position_embeddings: int = setting(0, bound=at_least(0))
+
+
+@dataclass
+class Config(ShardSamples, Architecture, TokenLoss, Evaluation, TrainConfig):
+    # batch_size / global_batch_size count windows of seq_len tokens
+    batch_unit: ClassVar[str] = "sequences"
+    out_dir: str = "out/pretrain"
 
 
 class PretrainTrainer(Trainer):
@@ -77,12 +79,14 @@ class PretrainTrainer(Trainer):
             (windows[i : i + self.micro_batch, :-1], windows[i : i + self.micro_batch, 1:])
             for i in range(0, len(windows), self.micro_batch)
         ]
-        # Bits per byte needs the bytes behind every target token of the validation set.
-        byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
-        targets = windows[:, 1:]
-        self.val_bytes = int(byte_lengths[targets.clamp(max=len(byte_lengths) - 1)].sum())
-        self.val_targets = targets.numel()
+        self.val_targets = windows[:, 1:]
         return stream, val_batches
+
+    @functools.cached_property
+    def val_bytes(self) -> int:
+        """The UTF-8 bytes behind every target token of the validation set (bits per byte), at the first eval."""
+        byte_lengths = torch.tensor(token_byte_lengths(self.tokenizer))
+        return int(byte_lengths[self.val_targets.clamp(max=len(byte_lengths) - 1)].sum())
 
     def count_loss_items(self, *, batch) -> int:
         return batch[1].numel()  # every position of a pretraining window has a target
@@ -102,7 +106,7 @@ class PretrainTrainer(Trainer):
 
     def extra_eval_metrics(self, *, result: dict) -> dict:
         # nats per token -> bits per byte: comparable across tokenizers (nanochat's evaluate_bpb).
-        return {"bpb": result["loss"] * self.val_targets / (math.log(2) * max(1, self.val_bytes))}
+        return {"bpb": result["loss"] * self.val_targets.numel() / (math.log(2) * max(1, self.val_bytes))}
 
     def on_eval(self):
         """Greedy continuations of the fixed prompts, through the one generation path (model/engine.py)."""

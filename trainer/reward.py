@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import load_pretrained
-from trainer.config import Bound, TrainConfig, at_least
+from trainer.config import Evaluation, FileData, TrainConfig, at_least, setting
 from trainer.core import run_trainer
 from trainer.pairs import PairTrainer
 
@@ -28,33 +28,19 @@ from trainer.pairs import PairTrainer
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(FileData, Evaluation, TrainConfig):
     # batch_size / global_batch_size count chosen/rejected pairs (2 sequences each)
     batch_unit: ClassVar[str] = "pairs"
-    unused: ClassVar[dict[str, str]] = {
-        "data_dir": "preference pairs come from data_path",
-        "model_config": "the architecture comes from init_from's config.json",
-        "loss_chunk": "the reward model reads one score per sequence, there is no token cross-entropy",
-    }
-    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error", "skip_file")}
-    bounds: ClassVar[dict[str, Bound]] = {
-        "center_coef": at_least(0),
-        "val_samples": at_least(0),
-        "max_samples": at_least(0),
-    }
-    paths: ClassVar[dict[str, str]] = {"data_path": "files"}
     init_from: str = "out/sft/final"  # SFT checkpoint: its decoder is kept, lm_head dropped, a score head added
     out_dir: str = "out/reward"
     data_path: str = "dataset/dpo/*.json*"  # preference files, globs, parquet/Arrow/save_to_disk; comma-separated
-    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 500
     lr: float = 1e-5
     warmup_steps: int = 20
     weight_decay: float = 0.0
-    center_coef: float = 0.01  # weight of the (r_chosen + r_rejected)^2 centring term; 0 = off
-    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
-    val_samples: int = 100  # held-out pairs for pairwise accuracy; 0 = none
-    max_samples: int = 0  # usable pairs read per file; 0 = all
+    # weight of the (r_chosen + r_rejected)^2 centring term; 0 = off
+    center_coef: float = setting(0.01, bound=at_least(0))
+    val_samples: int = setting(100, bound=at_least(0))  # held-out pairs for pairwise accuracy; 0 = none
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:

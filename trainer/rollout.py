@@ -6,7 +6,6 @@ so a resumed run continues exactly. Not a stage itself; trainer/ppo.py and train
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,7 @@ from dataset.prompt_data import load_prompts
 from model.engine import Engine, SamplingParams
 from model.runtime import frozen_autocast, load_pretrained
 from trainer.common import host_to_device, print0
-from trainer.config import Bound, TrainConfig, above, at_least, between
+from trainer.config import FileData, TrainConfig, above, at_least, between, setting
 from trainer.core import Trainer
 from trainer.logprobs import kl_estimate, load_reference, masked_mean, token_logprobs
 from trainer.rewards import Completion, parse_rules, rule_rewards
@@ -26,53 +25,31 @@ from trainer.rewards import Completion, parse_rules, rule_rewards
 
 
 @dataclass
-class RLConfig(TrainConfig):
-    unused: ClassVar[dict[str, str]] = {
-        "data_dir": "prompts come from data_path",
-        "model_config": "the policy's architecture comes from init_from's config.json",
-        "loss_chunk": "the policy loss needs per-token log-probs from the full logits",
-        "eval_every": "rollout stages have no validation set (rollout statistics are logged every step)",
-        "eval_batches": "rollout stages have no validation set",
-    }
-    choices: ClassVar[dict[str, tuple]] = {"on_bad_record": ("skip", "error", "skip_file")}
-    bounds: ClassVar[dict[str, Bound]] = {
-        "max_new_tokens": at_least(1),
-        "temperature": at_least(0),  # 0 = greedy replies (model/engine.py)
-        "top_k": at_least(0),
-        "top_p": between(0, 1),
-        "num_generations": at_least(1),
-        "rollout_minibatches": at_least(1),
-        "ppo_epochs": at_least(1),
-        "clip_eps": above(0),  # 0 clips every ratio to 1: the policy could never move past the old one
-        "kl_coef": at_least(0),
-        "target_kl": at_least(0),
-        "max_samples": at_least(0),
-    }
-    devices: ClassVar[tuple[str, ...]] = ("ref_device",)
-    paths: ClassVar[dict[str, str]] = {"data_path": "files", "ref_from": "checkpoint", "reward_from": "checkpoint"}
+class RLConfig(FileData, TrainConfig):
     init_from: str = "out/sft/final"  # the policy to improve (an SFT final/)
     data_path: str = "dataset/rl_prompts.jsonl"  # prompt files (dataset/prompt_data.py), comma-separated
-    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
-    ref_from: str = ""  # frozen reference for the KL term; "" = init_from
-    ref_device: str = ""  # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
-    reward_from: str = ""  # reward model dir (trainer/reward.py final/); "" = rules only
+    ref_from: str = setting("", path="checkpoint")  # frozen reference for the KL term; "" = init_from
+    # "" = the training device | cpu = offload the reference (slower, saves GPU memory)
+    ref_device: str = setting("", device=True)
+    reward_from: str = setting("", path="checkpoint")  # reward model dir (trainer/reward.py final/); "" = rules only
     reward_rules: str = ""  # rule rewards (trainer/rewards.py), added to the reward model's score
     # Sampling of rollouts, passed to model/engine.py as SamplingParams. Not its greedy defaults: the policy gradient
     # needs replies drawn from the policy itself (temperature 1), and a reply cap of half SamplingParams' 256,
     # since prompts get seq_len - max_new_tokens and every optimizer step samples, scores and trains on the replies
     # (config/ppo.yaml and grpo.yaml set 256 with seq_len 512).
-    max_new_tokens: int = 128  # reply length cap in rollouts
-    temperature: float = 1.0  # 1.0 = the policy's own distribution
-    top_k: int = SamplingParams.top_k  # 0 = off
-    top_p: float = SamplingParams.top_p  # 1 = off
-    num_generations: int = 1  # replies sampled per prompt (GRPO's G)
-    rollout_minibatches: int = 1  # a rollout holds global_batch_size x this many replies
-    ppo_epochs: int = 1  # passes over each rollout; optimizer steps per rollout = ppo_epochs x rollout_minibatches
-    clip_eps: float = 0.2  # PPO ratio clip
-    kl_coef: float = 0.05  # weight of the KL to the reference
-    target_kl: float = 0.0  # stop the epochs over a rollout early when approx KL(old || new) passes 1.5x this
-    on_bad_record: str = "skip"  # skip (counted; a file mostly bad stops the run) | error | skip_file (goes on)
-    max_samples: int = 0  # prompts read per file; 0 = all
+    max_new_tokens: int = setting(128, bound=at_least(1))  # reply length cap in rollouts
+    temperature: float = setting(1.0, bound=at_least(0))  # 1.0 = the policy's own distribution; 0 = greedy
+    top_k: int = setting(SamplingParams.top_k, bound=at_least(0))  # 0 = off
+    top_p: float = setting(SamplingParams.top_p, bound=between(0, 1))  # 1 = off
+    num_generations: int = setting(1, bound=at_least(1))  # replies sampled per prompt (GRPO's G)
+    rollout_minibatches: int = setting(1, bound=at_least(1))  # a rollout holds global_batch_size x this many replies
+    # passes over each rollout; optimizer steps per rollout = ppo_epochs x rollout_minibatches
+    ppo_epochs: int = setting(1, bound=at_least(1))
+    # PPO ratio clip; 0 clips every ratio to 1: the policy could never move past the old one
+    clip_eps: float = setting(0.2, bound=above(0))
+    kl_coef: float = setting(0.05, bound=at_least(0))  # weight of the KL to the reference
+    # stop the epochs over a rollout early when approx KL(old || new) passes 1.5x this
+    target_kl: float = setting(0.0, bound=at_least(0))
     warmup_steps: int = 0
     lr: float = 1e-6
     weight_decay: float = 0.0

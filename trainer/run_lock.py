@@ -19,7 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from trainer.errors import ConfigError
+from trainer.config import ConfigError
 
 LOCK_FILE = ".run.lock"
 

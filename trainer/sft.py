@@ -12,7 +12,7 @@ validation loss are the mean cross-entropy over assistant tokens (the reply and 
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from dataset.batches import held_out_split, in_memory_batches
 from dataset.chat_data import (
@@ -24,41 +24,31 @@ from dataset.chat_data import (
     tokenize_conversations,
 )
 from trainer.common import print0, skipped_records
-from trainer.config import Bound, TrainConfig, at_least
+from trainer.config import Evaluation, FileData, TokenLoss, TrainConfig, at_least, setting
 from trainer.core import Trainer, run_trainer
 
 
 @dataclass
-class Config(TrainConfig):
+class ChatData(FileData):
+    """What SFTTrainer reads of its data (distillation on chat files reads it too)."""
+
+    data_path: str = "dataset/sft/*.json*"  # chat files, globs or parquet/Arrow/save_to_disk data, comma-separated
+    system_prompt: str = ""  # system turn added to conversations that have none; "" = none
+    placeholders: str = "name=Milli-Chat,author=Milli-Chat"  # key=value pairs that fill {{key}} (identity data)
+    truncation: Literal["turns", "tokens"] = "turns"  # turns = keep whole turns up to seq_len | tokens = cut there
+    pack: bool = False  # pack several conversations per sequence (block-diagonal attention)
+    val_samples: int = setting(200, bound=at_least(0))  # conversations held out for validation; 0 = none
+
+
+@dataclass
+class Config(ChatData, TokenLoss, Evaluation, TrainConfig):
     # batch_size / global_batch_size count conversations (packed sequences of them when pack=true)
     batch_unit: ClassVar[str] = "sequences"
-    unused: ClassVar[dict[str, str]] = {
-        "data_dir": "chat data comes from data_path",
-        "model_config": "the architecture comes from init_from's config.json",
-    }
-    choices: ClassVar[dict[str, tuple]] = {
-        "on_bad_record": ("skip", "error", "skip_file"),
-        "truncation": ("turns", "tokens"),
-    }
-    bounds: ClassVar[dict[str, Bound]] = {"val_samples": at_least(0), "max_samples": at_least(0)}
-    paths: ClassVar[dict[str, str]] = {"data_path": "files"}
     init_from: str = "out/pretrain/final"  # the pretrained model (architecture and tokenizer come with it)
     out_dir: str = "out/sft"
-    data_path: str = "dataset/sft/*.json*"  # chat files, globs or parquet/Arrow/save_to_disk data, comma-separated
-    columns: str = ""  # rename record keys, "src=dst,..." (e.g. dialog=conversations,q=user,a=assistant); "" = none
     max_steps: int = 2000
     lr: float = 1e-4
     warmup_steps: int = 50
-    # --- chat data (dataset/chat_data.py) ---
-    system_prompt: str = ""  # system turn added to conversations that have none; "" = none
-    placeholders: str = "name=Milli-Chat,author=Milli-Chat"  # key=value pairs that fill {{key}} (identity data)
-    # skip (counted, first few printed; a file that yields nothing or loses over half its records stops the run)
-    # | error (stop at the first, naming file:line) | skip_file (skip, and go on without such a file, warned)
-    on_bad_record: str = "skip"
-    truncation: str = "turns"  # turns = keep whole turns up to seq_len | tokens = cut at seq_len
-    pack: bool = False  # pack several conversations per sequence (block-diagonal attention)
-    val_samples: int = 200  # conversations held out for validation loss; 0 = no validation
-    max_samples: int = 0  # usable conversations read per file; 0 = all (quick runs)
 
 
 class SFTTrainer(Trainer):

@@ -29,7 +29,6 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -37,8 +36,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from dataset.text_sources import TEXT_FIELDS, count_cjk, expand_paths, input_bytes, is_cjk, iter_documents
 from dataset.tokenizer import byte_level_alphabet
 from model.chat_format import CHAT_TEMPLATE, check_chat_template
-from trainer.bounds import Bound, at_least
-from trainer.errors import ConfigError, MissingPathError, OutputError, is_disk_full
+from trainer.config import ConfigError, MissingPathError, at_least, setting
+from trainer.errors import OutputError, is_disk_full
 from trainer.run_lock import out_dir_lock
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0..3; other code relies on them
@@ -52,28 +51,28 @@ QWEN2_PATTERN = (
 
 @dataclass
 class Config:
-    # What validate() checks (trainer/config.py, run by load_config; bounds come from a torch-free module).
-    bounds: ClassVar[dict[str, Bound]] = {
-        "vocab_size": at_least(MIN_VOCAB_SIZE),
-        "max_bytes": at_least(1),
-        "han_piece_chars": at_least(1),
-        "min_frequency": at_least(0),  # the BPE trainer's own default is 0 (same as 1)
-        "heldout_every": at_least(2),  # a document is held out with probability 1 / heldout_every: 1 holds out all
-        "heldout_max_bytes": at_least(0),
-    }
-    unchecked: ClassVar[dict[str, str]] = {"seed": "any integer: it is hashed with each document's text"}
     data_path: str = ""  # comma-separated files, folders or globs: .txt, .jsonl, .json (any .gz), parquet, save_to_disk
     text_column: str = ""  # JSONL field / table column with the text; "" = the first of text, content present
-    vocab_size: int = 6400  # total entries, the 4 special tokens included
+    vocab_size: int = setting(6400, bound=at_least(MIN_VOCAB_SIZE))  # total entries, the 4 special tokens included
     out_dir: str = "out/tokenizer"  # where tokenizer.json, tokenizer_config.json and the report go
-    max_bytes: int = 100_000_000  # at most this many UTF-8 bytes are fed to the trainer (bounds its RAM)
-    han_piece_chars: int = 4  # Han runs are cut into pieces this long in the trainer's input (bounds its RAM)
+    max_bytes: int = setting(
+        100_000_000, bound=at_least(1)
+    )  # at most this many UTF-8 bytes are fed to the trainer (bounds its RAM)
+    han_piece_chars: int = setting(
+        4, bound=at_least(1)
+    )  # Han runs are cut into pieces this long in the trainer's input (bounds its RAM)
     rare_pieces_as_pairs: bool = True  # a Han piece seen once in the sample is fed as its overlapping 2-char pairs
-    min_frequency: int = 2  # a pair must occur this often to be merged
-    heldout_every: int = 50  # every N-th document (by content hash) is held out for the report, never trained on
-    heldout_max_bytes: int = 2_000_000  # per source file, cap on held-out text kept for the report
+    # a pair must occur this often to be merged (the BPE trainer's own default is 0, same as 1)
+    min_frequency: int = setting(2, bound=at_least(0))
+    # every N-th document (by content hash) is held out for the report, never trained on: a document is held out
+    # with probability 1 / heldout_every, so 1 would hold out all
+    heldout_every: int = setting(50, bound=at_least(2))
+    heldout_max_bytes: int = setting(
+        2_000_000, bound=at_least(0)
+    )  # per source file, cap on held-out text kept for the report
     eval_path: str = ""  # extra comma-separated files, folders or globs to report on (never trained on)
-    seed: int = 1337  # decides the sample and the held-out split
+    seed: int = setting(1337, unchecked="any integer: it is hashed with each document's text")  # decides the sample
+    #                                                                                          and the held-out split
 
 
 # -----------------------------------------------------------------------------
