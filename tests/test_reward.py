@@ -76,7 +76,6 @@ def test_reward_model_beats_chance_on_held_out_pairs_and_serves_rl(sft_dir, tmp_
         "device": "cpu",
         "dtype": "fp32",
         "save_every": 0,
-        "eval_every": 0,
         "log_every": 1,
         "seed": 0,
     }
