@@ -463,5 +463,9 @@ def run_trainer(trainer_cls, cfg) -> Trainer:
             trainer.fit()
     finally:
         if trainer.distributed and dist.is_initialized():
+            # gloo's threads free finished work objects (and the Python tensors they hold) just after a collective
+            # returns, and need the GIL for that, while destroy_process_group joins them holding it: a rare shutdown
+            # deadlock after the last checkpoint's barrier (seen once in CI). Let them take the GIL first.
+            time.sleep(0.1)
             dist.destroy_process_group()
     return trainer
