@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import main_py_command, pretrain_args
+from tests.helpers import main_py_command, make_pretrain_cfg, pretrain_args
 from trainer.core import run_trainer
 from trainer.pretrain import Config, PretrainTrainer
 from trainer.run_lock import LOCK_FILE, RunLockedError, acquire, out_dir_lock, pid_alive, release
@@ -76,21 +76,9 @@ def test_a_lock_from_an_ended_or_torn_run_is_stale(tmp_path, capsys):
 
 
 def tiny_cfg(tokenizer_dir, shards, out_dir, **overrides) -> Config:
-    settings = dict(
-        model_config="tiny",
-        tokenizer_dir=tokenizer_dir,
-        data_dir=shards,
-        out_dir=str(out_dir),
-        max_steps=2,
-        batch_size=2,
-        seq_len=32,
-        log_every=1,
-        eval_every=0,
-        eval_batches=1,
-        sample_tokens=0,
-        save_every=0,
-    )
-    return Config(**{**settings, **overrides})
+    """The helpers' tiny pretraining, cut to 2 steps without evaluation or checkpoints: only the lock matters here."""
+    short = dict(max_steps=2, batch_size=2, global_batch_size=2, eval_every=0, eval_batches=1, save_every=0)
+    return make_pretrain_cfg(tokenizer_dir, shards, out_dir, **{**short, **overrides})
 
 
 @pytest.mark.slow  # a main.py process beside two in-process runs
