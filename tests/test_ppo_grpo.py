@@ -142,6 +142,24 @@ def test_rl_resumes_exactly(stage, policy_dir, prompts_file, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ppo_shared_critic_values_are_the_head_on_the_actors_hidden_state(policy_dir, prompts_file, tmp_path):
+    """The shared value head reads the hidden state kept from the actor's forward on the rollout (no second
+    forward of its own): its values must be the head applied to the actor's final hidden state of those ids."""
+    from trainer.ppo import PPOTrainer
+
+    sizes = {"num_generations": 1, "batch_size": 4, "global_batch_size": 4, "rollout_minibatches": 1}
+    trainer = PPOTrainer(rl_config("ppo", policy_dir, tmp_path / "ppo", prompts_file, **sizes))
+    trainer.prepare()
+    torch.nn.init.normal_(trainer.value_head.weight)  # the head starts at 0, whatever state it reads
+    (prompts,) = trainer.train_data.next_step()
+    buf, _ = trainer.make_rollout(prompts)
+    with torch.no_grad():
+        hidden = trainer.raw_model.model(buf["input_ids"])[0]
+        expected = trainer.value_head(hidden[:, :-1]).squeeze(-1) * buf["mask"]
+    assert buf["values"].abs().sum() > 0
+    torch.testing.assert_close(buf["values"], expected)
+
+
 def test_rule_rewards():
     from trainer.rewards import Completion, parse_rules, register_rule, rule_rewards
 

@@ -116,12 +116,13 @@ class PPOTrainer(RolloutTrainer):
     def trainable_parameters(self):
         return super().trainable_parameters() + list(self._critic_module().parameters())
 
-    def values(self, input_ids: torch.Tensor, actor_ran: bool = False) -> torch.Tensor:
-        """(N, T) ids -> (N, T-1) values of the states before each target. actor_ran: the actor's forward on
-        these ids just happened (its hidden state is kept), so the shared head needs no second forward."""
+    def values(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N, T) ids -> (N, T-1) values of the states before each target. Called right after the actor's forward
+        on these ids (the rollout's old log-probs, the loss's log-probs): the shared head reads the hidden state
+        that forward kept, with no second forward."""
         if self.critic is None:
-            if not actor_ran:
-                self.model(input_ids=input_ids)
+            if self._hidden.shape[:2] != input_ids.shape:  # another forward ran last: its states, not these
+                raise RuntimeError(f"the kept hidden state is {tuple(self._hidden.shape)}, the ids {input_ids.shape}")
             return self.value_head(self._hidden[:, :-1]).squeeze(-1).float()
         hidden = self.critic.model(input_ids)[0]
         return self.critic.score(hidden[:, :-1]).squeeze(-1).float()
@@ -144,7 +145,7 @@ class PPOTrainer(RolloutTrainer):
         mask = batch["mask"]
         logps = token_logprobs(self.model, batch["input_ids"])
         pg, stats = self.policy_loss(logps, batch)
-        v = self.values(batch["input_ids"], actor_ran=True)
+        v = self.values(batch["input_ids"])
         v_clip = batch["values"] + torch.clamp(v - batch["values"], -cfg.clip_value, cfg.clip_value)
         vf = 0.5 * torch.max((v - batch["returns"]) ** 2, (v_clip - batch["returns"]) ** 2)
         loss = ((pg + cfg.vf_coef * vf) * mask).sum() / num_items
