@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import pretrain_corpus, tiny_checkpoint, tiny_corpus_lines, write_shards
+from tests.quick_lane import pytest_addoption, pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401 (hooks)
 
 # The tests use tiny models, for which one thread is as fast as two and never oversubscribes the CPU when a
 # test starts subprocesses (DDP, CLI) beside it.

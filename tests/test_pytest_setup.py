@@ -1,5 +1,6 @@
 """The test suite's own settings (pytest.ini): a run leaves nothing in the system temp folder (issue 27.6: every
-full run left 1.6 GB there, kept for the last three runs)."""
+full run left 1.6 GB there, kept for the last three runs); every run lists the quick tests over the quick lane's
+per-test limit (tests/quick_lane.py, issue 23 point 6)."""
 
 import os
 import subprocess
@@ -10,14 +11,24 @@ import pytest
 from tests.helpers import ROOT
 
 
-def _run_inner(tmp_path, body: str):
+def _run_inner(tmp_path, body: str, *args: str):
     test = tmp_path / "inner" / "test_inner.py"
     test.parent.mkdir()
     test.write_text(body, encoding="utf-8")
     root = tmp_path / "temproot"
     root.mkdir()
-    env = {**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)}
-    cmd = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pytest.ini"), "--rootdir", str(test.parent), str(test)]
+    env = {**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root), "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-c",
+        str(ROOT / "pytest.ini"),
+        "--rootdir",
+        str(test.parent),
+        str(test),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     return proc, [p for p in root.rglob("*") if p.is_file()]
 
@@ -39,3 +50,17 @@ def test_a_failing_test_keeps_its_folder(tmp_path):
     body = "def test_fails(tmp_path):\n    (tmp_path / 'evidence.txt').write_text('x')\n    assert False\n"
     proc, left = _run_inner(tmp_path, body)
     assert proc.returncode == 1 and [p.name for p in left] == ["evidence.txt"]
+
+
+@pytest.mark.slow  # a pytest in a fresh interpreter
+def test_the_quick_tests_over_the_limit_are_listed_and_the_slow_ones_are_not(tmp_path):
+    body = (
+        "import time\n\nimport pytest\n\ndef test_quick_but_sleepy():\n    time.sleep(0.3)\n\n"
+        "def test_quick():\n    pass\n\n@pytest.mark.slow\ndef test_slow():\n    time.sleep(0.3)\n"
+    )
+    proc, _ = _run_inner(tmp_path, body, "-p", "tests.quick_lane", "-o", "quick_test_limit_s=0.2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = proc.stdout.split("quick tests (not slow) over 0.2 s: 1 ")[1]
+    listed = [line.split()[-1] for line in summary.splitlines() if "::" in line]
+    assert listed == ["test_inner.py::test_quick_but_sleepy"]
+    assert "2 quick tests: " in summary
