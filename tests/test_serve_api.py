@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from model.engine import Engine
 from scripts import serve_api
 from scripts.serve_api import ServerLimits, make_server
-from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
+from tests.helpers_inference import build_model, build_tokenizer, literal_chatml, serve_in_thread
 
 openai = pytest.importorskip("openai")
 
@@ -41,8 +41,7 @@ def served():
     engine = RecordingEngine(build_model(tok), tok)
     engine.streams = []
     server = make_server(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny", quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    serve_in_thread(server)
     host, port = server.server_address[:2]
     client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key=KEY, timeout=30, max_retries=0)
     yield engine, client, port
@@ -257,7 +256,7 @@ def start_server():
             limits=ServerLimits(**limits),
             allowed_hosts=allowed_hosts,
         )
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        serve_in_thread(server)
         servers.append(server)
         return engine, server.server_address[1], server
 
@@ -750,7 +749,7 @@ def fuzz_port():
         limits=ServerLimits(max_generation_s=0.2),  # a fuzzed max_tokens of 2**20 ends at once
     )
     server.engine.streams = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
