@@ -311,18 +311,27 @@ def test_pretrain_steps_read_no_device_scalar(tiny_tokenizer_dir, shards, tmp_pa
         tiny_tokenizer_dir,
         shards,
         tmp_path / "pre",
-        max_steps=4,
-        batch_size=2,
+        max_steps=3,
         log_every=100,
         eval_every=0,
         save_every=0,
         optimizer=optimizer,
-    )  # 4 micro-batches per step
+    )  # 2 micro-batches per step, the last step past the warmup
     assert_no_reads(run_trainer(counting(PretrainTrainer), cfg))
-    fp16 = fp16_cfg(tiny_tokenizer_dir, shards, tmp_path / "fp16", max_steps=4, log_every=100, optimizer=optimizer)
+    # fp16 at 2**21 overflows the first two steps (2**20 is still too much, 2**19 is not): both the skipped steps and
+    # the applied one read nothing on the host.
+    fp16 = fp16_cfg(
+        tiny_tokenizer_dir,
+        shards,
+        tmp_path / "fp16",
+        max_steps=3,
+        log_every=100,
+        optimizer=optimizer,
+        fp16_init_scale=2.0**21,
+    )
     trainer = run_trainer(counting(PretrainTrainer), fp16)
     assert_no_reads(trainer)
-    assert read_metrics(fp16.out_dir)[-1]["skipped_steps"] > 0  # overflows were skipped without a host read
+    assert 0 < read_metrics(fp16.out_dir)[-1]["skipped_steps"] < 3  # steps were skipped and applied, no host read
 
 
 STAGE_DEFAULTS = {
