@@ -6,7 +6,6 @@ The tokenizer has the project's special tokens at the project's ids (0 <|endofte
 
 import os
 import random
-import threading
 
 from model.chat_format import CHAT_TEMPLATE
 from tests.helpers import tiny_model
@@ -62,12 +61,6 @@ def save_checkpoint(model, tokenizer, out_dir: str) -> str:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def serve_in_thread(server) -> None:
-    """server.serve_forever() in a daemon thread that looks for shutdown() every 20 ms: with socketserver's default
-    0.5 s, each test that stopped a server waited that long (16 of them in the quick lane)."""
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
 
 def literal_chatml(tokenizer, messages) -> list[int]:

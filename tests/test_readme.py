@@ -205,10 +205,11 @@ def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
     """The section's transformers one-liners and its openai tools call, run as printed (at a terminal) in a fresh
     interpreter that does not see this repository, on a tiny checkpoint where the README says (out/sft/final under
     the working directory); the openai line talks to scripts/serve_api.py's server, on a free port instead of 8000."""
+    import threading
+
     from model.engine import Engine
     from scripts.serve_api import make_server
     from tests.helpers import tiny_checkpoint
-    from tests.helpers_inference import serve_in_thread
 
     lines = [argv[2] for argv in ecosystem_commands() if argv[:2] == ["python", "-c"]]
     transformers_lines = [code for code in lines if "from transformers" in code]
@@ -219,7 +220,7 @@ def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
         tiny_tokenizer_dir, str(tmp_path / "out" / "sft" / "final"), max_position_embeddings=demo_context()
     )
     server = make_server(Engine.from_pretrained(final, device="cpu"), "127.0.0.1", 0, model_name="final", quiet=True)
-    serve_in_thread(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     try:

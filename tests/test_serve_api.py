@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from model.engine import Engine
 from scripts import serve_api
 from scripts.serve_api import ServerLimits, make_server
-from tests.helpers_inference import build_model, build_tokenizer, literal_chatml, serve_in_thread
+from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
 
 openai = pytest.importorskip("openai")
 
@@ -35,13 +35,19 @@ class RecordingEngine(Engine):
         return batch
 
 
+# How often a server's serve_forever() looks for shutdown(): at socketserver's default 0.5 s, each test that stopped a
+# server waited that long in its teardown (16 of them in the quick lane).
+SHUTDOWN_POLL_S = 0.02
+
+
 @pytest.fixture(scope="module")
 def served():
     tok = build_tokenizer()
     engine = RecordingEngine(build_model(tok), tok)
     engine.streams = []
     server = make_server(engine, "127.0.0.1", 0, api_key=KEY, model_name="tiny", quiet=True)
-    serve_in_thread(server)
+    thread = threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), daemon=True)
+    thread.start()
     host, port = server.server_address[:2]
     client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key=KEY, timeout=30, max_retries=0)
     yield engine, client, port
@@ -256,7 +262,7 @@ def start_server():
             limits=ServerLimits(**limits),
             allowed_hosts=allowed_hosts,
         )
-        serve_in_thread(server)
+        threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), daemon=True).start()
         servers.append(server)
         return engine, server.server_address[1], server
 
@@ -749,7 +755,7 @@ def fuzz_port():
         limits=ServerLimits(max_generation_s=0.2),  # a fuzzed max_tokens of 2**20 ends at once
     )
     server.engine.streams = []
-    serve_in_thread(server)
+    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
     server.server_close()

@@ -6,6 +6,7 @@ and the server (scripts/serve_api.py) hands the call to the official openai clie
 """
 
 import json
+import threading
 
 import pytest
 
@@ -52,7 +53,6 @@ def served(tiny_tokenizer_dir, tmp_path_factory):
     from model.engine import Engine
     from scripts.serve_api import make_server
     from tests.helpers import fine_tune, tiny_model
-    from tests.helpers_inference import serve_in_thread
 
     root = tmp_path_factory.mktemp("tools")
     base = str(root / "base")  # a random tiny model; 1024 positions, as the tools block alone is ~500 tokens here
@@ -65,7 +65,7 @@ def served(tiny_tokenizer_dir, tmp_path_factory):
     final = fine_tune(base, data, root / "sft", seq_len=768, batch=4, max_steps=80)
     engine = Engine.from_pretrained(final, device="cpu")
     server = make_server(engine, "127.0.0.1", 0, model_name="tiny", quiet=True)
-    serve_in_thread(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
     yield openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="x", timeout=60, max_retries=0)
     server.shutdown()
