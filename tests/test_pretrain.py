@@ -27,6 +27,28 @@ from trainer.core import run_trainer
 from trainer.pretrain import PretrainTrainer
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_tokenizer_dir, shards, tmp_path_factory):
+    """The 12-step run that an interrupted and resumed one must equal, trained once for the tests that only read it."""
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path_factory.mktemp("straight") / "run")
+    run_trainer(PretrainTrainer, cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def eight_steps(tiny_tokenizer_dir, shards, tmp_path_factory) -> Path:
+    """An 8-step run (checkpoints at steps 4 and 8), trained once; tests that damage it take a copy (run_copy)."""
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path_factory.mktemp("eight_steps") / "run", max_steps=8)
+    run_trainer(PretrainTrainer, cfg)
+    return Path(cfg.out_dir)
+
+
+def run_copy(eight_steps: Path, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(eight_steps, tmp_path / "run"))
+
+
 @pytest.mark.slow  # over 3 s: kept out of the quick suite (pytest -m 'not slow')
 def test_loss_decreases_and_run_dir_is_complete(tiny_tokenizer_dir, shards, tmp_path):
     cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=30, sample_tokens=4, eval_every=15)
@@ -65,9 +87,7 @@ class DiesAtStep7(PretrainTrainer):
         return super().train_step()
 
 
-def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, tmp_path):
-    straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
-    run_trainer(PretrainTrainer, straight)
+def test_interrupted_run_resumes_bit_identical(tiny_tokenizer_dir, shards, straight, tmp_path):
     crashed = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed")
     with pytest.raises(Interrupted):
         run_trainer(DiesAtStep7, crashed)
@@ -280,10 +300,8 @@ def test_checkpoint_after_every_shard(tiny_tokenizer_dir, shards, tmp_path):
     assert f"step_{per_shard:06d}" in saved  # written when shard 0 ran out, without save_every
 
 
-def test_torn_checkpoint_is_skipped(tiny_tokenizer_dir, shards, tmp_path, capsys):
-    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
-    run_trainer(PretrainTrainer, cfg)
-    torn = Path(cfg.out_dir) / "step_000010"
+def test_torn_checkpoint_is_skipped(tiny_tokenizer_dir, shards, eight_steps, tmp_path, capsys):
+    torn = run_copy(eight_steps, tmp_path) / "step_000010"
     torn.mkdir()
     (torn / "trainer_state.pt").write_bytes(b"\x80\x02 torn")
     trainer = PretrainTrainer(make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8))
@@ -422,12 +440,10 @@ class WritesAMarker:
         return open, (self.marker, "w")
 
 
-def test_a_checkpoint_that_carries_code_is_refused_not_run(tiny_tokenizer_dir, shards, tmp_path, capsys):
+def test_a_checkpoint_that_carries_code_is_refused_not_run(tiny_tokenizer_dir, shards, eight_steps, tmp_path, capsys):
     from trainer.checkpoint import CheckpointError, write_checksums
 
-    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
-    run_trainer(PretrainTrainer, cfg)
-    newest = Path(cfg.out_dir) / "step_000008"
+    newest = run_copy(eight_steps, tmp_path) / "step_000008"
     marker = tmp_path / "pwned"
     state = torch.load(newest / "trainer_state.pt", weights_only=False)
     torch.save({**state, "extra": {"payload": WritesAMarker(marker)}}, newest / "trainer_state.pt")
@@ -453,12 +469,10 @@ def flip_one_byte(path: Path, at: int = 4096) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupted_checkpoint_is_skipped_or_refused(tiny_tokenizer_dir, shards, tmp_path, capsys):
+def test_a_corrupted_checkpoint_is_skipped_or_refused(tiny_tokenizer_dir, shards, eight_steps, tmp_path, capsys):
     from trainer.checkpoint import CheckpointError
 
-    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run", max_steps=8)
-    run_trainer(PretrainTrainer, cfg)
-    run = Path(cfg.out_dir)
+    run = run_copy(eight_steps, tmp_path)
     sums = json.loads((run / "step_000008" / "checksums.json").read_text())["sha256"]
     assert {"model.safetensors", "trainer_state.pt", "config.json", "tokenizer.json"} <= set(sums)
     flip_one_byte(run / "step_000008" / "model.safetensors")  # still a loadable safetensors file
@@ -507,9 +521,7 @@ def shutil_rmtree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def test_a_torn_metrics_line_does_not_block_resume(tiny_tokenizer_dir, shards, tmp_path, capsys):
-    straight = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "straight")
-    run_trainer(PretrainTrainer, straight)
+def test_a_torn_metrics_line_does_not_block_resume(tiny_tokenizer_dir, shards, straight, tmp_path, capsys):
     crashed = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "crashed")
     with pytest.raises(Interrupted):
         run_trainer(DiesAtStep7, crashed)
