@@ -175,32 +175,28 @@ def tokens_and_logits(engine: Engine, prompts, n: int):
 
 def test_fixed_shape_decode_equals_eager_and_compiles_once_per_batch_size(model, tok, prompts):
     """The compiled path's step (every slot of the cache, a (B, 1, 1, L) position mask) gives the eager path's
-    logits and greedy tokens, batch 1 and a left-padded batch, and both equal a full re-forward without cache.
-    It is one graph for every token and every call of a batch size (the buffers are reused, so a CUDA graph
-    recorded once is replayed); a new batch size is a new graph. One engine for both checks: each graph traced
-    costs a second of the quick lane."""
+    logits and greedy tokens, a left-padded batch and batch 1, and equals a full re-forward without cache. It is
+    one graph for every token and every call of a batch size (the buffers are reused, so a CUDA graph recorded once
+    is replayed); a new batch size is a new graph. One engine for all of it: each graph traced costs the quick lane
+    about half a second."""
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
     eager, fixed = Engine(model, tok), fixed_shape_engine(model, tok, backend=counter)
-    for batch in ([prompts[0]], prompts):
+    for graphs, batch in enumerate((prompts, [prompts[0]]), 1):
         ours, ours_logits = tokens_and_logits(eager, batch, 12)
         theirs, theirs_logits = tokens_and_logits(fixed, batch, 12)
         assert theirs == ours
         torch.testing.assert_close(theirs_logits, ours_logits, atol=1e-5, rtol=1e-5)
-    assert counter.frame_count == 2  # batch 1 and batch 3, 12 tokens each
-    seq = prompts[0] + ours[0][:-1]  # batch 1 again: the last loop's first row is prompts[0] padded
+        assert counter.frame_count == graphs  # batch 3, then batch 1: one graph each for 12 tokens
+    seq = prompts[0] + ours[0][:-1]
     with torch.no_grad():
         full = model(torch.tensor([seq])).logits[0, len(prompts[0]) - 1 :]  # (12, V): the logits at each sample
-    _, fixed_logits = tokens_and_logits(fixed, [prompts[0]], 12)
-    torch.testing.assert_close(fixed_logits[:, 0], full, atol=1e-4, rtol=1e-4)
-    reversed_prompts = prompts[::-1]  # other prompts and lengths, a shorter run: the batch-3 graph again
-    assert fixed.generate(reversed_prompts, max_new_tokens=6, stop_token_ids=[]) == eager.generate(
-        reversed_prompts, max_new_tokens=6, stop_token_ids=[]
-    )
+    torch.testing.assert_close(theirs_logits[:, 0], full, atol=1e-4, rtol=1e-4)
+    other = prompts[::-1]  # other prompts and lengths, a shorter run: the batch-3 graph again
+    sampling = {"max_new_tokens": 6, "stop_token_ids": []}
+    assert fixed.generate(other, **sampling) == eager.generate(other, **sampling)
     assert counter.frame_count == 2
-    fixed.generate(prompts[:2], max_new_tokens=4, stop_token_ids=[])
-    assert counter.frame_count == 3
 
 
 def test_compiled_step_that_fails_falls_back_to_eager(engine, model, tok, prompts):
