@@ -430,8 +430,10 @@ def test_grpo_steps_read_no_device_scalar(tiny_tokenizer_dir, tmp_path):
     """The micro-batches are slices of a rollout buffer on the device: their counts come from the host."""
     from trainer.grpo import GRPOTrainer
 
-    for loss_norm in ("token", "sequence"):
-        cfg = rl_cfg("grpo", tiny_tokenizer_dir, tmp_path / loss_norm, num_generations=4, loss_norm=loss_norm)
+    for loss_norm in ("token", "sequence"):  # two steps: a rollout each
+        cfg = rl_cfg(
+            "grpo", tiny_tokenizer_dir, tmp_path / loss_norm, num_generations=4, loss_norm=loss_norm, max_steps=2
+        )
         assert_no_reads(run_trainer(counting(GRPOTrainer, host_batches=False), cfg))
 
 
