@@ -455,17 +455,22 @@ def run_trainer(trainer_cls, cfg) -> Trainer:
     __init__, the paths; before any model is built), take out_dir's lock, build, train, and tear down the process
     group."""
     trainer = trainer_cls(cfg)  # validates the values first
+    last_work = None
     try:
         validate(cfg)
         # One run per out_dir (trainer/run_lock.py): a second one stops here, naming the first. Rank 0 holds it.
         with out_dir_lock(cfg.out_dir, stage=trainer.stage, enabled=trainer.master):
             trainer.prepare()
             trainer.fit()
+        if trainer.distributed:
+            # gloo's threads free finished work objects (and the Python tensors they hold, which needs the GIL) just
+            # after a collective returns, while destroy_process_group joins them holding the GIL: a rare shutdown
+            # deadlock (seen once in CI, a thread freeing the last checkpoint's barrier). So the last work object is
+            # ours, freed by this thread after the join (on return), and the threads get the GIL to free the others.
+            last_work = dist.barrier(async_op=True)
+            last_work.wait()
     finally:
         if trainer.distributed and dist.is_initialized():
-            # gloo's threads free finished work objects (and the Python tensors they hold) just after a collective
-            # returns, and need the GIL for that, while destroy_process_group joins them holding it: a rare shutdown
-            # deadlock after the last checkpoint's barrier (seen once in CI). Let them take the GIL first.
             time.sleep(0.1)
             dist.destroy_process_group()
     return trainer
