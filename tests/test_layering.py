@@ -5,7 +5,11 @@ The library layers import downwards only (STYLE.md, "Library code never imports 
               without this repository) import only each other
     dataset/  never imports trainer/, main.py, scripts/ (or bench/, tests/); it reads the model's chat format
               (model/chat_format.py) and the key its cards record licenses under (model/hub.py)
-    trainer/  never imports main.py, scripts/ (or bench/, tests/)
+    trainer/  never imports server/, main.py, scripts/ (or bench/, tests/)
+    server/   the chat server (scripts/serve_api.py's library): imports model/ and dataset/, never trainer/,
+              main.py, scripts/ (or bench/, tests/); model/, dataset/ and trainer/ never import it
+    scripts/  thin command lines over the libraries: never main.py, bench/, tests/ or another script (what two
+              scripts share lives in a library module)
 Checked by parsing every file's imports (ast), including imports inside functions and importlib.import_module
 calls with a literal name, so a lazy import cannot hide a wrong direction.
 """
@@ -18,9 +22,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"main", "scripts", "bench", "tests"}
 FORBIDDEN = {
-    "model": ENTRY_POINTS | {"trainer", "dataset"},
-    "dataset": ENTRY_POINTS | {"trainer"},
-    "trainer": ENTRY_POINTS,
+    "model": ENTRY_POINTS | {"trainer", "dataset", "server"},
+    "dataset": ENTRY_POINTS | {"trainer", "server"},
+    "trainer": ENTRY_POINTS | {"server"},
+    "server": ENTRY_POINTS | {"trainer"},
+    "scripts": ENTRY_POINTS,  # a relative import in a script resolves to scripts too
 }
 
 
@@ -93,7 +99,7 @@ def test_the_model_code_that_ships_with_checkpoints_imports_no_project_package()
         )
 
 
-PROJECT = {"model", "dataset", "trainer", "scripts", "bench"}
+PROJECT = {"model", "dataset", "trainer", "server", "scripts", "bench"}
 
 
 def nested_project_imports(source: str, package: str) -> list[int]:
@@ -116,7 +122,9 @@ NESTED_ALLOWED = {"main.py": 1}  # file -> how many nested project imports it ma
 
 
 def test_project_imports_are_at_the_top_of_every_library_and_script_file():
-    files = sorted(p for d in ("model", "dataset", "trainer", "scripts", "bench") for p in (ROOT / d).glob("*.py"))
+    files = sorted(
+        p for d in ("model", "dataset", "trainer", "server", "scripts", "bench") for p in (ROOT / d).glob("*.py")
+    )
     nested = {
         str(p.relative_to(ROOT)): nested_project_imports(p.read_text(encoding="utf-8"), p.parent.name)
         for p in files + [ROOT / "main.py"]
@@ -158,7 +166,7 @@ def test_the_lazy_import_checker_sees_a_reason_or_its_absence():
 
 
 def test_every_lazy_import_says_why():
-    files = sorted(p for d in ("model", "dataset", "trainer", "scripts") for p in (ROOT / d).glob("*.py"))
+    files = sorted(p for d in ("model", "dataset", "trainer", "server", "scripts") for p in (ROOT / d).glob("*.py"))
     found = {
         (str(p.relative_to(ROOT)), module)
         for p in files + [ROOT / "main.py"]

@@ -15,7 +15,7 @@ import pytest
 from dataset.corpus import worker_start_method
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ["main.py", "model", "trainer", "dataset", "scripts"]
+LIBRARY = ["main.py", "model", "trainer", "dataset", "server", "scripts"]
 POSIX_ONLY = {
     r"\bimport fcntl\b|\bfrom fcntl\b": "fcntl (file locks: Unix only)",
     r"\bos\.fork\b|get_context\(\s*[\"']fork": "fork (Windows has none; macOS's is unsafe with threads)",
