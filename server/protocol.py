@@ -24,6 +24,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenA
 
 @dataclasses.dataclass
 class ServerLimits:
+    """What one client may send and wait for, all on by default (server/http.py says what each defends against)."""
+
     max_body_bytes: int = 1 << 20  # a larger request is answered 413 (after its body has been read and dropped)
     drain_factor: float = 4.0  # an error's unread body up to this x max_body_bytes is read and dropped (so the
     # client, still sending, reads the answer); a larger one is cut off

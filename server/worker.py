@@ -14,10 +14,11 @@ from collections import Counter, deque
 from model.engine import SamplingParams
 from server.protocol import ServerLimits
 
-# -----------------------------------------------------------------------------
-
 
 class Job:
+    """One request for the worker: its prompt ids and sampling in, its text pieces and end out (events), and a flag
+    its handler sets when the client leaves."""
+
     def __init__(self, prompt: list[int], sampling: SamplingParams):
         self.prompt, self.sampling = prompt, sampling
         self.events: queue.Queue = queue.Queue()  # ("piece", str) ..., then ("done", TextStream) or ("error", str)
