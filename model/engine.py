@@ -1,8 +1,8 @@
 """
 The one generation path of Milli-Chat: prefill, then token-by-token decode on a preallocated KV cache.
 
-Chat (scripts/chat_terminal.py), the API server (server/, scripts/serve_api.py), evaluation samples and the PPO/GRPO
-rollouts all call this Engine, so that a fix or a speed-up here reaches every user.
+Chat (scripts/chat_terminal.py), the API server (model/server/, scripts/serve_api.py), evaluation samples and the
+PPO/GRPO rollouts all call this Engine, so that a fix or a speed-up here reaches every user.
 
     from model.engine import Engine
     engine = Engine.from_pretrained("out/sft/run1/final")               # or adapter="out/lora/run1/final"

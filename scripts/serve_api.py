@@ -11,7 +11,7 @@ chat template's format (model/chat_format.py), and <tool_call> blocks in the rep
 with finish_reason "tool_calls" (streamed: the reply is held back and sent at its end). Any OpenAI client works:
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
 
-The server is the library package server/ (protocol, batching worker, HTTP layer; see server/__init__.py); this
+The server is the library package model/server/ (protocol, batching worker, HTTP layer; see its __init__.py); this
 script parses the flags, loads the model and serves until Ctrl-C.
 """
 
@@ -22,8 +22,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
 from model.engine import add_engine_args, add_sampling_args, engine_from_args, sampling_from_args
-from server.http import LOOPBACK_HOSTS, make_server
-from server.protocol import add_limit_args, limits_from_args
+from model.server.http import LOOPBACK_HOSTS, make_server
+from model.server.protocol import add_limit_args, limits_from_args
 
 
 def main():

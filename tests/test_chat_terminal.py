@@ -11,9 +11,9 @@ import pytest
 from model import runtime
 from model.engine import CHAT_SAMPLING, Engine, add_sampling_args, sampling_from_args
 from model.runtime import MAKE_A_MODEL, resolve_model
+from model.server.http import make_server
+from model.server.protocol import parse_chat_request
 from scripts.chat_terminal import ChatSession, chat_loop
-from server.http import make_server
-from server.protocol import parse_chat_request
 from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
 
 

@@ -15,7 +15,7 @@ import pytest
 from dataset.corpus import worker_start_method
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ["main.py", "model", "trainer", "dataset", "server", "scripts"]
+LIBRARY = ["main.py", "model", "trainer", "dataset", "scripts"]
 POSIX_ONLY = {
     r"\bimport fcntl\b|\bfrom fcntl\b": "fcntl (file locks: Unix only)",
     r"\bos\.fork\b|get_context\(\s*[\"']fork": "fork (Windows has none; macOS's is unsafe with threads)",
@@ -40,7 +40,7 @@ def library_files() -> list[Path]:
     files = []
     for name in LIBRARY:
         path = ROOT / name
-        files += sorted(path.glob("*.py")) if path.is_dir() else [path]
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
     return files
 
 

@@ -1,4 +1,4 @@
-"""Tests for the chat server (server/, what scripts/serve_api.py runs) with the official openai client against a
+"""Tests for the chat server (model/server/, what scripts/serve_api.py runs) with the official openai client against a
 server started in-process on a free port.
 
 python -m pytest tests/test_serve_api.py
@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.engine import CHAT_SAMPLING, Engine
-from server import http as server_http
-from server.http import make_server
-from server.protocol import ApiError, ServerLimits, parse_chat_request, tool_call_message
+from model.server import http as server_http
+from model.server.http import make_server
+from model.server.protocol import ApiError, ServerLimits, parse_chat_request, tool_call_message
 from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
 
 openai = pytest.importorskip("openai")

@@ -1,16 +1,16 @@
 """
 The HTTP layer of the chat server: routes, streaming and the defences against hostile clients, on the standard
 library's ThreadingHTTPServer. Each connection gets a thread (at most max_connections open at once) that reads,
-checks and answers; the generation itself is the worker's (server/worker.py).
+checks and answers; the generation itself is the worker's (model/server/worker.py).
 
     server = make_server(engine, "127.0.0.1", 0, api_key="KEY")   # port 0: any free port; the worker is started
     server.serve_forever()                                        # then server.server_close(); server.worker.stop()
 
 Routes: POST /v1/chat/completions (plain JSON, or "stream": true as server-sent events ending with [DONE]),
-GET /v1/models, and a one-page web chat at / (server/web_chat.html). With tools the streamed reply is held back and
-sent at its end (a <tool_call> block is only known to be one when it closes). A client that disconnects is noticed
-within POLL_S, streaming or not, and its row of the batch stops. Plain http.server is enough for a single-model
-server and keeps the dependencies at zero (FastAPI would add three).
+GET /v1/models, and a one-page web chat at / (model/server/web_chat.html). With tools the streamed reply is held
+back and sent at its end (a <tool_call> block is only known to be one when it closes). A client that disconnects is
+noticed within POLL_S, streaming or not, and its row of the batch stops. Plain http.server is enough for a
+single-model server and keeps the dependencies at zero (FastAPI would add three).
 
 Hostile clients: every limit of ServerLimits is on by default (the body size, the conversation before trimming,
 the queue, the generation time, the read timeout, the connections). The connection cap cannot be taken by clients
@@ -43,8 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from model.engine import CHAT_SAMPLING, SamplingParams
-from server.protocol import ApiError, ServerLimits, parse_chat_request, tool_call_message
-from server.worker import Job, Worker
+from model.server.protocol import ApiError, ServerLimits, parse_chat_request, tool_call_message
+from model.server.worker import Job, Worker
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_chat.html")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

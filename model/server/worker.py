@@ -12,7 +12,7 @@ import time
 from collections import Counter, deque
 
 from model.engine import SamplingParams
-from server.protocol import ServerLimits
+from model.server.protocol import ServerLimits
 
 
 class Job:

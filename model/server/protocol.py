@@ -6,8 +6,8 @@ the limits a client meets (ServerLimits, each also a command-line flag of script
     req = parse_chat_request(body_bytes, CHAT_SAMPLING, "sft/final")  # ApiError (status, OpenAI error body)
     req["messages"], req["sampling"], req["stream"], req["include_usage"], req["tools"]
 
-Tools and tool calls are checked by the same functions that read them from training records (dataset/chat_data.py),
-so training and serving see one form.
+Tools and tool calls are checked by the same functions that read them from training records (model/chat_format.py
+tools_of, tool_calls_of), so training and serving see one form.
 """
 
 import argparse
@@ -15,8 +15,7 @@ import dataclasses
 import json
 import uuid
 
-from dataset.chat_data import BadRecord, tool_calls_of, tools_of
-from model.chat_format import parse_tool_calls
+from model.chat_format import ChatFormatError, parse_tool_calls, tool_calls_of, tools_of
 from model.engine import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for the system message
@@ -24,7 +23,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenA
 
 @dataclasses.dataclass
 class ServerLimits:
-    """What one client may send and wait for, all on by default (server/http.py says what each defends against)."""
+    """What one client may send and wait for, all on by default (model/server/http.py says what each defends
+    against)."""
 
     max_body_bytes: int = 1 << 20  # a larger request is answered 413 (after its body has been read and dropped)
     drain_factor: float = 4.0  # an error's unread body up to this x max_body_bytes is read and dropped (so the
@@ -132,7 +132,7 @@ def parse_chat_request(raw: bytes, defaults: SamplingParams, model_name: str | N
         if calls:
             try:
                 clean[-1]["tool_calls"] = tool_calls_of(calls, f"messages[{i}].tool_calls")
-            except BadRecord as e:
+            except ChatFormatError as e:
                 raise ApiError(400, str(e), f"messages[{i}].tool_calls") from None
     if any(m["role"] == "system" for m in clean[1:]) or clean[-1]["role"] == "assistant":
         raise ApiError(
@@ -190,7 +190,7 @@ def _tools(body: dict) -> list[dict]:
         return []
     try:
         return tools_of(tools, "tools")
-    except BadRecord as e:
+    except ChatFormatError as e:
         raise ApiError(400, str(e), "tools") from None
 
 
