@@ -8,6 +8,8 @@ parsers read). Three views of it must stay equal, and this module holds all thre
                     data, the engine's chat prompts, the server)
     tool-call text  tools_text / tool_call_text (what both of the above write) and parse_tool_calls (the server's
                     reader of replies)
+    tool checks     tools_of / tool_calls_of: tools and calls as records and requests give them -> the one form the
+                    other views render (ChatFormatError, naming where, for anything else)
 
     system turn   ... # Tools ... <tools>\\n{tool JSON}\\n...</tools> ... (TOOLS_INTRO, the tools, TOOLS_OUTRO)
     assistant     content\\n<tool_call>\\n{"name": "get_weather", "arguments": {"city": "北京"}}\\n</tool_call>
@@ -74,6 +76,83 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]] | None:
             return None
         calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
     return text[: text.index("<tool_call>")].rstrip("\n"), calls
+
+
+# -----------------------------------------------------------------------------
+# Tools and tool calls as data gives them, checked into the one form the template renders: training records
+# (dataset/chat_data.py) and the server's requests (model/server/protocol.py) both read them here, so training and
+# serving see one form and refuse the same things with the same words.
+
+
+class ChatFormatError(ValueError):
+    """Tools or tool calls not in a form we read; the message starts with where they came from (a record's
+    file:line, a request's field). dataset/chat_data.py reports it as the record's BadRecord, the server as a 400."""
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+        self.where, self.reason, self.detail = where, reason, detail
+
+
+def json_of(text: str, where: str, what: str):
+    """json.loads of a JSON text inside a record, its failures as ChatFormatError ("[[[[..." overflows the parser's
+    stack)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ChatFormatError(where, "malformed", f"{what} is not valid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ChatFormatError(where, "malformed", f"{what} is nested too deeply") from None
+
+
+def _check_renderable(value, where: str, what: str) -> None:
+    """value must dump to the UTF-8 JSON the template writes into the prompt: a lone surrogate ("\\ud800" is valid
+    JSON) is no text the tokenizer can encode, and a structure nested past the recursion limit cannot be dumped."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatFormatError(where, "malformed", f"{what} is not valid Unicode (a lone surrogate)") from None
+    except RecursionError:
+        raise ChatFormatError(where, "malformed", f"{what} is nested too deeply") from None
+
+
+def _json_list(value, where: str, what: str) -> list:
+    if isinstance(value, str):  # MiniMind stores tools and tool_calls as JSON text
+        value = json_of(value, where, what)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ChatFormatError(where, "malformed", f"{what} must be a list of objects")
+    return value
+
+
+def tools_of(value, where: str) -> list[dict]:
+    """Tool specs in OpenAI's form {"type": "function", "function": {"name", ...}}; a bare {"name", "description",
+    "parameters"} (MiniMind's functions, OpenAI's legacy functions) is wrapped, so training and serving see one form."""
+    tools = []
+    for t in _json_list(value, where, "tools"):
+        fn = t.get("function", t)
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise ChatFormatError(where, "malformed", "a tool without a function name")
+        tools.append({"type": "function", "function": fn})
+    _check_renderable(tools, where, "tools")
+    return tools
+
+
+def tool_calls_of(value, where: str) -> list[dict]:
+    """OpenAI's [{"id", "type": "function", "function": {"name", "arguments": JSON text}}] or MiniMind's
+    [{"name", "arguments": {...}}] (either as JSON text) -> [{"name", "arguments": dict}]. Arguments are parsed, so
+    every call is rendered as the same canonical JSON the model then learns to write."""
+    calls = []
+    for c in _json_list(value, where, "tool_calls"):
+        fn = c.get("function", c)
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise ChatFormatError(where, "malformed", "a tool call without a function name")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            args = json_of(args, where, "tool call arguments")
+        if not isinstance(args, dict):
+            raise ChatFormatError(where, "malformed", "tool call arguments must be a JSON object")
+        calls.append({"name": fn["name"], "arguments": args})
+    _check_renderable(calls, where, "tool_calls")
+    return calls
 
 
 # -----------------------------------------------------------------------------

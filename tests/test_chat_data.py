@@ -635,6 +635,20 @@ def test_bad_tool_records_are_refused(tmp_path, turns, reason):
     assert stats[f"skip:{reason}"] == 1
 
 
+def test_a_tool_the_chat_format_refuses_stops_the_run_as_a_bad_record_of_its_line(tmp_path):
+    """The tool checks live with the chat format (model/chat_format.py, shared with the server); in a data file their
+    error is the reader's BadRecord, naming file:line, so on_bad and every `except BadRecord` treat it as before."""
+    path = write(
+        tmp_path / "bad.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"arguments": {}}]}]},
+        ],
+    )
+    with pytest.raises(BadRecord, match=r"bad\.jsonl:2: malformed \(a tool call without a function name\)$"):
+        load_conversations(path, log=lambda *a: None)
+
+
 @pytest.mark.slow
 def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokenizer_dir, tmp_path):
     import shutil

@@ -208,7 +208,7 @@ def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
     import threading
 
     from model.engine import Engine
-    from scripts.serve_api import make_server
+    from model.server.http import make_server
     from tests.helpers import tiny_checkpoint
 
     lines = [argv[2] for argv in ecosystem_commands() if argv[:2] == ["python", "-c"]]
