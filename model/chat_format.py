@@ -15,8 +15,9 @@ parsers read). Three views of it must stay equal, and this module holds all thre
     content       a string, or OpenAI's content parts: their text parts joined (content_text)
 
 check_chatml and check_chat_template compare the template with chatml_pieces on probe conversations; a change to
-either one fails them (and tests/test_chat_data.py compares both on random conversations). Standard library only:
-the tokenizer is passed in.
+either one fails them (and tests/test_chat_data.py compares both on random conversations). A malformed message list
+stops both with the same words naming the message: check_message_list's ValueError, the template's raise_exception
+(_TEMPLATE_CHECKS). Standard library only: the tokenizer is passed in.
 """
 
 import json
