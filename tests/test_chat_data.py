@@ -29,7 +29,7 @@ from dataset.chat_data import (
     truncate,
 )
 from dataset.preference_data import prompt_ids
-from model.chat_format import chatml_pieces, check_chat_template, check_chatml
+from model.chat_format import CHAT_TEMPLATE, chatml_pieces, check_chat_template, check_chatml
 
 SYSTEM = "你是一个乐于助人的助手。"
 SINGLE = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京是中国的首都。"}]
@@ -655,6 +655,7 @@ def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokeni
     subprocess.run([sys.executable, str(script), old], check=True, capture_output=True)
     updated = AutoTokenizer.from_pretrained(old)
     check_chat_template(updated, tools=True, content_parts=True)
+    assert updated.chat_template == CHAT_TEMPLATE  # with the checks of malformed lists, which no probe exercises
     assert updated.get_vocab() == tok.get_vocab()
 
 
