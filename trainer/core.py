@@ -436,18 +436,45 @@ class Trainer:
         return result
 
     # ---- checkpoints: when is decided in fit(); what and how is trainer/checkpoint.py -------------------------
+    def checkpoint_parts(self) -> checkpoint.Parts:
+        """What a checkpoint saves, restores and records, handed to trainer/checkpoint.py explicitly."""
+        return checkpoint.Parts(
+            cfg=self.cfg,
+            stage=self.stage,
+            model=self.raw_model,
+            model_class=self.model_class_name,
+            tokenizer=self.tokenizer,
+            weights=self.weights,
+            optimizer=self.optimizer,
+            guard=self.guard,
+            data=self.train_data,
+            extra_state=self.extra_state,
+            load_extra_state=self.load_extra_state,
+            global_batch=self.global_batch,
+            dtype=self.dtype,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            fsdp=self.fsdp,
+        )
+
     def save_checkpoint(self) -> str:
         """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
-        return checkpoint.save_trainer(self)
+        return checkpoint.save(self.checkpoint_parts(), step=self.step, tokens_seen=self.tokens_seen)
 
     def export_final(self, *, evaluation: dict | None = None):
         """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage; its model
         card lists `evaluation` (the last one's numbers)."""
-        checkpoint.export_trainer(self, evaluation=evaluation)
+        checkpoint.export(self.checkpoint_parts(), step=self.step, tokens_seen=self.tokens_seen, evaluation=evaluation)
 
     def resume(self):
-        """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
-        checkpoint.resume_trainer(self)
+        """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never). A fresh
+        run only looks: the parts are built for a checkpoint found."""
+        found = checkpoint.newest_readable(
+            self.cfg.out_dir, self.cfg.resume, stage=self.stage, read_weights=self.weights.read
+        )
+        if found is not None:
+            self.step, self.tokens_seen = checkpoint.restore(self.checkpoint_parts(), *found)
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:

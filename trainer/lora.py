@@ -30,6 +30,7 @@ from model.lora import (
     read_adapter_weights,
     save_adapter,
 )
+from trainer.checkpoint import Parts
 from trainer.common import print0
 from trainer.config import above, at_least, between, setting
 from trainer.core import run_trainer
@@ -50,6 +51,11 @@ class Config(SFTConfig):
     # Every attention and MLP projection (k/v included under GQA); MoE experts' projections match too.
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
+    @property
+    def targets(self) -> list[str]:
+        """lora_targets as module names: what the adapters wrap, and what adapter_config.json lists."""
+        return [t for t in self.lora_targets.split(",") if t]
+
 
 # -----------------------------------------------------------------------------
 # The stage: SFT's data and loss, adapters instead of full weights
@@ -59,28 +65,28 @@ class AdapterWeights:
     """LoRA's checkpoints hold the adapter, not the (unchanged) base weights: PEFT's format (model/lora.py), read
     back onto the live model at resume (the Trainer's `weights`; checkpoint.ModelWeights is the whole-model one)."""
 
-    def save(self, trainer, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
-        cfg = trainer.cfg  # only the adapters, read from the live model (LoRA never runs sharded: `state` unused)
+    def save(self, parts: Parts, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
+        cfg = parts.cfg  # only the adapters, read from the live model (LoRA never runs sharded: `state` unused)
         # An absolute base path (a hub-style name stays as it is), so PEFT finds the base from any working directory.
         base = os.path.abspath(cfg.init_from) if os.path.isdir(cfg.init_from) else cfg.init_from
         save_adapter(
-            trainer.raw_model,
+            parts.model,
             path,
             base,
-            trainer.targets,
+            cfg.targets,
             cfg.lora_r,
             cfg.lora_alpha,
             cfg.lora_dropout,
             cfg.lora_rslora,
         )
-        trainer.tokenizer.save_pretrained(path)
+        parts.tokenizer.save_pretrained(path)
         make_readable(path)
 
     def read(self, path: str) -> dict:
         return read_adapter_weights(path)
 
-    def load(self, trainer, *, path: str, weights: dict) -> None:
-        load_adapter_weights(trainer.raw_model, weights, path)
+    def load(self, parts: Parts, *, path: str, weights: dict) -> None:
+        load_adapter_weights(parts.model, weights, path)
 
     def final_note(self, path: str) -> str:
         return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
@@ -95,10 +101,9 @@ class LoRATrainer(SFTTrainer):
         cfg = self.cfg
         if not cfg.init_from:
             raise ValueError("LoRA needs init_from: the base model the adapter is trained on (and saved against)")
-        self.targets = [t for t in cfg.lora_targets.split(",") if t]
         n_base = sum(p.numel() for p in self.raw_model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in self.raw_model.parameters())
-        wrapped = add_lora(self.raw_model, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora)
+        wrapped = add_lora(self.raw_model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora)
         if cfg.gradient_checkpointing:
             # Recomputed blocks need an input that requires grad, and the frozen embeddings give none.
             self.raw_model.enable_input_require_grads()
@@ -107,7 +112,7 @@ class LoRATrainer(SFTTrainer):
         scaling = lora_scaling(cfg.lora_r, cfg.lora_alpha, cfg.lora_rslora)
         print0(
             f"[lora] {len(wrapped)} adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
-            f"{'rsLoRA ' if cfg.lora_rslora else ''}scaling {scaling:g}) on {','.join(self.targets)}: "
+            f"{'rsLoRA ' if cfg.lora_rslora else ''}scaling {scaling:g}) on {','.join(cfg.targets)}: "
             f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of {n_base:,}"
         )
         print0(
