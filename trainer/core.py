@@ -9,6 +9,7 @@ checkpoint is written and read back (atomic step_* dirs, exact resume, the final
 with init_from) is trainer/checkpoint.py.
 """
 
+import glob
 import math
 import os
 import time
@@ -447,6 +448,10 @@ class Trainer:
 
     def resume(self):
         """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
+        if self.cfg.resume == "never":
+            return
+        if self.cfg.resume == "auto" and not glob.glob(os.path.join(self.cfg.out_dir, "step_*")):
+            return  # a fresh out_dir: nothing to read (trainer/checkpoint.py picks among the step_* dirs)
         checkpoint.resume_trainer(self)
 
 
