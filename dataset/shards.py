@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 SHARD_FORMAT = "milli-chat-shards-v1"
 
@@ -34,8 +33,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     Shards store it so that training refuses shards made with another tokenizer. We hash the vocabulary
     rather than the tokenizer.json bytes because re-saving a tokenizer may reorder or reformat that file."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     blob = json.dumps(vocab, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
