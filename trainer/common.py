@@ -109,8 +109,8 @@ class MetricsLog:
     logger: "ExternalLogger | NullLogger"
     max_steps: int
     log_every: int
-    flops_per_token: float  # for MFU, with peak_flops (None: MFU is not logged)
-    peak_flops: float | None
+    flops_per_token: float  # training FLOPs per token, for MFU
+    peak_flops: float | None  # the device's peak FLOP/s; None (a CPU, an unknown GPU): no MFU
     world_size: int
     device: torch.device
 
