@@ -18,12 +18,11 @@ import sys
 
 from dataset.records import UnusableFile
 from trainer.errors import ConfigError, is_disk_full
-from trainer.stages import available_stages
+from trainer.stages import STAGES
 
 
 def main(argv=None) -> int:
-    stages = available_stages()
-    epilog = "stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in stages.items())
+    epilog = "stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items())
     parser = argparse.ArgumentParser(
         description="Milli-Chat: train a small Chinese chat model from scratch.",
         usage="%(prog)s --stage STAGE [--config YAML] [key=value | --key value ...]",
@@ -37,8 +36,8 @@ def main(argv=None) -> int:
     # Everything else is an override, kept in order so `--key value` pairs stay together (trainer/config.py).
     args, overrides = parser.parse_known_args(argv)
 
-    if args.stage not in stages:
-        print(f"error: unknown stage '{args.stage}'; choose one of: {', '.join(stages)}", file=sys.stderr)
+    if args.stage not in STAGES:
+        print(f"error: unknown stage '{args.stage}'; choose one of: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     if args.config and not os.path.isfile(args.config):
         print(f"error: config file '{args.config}' does not exist", file=sys.stderr)
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
 
     from trainer.config import load_config  # imports torch (seconds): only once a stage is to run
 
-    module = importlib.import_module(stages[args.stage][0])
+    module = importlib.import_module(STAGES[args.stage][0])
     try:
         cfg = load_config(module.Config, args.config, overrides)
     except ConfigError as e:

@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 SHARD_FORMAT = "milli-chat-shards-v1"
 
@@ -34,8 +33,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     Shards store it so that training refuses shards made with another tokenizer. We hash the vocabulary
     rather than the tokenizer.json bytes because re-saving a tokenizer may reorder or reformat that file."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     blob = json.dumps(vocab, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -101,7 +98,8 @@ class ShardStream:
     (x = span[:-1], y = span[1:], row g = tokens g*T .. g*T+T). Rank r takes rows [r*G/W, (r+1)*G/W) and
     cuts them into micro-batches. The position (shard, offset) is global, the same on every rank, so a
     checkpoint resumes at the exact token, also with another number of processes (same global batch).
-    A span never crosses a shard: the tail of a shard shorter than a span is skipped (< one step of data)."""
+    A span never crosses a shard: the tail of a shard shorter than a span is skipped (< one step of data).
+    global_batch is a multiple of micro_batch x world_size (the Trainer refuses any other)."""
 
     def __init__(
         self,
@@ -113,10 +111,6 @@ class ShardStream:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if global_batch % (micro_batch * world_size) != 0:
-            raise ValueError(
-                f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x {world_size} processes"
-            )
         self.data_dir, self.meta, self.seq_len = data_dir, meta, seq_len
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size

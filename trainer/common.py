@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -96,29 +97,22 @@ def status_line(stage: str, step: int, max_steps: int, values: dict, stage_metri
 # What a run logs: metrics.jsonl always (MetricsLog), mirrored to an external service when one is asked for
 
 
+@dataclass(kw_only=True)
 class MetricsLog:
     """Where a run's numbers go: one JSON object per line in out_dir/metrics.jsonl (rank 0 only; a resume cuts it
     back to the checkpoint's step, trainer/checkpoint.py), the same values to the external logger, and a printed
     line. The Trainer decides when to log; this decides what a line holds."""
 
-    def __init__(
-        self,
-        *,
-        stage: str,
-        out_dir: str,
-        master: bool,
-        logger,
-        max_steps: int,
-        log_every: int,
-        flops_per_token: float,
-        peak_flops: float | None,
-        world_size: int,
-        device: torch.device,
-    ):
-        self.stage, self.out_dir, self.master, self.logger = stage, out_dir, master, logger
-        self.max_steps, self.log_every = max_steps, log_every
-        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
-        self.device = device
+    stage: str
+    out_dir: str
+    master: bool  # rank 0: the only one that writes
+    logger: "ExternalLogger | NullLogger"
+    max_steps: int
+    log_every: int
+    flops_per_token: float  # training FLOPs per token, for MFU
+    peak_flops: float | None  # the device's peak FLOP/s; None (a CPU, an unknown GPU): no MFU
+    world_size: int
+    device: torch.device
 
     def log_step(
         self, metrics: dict, *, step: int, step_times: list, step_tokens: int, tokens_seen: int, guard_values: dict

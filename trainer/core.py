@@ -9,6 +9,7 @@ checkpoint is written and read back (atomic step_* dirs, exact resume, the final
 with init_from) is trainer/checkpoint.py.
 """
 
+import glob
 import math
 import os
 import time
@@ -469,7 +470,11 @@ class Trainer:
 
     def resume(self):
         """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never). A fresh
-        run only looks: the parts are built for a checkpoint found."""
+        out_dir returns at once; the parts are built only for a checkpoint found."""
+        if self.cfg.resume == "never":
+            return
+        if self.cfg.resume == "auto" and not glob.glob(os.path.join(self.cfg.out_dir, "step_*")):
+            return  # a fresh out_dir: nothing to read (trainer/checkpoint.py picks among the step_* dirs)
         found = checkpoint.newest_readable(
             self.cfg.out_dir, self.cfg.resume, stage=self.stage, read_weights=self.weights.read
         )
