@@ -59,8 +59,8 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
 
 
 def is_embedding(name: str) -> bool:
-    """The token embedding or the output head (one tensor when tied)."""
-    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    """The token embedding or the output head (one tensor when tied), or LoRA's trained rows of them."""
+    return name.endswith(("embed_tokens.weight", "lm_head.weight", "trainable_tokens_delta"))
 
 
 def split_parameters(
