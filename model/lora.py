@@ -150,6 +150,12 @@ class TrainableTokensHead(nn.Module):
     def rows(self) -> TokenRows:
         return self._tied_rows[0] if hasattr(self, "_tied_rows") else self.token_adapter
 
+    def merged_weight(self) -> torch.Tensor:
+        """The (vocab, hidden) head with the trained rows in place, for the chunked loss (which takes a weight,
+        not a module): one copy of the head per forward, against the (tokens, vocab) logits it never builds."""
+        base = self.base_layer.weight
+        return base.index_copy(0, self.rows.index, self.rows.trainable_tokens_delta.to(base))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base_layer(hidden)  # (B, T, V)
         rows = self.rows

@@ -497,3 +497,33 @@ def test_peft_written_token_rows_read_the_same_in_stage_engine_and_peft(base_dir
     )
     with pytest.raises(ValueError, match="not supported here: trainable_token_indices"):
         load_adapter(load_base(base), adapter)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_chunked_loss_sees_the_trained_token_rows(tied):
+    """loss_chunk (no whole logits) on a model whose chat-marker rows train: the same loss and row gradients as the
+    plain path, so LoRA with its default trainable tokens keeps the chunked loss's memory saving."""
+    from model.lora import add_trainable_tokens
+    from tests.helpers import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(tie_word_embeddings=tied).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_trainable_tokens(model, [3, 7])
+    rows = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in rows:
+            p.add_(torch.randn_like(p))  # trained rows that differ from the base's
+    ids = torch.randint(0, model.config.vocab_size, (2, 19))
+    ids[:, ::3] = 7  # targets that hit the trained rows
+    results = []
+    for chunk in (0, 5):
+        model.zero_grad()
+        out = model(ids, labels=ids, loss_chunk=chunk)
+        out.loss.backward()
+        assert (out.logits is None) == (chunk > 0)
+        results.append((out.loss.detach(), [p.grad.clone() for p in rows]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for plain, chunked in zip(results[0][1], results[1][1]):
+        assert plain.abs().sum() > 0 and torch.allclose(plain, chunked, atol=1e-6)
