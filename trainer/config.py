@@ -32,6 +32,7 @@ import yaml
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
 from trainer.checkpoint import CheckpointError, verify_checksums
+from trainer.common import no_tokenizer_at
 from trainer.errors import ConfigError, MissingPathError  # torch-free, for the scripts; imported from here too
 
 OPTIMIZERS = ("adamw", "muon")  # trainer/optim.py builds them
@@ -367,16 +368,11 @@ def validate(cfg, *, paths: bool = True) -> None:
         if not is_finite(value):  # every number, bounded or not: NaN passes any bound
             raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
         if typing.get_origin(hints[key]) is Literal and value not in typing.get_args(hints[key]):
-            names = [str(a) for a in typing.get_args(hints[key])]
-            raise ConfigError(
-                f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}"
-            )
+            raise _not_a_choice(key, value, typing.get_args(hints[key]))
         bound = rules.get("bound")
         if bound and not (key == "batch_size" and value == "auto"):
             if isinstance(value, str):
-                raise ConfigError(
-                    f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
-                )
+                raise _not_a_number(key, value)
             if not bound.holds(value):
                 raise ConfigError(f"config key '{key}': must be {bound}, got {value!r}")
         if rules.get("device") and value:  # "" = the training device, where allowed
@@ -393,6 +389,17 @@ def validate(cfg, *, paths: bool = True) -> None:
         for field in dataclasses.fields(cfg):
             if "path" in rules_of(cls, field.name):
                 _check_path(cfg, field.name, rules_of(cls, field.name)["path"])
+
+
+def _not_a_number(key: str, value: str) -> ConfigError:
+    return ConfigError(
+        f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
+    )
+
+
+def _not_a_choice(key: str, value, choices: tuple) -> ConfigError:
+    names = [str(a) for a in choices]
+    return ConfigError(f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
 
 
 def _check_path(cfg, key: str, kind: str) -> None:
@@ -419,10 +426,7 @@ def _check_tokenizer(cfg, key: str, value: str) -> None:
     init_from = getattr(cfg, "init_from", "")
     brought = bool(init_from) and os.path.isfile(os.path.join(init_from, "tokenizer.json"))
     if not brought and not os.path.isdir(value):
-        raise MissingPathError(
-            f"config key '{key}': '{value}' does not exist: train one with `python main.py --stage tokenizer` "
-            f"or point tokenizer_dir at one"
-        )
+        raise MissingPathError(f"config key '{key}': {no_tokenizer_at(value)}")
 
 
 def _check_checkpoint(cfg, key: str, value: str) -> None:

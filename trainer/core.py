@@ -154,11 +154,8 @@ class Trainer:
         # The values first, on every path into the Trainer (run_trainer, tests and benchmarks that build one):
         # choices such as parallel and batch_size's "auto" are checked there, not again below.
         validate(cfg, paths=False)
-        if not cfg.init_from and not isinstance(cfg, Architecture):
-            raise ConfigError(
-                f"init_from is empty: stage {self.stage} starts from a saved model (its architecture and tokenizer "
-                f"come from init_from's config.json); give a checkpoint dir, e.g. an earlier stage's final/"
-            )
+        if not cfg.init_from and not isinstance(cfg, Architecture):  # a stage with no model_config to build from
+            raise self._no_init_from_error()
         self.cfg = cfg
         # One process per device under torchrun, with DDP or FSDP (self.fsdp) over them.
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -179,6 +176,12 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.step, self.tokens_seen = 0, 0
+
+    def _no_init_from_error(self) -> ConfigError:
+        return ConfigError(
+            f"init_from is empty: stage {self.stage} starts from a saved model (its architecture and tokenizer "
+            f"come from init_from's config.json); give a checkpoint dir, e.g. an earlier stage's final/"
+        )
 
     def _fsdp_applies(self) -> bool:
         """parallel=fsdp: under torchrun, once the stage, dtype and batch size allow it (checked here, before anything
@@ -210,19 +213,13 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.raw_model.activation_checkpointing_enable()
         if cfg.seq_len > self.raw_model.config.max_position_embeddings:
-            raise ValueError(
-                f"seq_len={cfg.seq_len} is over the model's max_position_embeddings="
-                f"{self.raw_model.config.max_position_embeddings}"
-            )
+            raise self._seq_len_error()
         self.setup()
         # validate() let through only an integer >= 1 or "auto"
         self.micro_batch = self._auto_micro_batch() if cfg.batch_size == "auto" else cfg.batch_size
         self.global_batch = cfg.global_batch_size or self.micro_batch * self.world_size
         if self.global_batch % (self.micro_batch * self.world_size) != 0:
-            raise ValueError(
-                f"global_batch_size={self.global_batch} must be a multiple of batch_size x processes "
-                f"= {self.micro_batch} x {self.world_size}"
-            )
+            raise self._global_batch_error()
         self.accum_steps = self.global_batch // (self.micro_batch * self.world_size)
         self.train_data, self.val_batches = self.build_data()
         if cfg.prefetch:  # collation off the critical path; pinned so that to_device's copies are asynchronous
@@ -263,6 +260,16 @@ class Trainer:
             f"{f' ({self.cpu_threads} threads)' if self.cpu_threads else ''} | dtype "
             f"{dtype_name(self.dtype)} | processes {self.world_size} | micro-batch "
             f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch} {cfg.batch_unit}"
+        )
+
+    def _seq_len_error(self) -> ValueError:
+        context = self.raw_model.config.max_position_embeddings
+        return ValueError(f"seq_len={self.cfg.seq_len} is over the model's max_position_embeddings={context}")
+
+    def _global_batch_error(self) -> ValueError:
+        return ValueError(
+            f"global_batch_size={self.global_batch} must be a multiple of batch_size x processes "
+            f"= {self.micro_batch} x {self.world_size}"
         )
 
     def _auto_micro_batch(self) -> int:
@@ -490,6 +497,11 @@ class Trainer:
             return
         if self.cfg.resume == "auto" and not glob.glob(os.path.join(self.cfg.out_dir, "step_*")):
             return  # a fresh out_dir: nothing to read (trainer/checkpoint.py picks among the step_* dirs)
+        self._restore_checkpoint()
+
+    def _restore_checkpoint(self):
+        """The newest readable step_* dir of out_dir (resume=auto) or the one given, when one is found: weights,
+        optimizer, data position and step counts."""
         found = checkpoint.newest_readable(
             self.cfg.out_dir, self.cfg.resume, stage=self.stage, read_weights=self.weights.read
         )
@@ -502,22 +514,15 @@ def run_trainer(trainer_cls, cfg) -> Trainer:
     __init__, the paths; before any model is built), take out_dir's lock, build, train, and tear down the process
     group."""
     trainer = trainer_cls(cfg)  # validates the values first
-    last_work = None
+    finished = False
     try:
         validate(cfg)
         # One run per out_dir (trainer/run_lock.py): a second one stops here, naming the first. Rank 0 holds it.
         with out_dir_lock(cfg.out_dir, stage=trainer.stage, enabled=trainer.master):
             trainer.prepare()
             trainer.fit()
-        if trainer.distributed:
-            # gloo's threads free finished work objects (and the Python tensors they hold, which needs the GIL) just
-            # after a collective returns, while destroy_process_group joins them holding the GIL: a rare shutdown
-            # deadlock (seen once in CI, a thread freeing the last checkpoint's barrier). So the last work object is
-            # ours, freed by this thread after the join (on return), and the threads get the GIL to free the others.
-            last_work = dist.barrier(async_op=True)
-            last_work.wait()
+        finished = True
     finally:
-        if trainer.distributed and dist.is_initialized():
-            time.sleep(0.1)
-            dist.destroy_process_group()
+        if trainer.distributed:
+            parallel.end_process_group(finished=finished)
     return trainer
