@@ -37,11 +37,9 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
 
     if args.stage not in STAGES:
-        print(f"error: unknown stage '{args.stage}'; choose one of: {', '.join(STAGES)}", file=sys.stderr)
-        return 2
+        return usage_error(f"unknown stage '{args.stage}'; choose one of: {', '.join(STAGES)}")
     if args.config and not os.path.isfile(args.config):
-        print(f"error: config file '{args.config}' does not exist", file=sys.stderr)
-        return 2
+        return usage_error(f"config file '{args.config}' does not exist")
 
     from trainer.config import load_config  # imports torch (seconds): only once a stage is to run
 
@@ -49,24 +47,32 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(module.Config, args.config, overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(e)
     try:
         module.run(cfg)  # checks the paths the stage needs before it builds anything
     except (ConfigError, UnusableFile) as e:  # a usage mistake, or a data file of a layout no reader knows
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(e)
     except OSError as e:
         if not is_disk_full(e):
             raise
-        # A full disk mid-run (a checkpoint, metrics.jsonl): checkpoints are written whole or not at all
-        # (trainer/checkpoint.py), so a rerun with resume=auto goes on from the newest complete one.
-        print(
-            f"error: a write failed: {e}; free some space and rerun (it resumes from the newest checkpoint)",
-            file=sys.stderr,
-        )
-        return 1
+        return disk_full(e)
     return 0
+
+
+def usage_error(message) -> int:
+    """A usage mistake: the message, no traceback, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def disk_full(e: OSError) -> int:
+    """A full disk mid-run (a checkpoint, metrics.jsonl): checkpoints are written whole or not at all
+    (trainer/checkpoint.py), so a rerun with resume=auto goes on from the newest complete one. Exit code 1."""
+    print(
+        f"error: a write failed: {e}; free some space and rerun (it resumes from the newest checkpoint)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -71,15 +71,23 @@ def load_meta(data_dir: str) -> dict:
 def check_meta(meta: dict, data_dir: str, vocab_size: int, fingerprint: str | None = None) -> None:
     """Refuse shards that do not belong to this model or tokenizer, before any step is wasted on them."""
     if meta["vocab_size"] > vocab_size:
-        raise ValueError(
-            f"{data_dir}: shards use a vocabulary of {meta['vocab_size']} ids but the model has vocab_size="
-            f"{vocab_size}; set the model's vocab_size to at least {meta['vocab_size']}"
-        )
+        raise _vocab_too_small(meta, data_dir, vocab_size)
     if fingerprint is not None and meta.get("tokenizer_fingerprint") not in (None, fingerprint):
-        raise ValueError(
-            f"{data_dir}: shards were made with tokenizer {meta['tokenizer_fingerprint']}, "
-            f"but the tokenizer given has fingerprint {fingerprint}; re-run prepare_shards.py with this tokenizer"
-        )
+        raise _other_tokenizer(meta, data_dir, fingerprint)
+
+
+def _vocab_too_small(meta: dict, data_dir: str, vocab_size: int) -> ValueError:
+    return ValueError(
+        f"{data_dir}: shards use a vocabulary of {meta['vocab_size']} ids but the model has vocab_size="
+        f"{vocab_size}; set the model's vocab_size to at least {meta['vocab_size']}"
+    )
+
+
+def _other_tokenizer(meta: dict, data_dir: str, fingerprint: str) -> ValueError:
+    return ValueError(
+        f"{data_dir}: shards were made with tokenizer {meta['tokenizer_fingerprint']}, "
+        f"but the tokenizer given has fingerprint {fingerprint}; re-run prepare_shards.py with this tokenizer"
+    )
 
 
 def open_shard(data_dir: str, entry: dict, dtype: str) -> np.ndarray:
@@ -117,14 +125,18 @@ class ShardStream:
         self.span = global_batch * seq_len + 1
         self.shards = [e for e in meta["train_shards"] if e["tokens"] >= self.span]
         if not self.shards:
-            biggest = max(e["tokens"] for e in meta["train_shards"])
-            raise ValueError(
-                f"{data_dir}: one step needs {self.span:,} tokens (global batch {global_batch} x seq_len "
-                f"{seq_len}) but the largest shard holds {biggest:,}; lower batch or seq_len"
-            )
+            raise self._step_too_long()
         self.shard_index, self.offset, self.epoch = 0, 0, 0
         self._array, self._array_index = None, -1
         self.shard_done = False  # True right after the step that used the last full span of a shard
+
+    def _step_too_long(self) -> ValueError:
+        """No shard holds one step's span."""
+        biggest = max(e["tokens"] for e in self.meta["train_shards"])
+        return ValueError(
+            f"{self.data_dir}: one step needs {self.span:,} tokens (global batch {self.global_batch} x seq_len "
+            f"{self.seq_len}) but the largest shard holds {biggest:,}; lower batch or seq_len"
+        )
 
     def tokens_per_epoch(self) -> int:
         return sum((e["tokens"] - 1) // (self.span - 1) * (self.span - 1) for e in self.shards)

@@ -62,11 +62,13 @@ def load_tokenizer(*, init_from: str, tokenizer_dir: str):
         check_checkpoint_dir(init_from, "init_from")
     path = init_from if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")) else tokenizer_dir
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"tokenizer_dir '{tokenizer_dir}' does not exist: train one with "
-            f"`python main.py --stage tokenizer` or point tokenizer_dir at one"
-        )
+        raise FileNotFoundError(f"tokenizer_dir {no_tokenizer_at(tokenizer_dir)}")
     return AutoTokenizer.from_pretrained(path)
+
+
+def no_tokenizer_at(path: str) -> str:
+    """What to do when there is no tokenizer folder at `path` (load_tokenizer, and validate's path check)."""
+    return f"'{path}' does not exist: train one with `python main.py --stage tokenizer` or point tokenizer_dir at one"
 
 
 def skipped_records(stats: dict) -> str:

@@ -314,19 +314,34 @@ def keep_lr_scales(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """The learning rate of optimizer step `step` (0-based)."""
+    """The learning rate of optimizer step `step` (0-based): a linear warmup from 0, then cfg.lr_schedule's."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
+    schedule = LR_SCHEDULES.get(cfg.lr_schedule)
+    if schedule is None:
+        raise ValueError(f"lr_schedule must be cosine, wsd or constant, got '{cfg.lr_schedule}'")
+    return schedule(cfg, step)
+
+
+def cosine_lr(cfg: TrainConfig, step: int) -> float:
+    """From lr down to lr x min_lr_ratio along half a cosine, from the end of the warmup to max_steps."""
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if cfg.lr_schedule == "wsd":
-        decay_start = int(cfg.max_steps * (1 - cfg.decay_ratio))
-        if step < decay_start:
-            return cfg.lr
-        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.lr + (min_lr - cfg.lr) * progress
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"lr_schedule must be cosine, wsd or constant, got '{cfg.lr_schedule}'")
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def wsd_lr(cfg: TrainConfig, step: int) -> float:
+    """Warmup-stable-decay: lr until the last decay_ratio of the steps, then linearly down to lr x min_lr_ratio."""
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    decay_start = int(cfg.max_steps * (1 - cfg.decay_ratio))
+    if step < decay_start:
+        return cfg.lr
+    progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+    return cfg.lr + (min_lr - cfg.lr) * progress
+
+
+def constant_lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr
+
+
+LR_SCHEDULES = {"cosine": cosine_lr, "wsd": wsd_lr, "constant": constant_lr}  # TrainConfig.lr_schedule's choices
