@@ -18,12 +18,11 @@ import sys
 
 from dataset.records import UnusableFile
 from trainer.errors import ConfigError, is_disk_full
-from trainer.stages import available_stages
+from trainer.stages import STAGES
 
 
 def main(argv=None) -> int:
-    stages = available_stages()
-    epilog = "stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in stages.items())
+    epilog = "stages:\n" + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in STAGES.items())
     parser = argparse.ArgumentParser(
         description="Milli-Chat: train a small Chinese chat model from scratch.",
         usage="%(prog)s --stage STAGE [--config YAML] [key=value | --key value ...]",
@@ -37,37 +36,43 @@ def main(argv=None) -> int:
     # Everything else is an override, kept in order so `--key value` pairs stay together (trainer/config.py).
     args, overrides = parser.parse_known_args(argv)
 
-    if args.stage not in stages:
-        print(f"error: unknown stage '{args.stage}'; choose one of: {', '.join(stages)}", file=sys.stderr)
-        return 2
+    if args.stage not in STAGES:
+        return usage_error(f"unknown stage '{args.stage}'; choose one of: {', '.join(STAGES)}")
     if args.config and not os.path.isfile(args.config):
-        print(f"error: config file '{args.config}' does not exist", file=sys.stderr)
-        return 2
+        return usage_error(f"config file '{args.config}' does not exist")
 
     from trainer.config import load_config  # imports torch (seconds): only once a stage is to run
 
-    module = importlib.import_module(stages[args.stage][0])
+    module = importlib.import_module(STAGES[args.stage][0])
     try:
         cfg = load_config(module.Config, args.config, overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(e)
     try:
         module.run(cfg)  # checks the paths the stage needs before it builds anything
     except (ConfigError, UnusableFile) as e:  # a usage mistake, or a data file of a layout no reader knows
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(e)
     except OSError as e:
         if not is_disk_full(e):
             raise
-        # A full disk mid-run (a checkpoint, metrics.jsonl): checkpoints are written whole or not at all
-        # (trainer/checkpoint.py), so a rerun with resume=auto goes on from the newest complete one.
-        print(
-            f"error: a write failed: {e}; free some space and rerun (it resumes from the newest checkpoint)",
-            file=sys.stderr,
-        )
-        return 1
+        return disk_full(e)
     return 0
+
+
+def usage_error(message) -> int:
+    """A usage mistake: the message, no traceback, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def disk_full(e: OSError) -> int:
+    """A full disk mid-run (a checkpoint, metrics.jsonl): checkpoints are written whole or not at all
+    (trainer/checkpoint.py), so a rerun with resume=auto goes on from the newest complete one. Exit code 1."""
+    print(
+        f"error: a write failed: {e}; free some space and rerun (it resumes from the newest checkpoint)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

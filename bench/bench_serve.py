@@ -4,7 +4,7 @@ Serving throughput: the API server with static batches vs serving one request at
     python bench/bench_serve.py [--model_config config/model/small.json] [--tokenizer out/tokenizer]
                                 [--clients 1,8,32] [--requests_per_client 1] [--max_tokens 64] [--threads 1]
 
-The server (scripts/serve_api.py, in-process on a free loopback port) serves a random-weight model of the given
+The server (model/server/http.py, in-process on a free loopback port) serves a random-weight model of the given
 config with the trained tokenizer. For each number of concurrent clients, every client sends its requests one after
 another (plain, non-streaming chat completions over real sockets, greedy, exactly max_tokens new tokens: stop tokens
 are ignored so every answer has the same length). Reported per mode and client count: aggregate completion
@@ -28,7 +28,8 @@ from transformers import AutoTokenizer
 
 from model import SLMConfig, SLMForCausalLM
 from model.engine import Engine
-from scripts.serve_api import ServerLimits, make_server
+from model.server.http import make_server
+from model.server.protocol import ServerLimits
 
 # Distinct questions of different lengths, so the batches are left-padded as in real use.
 QUESTIONS = [

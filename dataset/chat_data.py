@@ -58,7 +58,6 @@ the run naming file and line with on_bad="error"; with "skip" the file ends ther
 """
 
 import bisect
-import json
 import re
 from collections import Counter
 
@@ -66,7 +65,16 @@ import numpy as np
 import torch
 
 from dataset.records import BadRecord, UnreadableFile, read_records
-from model.chat_format import ROLES, chatml_pieces, check_chat_template, uses_tools
+from model.chat_format import (
+    ROLES,
+    ChatFormatError,
+    chatml_pieces,
+    check_chat_template,
+    json_of,
+    tool_calls_of,
+    tools_of,
+    uses_tools,
+)
 
 IGNORE = -100  # label of a position the loss skips (the model's cross-entropy ignore_index)
 
@@ -164,6 +172,16 @@ def _text(value, where: str, what: str) -> str:
 
 def to_messages(record, fmt: str, where: str) -> list[dict]:
     """One record of format `fmt` -> messages (roles mapped, nothing else changed)."""
+    # The tool checks are the chat format's (model/chat_format.py, shared with the server) and raise its error; here
+    # it becomes the record's BadRecord, same words. BadRecord cannot be that class: dataset/records.py is imported
+    # by `main.py --help` before torch, and importing model/ imports torch.
+    try:
+        return _record_messages(record, fmt, where)
+    except ChatFormatError as e:
+        raise BadRecord(e.where, e.reason, e.detail) from None
+
+
+def _record_messages(record, fmt: str, where: str) -> list[dict]:
     if not isinstance(record, dict):
         raise BadRecord(where, "malformed", f"a record is {type(record).__name__}, not an object")
     if fmt == "alpaca":
@@ -212,7 +230,7 @@ def to_messages(record, fmt: str, where: str) -> list[dict]:
             if role is None:
                 raise BadRecord(where, "unknown role", repr(turn["from"]))
             if turn["from"] == "function_call":  # {"name", "arguments"} or a list of them, as JSON text
-                calls = _json_text(_text(turn["value"], where, "value"), where, "function_call")
+                calls = json_of(_text(turn["value"], where, "value"), where, "function_call")
                 calls = tool_calls_of([calls] if isinstance(calls, dict) else calls, where)
                 messages.append({"role": "assistant", "content": "", "tool_calls": calls})
             else:
@@ -253,7 +271,9 @@ def _belle_turns(instruction: str, where: str) -> list[dict] | None:
 
 # Tool use (OpenAI and MiniMind records) -> messages: the first system message carries the conversation's "tools"
 # (a list of {"type": "function", "function": {...}}), an assistant message its "tool_calls" ([{"name", "arguments":
-# dict}]) and a "tool" message the tool's answer; chatml_pieces renders them in the template's tool format.
+# dict}]) and a "tool" message the tool's answer; chatml_pieces renders them in the template's tool format. Tools
+# and calls are checked by the chat format's tools_of / tool_calls_of (model/chat_format.py), which the server's
+# requests pass through too.
 
 
 def _content(value, where: str, what: str) -> str:
@@ -268,67 +288,6 @@ def _content(value, where: str, what: str) -> str:
             raise BadRecord(where, "unsupported content", f"a {kind!r} part in {what}; only text parts are read")
         texts.append(_text(part.get("text"), where, what))
     return "".join(texts)
-
-
-def _json_text(text: str, where: str, what: str):
-    """json.loads of a JSON text inside a record, its failures as BadRecord ("[[[[..." overflows the parser's stack)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRecord(where, "malformed", f"{what} is not valid JSON: {e.msg}") from None
-    except RecursionError:
-        raise BadRecord(where, "malformed", f"{what} is nested too deeply") from None
-
-
-def _check_renderable(value, where: str, what: str) -> None:
-    """value must dump to the UTF-8 JSON the template writes into the prompt: a lone surrogate ("\\ud800" is valid
-    JSON) is no text the tokenizer can encode, and a structure nested past the recursion limit cannot be dumped."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRecord(where, "malformed", f"{what} is not valid Unicode (a lone surrogate)") from None
-    except RecursionError:
-        raise BadRecord(where, "malformed", f"{what} is nested too deeply") from None
-
-
-def _json_list(value, where: str, what: str) -> list:
-    if isinstance(value, str):  # MiniMind stores tools and tool_calls as JSON text
-        value = _json_text(value, where, what)
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise BadRecord(where, "malformed", f"{what} must be a list of objects")
-    return value
-
-
-def tools_of(value, where: str) -> list[dict]:
-    """Tool specs in OpenAI's form {"type": "function", "function": {"name", ...}}; a bare {"name", "description",
-    "parameters"} (MiniMind's functions, OpenAI's legacy functions) is wrapped, so training and serving see one form."""
-    tools = []
-    for t in _json_list(value, where, "tools"):
-        fn = t.get("function", t)
-        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
-            raise BadRecord(where, "malformed", "a tool without a function name")
-        tools.append({"type": "function", "function": fn})
-    _check_renderable(tools, where, "tools")
-    return tools
-
-
-def tool_calls_of(value, where: str) -> list[dict]:
-    """OpenAI's [{"id", "type": "function", "function": {"name", "arguments": JSON text}}] or MiniMind's
-    [{"name", "arguments": {...}}] (either as JSON text) -> [{"name", "arguments": dict}]. Arguments are parsed, so
-    every call is rendered as the same canonical JSON the model then learns to write."""
-    calls = []
-    for c in _json_list(value, where, "tool_calls"):
-        fn = c.get("function", c)
-        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
-            raise BadRecord(where, "malformed", "a tool call without a function name")
-        args = fn.get("arguments") or {}
-        if isinstance(args, str):
-            args = _json_text(args, where, "tool call arguments")
-        if not isinstance(args, dict):
-            raise BadRecord(where, "malformed", "tool call arguments must be a JSON object")
-        calls.append({"name": fn["name"], "arguments": args})
-    _check_renderable(calls, where, "tool_calls")
-    return calls
 
 
 def _message(turn: dict, where: str) -> dict:

@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 SHARD_FORMAT = "milli-chat-shards-v1"
 
@@ -34,8 +33,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     Shards store it so that training refuses shards made with another tokenizer. We hash the vocabulary
     rather than the tokenizer.json bytes because re-saving a tokenizer may reorder or reformat that file."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     blob = json.dumps(vocab, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -74,15 +71,23 @@ def load_meta(data_dir: str) -> dict:
 def check_meta(meta: dict, data_dir: str, vocab_size: int, fingerprint: str | None = None) -> None:
     """Refuse shards that do not belong to this model or tokenizer, before any step is wasted on them."""
     if meta["vocab_size"] > vocab_size:
-        raise ValueError(
-            f"{data_dir}: shards use a vocabulary of {meta['vocab_size']} ids but the model has vocab_size="
-            f"{vocab_size}; set the model's vocab_size to at least {meta['vocab_size']}"
-        )
+        raise _vocab_too_small(meta, data_dir, vocab_size)
     if fingerprint is not None and meta.get("tokenizer_fingerprint") not in (None, fingerprint):
-        raise ValueError(
-            f"{data_dir}: shards were made with tokenizer {meta['tokenizer_fingerprint']}, "
-            f"but the tokenizer given has fingerprint {fingerprint}; re-run prepare_shards.py with this tokenizer"
-        )
+        raise _other_tokenizer(meta, data_dir, fingerprint)
+
+
+def _vocab_too_small(meta: dict, data_dir: str, vocab_size: int) -> ValueError:
+    return ValueError(
+        f"{data_dir}: shards use a vocabulary of {meta['vocab_size']} ids but the model has vocab_size="
+        f"{vocab_size}; set the model's vocab_size to at least {meta['vocab_size']}"
+    )
+
+
+def _other_tokenizer(meta: dict, data_dir: str, fingerprint: str) -> ValueError:
+    return ValueError(
+        f"{data_dir}: shards were made with tokenizer {meta['tokenizer_fingerprint']}, "
+        f"but the tokenizer given has fingerprint {fingerprint}; re-run prepare_shards.py with this tokenizer"
+    )
 
 
 def open_shard(data_dir: str, entry: dict, dtype: str) -> np.ndarray:
@@ -101,7 +106,8 @@ class ShardStream:
     (x = span[:-1], y = span[1:], row g = tokens g*T .. g*T+T). Rank r takes rows [r*G/W, (r+1)*G/W) and
     cuts them into micro-batches. The position (shard, offset) is global, the same on every rank, so a
     checkpoint resumes at the exact token, also with another number of processes (same global batch).
-    A span never crosses a shard: the tail of a shard shorter than a span is skipped (< one step of data)."""
+    A span never crosses a shard: the tail of a shard shorter than a span is skipped (< one step of data).
+    global_batch is a multiple of micro_batch x world_size (the Trainer refuses any other)."""
 
     def __init__(
         self,
@@ -113,24 +119,24 @@ class ShardStream:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if global_batch % (micro_batch * world_size) != 0:
-            raise ValueError(
-                f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x {world_size} processes"
-            )
         self.data_dir, self.meta, self.seq_len = data_dir, meta, seq_len
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.span = global_batch * seq_len + 1
         self.shards = [e for e in meta["train_shards"] if e["tokens"] >= self.span]
         if not self.shards:
-            biggest = max(e["tokens"] for e in meta["train_shards"])
-            raise ValueError(
-                f"{data_dir}: one step needs {self.span:,} tokens (global batch {global_batch} x seq_len "
-                f"{seq_len}) but the largest shard holds {biggest:,}; lower batch or seq_len"
-            )
+            raise self._step_too_long()
         self.shard_index, self.offset, self.epoch = 0, 0, 0
         self._array, self._array_index = None, -1
         self.shard_done = False  # True right after the step that used the last full span of a shard
+
+    def _step_too_long(self) -> ValueError:
+        """No shard holds one step's span."""
+        biggest = max(e["tokens"] for e in self.meta["train_shards"])
+        return ValueError(
+            f"{self.data_dir}: one step needs {self.span:,} tokens (global batch {self.global_batch} x seq_len "
+            f"{self.seq_len}) but the largest shard holds {biggest:,}; lower batch or seq_len"
+        )
 
     def tokens_per_epoch(self) -> int:
         return sum((e["tokens"] - 1) // (self.span - 1) * (self.span - 1) for e in self.shards)

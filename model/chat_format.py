@@ -8,6 +8,8 @@ parsers read). Three views of it must stay equal, and this module holds all thre
                     data, the engine's chat prompts, the server)
     tool-call text  tools_text / tool_call_text (what both of the above write) and parse_tool_calls (the server's
                     reader of replies)
+    tool checks     tools_of / tool_calls_of: tools and calls as records and requests give them -> the one form the
+                    other views render (ChatFormatError, naming where, for anything else)
 
     system turn   ... # Tools ... <tools>\\n{tool JSON}\\n...</tools> ... (TOOLS_INTRO, the tools, TOOLS_OUTRO)
     assistant     content\\n<tool_call>\\n{"name": "get_weather", "arguments": {"city": "北京"}}\\n</tool_call>
@@ -15,8 +17,9 @@ parsers read). Three views of it must stay equal, and this module holds all thre
     content       a string, or OpenAI's content parts: their text parts joined (content_text)
 
 check_chatml and check_chat_template compare the template with chatml_pieces on probe conversations; a change to
-either one fails them (and tests/test_chat_data.py compares both on random conversations). Standard library only:
-the tokenizer is passed in.
+either one fails them (and tests/test_chat_data.py compares both on random conversations). A malformed message list
+stops both with the same words naming the message: check_message_list's ValueError, the template's raise_exception
+(_TEMPLATE_CHECKS). Standard library only: the tokenizer is passed in.
 """
 
 import json
@@ -77,6 +80,83 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]] | None:
 
 
 # -----------------------------------------------------------------------------
+# Tools and tool calls as data gives them, checked into the one form the template renders: training records
+# (dataset/chat_data.py) and the server's requests (model/server/protocol.py) both read them here, so training and
+# serving see one form and refuse the same things with the same words.
+
+
+class ChatFormatError(ValueError):
+    """Tools or tool calls not in a form we read; the message starts with where they came from (a record's
+    file:line, a request's field). dataset/chat_data.py reports it as the record's BadRecord, the server as a 400."""
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+        self.where, self.reason, self.detail = where, reason, detail
+
+
+def json_of(text: str, where: str, what: str):
+    """json.loads of a JSON text inside a record, its failures as ChatFormatError ("[[[[..." overflows the parser's
+    stack)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ChatFormatError(where, "malformed", f"{what} is not valid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ChatFormatError(where, "malformed", f"{what} is nested too deeply") from None
+
+
+def _check_renderable(value, where: str, what: str) -> None:
+    """value must dump to the UTF-8 JSON the template writes into the prompt: a lone surrogate ("\\ud800" is valid
+    JSON) is no text the tokenizer can encode, and a structure nested past the recursion limit cannot be dumped."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ChatFormatError(where, "malformed", f"{what} is not valid Unicode (a lone surrogate)") from None
+    except RecursionError:
+        raise ChatFormatError(where, "malformed", f"{what} is nested too deeply") from None
+
+
+def _json_list(value, where: str, what: str) -> list:
+    if isinstance(value, str):  # MiniMind stores tools and tool_calls as JSON text
+        value = json_of(value, where, what)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ChatFormatError(where, "malformed", f"{what} must be a list of objects")
+    return value
+
+
+def tools_of(value, where: str) -> list[dict]:
+    """Tool specs in OpenAI's form {"type": "function", "function": {"name", ...}}; a bare {"name", "description",
+    "parameters"} (MiniMind's functions, OpenAI's legacy functions) is wrapped, so training and serving see one form."""
+    tools = []
+    for t in _json_list(value, where, "tools"):
+        fn = t.get("function", t)
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise ChatFormatError(where, "malformed", "a tool without a function name")
+        tools.append({"type": "function", "function": fn})
+    _check_renderable(tools, where, "tools")
+    return tools
+
+
+def tool_calls_of(value, where: str) -> list[dict]:
+    """OpenAI's [{"id", "type": "function", "function": {"name", "arguments": JSON text}}] or MiniMind's
+    [{"name", "arguments": {...}}] (either as JSON text) -> [{"name", "arguments": dict}]. Arguments are parsed, so
+    every call is rendered as the same canonical JSON the model then learns to write."""
+    calls = []
+    for c in _json_list(value, where, "tool_calls"):
+        fn = c.get("function", c)
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise ChatFormatError(where, "malformed", "a tool call without a function name")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            args = json_of(args, where, "tool call arguments")
+        if not isinstance(args, dict):
+            raise ChatFormatError(where, "malformed", "tool call arguments must be a JSON object")
+        calls.append({"name": fn["name"], "arguments": args})
+    _check_renderable(calls, where, "tool_calls")
+    return calls
+
+
+# -----------------------------------------------------------------------------
 # The Jinja template
 # ChatML. {% generation %} around each assistant reply and its <|im_end|> lets apply_chat_template(...,
 # return_assistant_tokens_mask=True) mark what a reply is: check_chat_template compares that mask with chatml_pieces'
@@ -86,8 +166,10 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]] | None:
 # Content is a string or OpenAI's content parts (content_text). The template renders the same text in transformers,
 # llama-cpp-python (Jinja2 too: tests/test_export_gguf.py, where it is installed) and llama.cpp's C++ engines
 # (common/jinja, which skips the generation tag, and minja before it: compared by hand on 100 random conversations
-# with tools and content parts, December 2026). Keep to what they all run: if/for/set, a namespace, `is string`,
-# `is defined`, tojson; no macros, no other filters.
+# with tools and content parts, December 2026). Keep to what they all run: if/for/set, a namespace, `~`, `in`,
+# the tests string/mapping/iterable/defined/none, tojson, raise_exception; no macros, no other filters.
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def _content_text(name: str, content: str) -> str:
@@ -101,8 +183,85 @@ def _content_text(name: str, content: str) -> str:
     )
 
 
+def _given(x: str) -> str:
+    return f"{x} is defined and {x} is not none"
+
+
+def _is_list(x: str) -> str:
+    """Jinja for "x is a list" that the engines read alike: Jinja2 calls a dict a sequence and iterable, llama.cpp's
+    common/jinja calls an undefined value both and a dict neither, minja calls a string iterable."""
+    return f"({x} is defined and {x} is iterable and {x} is not string and {x} is not mapping)"
+
+
+def _raise_first(where: str, checks: list[tuple[str, str]]) -> str:
+    """Jinja that raises `where` ~ problem for the first (condition, problem) whose condition holds."""
+    return (
+        "".join(
+            f'{{%- {"elif" if k else "if"} {condition} -%}}{{{{ raise_exception({where} ~ "{problem}") }}}}'
+            for k, (condition, problem) in enumerate(checks)
+        )
+        + "{%- endif -%}"
+    )
+
+
+# Malformed lists stop the template before it writes anything, with check_message_list's words (in its order), so
+# a caller of apply_chat_template, or of a server that renders the GGUF's template, reads which message is wrong and
+# why instead of a jinja2 UndefinedError or a turn rendered from nonsense. transformers checks the list, its
+# elements and tools= before rendering; the element check is for hosts that do not (llama-cpp-python's formatter).
+# llama.cpp's capability probes (common/jinja/caps.cpp, minja's chat-template.hpp) are well-formed lists: they
+# find the same capabilities as without the checks (compared by hand, December 2026).
+_TEMPLATE_CHECKS = (
+    "{%- for message in messages -%}{%- set where = 'messages[' ~ loop.index0 ~ ']' -%}"
+    + _raise_first(
+        "where",
+        [
+            ("message is not mapping", " must be a dict with 'role' and 'content'"),
+            (  # common/jinja refuses `in` on an undefined value: the string test comes first
+                f"message.role is not string or message.role not in {list(ROLES)!r}",
+                "['role'] must be one of " + ", ".join(ROLES),
+            ),
+            ("message.role == 'system' and not loop.first", ": a system message must come first"),
+            (
+                f"{_given('message.content')} and message.content is not string and not {_is_list('message.content')}",
+                "['content'] must be a string or a list of content parts",
+            ),
+            (
+                "message.tool_calls and message.role != 'assistant'",
+                "['tool_calls']: only an assistant message makes tool calls",
+            ),
+            (
+                f"{_given('message.tool_calls')} and not {_is_list('message.tool_calls')}",
+                "['tool_calls'] must be a list",
+            ),
+        ],
+    )
+    + "{%- if message.content is not string -%}{%- for part in message.content or [] -%}"
+    + _raise_first(
+        "where ~ \"['content'][\" ~ loop.index0",
+        [
+            ("part is not mapping", "] must be a dict such as {'type': 'text', 'text': ...}"),
+            ("part.type == 'text' and part.text is not string", "]['text'] must be a string"),
+        ],
+    )
+    + "{%- endfor -%}{%- endif -%}{%- for call in message.tool_calls or [] -%}"
+    "{%- set fn = call.function if call is mapping and call.function is defined else call -%}"
+    + _raise_first(
+        "where ~ \"['tool_calls'][\" ~ loop.index0",
+        [
+            ("fn is not mapping", "] must be a dict: {'name', 'arguments'} or OpenAI's"),
+            ("fn.name is not string or not fn.name", "] needs a function name, a non-empty string"),
+            (
+                f"{_given('fn.arguments')} and fn.arguments is not string and fn.arguments is not mapping",
+                "] arguments must be a dict or its JSON text",
+            ),
+        ],
+    )
+    + "{%- endfor -%}{%- endfor -%}"
+)
+
 CHAT_TEMPLATE = (
-    "{%- if tools -%}{{ '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' -%}"
+    _TEMPLATE_CHECKS
+    + "{%- if tools -%}{{ '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' -%}"
     + _content_text("system_text", "messages[0]['content']")
     + "{%- if system_text -%}{{ system_text + '\\n\\n' }}{%- endif -%}{%- endif -%}"
     "{{ " + repr(TOOLS_INTRO) + " }}{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
@@ -160,29 +319,65 @@ def _turn_text(messages: list[dict], i: int) -> str | None:
     return role + "\n" + content
 
 
-ROLES = ("system", "user", "assistant", "tool")
+def _json_error(value) -> str | None:
+    """Why json.dumps cannot write value (what tools_text and tool_call_text do with it), None when it can."""
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def check_message_list(messages) -> None:
-    """A ValueError saying what is wrong with a message list a Python caller built (chatml_pieces' input; data
-    files are checked record by record before, with BadRecord), instead of a KeyError or TypeError from inside."""
+    """A ValueError naming the message and what is wrong with a list a Python caller built (chatml_pieces' input;
+    data files are checked record by record before, with BadRecord), instead of a KeyError or TypeError from inside
+    or a rendering the template would not give. CHAT_TEMPLATE raises the same words on the same lists (_TEMPLATE_CHECKS)
+    but for what transformers checks before it (the list, its elements, tools=) and values JSON cannot hold."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"{where} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"{where}['role'] must be one of {', '.join(ROLES)}, got {role!r}")
+        if role == "system" and i > 0:  # as the data files and the server keep it (one optional system prompt)
+            raise ValueError(f"{where}: a system message must come first")
+        if content is not None and not isinstance(content, (str, list, tuple)):
             raise ValueError(
-                f"messages[{i}]['content'] must be a string or a list of content parts, got {type(content).__name__}"
+                f"{where}['content'] must be a string or a list of content parts, got {type(content).__name__}"
             )
-        if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
-            raise ValueError(f"messages[{i}]['content'] parts must be dicts such as {{'type': 'text', 'text': ...}}")
-        for key in ("tool_calls", "tools"):
-            if m.get(key) is not None and not isinstance(m[key], list):
-                raise ValueError(f"messages[{i}]['{key}'] must be a list, got {type(m[key]).__name__}")
+        for k, part in enumerate(content if isinstance(content, (list, tuple)) else []):
+            if not isinstance(part, dict):
+                raise ValueError(f"{where}['content'][{k}] must be a dict such as {{'type': 'text', 'text': ...}}")
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}['content'][{k}]['text'] must be a string")
+        if m.get("tools") is not None:
+            if i > 0 or role != "system":  # chatml_pieces would drop them; the template's tools= makes a system turn
+                raise ValueError(f"{where}['tools']: only a first system message carries tools")
+            if not isinstance(m["tools"], (list, tuple)) or not all(isinstance(t, dict) for t in m["tools"]):
+                raise ValueError(f"{where}['tools'] must be a list of dicts (tool specs)")
+            if error := _json_error(m["tools"]):
+                raise ValueError(f"{where}['tools'] cannot be written as JSON ({error})")
+        calls = m.get("tool_calls")
+        if calls and role != "assistant":  # both renderings would drop them
+            raise ValueError(f"{where}['tool_calls']: only an assistant message makes tool calls")
+        if calls is not None and not isinstance(calls, (list, tuple)):
+            raise ValueError(f"{where}['tool_calls'] must be a list, got {type(calls).__name__}")
+        for k, call in enumerate(calls or []):
+            fn = call.get("function", call) if isinstance(call, dict) else call
+            if not isinstance(fn, dict):
+                raise ValueError(f"{where}['tool_calls'][{k}] must be a dict: {{'name', 'arguments'}} or OpenAI's")
+            if not (isinstance(fn.get("name"), str) and fn["name"]):
+                raise ValueError(f"{where}['tool_calls'][{k}] needs a function name, a non-empty string")
+            args = fn.get("arguments")
+            if args is not None and not isinstance(args, (str, dict)):
+                raise ValueError(
+                    f"{where}['tool_calls'][{k}] arguments must be a dict or its JSON text, got {type(args).__name__}"
+                )
+            if error := _json_error(args):
+                raise ValueError(f"{where}['tool_calls'][{k}] arguments cannot be written as JSON ({error})")
 
 
 def chatml_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[list, list]]:

@@ -1,8 +1,8 @@
 """
 The one generation path of Milli-Chat: prefill, then token-by-token decode on a preallocated KV cache.
 
-Chat (scripts/chat_terminal.py), the API server (scripts/serve_api.py), evaluation samples and the PPO/GRPO
-rollouts all call this Engine, so that a fix or a speed-up here reaches every user.
+Chat (scripts/chat_terminal.py), the API server (model/server/, scripts/serve_api.py), evaluation samples and the
+PPO/GRPO rollouts all call this Engine, so that a fix or a speed-up here reaches every user.
 
     from model.engine import Engine
     engine = Engine.from_pretrained("out/sft/run1/final")               # or adapter="out/lora/run1/final"
@@ -15,6 +15,7 @@ logits_to_keep) and calls cache.update(k, v, layer_idx): SLMForCausalLM and tran
 (an exported Llama folder) both do.
 """
 
+import argparse
 import dataclasses
 import math
 import threading
@@ -29,7 +30,7 @@ from model.hub import stop_token_ids
 from model.lora import adapter_base_model, is_adapter_dir, merge_lora_weights
 from model.model_slm import SLMPreTrainedModel
 from model.quantize import check_quantize_device, quantize_model
-from model.runtime import load_pretrained, resolve_device, resolve_dtype
+from model.runtime import load_pretrained, resolve_device, resolve_dtype, resolve_model, set_cpu_threads
 
 # -----------------------------------------------------------------------------
 # Static KV cache
@@ -140,6 +141,33 @@ class SamplingParams:
 # names a Chinese answer must repeat, and eval and RL measure and train the model at 1.0, so chat shows the model
 # that was measured (OpenAI's API has no such penalty either). --repetition_penalty turns it on where a model loops.
 CHAT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.7, top_p=0.9)
+
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+def finite_float(text: str) -> float:
+    """argparse's float without nan and inf (float() takes both): a usage error, not a traceback later."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """--max_new_tokens ... --seed, defaulting to CHAT_SAMPLING: every command line that samples (the terminal chat,
+    the server's defaults for a request that sets none) takes the same flags."""
+    d = CHAT_SAMPLING
+    parser.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--temperature", type=finite_float, default=d.temperature, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=d.top_k, help="0 = off")
+    parser.add_argument("--top_p", type=finite_float, default=d.top_p)
+    parser.add_argument("--repetition_penalty", type=finite_float, default=d.repetition_penalty, help="1 = off")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of add_sampling_args' flags."""
+    return CHAT_SAMPLING.replace(**{k: getattr(args, k) for k in SAMPLING_FLAGS})
 
 
 def sample_next(
@@ -714,6 +742,37 @@ class Engine:
         return logits
 
 
+# -----------------------------------------------------------------------------
+# The command lines that load a model to talk to (scripts/chat_terminal.py, scripts/serve_api.py)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --adapter, --device, --quantize and --threads: the model engine_from_args loads, and where."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (save_pretrained output or Llama folder); default: the newest final/ under out/",
+    )
+    parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged at load")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization of the linear layers (CPU inference)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (OMP_NUM_THREADS if set)")
+
+
+def engine_from_args(args: argparse.Namespace) -> tuple[Engine, str]:
+    """The Engine of add_engine_args' flags and the folder it was loaded from: --model, or the newest finished
+    model under out/ (model/runtime.py resolve_model: a missing one ends the program with exit 2)."""
+    model = resolve_model(args.model)
+    if resolve_device(args.device).type == "cpu":  # the one CPU thread policy (model/runtime.py set_cpu_threads)
+        set_cpu_threads(args.threads)
+    return Engine.from_pretrained(model, adapter=args.adapter, device=args.device, quantize=args.quantize), model
+
+
 __all__ = [
     "CHAT_SAMPLING",
     "BatchStream",
@@ -722,5 +781,9 @@ __all__ = [
     "SamplingParams",
     "StaticKVCache",
     "TextStream",
+    "add_engine_args",
+    "add_sampling_args",
+    "engine_from_args",
     "sample_next",
+    "sampling_from_args",
 ]

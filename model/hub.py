@@ -1,6 +1,8 @@
 """
 What makes a saved folder usable by any Hugging Face tool as it is, outside this repository:
 
+- weights (+ config) and tokenizer that from_pretrained alone loads (save_pretrained: one copy of a tied matrix, the
+  class name FSDP's wrapper would hide);
 - generation defaults that stop a chat model: `generation_config.json` lists both <|endoftext|> and <|im_end|> as
   eos, so transformers' generate(), pipeline("text-generation") and TextIteratorStreamer end at the end of the turn;
 - the model's own code beside the weights plus `auto_map` in config.json (model/__init__.py registers the classes
@@ -8,13 +10,19 @@ What makes a saved folder usable by any Hugging Face tool as it is, outside this
   from anywhere;
 - file modes other accounts can read (a docker or ollama service user): safetensors writes its files 0600;
 - a model card (README.md) saying what the model is, how it was trained, its eval numbers when known, and the
-  license fields of the data it saw (passed in: dataset/licenses.py reads them from the data and from base cards).
+  license fields of the data it saw (passed in: dataset/licenses.py reads them from the data and from base cards);
+  write_stage_card writes the card of a training stage's final/ from its config and the run's facts.
 """
 
 import json
 import os
 import re
 import stat
+
+import torch
+
+from model.lora import is_adapter_dir
+from model.runtime import dtype_name
 
 END_OF_TURN = "<|im_end|>"
 
@@ -39,6 +47,33 @@ def set_generation_defaults(model, tokenizer) -> None:
     gen.eos_token_id = stop_token_ids(tokenizer, model.config)
     if tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
+
+
+def save_pretrained(
+    model,
+    tokenizer,
+    path: str,
+    *,
+    state: dict | None = None,
+    dtype: torch.dtype | None = None,
+    architecture: str | None = None,
+) -> None:
+    """Weights (+ config) and the tokenizer into `path`, loadable with from_pretrained alone. `model` is the bare
+    model, never a compiled/DDP wrapper (no `_orig_mod.` / `module.` prefixes); `state` is the full state dict
+    (trainer/checkpoint.py full_model_state) where the model is sharded; `architecture` names the class when
+    `model` is FSDP's wrapper subclass, whose name save_pretrained would write instead."""
+    if state is None:
+        state = model.state_dict()
+    if model.config.tie_word_embeddings:  # one copy of a tied matrix (a gathered or cast state has two)
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        state = {k: v for k, v in state.items() if k not in tied}
+    if dtype is not None and dtype != torch.float32:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.save_pretrained(path, state_dict=state)
+    if architecture is not None:
+        model.config.architectures = [architecture]
+        model.config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def make_readable(path: str) -> None:
@@ -202,3 +237,46 @@ def write_model_card(
     with open(card, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return card
+
+
+def write_stage_card(
+    path: str,
+    cfg,
+    *,
+    stage: str,
+    step: int,
+    tokens_seen: int,
+    global_batch: int,
+    dtype: torch.dtype,
+    world_size: int,
+    model_config,
+    evaluation: dict | None,
+    licenses: list[str],
+) -> None:
+    """README.md in `path` (write_model_card) for a training stage's output, readable by other accounts: the facts of
+    the run, and of `cfg` (the stage's trainer/config.py TrainConfig: batch, optimizer, schedule, data, init_from).
+    `licenses` are the data's (trainer/checkpoint.py export gathers them with dataset/licenses.py)."""
+    data = getattr(cfg, "data_dir", "") or getattr(cfg, "data_path", "")  # the stage's data mixins
+    training = {
+        "stage": stage,
+        "optimizer steps": step,
+        "tokens seen": f"{tokens_seen:,}",
+        "global batch": f"{global_batch} {cfg.batch_unit} x {cfg.seq_len} tokens",
+        "peak lr": cfg.lr,
+        "optimizer": cfg.optimizer,
+        "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
+        "data": data or "(see the stage config)",
+        "compute dtype": dtype_name(dtype),
+        "processes": world_size,
+    }
+    write_model_card(
+        path,
+        config=model_config,
+        stage=stage,
+        training=training,
+        evaluation=evaluation or None,
+        licenses=sorted(set(licenses)),
+        base_model=cfg.init_from,
+        library_name="peft" if is_adapter_dir(path) else "transformers",  # the Hub's loader for the folder
+    )
+    make_readable(path)

@@ -420,6 +420,16 @@ class SLMCausalLMOutput(CausalLMOutputWithPast):
 OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def loss_head_weight(head: nn.Module) -> torch.Tensor | None:
+    """The output head as one (vocab, hidden) weight for the chunked loss: a plain nn.Linear's, or the merged one
+    of a head with trained token rows (model/lora.py); None for a head that only its forward can apply (a
+    LoRA-wrapped head), which takes the plain path."""
+    if type(head) is nn.Linear:
+        return head.weight
+    merged = getattr(head, "merged_weight", None)
+    return merged() if merged is not None else None
+
+
 class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -461,10 +471,9 @@ class SLMForCausalLM(SLMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]  # generation needs only the last position's logits
         has_labels = labels is not None or shift_labels is not None
         logits = loss = None
-        if has_labels and loss_chunk > 0 and type(self.lm_head) is nn.Linear:  # a LoRA-wrapped head: plain path
-            loss = chunked_causal_lm_loss(
-                hidden, self.lm_head.weight, labels, num_items_in_batch, shift_labels, loss_chunk
-            )
+        head_weight = loss_head_weight(self.lm_head) if has_labels and loss_chunk > 0 else None
+        if head_weight is not None:
+            loss = chunked_causal_lm_loss(hidden, head_weight, labels, num_items_in_batch, shift_labels, loss_chunk)
         else:
             logits = self.lm_head(hidden)
             if has_labels:

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -25,6 +26,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BF16_NATIVE = (8, 0)  # Ampere: the first compute capability with bf16 tensor cores
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, whose out/ holds the models
+MAKE_A_MODEL = "python main.py --stage all --config config/demo.yaml"  # the README's first command, ~5 min on a CPU
 
 
 # -----------------------------------------------------------------------------
@@ -389,3 +392,40 @@ def _weights_files(path: str) -> str:
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+# -----------------------------------------------------------------------------
+# Which model a command line means (scripts/chat_terminal.py, scripts/serve_api.py without --model)
+
+
+def finished_models(*roots: str) -> list[str]:
+    """Every finished model under the roots (a final/ folder with a config.json: adapters need their base), newest
+    (by the folder's modification time) first."""
+    found = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            if os.path.basename(dirpath) == "final" and "config.json" in filenames:
+                found.add(os.path.realpath(dirpath))
+                dirnames.clear()
+    return sorted(found, key=os.path.getmtime, reverse=True)
+
+
+def resolve_model(model: str | None) -> str:
+    """The --model to load: as given, or the newest finished model under out/ (here or in the repository, said on
+    stderr). A missing model ends the program with one line naming the command that makes one (exit 2)."""
+    if model is not None:
+        if os.path.isdir(model):
+            return model
+        _no_model(f"--model {model} does not exist")
+    candidates = finished_models(*{os.path.abspath("out"), os.path.join(ROOT, "out")})
+    if not candidates:
+        _no_model("no --model given and no finished model (a final/ folder) under out/")
+    print(f"[chat] 使用最新的模型 using the newest model under out/: {os.path.relpath(candidates[0])}", file=sys.stderr)
+    return candidates[0]
+
+
+def _no_model(why: str):
+    print(
+        f"error: {why}; make one with `{MAKE_A_MODEL}` (about 5 minutes on a CPU) or pass --model DIR", file=sys.stderr
+    )
+    raise SystemExit(2)

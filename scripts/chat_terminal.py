@@ -11,19 +11,22 @@ Where the platform has `readline`, the prompt has line editing and up-arrow hist
 """
 
 import argparse
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere: repo root on path
 
-from model.engine import CHAT_SAMPLING, Engine, SamplingParams
-from model.runtime import resolve_device, set_cpu_threads
+from model.engine import (
+    CHAT_SAMPLING,
+    SamplingParams,
+    add_engine_args,
+    add_sampling_args,
+    engine_from_args,
+    sampling_from_args,
+)
 
 HELP = "命令 commands: /reset 清空对话, /system 文本 设置系统提示, /exit 退出 (Ctrl-C 停止回答 stops an answer)"
 USER_PROMPT, BOT_PROMPT = "\n你 you> ", "模型 bot> "
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAKE_A_MODEL = "python main.py --stage all --config config/demo.yaml"  # the README's first command, ~5 min on a CPU
 HISTORY_FILE = os.path.join(os.path.expanduser("~"), ".milli_chat_history")
 
 # -----------------------------------------------------------------------------
@@ -126,100 +129,14 @@ def _save_history(readline, history_file: str):
         pass
 
 
-def finished_models(*roots: str) -> list[str]:
-    """Every finished model under the roots (a final/ folder with a config.json: adapters need their base), newest
-    (by the folder's modification time) first."""
-    found = set()
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            if os.path.basename(dirpath) == "final" and "config.json" in filenames:
-                found.add(os.path.realpath(dirpath))
-                dirnames.clear()
-    return sorted(found, key=os.path.getmtime, reverse=True)
-
-
-def resolve_model(model: str | None) -> str:
-    """The --model to load: as given, or the newest finished model under out/ (here or in the repository, said on
-    stderr). A missing model ends the program with one line naming the command that makes one (exit 2)."""
-    if model is not None:
-        if os.path.isdir(model):
-            return model
-        _no_model(f"--model {model} does not exist")
-    candidates = finished_models(*{os.path.abspath("out"), os.path.join(ROOT, "out")})
-    if not candidates:
-        _no_model("no --model given and no finished model (a final/ folder) under out/")
-    print(f"[chat] 使用最新的模型 using the newest model under out/: {os.path.relpath(candidates[0])}", file=sys.stderr)
-    return candidates[0]
-
-
-def _no_model(why: str):
-    print(
-        f"error: {why}; make one with `{MAKE_A_MODEL}` (about 5 minutes on a CPU) or pass --model DIR", file=sys.stderr
-    )
-    raise SystemExit(2)
-
-
-def finite_float(text: str) -> float:
-    """argparse's float without nan and inf (float() takes both): a usage error, not a traceback later."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """--max_new_tokens ... --seed, defaulting to CHAT_SAMPLING (the server takes the same flags)."""
-    d = CHAT_SAMPLING
-    parser.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--temperature", type=finite_float, default=d.temperature, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=d.top_k, help="0 = off")
-    parser.add_argument("--top_p", type=finite_float, default=d.top_p)
-    parser.add_argument("--repetition_penalty", type=finite_float, default=d.repetition_penalty, help="1 = off")
-    parser.add_argument("--seed", type=int, default=d.seed)
-
-
-def add_threads_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = auto (OMP_NUM_THREADS if set)")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    """The one CPU thread policy (model/runtime.py set_cpu_threads), when the model runs on the CPU."""
-    if resolve_device(args.device).type == "cpu":
-        set_cpu_threads(args.threads)
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    return CHAT_SAMPLING.replace(
-        **{
-            k: getattr(args, k)
-            for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-        }
-    )
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint directory (save_pretrained output or Llama folder); default: the newest final/ under out/",
-    )
-    parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged at load")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--quantize",
-        default="none",
-        choices=["none", "int8", "int4"],
-        help="weight-only quantization of the linear layers (CPU inference)",
-    )
+    add_engine_args(parser)
     parser.add_argument("--system", default="", help="system prompt")
-    add_threads_arg(parser)
     add_sampling_args(parser)
     args = parser.parse_args()
-    apply_threads(args)
 
-    model = resolve_model(args.model)
-    engine = Engine.from_pretrained(model, adapter=args.adapter, device=args.device, quantize=args.quantize)
+    engine, _ = engine_from_args(args)
     line_editing()
     chat_loop(ChatSession(engine, args.system, sampling_from_args(args)))
 

@@ -5,7 +5,8 @@ Merge a PEFT-format LoRA adapter (the lora stage's final/ or step_*/) into its b
     python scripts/merge_lora.py --adapter out/lora/final --out out/lora_merged   # base from adapter_config.json
 
 W += scale * B @ A in fp32 for every adapted layer (model/lora.merge_lora_weights; scale = lora_alpha / r, or
-lora_alpha / sqrt(r) for rsLoRA), then the weights are saved in the base checkpoint's dtype with its config and
+lora_alpha / sqrt(r) for rsLoRA) and the trained token rows (trainable_token_indices: the chat markers) written
+over the embedding's and the head's rows, then the weights are saved in the base checkpoint's dtype with its config and
 the tokenizer. The result is an ordinary checkpoint: init_from of the next stage, Engine.from_pretrained,
 scripts/export_llama.py; like a stage's final/ it stops generation at <|im_end|>, carries a model card (with the
 data licenses the adapter's and the base's cards record) and files other accounts can read.
@@ -49,20 +50,19 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str) -> str:
         config=merged.config,
         stage="lora",
         training={
-            "LoRA adapter": f"{adapter_dir}, merged into the base weights ({n} layers)",
+            "LoRA adapter": f"{adapter_dir}, merged into the base weights ({n} modules)",
             "rank": adapter["r"],
             "alpha": adapter["lora_alpha"],
             "rsLoRA": adapter.get("use_rslora", False),
             "target modules": targets if isinstance(targets, str) else ", ".join(targets),
+            "trained token rows": (adapter["trainable_tokens"] or {}).get("ids", "none"),
             "weights dtype": str(dtype).removeprefix("torch."),
         },
         licenses=sorted(set(card_licenses(adapter_dir) + card_licenses(model_dir))),
         base_model=model_dir,
     )
     make_readable(out_dir)  # safetensors writes 0600; a docker/ollama service account must be able to read it
-    print(
-        f"merged {n} LoRA layers of {adapter_dir} into {model_dir} -> {out_dir} ({str(dtype).removeprefix('torch.')})"
-    )
+    print(f"merged {n} modules of {adapter_dir} into {model_dir} -> {out_dir} ({str(dtype).removeprefix('torch.')})")
     return out_dir
 
 

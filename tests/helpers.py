@@ -3,6 +3,7 @@ the one tiny-model builder (tiny_config, tiny_model), token shards written strai
 (dataset/shard_writer.py write_token_shards, independent of prepare_shards), the tiny corpus and chat files,
 save_to_disk folders, metrics readers, main.py in a subprocess, a short fine-tune."""
 
+import contextlib
 import json
 import os
 import random
@@ -227,28 +228,48 @@ def run_main_py(
     """main_py_command run to its end; check=True asserts it succeeded."""
     command, env = main_py_command(out_dir, args, processes)
     # A rank that skipped a forward the others ran would hang its collective: the timeout turns that into a failure.
-    # In a session of its own, so a timeout kills torchrun's workers too, not only torchrun.
+    result = run_killing_all_on_timeout(command, env, timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_killing_all_on_timeout(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`command` run from ROOT to its end; past `timeout` it and every process it started are killed and an
+    AssertionError says so. torchrun starts its workers in sessions of their own, so they are found by a tag in their
+    environment (every process of this run, and only those, inherits it); an orphaned worker would otherwise keep
+    the output pipes open and communicate() would wait for it forever."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
     with subprocess.Popen(
         command,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
-        start_new_session=True,
+        env={**env, "MILLI_TEST_RUN": tag},
     ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in processes_tagged(tag):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-            raise AssertionError(
-                f"main.py did not finish in {timeout:.0f} s: {' '.join(command)}\n{stderr[-3000:]}"
-            ) from None
-    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+            raise AssertionError(f"did not finish in {timeout:.0f} s: {' '.join(command)}\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """The PIDs whose environment holds MILLI_TEST_RUN=tag (Linux /proc; tests run there)."""
+    needle = f"MILLI_TEST_RUN={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        pids.append(int(entry))
+    return pids
 
 
 def fine_tune(init_from: str, data_path: str, out_dir: str, seq_len: int, batch: int, max_steps: int) -> str:

@@ -8,6 +8,7 @@ the truncation policy, and packing that keeps attention inside each conversation
 import gzip
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from dataset.chat_data import (
     truncate,
 )
 from dataset.preference_data import prompt_ids
-from model.chat_format import chatml_pieces, check_chat_template, check_chatml
+from model.chat_format import CHAT_TEMPLATE, chatml_pieces, check_chat_template, check_chatml
 
 SYSTEM = "你是一个乐于助人的助手。"
 SINGLE = [{"role": "user", "content": "中国的首都是哪里？"}, {"role": "assistant", "content": "北京是中国的首都。"}]
@@ -635,6 +636,20 @@ def test_bad_tool_records_are_refused(tmp_path, turns, reason):
     assert stats[f"skip:{reason}"] == 1
 
 
+def test_a_tool_the_chat_format_refuses_stops_the_run_as_a_bad_record_of_its_line(tmp_path):
+    """The tool checks live with the chat format (model/chat_format.py, shared with the server); in a data file their
+    error is the reader's BadRecord, naming file:line, so on_bad and every `except BadRecord` treat it as before."""
+    path = write(
+        tmp_path / "bad.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"arguments": {}}]}]},
+        ],
+    )
+    with pytest.raises(BadRecord, match=r"bad\.jsonl:2: malformed \(a tool call without a function name\)$"):
+        load_conversations(path, log=lambda *a: None)
+
+
 @pytest.mark.slow
 def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokenizer_dir, tmp_path):
     import shutil
@@ -654,26 +669,154 @@ def test_update_chat_template_gives_an_old_tokenizer_the_tool_format(tiny_tokeni
     subprocess.run([sys.executable, str(script), old], check=True, capture_output=True)
     updated = AutoTokenizer.from_pretrained(old)
     check_chat_template(updated, tools=True, content_parts=True)
+    assert updated.chat_template == CHAT_TEMPLATE  # with the checks of malformed lists, which no probe exercises
     assert updated.get_vocab() == tok.get_vocab()
 
 
+# -----------------------------------------------------------------------------
+# malformed message lists: a ValueError from chatml_pieces, raise_exception from the template, the same words
+
+USER = {"role": "user", "content": "a"}
+
+
+def reply(**fields) -> dict:
+    return {"role": "assistant", "content": "", **fields}
+
+
+# (messages, what both say). The raw errors before: KeyError, TypeError, AttributeError from inside chatml_pieces;
+# from the template jinja2's UndefinedError, TypeError, or worse, a rendered turn (role 'robot', a dict content
+# as '', a tool call {"name": 3, "arguments": [1]} that parse_tool_calls refuses to read back).
+MALFORMED = {
+    "no_role": ([{"content": "a"}], "messages[0]['role'] must be one of system, user, assistant, tool"),
+    "unknown_role": ([{"role": "robot", "content": "a"}], "messages[0]['role'] must be one of system, user"),
+    "role_not_a_string": ([{"role": 3, "content": "a"}], "messages[0]['role'] must be one of system, user"),
+    "system_not_first": ([USER, {"role": "system", "content": "s"}], "messages[1]: a system message must come first"),
+    "content_a_number": ([{"role": "user", "content": 5}], "messages[0]['content'] must be a string or a list of"),
+    "content_a_dict": ([{"role": "user", "content": {"text": "a"}}], "messages[0]['content'] must be a string or"),
+    "part_a_string": ([{"role": "user", "content": ["a"]}], "messages[0]['content'][0] must be a dict such as"),
+    "text_part_no_text": ([{"role": "user", "content": [{"type": "text"}]}], "messages[0]['content'][0]['text'] must"),
+    "text_part_a_number": (
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        "messages[0]['content'][0]['text'] must be a string",
+    ),
+    "calls_on_a_user": (
+        [{"role": "user", "content": "a", "tool_calls": [{"name": "f"}]}],
+        "messages[0]['tool_calls']: only an assistant message makes tool calls",
+    ),
+    "calls_a_string": ([USER, reply(tool_calls="x")], "messages[1]['tool_calls'] must be a list"),
+    "calls_a_dict": ([USER, reply(tool_calls={"name": "f"})], "messages[1]['tool_calls'] must be a list"),
+    "call_a_string": ([USER, reply(tool_calls=["f"])], "messages[1]['tool_calls'][0] must be a dict"),
+    "function_a_string": ([USER, reply(tool_calls=[{"function": "f"}])], "messages[1]['tool_calls'][0] must be a dict"),
+    "call_without_name": (
+        [USER, reply(tool_calls=[{"name": "f"}, {"arguments": {}}])],
+        "messages[1]['tool_calls'][1] needs a function name",
+    ),
+    "function_without_name": (
+        [USER, reply(tool_calls=[{"function": {"arguments": {}}}])],
+        "messages[1]['tool_calls'][0] needs a function name",
+    ),
+    "name_a_number": ([USER, reply(tool_calls=[{"name": 3}])], "messages[1]['tool_calls'][0] needs a function name"),
+    "arguments_a_list": (
+        [USER, reply(tool_calls=[{"name": "f", "arguments": [1]}])],
+        "messages[1]['tool_calls'][0] arguments must be a dict or its JSON text",
+    ),
+    "arguments_a_number": (
+        [USER, reply(tool_calls=[{"name": "f", "arguments": 3}])],
+        "messages[1]['tool_calls'][0] arguments must be a dict or its JSON text",
+    ),
+}
+# What only chatml_pieces sees: the list itself and its elements (transformers refuses those before the template
+# runs), tools (they ride on the first message here; apply_chat_template takes and checks tools= apart), and
+# values json.dumps cannot write (JSON hosts cannot send them).
+MALFORMED_IN_PYTHON = {
+    "not_a_list": ("你好", "messages must be a list of {'role', 'content'} dicts, got str"),
+    "a_dict_not_a_list": ({"role": "user", "content": "a"}, "messages must be a list of {'role', 'content'} dicts"),
+    "message_a_tuple": ([("user", "a")], "messages[0] must be a dict with 'role' and 'content', got tuple"),
+    "tools_a_string": ([{"role": "system", "content": "s", "tools": "x"}, USER], "messages[0]['tools'] must be a list"),
+    "tool_a_string": (
+        [{"role": "system", "content": "s", "tools": ["x"]}, USER],
+        "messages[0]['tools'] must be a list",
+    ),
+    "tools_on_a_user": (
+        [{"role": "user", "content": "a", "tools": [WEATHER]}],
+        "messages[0]['tools']: only a first system message carries tools",
+    ),
+    "tools_on_a_later_system": (
+        [{"role": "system", "content": "s", "tools": [WEATHER]}, {"role": "user", "content": "a", "tools": [WEATHER]}],
+        "messages[1]['tools']: only a first system message carries tools",
+    ),
+    "tool_not_json": (
+        [{"role": "system", "content": "s", "tools": [{"name": {1}}]}, USER],
+        "messages[0]['tools'] cannot be written as JSON",
+    ),
+    "arguments_not_json": (
+        [USER, reply(tool_calls=[{"name": "f", "arguments": {"x": b"1"}}])],
+        "messages[1]['tool_calls'][0] arguments cannot be written as JSON",
+    ),
+}
+
+
 @pytest.mark.parametrize(
-    "messages, message",
-    [
-        ("你好", "messages must be a list"),
-        ([("user", "你好")], r"messages\[0\] must be a dict"),
-        ([{"content": "你好"}], r"messages\[0\]\['role'\] must be one of"),
-        ([{"role": "robot", "content": "你好"}], r"got 'robot'"),
-        ([{"role": "user", "content": 5}], r"messages\[0\]\['content'\] must be a string or a list of content parts"),
-        ([{"role": "user", "content": ["a"]}], r"messages\[0\]\['content'\] parts must be dicts"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": "x"}], "must be a list"),
-    ],
+    "messages, message", [*MALFORMED.values(), *MALFORMED_IN_PYTHON.values()], ids=[*MALFORMED, *MALFORMED_IN_PYTHON]
 )
-def test_chatml_pieces_explains_a_malformed_message_list(tiny_tokenizer_dir, messages, message):
-    """A Python caller's malformed list raised a raw KeyError or TypeError from inside; now a ValueError says what."""
-    from transformers import AutoTokenizer
+def test_chatml_pieces_explains_a_malformed_message_list(tok, messages, message):
+    """A Python caller's malformed list raised a raw KeyError, TypeError or AttributeError from inside, or rendered
+    something the template does not (tools on a user message dropped); now a ValueError names the message and what."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        chatml_pieces(tok, messages)
 
-    from model.chat_format import chatml_pieces
 
-    with pytest.raises(ValueError, match=message):
-        chatml_pieces(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), messages)
+@pytest.mark.parametrize("messages, message", MALFORMED.values(), ids=MALFORMED)
+def test_the_template_explains_a_malformed_message_list(tok, messages, message):
+    """apply_chat_template on the same lists: the template's raise_exception says what chatml_pieces says."""
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_the_template_explains_a_message_that_is_not_a_dict(tok):
+    """transformers refuses a message that is not a dict before the template runs; a host that does not (llama-cpp-
+    python's Jinja2 formatter renders any list, here a plain sandbox without the generation tag) meets the template's
+    own check."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    untagged = env.from_string(tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    assert untagged.render(messages=MULTI) == tok.apply_chat_template(MULTI, tokenize=False)
+    for messages in (["a"], [USER, ("user", "a")], [USER, None]):
+        with pytest.raises(TemplateError, match=re.escape(f"messages[{len(messages) - 1}] must be a dict with 'role'")):
+            untagged.render(messages=messages)
+    with pytest.raises(TypeError, match="Chat messages should be dicts"):
+        tok.apply_chat_template([("user", "a")], tokenize=False)
+
+
+def test_well_formed_lists_pass_both_checks(tok):
+    """What the checks let through: no content, content None, parts without text, a system message first with tools,
+    a call as OpenAI sends it (id, type, function, arguments as JSON text or null), tool results."""
+    messages = [
+        {"role": "system", "content": None, "tools": [WEATHER]},
+        {"role": "user"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"text": "no type"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}},
+                {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": None}},
+                {"name": "get_weather"},
+            ],
+        },
+        {"role": "tool", "content": "晴", "tool_call_id": "c1"},
+        {"role": "tool", "content": [{"type": "text", "text": "雨"}]},
+        {"role": "assistant", "content": "好", "weight": 0},
+        {"role": "user", "content": "b", "tool_calls": []},
+    ]
+    plain = [{k: v for k, v in m.items() if k != "tools"} for m in messages]
+    out = tok.apply_chat_template(plain, tools=[WEATHER], tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert flat(chatml_pieces(tok, messages, add_generation_prompt=True))[0] == list(out["input_ids"])

@@ -8,14 +8,12 @@ import os
 
 import pytest
 
-from model.engine import CHAT_SAMPLING, Engine
-from scripts.chat_terminal import (
-    ChatSession,
-    add_sampling_args,
-    chat_loop,
-    sampling_from_args,
-)
-from scripts.serve_api import make_server, parse_chat_request
+from model import runtime
+from model.engine import CHAT_SAMPLING, Engine, add_sampling_args, sampling_from_args
+from model.runtime import MAKE_A_MODEL, resolve_model
+from model.server.http import make_server
+from model.server.protocol import parse_chat_request
+from scripts.chat_terminal import ChatSession, chat_loop
 from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
 
 
@@ -110,10 +108,8 @@ def test_terminal_and_server_share_the_chat_defaults(engine):
 @pytest.fixture
 def empty_repo(tmp_path, monkeypatch):
     """The current directory and the repository root both point at an empty tmp_path (no out/ yet)."""
-    import scripts.chat_terminal as chat_terminal
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(chat_terminal, "ROOT", str(tmp_path))
+    monkeypatch.setattr(runtime, "ROOT", str(tmp_path))
     return tmp_path
 
 
@@ -126,8 +122,6 @@ def _finished(root, name, mtime):
 
 
 def test_no_model_takes_the_newest_finished_one_under_out(empty_repo, capsys):
-    from scripts.chat_terminal import resolve_model
-
     _finished(empty_repo, "demo/pretrain", 1_000)
     newest = _finished(empty_repo, "demo/sft", 3_000)
     _finished(empty_repo, "demo/dpo", 2_000)
@@ -140,7 +134,7 @@ def test_no_model_takes_the_newest_finished_one_under_out(empty_repo, capsys):
 @pytest.mark.parametrize("model", [None, "out/sft/final"])
 def test_a_missing_model_is_one_line_naming_the_command_that_makes_one(empty_repo, capsys, monkeypatch, model):
     import scripts.serve_api as serve_api
-    from scripts.chat_terminal import MAKE_A_MODEL, main
+    from scripts.chat_terminal import main
 
     argv = ["chat_terminal.py"] + (["--model", model] if model else [])
     for entry in (main, serve_api.main):

@@ -1,6 +1,7 @@
 """
 The Trainer's hook surface (trainer/core.py): every override point a stage uses is documented in one place and
-takes keyword-only arguments, and the shared loop knows nothing about any one kind of data.
+takes keyword-only arguments, the shared loop knows nothing about any one kind of data, and checkpoints hold the
+parts the Trainer hands them (trainer/checkpoint.py Parts).
 
     python -m pytest tests/test_core.py
 """
@@ -119,6 +120,67 @@ def test_the_loop_knows_no_kind_of_data_and_passes_no_state_on_the_side(tiny_tok
     assert [r["tok_per_s"] * r["dt_ms"] / 1000 for r in rows] == pytest.approx([OpaqueStage.STEP_TOKENS] * 4)
     assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_000003", "step_000004"]
     assert read_metrics(cfg.out_dir, split="eval")  # evaluation ran on build_data's own batches
+
+
+def test_a_checkpoint_holds_the_parts_it_is_given_and_reads_no_trainer(tiny_tokenizer_dir, shards, tmp_path):
+    """trainer/checkpoint.py takes its parts explicitly: parts that no Trainer built save a step, and it comes back
+    whole into other parts (weights, optimizer moments, data position, the stage's own state, the RNG)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from dataset.batches import IndexBatches
+    from tests.helpers import tiny_model
+    from trainer import checkpoint
+    from trainer.guard import StepGuard
+
+    cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    cpu = torch.device("cpu")
+    loaded_extra = {}
+
+    def parts(seed: int) -> checkpoint.Parts:
+        model = tiny_model(len(tokenizer), seed=seed)
+        return checkpoint.Parts(
+            cfg=cfg,
+            stage="unit",
+            model=model,
+            model_class=type(model).__name__,
+            tokenizer=tokenizer,
+            weights=checkpoint.ModelWeights(),
+            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+            guard=StepGuard(cpu, torch.float32),
+            data=IndexBatches(list(range(16)), global_batch=4, micro_batch=2, collate=list),
+            extra_state=lambda: {"queue": [1, 2]},
+            load_extra_state=lambda *, state: loaded_extra.update(state),
+            global_batch=4,
+            dtype=torch.float32,
+            device=cpu,
+            rank=0,
+            world_size=1,
+            fsdp=False,
+        )
+
+    saved = parts(seed=0)
+    ids = torch.arange(16)[None]
+    saved.model(input_ids=ids, labels=ids).loss.backward()
+    saved.optimizer.step()
+    saved.data.next_step()
+    path = checkpoint.save(saved, step=7, tokens_seen=700)
+    after_save = torch.rand(4)
+
+    fresh = parts(seed=1)  # other weights, no optimizer state, the data at its start, the RNG elsewhere
+    found = checkpoint.newest_readable(cfg.out_dir, "auto", stage="unit", read_weights=fresh.weights.read)
+    assert found[0] == path
+    assert checkpoint.restore(fresh, *found) == (7, 700)
+    for (name, a), b in zip(saved.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in saved.optimizer.state_dict()["state"].values()]
+    restored = [(s["exp_avg"], s["exp_avg_sq"]) for s in fresh.optimizer.state_dict()["state"].values()]
+    assert len(moments) == len(restored) > 0
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(moments, restored))
+    assert fresh.data.state_dict() == {"epoch": 0, "cursor": 4}
+    assert loaded_extra == {"queue": [1, 2]}
+    assert torch.equal(torch.rand(4), after_save)
 
 
 FROM_A_CHECKPOINT = ("sft", "lora", "dpo", "reward", "ppo", "grpo")  # their Config refuses model_config

@@ -286,7 +286,7 @@ def test_batch_size_auto_probes_pairs_and_the_reference(policy_dir, tmp_path, mo
         return forward(self, input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(SLMForCausalLM, "forward", limited)
-    monkeypatch.setattr(DPOTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
+    monkeypatch.setattr(DPOTrainer, "_auto_micro_batch", lambda self: self._probe_micro_batch())
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(64), "strings")
     trainer = DPOTrainer(dpo_config(policy_dir, tmp_path / "auto", data, batch_size="auto", global_batch_size=32))
     trainer.prepare()

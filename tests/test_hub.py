@@ -22,14 +22,15 @@ REPLY = "北京是中国的首都。"
 
 def write_pretraining_card(path: str, *, shards: str, license: str) -> None:
     """The card a pretraining run leaves in final/, for shards whose meta.json records one source's license."""
+    from dataset.licenses import shard_licenses
     from model import SLMConfig
-    from trainer.checkpoint import write_card
+    from model.hub import write_stage_card
     from trainer.pretrain import Config
 
     os.makedirs(shards, exist_ok=True)
     with open(os.path.join(shards, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"sources": [{"path": "wiki.jsonl", "license": license}, {"path": "mine.txt"}]}, f)
-    write_card(
+    write_stage_card(
         path,
         Config(data_dir=shards, init_from=""),
         stage="pretrain",
@@ -40,6 +41,7 @@ def write_pretraining_card(path: str, *, shards: str, license: str) -> None:
         world_size=1,
         model_config=SLMConfig.from_pretrained(path),
         evaluation=None,
+        licenses=shard_licenses(shards),
     )
 
 

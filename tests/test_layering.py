@@ -3,9 +3,14 @@ The library layers import downwards only (STYLE.md, "Library code never imports 
     model/    never imports dataset/, trainer/, main.py, scripts/ (or bench/, tests/); the files that ship inside
               every checkpoint (configuration_slm.py, model_slm.py, attention.py: trust_remote_code loads them
               without this repository) import only each other
+    model/server/  the chat server (scripts/serve_api.py's library) beside the engine it serves: model/'s rules, and
+              a leaf: no other library module imports it (dataset/, trainer/ and the rest of model/ never do; scripts,
+              bench/ and tests/ use it)
     dataset/  never imports trainer/, main.py, scripts/ (or bench/, tests/); it reads the model's chat format
               (model/chat_format.py) and the key its cards record licenses under (model/hub.py)
     trainer/  never imports main.py, scripts/ (or bench/, tests/)
+    scripts/  thin command lines over the libraries: never main.py, bench/, tests/ or another script (what two
+              scripts share lives in a library module)
 Checked by parsing every file's imports (ast), including imports inside functions and importlib.import_module
 calls with a literal name, so a lazy import cannot hide a wrong direction.
 """
@@ -21,17 +26,23 @@ FORBIDDEN = {
     "model": ENTRY_POINTS | {"trainer", "dataset"},
     "dataset": ENTRY_POINTS | {"trainer"},
     "trainer": ENTRY_POINTS,
+    "scripts": ENTRY_POINTS,  # a relative import in a script resolves to scripts too
 }
+LEAF = "model.server"  # imported by no library module outside it (scripts, bench/ and tests/ use it)
+LIBRARIES = {"model", "dataset", "trainer"}
 
 
-def imported_packages(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, top-level name) of every import in `source`, a module of `package`; relative imports resolve to it."""
+def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, dotted name) of every import in `source`, a module of `package` ("model.server"): `from a.b import c`
+    gives a.b.c (c may be a module), relative imports resolve against the package."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            found.append((node.lineno, package if node.level else node.module.split(".")[0]))
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            base += node.module.split(".") if node.module else []
+            found += [(node.lineno, ".".join(base + [alias.name])) for alias in node.names]
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -40,8 +51,12 @@ def imported_packages(source: str, package: str) -> list[tuple[int, str]]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            found.append((node.lineno, node.args[0].value.split(".")[0]))
+            found.append((node.lineno, node.args[0].value))
     return found
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def test_the_checker_sees_every_kind_of_import():
@@ -49,27 +64,46 @@ def test_the_checker_sees_every_kind_of_import():
         "import os\nfrom . import x\n\ndef f():\n    from main import STAGES\n    import scripts.zh_simplify\n"
         "    importlib.import_module('trainer.sft')\n"
     )
-    assert imported_packages(source, "dataset") == [
+    assert imported_modules(source, "dataset") == [
         (1, "os"),
-        (2, "dataset"),
-        (5, "main"),
-        (6, "scripts"),
-        (7, "trainer"),
+        (2, "dataset.x"),
+        (5, "main.STAGES"),
+        (6, "scripts.zh_simplify"),
+        (7, "trainer.sft"),
+    ]
+    source = "from model import server\nfrom .. import engine\nfrom .protocol import ApiError\n"
+    assert [name for _, name in imported_modules(source, "model.server")] == [
+        "model.server",
+        "model.engine",
+        "model.server.protocol.ApiError",
     ]
 
 
 FILES = sorted(p for layer in FORBIDDEN for p in (ROOT / layer).rglob("*.py"))
 
 
+def package_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).parent.parts)
+
+
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(ROOT)) for p in FILES])
 def test_library_imports_point_downwards(path):
-    layer = path.relative_to(ROOT).parts[0]
+    layer, package = path.relative_to(ROOT).parts[0], package_of(path)
     wrong = [
         f"{path.relative_to(ROOT)}:{line}: imports {name}"
-        for line, name in imported_packages(path.read_text(encoding="utf-8"), layer)
-        if name in FORBIDDEN[layer]
+        for line, name in imported_modules(path.read_text(encoding="utf-8"), package)
+        if name.split(".")[0] in FORBIDDEN[layer]
+        or (layer in LIBRARIES and within(name, LEAF) and not within(package, LEAF))
     ]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_server_is_a_leaf_of_the_libraries():
+    """The leaf rule has files to check on both sides: the server's own modules and the libraries that may not use
+    it (a renamed folder would leave the rule checking nothing)."""
+    inside = [p for p in FILES if within(package_of(p), LEAF)]
+    assert {p.name for p in inside} >= {"protocol.py", "worker.py", "http.py"}
+    assert {package_of(p) for p in FILES if not within(package_of(p), LEAF)} >= LIBRARIES
 
 
 SHIPPED = ("configuration_slm.py", "model_slm.py", "attention.py")
@@ -80,7 +114,7 @@ def test_the_model_code_that_ships_with_checkpoints_imports_no_project_package()
         source = (ROOT / "model" / name).read_text(encoding="utf-8")
         outside = [
             (line, pkg)
-            for line, pkg in imported_packages(source, "model")
+            for line, pkg in ((line, name.split(".")[0]) for line, name in imported_modules(source, "model"))
             if pkg in FORBIDDEN["model"] | {"dataset", "model"} and pkg != "model"
         ]
         absolute = [
@@ -116,7 +150,7 @@ NESTED_ALLOWED = {"main.py": 1}  # file -> how many nested project imports it ma
 
 
 def test_project_imports_are_at_the_top_of_every_library_and_script_file():
-    files = sorted(p for d in ("model", "dataset", "trainer", "scripts", "bench") for p in (ROOT / d).glob("*.py"))
+    files = sorted(p for d in ("model", "dataset", "trainer", "scripts", "bench") for p in (ROOT / d).rglob("*.py"))
     nested = {
         str(p.relative_to(ROOT)): nested_project_imports(p.read_text(encoding="utf-8"), p.parent.name)
         for p in files + [ROOT / "main.py"]
@@ -158,7 +192,7 @@ def test_the_lazy_import_checker_sees_a_reason_or_its_absence():
 
 
 def test_every_lazy_import_says_why():
-    files = sorted(p for d in ("model", "dataset", "trainer", "scripts") for p in (ROOT / d).glob("*.py"))
+    files = sorted(p for d in ("model", "dataset", "trainer", "scripts") for p in (ROOT / d).rglob("*.py"))
     found = {
         (str(p.relative_to(ROOT)), module)
         for p in files + [ROOT / "main.py"]

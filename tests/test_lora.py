@@ -1,8 +1,9 @@
 """
-LoRA (trainer/lora.py, model/lora.py): only adapter weights train, the base stays bit-identical, the adapter merges
-to the same logits (scripts/merge_lora.py), loads in peft with the same logits, resumes exactly, and runs on the
-real data. rsLoRA and PEFT-written adapters read the same in the stage, the engine's merge and PEFT; adapter options
-we do not implement are refused by every reader.
+LoRA (trainer/lora.py, model/lora.py): only adapter weights and the chat markers' embedding rows train, the base
+stays bit-identical, the adapter merges to the same logits (scripts/merge_lora.py), loads in peft with the same
+logits, resumes exactly, and runs on the real data. Without the trained rows the model never learns to end its turn.
+rsLoRA, untied heads and PEFT-written adapters read the same in the stage, the engine's merge and PEFT; adapter
+options we do not implement are refused by every reader.
 
     python -m pytest tests/test_lora.py          # peft is a test-only dependency (pip install peft)
 """
@@ -17,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import SHARED_SFT, read_metrics, tiny_checkpoint, write_chat_file
+from tests.helpers import PAIRS, SHARED_SFT, read_metrics, tiny_checkpoint, write_chat_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBED_ROWS = "model.embed_tokens.token_adapter.trainable_tokens_delta"  # our name of the trained rows
+HEAD_ROWS = "lm_head.token_adapter.trainable_tokens_delta"  # an untied head's own rows
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +81,88 @@ def trained(base_dir, tmp_path_factory):
 # -----------------------------------------------------------------------------
 
 
-def test_only_adapters_train_and_the_base_is_untouched(base_dir, trained):
+def chat_marker_ids(path: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+
+def test_only_adapters_and_the_chat_marker_rows_train_and_the_base_is_untouched(base_dir, trained):
     trainer = trained["straight"]
     model = trainer.raw_model
     lora = {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
     assert len(lora) == 2 * len(TARGETS) * model.config.num_hidden_layers  # k/v included under GQA
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora)
+    # The tied head reads the embedding's rows: one parameter of (2 tokens, hidden) trains for both.
+    assert model.config.tie_word_embeddings
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == set(lora) | {EMBED_ROWS} and trainable[EMBED_ROWS].shape == (2, model.config.hidden_size)
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert in_optimizer == {id(p) for p in lora.values()}
+    assert in_optimizer == {id(p) for p in trainable.values()}
     assert all(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)  # B left zero init: it trained
-    # Every base weight equals the checkpoint it came from, bit for bit.
+    # Every base weight equals the checkpoint it came from, bit for bit (the embedding's too: the rows are apart).
     base = load_file(str(Path(base_dir) / "model.safetensors"))
-    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    state = {
+        k.replace(".base_layer.", "."): v
+        for k, v in model.state_dict().items()
+        if ".lora_" not in k and ".token_adapter." not in k
+    }
     assert set(base) <= set(state)
     assert all(torch.equal(base[k], state[k]) for k in base)
+
+
+def test_the_chat_marker_rows_train_and_the_merge_changes_only_those_rows(base_dir, trained, tmp_path):
+    """The adapter's rows moved away from the base's <|im_start|> and <|im_end|> rows; merged, the embedding
+    (= the tied head) differs from the base in exactly those two rows and equals the trained rows there."""
+    from scripts.merge_lora import main as merge_main
+
+    marker_ids = chat_marker_ids(base_dir)
+    adapter = trained["root"] / "straight" / "final"
+    rows = load_file(str(adapter / "adapter_model.safetensors"))["base_model.model." + EMBED_ROWS]
+    base = load_file(str(Path(base_dir) / "model.safetensors"))["model.embed_tokens.weight"]
+    assert all(not torch.equal(rows[i], base[t]) for i, t in enumerate(marker_ids))
+    assert merge_main(["--model", base_dir, "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["model.embed_tokens.weight"]
+    changed = (merged != base).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(marker_ids)
+    assert torch.equal(merged[marker_ids], rows)
+
+
+@torch.no_grad()
+def end_of_turn_loss_of(model, path: str) -> float:
+    from transformers import AutoTokenizer
+
+    from trainer.pipeline import end_of_turn_loss
+
+    pairs = [(q, a) for q, a in PAIRS if "{{" not in a]  # the training answers, placeholders aside
+    return end_of_turn_loss(model.eval(), AutoTokenizer.from_pretrained(path), pairs)
+
+
+def test_without_the_marker_rows_lora_does_not_learn_to_end_its_turn(base_dir, tmp_path):
+    """Issue 27.2: the chat markers are new to the base (pretraining never saw them), and no low-rank update of
+    the layers makes their frozen rows useful: the loss of <|im_end|> stays high, so generation never stops. With
+    the rows trained (lora_trainable_tokens, on by default) it falls like the rest of the answer's."""
+    from trainer.lora import run
+
+    data = write_chat_file(tmp_path / "chat.jsonl")
+    steps = {"max_steps": 8, "save_every": 0, "lora_dropout": 0.0}
+    frozen = run(lora_config(base_dir, tmp_path / "frozen", data, lora_trainable_tokens="", **steps))
+    with_rows = run(lora_config(base_dir, tmp_path / "rows", data, **steps))
+    frozen_loss, rows_loss = (
+        end_of_turn_loss_of(frozen.raw_model, base_dir),
+        end_of_turn_loss_of(with_rows.raw_model, base_dir),
+    )
+    assert frozen_loss > 3.0, frozen_loss  # log(512) = 6.2 at the random base
+    assert rows_loss < frozen_loss / 4, (rows_loss, frozen_loss)
+    config = json.loads((tmp_path / "frozen" / "final" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] is None  # "" trains no rows: the adapter is plain LoRA again
+
+
+def test_a_token_the_tokenizer_lacks_is_named(base_dir, tmp_path):
+    from trainer.lora import run
+
+    data = write_chat_file(tmp_path / "chat.jsonl")
+    with pytest.raises(ValueError, match=r"\['<\|im_stop\|>'\] are not tokens of the tokenizer"):
+        run(lora_config(base_dir, tmp_path / "typo", data, max_steps=1, lora_trainable_tokens="<|im_end|>,<|im_stop|>"))
 
 
 def test_adapter_is_saved_in_peft_format_and_resumes_exactly(trained):
@@ -100,12 +171,16 @@ def test_adapter_is_saved_in_peft_format_and_resumes_exactly(trained):
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert sorted(config["target_modules"]) == sorted(TARGETS)
+    # PEFT's trainable_token_indices: a list names the input embedding's rows, and the tied head follows them.
+    assert config["trainable_token_indices"] == chat_marker_ids(str(final))
     weights = load_file(str(final / "adapter_model.safetensors"))
     assert all(
         k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
         for k in weights
+        if k != "base_model.model." + EMBED_ROWS
     )
     assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight" in weights
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in weights
     assert not (final / "model.safetensors").exists() and (final / "tokenizer.json").is_file()
     assert trained["resumed"].step == 4
     resumed = load_file(str(root / "resumed" / "final" / "adapter_model.safetensors"))
@@ -280,13 +355,19 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def peft_adapter(base_dir: str, out_dir, **lora_kwargs) -> str:
-    """An adapter written by PEFT itself, with random (non-zero) A and B so that it changes the model."""
+    """An adapter written by PEFT itself, with random (non-zero) A and B so that it changes the model, and trained
+    token rows (if any) moved off the base's."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **lora_kwargs
     )
-    peft.get_peft_model(load_base(base_dir), config).save_pretrained(str(out_dir))
+    model = peft.get_peft_model(load_base(base_dir), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(str(out_dir))
     return str(out_dir)
 
 
@@ -348,3 +429,101 @@ def test_adapter_features_we_do_not_implement_fail_in_every_reader(base_dir, tmp
         load_adapter(load_base(base_dir), adapter)
     with pytest.raises(ValueError, match="not supported"):
         Engine.from_pretrained(base_dir, adapter=adapter, device="cpu", dtype=torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# Trained token rows with an untied head, and PEFT-written ones
+
+
+@pytest.fixture(scope="module")
+def untied_base_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    return tiny_checkpoint(
+        tiny_tokenizer_dir, str(tmp_path_factory.mktemp("untied") / "final"), tie_word_embeddings=False
+    )
+
+
+def test_an_untied_head_trains_rows_of_its_own_that_peft_and_the_merge_read(untied_base_dir, tmp_path):
+    """An untied head's rows are a second parameter, saved as PEFT saves trainable_token_indices
+    {"embed_tokens": ids, "lm_head": ids}; PEFT, our loader and the merge give the trained model's logits."""
+    peft = pytest.importorskip("peft")
+    from model.lora import load_adapter
+    from scripts.merge_lora import main as merge_main
+    from trainer.lora import run
+
+    data = write_chat_file(tmp_path / "chat.jsonl")
+    trainer = run(lora_config(untied_base_dir, tmp_path / "untied", data, max_steps=2))
+    adapter = tmp_path / "untied" / "final"
+    marker_ids = chat_marker_ids(untied_base_dir)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": marker_ids, "lm_head": marker_ids}
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert {"base_model.model." + EMBED_ROWS, "base_model.model." + HEAD_ROWS} <= set(weights)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61] + marker_ids])
+    trained = logits_of(trainer.raw_model, ids)
+    ours = logits_of(load_adapter(load_base(untied_base_dir), str(adapter)), ids)
+    torch.testing.assert_close(ours, trained, atol=1e-6, rtol=1e-5)
+    theirs = logits_of(peft.PeftModel.from_pretrained(load_base(untied_base_dir), str(adapter)), ids)
+    torch.testing.assert_close(theirs, trained, atol=1e-6, rtol=1e-5)
+    assert merge_main(["--model", untied_base_dir, "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(Path(untied_base_dir) / "model.safetensors"))
+    for name, rows in (("model.embed_tokens.weight", EMBED_ROWS), ("lm_head.weight", HEAD_ROWS)):
+        assert (merged[name] != base[name]).any(dim=1).nonzero().flatten().tolist() == sorted(marker_ids)
+        assert torch.equal(merged[name][marker_ids], weights["base_model.model." + rows])
+    torch.testing.assert_close(logits_of(load_base(str(tmp_path / "merged")), ids), trained, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_peft_written_token_rows_read_the_same_in_stage_engine_and_peft(base_dir, untied_base_dir, tmp_path, tied):
+    """PEFT's own trainable_token_indices adapter (a list on the tied base, the per-module dict on the untied one)
+    gives PEFT's logits in our unmerged loader and in the engine's merge."""
+    peft = pytest.importorskip("peft")
+    from model.engine import Engine
+    from model.lora import load_adapter
+
+    base = base_dir if tied else untied_base_dir
+    marker_ids = chat_marker_ids(base)
+    indices = marker_ids if tied else {"embed_tokens": marker_ids, "lm_head": marker_ids}
+    adapter = peft_adapter(base, tmp_path / "peft_rows", trainable_token_indices=indices)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2, 1, 50, 51, 52, 60, 61] + marker_ids])
+    theirs = logits_of(peft.PeftModel.from_pretrained(load_base(base), adapter), ids)
+    torch.testing.assert_close(logits_of(load_adapter(load_base(base), adapter), ids), theirs, atol=1e-6, rtol=1e-5)
+    merged = Engine.from_pretrained(base, adapter=adapter, device="cpu", dtype=torch.float32).model
+    torch.testing.assert_close(logits_of(merged, ids), theirs, atol=1e-5, rtol=1e-4)
+    # Rows of another module than the embedding and the head are refused, not silently left out.
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    (Path(adapter) / "adapter_config.json").write_text(
+        json.dumps({**config, "trainable_token_indices": {"embed_tokens": marker_ids, "q_proj": [1]}})
+    )
+    with pytest.raises(ValueError, match="not supported here: trainable_token_indices"):
+        load_adapter(load_base(base), adapter)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_chunked_loss_sees_the_trained_token_rows(tied):
+    """loss_chunk (no whole logits) on a model whose chat-marker rows train: the same loss and row gradients as the
+    plain path, so LoRA with its default trainable tokens keeps the chunked loss's memory saving."""
+    from model.lora import add_trainable_tokens
+    from tests.helpers import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(tie_word_embeddings=tied).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_trainable_tokens(model, [3, 7])
+    rows = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in rows:
+            p.add_(torch.randn_like(p))  # trained rows that differ from the base's
+    ids = torch.randint(0, model.config.vocab_size, (2, 19))
+    ids[:, ::3] = 7  # targets that hit the trained rows
+    results = []
+    for chunk in (0, 5):
+        model.zero_grad()
+        out = model(ids, labels=ids, loss_chunk=chunk)
+        out.loss.backward()
+        assert (out.logits is None) == (chunk > 0)
+        results.append((out.loss.detach(), [p.grad.clone() for p in rows]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for plain, chunked in zip(results[0][1], results[1][1]):
+        assert plain.abs().sum() > 0 and torch.allclose(plain, chunked, atol=1e-6)

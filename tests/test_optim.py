@@ -18,7 +18,7 @@ from model.runtime import newton_schulz_dtype_for
 from tests.helpers import losses, make_pretrain_cfg, pretrain_args, read_metrics, run_main_py, tiny_model
 from trainer.config import TrainConfig
 from trainer.core import run_trainer
-from trainer.lora import add_lora
+from trainer.lora import add_lora, add_trainable_tokens
 from trainer.optim import BatchedMuon, MuonWithAdamW, build_optimizer, split_parameters
 from trainer.pretrain import PretrainTrainer
 
@@ -97,16 +97,24 @@ def test_groups_by_name_moe():
     assert found["no_decay"] == norms(2)
 
 
-def test_lora_adapters_stay_on_adamw():
-    model = tiny_model()
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_adapters_and_trained_token_rows_stay_on_adamw(tied):
+    """The trained token rows are embedding rows, 2-D like a hidden matrix: AdamW takes them, never Muon, and
+    decay_embeddings=false keeps them out of weight decay like the embedding itself."""
+    model = tiny_model(tie_word_embeddings=tied)
     add_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, dropout=0.0)
+    add_trainable_tokens(model, [1, 2])
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = {"model.embed_tokens.token_adapter.trainable_tokens_delta"}
+    if not tied:  # an untied head has rows of its own
+        rows.add("lm_head.token_adapter.trainable_tokens_delta")
     assert split_parameters(trainable, "muon")["muon"] == []
     optimizer = build_optimizer(trainable, TrainConfig(optimizer="muon"), torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW
     found = groups_of(optimizer, model)
-    assert found["decay"] == {n for n, _ in trainable} and len(found["decay"]) == 2 * 3 * 4
-    assert all(".lora_A." in n or ".lora_B." in n for n in found["decay"])
+    assert found["decay"] == {n for n, _ in trainable} and len(found["decay"]) == 2 * 3 * 4 + len(rows)
+    assert {n for n in found["decay"] if ".lora_A." not in n and ".lora_B." not in n} == rows
+    assert set(split_parameters(trainable, "muon", decay_embeddings=False)["no_decay"]) == rows
 
 
 def test_unknown_optimizer_is_refused():

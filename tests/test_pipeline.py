@@ -60,6 +60,10 @@ def test_demo_pipeline_runs_every_stage_and_skips_when_done(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["held_out_accuracy"]) == {"pretrain", "sft", "dpo", "lora"}
     assert set(summary["chat_turns"]) == {"pretrain", "sft", "dpo", "lora"}  # the LoRA model is checked chatting too
+    # ... and whether its sampled turns end at <|im_end|>, with that token's loss (full demo: LoRA 20/20, was 4/20)
+    assert set(summary["ended_turns"]) == set(summary["end_of_turn_loss"]) == set(summary["chat_turns"])
+    assert all(0 < loss < 20 for loss in summary["end_of_turn_loss"].values())
+    assert "ended at <|im_end|>" in first.stdout
     assert "held-out skill" in first.stdout and "chat_terminal.py" in first.stdout
     # the cleaning stage simplified the traditional characters and resolved the conversion markup
     clean = (out / "corpus" / "clean.jsonl").read_text(encoding="utf-8")

@@ -40,7 +40,7 @@ def library_files() -> list[Path]:
     files = []
     for name in LIBRARY:
         path = ROOT / name
-        files += sorted(path.glob("*.py")) if path.is_dir() else [path]
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
     return files
 
 

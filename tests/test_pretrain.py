@@ -348,7 +348,7 @@ def test_batch_size_auto_probes_and_keeps_the_global_batch(tiny_tokenizer_dir, s
         return forward(self, input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(SLMForCausalLM, "forward", limited)
-    monkeypatch.setattr(PretrainTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
+    monkeypatch.setattr(PretrainTrainer, "_auto_micro_batch", lambda self: self._probe_micro_batch())
     trainer = PretrainTrainer(
         make_pretrain_cfg(
             tiny_tokenizer_dir, shards, tmp_path / "auto", batch_size="auto", global_batch_size=64, max_steps=1

@@ -64,3 +64,36 @@ def test_the_quick_tests_over_the_limit_are_listed_and_the_slow_ones_are_not(tmp
     listed = [line.split()[-1] for line in summary.splitlines() if "::" in line]
     assert listed == ["test_inner.py::test_quick_but_sleepy"]
     assert "2 quick tests: " in summary
+
+
+def test_a_timed_out_run_kills_the_workers_in_their_own_sessions_too():
+    """run_main_py's timeout (a hung collective) must end with a failure, not a hang: torchrun's workers run in
+    sessions of their own and hold the output pipes, so killing torchrun's process group alone left communicate()
+    waiting for them forever."""
+    from tests.helpers import processes_tagged, run_killing_all_on_timeout
+
+    # A "launcher" that starts a "worker" in a new session (as torchrun does) and both then wait forever.
+    worker = "import time; time.sleep(600)"
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ}
+    with pytest.raises(AssertionError, match="did not finish in 3 s"):
+        run_killing_all_on_timeout([sys.executable, "-c", launcher], env, timeout=3)
+    # Nothing of that run is left (its tag is the only one this process made just now).
+    leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _tagged_by_this_test(int(pid))]
+    assert leftovers == []
+    assert processes_tagged("no-such-tag") == []
+
+
+def _tagged_by_this_test(pid: int) -> bool:
+    """Whether a live process carries a MILLI_TEST_RUN tag made by this pytest process (zombies are gone already:
+    they have no environment to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"MILLI_TEST_RUN={os.getpid()}-".encode() in f.read()
+    except OSError:
+        return False

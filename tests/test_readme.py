@@ -167,7 +167,7 @@ def script_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
 
 def test_ecosystem_section_names_only_what_exists(monkeypatch):
     from trainer.config import load_config
-    from trainer.stages import available_stages
+    from trainer.stages import STAGES
 
     commands = ecosystem_commands()
     scripts = [c for c in commands if c[0] == "python" and c[1].startswith("scripts/")]
@@ -181,8 +181,8 @@ def test_ecosystem_section_names_only_what_exists(monkeypatch):
         except SystemExit:
             pytest.fail(f"scripts' argparse refuses the README line: {shlex.join(argv)}")
     for argv in stages:
-        assert argv[2] == "--stage" and argv[3] in available_stages(), argv
-        module = importlib.import_module(available_stages()[argv[3]][0])
+        assert argv[2] == "--stage" and argv[3] in STAGES, argv
+        module = importlib.import_module(STAGES[argv[3]][0])
         load_config(module.Config, None, argv[4:])  # unknown keys, bad types and enum values raise ConfigError
 
 
@@ -208,7 +208,7 @@ def test_ecosystem_python_lines_run_as_printed(tiny_tokenizer_dir, tmp_path):
     import threading
 
     from model.engine import Engine
-    from scripts.serve_api import make_server
+    from model.server.http import make_server
     from tests.helpers import tiny_checkpoint
 
     lines = [argv[2] for argv in ecosystem_commands() if argv[:2] == ["python", "-c"]]

@@ -134,7 +134,7 @@ def test_batch_size_auto_probes_pairs_scored_at_the_last_token(sft_dir, tmp_path
         return forward(self, input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(SLMForSequenceClassification, "forward", limited)
-    monkeypatch.setattr(RewardTrainer, "_resolve_micro_batch", lambda self: self._probe_micro_batch())
+    monkeypatch.setattr(RewardTrainer, "_auto_micro_batch", lambda self: self._probe_micro_batch())
     data = write_pairs(str(tmp_path / "pairs.jsonl"), toy_pairs(64), "strings")
     trainer = RewardTrainer(reward_config(sft_dir, tmp_path / "auto", data, batch_size="auto", global_batch_size=32))
     trainer.prepare()

@@ -39,6 +39,61 @@ def test_a_zombie_is_not_alive():
     child.wait()
 
 
+class FakeKernel32:
+    """The kernel32 calls pid_alive makes on Windows, answering from a table pid -> exit code (259, STILL_ACTIVE, for
+    a running process; another code for one that ended while a handle keeps its process object) or "denied" (another
+    user's: ERROR_ACCESS_DENIED); a pid not in the table names no process (ERROR_INVALID_PARAMETER)."""
+
+    def __init__(self, processes: dict):
+        self.processes, self.handles, self.last_error, self.opened = processes, {}, 0, []
+
+    def OpenProcess(self, access, inherit, pid):
+        self.opened.append((access, inherit, pid))
+        state = self.processes.get(pid)
+        if state is None or state == "denied":
+            self.last_error = 87 if state is None else 5
+            return 0
+        handle = 4 * len(self.opened)  # like Windows: a small nonzero int
+        self.handles[handle] = state
+        return handle
+
+    def GetLastError(self):
+        return self.last_error
+
+    def GetExitCodeProcess(self, handle, code):
+        code._obj.value = self.handles[handle]  # code is ctypes.byref(c_ulong): write through it, as Windows does
+        return 1
+
+    def CloseHandle(self, handle):
+        del self.handles[handle]
+        return 1
+
+
+def test_pid_alive_on_windows_asks_kernel32(monkeypatch):
+    """The Windows branch, run here on a faked kernel32: os.kill(pid, 0) would terminate a Windows process, so it
+    must not be called; alive is an open handle whose exit code is STILL_ACTIVE, or an access-denied open."""
+    import ctypes
+    import types
+
+    import trainer.run_lock
+
+    def kill(pid, sig):
+        raise AssertionError("os.kill on Windows terminates the process")
+
+    kernel32 = FakeKernel32({101: 259, 102: 0, 103: 1, 104: "denied"})
+    monkeypatch.setattr(trainer.run_lock, "sys", types.SimpleNamespace(platform="win32"))
+    monkeypatch.setattr(ctypes, "windll", types.SimpleNamespace(kernel32=kernel32), raising=False)
+    monkeypatch.setattr(os, "kill", kill)
+    assert pid_alive(101)  # running
+    assert not pid_alive(102) and not pid_alive(103)  # ended (exit code 0, 1), its process object still held
+    assert pid_alive(104)  # another user's: it exists
+    assert not pid_alive(105)  # no such process
+    assert not pid_alive(0) and not pid_alive(-1)  # never asked
+    assert [pid for _, _, pid in kernel32.opened] == [101, 102, 103, 104, 105]
+    assert all(access == 0x1000 and not inherit for access, inherit, _ in kernel32.opened)  # QUERY_LIMITED_INFORMATION
+    assert kernel32.handles == {}  # every handle it opened is closed
+
+
 def test_the_lock_is_released_when_the_block_raises_and_a_live_owner_blocks(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyError):

@@ -380,7 +380,7 @@ def test_no_device_branch_for_mps_outside_the_runtime_policy():
     """An MPS-only branch elsewhere would be code the CPU tests never run: every Apple choice lives in runtime.py."""
     offenders = []
     for folder in ("model", "trainer", "dataset", "scripts"):
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             if path.name == "runtime.py":
                 continue
             if re.search(r"[\"']mps[\"']|backends\.mps", path.read_text(encoding="utf-8")):

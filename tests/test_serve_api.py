@@ -1,4 +1,5 @@
-"""Tests for scripts/serve_api.py with the official openai client against a server started in-process on a free port.
+"""Tests for the chat server (model/server/, what scripts/serve_api.py runs) with the official openai client against a
+server started in-process on a free port.
 
 python -m pytest tests/test_serve_api.py
 """
@@ -15,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.engine import Engine
-from scripts import serve_api
-from scripts.serve_api import ServerLimits, make_server
+from model.engine import CHAT_SAMPLING, Engine
+from model.server import http as server_http
+from model.server.http import make_server
+from model.server.protocol import ApiError, ServerLimits, parse_chat_request, tool_call_message
 from tests.helpers_inference import build_model, build_tokenizer, literal_chatml
 
 openai = pytest.importorskip("openai")
@@ -379,8 +381,8 @@ def test_openai_compatibility(served):
 def test_key_compared_in_constant_time(served, monkeypatch):
     _, client, _ = served
     calls = []
-    real = serve_api.hmac.compare_digest
-    monkeypatch.setattr(serve_api.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    real = server_http.hmac.compare_digest
+    monkeypatch.setattr(server_http.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     client.models.list()
     assert calls
 
@@ -497,9 +499,9 @@ def test_unexpected_error_is_a_json_500_and_the_server_keeps_serving(start_serve
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patch:
-        patch.setattr(serve_api, "parse_chat_request", bug)
+        patch.setattr(server_http, "parse_chat_request", bug)
         assert_json_error(*raw_http(port, post_bytes(port, chat_body())), 500)
-        patch.setattr(serve_api.ChatHandler, "_check_key", bug)
+        patch.setattr(server_http.ChatHandler, "_check_key", bug)
         get = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n\r\n"
         assert_json_error(*raw_http(port, get.encode()), 500)
     assert raw_http(port, post_bytes(port, chat_body()))[0] == 200
@@ -805,22 +807,22 @@ def test_tools_ride_on_the_system_turn_and_tool_messages_are_read():
         ],
         "tools": WEATHER,
     }
-    req = serve_api.parse_chat_request(json.dumps(body).encode(), serve_api.CHAT_SAMPLING)
+    req = parse_chat_request(json.dumps(body).encode(), CHAT_SAMPLING)
     assert req["tools"] and req["messages"] == [
         {"role": "system", "content": "", "tools": WEATHER},
         {"role": "user", "content": "北京天气"},
         {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
         {"role": "tool", "content": "晴"},
     ]
-    none = serve_api.parse_chat_request(json.dumps({**body, "tool_choice": "none"}).encode(), serve_api.CHAT_SAMPLING)
+    none = parse_chat_request(json.dumps({**body, "tool_choice": "none"}).encode(), CHAT_SAMPLING)
     assert not none["tools"] and "tools" not in none["messages"][0]
     for bad in (
         {"tool_choice": "required"},
         {"tools": [{"type": "function", "function": {}}]},
         {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
     ):
-        with pytest.raises(serve_api.ApiError) as err:
-            serve_api.parse_chat_request(json.dumps({**body, **bad}).encode(), serve_api.CHAT_SAMPLING)
+        with pytest.raises(ApiError) as err:
+            parse_chat_request(json.dumps({**body, **bad}).encode(), CHAT_SAMPLING)
         assert err.value.status == 400
 
 
@@ -839,7 +841,7 @@ def test_tools_ride_on_the_system_turn_and_tool_messages_are_read():
     ],
 )
 def test_reply_with_tool_calls_becomes_openai_tool_calls(text, content, calls):
-    message, finish = serve_api.tool_call_message(text)
+    message, finish = tool_call_message(text)
     if calls is None:
         assert message == {"role": "assistant", "content": text} and finish is None
         return

@@ -1,6 +1,6 @@
 """
 Tool use end to end: a tiny model fine-tuned (trainer/sft.py) on OpenAI tool records learns to call get_weather,
-and the server (scripts/serve_api.py) hands the call to the official openai client as tool_calls, plain and streamed.
+and the server (model/server/http.py) hands the call to the official openai client as tool_calls, plain and streamed.
 
     python -m pytest tests/test_tool_use.py
 """
@@ -51,7 +51,7 @@ def served(tiny_tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from model.engine import Engine
-    from scripts.serve_api import make_server
+    from model.server.http import make_server
     from tests.helpers import fine_tune, tiny_model
 
     root = tmp_path_factory.mktemp("tools")

@@ -1,4 +1,4 @@
-"""scripts/web_chat.html's chat logic, run under node with a fake page and a fake streaming server (issue 27.3,
+"""model/server/web_chat.html's chat logic, run under node with a fake page and a fake streaming server (issue 27.3,
 issue 24.8): one reply at a time, a stop button that keeps what was shown, the model name, and a tool call shown and
 kept in the history. Skipped where node is not installed."""
 
@@ -18,7 +18,7 @@ def run():
     if NODE is None:
         pytest.skip("node is not installed")
     proc = subprocess.run(
-        [NODE, str(ROOT / "tests" / "web_chat_driver.js"), str(ROOT / "scripts" / "web_chat.html")],
+        [NODE, str(ROOT / "tests" / "web_chat_driver.js"), str(ROOT / "model" / "server" / "web_chat.html")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -55,6 +55,6 @@ def test_tool_call_is_sent_shown_and_kept(run):
 
 
 def test_page_speaks_chinese():
-    page = (ROOT / "scripts" / "web_chat.html").read_text(encoding="utf-8")
+    page = (ROOT / "model" / "server" / "web_chat.html").read_text(encoding="utf-8")
     for label in ("发送", "停止", "设置", "清空对话"):
         assert label in page

@@ -1,4 +1,4 @@
-// Drives scripts/web_chat.html's chat logic (makeChat) under node with a fake page and a fake server, for
+// Drives model/server/web_chat.html's chat logic (makeChat) under node with a fake page and a fake server, for
 // tests/test_web_chat.py: node tests/web_chat_driver.js <page.html>  ->  one JSON object of what happened.
 const fs = require("fs"), vm = require("vm");
 const html = fs.readFileSync(process.argv[2], "utf8");

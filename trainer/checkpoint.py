@@ -16,8 +16,10 @@ tensors, containers and plain values, plus the NumPy types of an RNG state (SAFE
 anything else (a pickle that would run code on load) is refused, never executed. Checkpoints written before the
 checksums existed still load (their state holds only those types) and are resumed unverified, with a note.
 
-Every function takes the parts it needs (model, optimizer, flags) explicitly; the Trainer (trainer/core.py) decides
-when to call them. Under FSDP the functions that gather or set state are collective: every rank calls them.
+Every function takes the parts it needs explicitly: the model, optimizer and flags, or, for save / export / restore,
+a Parts that the Trainer builds (trainer/core.py Trainer.checkpoint_parts); the Trainer decides when to call them.
+The model card of final/ is model/hub.py's write_stage_card. Under FSDP the functions that gather or set state are
+collective: every rank calls them.
 """
 
 import dataclasses
@@ -34,18 +36,18 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from dataset.batches import StepBatches
 from dataset.licenses import card_licenses, file_licenses, shard_licenses
-from model.hub import make_readable, write_model_card
-from model.lora import is_adapter_dir
+from model.hub import make_readable, save_pretrained, write_stage_card
 from model.runtime import (  # noqa: F401 (the checksum functions are re-exported: tests and stages import them here)
     CHECKSUMS_FILE,
     CheckpointError,
-    dtype_name,
     sha256_file,
     verify_checksums,
     write_checksums,
 )
 from trainer.common import print0, seed_rngs
+from trainer.guard import StepGuard
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
@@ -112,33 +114,6 @@ def gather_rng_states(device: torch.device, *, distributed: bool, world_size: in
 
 # -----------------------------------------------------------------------------
 # Writing
-
-
-def save_pretrained(
-    model,
-    tokenizer,
-    path: str,
-    *,
-    state: dict | None = None,
-    dtype: torch.dtype | None = None,
-    architecture: str | None = None,
-) -> None:
-    """Weights (+ config) and the tokenizer into `path`, loadable with from_pretrained alone. `model` is the bare
-    model, never a compiled/DDP wrapper (no `_orig_mod.` / `module.` prefixes); `state` is the full state dict
-    (full_model_state) where the model is sharded; `architecture` names the class when `model` is FSDP's
-    wrapper subclass, whose name save_pretrained would write instead."""
-    if state is None:
-        state = model.state_dict()
-    if model.config.tie_word_embeddings:  # one copy of a tied matrix (a gathered or cast state has two)
-        tied = getattr(model, "_tied_weights_keys", None) or {}
-        state = {k: v for k, v in state.items() if k not in tied}
-    if dtype is not None and dtype != torch.float32:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.save_pretrained(path, state_dict=state)
-    if architecture is not None:
-        model.config.architectures = [architecture]
-        model.config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def write_checkpoint(path: str, *, write_weights: Callable[[str], None], state: dict, keep_last: int) -> None:
@@ -327,116 +302,109 @@ def truncate_metrics(out_dir: str, step: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# The model card of final/
+# What the Trainer's save_checkpoint / export_final / resume do, given the parts: the one place that knows what a
+# checkpoint holds.
 
 
-def write_card(
-    path: str,
-    cfg,
-    *,
-    stage: str,
-    step: int,
-    tokens_seen: int,
-    global_batch: int,
-    dtype: torch.dtype,
-    world_size: int,
-    model_config,
-    evaluation: dict | None,
-) -> None:
-    """README.md in `path` (model/hub.py write_model_card) from the run's facts, readable by other accounts. The data
-    licenses are those this stage's data declares (shards' meta.json, the metadata beside data files) plus those
-    init_from's card recorded, so they accumulate along pretrain -> sft -> dpo."""
-    data_dir, data_path = getattr(cfg, "data_dir", ""), getattr(cfg, "data_path", "")  # the stage's data mixins
-    licenses = shard_licenses(data_dir) + file_licenses(data_path) + card_licenses(cfg.init_from)
-    licenses += card_licenses(getattr(cfg, "teacher_from", ""))  # distillation: the teacher's data shaped the student
-    training = {
-        "stage": stage,
-        "optimizer steps": step,
-        "tokens seen": f"{tokens_seen:,}",
-        "global batch": f"{global_batch} {cfg.batch_unit} x {cfg.seq_len} tokens",
-        "peak lr": cfg.lr,
-        "optimizer": cfg.optimizer,
-        "schedule": f"{cfg.lr_schedule}, {cfg.warmup_steps} warmup steps",
-        "data": data_dir or data_path or "(see the stage config)",
-        "compute dtype": dtype_name(dtype),
-        "processes": world_size,
-    }
-    write_model_card(
-        path,
-        config=model_config,
-        stage=stage,
-        training=training,
-        evaluation=evaluation or None,
-        licenses=sorted(set(licenses)),
-        base_model=cfg.init_from,
-        library_name="peft" if is_adapter_dir(path) else "transformers",  # the Hub's loader for the folder
-    )
-    make_readable(path)
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """Everything a checkpoint saves, restores or records, handed over explicitly (Trainer.checkpoint_parts builds
+    it): what it holds (model, optimizer, guard, data position, the stage's own state), then the run's facts and
+    where this process runs. The loop's position (step, tokens seen) is no part: save and export take it, restore
+    returns it."""
+
+    cfg: object  # the stage's TrainConfig: out_dir, resume, keep_last, seed, the card's facts; saved whole
+    stage: str  # log prefix, recorded in trainer_state.pt
+    model: torch.nn.Module  # the bare model, never a compiled/DDP wrapper (FSDP's sharded one under fsdp)
+    model_class: str  # its class before FSDP subclassed it: the `architectures` config.json names
+    tokenizer: object  # saved beside the weights
+    weights: "ModelWeights"  # what of the model a checkpoint holds (LoRA: trainer/lora.py AdapterWeights)
+    optimizer: torch.optim.Optimizer
+    guard: StepGuard  # the GradScaler and the skipped-step counters
+    data: StepBatches  # the data position
+    extra_state: Callable[[], dict]  # the stage's own state (rollout buffer, critic) ...
+    load_extra_state: Callable[..., None]  # ... and how it comes back (keyword `state`)
+    global_batch: int  # batch units per optimizer step, all ranks together
+    dtype: torch.dtype  # the compute dtype (final/ is written in it, bf16 for fp16)
+    device: torch.device
+    rank: int
+    world_size: int
+    fsdp: bool
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
-# -----------------------------------------------------------------------------
-# What the Trainer's save_checkpoint / export_final / resume do, given the trainer (its model, optimizer, guard,
-# data position and hooks): the one place that knows what a checkpoint holds.
-
-
-def save_trainer(trainer) -> str:
+def save(parts: Parts, *, step: int, tokens_seen: int) -> str:
     """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
-    rngs = gather_rng_states(trainer.device, distributed=trainer.distributed, world_size=trainer.world_size)
-    weights = full_model_state(trainer.raw_model, fsdp=trainer.fsdp, master=trainer.master)
-    optimizer = full_optimizer_state(trainer.raw_model, trainer.optimizer, fsdp=trainer.fsdp, master=trainer.master)
-    path = step_dir(trainer.cfg.out_dir, trainer.step)
-    if trainer.master:
+    rngs = gather_rng_states(parts.device, distributed=parts.distributed, world_size=parts.world_size)
+    weights = full_model_state(parts.model, fsdp=parts.fsdp, master=parts.master)
+    optimizer = full_optimizer_state(parts.model, parts.optimizer, fsdp=parts.fsdp, master=parts.master)
+    path = step_dir(parts.cfg.out_dir, step)
+    if parts.master:
         state = {
-            "step": trainer.step,
-            "tokens_seen": trainer.tokens_seen,
-            "stage": trainer.stage,
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "stage": parts.stage,
             "optimizer": optimizer,
-            "optimizer_by_name": trainer.fsdp,
-            "scaler": trainer.guard.state_dict(),
-            "data": trainer.train_data.state_dict(),
+            "optimizer_by_name": parts.fsdp,
+            "scaler": parts.guard.state_dict(),
+            "data": parts.data.state_dict(),
             "rng": rngs,
-            "world_size": trainer.world_size,
-            "global_batch": trainer.global_batch,
-            "extra": trainer.extra_state(),
-            "config": dataclasses.asdict(trainer.cfg),  # a resume with other settings says which changed
+            "world_size": parts.world_size,
+            "global_batch": parts.global_batch,
+            "extra": parts.extra_state(),
+            "config": dataclasses.asdict(parts.cfg),  # a resume with other settings says which changed
         }
         write_checkpoint(
             path,
             state=state,
-            keep_last=trainer.cfg.keep_last,
-            write_weights=lambda tmp: trainer.weights.save(trainer, path=tmp, state=weights),
+            keep_last=parts.cfg.keep_last,
+            write_weights=lambda tmp: parts.weights.save(parts, path=tmp, state=weights),
         )
-        print0(f"[{trainer.stage}] saved {path}")
-    if trainer.distributed:
+        print0(f"[{parts.stage}] saved {path}")
+    if parts.distributed:
         dist.barrier()
     return path
 
 
-def export_trainer(trainer, *, evaluation: dict | None = None) -> None:
+def export(parts: Parts, *, step: int, tokens_seen: int, evaluation: dict | None = None) -> None:
     """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage; its model card
-    lists `evaluation` (the run's last evaluation)."""
-    weights = full_model_state(trainer.raw_model, fsdp=trainer.fsdp, master=trainer.master)  # collective
-    if not trainer.master:
+    (model/hub.py write_stage_card) lists `evaluation` (the run's last evaluation) and the data licenses: those this
+    stage's data declares (shards' meta.json, the metadata beside data files) plus those init_from's card recorded,
+    so they accumulate along pretrain -> sft -> dpo."""
+    weights = full_model_state(parts.model, fsdp=parts.fsdp, master=parts.master)  # collective
+    if not parts.master:
         return
-    dtype = trainer.dtype if trainer.dtype != torch.float16 else torch.bfloat16
+    cfg = parts.cfg
+    data_dir, data_path = getattr(cfg, "data_dir", ""), getattr(cfg, "data_path", "")  # the stage's data mixins
+    licenses = shard_licenses(data_dir) + file_licenses(data_path) + card_licenses(cfg.init_from)
+    licenses += card_licenses(getattr(cfg, "teacher_from", ""))  # distillation: the teacher's data shaped the student
+    dtype = parts.dtype if parts.dtype != torch.float16 else torch.bfloat16
 
     def write(tmp: str) -> None:
-        trainer.weights.save(trainer, path=tmp, dtype=dtype, state=weights)
-        write_card(
+        parts.weights.save(parts, path=tmp, dtype=dtype, state=weights)
+        write_stage_card(
             tmp,
-            trainer.cfg,
-            stage=trainer.stage,
-            step=trainer.step,
-            tokens_seen=trainer.tokens_seen,
-            global_batch=trainer.global_batch,
-            dtype=trainer.dtype,
-            world_size=trainer.world_size,
-            model_config=trainer.raw_model.config,
+            cfg,
+            stage=parts.stage,
+            step=step,
+            tokens_seen=tokens_seen,
+            global_batch=parts.global_batch,
+            dtype=parts.dtype,
+            world_size=parts.world_size,
+            model_config=parts.model.config,
             evaluation=evaluation,
+            licenses=licenses,
         )
 
-    path = write_final(trainer.cfg.out_dir, write_weights=write)
-    print0(f"[{trainer.stage}] final weights in {path}{trainer.weights.final_note(path)}")
+    path = write_final(cfg.out_dir, write_weights=write)
+    print0(f"[{parts.stage}] final weights in {path}{parts.weights.final_note(path)}")
 
 
 class ModelWeights:
@@ -444,24 +412,24 @@ class ModelWeights:
     from_pretrained alone. A stage whose checkpoints hold something else sets its own (LoRA: the adapter only,
     trainer/lora.py AdapterWeights) as the Trainer's `weights`."""
 
-    def save(self, trainer, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
+    def save(self, parts: Parts, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
         """Weights (+ config) and tokenizer; `state` is the full state dict (full_model_state) where the model is
         sharded."""
         save_pretrained(
-            trainer.raw_model,
-            trainer.tokenizer,
+            parts.model,
+            parts.tokenizer,
             path,
             state=state,
             dtype=dtype,
-            architecture=trainer.model_class_name if trainer.fsdp else None,
+            architecture=parts.model_class if parts.fsdp else None,
         )
         make_readable(path)  # safetensors writes 0600; a docker/ollama service account must be able to read it
 
     def read(self, path: str) -> dict:
         return read_weights(path)
 
-    def load(self, trainer, *, path: str, weights: dict) -> None:
-        load_model_weights(trainer.raw_model, weights, fsdp=trainer.fsdp, where=path)
+    def load(self, parts: Parts, *, path: str, weights: dict) -> None:
+        load_model_weights(parts.model, weights, fsdp=parts.fsdp, where=path)
 
     def final_note(self, path: str) -> str:
         """The end of the run's last line, about final/."""
@@ -486,45 +454,38 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def warn_changed_settings(trainer, saved: dict | None, path: str) -> None:
+def warn_changed_settings(cfg, saved: dict | None, *, path: str, stage: str) -> None:
     """A warning for every setting that differs from the checkpoint's (lr, seq_len, ...): the resumed run goes on,
     but it is no longer the run that was started. Checkpoints older than the saved config say nothing."""
     if not isinstance(saved, dict):
         return
-    now = dataclasses.asdict(trainer.cfg)
+    now = dataclasses.asdict(cfg)
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     for key in changed:
         print0(
-            f"[{trainer.stage}] WARNING: resuming from {path} with {key}={now[key]!r}, but it was saved with "
+            f"[{stage}] WARNING: resuming from {path} with {key}={now[key]!r}, but it was saved with "
             f"{key}={saved[key]!r}; the run goes on with the new value"
         )
 
 
-def resume_trainer(trainer) -> None:
-    """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
-    found = newest_readable(
-        trainer.cfg.out_dir,
-        trainer.cfg.resume,
-        stage=trainer.stage,
-        read_weights=trainer.weights.read,
-    )
-    if found is None:
-        return
-    path, state, weights = found
-    trainer.weights.load(trainer, path=path, weights=weights)
-    load_optimizer_state(trainer.raw_model, trainer.optimizer, state, fsdp=trainer.fsdp)
-    trainer.guard.load_state_dict(state["scaler"])
-    trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
-    if state["global_batch"] != trainer.global_batch:
+def restore(parts: Parts, path: str, state: dict, weights: dict) -> tuple[int, int]:
+    """Put a checkpoint that newest_readable found (its path, trainer state and weights) back into the parts;
+    returns the loop's position: (step, tokens seen)."""
+    parts.weights.load(parts, path=path, weights=weights)
+    load_optimizer_state(parts.model, parts.optimizer, state, fsdp=parts.fsdp)
+    parts.guard.load_state_dict(state["scaler"])
+    step, tokens_seen = state["step"], state["tokens_seen"]
+    if state["global_batch"] != parts.global_batch:
         print0(
-            f"[{trainer.stage}] WARNING: global batch changed from {state['global_batch']} to "
-            f"{trainer.global_batch}; the data position stays exact in tokens but the run is no longer the same"
+            f"[{parts.stage}] WARNING: global batch changed from {state['global_batch']} to "
+            f"{parts.global_batch}; the data position stays exact in tokens but the run is no longer the same"
         )
-    warn_changed_settings(trainer, state.get("config"), path)
-    trainer.train_data.load_state_dict(state["data"])
-    trainer.load_extra_state(state=state.get("extra", {}))
-    if not restore_rng(state["rng"], rank=trainer.rank, world_size=trainer.world_size, device=trainer.device):
-        seed_rngs(trainer.cfg.seed + trainer.step, rank=trainer.rank)  # another number of processes: reseed
-    if trainer.master:
-        truncate_metrics(trainer.cfg.out_dir, trainer.step)
-    print0(f"[{trainer.stage}] resumed from {path} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")
+    warn_changed_settings(parts.cfg, state.get("config"), path=path, stage=parts.stage)
+    parts.data.load_state_dict(state["data"])
+    parts.load_extra_state(state=state.get("extra", {}))
+    if not restore_rng(state["rng"], rank=parts.rank, world_size=parts.world_size, device=parts.device):
+        seed_rngs(parts.cfg.seed + step, rank=parts.rank)  # another number of processes: reseed
+    if parts.master:
+        truncate_metrics(parts.cfg.out_dir, step)
+    print0(f"[{parts.stage}] resumed from {path} at step {step} ({tokens_seen:,} tokens seen)")
+    return step, tokens_seen

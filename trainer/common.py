@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,11 +62,13 @@ def load_tokenizer(*, init_from: str, tokenizer_dir: str):
         check_checkpoint_dir(init_from, "init_from")
     path = init_from if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")) else tokenizer_dir
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"tokenizer_dir '{tokenizer_dir}' does not exist: train one with "
-            f"`python main.py --stage tokenizer` or point tokenizer_dir at one"
-        )
+        raise FileNotFoundError(f"tokenizer_dir {no_tokenizer_at(tokenizer_dir)}")
     return AutoTokenizer.from_pretrained(path)
+
+
+def no_tokenizer_at(path: str) -> str:
+    """What to do when there is no tokenizer folder at `path` (load_tokenizer, and validate's path check)."""
+    return f"'{path}' does not exist: train one with `python main.py --stage tokenizer` or point tokenizer_dir at one"
 
 
 def skipped_records(stats: dict) -> str:
@@ -96,29 +99,22 @@ def status_line(stage: str, step: int, max_steps: int, values: dict, stage_metri
 # What a run logs: metrics.jsonl always (MetricsLog), mirrored to an external service when one is asked for
 
 
+@dataclass(kw_only=True)
 class MetricsLog:
     """Where a run's numbers go: one JSON object per line in out_dir/metrics.jsonl (rank 0 only; a resume cuts it
     back to the checkpoint's step, trainer/checkpoint.py), the same values to the external logger, and a printed
     line. The Trainer decides when to log; this decides what a line holds."""
 
-    def __init__(
-        self,
-        *,
-        stage: str,
-        out_dir: str,
-        master: bool,
-        logger,
-        max_steps: int,
-        log_every: int,
-        flops_per_token: float,
-        peak_flops: float | None,
-        world_size: int,
-        device: torch.device,
-    ):
-        self.stage, self.out_dir, self.master, self.logger = stage, out_dir, master, logger
-        self.max_steps, self.log_every = max_steps, log_every
-        self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
-        self.device = device
+    stage: str
+    out_dir: str
+    master: bool  # rank 0: the only one that writes
+    logger: "ExternalLogger | NullLogger"
+    max_steps: int
+    log_every: int
+    flops_per_token: float  # training FLOPs per token, for MFU
+    peak_flops: float | None  # the device's peak FLOP/s; None (a CPU, an unknown GPU): no MFU
+    world_size: int
+    device: torch.device
 
     def log_step(
         self, metrics: dict, *, step: int, step_times: list, step_tokens: int, tokens_seen: int, guard_values: dict

@@ -32,6 +32,7 @@ import yaml
 from dataset.text_sources import expand_paths
 from model.runtime import DTYPES, check_checkpoint_dir, resolve_device
 from trainer.checkpoint import CheckpointError, verify_checksums
+from trainer.common import no_tokenizer_at
 from trainer.errors import ConfigError, MissingPathError  # torch-free, for the scripts; imported from here too
 
 OPTIMIZERS = ("adamw", "muon")  # trainer/optim.py builds them
@@ -85,7 +86,6 @@ def is_finite(value) -> bool:
 
 
 SEED_RANGE = between(0, 2**31 - 1)  # seed + rank goes to np.random.seed, which takes [0, 2**32)
-PATH_KINDS = ("dir", "dirs", "checkpoint", "files", "tokenizer")  # what _check_path checks
 
 
 def setting(
@@ -107,50 +107,81 @@ def setting(
 
 
 def _coerce(key: str, value, annotation):
-    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
+    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key. One coercer per
+    kind of annotation (COERCERS, below); a kind with none (e.g. a list) keeps the value as it is."""
+    coerce = COERCERS.get(typing.get_origin(annotation) or annotation)
+    return coerce(key, value, annotation) if coerce else value
 
-    def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
 
-    origin = typing.get_origin(annotation)
-    if origin is Literal:  # a fixed vocabulary: coerced to its values' type, validate() checks it is one of them
-        return _coerce(key, value, type(typing.get_args(annotation)[0]))
-    if origin in (typing.Union, types.UnionType):  # e.g. `int | None`: the first type that takes the value
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        errors = []
-        for option in (a for a in typing.get_args(annotation) if a is not type(None)):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if annotation is bool:
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        if not isinstance(value, bool):
-            raise wrong("true/false")
-        return value
-    if annotation in (int, float):
-        expected = "an integer" if annotation is int else "a number"
-        if isinstance(value, bool):
-            raise wrong(expected)
-        if isinstance(value, int) and annotation is int:
-            return value
+def _wrong(key: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def _coerce_literal(key: str, value, annotation):
+    """A fixed vocabulary: coerced to its values' type; validate() checks it is one of them."""
+    return _coerce(key, value, type(typing.get_args(annotation)[0]))
+
+
+def _coerce_union(key: str, value, annotation):
+    """E.g. `int | None`: the first type that takes the value; none/null/"" mean None."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    errors = []
+    for option in (a for a in typing.get_args(annotation) if a is not type(None)):
         try:
-            number = float(value)  # accepts 1e6 and 1_000_000
-        except (TypeError, ValueError):
-            raise wrong(expected) from None
-        if annotation is int and not number.is_integer():
-            raise wrong(expected)
-        return int(number) if annotation is int else number
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise wrong("a string")
-        return "" if value is None else str(value)
-    if (origin or annotation) is dict and not isinstance(value, dict):
-        raise wrong("a mapping")
+            return _coerce(key, value, option)
+        except ConfigError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def _coerce_bool(key: str, value, annotation):
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    if not isinstance(value, bool):
+        raise _wrong(key, value, "true/false")
     return value
+
+
+def _coerce_number(key: str, value, annotation):
+    """int or float; a string such as 1e6 or 1_000_000 too. A bool is not a number here, nor 2.5 an int."""
+    expected = "an integer" if annotation is int else "a number"
+    if isinstance(value, bool):
+        raise _wrong(key, value, expected)
+    if isinstance(value, int) and annotation is int:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _wrong(key, value, expected) from None
+    if annotation is int and not number.is_integer():
+        raise _wrong(key, value, expected)
+    return int(number) if annotation is int else number
+
+
+def _coerce_str(key: str, value, annotation):
+    if isinstance(value, (dict, list)):
+        raise _wrong(key, value, "a string")
+    return "" if value is None else str(value)
+
+
+def _coerce_mapping(key: str, value, annotation):
+    if not isinstance(value, dict):
+        raise _wrong(key, value, "a mapping")
+    return value
+
+
+# What typing.get_origin(annotation) (or the annotation itself, for a plain type) is -> its coercer.
+COERCERS = {
+    Literal: _coerce_literal,
+    typing.Union: _coerce_union,
+    types.UnionType: _coerce_union,
+    bool: _coerce_bool,
+    int: _coerce_number,
+    float: _coerce_number,
+    str: _coerce_str,
+    dict: _coerce_mapping,
+}
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -165,14 +196,7 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if arg.startswith("--"):
-            key, sep, value = arg[2:].partition("=")
-            if not sep:
-                nxt = args[i + 1] if i + 1 < len(args) else None
-                if nxt is None or nxt.startswith("--") or _OVERRIDE_PAIR.match(nxt):
-                    value = "true"
-                else:
-                    value = nxt
-                    i += 1
+            key, value, i = _flag_override(args, i)
         elif "=" in arg:
             key, value = arg.split("=", 1)
         else:
@@ -183,6 +207,17 @@ def parse_overrides(args: list[str]) -> dict:
         out[key] = value
         i += 1
     return out
+
+
+def _flag_override(args: list[str], i: int) -> tuple[str, str, int]:
+    """args[i] is `--key=value`, `--key value` or a bare `--flag`: (key, value, index of the last argument used)."""
+    key, sep, value = args[i][2:].partition("=")
+    if sep:
+        return key, value, i
+    nxt = args[i + 1] if i + 1 < len(args) else None
+    if nxt is None or nxt.startswith("--") or _OVERRIDE_PAIR.match(nxt):
+        return key, "true", i
+    return key, nxt, i + 1
 
 
 # Keys other training projects (HF Trainer/TRL, LLaMA-Factory, MiniMind) use for what ours call differently, with
@@ -333,16 +368,11 @@ def validate(cfg, *, paths: bool = True) -> None:
         if not is_finite(value):  # every number, bounded or not: NaN passes any bound
             raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
         if typing.get_origin(hints[key]) is Literal and value not in typing.get_args(hints[key]):
-            names = [str(a) for a in typing.get_args(hints[key])]
-            raise ConfigError(
-                f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}"
-            )
+            raise _not_a_choice(key, value, typing.get_args(hints[key]))
         bound = rules.get("bound")
         if bound and not (key == "batch_size" and value == "auto"):
             if isinstance(value, str):
-                raise ConfigError(
-                    f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
-                )
+                raise _not_a_number(key, value)
             if not bound.holds(value):
                 raise ConfigError(f"config key '{key}': must be {bound}, got {value!r}")
         if rules.get("device") and value:  # "" = the training device, where allowed
@@ -361,37 +391,78 @@ def validate(cfg, *, paths: bool = True) -> None:
                 _check_path(cfg, field.name, rules_of(cls, field.name)["path"])
 
 
+def _not_a_number(key: str, value: str) -> ConfigError:
+    return ConfigError(
+        f"config key '{key}': expected a number{' or auto' if key == 'batch_size' else ''}, got {value!r}"
+    )
+
+
+def _not_a_choice(key: str, value, choices: tuple) -> ConfigError:
+    names = [str(a) for a in choices]
+    return ConfigError(f"config key '{key}': {key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
+
+
 def _check_path(cfg, key: str, kind: str) -> None:
-    """kind: dir | dirs (comma-separated) | checkpoint (a saved model dir; its files verified against its
-    checksums.json when it has one) | files (data files, globs, folders) | tokenizer (a tokenizer folder, needed
-    only when init_from brings none). An empty value is not checked: it means "none" or "the default" to the
-    stage."""
+    """The check of PATH_CHECKS[kind] (below). An empty value is not checked: it means "none" or "the default" to
+    the stage."""
     value = getattr(cfg, key)
-    if not value:
-        return
+    if value:
+        PATH_CHECKS[kind](cfg, key, value)
+
+
+def _check_dir(cfg, key: str, value: str) -> None:
+    if not os.path.isdir(value.strip()):
+        raise MissingPathError(f"config key '{key}': '{value.strip()}' does not exist (or is not a directory)")
+
+
+def _check_dirs(cfg, key: str, value: str) -> None:
+    """Comma-separated directories, each of which must exist."""
+    for path in value.split(","):
+        _check_dir(cfg, key, path)
+
+
+def _check_tokenizer(cfg, key: str, value: str) -> None:
+    """A tokenizer folder, needed only when init_from brings none."""
+    init_from = getattr(cfg, "init_from", "")
+    brought = bool(init_from) and os.path.isfile(os.path.join(init_from, "tokenizer.json"))
+    if not brought and not os.path.isdir(value):
+        raise MissingPathError(f"config key '{key}': {no_tokenizer_at(value)}")
+
+
+def _check_checkpoint(cfg, key: str, value: str) -> None:
+    """A saved model dir; its files verified against its checksums.json when it has one."""
     try:
-        for path in value.split(",") if kind == "dirs" else [value] if kind == "dir" else []:
-            if not os.path.isdir(path.strip()):
-                raise FileNotFoundError(f"'{path.strip()}' does not exist (or is not a directory)")
-        init_from = getattr(cfg, "init_from", "")
-        brought = bool(init_from) and os.path.isfile(os.path.join(init_from, "tokenizer.json"))
-        if kind == "tokenizer" and not brought and not os.path.isdir(value):
-            raise FileNotFoundError(
-                f"'{value}' does not exist: train one with `python main.py --stage tokenizer` "
-                f"or point tokenizer_dir at one"
-            )
-        if kind == "checkpoint":
-            check_checkpoint_dir(value, key)
-        if kind == "files":
-            expand_paths(value)
+        check_checkpoint_dir(value, key)
     except (FileNotFoundError, ValueError) as e:
-        message = str(e)
-        raise MissingPathError(message if message.startswith(key) else f"config key '{key}': {message}") from None
-    if kind == "checkpoint":
-        try:  # a final/ or step_*/ whose bytes changed since the save fails here, naming the file
-            verify_checksums(value)
-        except CheckpointError as e:
-            raise ConfigError(f"config key '{key}': {e}") from None
+        raise _missing_path(key, e) from None
+    try:  # a final/ or step_*/ whose bytes changed since the save fails here, naming the file
+        verify_checksums(value)
+    except CheckpointError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+
+
+def _check_files(cfg, key: str, value: str) -> None:
+    """Data files, globs, folders (dataset/text_sources.py expand_paths)."""
+    try:
+        expand_paths(value)
+    except (FileNotFoundError, ValueError) as e:
+        raise _missing_path(key, e) from None
+
+
+def _missing_path(key: str, e: Exception) -> MissingPathError:
+    message = str(e)
+    return MissingPathError(message if message.startswith(key) else f"config key '{key}': {message}")
+
+
+# What a `path=` setting must be when the stage runs -> its check.
+PATH_CHECKS = {
+    "dir": _check_dir,
+    "dirs": _check_dirs,
+    "checkpoint": _check_checkpoint,
+    "files": _check_files,
+    "tokenizer": _check_tokenizer,
+}
+PATH_KINDS = tuple(PATH_CHECKS)
 
 
 def config_to_dict(cfg) -> dict:

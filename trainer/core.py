@@ -9,6 +9,7 @@ checkpoint is written and read back (atomic step_* dirs, exact resume, the final
 with init_from) is trainer/checkpoint.py.
 """
 
+import glob
 import math
 import os
 import time
@@ -153,11 +154,8 @@ class Trainer:
         # The values first, on every path into the Trainer (run_trainer, tests and benchmarks that build one):
         # choices such as parallel and batch_size's "auto" are checked there, not again below.
         validate(cfg, paths=False)
-        if not cfg.init_from and not isinstance(cfg, Architecture):
-            raise ConfigError(
-                f"init_from is empty: stage {self.stage} starts from a saved model (its architecture and tokenizer "
-                f"come from init_from's config.json); give a checkpoint dir, e.g. an earlier stage's final/"
-            )
+        if not cfg.init_from and not isinstance(cfg, Architecture):  # a stage with no model_config to build from
+            raise self._no_init_from_error()
         self.cfg = cfg
         # One process per device under torchrun, with DDP or FSDP (self.fsdp) over them.
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -167,15 +165,9 @@ class Trainer:
             self.rank, self.world_size = 0, 1
             self.device = resolve_device(cfg.device)
         self.master = self.rank == 0
-        self.fsdp = self.distributed and cfg.parallel == "fsdp"
-        if cfg.parallel == "fsdp" and not self.distributed:
-            print0(f"[{self.stage}] parallel=fsdp: one process has nothing to shard over; training unsharded")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.cpu_threads = set_cpu_threads(cfg.threads) if self.device.type == "cpu" else None
-        if self.fsdp:  # fail before anything is built
-            parallel.check_fsdp(
-                supported=self.supports_fsdp, stage=self.stage, dtype=self.dtype, batch_size=cfg.batch_size
-            )
+        self.fsdp = cfg.parallel == "fsdp" and self._fsdp_applies()
         self.autocast = autocast_context(self.device, self.dtype)
         self.guard = StepGuard(self.device, self.dtype, cfg.fp16_init_scale)  # fp16 loss scaling + skipped steps
         self.scaler = self.guard.scaler  # the GradScaler itself, for code that inspects the scale
@@ -184,6 +176,23 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.step, self.tokens_seen = 0, 0
+
+    def _no_init_from_error(self) -> ConfigError:
+        return ConfigError(
+            f"init_from is empty: stage {self.stage} starts from a saved model (its architecture and tokenizer "
+            f"come from init_from's config.json); give a checkpoint dir, e.g. an earlier stage's final/"
+        )
+
+    def _fsdp_applies(self) -> bool:
+        """parallel=fsdp: under torchrun, once the stage, dtype and batch size allow it (checked here, before anything
+        is built); in one process there is nothing to shard over."""
+        if not self.distributed:
+            print0(f"[{self.stage}] parallel=fsdp: one process has nothing to shard over; training unsharded")
+            return False
+        parallel.check_fsdp(
+            supported=self.supports_fsdp, stage=self.stage, dtype=self.dtype, batch_size=self.cfg.batch_size
+        )
+        return True
 
     def load_tokenizer(self):
         return load_tokenizer(init_from=self.cfg.init_from, tokenizer_dir=self.cfg.tokenizer_dir)
@@ -204,18 +213,13 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.raw_model.activation_checkpointing_enable()
         if cfg.seq_len > self.raw_model.config.max_position_embeddings:
-            raise ValueError(
-                f"seq_len={cfg.seq_len} is over the model's max_position_embeddings="
-                f"{self.raw_model.config.max_position_embeddings}"
-            )
+            raise self._seq_len_error()
         self.setup()
-        self.micro_batch = self._resolve_micro_batch()
+        # validate() let through only an integer >= 1 or "auto"
+        self.micro_batch = self._auto_micro_batch() if cfg.batch_size == "auto" else cfg.batch_size
         self.global_batch = cfg.global_batch_size or self.micro_batch * self.world_size
         if self.global_batch % (self.micro_batch * self.world_size) != 0:
-            raise ValueError(
-                f"global_batch_size={self.global_batch} must be a multiple of batch_size x processes "
-                f"= {self.micro_batch} x {self.world_size}"
-            )
+            raise self._global_batch_error()
         self.accum_steps = self.global_batch // (self.micro_batch * self.world_size)
         self.train_data, self.val_batches = self.build_data()
         if cfg.prefetch:  # collation off the critical path; pinned so that to_device's copies are asynchronous
@@ -228,27 +232,14 @@ class Trainer:
         names = {id(p): n for n, p in self.raw_model.named_parameters()}
         named = [(names.get(id(p), f"extra.{i}"), p) for i, p in enumerate(self.trainable_parameters())]
         self.optimizer = build_optimizer(named, cfg, self.device)
-        self.model = self.raw_model
-        # The attention plan reads the GPU's capability and whether FlexAttention can run once per process; read
-        # here, before compiling, the traced forward finds both cached instead of calling into torch.cuda.
-        device_capability(self.device)
-        flex_attention_available(self.device)
-        if compiles(self.device, cfg.compile):
-            # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
-            # compiled module is what DDP wraps, as the torch docs recommend (compile the inner module): its forward
-            # runs inside DDP's, so dynamo's DDPOptimizer cuts the graph at DDP's bucket boundaries and each
-            # bucket's all-reduce overlaps the rest of backward. raw_model itself stays uncompiled (saving, Engine).
-            self.model = torch.compile(self.model, dynamic=False)
-        if self.distributed and not self.fsdp:
-            self.model = parallel.wrap_ddp(self.model, self.device)
+        # What the loop calls; raw_model itself stays unwrapped (saving, Engine).
+        self.model = self._compiled_or_wrapped() if cfg.compile or self.distributed else self.raw_model
         if self.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
         self.resume()
-        logger = NullLogger()
-        if self.master and cfg.logger != "none":  # after resume: a resumed run's metrics.jsonl is cut back first
-            run_name = cfg.run_name or os.path.basename(cfg.out_dir)
-            logger = ExternalLogger(cfg.logger, "milli-chat", run_name, config_to_dict(cfg), cfg.out_dir)
+        # After resume: a resumed run's metrics.jsonl is cut back first.
+        logger = self._external_logger() if self.master and cfg.logger != "none" else NullLogger()
         self.metrics_log = MetricsLog(
             stage=self.stage,
             out_dir=cfg.out_dir,
@@ -271,9 +262,18 @@ class Trainer:
             f"{self.micro_batch} x accum {self.accum_steps} = global batch {self.global_batch} {cfg.batch_unit}"
         )
 
-    def _resolve_micro_batch(self) -> int:
-        if self.cfg.batch_size != "auto":  # validate() let through only an integer >= 1 or "auto"
-            return self.cfg.batch_size
+    def _seq_len_error(self) -> ValueError:
+        context = self.raw_model.config.max_position_embeddings
+        return ValueError(f"seq_len={self.cfg.seq_len} is over the model's max_position_embeddings={context}")
+
+    def _global_batch_error(self) -> ValueError:
+        return ValueError(
+            f"global_batch_size={self.global_batch} must be a multiple of batch_size x processes "
+            f"= {self.micro_batch} x {self.world_size}"
+        )
+
+    def _auto_micro_batch(self) -> int:
+        """batch_size=auto: the largest micro-batch that fits (a CUDA probe); 8 elsewhere."""
         if self.device.type != "cuda":
             print0(f"[{self.stage}] batch_size=auto probes GPU memory; on {self.device.type} it uses 8")
             return 8
@@ -286,6 +286,29 @@ class Trainer:
         )
         print0(f"[{self.stage}] batch_size=auto: micro-batch {best} (largest power of two that fit, with headroom)")
         return best
+
+    def _compiled_or_wrapped(self):
+        """raw_model under torch.compile (compile=true) and DDP (under torchrun, unless FSDP sharded it)."""
+        model = self.raw_model
+        # The attention plan reads the GPU's capability and whether FlexAttention can run once per process; read
+        # here, before compiling, the traced forward finds both cached instead of calling into torch.cuda.
+        device_capability(self.device)
+        flex_attention_available(self.device)
+        if compiles(self.device, self.cfg.compile):
+            # dynamic=False: one static graph per input shape, and the collates pad to a few fixed lengths. The
+            # compiled module is what DDP wraps, as the torch docs recommend (compile the inner module): its forward
+            # runs inside DDP's, so dynamo's DDPOptimizer cuts the graph at DDP's bucket boundaries and each
+            # bucket's all-reduce overlaps the rest of backward.
+            model = torch.compile(model, dynamic=False)
+        if self.distributed and not self.fsdp:
+            model = parallel.wrap_ddp(model, self.device)
+        return model
+
+    def _external_logger(self):
+        """logger=wandb|swanlab|tensorboard, on rank 0: the run under run_name (default: out_dir's name)."""
+        cfg = self.cfg
+        run_name = cfg.run_name or os.path.basename(cfg.out_dir)
+        return ExternalLogger(cfg.logger, "milli-chat", run_name, config_to_dict(cfg), cfg.out_dir)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def fit(self):
@@ -436,18 +459,54 @@ class Trainer:
         return result
 
     # ---- checkpoints: when is decided in fit(); what and how is trainer/checkpoint.py -------------------------
+    def checkpoint_parts(self) -> checkpoint.Parts:
+        """What a checkpoint saves, restores and records, handed to trainer/checkpoint.py explicitly."""
+        return checkpoint.Parts(
+            cfg=self.cfg,
+            stage=self.stage,
+            model=self.raw_model,
+            model_class=self.model_class_name,
+            tokenizer=self.tokenizer,
+            weights=self.weights,
+            optimizer=self.optimizer,
+            guard=self.guard,
+            data=self.train_data,
+            extra_state=self.extra_state,
+            load_extra_state=self.load_extra_state,
+            global_batch=self.global_batch,
+            dtype=self.dtype,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            fsdp=self.fsdp,
+        )
+
     def save_checkpoint(self) -> str:
         """step_NNNNNN/: weights + tokenizer + trainer_state.pt, written atomically (collective under FSDP)."""
-        return checkpoint.save_trainer(self)
+        return checkpoint.save(self.checkpoint_parts(), step=self.step, tokens_seen=self.tokens_seen)
 
     def export_final(self, *, evaluation: dict | None = None):
         """final/: weights only, in the training dtype (bf16 on GPU), the `init_from` of the next stage; its model
         card lists `evaluation` (the last one's numbers)."""
-        checkpoint.export_trainer(self, evaluation=evaluation)
+        checkpoint.export(self.checkpoint_parts(), step=self.step, tokens_seen=self.tokens_seen, evaluation=evaluation)
 
     def resume(self):
-        """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
-        checkpoint.resume_trainer(self)
+        """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never). A fresh
+        out_dir returns at once; the parts are built only for a checkpoint found."""
+        if self.cfg.resume == "never":
+            return
+        if self.cfg.resume == "auto" and not glob.glob(os.path.join(self.cfg.out_dir, "step_*")):
+            return  # a fresh out_dir: nothing to read (trainer/checkpoint.py picks among the step_* dirs)
+        self._restore_checkpoint()
+
+    def _restore_checkpoint(self):
+        """The newest readable step_* dir of out_dir (resume=auto) or the one given, when one is found: weights,
+        optimizer, data position and step counts."""
+        found = checkpoint.newest_readable(
+            self.cfg.out_dir, self.cfg.resume, stage=self.stage, read_weights=self.weights.read
+        )
+        if found is not None:
+            self.step, self.tokens_seen = checkpoint.restore(self.checkpoint_parts(), *found)
 
 
 def run_trainer(trainer_cls, cfg) -> Trainer:
@@ -455,17 +514,15 @@ def run_trainer(trainer_cls, cfg) -> Trainer:
     __init__, the paths; before any model is built), take out_dir's lock, build, train, and tear down the process
     group."""
     trainer = trainer_cls(cfg)  # validates the values first
+    finished = False
     try:
         validate(cfg)
         # One run per out_dir (trainer/run_lock.py): a second one stops here, naming the first. Rank 0 holds it.
         with out_dir_lock(cfg.out_dir, stage=trainer.stage, enabled=trainer.master):
             trainer.prepare()
             trainer.fit()
+        finished = True
     finally:
-        if trainer.distributed and dist.is_initialized():
-            # gloo's threads free finished work objects (and the Python tensors they hold) just after a collective
-            # returns, and need the GIL for that, while destroy_process_group joins them holding it: a rare shutdown
-            # deadlock after the last checkpoint's barrier (seen once in CI). Let them take the GIL first.
-            time.sleep(0.1)
-            dist.destroy_process_group()
+        if trainer.distributed:
+            parallel.end_process_group(finished=finished)
     return trainer

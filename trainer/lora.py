@@ -7,8 +7,11 @@ LoRA fine-tuning on chat data: the base model stays frozen, small low-rank adapt
 
 Each targeted nn.Linear y = W x becomes y = W x + scale * B A dropout(x), scale = lora_alpha / r (or
 lora_alpha / sqrt(r) with lora_rslora=true), with A (r, in) drawn like PEFT (Kaiming-uniform) and B (out, r) zero,
-so training starts exactly at the base model. Only A and B have requires_grad, so the core's optimizer (built from
-trainable_parameters()) sees only them.
+so training starts exactly at the base model. The embedding rows of lora_trainable_tokens (the chat markers
+<|im_start|> and <|im_end|>, which pretraining never saw) train whole, in a parameter of their own, and a tied head
+uses the same rows: a low-rank update of the layers cannot give an unseen token a useful vector, so without them
+the adapted model answers but never ends its turn. Only A, B and those rows have requires_grad, so the core's
+optimizer (built from trainable_parameters()) sees only them, all on AdamW.
 
 Data and loss are SFT's (trainer/sft.py): this file adds only the adapters and what a checkpoint holds. The layer
 and PEFT's on-disk format (adapter_config.json + adapter_model.safetensors) are model/lora.py's, the same code the
@@ -25,11 +28,13 @@ import torch
 from model.hub import make_readable
 from model.lora import (
     add_lora,
+    add_trainable_tokens,
     load_adapter_weights,
     lora_scaling,
     read_adapter_weights,
     save_adapter,
 )
+from trainer.checkpoint import Parts
 from trainer.common import print0
 from trainer.config import above, at_least, between, setting
 from trainer.core import run_trainer
@@ -49,6 +54,15 @@ class Config(SFTConfig):
     lora_dropout: float = setting(0.05, bound=between(0, 1, high_open=True))  # on the adapter's input (training only)
     # Every attention and MLP projection (k/v included under GQA); MoE experts' projections match too.
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # Tokens whose embedding rows (and head rows) train whole, PEFT's trainable_token_indices; "" = none.
+    lora_trainable_tokens: str = setting(
+        "<|im_start|>,<|im_end|>", unchecked="comma-separated tokens; one the tokenizer lacks is named at setup"
+    )
+
+    @property
+    def targets(self) -> list[str]:
+        """lora_targets as module names: what the adapters wrap, and what adapter_config.json lists."""
+        return [t for t in self.lora_targets.split(",") if t]
 
 
 # -----------------------------------------------------------------------------
@@ -59,28 +73,28 @@ class AdapterWeights:
     """LoRA's checkpoints hold the adapter, not the (unchanged) base weights: PEFT's format (model/lora.py), read
     back onto the live model at resume (the Trainer's `weights`; checkpoint.ModelWeights is the whole-model one)."""
 
-    def save(self, trainer, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
-        cfg = trainer.cfg  # only the adapters, read from the live model (LoRA never runs sharded: `state` unused)
+    def save(self, parts: Parts, *, path: str, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
+        cfg = parts.cfg  # only the adapters, read from the live model (LoRA never runs sharded: `state` unused)
         # An absolute base path (a hub-style name stays as it is), so PEFT finds the base from any working directory.
         base = os.path.abspath(cfg.init_from) if os.path.isdir(cfg.init_from) else cfg.init_from
         save_adapter(
-            trainer.raw_model,
+            parts.model,
             path,
             base,
-            trainer.targets,
+            cfg.targets,
             cfg.lora_r,
             cfg.lora_alpha,
             cfg.lora_dropout,
             cfg.lora_rslora,
         )
-        trainer.tokenizer.save_pretrained(path)
+        parts.tokenizer.save_pretrained(path)
         make_readable(path)
 
     def read(self, path: str) -> dict:
         return read_adapter_weights(path)
 
-    def load(self, trainer, *, path: str, weights: dict) -> None:
-        load_adapter_weights(trainer.raw_model, weights, path)
+    def load(self, parts: Parts, *, path: str, weights: dict) -> None:
+        load_adapter_weights(parts.model, weights, path)
 
     def final_note(self, path: str) -> str:
         return " (an adapter: merge it with scripts/merge_lora.py before using it as a stage's init_from)"
@@ -95,26 +109,41 @@ class LoRATrainer(SFTTrainer):
         cfg = self.cfg
         if not cfg.init_from:
             raise ValueError("LoRA needs init_from: the base model the adapter is trained on (and saved against)")
-        self.targets = [t for t in cfg.lora_targets.split(",") if t]
         n_base = sum(p.numel() for p in self.raw_model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in self.raw_model.parameters())
-        wrapped = add_lora(self.raw_model, self.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora)
+        wrapped = add_lora(self.raw_model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora)
+        token_ids = vocabulary_ids(self.tokenizer, [t for t in cfg.lora_trainable_tokens.split(",") if t])
+        with_rows = add_trainable_tokens(self.raw_model, token_ids)
         if cfg.gradient_checkpointing:
-            # Recomputed blocks need an input that requires grad, and the frozen embeddings give none.
+            # Recomputed blocks need an input that requires grad, which frozen embeddings (no trained rows) lack.
             self.raw_model.enable_input_require_grads()
         n_train = sum(p.numel() for p in self.trainable_parameters())
         # Training memory of the trainable part: fp32 weight + grad + AdamW's two moments = 16 bytes/param.
         scaling = lora_scaling(cfg.lora_r, cfg.lora_alpha, cfg.lora_rslora)
         print0(
             f"[lora] {len(wrapped)} adapters (r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, "
-            f"{'rsLoRA ' if cfg.lora_rslora else ''}scaling {scaling:g}) on {','.join(self.targets)}: "
+            f"{'rsLoRA ' if cfg.lora_rslora else ''}scaling {scaling:g}) on {','.join(cfg.targets)}: "
             f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of {n_base:,}"
         )
+        if with_rows:
+            print0(
+                f"[lora] {cfg.lora_trainable_tokens} (ids {token_ids}): "
+                f"rows trained in the {' and the '.join(with_rows)}"
+            )
         print0(
             f"[lora] memory: frozen base {base_bytes / 2**20:,.1f} MiB + adapter training state "
             f"{16 * n_train / 2**20:,.1f} MiB (full fine-tuning would need {16 * n_base / 2**20:,.1f} MiB "
             f"for weights, grads and AdamW)"
         )
+
+
+def vocabulary_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """The ids of whole tokens of the vocabulary (a string that the tokenizer would split has no single row)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"lora_trainable_tokens: {missing} are not tokens of the tokenizer (one row each is trained)")
+    return [vocab[t] for t in tokens]
 
 
 def run(cfg: Config):

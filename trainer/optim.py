@@ -59,8 +59,8 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
 
 
 def is_embedding(name: str) -> bool:
-    """The token embedding or the output head (one tensor when tied)."""
-    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    """The token embedding or the output head (one tensor when tied), or LoRA's trained rows of them."""
+    return name.endswith(("embed_tokens.weight", "lm_head.weight", "trainable_tokens_delta"))
 
 
 def split_parameters(
@@ -250,19 +250,27 @@ def build_optimizer(
     `lr_scale` (its lr / cfg.lr) and starts at that share of cfg.lr."""
     groups = split_parameters(named_params, cfg.optimizer, cfg.decay_embeddings)
     by_name = dict(named_params)
-    # Fused AdamW wherever torch has the kernel: one launch for all parameters on CUDA, and (on every device that
-    # fuses) a step skipped on a device flag instead of a host read (trainer/guard.py).
-    fused = fuses_adamw(device)
-    betas = (cfg.beta1, cfg.beta2)
     adamw_groups = [
         {"params": [by_name[n] for n in groups["decay"]], "weight_decay": cfg.weight_decay},
         {"params": [by_name[n] for n in groups["no_decay"]], "weight_decay": 0.0},
     ]
     for group in adamw_groups:
         group.update(lr=cfg.lr, lr_scale=1.0)
-    if not groups["muon"]:  # adamw, or nothing Muon could take (a LoRA stage trains only adapters)
-        return keep_lr_scales(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=betas, fused=fused))
-    sharded = [n for n in groups["muon"] if isinstance(by_name[n], DTensor)]
+    if groups["muon"]:
+        return keep_lr_scales(muon_with_adamw([(n, by_name[n]) for n in groups["muon"]], adamw_groups, cfg, device))
+    # adamw, or nothing Muon could take (a LoRA stage trains only adapters). Fused wherever torch has the kernel: one
+    # launch for all parameters on CUDA, and (on every device that fuses) a step skipped on a device flag instead of
+    # a host read (trainer/guard.py).
+    adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fuses_adamw(device))
+    return keep_lr_scales(adamw)
+
+
+def muon_with_adamw(
+    named_matrices: list[tuple[str, torch.Tensor]], adamw_groups: list[dict], cfg: TrainConfig, device: torch.device
+) -> MuonWithAdamW:
+    """optimizer=muon: Muon for the hidden matrices at muon_lr_ratio x lr, AdamW (fused where torch has the kernel,
+    as in build_optimizer) for the non-empty adamw_groups."""
+    sharded = [n for n, p in named_matrices if isinstance(p, DTensor)]
     if sharded:
         raise ValueError(
             f"optimizer=muon cannot run under parallel=fsdp: Newton-Schulz orthogonalises the whole "
@@ -271,22 +279,19 @@ def build_optimizer(
         )
     muon_groups = [
         {
-            "params": [by_name[n] for n in groups["muon"]],
+            "params": [p for _, p in named_matrices],
             "weight_decay": cfg.weight_decay,
             "lr": cfg.lr * cfg.muon_lr_ratio,
             "lr_scale": cfg.muon_lr_ratio,
         }
     ]
-    adamw_groups = [g for g in adamw_groups if g["params"]]
-    return keep_lr_scales(
-        MuonWithAdamW(
-            muon_groups,
-            adamw_groups,
-            momentum=cfg.muon_momentum,
-            betas=betas,
-            fused=fused,
-            ns_dtype=newton_schulz_dtype_for(device),
-        )
+    return MuonWithAdamW(
+        muon_groups,
+        [g for g in adamw_groups if g["params"]],
+        momentum=cfg.muon_momentum,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=fuses_adamw(device),
+        ns_dtype=newton_schulz_dtype_for(device),
     )
 
 
@@ -309,19 +314,34 @@ def keep_lr_scales(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """The learning rate of optimizer step `step` (0-based)."""
+    """The learning rate of optimizer step `step` (0-based): a linear warmup from 0, then cfg.lr_schedule's."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
+    schedule = LR_SCHEDULES.get(cfg.lr_schedule)
+    if schedule is None:
+        raise ValueError(f"lr_schedule must be cosine, wsd or constant, got '{cfg.lr_schedule}'")
+    return schedule(cfg, step)
+
+
+def cosine_lr(cfg: TrainConfig, step: int) -> float:
+    """From lr down to lr x min_lr_ratio along half a cosine, from the end of the warmup to max_steps."""
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if cfg.lr_schedule == "wsd":
-        decay_start = int(cfg.max_steps * (1 - cfg.decay_ratio))
-        if step < decay_start:
-            return cfg.lr
-        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.lr + (min_lr - cfg.lr) * progress
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"lr_schedule must be cosine, wsd or constant, got '{cfg.lr_schedule}'")
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def wsd_lr(cfg: TrainConfig, step: int) -> float:
+    """Warmup-stable-decay: lr until the last decay_ratio of the steps, then linearly down to lr x min_lr_ratio."""
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    decay_start = int(cfg.max_steps * (1 - cfg.decay_ratio))
+    if step < decay_start:
+        return cfg.lr
+    progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+    return cfg.lr + (min_lr - cfg.lr) * progress
+
+
+def constant_lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr
+
+
+LR_SCHEDULES = {"cosine": cosine_lr, "wsd": wsd_lr, "constant": constant_lr}  # TrainConfig.lr_schedule's choices

@@ -4,6 +4,7 @@ them, DDP (every rank holds the whole model) and FSDP2 (each decoder layer shard
 """
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,25 @@ def init_process_group(device_name: str) -> tuple[int, int, torch.device]:
     if backend == "nccl":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def end_process_group(*, finished: bool) -> None:
+    """Leave torchrun's process group: after a barrier that every rank reaches when the run finished, at once after
+    an error."""
+    # gloo's threads free finished work objects (and the Python tensors they hold, which needs the GIL) just after a
+    # collective returns, while destroy_process_group joins them holding the GIL: a rare shutdown deadlock (seen once
+    # in CI, a thread freeing the last checkpoint's barrier). So the last work object is ours, freed by this thread
+    # after the join (on return), and the threads get the GIL to free the others.
+    last_work = None
+    try:
+        if finished:
+            last_work = dist.barrier(async_op=True)
+            last_work.wait()
+    finally:
+        if dist.is_initialized():
+            time.sleep(0.1)
+            dist.destroy_process_group()
+    del last_work  # here, after the join
 
 
 def check_fsdp(*, supported: bool, stage: str, dtype: torch.dtype, batch_size) -> None:

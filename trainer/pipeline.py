@@ -17,11 +17,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import torch
+from torch.nn import functional as F
+
+from dataset.chat_data import tokenize_conversation
 from dataset.corpus import print_summary, simplify
 from dataset.demo_data import SMALL_TALK, task_answer, task_prompt, write_demo_data
 from dataset.shard_writer import prepare
 from dataset.text_sources import FilterConfig
-from model.engine import Engine, SamplingParams
+from model.engine import CHAT_SAMPLING, Engine, SamplingParams
+from model.hub import END_OF_TURN
 from model.runtime import resolve_device, set_cpu_threads
 from trainer.config import SEED_RANGE, at_least, load_config, setting, validate
 from trainer.stages import STAGES
@@ -66,17 +71,41 @@ def run_stage(name: str, overrides: dict):
 
 
 def first_sentence(text: str) -> str:
-    """An answer's first sentence: a model that never learned to end its turn (LoRA cannot train the frozen
-    <|im_end|> embedding, which pretraining never saw) still gets credit for a right start followed by more text."""
+    """An answer's first sentence: a model that never learned to end its turn still gets credit for a right start
+    followed by more text (whether it ended is counted on its own, chat_turns)."""
     for end in ("<|im_end|>", "<|endoftext|>", "\n", "。"):
         text = text.split(end)[0]
     return text.strip()
 
 
+def chat_outputs(engine: Engine, questions: list[str], sampling: SamplingParams) -> list[list[int]]:
+    """The new ids of each answer, ending with the stop token when the model chose to stop."""
+    prompts = [
+        engine.chat_prompt([{"role": "user", "content": q}], max_new_tokens=sampling.max_new_tokens) for q in questions
+    ]
+    return engine.generate(prompts, sampling)
+
+
 def greedy_answers(engine: Engine, questions: list[str], max_new_tokens: int) -> list[str]:
-    prompts = [engine.chat_prompt([{"role": "user", "content": q}], max_new_tokens=max_new_tokens) for q in questions]
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))  # greedy
+    outputs = chat_outputs(engine, questions, SamplingParams(max_new_tokens=max_new_tokens))
     return [first_sentence(engine.decode(o)) for o in outputs]
+
+
+@torch.no_grad()
+def end_of_turn_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Mean cross-entropy of the <|im_end|> that closes each (question, answer) turn: high for a model that never
+    learned to end its turn (the demo's: 18 after pretraining, ~4 after LoRA with frozen marker rows), near 0 for
+    one that did."""
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    losses = []
+    for question, answer in pairs:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        ids, labels = tokenize_conversation(tokenizer, messages)
+        logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long, device=model.device)).logits[0, :-1]
+        targets = torch.tensor(labels[1:], dtype=torch.long, device=logits.device)  # position t predicts t + 1
+        at_end = targets == end
+        losses.append(F.cross_entropy(logits[at_end].float(), targets[at_end], reduction="none"))
+    return torch.cat(losses).mean().item()
 
 
 def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None = None) -> tuple[int, int, list]:
@@ -87,13 +116,26 @@ def held_out_accuracy(model_dir: str, held_out: list[int], adapter: str | None =
     return correct, len(held_out), list(zip(held_out, answers))[:3]
 
 
-def chat_turns(model_dir: str, adapter: str | None = None) -> tuple[int, int, list]:
+def chat_turns(model_dir: str, adapter: str | None = None, max_new_tokens: int = 40, samples: int = 5) -> dict:
     """A chat turn per small-talk question of the SFT data: right when the greedy answer's first sentence is the
-    trained answer's (a model that learned only the digit task fails here)."""
+    trained answer's (a model that learned only the digit task fails here). Ended: of `samples` answers per
+    question, sampled as scripts/chat_terminal.py samples them (CHAT_SAMPLING, seeded), those that stop on
+    <|im_end|> before max_new_tokens. Greedy decoding would hide a model that never learned to end its turn: its
+    <|im_end|> can be the most likely token at 2 % (a loss of 3.96) and still lose to the tail when sampled. Also
+    the loss of that <|im_end|> after the trained answers."""
     engine = Engine.from_pretrained(model_dir, adapter=adapter, device="cpu")
-    answers = greedy_answers(engine, [q for q, _ in SMALL_TALK], 40)
-    correct = sum(a == first_sentence(want) for a, (_, want) in zip(answers, SMALL_TALK))
-    return correct, len(SMALL_TALK), [(q, a) for (q, _), a in zip(SMALL_TALK, answers)][:2]
+    questions = [q for q, _ in SMALL_TALK]
+    answers = greedy_answers(engine, questions, max_new_tokens)
+    sampled = chat_outputs(engine, questions * samples, CHAT_SAMPLING.replace(max_new_tokens=max_new_tokens, seed=0))
+    end = engine.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return {
+        "right": sum(a == first_sentence(want) for a, (_, want) in zip(answers, SMALL_TALK)),
+        "total": len(SMALL_TALK),
+        "ended": sum(len(o) < max_new_tokens and o[-1:] == [end] for o in sampled),
+        "sampled": len(sampled),
+        "end_of_turn_loss": end_of_turn_loss(engine.model, engine.tokenizer, SMALL_TALK),
+        "examples": [(q, a) for (q, _), a in zip(SMALL_TALK, answers)][:2],
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -261,14 +303,18 @@ def run(cfg: Config):
         for name, (correct, total, examples) in scores.items():
             shown = "; ".join(f"{n} -> {a!r}" for n, a in examples)
             print(f"[all] {name:<8} {correct:>3}/{total} correct ({100 * correct / total:.0f}%)   e.g. {shown}")
-        banner("chat turns: the SFT data's small talk, first sentence of the greedy answer")
+        banner("chat turns: the SFT data's small talk, first sentence of the greedy answer; sampled turns that end")
         for name, path in models:
             chats[name] = chat_turns(path)
         if "lora" in scores:
             chats["lora"] = chat_turns(os.path.join(p["pretrain"], "final"), lora_final)
-        for name, (correct, total, examples) in chats.items():
-            shown = "; ".join(f"{q} -> {a!r}" for q, a in examples)
-            print(f"[all] {name:<8} {correct:>3}/{total} chat turns right   e.g. {shown}")
+        for name, chat in chats.items():
+            shown = "; ".join(f"{q} -> {a!r}" for q, a in chat["examples"])
+            print(
+                f"[all] {name:<8} {chat['right']:>3}/{chat['total']} chat turns right, "
+                f"{chat['ended']}/{chat['sampled']} sampled ones ended at {END_OF_TURN} "
+                f"(its loss {chat['end_of_turn_loss']:.3f})   e.g. {shown}"
+            )
 
     # 10. a short scripted chat with the final model
     if "chat" in stages and models:
@@ -299,7 +345,9 @@ def run(cfg: Config):
             {
                 "timings": timings,
                 "held_out_accuracy": {k: [c, t] for k, (c, t, _) in scores.items()},
-                "chat_turns": {k: [c, t] for k, (c, t, _) in chats.items()},
+                "chat_turns": {k: [c["right"], c["total"]] for k, c in chats.items()},
+                "ended_turns": {k: [c["ended"], c["sampled"]] for k, c in chats.items()},
+                "end_of_turn_loss": {k: round(c["end_of_turn_loss"], 4) for k, c in chats.items()},
             },
             f,
             ensure_ascii=False,

@@ -91,39 +91,44 @@ def acquire(out_dir: str, *, stage: str) -> str:
     """Take out_dir's lock (creating out_dir); returns the lock's path. RunLockedError when a live run holds it."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
-    me = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": time.time(),
-        "stage": stage,
-        "command": " ".join(sys.argv) or "python",
-    }
     for _ in range(3):  # a stale lock is removed and the create retried; a racing run may take it first
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = _read_owner(path)
-            if owner is None:
-                continue  # released meanwhile
-            if not _is_stale(owner, path):
-                raise RunLockedError(
-                    f"out_dir '{out_dir}' is in use by another run ({_describe(owner)}). Wait for it to end, or "
-                    f"choose another out_dir; if that run is gone (e.g. on another machine), delete {path}"
-                ) from None
-            print(
-                f"[{stage}] note: taking over the stale lock of a run that ended without releasing it "
-                f"({_describe(owner)})",
-                flush=True,  # torchrun's workers may end without flushing stdout
-            )
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            remove_stale_lock(path, out_dir, stage=stage)
             continue
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "stage": stage,
+            "command": " ".join(sys.argv) or "python",
+        }
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
+            json.dump(owner, f)
         return path
     raise RunLockedError(f"out_dir '{out_dir}': could not take {path} (another run is starting there)")
+
+
+def remove_stale_lock(path: str, out_dir: str, *, stage: str) -> None:
+    """The lock another run left: removed, with a note, when that run is gone (stale); RunLockedError naming it
+    while it runs."""
+    owner = _read_owner(path)
+    if owner is None:
+        return  # released meanwhile
+    if not _is_stale(owner, path):
+        raise RunLockedError(
+            f"out_dir '{out_dir}' is in use by another run ({_describe(owner)}). Wait for it to end, or "
+            f"choose another out_dir; if that run is gone (e.g. on another machine), delete {path}"
+        ) from None
+    print(
+        f"[{stage}] note: taking over the stale lock of a run that ended without releasing it ({_describe(owner)})",
+        flush=True,  # torchrun's workers may end without flushing stdout
+    )
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def release(path: str) -> None:

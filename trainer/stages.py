@@ -5,9 +5,7 @@ The stage table: every stage's module and one-line description. main.py dispatch
 Each stage is a module in trainer/ exposing `Config` (a dataclass) and `run(cfg)`.
 """
 
-import importlib.util
-
-# name -> (module, one-line description). A stage whose module does not exist yet is not offered.
+# name -> (module, one-line description)
 STAGES = {
     "all": ("trainer.pipeline", "run every stage in order (the demo: --config config/demo.yaml)"),
     "tokenizer": ("trainer.train_tokenizer", "train the byte-level BPE tokenizer on text files"),
@@ -21,8 +19,3 @@ STAGES = {
     "distill": ("trainer.distill", "knowledge distillation from a teacher checkpoint"),
     "eval": ("trainer.eval", "perplexity, bits-per-byte, CMMLU-style multiple choice, generation report"),
 }
-
-
-def available_stages() -> dict[str, tuple[str, str]]:
-    """The stages whose module exists, in table order (find_spec looks the module up without importing it)."""
-    return {name: spec for name, spec in STAGES.items() if importlib.util.find_spec(spec[0]) is not None}
