@@ -66,6 +66,7 @@ def test_the_quick_tests_over_the_limit_are_listed_and_the_slow_ones_are_not(tmp
     assert "2 quick tests: " in summary
 
 
+@pytest.mark.slow  # two fresh interpreters and a 3 s timeout: the quick lane listed it over 3 s
 def test_a_timed_out_run_kills_the_workers_in_their_own_sessions_too():
     """run_main_py's timeout (a hung collective) must end with a failure, not a hang: torchrun's workers run in
     sessions of their own and hold the output pipes, so killing torchrun's process group alone left communicate()
