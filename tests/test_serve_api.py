@@ -276,14 +276,28 @@ def start_server():
         server.worker.stop()
 
 
+def read_to_end(sock) -> bytes:
+    """Everything the server sends on `sock` until it closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def wait_until(condition, tries: int, interval_s: float) -> None:
+    """Poll `condition` until it holds, at most `tries` times (bounded: the assertions after it tell what failed)."""
+    for _ in range(tries):
+        if condition():
+            return
+        time.sleep(interval_s)
+
+
 def raw_http(port, data: bytes, timeout: float = 30) -> tuple[int, dict, bytes]:
     """Send raw bytes, read the whole answer (the server closes after each); (status, headers, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        answer = read_to_end(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
     return int(lines[0].split()[1]), headers, body
@@ -468,10 +482,7 @@ def test_abandoned_plain_request_is_cancelled(start_server):
     sock.sendall(post_bytes(port, json.dumps({"messages": MESSAGES, "max_tokens": 450}).encode()))
     assert engine.busy.wait(30)  # the worker has it (held before its first token)
     sock.close()  # the client gives up without reading
-    for _ in range(600):  # bounded: until the handler has noticed
-        if server.worker.current[0].cancelled.is_set():
-            break
-        time.sleep(0.05)
+    wait_until(lambda: server.worker.current[0].cancelled.is_set(), 600, 0.05)  # until the handler has noticed
     engine.gate.set()
     status, _, body = raw_http(port, post_bytes(port, chat_body(max_tokens=3)))
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
@@ -542,18 +553,13 @@ def test_full_queue_answers_429_with_retry_after(start_server):
         socks[-1].sendall(post_bytes(port, chat_body()))
         if len(socks) == 1:
             assert engine.busy.wait(30)
-    for _ in range(600):  # bounded: until both are queued
-        if len(server.worker.pending) == 2:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: len(server.worker.pending) == 2, 600, 0.05)  # until both are queued
     status, headers, body = raw_http(port, post_bytes(port, chat_body()))
     assert_json_error(status, headers, body, 429)
     assert int(headers["retry-after"]) >= 1
     engine.gate.set()
     for sock in socks:  # the three accepted ones are all answered
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_to_end(sock)
         assert data.startswith(b"HTTP/1.0 200")
         sock.close()
 
@@ -575,10 +581,7 @@ def test_read_timeout_and_connection_cap(start_server):
     # Three idle connections fill the cap; a checked request still gets in (before: 503 until they timed out):
     # the oldest idle one is closed to make room.
     idle = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3)]
-    for _ in range(100):  # bounded: until the server has accepted all three
-        if len(server.open) == 3:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: len(server.open) == 3, 100, 0.01)  # until the server has accepted all three
     assert raw_http(port, post_bytes(port, chat_body()))[0] == 200 and server.evicted == 1
     for sock in idle:
         assert sock.recv(65536) == b""  # one closed to make room, the others after the read timeout
@@ -593,18 +596,13 @@ def test_503_only_when_every_open_connection_is_being_answered(start_server):
         held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
         held[-1].sendall(post_bytes(port, chat_body()))
     assert engine.busy.wait(30)
-    for _ in range(600):  # bounded: until both are checked
-        if sum(checked for _, checked in server.open.values()) == 2:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: sum(checked for _, checked in server.open.values()) == 2, 600, 0.01)  # until both are checked
     status, headers, body = raw_http(port, post_bytes(port, chat_body()))
     assert_json_error(status, headers, body, 503)
     assert int(headers["retry-after"]) >= 1
     engine.gate.set()
     for sock in held:
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_to_end(sock)
         assert data.startswith(b"HTTP/1.0 200")
         sock.close()
 
@@ -686,15 +684,10 @@ def test_queued_requests_are_served_in_one_batch(start_server):
         )
         if i == 0:
             assert engine.busy.wait(30)
-    for _ in range(600):  # bounded: until the other three wait together
-        if len(server.worker.pending) == 3:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: len(server.worker.pending) == 3, 600, 0.05)  # until the other three wait together
     engine.gate.set()
     for i, (sock, conv) in enumerate(zip(socks, convs)):
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_to_end(sock)
         reply = json.loads(data.partition(b"\r\n\r\n")[2])
         alone = "".join(engine.stream(engine.chat_prompt(conv, 10 + i), max_new_tokens=10 + i, stop_token_ids=[]))
         assert reply["choices"][0]["message"]["content"] == alone  # the same answer as served alone
