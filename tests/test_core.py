@@ -131,6 +131,7 @@ def test_a_checkpoint_holds_the_parts_it_is_given_and_reads_no_trainer(tiny_toke
     from dataset.batches import IndexBatches
     from tests.helpers import tiny_model
     from trainer import checkpoint
+    from trainer.common import resume_candidates
     from trainer.guard import StepGuard
 
     cfg = make_pretrain_cfg(tiny_tokenizer_dir, shards, tmp_path / "run")
@@ -169,7 +170,8 @@ def test_a_checkpoint_holds_the_parts_it_is_given_and_reads_no_trainer(tiny_toke
     after_save = torch.rand(4)
 
     fresh = parts(seed=1)  # other weights, no optimizer state, the data at its start, the RNG elsewhere
-    found = checkpoint.newest_readable(cfg.out_dir, "auto", stage="unit", read_weights=fresh.weights.read)
+    candidates = resume_candidates(cfg.out_dir, "auto")
+    found = checkpoint.newest_readable(candidates, explicit=False, stage="unit", read_weights=fresh.weights.read)
     assert found[0] == path
     assert checkpoint.restore(fresh, *found) == (7, 700)
     for (name, a), b in zip(saved.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):

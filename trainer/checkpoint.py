@@ -46,7 +46,7 @@ from model.runtime import (  # noqa: F401 (the checksum functions are re-exporte
     verify_checksums,
     write_checksums,
 )
-from trainer.common import print0, seed_rngs
+from trainer.common import STEP_DIRS, print0, seed_rngs
 from trainer.guard import StepGuard
 
 STATE_FILE = "trainer_state.pt"
@@ -145,7 +145,7 @@ def latest_step_dir(out_dir: str) -> str | None:
 
 
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
-    steps = sorted(glob.glob(os.path.join(out_dir, "step_[0-9]*[0-9]")))
+    steps = sorted(glob.glob(os.path.join(out_dir, STEP_DIRS)))
     for old in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -166,28 +166,19 @@ def write_final(out_dir: str, *, write_weights: Callable[[str], None]) -> str:
 # Resuming
 
 
-def resume_candidates(out_dir: str, resume: str) -> list[str]:
-    """resume=auto: every step_* dir in out_dir, newest first | never: none | a path: that one."""
-    if resume == "never":
-        return []
-    if resume != "auto":
-        return [resume]
-    return sorted(glob.glob(os.path.join(out_dir, "step_[0-9]*[0-9]")), reverse=True)
-
-
 def newest_readable(
-    out_dir: str, resume: str, *, read_weights: Callable[[str], dict], stage: str
+    candidates: list[str], *, explicit: bool, read_weights: Callable[[str], dict], stage: str
 ) -> tuple[str, dict, dict] | None:
-    """(path, trainer state, weights) of the checkpoint to resume from, or None. Everything is verified and read
-    before anything is restored, so a torn, corrupted or code-carrying checkpoint is skipped whole (resume=auto)
-    or is an error (an explicit path)."""
-    for path in resume_candidates(out_dir, resume):
+    """(path, trainer state, weights) of the first readable of `candidates` (common.resume_candidates), or None.
+    Everything is verified and read before anything is restored, so a torn, corrupted or code-carrying checkpoint
+    is skipped whole (resume=auto) or is an error (explicit: a path given)."""
+    for path in candidates:
         try:
             verified = verify_checksums(path)
             state = read_state(path)
             weights = read_weights(path)
         except Exception as e:  # a torn or partial checkpoint: never load it, try the one before
-            if resume != "auto":
+            if explicit:
                 raise
             print0(f"[{stage}] WARNING: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})")
             continue

@@ -4,6 +4,7 @@ metrics.jsonl, the external loggers), the error that stops a run, the FLOPs arit
 batch_size=auto memory probe (nanochat's common.py).
 """
 
+import glob
 import importlib.util
 import json
 import os
@@ -17,6 +18,16 @@ import torch
 from transformers import AutoTokenizer
 
 from model.runtime import check_checkpoint_dir, copies_async, pins_memory
+
+# The checkpoint dirs of a run (trainer/checkpoint.py writes step_NNNNNN; a step_*.tmp being written does not match).
+STEP_DIRS = "step_[0-9]*[0-9]"
+
+
+def resume_candidates(out_dir: str, resume: str) -> list[str]:
+    """resume=auto: every step_* dir in out_dir, newest first | never: none | a path: that one."""
+    if resume == "auto":
+        return sorted(glob.glob(os.path.join(out_dir, STEP_DIRS)), reverse=True)
+    return [] if resume == "never" else [resume]
 
 
 def print0(*args, **kwargs):

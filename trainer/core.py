@@ -9,7 +9,6 @@ checkpoint is written and read back (atomic step_* dirs, exact resume, the final
 with init_from) is trainer/checkpoint.py.
 """
 
-import glob
 import math
 import os
 import time
@@ -46,6 +45,7 @@ from trainer.common import (
     move_to,
     print0,
     probe_micro_batch,
+    resume_candidates,
     seed_rngs,
 )
 from trainer.config import (
@@ -491,19 +491,15 @@ class Trainer:
         checkpoint.export(self.checkpoint_parts(), step=self.step, tokens_seen=self.tokens_seen, evaluation=evaluation)
 
     def resume(self):
-        """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never). A fresh
-        out_dir returns at once; the parts are built only for a checkpoint found."""
-        if self.cfg.resume == "never":
-            return
-        if self.cfg.resume == "auto" and not glob.glob(os.path.join(self.cfg.out_dir, "step_*")):
-            return  # a fresh out_dir: nothing to read (trainer/checkpoint.py picks among the step_* dirs)
-        self._restore_checkpoint()
+        """Continue from the newest readable checkpoint (resume=auto), a given one, or not at all (never)."""
+        candidates = resume_candidates(self.cfg.out_dir, self.cfg.resume)
+        if candidates:  # a fresh out_dir has none: no checkpoint code runs
+            self._restore_checkpoint(candidates)
 
-    def _restore_checkpoint(self):
-        """The newest readable step_* dir of out_dir (resume=auto) or the one given, when one is found: weights,
-        optimizer, data position and step counts."""
+    def _restore_checkpoint(self, candidates: list[str]):
+        """The first readable of `candidates`, when one is: weights, optimizer, data position and step counts."""
         found = checkpoint.newest_readable(
-            self.cfg.out_dir, self.cfg.resume, stage=self.stage, read_weights=self.weights.read
+            candidates, explicit=self.cfg.resume != "auto", stage=self.stage, read_weights=self.weights.read
         )
         if found is not None:
             self.step, self.tokens_seen = checkpoint.restore(self.checkpoint_parts(), *found)
