@@ -391,29 +391,35 @@ def test_published_cmmlu_pack_layout(tmp_path):
     assert rows and all(r["answer"] in LETTERS and len(r["options"]) == 4 and r["question"] for r in rows)
 
 
+def lm_eval_and_ours(checkpoint: str, tmp_path, mc: dict, **subjects) -> tuple[dict, dict]:
+    """lm-eval-harness on the Llama export of `checkpoint` and our eval stage on the checkpoint itself, on the same
+    questions (mc: mc_dir, mc_split, shots; 4 questions per subject; subjects=... picks some): (lm-eval's results and
+    samples, our stage's "mc" result)."""
+    require_thirdparty("lm_eval", "lm_eval")
+    llama = export_llama(checkpoint, str(tmp_path / "llama"), "fp32")
+    task = str(tmp_path / "task")
+    write_lm_eval_task(mc["mc_dir"], task, mc["mc_split"], shots=mc["shots"], max_questions=4, **subjects)
+    theirs = run_thirdparty("lm_eval", "lm_eval", "run_lm_eval.py", [llama, task, "milli_mc,milli_mc_option"], tmp_path)
+    cfg = Config(
+        init_from=checkpoint,
+        mc_score="both",
+        mc_max_questions=4,
+        device="cpu",
+        dtype="fp32",
+        out_dir=str(tmp_path / "ours"),
+        **subjects,
+        **mc,
+    )
+    return theirs, run(cfg)[0]["mc"]
+
+
 @pytest.mark.slow
 def test_accuracy_equals_lm_eval_on_the_llama_export(checkpoints, ceval_and_cmmlu, tmp_path):
     """Our eval stage on the native checkpoint and lm-eval-harness on its Llama export, on the same questions with
     the same prompts (1 shot): every log-likelihood equal, so the same choice for every question and exactly the
     same accuracy, in both scorings. chinese_reading's prompts overflow the context: both cut them alike."""
-    require_thirdparty("lm_eval", "lm_eval")
-    llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
     mc = {"mc_dir": ceval_and_cmmlu["ceval"], "mc_split": "val", "shots": 1}
-    write_lm_eval_task(mc["mc_dir"], str(tmp_path / "task"), mc["mc_split"], shots=mc["shots"], max_questions=4)
-    theirs = run_thirdparty(
-        "lm_eval", "lm_eval", "run_lm_eval.py", [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path
-    )
-    ours = run(
-        Config(
-            init_from=checkpoints["paths"][0],
-            mc_score="both",
-            mc_max_questions=4,
-            device="cpu",
-            dtype="fp32",
-            out_dir=str(tmp_path / "ours"),
-            **mc,
-        )
-    )[0]["mc"]
+    theirs, ours = lm_eval_and_ours(checkpoints["paths"][0], tmp_path, mc)
     model = SLMForCausalLM.from_pretrained(checkpoints["paths"][0]).eval()
     tok, max_len = checkpoints["tok"], model.config.max_position_embeddings
     for subject in CEVAL_SUBJECTS:
@@ -462,25 +468,8 @@ def test_cmmlu_accuracy_equals_lm_eval_on_the_shared_pack(checkpoints, tmp_path)
     give the same choice for every question and so the same accuracy, in both scorings."""
     if not os.path.isdir(CMMLU):
         pytest.skip(f"shared CMMLU not found at {CMMLU}")
-    require_thirdparty("lm_eval", "lm_eval")
-    llama = export_llama(checkpoints["paths"][0], str(tmp_path / "llama"), "fp32")
     mc = {"mc_dir": CMMLU, "mc_split": "test", "shots": 1}
-    write_lm_eval_task(CMMLU, str(tmp_path / "task"), "test", subjects=SUBJECTS, shots=1, max_questions=4)
-    theirs = run_thirdparty(
-        "lm_eval", "lm_eval", "run_lm_eval.py", [llama, str(tmp_path / "task"), "milli_mc,milli_mc_option"], tmp_path
-    )
-    ours = run(
-        Config(
-            init_from=checkpoints["paths"][0],
-            subjects=SUBJECTS,
-            mc_score="both",
-            mc_max_questions=4,
-            device="cpu",
-            dtype="fp32",
-            out_dir=str(tmp_path / "ours"),
-            **mc,
-        )
-    )[0]["mc"]
+    theirs, ours = lm_eval_and_ours(checkpoints["paths"][0], tmp_path, mc, subjects=SUBJECTS)
     for subject in SUBJECTS.split(","):
         for task, mode, metric in (
             (f"milli_mc_{subject}", "letter", "acc,none"),
