@@ -64,6 +64,11 @@ class Config(SFTConfig):
         """lora_targets as module names: what the adapters wrap, and what adapter_config.json lists."""
         return [t for t in self.lora_targets.split(",") if t]
 
+    @property
+    def trainable_tokens(self) -> list[str]:
+        """lora_trainable_tokens as a list of tokens (each one row of the vocabulary)."""
+        return [t for t in self.lora_trainable_tokens.split(",") if t]
+
 
 # -----------------------------------------------------------------------------
 # The stage: SFT's data and loss, adapters instead of full weights
@@ -112,7 +117,7 @@ class LoRATrainer(SFTTrainer):
         n_base = sum(p.numel() for p in self.raw_model.parameters())
         base_bytes = sum(p.numel() * p.element_size() for p in self.raw_model.parameters())
         wrapped = add_lora(self.raw_model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_rslora)
-        token_ids = vocabulary_ids(self.tokenizer, [t for t in cfg.lora_trainable_tokens.split(",") if t])
+        token_ids = vocabulary_ids(self.tokenizer, cfg.trainable_tokens)
         with_rows = add_trainable_tokens(self.raw_model, token_ids)
         if cfg.gradient_checkpointing:
             # Recomputed blocks need an input that requires grad, which frozen embeddings (no trained rows) lack.
