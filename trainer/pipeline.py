@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional as F
 
 from dataset.chat_data import tokenize_conversation
 from dataset.corpus import print_summary, simplify
@@ -29,6 +28,7 @@ from model.engine import CHAT_SAMPLING, Engine, SamplingParams
 from model.hub import END_OF_TURN
 from model.runtime import resolve_device, set_cpu_threads
 from trainer.config import SEED_RANGE, at_least, load_config, setting, validate
+from trainer.logprobs import token_logprobs
 from trainer.stages import STAGES
 
 ALL_STAGES = "data,corpus,tokenizer,shards,pretrain,sft,lora,dpo,eval,chat"
@@ -101,10 +101,9 @@ def end_of_turn_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
     for question, answer in pairs:
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         ids, labels = tokenize_conversation(tokenizer, messages)
-        logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long, device=model.device)).logits[0, :-1]
-        targets = torch.tensor(labels[1:], dtype=torch.long, device=logits.device)  # position t predicts t + 1
-        at_end = targets == end
-        losses.append(F.cross_entropy(logits[at_end].float(), targets[at_end], reduction="none"))
+        logp = token_logprobs(model, torch.as_tensor(ids[None], dtype=torch.long))[0]  # position t: log p(ids[t + 1])
+        at_end = torch.as_tensor(labels[1:]) == end  # the answer's <|im_end|>, not the prompt's (its label is -100)
+        losses.append(-logp[at_end])
     return torch.cat(losses).mean().item()
 
 
